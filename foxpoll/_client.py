@@ -1,0 +1,273 @@
+"""``FoxReload`` and ``AsyncFoxReload``: thin I/O shells over one shared base.
+
+:class:`BaseClient` holds the configuration and everything that is not I/O. The two
+clients add only the HTTP client they own and the driver that runs flows with it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import attrs
+import httpx
+
+from ._api import Runtime
+from ._clock import Clock, SystemClock
+from ._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, make_config
+from ._effects import Flow, drive, drive_async
+from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
+
+__all__ = ["AsyncFoxReload", "BaseClient", "FoxReload"]
+
+T = TypeVar("T")
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+Self = TypeVar("Self", bound="BaseClient[Any]")
+
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+
+class BaseClient(Generic[HttpT]):
+    """Configuration and option handling shared by both clients."""
+
+    _http: HttpT
+    _owns_http: bool
+    _runtime: Runtime
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str | httpx.URL | None,
+        timeout: float,
+        max_retries: int,
+        http_client: HttpT | None,
+        default_headers: Mapping[str, str] | None,
+        language: str | None,
+        currency: str | None,
+        clock: Clock | None,
+        rng: random.Random | None,
+    ) -> None:
+        config = make_config(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            headers=default_headers,
+            language=language,
+            currency=currency,
+        )
+        self._runtime = Runtime(config, clock or SystemClock(), rng or random.Random())
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else self._default_http_client()
+        self._bind_resources()
+
+    def _default_http_client(self) -> HttpT:
+        raise NotImplementedError
+
+    def _bind_resources(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def base_url(self) -> httpx.URL:
+        """The API's base URL."""
+        return self._runtime.config.base_url
+
+    @property
+    def timeout(self) -> float:
+        """Seconds allowed for one HTTP request."""
+        return self._runtime.config.timeout
+
+    @property
+    def max_retries(self) -> int:
+        """Retries of a failed request that is safe to resend."""
+        return self._runtime.config.max_retries
+
+    @property
+    def clock(self) -> Clock:
+        """The clock used for sleeps, backoff and deadlines."""
+        return self._runtime.clock
+
+    def with_options(
+        self: Self,
+        *,
+        api_key: str | None = None,
+        base_url: str | httpx.URL | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        max_retry_after: float | None = None,
+    ) -> Self:
+        """A copy with some options changed, sharing this client's connection pool.
+
+        The copy does not own the pool: closing it leaves this client open.
+        """
+        config = self._runtime.config
+        changes: dict[str, Any] = {}
+        if api_key is not None:
+            changes["api_key"] = make_config(
+                api_key=api_key, base_url=config.base_url, timeout=1.0, max_retries=0
+            ).api_key
+        if base_url is not None:
+            changes["base_url"] = make_config(
+                api_key=config.api_key, base_url=base_url, timeout=1.0, max_retries=0
+            ).base_url
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError("timeout must be positive")
+            changes["timeout"] = timeout
+        if max_retries is not None:
+            if max_retries < 0:
+                raise ValueError("max_retries must be zero or more")
+            changes["max_retries"] = max_retries
+        if max_retry_after is not None:
+            changes["max_retry_after"] = max_retry_after
+        clone = object.__new__(type(self))
+        clone._runtime = attrs.evolve(self._runtime, config=attrs.evolve(config, **changes))
+        clone._http = self._http
+        clone._owns_http = False
+        clone._bind_resources()
+        return clone
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={str(self.base_url)!r}, api_key='<redacted>')"
+
+
+class FoxReload(BaseClient[httpx.Client]):
+    """The FoxReload API, with blocking I/O.
+
+    Args:
+        api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
+        base_url: The API's URL; ``FOXRELOAD_BASE_URL``, else the public API.
+        timeout: Seconds allowed for one HTTP request.
+        max_retries: Retries of a failed request that is safe to resend (never a create
+            that may have reached the server).
+        http_client: Your own :class:`httpx.Client` (proxies, transports, event hooks);
+            foxpoll does not close it.
+        default_headers: Extra headers for every request.
+        language: ``X-Language`` (``en``, ``ru``).
+        currency: ``X-Currency`` (``usd``, ``rub``).
+        clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
+        rng: Random source for jitter.
+    """
+
+    orders: Orders
+    products: Products
+    categories: Categories
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | httpx.URL | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.Client | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        language: str | None = None,
+        currency: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=http_client,
+            default_headers=default_headers,
+            language=language,
+            currency=currency,
+            clock=clock,
+            rng=rng,
+        )
+
+    def _default_http_client(self) -> httpx.Client:
+        return httpx.Client(limits=_LIMITS)
+
+    def _bind_resources(self) -> None:
+        self.orders = Orders(self)
+        self.products = Products(self)
+        self.categories = Categories(self)
+
+    def _run(self, flow: Flow[T]) -> T:
+        return drive(flow, self._http, self._runtime.clock)
+
+    def close(self) -> None:
+        """Close the connection pool, if this client created it."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> FoxReload:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncFoxReload(BaseClient[httpx.AsyncClient]):
+    """The FoxReload API on asyncio; the arguments are those of :class:`FoxReload`."""
+
+    orders: AsyncOrders
+    products: AsyncProducts
+    categories: AsyncCategories
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | httpx.URL | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.AsyncClient | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        language: str | None = None,
+        currency: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=http_client,
+            default_headers=default_headers,
+            language=language,
+            currency=currency,
+            clock=clock,
+            rng=rng,
+        )
+
+    def _default_http_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(limits=_LIMITS)
+
+    def _bind_resources(self) -> None:
+        self.orders = AsyncOrders(self)
+        self.products = AsyncProducts(self)
+        self.categories = AsyncCategories(self)
+
+    async def _run(self, flow: Flow[T]) -> T:
+        return await drive_async(flow, self._http, self._runtime.clock)
+
+    async def close(self) -> None:
+        """Close the connection pool, if this client created it."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncFoxReload:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

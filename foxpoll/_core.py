@@ -1,0 +1,376 @@
+"""The sans-io heart of the client: configuration, request building, retry decisions.
+
+Nothing here performs I/O. :func:`call_flow` is a generator that yields
+:class:`~foxpoll._effects.Send` and :class:`~foxpoll._effects.Sleep` effects; the sync and
+async clients drive the same generator. Every retry decision is a pure function below,
+and each one logs why it was taken.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import logging
+import math
+import os
+import platform
+import random
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+import attrs
+import httpx
+
+from ._clock import Clock
+from ._effects import Flow, Send, Sleep
+from ._version import __version__
+from .errors import (
+    AmbiguousOrderError,
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APITimeoutError,
+    RateLimitError,
+    status_error_for,
+)
+
+__all__ = ["Call", "ClientConfig", "RetryMode", "call_flow", "make_config"]
+
+log = logging.getLogger("foxpoll")
+
+T = TypeVar("T")
+
+DEFAULT_BASE_URL = "https://public-api.foxreload.com"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_RETRIES = 3
+
+#: Transport errors raised before any byte of the request left: always safe to retry.
+UNSENT_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+)
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _redacted(_: object) -> str:
+    return "'<redacted>'"
+
+
+@attrs.frozen
+class ClientConfig:
+    """Everything a client needs to build and retry requests. Immutable; see ``with_options``.
+
+    Attributes:
+        api_key: Sent as ``X-API-Key``. Never shown in a repr.
+        base_url: Scheme and host (and an optional path prefix) of the API.
+        timeout: Seconds allowed for one HTTP request.
+        max_retries: Retries after the first attempt of a request that is safe to retry.
+        retry_base: The first retry's backoff ceiling, in seconds (full jitter below it).
+        retry_cap: The largest backoff ceiling, in seconds.
+        max_retry_after: The longest ``Retry-After`` foxpoll will wait out by itself; a
+            longer one raises :class:`RateLimitError` at once.
+        headers: Extra headers for every request (``X-Language``, ``X-Currency``...).
+    """
+
+    api_key: str = attrs.field(repr=_redacted)
+    base_url: httpx.URL
+    timeout: float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    retry_base: float = 0.5
+    retry_cap: float = 8.0
+    max_retry_after: float = 60.0
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+
+    def user_agent(self) -> str:
+        return (
+            f"foxpoll/{__version__} httpx/{httpx.__version__} "
+            f"python/{platform.python_version()}"
+        )
+
+
+def make_config(
+    *,
+    api_key: str | None,
+    base_url: str | httpx.URL | None,
+    timeout: float,
+    max_retries: int,
+    headers: Mapping[str, str] | None = None,
+    language: str | None = None,
+    currency: str | None = None,
+) -> ClientConfig:
+    """Resolve arguments and the ``FOXRELOAD_*`` environment into a :class:`ClientConfig`."""
+    key = api_key if api_key is not None else os.environ.get("FOXRELOAD_API_KEY")
+    if not key:
+        raise ValueError(
+            "no API key: pass api_key=... or set the FOXRELOAD_API_KEY environment variable"
+        )
+    if any(ch in key for ch in "\r\n\x00"):
+        raise ValueError("the API key contains a line break or NUL; check how it was loaded")
+    url = httpx.URL(base_url or os.environ.get("FOXRELOAD_BASE_URL") or DEFAULT_BASE_URL)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("base_url must be an absolute http(s) URL, such as https://host")
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    if max_retries < 0:
+        raise ValueError("max_retries must be zero or more")
+    extra = dict(headers or {})
+    if language is not None:
+        extra["X-Language"] = language
+    if currency is not None:
+        extra["X-Currency"] = currency
+    return ClientConfig(
+        api_key=key, base_url=url, timeout=timeout, max_retries=max_retries, headers=extra
+    )
+
+
+class RetryMode(enum.Enum):
+    """When a request may be sent again."""
+
+    #: Reads: retry transport errors, 408, 429 and 5xx.
+    IDEMPOTENT = "idempotent"
+    #: Writes without an idempotency key: retry only errors that prove nothing was sent.
+    UNSENT_ONLY = "unsent_only"
+
+
+@attrs.frozen
+class Call(Generic[T]):
+    """One API call, described without doing it.
+
+    Attributes:
+        method: HTTP method.
+        path: Path below the base URL, already escaped.
+        parse: Turns the decoded JSON body into the result.
+        params: Query parameters.
+        json: The JSON body, for writes.
+        retry_mode: Whether a failed attempt may be sent again.
+    """
+
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    retry_mode: RetryMode = RetryMode.IDEMPOTENT
+
+
+def build_request(config: ClientConfig, call: Call[Any], timeout: float) -> httpx.Request:
+    """The :class:`httpx.Request` for ``call``, with auth, JSON headers and a timeout."""
+    headers = {
+        "Accept": "application/json",
+        "User-Agent": config.user_agent(),
+        **config.headers,
+        "X-API-Key": config.api_key,
+    }
+    url = config.base_url.join(config.base_url.path.rstrip("/") + call.path)
+    params = {k: _query_value(v) for k, v in (call.params or {}).items() if v is not None}
+    request = httpx.Request(
+        call.method,
+        url,
+        params=params or None,
+        json=call.json if call.method != "GET" else None,
+        headers=headers,
+        extensions={"timeout": httpx.Timeout(timeout).as_dict()},
+    )
+    if call.method != "GET" and call.json is not None:
+        request.headers["Content-Type"] = "application/json"
+    return request
+
+
+def _query_value(value: object) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def decode_json(response: httpx.Response) -> Any:
+    """The response body as JSON, or :class:`APIResponseValidationError` (never the body text)."""
+    if not response.content:
+        raise APIResponseValidationError(
+            f"empty body with HTTP {response.status_code}", response=response
+        )
+    try:
+        return response.json()
+    except ValueError:
+        ctype = response.headers.get("content-type", "no content type")
+        raise APIResponseValidationError(
+            f"body is not JSON (HTTP {response.status_code}, {ctype}, "
+            f"{len(response.content)} bytes)",
+            response=response,
+        ) from None
+
+
+def error_body(response: httpx.Response) -> object:
+    """An error response's body: JSON when it parses, else the text, else None."""
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def parse_retry_after(headers: httpx.Headers, now: float) -> float | None:
+    """Seconds asked for by ``Retry-After`` (delta-seconds or an HTTP date), or None."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = moment.timestamp() - now
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def backoff_delay(config: ClientConfig, retry: int, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**retry)]."""
+    ceiling = min(config.retry_cap, config.retry_base * (2.0 ** min(retry, 32)))
+    return rng.uniform(0.0, ceiling)
+
+
+def error_from(outcome: httpx.Response | httpx.TransportError, clock: Clock) -> APIError:
+    """The foxpoll exception for a failed attempt (an error status or a transport error)."""
+    if isinstance(outcome, httpx.Response):
+        retry_after = (
+            parse_retry_after(outcome.headers, clock.time()) if outcome.status_code == 429 else None
+        )
+        return status_error_for(outcome, error_body(outcome), retry_after=retry_after)
+    request = _transport_request(outcome)
+    if isinstance(outcome, httpx.TimeoutException):
+        return APITimeoutError(f"request timed out ({type(outcome).__name__})", request=request)
+    return APIConnectionError(f"connection failed ({type(outcome).__name__})", request=request)
+
+
+def _transport_request(exc: httpx.TransportError) -> httpx.Request | None:
+    try:
+        return exc.request
+    except RuntimeError:
+        return None
+
+
+def retry_delay(
+    config: ClientConfig,
+    call: Call[Any],
+    outcome: httpx.Response | httpx.TransportError,
+    error: APIError,
+    retry: int,
+    rng: random.Random,
+) -> float | None:
+    """How long to wait before sending ``call`` again, or None when it must not be resent.
+
+    Raises:
+        AmbiguousOrderError: ``call`` is a write that may have reached the server.
+    """
+    unsent = isinstance(outcome, UNSENT_ERRORS)
+    if call.retry_mode is RetryMode.UNSENT_ONLY and not unsent:
+        if _may_have_happened(outcome):
+            raise AmbiguousOrderError(
+                request_body=call.json, cause=error, request=error.request
+            ) from error
+        return None
+    if isinstance(outcome, httpx.Response) and outcome.status_code not in RETRYABLE_STATUSES:
+        return None
+    if retry >= config.max_retries:
+        log.debug("%s %s: not retrying, %d retries used", call.method, call.path, retry)
+        return None
+    if isinstance(error, RateLimitError) and error.retry_after is not None:
+        if error.retry_after > config.max_retry_after:
+            log.warning(
+                "%s %s: Retry-After %.0fs exceeds max_retry_after %.0fs; giving up",
+                call.method, call.path, error.retry_after, config.max_retry_after,
+            )
+            return None
+        delay = error.retry_after
+    else:
+        delay = backoff_delay(config, retry, rng)
+    log.info(
+        "%s %s: retry %d/%d in %.2fs after %s",
+        call.method, call.path, retry + 1, config.max_retries, delay, _describe(outcome),
+    )
+    return delay
+
+
+def _may_have_happened(outcome: httpx.Response | httpx.TransportError) -> bool:
+    """A write whose attempt ended like this may have been carried out by the server."""
+    if isinstance(outcome, httpx.Response):
+        # A rejection (4xx but 408) is a definite "not done"; 408 and 5xx are not.
+        return outcome.status_code == 408 or outcome.status_code >= 500
+    return True
+
+
+def _describe(outcome: httpx.Response | httpx.TransportError) -> str:
+    if isinstance(outcome, httpx.Response):
+        return f"HTTP {outcome.status_code}"
+    return type(outcome).__name__
+
+
+def call_flow(
+    config: ClientConfig,
+    call: Call[T],
+    *,
+    clock: Clock,
+    rng: random.Random,
+    deadline: float | None = None,
+) -> Flow[T]:
+    """Send ``call``, retrying as :func:`retry_delay` decides, and return its parsed result.
+
+    Args:
+        deadline: A ``clock.monotonic()`` instant no request or sleep may run past; each
+            request's timeout is shortened to fit, and a backoff that would cross it ends
+            the call with the last error.
+
+    Raises:
+        APIError: the subclass for the last failure.
+    """
+    retry = 0
+    while True:
+        timeout = config.timeout
+        if deadline is not None:
+            remaining = deadline - clock.monotonic()
+            if remaining <= 0:
+                raise APITimeoutError(f"deadline passed before {call.method} {call.path}")
+            timeout = min(timeout, remaining)
+        request = build_request(config, call, timeout)
+        started = clock.monotonic()
+        outcome: httpx.Response | httpx.TransportError = yield Send(request)
+        elapsed = clock.monotonic() - started
+        if isinstance(outcome, httpx.Response) and outcome.is_success:
+            log.debug(
+                "%s %s -> %d in %.3fs", call.method, call.path, outcome.status_code, elapsed
+            )
+            return _parse_success(call, outcome)
+        log.debug("%s %s -> %s in %.3fs", call.method, call.path, _describe(outcome), elapsed)
+        error = error_from(outcome, clock)
+        delay = retry_delay(config, call, outcome, error, retry, rng)
+        if delay is not None and deadline is not None and clock.monotonic() + delay >= deadline:
+            log.info("%s %s: no retry, the deadline comes first", call.method, call.path)
+            delay = None
+        if delay is None:
+            if isinstance(outcome, httpx.TransportError):
+                raise error from outcome
+            raise error
+        yield Sleep(delay)
+        retry += 1
+
+
+def _parse_success(call: Call[T], response: httpx.Response) -> T:
+    try:
+        return call.parse(decode_json(response))
+    except APIResponseValidationError as exc:
+        if exc.response is None:
+            exc.response = response
+            exc.request = response.request
+        if call.retry_mode is RetryMode.UNSENT_ONLY:
+            # The write succeeded but we cannot read what it made: the caller must reconcile.
+            raise AmbiguousOrderError(
+                request_body=call.json, cause=exc, request=response.request
+            ) from exc
+        raise
+

@@ -1,0 +1,244 @@
+"""``client.orders``, ``client.products``, ``client.categories``: one line per method.
+
+Each method hands a flow from :mod:`foxpoll._api` to its client's driver. The sync and
+async classes differ only in ``await``; ``tests/test_signatures.py`` keeps their signatures
+in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from . import _api
+from .models import Category, Order, OrderItemRequest, Page, Product
+
+if TYPE_CHECKING:
+    from ._client import AsyncFoxReload, FoxReload
+
+__all__ = ["AsyncCategories", "AsyncOrders", "AsyncProducts", "Categories", "Orders", "Products"]
+
+ItemsArg = Iterable["OrderItemRequest | Mapping[str, Any]"]
+PriceArg = "Decimal | float | int | str | None"
+
+
+class Orders:
+    """Create, pay and read orders."""
+
+    def __init__(self, client: FoxReload) -> None:
+        self._client = client
+
+    def create(
+        self,
+        *,
+        items: ItemsArg,
+        is_mock: bool = False,
+        total_price: Decimal | float | int | str | None = None,
+    ) -> Order:
+        """Create an order of 1-10 items; it starts ``active``, awaiting payment.
+
+        Args:
+            items: :class:`OrderItemRequest` objects, or dicts such as
+                ``{"itemId": ..., "quantity": 1, "note": {...}}``.
+            is_mock: Create a test order.
+            total_price: The price you expect to pay; the current price when omitted.
+
+        Raises:
+            AmbiguousOrderError: the request may have reached the server and its outcome
+                is unknown. It is never resent: FoxReload has no idempotency key.
+            APIStatusError: the API refused the order (balance, stock, price...).
+        """
+        body = _api.create_order_body(items, is_mock=is_mock, total_price=total_price)
+        return self._client._run(_api.create_order(self._client._runtime, body))
+
+    def pay(
+        self,
+        order_id: str,
+        *,
+        payment_provider: str | None = None,
+        payment_return_url: str | None = None,
+    ) -> Order:
+        """Pay an order; ``payment_provider=None`` pays from the account balance.
+
+        Raises:
+            AmbiguousOrderError: the payment's outcome is unknown and the order is still
+                ``active``; it was not resent.
+        """
+        flow = _api.pay_order(
+            self._client._runtime,
+            order_id,
+            payment_provider=payment_provider,
+            payment_return_url=payment_return_url,
+        )
+        return self._client._run(flow)
+
+    def get(self, order_id: str) -> Order:
+        """Read one order; its codes are in ``order.codes`` once it is completed."""
+        return self._client._run(_api.get_order(self._client._runtime, order_id))
+
+    def list(self, **params: Any) -> Page[Order]:
+        """Read a page of the order history; keyword arguments become query parameters."""
+        return self._client._run(_api.list_orders(self._client._runtime, params))
+
+
+class AsyncOrders:
+    """Async :class:`Orders`."""
+
+    def __init__(self, client: AsyncFoxReload) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        *,
+        items: ItemsArg,
+        is_mock: bool = False,
+        total_price: Decimal | float | int | str | None = None,
+    ) -> Order:
+        """See :meth:`Orders.create`."""
+        body = _api.create_order_body(items, is_mock=is_mock, total_price=total_price)
+        return await self._client._run(_api.create_order(self._client._runtime, body))
+
+    async def pay(
+        self,
+        order_id: str,
+        *,
+        payment_provider: str | None = None,
+        payment_return_url: str | None = None,
+    ) -> Order:
+        """See :meth:`Orders.pay`."""
+        flow = _api.pay_order(
+            self._client._runtime,
+            order_id,
+            payment_provider=payment_provider,
+            payment_return_url=payment_return_url,
+        )
+        return await self._client._run(flow)
+
+    async def get(self, order_id: str) -> Order:
+        """See :meth:`Orders.get`."""
+        return await self._client._run(_api.get_order(self._client._runtime, order_id))
+
+    async def list(self, **params: Any) -> Page[Order]:
+        """See :meth:`Orders.list`."""
+        return await self._client._run(_api.list_orders(self._client._runtime, params))
+
+
+class Products:
+    """Browse and search the catalogue."""
+
+    def __init__(self, client: FoxReload) -> None:
+        self._client = client
+
+    def list(
+        self,
+        *,
+        category: str,
+        limit: int | None = None,
+        offset: int | None = None,
+        with_stock_only: bool | None = None,
+    ) -> Page[Product]:
+        """One page of a category's products (``limit`` 1-200, the API's default 50)."""
+        flow = _api.list_products(
+            self._client._runtime,
+            category=category,
+            limit=limit,
+            offset=offset,
+            with_stock_only=with_stock_only,
+        )
+        return self._client._run(flow)
+
+    def search(self, query: str, **params: Any) -> Page[Product]:
+        """Products matching ``query``; extra keyword arguments become query parameters."""
+        return self._client._run(_api.search_products(self._client._runtime, query, params))
+
+    def get(self, product_id: str) -> Product:
+        """One product, with its ``required_note_fields``."""
+        return self._client._run(_api.get_product(self._client._runtime, product_id))
+
+
+class AsyncProducts:
+    """Async :class:`Products`."""
+
+    def __init__(self, client: AsyncFoxReload) -> None:
+        self._client = client
+
+    async def list(
+        self,
+        *,
+        category: str,
+        limit: int | None = None,
+        offset: int | None = None,
+        with_stock_only: bool | None = None,
+    ) -> Page[Product]:
+        """See :meth:`Products.list`."""
+        flow = _api.list_products(
+            self._client._runtime,
+            category=category,
+            limit=limit,
+            offset=offset,
+            with_stock_only=with_stock_only,
+        )
+        return await self._client._run(flow)
+
+    async def search(self, query: str, **params: Any) -> Page[Product]:
+        """See :meth:`Products.search`."""
+        return await self._client._run(_api.search_products(self._client._runtime, query, params))
+
+    async def get(self, product_id: str) -> Product:
+        """See :meth:`Products.get`."""
+        return await self._client._run(_api.get_product(self._client._runtime, product_id))
+
+
+class Categories:
+    """Browse the category tree."""
+
+    def __init__(self, client: FoxReload) -> None:
+        self._client = client
+
+    def list(
+        self,
+        *,
+        with_stock_only: bool | None = None,
+        tag: str | None = None,
+        parent: str | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> Page[Category]:
+        """One page of categories; pass ``page.next_cursor`` as ``cursor`` for the next."""
+        flow = _api.list_categories(
+            self._client._runtime,
+            with_stock_only=with_stock_only,
+            tag=tag,
+            parent=parent,
+            cursor=cursor,
+            limit=limit,
+        )
+        return self._client._run(flow)
+
+
+class AsyncCategories:
+    """Async :class:`Categories`."""
+
+    def __init__(self, client: AsyncFoxReload) -> None:
+        self._client = client
+
+    async def list(
+        self,
+        *,
+        with_stock_only: bool | None = None,
+        tag: str | None = None,
+        parent: str | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> Page[Category]:
+        """See :meth:`Categories.list`."""
+        flow = _api.list_categories(
+            self._client._runtime,
+            with_stock_only=with_stock_only,
+            tag=tag,
+            parent=parent,
+            cursor=cursor,
+            limit=limit,
+        )
+        return await self._client._run(flow)

@@ -1,0 +1,332 @@
+"""Every exception foxpoll raises, in one tree.
+
+::
+
+    FoxPollError
+    ├── APIError
+    │   ├── APIConnectionError
+    │   │   └── APITimeoutError
+    │   ├── APIStatusError                (.status_code, .body, .response, .detail, .code)
+    │   │   ├── BadRequestError           400
+    │   │   ├── AuthenticationError       401
+    │   │   ├── PermissionDeniedError     403
+    │   │   ├── NotFoundError             404
+    │   │   ├── ConflictError             409
+    │   │   ├── UnprocessableEntityError  422
+    │   │   ├── RateLimitError            429 (.retry_after)
+    │   │   └── InternalServerError       5xx
+    │   ├── APIResponseValidationError    body not JSON, or not the expected shape
+    │   └── AmbiguousOrderError           a create that may or may not have happened
+    ├── OrderError                        (.order)
+    │   ├── OrderFailed
+    │   ├── OrderCancelled                (.cancel_reason)
+    │   └── OrderStalled                  (.attempts, .elapsed)
+    └── DedupError
+        ├── LeaseLost
+        ├── DeliveryInProgress            (.lease_until)
+        └── StoreUnavailable
+
+Messages never contain the API key or delivered codes: status errors quote only the
+``detail`` and ``code`` fields of an error body, validation errors name the offending
+field and type but not its value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from .models import CancelReason, Order
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AmbiguousOrderError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConflictError",
+    "DedupError",
+    "DeliveryInProgress",
+    "FoxPollError",
+    "InternalServerError",
+    "LeaseLost",
+    "NotFoundError",
+    "OrderCancelled",
+    "OrderError",
+    "OrderFailed",
+    "OrderStalled",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "StoreUnavailable",
+    "UnprocessableEntityError",
+    "status_error_for",
+]
+
+
+class FoxPollError(Exception):
+    """Base class of every foxpoll exception."""
+
+
+class APIError(FoxPollError):
+    """A call to the FoxReload API did not produce the expected result.
+
+    Attributes:
+        request: The request that failed, when one was built.
+    """
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request = request
+
+
+class APIConnectionError(APIError):
+    """The request could not be sent or no response arrived (DNS, refused, reset)."""
+
+
+class APITimeoutError(APIConnectionError):
+    """The request timed out (connect, read, write or pool), or the deadline ran out."""
+
+
+class APIResponseValidationError(APIError):
+    """The response body is not JSON, or is JSON of a shape foxpoll cannot read.
+
+    Attributes:
+        response: The offending response, when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        response: httpx.Response | None = None,
+        request: httpx.Request | None = None,
+    ) -> None:
+        if request is None and response is not None:
+            request = _request_of(response)
+        super().__init__(message, request=request)
+        self.response = response
+
+
+class APIStatusError(APIError):
+    """The API answered with a 4xx or 5xx status.
+
+    Attributes:
+        status_code: The HTTP status.
+        body: The decoded JSON body, or the text when it was not JSON, or None.
+        response: The :class:`httpx.Response`.
+        detail: The body's ``detail`` field, when present.
+        code: The body's ``code`` field (for example ``BALANCE_NOT_ENOUGH``), when present.
+    """
+
+    def __init__(self, response: httpx.Response, body: object) -> None:
+        self.status_code = response.status_code
+        self.response = response
+        self.body = body
+        fields: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
+        self.detail = _short_text(fields.get("detail"))
+        self.code = _short_text(fields.get("code"))
+        request = _request_of(response)
+        where = f" for {request.method} {request.url.path}" if request is not None else ""
+        message = f"HTTP {response.status_code}{where}"
+        if self.code:
+            message += f" [{self.code}]"
+        if self.detail:
+            message += f": {self.detail}"
+        super().__init__(message, request=request)
+
+
+class BadRequestError(APIStatusError):
+    """400: the request was malformed."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: the API key is missing, wrong, or not allowed from this address."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the key may not do this."""
+
+
+class NotFoundError(APIStatusError):
+    """404: no such order, product or category."""
+
+
+class ConflictError(APIStatusError):
+    """409: the request conflicts with the resource's state (for example out of stock)."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """422: the body was understood but rejected (validation, price mismatch)."""
+
+
+class RateLimitError(APIStatusError):
+    """429: too many requests.
+
+    Attributes:
+        retry_after: Seconds the server asked us to wait, when it said.
+    """
+
+    def __init__(
+        self, response: httpx.Response, body: object, *, retry_after: float | None = None
+    ) -> None:
+        super().__init__(response, body)
+        self.retry_after = retry_after
+
+
+class InternalServerError(APIStatusError):
+    """5xx: the server failed."""
+
+
+class AmbiguousOrderError(APIError):
+    """A create-order request may have reached the server, and its outcome is unknown.
+
+    FoxReload has no idempotency key, so foxpoll never sends the POST a second time: that
+    could create, charge and fulfil a second order. Reconcile instead, for example by
+    listing recent orders, before deciding to create again.
+
+    Attributes:
+        request_body: The JSON body that was sent, to match against the order history.
+        cause: What went wrong after sending (a timeout, reset or 5xx status error).
+    """
+
+    def __init__(
+        self,
+        *,
+        request_body: Mapping[str, Any],
+        cause: BaseException,
+        request: httpx.Request | None = None,
+    ) -> None:
+        what = f"{request.method} {request.url.path}" if request is not None else "the write"
+        super().__init__(
+            f"outcome of {what} is unknown: it may have reached FoxReload "
+            f"({type(cause).__name__}); it was not resent, reconcile before trying again",
+            request=request,
+        )
+        self.request_body = request_body
+        self.cause = cause
+
+
+class OrderError(FoxPollError):
+    """An order reached an outcome other than ``completed``.
+
+    Attributes:
+        order: The order as last seen.
+    """
+
+    def __init__(self, message: str, *, order: Order) -> None:
+        super().__init__(message)
+        self.order = order
+
+
+class OrderFailed(OrderError):
+    """Fulfilment failed; per-item reasons are in ``order.items[i].error``."""
+
+    def __init__(self, order: Order) -> None:
+        super().__init__(f"order {order.id} failed", order=order)
+
+
+class OrderCancelled(OrderError):
+    """The order was cancelled.
+
+    Attributes:
+        cancel_reason: Why, when FoxReload said.
+    """
+
+    def __init__(self, order: Order) -> None:
+        self.cancel_reason: CancelReason | None = order.cancel_reason
+        reason = f" ({order.cancel_reason.value})" if order.cancel_reason else ""
+        super().__init__(f"order {order.id} was cancelled{reason}", order=order)
+
+
+class OrderStalled(OrderError):
+    """The order did not reach a terminal status within the attempts or the deadline.
+
+    It may still complete: hand it to a recovery queue rather than giving up on it.
+
+    Attributes:
+        order: The order as last seen (None when it was never seen at all).
+        attempts: Polls made.
+        elapsed: Seconds spent waiting.
+    """
+
+    def __init__(
+        self, order_id: str, *, order: Order | None, attempts: int, elapsed: float
+    ) -> None:
+        status = order.status.value if order is not None else "never seen"
+        FoxPollError.__init__(
+            self,
+            f"order {order_id} still {status} after {attempts} polls in {elapsed:.1f}s",
+        )
+        self.order_id = order_id
+        self.order = order  # type: ignore[assignment]  # None only when never seen
+        self.attempts = attempts
+        self.elapsed = elapsed
+
+
+class DedupError(FoxPollError):
+    """A dedup store could not record a delivery step."""
+
+
+class LeaseLost(DedupError):
+    """The claim's token no longer owns the record: another worker took it over."""
+
+
+class DeliveryInProgress(DedupError):
+    """Another worker holds a live claim on this order.
+
+    Attributes:
+        lease_until: When that claim expires (store clock, seconds since the epoch).
+    """
+
+    def __init__(self, order_id: str, *, lease_until: float) -> None:
+        super().__init__(f"order {order_id} is being delivered by another worker")
+        self.order_id = order_id
+        self.lease_until = lease_until
+
+
+class StoreUnavailable(DedupError):
+    """The dedup store could not be reached; nothing was delivered."""
+
+
+_STATUS_ERRORS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+def status_error_for(
+    response: httpx.Response, body: object, *, retry_after: float | None = None
+) -> APIStatusError:
+    """Build the exception for an error status: the subclass keyed by the code, else by range."""
+    if response.status_code == 429:
+        return RateLimitError(response, body, retry_after=retry_after)
+    cls = _STATUS_ERRORS.get(response.status_code)
+    if cls is None:
+        cls = InternalServerError if response.status_code >= 500 else APIStatusError
+    return cls(response, body)
+
+
+def _request_of(response: httpx.Response) -> httpx.Request | None:
+    try:
+        return response.request
+    except RuntimeError:  # a Response built by hand has no request
+        return None
+
+
+def _short_text(value: object) -> str | None:
+    """A body field for a message: strings only, bounded, so a huge body stays out of logs."""
+    if not isinstance(value, str) or not value:
+        return None
+    return value if len(value) <= 300 else value[:297] + "..."
