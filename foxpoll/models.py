@@ -75,6 +75,9 @@ class _TolerantEnum(str, enum.Enum):
     def __repr__(self) -> str:
         return f"<{type(self).__name__}.{self._name_}: {self._value_!r}>"
 
+    def __str__(self) -> str:
+        return str(self._value_)
+
 
 class OrderStatus(_TolerantEnum):
     """Where an order is in its lifecycle: active → paid → processing → a terminal status."""
