@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+import foxpoll
+from foxpoll import errors
+from foxpoll.errors import status_error_for
+
+from .conftest import API_KEY
+
+
+def response(code: int, body: Any = None, text: str | None = None) -> httpx.Response:
+    request = httpx.Request("GET", "https://x.test/api/orders/1", headers={"X-API-Key": API_KEY})
+    if text is not None:
+        return httpx.Response(code, text=text, request=request)
+    return httpx.Response(code, json=body, request=request)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [(400, errors.BadRequestError), (401, errors.AuthenticationError),
+     (403, errors.PermissionDeniedError), (404, errors.NotFoundError),
+     (409, errors.ConflictError), (422, errors.UnprocessableEntityError),
+     (429, errors.RateLimitError), (500, errors.InternalServerError),
+     (502, errors.InternalServerError), (503, errors.InternalServerError),
+     (402, errors.APIStatusError), (418, errors.APIStatusError)],
+)
+def test_status_codes_pick_their_class(code: int, cls: type[errors.APIStatusError]) -> None:
+    error = status_error_for(response(code, {"detail": "d"}), {"detail": "d"})
+    assert type(error) is cls
+    assert error.status_code == code
+    assert isinstance(error, errors.APIError)
+    assert isinstance(error, errors.FoxPollError)
+
+
+def test_detail_and_code_are_exposed_and_in_the_message() -> None:
+    body = {"detail": "Insufficient balance", "code": "BALANCE_NOT_ENOUGH"}
+    error = status_error_for(response(402, body), body)
+    assert error.detail == "Insufficient balance"
+    assert error.code == "BALANCE_NOT_ENOUGH"
+    assert error.body == body
+    assert str(error) == "HTTP 402 for GET /api/orders/1 [BALANCE_NOT_ENOUGH]: Insufficient balance"
+
+
+@pytest.mark.parametrize("body", [None, "plain text", ["list"], {"detail": 5}, {"code": None}])
+def test_odd_error_bodies_are_tolerated(body: Any) -> None:
+    error = status_error_for(response(500, body), body)
+    assert error.detail is None
+    assert str(error) == "HTTP 500 for GET /api/orders/1"
+
+
+def test_huge_detail_is_truncated() -> None:
+    body = {"detail": "x" * 10_000}
+    assert len(str(status_error_for(response(400, body), body))) < 400
+
+
+def test_tree_shape() -> None:
+    assert issubclass(errors.APITimeoutError, errors.APIConnectionError)
+    assert issubclass(errors.AmbiguousOrderError, errors.APIError)
+    assert issubclass(errors.APIResponseValidationError, errors.APIError)
+    for cls in (errors.OrderFailed, errors.OrderCancelled, errors.OrderStalled):
+        assert issubclass(cls, errors.OrderError)
+    for cls in (errors.LeaseLost, errors.DeliveryInProgress, errors.StoreUnavailable):
+        assert issubclass(cls, errors.DedupError)
+    assert not issubclass(errors.OrderError, errors.APIError)
+
+
+def test_every_error_class_is_exported_from_the_package() -> None:
+    for name in errors.__all__:
+        if name[0].isupper():
+            assert getattr(foxpoll, name) is getattr(errors, name)
+
+
+def test_the_tree_in_the_docstring_names_every_class() -> None:
+    doc = errors.__doc__ or ""
+    for name in errors.__all__:
+        if name[0].isupper():
+            assert name in doc, name
+
+
+def test_order_errors_carry_the_order() -> None:
+    from foxpoll.models import Order, parse
+
+    cancelled = parse({"id": "o1", "status": "cancelled", "cancelReason": "user_request"}, Order)
+    error = errors.OrderCancelled(cancelled)
+    assert error.order is cancelled
+    assert error.cancel_reason == "user_request"
+    assert str(error) == "order o1 was cancelled (user_request)"
+    failed = parse({"id": "o2", "status": "failed"}, Order)
+    assert str(errors.OrderFailed(failed)) == "order o2 failed"
+    stalled = errors.OrderStalled("o3", order=None, attempts=40, elapsed=1200.0)
+    assert (stalled.attempts, stalled.elapsed, stalled.order) == (40, 1200.0, None)
+    assert "never seen" in str(stalled)

@@ -1,0 +1,64 @@
+"""The public surface: sorted exports, and sync/async twins that stay in step."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+import foxpoll
+from foxpoll import _resources
+
+
+@pytest.mark.parametrize("module", ["foxpoll", "foxpoll.errors", "foxpoll.models",
+                                    "foxpoll.testing"])
+def test_all_is_sorted_and_resolves(module: str) -> None:
+    mod = importlib.import_module(module)
+    assert list(mod.__all__) == sorted(mod.__all__)
+    for name in mod.__all__:
+        assert hasattr(mod, name), name
+
+
+def test_package_exports_only_public_names() -> None:
+    public = {n for n in dir(foxpoll) if not n.startswith("_")} - {
+        "errors", "models", "testing"  # submodules, importable by path
+    }
+    assert public <= set(foxpoll.__all__)
+
+
+def test_py_typed_ships() -> None:
+    from importlib.resources import files
+
+    assert files("foxpoll").joinpath("py.typed").is_file()
+
+
+TWINS = [
+    (foxpoll.FoxReload, foxpoll.AsyncFoxReload),
+    (_resources.Orders, _resources.AsyncOrders),
+    (_resources.Products, _resources.AsyncProducts),
+    (_resources.Categories, _resources.AsyncCategories),
+]
+
+
+@pytest.mark.parametrize(("sync", "async_"), TWINS)
+def test_sync_and_async_signatures_match(sync: type, async_: type) -> None:
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(member)
+            for name, member in inspect.getmembers(cls, inspect.isfunction)
+            if not name.startswith("_") or name == "__init__"
+        }
+
+    sync_methods, async_methods = public(sync), public(async_)
+    assert sync_methods.keys() - {"close"} == async_methods.keys() - {"close"}
+    for name, signature in sync_methods.items():
+        other = async_methods[name]
+        sync_params = [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+        async_params = [(p.name, p.kind, p.default) for p in other.parameters.values()]
+        if name == "__init__":  # the http client's type differs, by design
+            sync_params = [p for p in sync_params if p[0] != "http_client"]
+            async_params = [p for p in async_params if p[0] != "http_client"]
+        assert sync_params == async_params, name
+        if name not in ("__init__", "with_options"):
+            assert inspect.iscoroutinefunction(getattr(async_, name)), name
