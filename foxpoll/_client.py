@@ -30,7 +30,22 @@ _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 
 class BaseClient(Generic[HttpT]):
-    """Configuration and option handling shared by both clients."""
+    """Configuration and option handling shared by both clients.
+
+    Args:
+        api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
+        base_url: The API's URL; ``FOXRELOAD_BASE_URL``, else the public API.
+        timeout: Seconds allowed for one HTTP request.
+        max_retries: Retries of a failed request that is safe to resend (never a create
+            that may have reached the server).
+        http_client: Your own :class:`httpx.Client` (or :class:`httpx.AsyncClient` for the
+            async client) for proxies, transports or event hooks; foxpoll does not close it.
+        default_headers: Extra headers for every request.
+        language: ``X-Language`` (``en``, ``ru``).
+        currency: ``X-Currency`` (``usd``, ``rub``).
+        clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
+        rng: Random source for jitter.
+    """
 
     _http: HttpT
     _owns_http: bool
@@ -38,17 +53,17 @@ class BaseClient(Generic[HttpT]):
 
     def __init__(
         self,
+        api_key: str | None = None,
         *,
-        api_key: str | None,
-        base_url: str | httpx.URL | None,
-        timeout: float,
-        max_retries: int,
-        http_client: HttpT | None,
-        default_headers: Mapping[str, str] | None,
-        language: str | None,
-        currency: str | None,
-        clock: Clock | None,
-        rng: random.Random | None,
+        base_url: str | httpx.URL | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: HttpT | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        language: str | None = None,
+        currency: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         config = make_config(
             api_key=api_key,
@@ -135,53 +150,11 @@ class BaseClient(Generic[HttpT]):
 
 
 class FoxReload(BaseClient[httpx.Client]):
-    """The FoxReload API, with blocking I/O.
-
-    Args:
-        api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
-        base_url: The API's URL; ``FOXRELOAD_BASE_URL``, else the public API.
-        timeout: Seconds allowed for one HTTP request.
-        max_retries: Retries of a failed request that is safe to resend (never a create
-            that may have reached the server).
-        http_client: Your own :class:`httpx.Client` (proxies, transports, event hooks);
-            foxpoll does not close it.
-        default_headers: Extra headers for every request.
-        language: ``X-Language`` (``en``, ``ru``).
-        currency: ``X-Currency`` (``usd``, ``rub``).
-        clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
-        rng: Random source for jitter.
-    """
+    """The FoxReload API, with blocking I/O; the arguments are :class:`BaseClient`'s."""
 
     orders: Orders
     products: Products
     categories: Categories
-
-    def __init__(
-        self,
-        api_key: str | None = None,
-        *,
-        base_url: str | httpx.URL | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        http_client: httpx.Client | None = None,
-        default_headers: Mapping[str, str] | None = None,
-        language: str | None = None,
-        currency: str | None = None,
-        clock: Clock | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        super().__init__(
-            api_key=api_key,
-            base_url=base_url,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=http_client,
-            default_headers=default_headers,
-            language=language,
-            currency=currency,
-            clock=clock,
-            rng=rng,
-        )
 
     def _default_http_client(self) -> httpx.Client:
         return httpx.Client(limits=_LIMITS)
@@ -212,38 +185,11 @@ class FoxReload(BaseClient[httpx.Client]):
 
 
 class AsyncFoxReload(BaseClient[httpx.AsyncClient]):
-    """The FoxReload API on asyncio; the arguments are those of :class:`FoxReload`."""
+    """The FoxReload API on asyncio; the arguments are :class:`BaseClient`'s."""
 
     orders: AsyncOrders
     products: AsyncProducts
     categories: AsyncCategories
-
-    def __init__(
-        self,
-        api_key: str | None = None,
-        *,
-        base_url: str | httpx.URL | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        http_client: httpx.AsyncClient | None = None,
-        default_headers: Mapping[str, str] | None = None,
-        language: str | None = None,
-        currency: str | None = None,
-        clock: Clock | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        super().__init__(
-            api_key=api_key,
-            base_url=base_url,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=http_client,
-            default_headers=default_headers,
-            language=language,
-            currency=currency,
-            clock=clock,
-            rng=rng,
-        )
 
     def _default_http_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(limits=_LIMITS)

@@ -62,3 +62,15 @@ def test_sync_and_async_signatures_match(sync: type, async_: type) -> None:
         assert sync_params == async_params, name
         if name not in ("__init__", "with_options"):
             assert inspect.iscoroutinefunction(getattr(async_, name)), name
+
+
+def test_clients_take_their_own_kind_of_http_client() -> None:
+    import httpx
+
+    hints = {
+        cls: inspect.signature(cls).parameters["http_client"] for cls in
+        (foxpoll.FoxReload, foxpoll.AsyncFoxReload)
+    }
+    assert all(p.default is None and p.kind is p.KEYWORD_ONLY for p in hints.values())
+    with httpx.Client() as http:
+        assert foxpoll.FoxReload("k", http_client=http)._http is http
