@@ -7,7 +7,7 @@ clients add only the HTTP client they own and the driver that runs flows with it
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -17,8 +17,19 @@ import httpx
 from ._api import Runtime
 from ._clock import Clock, SystemClock
 from ._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, make_config
-from ._effects import Flow, drive, drive_async
+from ._effects import Flow, drive, drive_async, drive_stream, drive_stream_async
 from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
+from .backoff import BackoffPolicy
+from .models import Order
+from .polling import (
+    OnStall,
+    PollAttempt,
+    StatusChange,
+    WaitOptions,
+    WaitResult,
+    wait_flow,
+    wait_many_flow,
+)
 
 __all__ = ["AsyncFoxReload", "BaseClient", "FoxReload"]
 
@@ -148,6 +159,29 @@ class BaseClient(Generic[HttpT]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={str(self.base_url)!r}, api_key='<redacted>')"
 
+    def _wait_for_completion_flow(self, order: str | Order, **options: Any) -> Flow[Order]:
+        return wait_flow(self._runtime, _order_id(order), WaitOptions(**options))
+
+    def _wait_many_flow(
+        self,
+        orders: Iterable[str | Order],
+        *,
+        max_requests_per_minute: float | None,
+        max_in_flight: int,
+        **options: Any,
+    ) -> Flow[None]:
+        return wait_many_flow(
+            self._runtime,
+            (_order_id(order) for order in orders),
+            WaitOptions(**options),
+            max_requests_per_minute=max_requests_per_minute,
+            max_in_flight=max_in_flight,
+        )
+
+
+def _order_id(order: str | Order) -> str:
+    return order.id if isinstance(order, Order) else order
+
 
 class FoxReload(BaseClient[httpx.Client]):
     """The FoxReload API, with blocking I/O; the arguments are :class:`BaseClient`'s."""
@@ -166,6 +200,91 @@ class FoxReload(BaseClient[httpx.Client]):
 
     def _run(self, flow: Flow[T]) -> T:
         return drive(flow, self._http, self._runtime.clock)
+
+    def wait_for_completion(
+        self,
+        order: str | Order,
+        *,
+        backoff: BackoffPolicy | None = None,
+        max_attempts: int = 40,
+        timeout: float | None = None,
+        stall_after: float | None = None,
+        on_poll: Callable[[PollAttempt], Any] | None = None,
+        on_status_change: Callable[[StatusChange], Any] | None = None,
+        on_stall: OnStall | None = None,
+        raise_on_failure: bool = True,
+        not_found_grace: float = 30.0,
+        max_errors: int | None = None,
+    ) -> Order:
+        """Poll an order until it is completed, failed or cancelled.
+
+        Args:
+            order: The order or its id.
+            backoff: The wait between polls (:mod:`foxpoll.backoff`); the vendor's
+                ``ExponentialJitter()`` by default.
+            max_attempts: Successful polls before the order counts as stalled.
+            timeout: One deadline, in seconds, over every poll, sleep and HTTP retry.
+            stall_after: Call ``on_stall`` early when the status has not changed for this
+                long, and keep polling.
+            on_poll: Called with a :class:`PollAttempt` after every poll.
+            on_status_change: Called with a :class:`StatusChange` when the status moves.
+            on_stall: Called as ``on_stall(order, attempts, elapsed)`` before
+                :class:`OrderStalled` is raised (``order`` is the last seen, or None).
+            raise_on_failure: Raise :class:`OrderFailed` / :class:`OrderCancelled`; when
+                False, return the failed or cancelled order instead.
+            not_found_grace: Seconds during which a 404 means "not visible yet".
+            max_errors: Transient poll errors (5xx, 429, timeouts, unreadable bodies)
+                tolerated before the order counts as stalled; ``max_attempts`` if None.
+
+        Returns:
+            The completed order (or, with ``raise_on_failure=False``, the failed or
+            cancelled one).
+
+        Raises:
+            OrderFailed, OrderCancelled: the order ended without codes.
+            OrderStalled: attempts, errors or the deadline ran out first; it may still
+                complete, so hand it to a recovery queue.
+            APIStatusError: a non-transient error, such as 401.
+        """
+        return self._run(self._wait_for_completion_flow(
+            order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
+            stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
+            on_stall=on_stall, raise_on_failure=raise_on_failure,
+            not_found_grace=not_found_grace, max_errors=max_errors,
+        ))
+
+    def wait_many(
+        self,
+        orders: Iterable[str | Order],
+        *,
+        max_requests_per_minute: float | None = None,
+        max_in_flight: int = 64,
+        backoff: BackoffPolicy | None = None,
+        max_attempts: int = 40,
+        timeout: float | None = None,
+        stall_after: float | None = None,
+        on_poll: Callable[[PollAttempt], Any] | None = None,
+        on_status_change: Callable[[StatusChange], Any] | None = None,
+        on_stall: OnStall | None = None,
+        not_found_grace: float = 30.0,
+        max_errors: int | None = None,
+    ) -> Iterator[WaitResult]:
+        """Poll many orders in one loop and yield a :class:`WaitResult` as each finishes.
+
+        Each order keeps its own schedule; all polls share one request budget of
+        ``max_requests_per_minute``, and a 429 slows the whole budget. Failures are
+        results (``result.error``), never raised. The other arguments are those of
+        :meth:`wait_for_completion`, applied to every order. Polls are sequential here;
+        :meth:`AsyncFoxReload.wait_many` runs up to ``max_in_flight`` at once.
+        """
+        flow = self._wait_many_flow(
+            orders, max_requests_per_minute=max_requests_per_minute,
+            max_in_flight=max_in_flight, backoff=backoff, max_attempts=max_attempts,
+            timeout=timeout, stall_after=stall_after, on_poll=on_poll,
+            on_status_change=on_status_change, on_stall=on_stall,
+            not_found_grace=not_found_grace, max_errors=max_errors,
+        )
+        return drive_stream(flow, self._http, self._runtime.clock)
 
     def close(self) -> None:
         """Close the connection pool, if this client created it."""
@@ -201,6 +320,56 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient]):
 
     async def _run(self, flow: Flow[T]) -> T:
         return await drive_async(flow, self._http, self._runtime.clock)
+
+    async def wait_for_completion(
+        self,
+        order: str | Order,
+        *,
+        backoff: BackoffPolicy | None = None,
+        max_attempts: int = 40,
+        timeout: float | None = None,
+        stall_after: float | None = None,
+        on_poll: Callable[[PollAttempt], Any] | None = None,
+        on_status_change: Callable[[StatusChange], Any] | None = None,
+        on_stall: OnStall | None = None,
+        raise_on_failure: bool = True,
+        not_found_grace: float = 30.0,
+        max_errors: int | None = None,
+    ) -> Order:
+        """See :meth:`FoxReload.wait_for_completion`; hooks may be sync or async."""
+        return await self._run(self._wait_for_completion_flow(
+            order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
+            stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
+            on_stall=on_stall, raise_on_failure=raise_on_failure,
+            not_found_grace=not_found_grace, max_errors=max_errors,
+        ))
+
+    def wait_many(
+        self,
+        orders: Iterable[str | Order],
+        *,
+        max_requests_per_minute: float | None = None,
+        max_in_flight: int = 64,
+        backoff: BackoffPolicy | None = None,
+        max_attempts: int = 40,
+        timeout: float | None = None,
+        stall_after: float | None = None,
+        on_poll: Callable[[PollAttempt], Any] | None = None,
+        on_status_change: Callable[[StatusChange], Any] | None = None,
+        on_stall: OnStall | None = None,
+        not_found_grace: float = 30.0,
+        max_errors: int | None = None,
+    ) -> AsyncIterator[WaitResult]:
+        """See :meth:`FoxReload.wait_many`; use with ``async for``. Up to ``max_in_flight``
+        polls run at once; hooks may be sync or async."""
+        flow = self._wait_many_flow(
+            orders, max_requests_per_minute=max_requests_per_minute,
+            max_in_flight=max_in_flight, backoff=backoff, max_attempts=max_attempts,
+            timeout=timeout, stall_after=stall_after, on_poll=on_poll,
+            on_status_change=on_status_change, on_stall=on_stall,
+            not_found_grace=not_found_grace, max_errors=max_errors,
+        )
+        return drive_stream_async(flow, self._http, self._runtime.clock)
 
     async def close(self) -> None:
         """Close the connection pool, if this client created it."""

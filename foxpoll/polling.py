@@ -1,0 +1,428 @@
+"""Waiting for orders without webhooks: ``wait_for_completion`` and ``wait_many``.
+
+Everything here is sans-io. :class:`OrderWatch` is the state of one wait and makes every
+decision (is this poll's error transient? did the status change? is the order stalled?
+how long until the next poll?). :func:`wait_flow` drives one watch with one request at a
+time; :func:`wait_many_flow` drives thousands of them under a shared :class:`RequestBudget`.
+The clients run both flows with their sync or async driver.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import attrs
+
+from . import _api
+from ._effects import Emit, Flow, Notify, Sleep, Start, WaitAny
+from .backoff import BackoffPolicy, ExponentialJitter, LearningPolicy
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    InternalServerError,
+    NotFoundError,
+    OrderCancelled,
+    OrderError,
+    OrderFailed,
+    OrderStalled,
+    RateLimitError,
+)
+from .models import Order, OrderStatus
+
+__all__ = [
+    "PollAttempt",
+    "RequestBudget",
+    "StatusChange",
+    "WaitOptions",
+    "WaitResult",
+    "wait_flow",
+    "wait_many_flow",
+]
+
+log = logging.getLogger("foxpoll.polling")
+
+DEFAULT_BACKOFF = ExponentialJitter()
+_EPSILON = 1e-9
+_MIN_WAIT = 1e-3  # a shorter wait may not move a float clock at all
+
+
+@attrs.frozen
+class PollAttempt:
+    """What one poll saw; passed to ``on_poll``.
+
+    Attributes:
+        order_id: The order polled.
+        attempt: Polls of this order so far, this one included.
+        elapsed: Seconds since the wait began.
+        outcome: ``"ok"``, ``"not_found"`` (not visible yet), ``"rate_limited"`` or
+            ``"error"``.
+        order: The order, when the poll succeeded.
+        error: The error, when it did not.
+    """
+
+    order_id: str
+    attempt: int
+    elapsed: float
+    outcome: str
+    order: Order | None = None
+    error: APIError | None = None
+
+
+@attrs.frozen
+class StatusChange:
+    """An order's status moved; passed to ``on_status_change``.
+
+    Attributes:
+        previous: The status before, or None on the first sighting.
+    """
+
+    order_id: str
+    order: Order
+    previous: OrderStatus | None
+    elapsed: float
+
+
+@attrs.frozen
+class WaitResult:
+    """How one wait of ``wait_many`` ended: an order, or the exception that ended it.
+
+    ``error`` is an :class:`OrderFailed`, :class:`OrderCancelled`, :class:`OrderStalled`
+    or a non-transient :class:`APIError`.
+    """
+
+    order_id: str
+    order: Order | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the order completed."""
+        return (
+            self.error is None
+            and self.order is not None
+            and self.order.status is OrderStatus.COMPLETED
+        )
+
+    def unwrap(self) -> Order:
+        """The completed order, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        assert self.order is not None
+        return self.order
+
+
+OnStall = Callable[[Order | None, int, float], Any]
+
+
+def _default_backoff(policy: BackoffPolicy | None) -> BackoffPolicy:
+    return DEFAULT_BACKOFF if policy is None else policy
+
+
+@attrs.frozen
+class WaitOptions:
+    """How to wait for an order. See :meth:`foxpoll.FoxReload.wait_for_completion`."""
+
+    backoff: BackoffPolicy = attrs.field(default=DEFAULT_BACKOFF, converter=_default_backoff)
+    max_attempts: int = 40
+    timeout: float | None = None
+    stall_after: float | None = None
+    not_found_grace: float = 30.0
+    max_errors: int | None = None
+    on_poll: Callable[[PollAttempt], Any] | None = None
+    on_status_change: Callable[[StatusChange], Any] | None = None
+    on_stall: OnStall | None = None
+    raise_on_failure: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError("timeout must be positive")
+        if self.stall_after is not None and not self.stall_after > 0:
+            raise ValueError("stall_after must be positive")
+        if not isinstance(self.backoff, BackoffPolicy):
+            raise TypeError("backoff must have a delays(rng) method (see foxpoll.backoff)")
+
+    @property
+    def error_budget(self) -> int:
+        return self.max_errors if self.max_errors is not None else self.max_attempts
+
+
+@attrs.frozen
+class Decision:
+    """What to do after a poll: run ``notes``, then finish or sleep ``delay``."""
+
+    notes: tuple[Notify, ...] = ()
+    finished: bool = False
+    order: Order | None = None
+    error: BaseException | None = None
+    delay: float = 0.0
+
+
+class OrderWatch:
+    """The state of one wait, fed with each poll's outcome. Pure: no I/O, no clock."""
+
+    __slots__ = (
+        "_delays", "_errors", "_last_change", "_options", "_pending_at", "_started", "_warned",
+        "attempts", "last_order", "order_id",
+    )
+
+    def __init__(
+        self, order_id: str, options: WaitOptions, started: float, rng: random.Random
+    ) -> None:
+        self.order_id = order_id
+        self._options = options
+        self._started = started
+        self._delays: Iterator[float] = options.backoff.delays(rng)
+        self.attempts = 0
+        self._errors = 0
+        self.last_order: Order | None = None
+        self._last_change = started
+        self._pending_at: float | None = None  # elapsed at the last poll that saw it pending
+        self._warned = False
+
+    @property
+    def deadline(self) -> float | None:
+        timeout = self._options.timeout
+        return None if timeout is None else self._started + timeout
+
+    def record(self, outcome: Order | Exception, now: float) -> Decision:
+        """Take one poll's outcome (the order, or the exception the poll raised)."""
+        opts = self._options
+        self.attempts += 1
+        elapsed = now - self._started
+        notes: list[Notify] = []
+        if opts.on_poll is not None:
+            notes.append(Notify(opts.on_poll, (self._attempt(outcome, elapsed),)))
+        if isinstance(outcome, Exception):
+            if not self._is_transient(outcome, elapsed):
+                # An account or programming error (401, 400, ...): polling again won't help.
+                return Decision(tuple(notes), finished=True, error=outcome)
+            self._errors += 1
+
+        if isinstance(outcome, Order):
+            previous = self.last_order.status if self.last_order is not None else None
+            self.last_order = outcome
+            if outcome.status != previous:
+                self._last_change = now
+                self._warned = False
+                if opts.on_status_change is not None:
+                    change = StatusChange(self.order_id, outcome, previous, elapsed)
+                    notes.append(Notify(opts.on_status_change, (change,)))
+            if outcome.status.is_terminal:
+                self._learn(elapsed)
+                return self._finish(outcome, notes)
+            self._pending_at = elapsed
+
+        polls = self.attempts - self._errors
+        if polls >= opts.max_attempts or self._errors >= opts.error_budget:
+            return self._stall(notes, elapsed, outcome)
+        if (
+            opts.stall_after is not None
+            and not self._warned
+            and now - self._last_change >= opts.stall_after
+        ):
+            self._warned = True
+            log.warning("order %s unchanged for %.0fs", self.order_id, now - self._last_change)
+            if opts.on_stall is not None:
+                notes.append(Notify(opts.on_stall, (self.last_order, self.attempts, elapsed)))
+
+        delay = next(self._delays)
+        if isinstance(outcome, RateLimitError) and outcome.retry_after is not None:
+            delay = max(delay, outcome.retry_after)
+        deadline = self.deadline
+        if deadline is not None and now + delay >= deadline:
+            log.info("order %s: the next poll would pass the deadline", self.order_id)
+            return self._stall(notes, elapsed, outcome)
+        return Decision(tuple(notes), delay=delay)
+
+    def _attempt(self, outcome: Order | Exception, elapsed: float) -> PollAttempt:
+        if isinstance(outcome, Order):
+            return PollAttempt(self.order_id, self.attempts, elapsed, "ok", order=outcome)
+        error = outcome if isinstance(outcome, APIError) else None
+        label = _outcome_label(outcome)
+        return PollAttempt(self.order_id, self.attempts, elapsed, label, error=error)
+
+    def _is_transient(self, error: Exception, elapsed: float) -> bool:
+        if isinstance(error, NotFoundError):
+            # Right after create the order may not be readable yet.
+            return self.last_order is None and elapsed <= self._options.not_found_grace
+        if isinstance(error, APIStatusError):
+            return isinstance(error, (InternalServerError, RateLimitError)) or (
+                error.status_code == 408
+            )
+        return isinstance(error, (APIConnectionError, APIResponseValidationError))
+
+    def _learn(self, elapsed: float) -> None:
+        backoff = self._options.backoff
+        if self._pending_at is not None and isinstance(backoff, LearningPolicy):
+            backoff.observe(self._pending_at, elapsed)
+
+    def _finish(self, order: Order, notes: list[Notify]) -> Decision:
+        if order.status is OrderStatus.COMPLETED:
+            return Decision(tuple(notes), finished=True, order=order)
+        error: OrderError | None = None
+        if order.status is OrderStatus.FAILED:
+            error = OrderFailed(order)
+        elif order.status is OrderStatus.CANCELLED:
+            error = OrderCancelled(order)
+        if error is None or not self._options.raise_on_failure:
+            return Decision(tuple(notes), finished=True, order=order)
+        return Decision(tuple(notes), finished=True, order=order, error=error)
+
+    def _stall(
+        self, notes: list[Notify], elapsed: float, outcome: Order | Exception
+    ) -> Decision:
+        stalled = OrderStalled(
+            self.order_id, order=self.last_order, attempts=self.attempts, elapsed=elapsed
+        )
+        if isinstance(outcome, Exception):
+            stalled.__cause__ = outcome
+        log.warning("%s", stalled)
+        if self._options.on_stall is not None:
+            notes.append(Notify(self._options.on_stall, (self.last_order, self.attempts, elapsed)))
+        return Decision(tuple(notes), finished=True, error=stalled)
+
+
+def _outcome_label(error: Exception) -> str:
+    if isinstance(error, NotFoundError):
+        return "not_found"
+    if isinstance(error, RateLimitError):
+        return "rate_limited"
+    return "error"
+
+
+def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Order]:
+    """Poll one order until it finishes; return it, or raise what ended the wait."""
+    _api.resource_path("/api/orders/", order_id, kind="order")  # fail fast on a bad id
+    watch = OrderWatch(order_id, options, rt.clock.monotonic(), rt.rng)
+    while True:
+        outcome: Order | Exception
+        try:
+            outcome = yield from _api.get_order(rt, order_id, deadline=watch.deadline)
+        except APIError as exc:
+            outcome = exc
+        decision = watch.record(outcome, rt.clock.monotonic())
+        yield from decision.notes
+        if decision.finished:
+            if decision.error is not None:
+                raise decision.error
+            assert decision.order is not None
+            return decision.order
+        yield Sleep(decision.delay)
+
+
+class RequestBudget:
+    """A token bucket shared by every poll of ``wait_many``.
+
+    A 429 pauses the whole bucket for its ``Retry-After`` and halves the rate; each
+    success then wins back a little of it (additive increase, multiplicative decrease).
+    """
+
+    def __init__(self, per_minute: float | None, now: float, *, burst: float | None = None):
+        if per_minute is not None and not per_minute > 0:
+            raise ValueError("max_requests_per_minute must be positive")
+        self.max_rate = math.inf if per_minute is None else per_minute / 60.0
+        self.rate = self.max_rate
+        self.capacity = burst if burst is not None else max(1.0, self.max_rate * 2)
+        self.tokens = self.capacity if per_minute is not None else math.inf
+        self.updated = now
+        self.paused_until = now
+
+    def _refill(self, now: float) -> None:
+        if math.isfinite(self.tokens):
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = max(self.updated, now)
+
+    def try_take(self, now: float) -> bool:
+        """Spend a token, if one is available now."""
+        if now < self.paused_until:
+            return False
+        self._refill(now)
+        if self.tokens >= 1 - _EPSILON:  # refills are floats: 0.9999999 is a whole token
+            self.tokens -= 1
+            return True
+        return False
+
+    def ready_at(self, now: float) -> float:
+        """When the next token will be available."""
+        self._refill(now)
+        if self.tokens >= 1 - _EPSILON:
+            return max(now, self.paused_until)
+        return max(self.paused_until, now + max(_MIN_WAIT, (1 - self.tokens) / self.rate))
+
+    def throttled(self, now: float, retry_after: float | None) -> None:
+        """The server said 429: pause everything and slow down."""
+        self.paused_until = max(self.paused_until, now + (retry_after or 1.0))
+        if math.isfinite(self.max_rate):
+            self.rate = max(self.max_rate / 64, self.rate / 2)
+            self.tokens = min(self.tokens, 0.0)
+        log.warning("rate limited: pausing polls for %.1fs", self.paused_until - now)
+
+    def succeeded(self) -> None:
+        if math.isfinite(self.max_rate) and self.rate < self.max_rate:
+            self.rate = min(self.max_rate, self.rate + self.max_rate / 100)
+
+
+def wait_many_flow(
+    rt: _api.Runtime,
+    order_ids: Iterable[str],
+    options: WaitOptions,
+    *,
+    max_requests_per_minute: float | None = None,
+    max_in_flight: int = 64,
+) -> Flow[None]:
+    """Poll many orders in one loop, each on its own schedule; emit a :class:`WaitResult`
+    for each as it finishes.
+
+    Each poll is a single request (no inner retries), so the budget counts requests
+    exactly; a failed poll is retried on the order's schedule, within its error budget.
+    """
+    if max_in_flight < 1:
+        raise ValueError("max_in_flight must be at least 1")
+    single = attrs.evolve(rt, config=attrs.evolve(rt.config, max_retries=0))
+    now = rt.clock.monotonic()
+    budget = RequestBudget(max_requests_per_minute, now)
+    watches: dict[str, OrderWatch] = {}
+    due: list[tuple[float, int, str]] = []
+    order = itertools.count()
+    for order_id in dict.fromkeys(order_ids):  # each order once, in the order given
+        _api.resource_path("/api/orders/", order_id, kind="order")
+        watches[order_id] = OrderWatch(order_id, options, now, rt.rng)
+        due.append((now, next(order), order_id))
+    heapq.heapify(due)
+    in_flight = 0
+    while due or in_flight:
+        now = rt.clock.monotonic()
+        while due and due[0][0] <= now and in_flight < max_in_flight and budget.try_take(now):
+            _, _, order_id = heapq.heappop(due)
+            flow = _api.get_order(single, order_id, deadline=watches[order_id].deadline)
+            yield Start(order_id, flow)
+            in_flight += 1
+        wake = None
+        if due and in_flight < max_in_flight:
+            wake = max(due[0][0], budget.ready_at(now)) - now
+        finished: list[tuple[str, Any]] = yield WaitAny(wake)
+        now = rt.clock.monotonic()
+        for order_id, outcome in finished:
+            in_flight -= 1
+            if isinstance(outcome, RateLimitError):
+                budget.throttled(now, outcome.retry_after)
+            elif isinstance(outcome, Order):
+                budget.succeeded()
+            watch = watches[order_id]
+            decision = watch.record(outcome, now)
+            yield from decision.notes
+            if decision.finished:
+                del watches[order_id]
+                yield Emit(WaitResult(order_id, decision.order, decision.error))
+            else:
+                heapq.heappush(due, (now + decision.delay, next(order), order_id))
