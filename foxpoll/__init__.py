@@ -39,6 +39,7 @@ from .models import (
     Page,
     Product,
 )
+from .polling import PollAttempt, StatusChange, WaitResult
 
 __all__ = [
     "APIConnectionError",
@@ -72,10 +73,13 @@ __all__ = [
     "OrderStatus",
     "Page",
     "PermissionDeniedError",
+    "PollAttempt",
     "Product",
     "RateLimitError",
+    "StatusChange",
     "StoreUnavailable",
     "SystemClock",
     "UnprocessableEntityError",
+    "WaitResult",
     "__version__",
 ]

@@ -241,6 +241,9 @@ class Adaptive:
         refresh_every: Recompute the schedule after this many new completions.
         jitter: Each wait is scaled by a factor uniform in [1 - jitter/2, 1 + jitter/2],
             so that orders created together do not poll together.
+        explore: The share of waits that follow ``baseline`` even once a plan is learned,
+            so the completion times keep being observed finely and a change is noticed.
+        horizon: Completion times are learned up to this many seconds.
         resolution: Candidate poll instants are this many seconds apart (or sample
             quantiles, whichever are fewer).
     """
@@ -254,6 +257,7 @@ class Adaptive:
         min_samples: int = 50,
         refresh_every: int = 100,
         jitter: float = 0.1,
+        explore: float = 0.05,
         resolution: float = 1.0,
         horizon: float = 900.0,
     ) -> None:
@@ -261,6 +265,8 @@ class Adaptive:
             raise ValueError("target_delay must be positive")
         if not 0 <= jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
+        if not 0 <= explore <= 1:
+            raise ValueError("explore must be between 0 and 1")
         if min_samples < 1 or window < min_samples:
             raise ValueError("need 1 <= min_samples <= window")
         self.target_delay = target_delay
@@ -268,12 +274,14 @@ class Adaptive:
         self.min_samples = min_samples
         self.refresh_every = max(1, refresh_every)
         self.jitter = jitter
+        self.explore = explore
         self.resolution = resolution
         self.horizon = horizon
         self._samples: deque[float] = deque(maxlen=window)
         self._since_refresh = 0
         self._plan: tuple[float, ...] | None = None  # poll instants, seconds since start
         self._lock = threading.Lock()
+        self._impute = random.Random(0)
 
     def __repr__(self) -> str:
         return (
@@ -282,11 +290,19 @@ class Adaptive:
         )
 
     def observe(self, earliest: float, latest: float) -> None:
-        """Record that an order finished between ``earliest`` and ``latest`` seconds."""
+        """Record that an order finished between ``earliest`` and ``latest`` seconds.
+
+        The estimate is a known completion time drawn from inside that interval (the
+        midpoint when none is): once polls follow the learned plan, intervals are wide
+        exactly where orders rarely finish, and a midpoint would drag the estimate there,
+        while a mean would collapse the learned spread onto one value.
+        """
         if not (0 <= earliest <= latest) or math.isinf(latest):
             return
         with self._lock:
-            self._samples.append(min((earliest + latest) / 2, self.horizon))
+            inside = [s for s in self._samples if earliest < s <= latest]
+            estimate = self._impute.choice(inside) if inside else (earliest + latest) / 2
+            self._samples.append(min(estimate, self.horizon))
             self._since_refresh += 1
             if self._since_refresh >= self.refresh_every and len(self._samples) >= self.min_samples:
                 self._plan = None
@@ -309,7 +325,7 @@ class Adaptive:
 
     def delays(self, rng: random.Random) -> Iterator[float]:
         instants = self.plan()
-        if instants is None:
+        if instants is None or (self.explore and rng.random() < self.explore):
             yield from self.baseline.delays(rng)
             return
         previous = 0.0

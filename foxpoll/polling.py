@@ -223,7 +223,7 @@ class OrderWatch:
             self._pending_at = elapsed
 
         polls = self.attempts - self._errors
-        if polls >= opts.max_attempts or self._errors >= opts.error_budget:
+        if polls >= opts.max_attempts or self._errors > opts.error_budget:
             return self._stall(notes, elapsed, outcome)
         if (
             opts.stall_after is not None

@@ -11,8 +11,8 @@ import foxpoll
 from foxpoll import _resources
 
 
-@pytest.mark.parametrize("module", ["foxpoll", "foxpoll.errors", "foxpoll.models",
-                                    "foxpoll.testing"])
+@pytest.mark.parametrize("module", ["foxpoll", "foxpoll.backoff", "foxpoll.errors",
+                                    "foxpoll.models", "foxpoll.polling", "foxpoll.testing"])
 def test_all_is_sorted_and_resolves(module: str) -> None:
     mod = importlib.import_module(module)
     assert list(mod.__all__) == sorted(mod.__all__)
@@ -22,7 +22,7 @@ def test_all_is_sorted_and_resolves(module: str) -> None:
 
 def test_package_exports_only_public_names() -> None:
     public = {n for n in dir(foxpoll) if not n.startswith("_")} - {
-        "errors", "models", "testing"  # submodules, importable by path
+        "backoff", "errors", "models", "polling", "testing"  # submodules, importable by path
     }
     assert public <= set(foxpoll.__all__)
 
@@ -60,7 +60,9 @@ def test_sync_and_async_signatures_match(sync: type, async_: type) -> None:
             sync_params = [p for p in sync_params if p[0] != "http_client"]
             async_params = [p for p in async_params if p[0] != "http_client"]
         assert sync_params == async_params, name
-        if name not in ("__init__", "with_options"):
+        if name == "wait_many":  # an async iterator, for `async for`
+            assert "AsyncIterator" in str(other.return_annotation)
+        elif name not in ("__init__", "with_options"):
             assert inspect.iscoroutinefunction(getattr(async_, name)), name
 
 

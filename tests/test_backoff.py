@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import backoff as backoff_pkg
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from foxpoll.backoff import (
+    Adaptive,
+    BackoffPolicy,
+    DecorrelatedJitter,
+    ExponentialJitter,
+    Fixed,
+    FullJitter,
+    Schedule,
+    Step,
+    baseline_instants,
+    from_backoff,
+    mean_delay,
+    plan_polls,
+)
+
+seeds = st.integers(0, 2**32)
+positive = st.floats(0.01, 100, allow_nan=False)
+
+
+def take(policy: BackoffPolicy, n: int, seed: int = 0) -> list[float]:
+    return list(itertools.islice(policy.delays(random.Random(seed)), n))
+
+
+def test_default_is_the_vendor_schedule() -> None:
+    policy = ExponentialJitter()
+    assert (policy.base, policy.factor, policy.cap, policy.jitter) == (5.0, 1.5, 30.0, 0.3)
+    delays = take(ExponentialJitter(jitter=0), 7)
+    assert delays == [5.0, 7.5, 11.25, 16.875, 25.3125, 30.0, 30.0]
+
+
+@given(positive, st.floats(1, 3), positive, st.floats(0, 1), seeds)
+def test_exponential_jitter_bounds(
+    base: float, factor: float, cap: float, jitter: float, seed: int
+) -> None:
+    policy = ExponentialJitter(base=base, factor=factor, cap=cap, jitter=jitter)
+    for n, delay in enumerate(take(policy, 60, seed)):
+        plain = min(base * factor**n, cap)
+        assert plain * (1 - 1e-9) <= delay <= plain * (1 + jitter) * (1 + 1e-9)
+
+
+def test_exponential_never_overflows() -> None:
+    delays = policy_delays = ExponentialJitter(factor=10).delays(random.Random(0))
+    last = [next(policy_delays) for _ in range(1000)][-1]
+    assert math.isfinite(last)
+    assert last <= 30 * 1.3
+    assert delays is policy_delays
+
+
+@given(positive, st.floats(0, 1), seeds)
+def test_fixed_bounds(seconds: float, jitter: float, seed: int) -> None:
+    for delay in take(Fixed(seconds, jitter=jitter), 20, seed):
+        assert seconds * (1 - 1e-9) <= delay <= seconds * (1 + jitter) * (1 + 1e-9)
+
+
+@given(positive, positive, st.floats(1, 4), seeds)
+def test_full_jitter_bounds(base: float, cap: float, factor: float, seed: int) -> None:
+    for n, delay in enumerate(take(FullJitter(base, cap, factor), 40, seed)):
+        assert 0 <= delay <= min(cap, base * factor**n) * (1 + 1e-9)
+
+
+@given(positive, positive, seeds)
+def test_decorrelated_jitter_bounds(base: float, cap: float, seed: int) -> None:
+    previous = base
+    for delay in take(DecorrelatedJitter(base, cap), 40, seed):
+        assert delay <= cap * (1 + 1e-9)
+        assert delay >= min(base, cap) * (1 - 1e-9)
+        assert delay <= max(base, previous * 3) * (1 + 1e-9)
+        previous = delay
+
+
+def test_vendor_stepped_schedule() -> None:
+    policy = Schedule([Step(5, times=12), Step((15, 30))])
+    delays = take(policy, 100, seed=3)
+    assert delays[:12] == [5.0] * 12
+    assert all(15 <= d <= 30 for d in delays[12:])
+    assert len(set(delays[12:])) > 50  # drawn, not fixed
+
+
+def test_schedule_accepts_tuples_and_repeats_the_last_step() -> None:
+    assert take(Schedule([(1, 2), (3, 1)]), 5) == [1, 1, 3, 3, 3]
+
+
+@given(st.lists(st.tuples(st.floats(0, 50), st.floats(0, 50), st.integers(1, 5)), min_size=1,
+                max_size=5), seeds)
+def test_schedule_bounds(raw: list[tuple[float, float, int]], seed: int) -> None:
+    steps = [Step((min(a, b), max(a, b)), times=t) for a, b, t in raw]
+    expected = [s.bounds for s in steps for _ in range(s.times or 1)]
+    expected += [steps[-1].bounds] * 10
+    for delay, (low, high) in zip(take(Schedule(steps), len(expected), seed), expected,
+                                  strict=True):
+        assert low <= delay <= high
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: Schedule([]), lambda: Schedule([Step(1), Step(2)]), lambda: Step((5, 1)),
+     lambda: Step(1, times=0), lambda: ExponentialJitter(base=-1), lambda: Fixed(math.nan),
+     lambda: ExponentialJitter(jitter=2), lambda: Fixed(math.inf), lambda: Adaptive(jitter=1),
+     lambda: Adaptive(min_samples=10, window=5), lambda: Adaptive(target_delay=0)],
+)
+def test_bad_parameters_are_rejected(make: object) -> None:
+    with pytest.raises(ValueError, match=r"must|need|only|at least"):
+        make()  # type: ignore[operator]
+
+
+def test_policies_are_reusable_and_reproducible() -> None:
+    policy = ExponentialJitter()
+    first, second = policy.delays(random.Random(5)), policy.delays(random.Random(5))
+    a = [next(first) for _ in range(10)]
+    b = [next(second) for _ in range(10)]
+    assert a == b
+    assert take(policy, 10, seed=6) != a
+    with pytest.raises(AttributeError):
+        policy.base = 1  # type: ignore[misc]  # frozen
+
+
+@pytest.mark.parametrize(
+    ("gen", "kwargs", "expected"),
+    [(backoff_pkg.expo, {"base": 2, "factor": 1, "max_value": 10}, [1, 2, 4, 8, 10, 10]),
+     (backoff_pkg.fibo, {"max_value": 10}, [1, 1, 2, 3, 5, 8]),
+     (backoff_pkg.constant, {"interval": 7}, [7, 7, 7, 7, 7, 7]),
+     (backoff_pkg.constant, {"interval": [1, 2, 3]}, [1, 2, 3])],
+)
+def test_from_backoff_yields_what_backoff_would(gen: object, kwargs: dict[str, object],
+                                                expected: list[float]) -> None:
+    policy = from_backoff(gen, **kwargs)  # type: ignore[arg-type]
+    assert take(policy, 6) == expected
+    assert take(policy, 6) == expected  # a fresh generator for every wait
+
+
+def test_from_backoff_with_a_backoff_jitter_function() -> None:
+    policy = from_backoff(backoff_pkg.expo, base=2, max_value=16, jitter=backoff_pkg.full_jitter)
+    for n, delay in enumerate(take(policy, 8)):
+        assert 0 <= delay <= min(2**n, 16)
+
+
+def test_from_backoff_calls_callable_kwargs_per_wait() -> None:
+    calls = []
+
+    def interval() -> int:
+        calls.append(1)
+        return 3
+
+    policy = from_backoff(backoff_pkg.constant, interval=interval)
+    assert take(policy, 2) == [3, 3]
+    take(policy, 2)
+    assert len(calls) == 2
+
+
+def completion_times(seed: int, n: int = 600) -> list[float]:
+    rng = random.Random(seed)
+    return sorted(min(900.0, rng.lognormvariate(math.log(14), 0.9)) for _ in range(n))
+
+
+def test_adaptive_behaves_as_baseline_until_it_has_learned() -> None:
+    adaptive = Adaptive(min_samples=10)
+    assert adaptive.plan() is None
+    assert take(adaptive, 5, seed=1) == take(ExponentialJitter(), 5, seed=1)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seeds)
+def test_adaptive_plan_polls_less_at_no_worse_mean_delay(seed: int) -> None:
+    samples = completion_times(seed)
+    base = ExponentialJitter()
+    plan = plan_polls(samples, target_delay=None, baseline=base, max_gap=base.cap)
+    plan_delay, plan_polls_mean = mean_delay(samples, [0.0, *plan])
+    base_delay, base_polls = mean_delay(samples, baseline_instants(base, samples[-1]))
+    assert plan_delay <= base_delay + 1e-9
+    assert plan_polls_mean < base_polls
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *plan])]
+    assert max(gaps) <= base.cap + 1e-9
+    assert plan[-1] >= samples[-1]
+
+
+def test_adaptive_honours_an_explicit_target() -> None:
+    samples = completion_times(1)
+    for target in (2.0, 5.0, 10.0):
+        plan = plan_polls(samples, target_delay=target, baseline=ExponentialJitter())
+        assert mean_delay(samples, [0.0, *plan])[0] <= target
+
+
+def test_adaptive_learns_from_observations() -> None:
+    adaptive = Adaptive(min_samples=50, refresh_every=50, jitter=0)
+    for t in completion_times(2, 200):
+        adaptive.observe(t - 0.5, t + 0.5)
+    plan = adaptive.plan()
+    assert plan is not None
+    delays = take(adaptive, len(plan) + 3)
+    instants = list(itertools.accumulate(delays))
+    assert instants[: len(plan)] == pytest.approx(list(plan))
+    assert delays[len(plan):] == [pytest.approx(30 * 1.15, rel=0.15)] * 3  # the capped tail
+    adaptive.observe(5, 1)  # nonsense bounds are ignored
+    adaptive.observe(-1, 3)
+    assert len(adaptive._samples) == 200
