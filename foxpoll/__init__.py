@@ -1,5 +1,7 @@
 """foxpoll: buy from FoxReload, wait for orders without webhooks, deliver codes exactly once."""
 
+import logging as _logging
+
 from ._client import AsyncFoxReload, FoxReload
 from ._clock import Clock, SystemClock
 from ._version import __version__
@@ -83,3 +85,6 @@ __all__ = [
     "WaitResult",
     "__version__",
 ]
+
+# A library logs, the application decides where it goes (and nothing reaches stderr unasked).
+_logging.getLogger("foxpoll").addHandler(_logging.NullHandler())

@@ -44,7 +44,12 @@ __all__ = [
 
 @runtime_checkable
 class BackoffPolicy(Protocol):
-    """Anything with ``delays(rng)``: a fresh iterator of waits, in seconds, for one wait."""
+    """Anything with ``delays(rng)``: a fresh iterator of waits, in seconds, for one wait.
+
+    The poller polls at once, then waits each delay before the next poll. A policy with a
+    class attribute ``polls_immediately = False`` is asked for a delay before the first
+    poll too.
+    """
 
     def delays(self, rng: random.Random) -> Iterator[float]: ...
 
@@ -76,12 +81,22 @@ class ExponentialJitter:
     """Wait ``min(base·factorⁿ, cap)`` plus up to ``jitter`` of it for the n-th wait (n from 0).
 
     The default is the vendor's guidance: 5 s x 1.5ⁿ, capped at 30 s, plus 0-30 %.
+
+    With ``poll_at_start=False`` the first wait comes before the first poll. Right after
+    paying, a poll at once can only see ``paid``; skipping it saves a request per order
+    (see ``docs/polling.md`` for the measured effect). Keep the default when a wait may
+    start long after payment, as after a restart.
     """
 
     base: float = attrs.field(default=5.0, validator=_non_negative)
     factor: float = attrs.field(default=1.5, validator=_non_negative)
     cap: float = attrs.field(default=30.0, validator=_non_negative)
     jitter: float = attrs.field(default=0.3, validator=_fraction)
+    poll_at_start: bool = True
+
+    @property
+    def polls_immediately(self) -> bool:
+        return self.poll_at_start
 
     def delays(self, rng: random.Random) -> Iterator[float]:
         for n in itertools.count():
@@ -223,12 +238,15 @@ def from_backoff(
 class Adaptive:
     """Learns how long recent orders took, and polls when they tend to finish.
 
-    From the last ``window`` observed completion times it chooses poll instants by dynamic
-    programming: the fewest polls whose mean detection delay, over those completion times,
-    is no worse than ``target_delay``. Without a ``target_delay`` it matches the mean delay
-    that ``baseline`` would have had on the same completion times, so it polls less for
-    the same responsiveness. Past the longest learned time it falls back to ``baseline``'s
-    capped waits. Until ``min_samples`` completions are known it behaves as ``baseline``.
+    Each finished wait tells when the order finished only to within an interval: after the
+    last poll that saw it pending, no later than the poll that saw it done. From the last
+    ``window`` such intervals, the completion-time distribution is estimated with Turnbull's
+    self-consistent (EM) estimator, and poll instants are chosen by dynamic programming:
+    the fewest polls whose mean detection delay is no worse than ``target_delay``. Without
+    a ``target_delay`` it matches the mean delay that ``baseline`` would have on that
+    distribution, so it polls less for the same responsiveness. Past the longest learned
+    time it falls back to ``baseline``'s capped waits; until ``min_samples`` waits have
+    finished it behaves as ``baseline``.
 
     Unlike the other policies it has state: share one instance between the waits that
     should learn from each other (one per product type, say). It is thread-safe.
@@ -236,16 +254,15 @@ class Adaptive:
     Args:
         target_delay: The mean detection delay to aim for, in seconds.
         baseline: The schedule to match and to fall back on.
-        window: How many recent completion times to learn from.
-        min_samples: Completions needed before the learned schedule is used.
-        refresh_every: Recompute the schedule after this many new completions.
+        window: How many recent waits to learn from.
+        min_samples: Finished waits needed before the learned schedule is used.
+        refresh_every: Recompute the schedule after this many new observations.
         jitter: Each wait is scaled by a factor uniform in [1 - jitter/2, 1 + jitter/2],
             so that orders created together do not poll together.
-        explore: The share of waits that follow ``baseline`` even once a plan is learned,
-            so the completion times keep being observed finely and a change is noticed.
+        explore: The share of waits that also poll inside the plan's gaps (each split in
+            four), so the distribution keeps being observed where the plan is sparse.
+        resolution: Seconds; learned times are rounded to this.
         horizon: Completion times are learned up to this many seconds.
-        resolution: Candidate poll instants are this many seconds apart (or sample
-            quantiles, whichever are fewer).
     """
 
     def __init__(
@@ -257,8 +274,8 @@ class Adaptive:
         min_samples: int = 50,
         refresh_every: int = 100,
         jitter: float = 0.1,
-        explore: float = 0.05,
-        resolution: float = 1.0,
+        explore: float = 0.1,
+        resolution: float = 0.5,
         horizon: float = 900.0,
     ) -> None:
         if target_delay is not None and not target_delay > 0:
@@ -277,72 +294,152 @@ class Adaptive:
         self.explore = explore
         self.resolution = resolution
         self.horizon = horizon
-        self._samples: deque[float] = deque(maxlen=window)
+        self._intervals: deque[tuple[float, float]] = deque(maxlen=window)
         self._since_refresh = 0
         self._plan: tuple[float, ...] | None = None  # poll instants, seconds since start
         self._lock = threading.Lock()
-        self._impute = random.Random(0)
 
     def __repr__(self) -> str:
         return (
-            f"Adaptive(target_delay={self.target_delay}, samples={len(self._samples)}, "
+            f"Adaptive(target_delay={self.target_delay}, observed={len(self._intervals)}, "
             f"polls_planned={len(self._plan or ())})"
         )
 
     def observe(self, earliest: float, latest: float) -> None:
-        """Record that an order finished between ``earliest`` and ``latest`` seconds.
-
-        The estimate is a known completion time drawn from inside that interval (the
-        midpoint when none is): once polls follow the learned plan, intervals are wide
-        exactly where orders rarely finish, and a midpoint would drag the estimate there,
-        while a mean would collapse the learned spread onto one value.
-        """
+        """Record that an order finished between ``earliest`` and ``latest`` seconds."""
         if not (0 <= earliest <= latest) or math.isinf(latest):
             return
         with self._lock:
-            inside = [s for s in self._samples if earliest < s <= latest]
-            estimate = self._impute.choice(inside) if inside else (earliest + latest) / 2
-            self._samples.append(min(estimate, self.horizon))
+            self._intervals.append((min(earliest, self.horizon), min(latest, self.horizon)))
             self._since_refresh += 1
-            if self._since_refresh >= self.refresh_every and len(self._samples) >= self.min_samples:
+            if self._since_refresh >= self.refresh_every:
                 self._plan = None
                 self._since_refresh = 0
 
     def plan(self) -> tuple[float, ...] | None:
         """The learned poll instants (seconds since the wait began), or None while learning."""
         with self._lock:
-            if len(self._samples) < self.min_samples:
+            if len(self._intervals) < self.min_samples:
                 return None
             if self._plan is None:
+                times, weights = estimate_completion_times(
+                    self._intervals, resolution=self.resolution
+                )
                 self._plan = plan_polls(
-                    sorted(self._samples),
+                    times,
+                    weights=weights,
                     target_delay=self.target_delay,
                     baseline=self.baseline,
-                    resolution=self.resolution,
                     max_gap=self.baseline.cap,
                 )
             return self._plan
 
+    #: The first of :meth:`delays` is the wait before the first poll (0.0 polls at once).
+    polls_immediately = False
+
     def delays(self, rng: random.Random) -> Iterator[float]:
         instants = self.plan()
-        if instants is None or (self.explore and rng.random() < self.explore):
+        if instants is None:
+            yield 0.0  # the baseline polls at once
             yield from self.baseline.delays(rng)
             return
+        if self.explore and rng.random() < self.explore:
+            # Poll inside the plan's gaps too: a plan that polls sparsely where orders
+            # rarely finish would otherwise never learn where in a gap they do.
+            instants = _refined(instants, parts=4)
         previous = 0.0
         for instant in instants:
             spread = 1.0 + rng.uniform(-self.jitter / 2, self.jitter / 2) if self.jitter else 1.0
             yield (instant - previous) * spread
             previous = instant
-        tail = self.baseline.cap
         while True:
-            yield tail * (1.0 + rng.uniform(0.0, self.baseline.jitter))
+            yield self.baseline.cap * (1.0 + rng.uniform(0.0, self.baseline.jitter))
+
+
+def _refined(instants: Sequence[float], parts: int) -> tuple[float, ...]:
+    result: list[float] = []
+    previous = 0.0
+    for instant in instants:
+        step = (instant - previous) / parts
+        result.extend(previous + step * k for k in range(1, parts))
+        result.append(instant)
+        previous = instant
+    return tuple(result)
+
+
+def estimate_completion_times(
+    intervals: Iterable[tuple[float, float]],
+    *,
+    resolution: float = 0.5,
+    max_cells: int = 240,
+    max_points_per_cell: int = 16,
+    iterations: int = 300,
+) -> tuple[list[float], list[float]]:
+    """Turnbull's estimate of a distribution seen only as intervals ``(earliest, latest]``.
+
+    Returns completion times and their probabilities: each cell between observed bounds
+    gets its estimated mass, spread evenly over points ``resolution`` apart inside it (a
+    poll in the middle of a cell catches only part of it). Each EM step costs
+    O(intervals + cells), using prefix sums and a difference array.
+    """
+    spans = [(_snap(a, resolution), _snap(b, resolution)) for a, b in intervals]
+    if not spans:
+        raise ValueError("no intervals")
+    bounds = sorted({0.0, *(x for span in spans for x in span)})
+    if len(bounds) > max_cells + 1:
+        step = (len(bounds) - 1) / max_cells
+        bounds = sorted({bounds[round(i * step)] for i in range(max_cells + 1)})
+    cells = len(bounds) - 1
+    if cells < 1:
+        return [bounds[0]], [1.0]
+    groups: dict[tuple[int, int], int] = {}
+    for a, b in spans:
+        lo = min(bisect.bisect_right(bounds, a) - 1, cells - 1)
+        hi = max(lo + 1, bisect.bisect_left(bounds, b))
+        groups[(lo, min(hi, cells))] = groups.get((lo, min(hi, cells)), 0) + 1
+    n = len(spans)
+    mass = [1.0 / cells] * cells
+    for _ in range(iterations):
+        cumulative = list(itertools.accumulate(mass, initial=0.0))
+        spread = [0.0] * (cells + 1)
+        for (lo, hi), count in groups.items():
+            total = cumulative[hi] - cumulative[lo]
+            if total > 0:
+                spread[lo] += count / total
+                spread[hi] -= count / total
+        running, updated, change = 0.0, [], 0.0
+        for k in range(cells):
+            running += spread[k]
+            value = mass[k] * running / n
+            change = max(change, abs(value - mass[k]))
+            updated.append(value)
+        mass = updated
+        if change < 1e-7:
+            break
+    times: list[float] = []
+    weights: list[float] = []
+    for k in range(cells):
+        if mass[k] <= 1e-9:
+            continue
+        low, width = bounds[k], bounds[k + 1] - bounds[k]
+        parts = max(1, min(max_points_per_cell, math.ceil(width / resolution)))
+        for part in range(parts):
+            times.append(low + width * (part + 0.5) / parts)
+            weights.append(mass[k] / parts)
+    return times, weights
+
+
+def _snap(value: float, resolution: float) -> float:
+    return round(value / resolution) * resolution if resolution > 0 else value
 
 
 def baseline_instants(policy: ExponentialJitter, until: float) -> list[float]:
-    """The poll instants of ``policy`` at its mean jitter, from 0 past ``until``."""
+    """The poll instants of ``policy`` at its mean jitter, from the start past ``until``."""
     mean = _MeanRandom()
-    instants, now = [0.0], 0.0
-    for delay in policy.delays(mean):
+    delays = policy.delays(mean)
+    now = 0.0 if policy.poll_at_start else next(delays)
+    instants = [now]
+    for delay in delays:
         now += delay
         instants.append(now)
         if now >= until:
@@ -357,87 +454,99 @@ class _MeanRandom(random.Random):
         return (a + b) / 2
 
 
-def mean_delay(samples: Sequence[float], instants: Sequence[float]) -> tuple[float, float]:
-    """Mean detection delay and mean polls for completion times ``samples`` (sorted)."""
-    delay = polls = 0.0
-    for t in samples:
-        k = bisect.bisect_left(instants, t)
-        if k >= len(instants):
-            k = len(instants) - 1
-        delay += max(0.0, instants[k] - t)
-        polls += k + 1
-    n = max(1, len(samples))
-    return delay / n, polls / n
+def mean_delay(
+    times: Sequence[float], instants: Sequence[float], weights: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """Mean detection delay and mean polls, for completion ``times`` (sorted) and polls at
+    ``instants`` (from the start of the wait; include 0.0 for an immediate poll);
+    ``weights`` are the times' probabilities (equal when None)."""
+    delay = polls = total = 0.0
+    for index, t in enumerate(times):
+        w = 1.0 if weights is None else weights[index]
+        k = min(bisect.bisect_left(instants, t), len(instants) - 1)
+        delay += w * max(0.0, instants[k] - t)
+        polls += w * (k + 1)
+        total += w
+    total = total or 1.0
+    return delay / total, polls / total
 
 
 def plan_polls(
-    samples: Sequence[float],
+    times: Sequence[float],
     *,
+    weights: Sequence[float] | None = None,
     target_delay: float | None,
     baseline: ExponentialJitter,
-    resolution: float = 1.0,
     max_gap: float = math.inf,
     max_candidates: int = 160,
 ) -> tuple[float, ...]:
-    """Poll instants after 0 with the fewest polls for a mean delay within the target.
+    """Poll instants with the fewest polls for a mean delay within the target.
+
+    The first instant is when to make the first poll (0.0 for at once).
 
     Minimises ``polls + λ·delay`` over candidate instants by dynamic programming, and
     searches λ for the cheapest plan meeting the target. No two polls are more than
-    ``max_gap`` apart, so rare slow orders are not left unwatched. ``samples`` must be
-    sorted.
+    ``max_gap`` apart, so rare slow orders are not left unwatched. ``times`` must be
+    sorted; ``weights`` are their probabilities (equal when None).
     """
-    if not samples:
-        raise ValueError("no samples")
-    last = samples[-1]
+    if not times:
+        raise ValueError("no completion times")
+    w = [1.0] * len(times) if weights is None else list(weights)
+    total = sum(w)
+    w = [x / total for x in w]
     if target_delay is None:
-        target_delay, _ = mean_delay(samples, baseline_instants(baseline, last))
-    candidates = _candidates(samples, resolution, max_candidates, max_gap)
+        target_delay, _ = mean_delay(times, baseline_instants(baseline, times[-1]), w)
+    candidates = _candidates(times, w, max_candidates, max_gap)
     best: tuple[float, ...] | None = None
     low, high = 0.0, 1.0
-    while _solve(samples, candidates, high, max_gap)[1] > target_delay and high < 1e6:
+    while _solve(times, w, candidates, high, max_gap)[1] > target_delay and high < 1e6:
         high *= 4
     for _ in range(30):
         lam = (low + high) / 2
-        plan, delay = _solve(samples, candidates, lam, max_gap)
+        plan, delay = _solve(times, w, candidates, lam, max_gap)
         if delay <= target_delay:
             best, high = plan, lam
         else:
             low = lam
     if best is None:
-        best, _ = _solve(samples, candidates, high, max_gap)
+        best, _ = _solve(times, w, candidates, high, max_gap)
     return best
 
 
 def _candidates(
-    samples: Sequence[float], resolution: float, limit: int, max_gap: float
+    times: Sequence[float], weights: Sequence[float], limit: int, max_gap: float
 ) -> list[float]:
-    last = samples[-1]
-    grid = [resolution * i for i in range(1, math.ceil(last / resolution) + 1)]
-    if len(grid) > limit:
-        step = (len(samples) - 1) / (limit - 1)
-        chosen = {samples[round(i * step)] for i in range(limit)} | {last}
-        if math.isfinite(max_gap):  # keep a feasible path: a candidate at least every gap
-            chosen |= {max_gap * i for i in range(1, math.ceil(last / max_gap) + 1)}
-        grid = sorted(chosen)
-    if not grid or grid[-1] < last:
-        grid.append(last)
-    return [g for g in grid if g > 0]
+    """Where a poll may go: the completion times themselves, thinned by probability mass."""
+    chosen = set(times)
+    if len(chosen) > limit:
+        cumulative = list(itertools.accumulate(weights))
+        chosen = {times[min(bisect.bisect_left(cumulative, q / limit), len(times) - 1)]
+                  for q in range(1, limit + 1)}
+    if math.isfinite(max_gap):  # keep a feasible path: a candidate at least every gap
+        chosen |= {max_gap * i for i in range(1, math.ceil(times[-1] / max_gap) + 1)}
+    chosen.add(times[-1])
+    return sorted(c for c in chosen if c >= 0)
 
 
 def _solve(
-    samples: Sequence[float], candidates: Sequence[float], lam: float, max_gap: float
+    times: Sequence[float],
+    weights: Sequence[float],
+    candidates: Sequence[float],
+    lam: float,
+    max_gap: float,
 ) -> tuple[tuple[float, ...], float]:
     """Best instants for cost = polls + lam·delay, and their mean delay.
 
-    A poll at c_j following a poll at c_i costs one request for every order still pending
-    at c_i, plus lam·(c_j - t) for every order finishing at t in (c_i, c_j].
+    A poll at c_j following a poll at c_i costs the probability that the order is still
+    pending at c_i, plus lam·(c_j - t)·w for every completion time t in (c_i, c_j].
     """
-    n = len(samples)
-    prefix = [0.0]
-    for t in samples:
-        prefix.append(prefix[-1] + t)
+    mass = list(itertools.accumulate(weights, initial=0.0))
+    moment = list(itertools.accumulate((t * w for t, w in zip(times, weights, strict=True)),
+                                       initial=0.0))
+    # points[0] is the start of the wait, before any poll: an immediate poll at 0 is a
+    # candidate like any other, worth its cost only if orders are often done already.
     points = [0.0, *candidates]
-    index = [bisect.bisect_right(samples, p) for p in points]  # samples done by each point
+    index = [0, *(bisect.bisect_right(times, p) for p in candidates)]  # times done by each
     m = len(points)
     cost = [math.inf] * m
     back = [0] * m
@@ -449,9 +558,8 @@ def _solve(
             if cj - points[i] > max_gap:
                 break  # points are sorted: every earlier one is farther still
             ki = index[i]
-            pending = n - ki
-            late = cj * (kj - ki) - (prefix[kj] - prefix[ki])
-            value = cost[i] + pending + lam * late
+            late = cj * (mass[kj] - mass[ki]) - (moment[kj] - moment[ki])
+            value = cost[i] + (1.0 - mass[ki]) + lam * late
             if value < best:
                 best, arg = value, i
         cost[j], back[j] = best, arg
@@ -460,4 +568,4 @@ def _solve(
         plan.append(points[j])
         j = back[j]
     plan.reverse()
-    return tuple(plan), mean_delay(samples, [0.0, *plan])[0]
+    return tuple(plan), mean_delay(times, plan, weights)[0]

@@ -172,7 +172,7 @@ class OrderWatch:
 
     __slots__ = (
         "_delays", "_errors", "_last_change", "_options", "_pending_at", "_started", "_warned",
-        "attempts", "last_order", "order_id",
+        "attempts", "first_delay", "last_order", "order_id",
     )
 
     def __init__(
@@ -188,6 +188,13 @@ class OrderWatch:
         self._last_change = started
         self._pending_at: float | None = None  # elapsed at the last poll that saw it pending
         self._warned = False
+        self.first_delay = 0.0
+        if not getattr(options.backoff, "polls_immediately", True):
+            self.first_delay = next(self._delays)
+            if options.timeout is not None:  # leave the deadline room for a poll
+                self.first_delay = min(self.first_delay, options.timeout / 2)
+            if self.first_delay > 0:
+                self._pending_at = 0.0  # waited on the assumption it was not done yet
 
     @property
     def deadline(self) -> float | None:
@@ -304,6 +311,8 @@ def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Ord
     """Poll one order until it finishes; return it, or raise what ended the wait."""
     _api.resource_path("/api/orders/", order_id, kind="order")  # fail fast on a bad id
     watch = OrderWatch(order_id, options, rt.clock.monotonic(), rt.rng)
+    if watch.first_delay > 0:
+        yield Sleep(watch.first_delay)
     while True:
         outcome: Order | Exception
         try:
@@ -396,8 +405,8 @@ def wait_many_flow(
     order = itertools.count()
     for order_id in dict.fromkeys(order_ids):  # each order once, in the order given
         _api.resource_path("/api/orders/", order_id, kind="order")
-        watches[order_id] = OrderWatch(order_id, options, now, rt.rng)
-        due.append((now, next(order), order_id))
+        watch = watches[order_id] = OrderWatch(order_id, options, now, rt.rng)
+        due.append((now + watch.first_delay, next(order), order_id))
     heapq.heapify(due)
     in_flight = 0
     while due or in_flight:

@@ -19,6 +19,7 @@ from foxpoll.backoff import (
     Schedule,
     Step,
     baseline_instants,
+    estimate_completion_times,
     from_backoff,
     mean_delay,
     plan_polls,
@@ -166,7 +167,17 @@ def completion_times(seed: int, n: int = 600) -> list[float]:
 def test_adaptive_behaves_as_baseline_until_it_has_learned() -> None:
     adaptive = Adaptive(min_samples=10)
     assert adaptive.plan() is None
-    assert take(adaptive, 5, seed=1) == take(ExponentialJitter(), 5, seed=1)
+    assert not adaptive.polls_immediately  # its first delay comes before the first poll...
+    assert take(adaptive, 6, seed=1) == [0.0, *take(ExponentialJitter(), 5, seed=1)]  # ...0
+
+
+def test_poll_at_start_false_waits_first() -> None:
+    assert ExponentialJitter().polls_immediately
+    late = ExponentialJitter(poll_at_start=False)
+    assert not late.polls_immediately
+    assert take(late, 3, seed=2) == take(ExponentialJitter(), 3, seed=2)  # same waits
+    assert baseline_instants(late, 20)[0] == pytest.approx(5 * 1.15)
+    assert baseline_instants(ExponentialJitter(), 20)[0] == 0.0
 
 
 @settings(max_examples=10, deadline=None)
@@ -175,7 +186,7 @@ def test_adaptive_plan_polls_less_at_no_worse_mean_delay(seed: int) -> None:
     samples = completion_times(seed)
     base = ExponentialJitter()
     plan = plan_polls(samples, target_delay=None, baseline=base, max_gap=base.cap)
-    plan_delay, plan_polls_mean = mean_delay(samples, [0.0, *plan])
+    plan_delay, plan_polls_mean = mean_delay(samples, plan)
     base_delay, base_polls = mean_delay(samples, baseline_instants(base, samples[-1]))
     assert plan_delay <= base_delay + 1e-9
     assert plan_polls_mean < base_polls
@@ -188,19 +199,35 @@ def test_adaptive_honours_an_explicit_target() -> None:
     samples = completion_times(1)
     for target in (2.0, 5.0, 10.0):
         plan = plan_polls(samples, target_delay=target, baseline=ExponentialJitter())
-        assert mean_delay(samples, [0.0, *plan])[0] <= target
+        assert mean_delay(samples, plan)[0] <= target
 
 
 def test_adaptive_learns_from_observations() -> None:
-    adaptive = Adaptive(min_samples=50, refresh_every=50, jitter=0)
+    adaptive = Adaptive(min_samples=50, refresh_every=50, jitter=0, explore=0)
     for t in completion_times(2, 200):
         adaptive.observe(t - 0.5, t + 0.5)
     plan = adaptive.plan()
     assert plan is not None
+    assert plan[0] > 0  # nothing finishes at once: no poll at the start
     delays = take(adaptive, len(plan) + 3)
     instants = list(itertools.accumulate(delays))
     assert instants[: len(plan)] == pytest.approx(list(plan))
     assert delays[len(plan):] == [pytest.approx(30 * 1.15, rel=0.15)] * 3  # the capped tail
     adaptive.observe(5, 1)  # nonsense bounds are ignored
     adaptive.observe(-1, 3)
-    assert len(adaptive._samples) == 200
+    assert len(adaptive._intervals) == 200
+
+
+def test_turnbull_estimate_recovers_a_distribution_from_intervals() -> None:
+    rng = random.Random(9)
+    truth = [rng.uniform(0, 10) for _ in range(3000)] + [rng.uniform(20, 30) for _ in range(1000)]
+    grid = [0, 2, 4, 6, 8, 10, 20, 25, 30]
+    intervals = []
+    for t in truth:  # each observed between two grid points, as polls would see it
+        k = next(i for i, g in enumerate(grid) if g >= t)
+        intervals.append((grid[k - 1], grid[k]))
+    times, weights = estimate_completion_times(intervals, resolution=0.5)
+    assert sum(weights) == pytest.approx(1.0)
+    below_10 = sum(w for t, w in zip(times, weights, strict=True) if t <= 10)
+    assert below_10 == pytest.approx(0.75, abs=0.02)
+    assert all(not (10 < t < 20) for t in times)  # no mass where nothing was seen

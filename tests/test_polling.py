@@ -290,10 +290,26 @@ def test_adaptive_policy_learns_from_waits(sim: FakeFoxReload) -> None:
             polls.append(len(seen))
             delays.append(seen[-1].elapsed - 20)
     assert adaptive.plan() is not None
-    assert len(adaptive._samples) == 20
+    assert len(adaptive._intervals) == 20
     assert polls[:5] == [4] * 5  # the baseline: 0, ~5.75, ~14.4, ~27.3 s
-    assert max(polls[5:]) <= 3  # learned: fewer polls...
+    assert max(polls[5:]) <= 2  # learned: no poll at once, fewer after...
     assert sum(delays[5:]) / 15 <= sum(delays[:5]) / 5  # ...and no later
+
+
+def test_poll_at_start_false_skips_the_immediate_poll(
+    sim: FakeFoxReload, clock: FakeClock
+) -> None:
+    sim.script_next(OrderScript.complete(after=10))
+    with sim.client() as client:
+        order = paid_order(client)
+        start = clock.monotonic()
+        seen: list[PollAttempt] = []
+        client.wait_for_completion(order.id, backoff=ExponentialJitter(poll_at_start=False),
+                                   on_poll=seen.append)
+    assert seen[0].elapsed >= 5  # waited before the first poll
+    assert clock.sleeps[0] == pytest.approx(seen[0].elapsed)
+    assert len(seen) == sim.count("GET")
+    assert clock.monotonic() - start >= 10
 
 
 def test_the_flow_is_sans_io() -> None:
