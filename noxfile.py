@@ -32,3 +32,11 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy", "--strict", "foxpoll")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: poll schedules on simulated workloads, and polling throughput."""
+    session.install("-e", ".[all]", "httpx-aiohttp>=0.1.8", "aiohttp>=3.9")
+    session.run("python", "benchmarks/schedules.py", *session.posargs)
+    session.run("python", "benchmarks/throughput.py")

@@ -17,7 +17,17 @@ import httpx
 from ._api import Runtime
 from ._clock import Clock, SystemClock
 from ._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, make_config
-from ._effects import Flow, drive, drive_async, drive_stream, drive_stream_async
+from ._effects import (
+    AsyncSender,
+    AsyncTransportSender,
+    Flow,
+    Sender,
+    TransportSender,
+    drive,
+    drive_async,
+    drive_stream,
+    drive_stream_async,
+)
 from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
 from .backoff import BackoffPolicy
 from .models import Order
@@ -35,12 +45,13 @@ __all__ = ["AsyncFoxReload", "BaseClient", "FoxReload"]
 
 T = TypeVar("T")
 HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
-Self = TypeVar("Self", bound="BaseClient[Any]")
+TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
+Self = TypeVar("Self", bound="BaseClient[Any, Any]")
 
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 
-class BaseClient(Generic[HttpT]):
+class BaseClient(Generic[HttpT, TransportT]):
     """Configuration and option handling shared by both clients.
 
     Args:
@@ -51,6 +62,10 @@ class BaseClient(Generic[HttpT]):
             that may have reached the server).
         http_client: Your own :class:`httpx.Client` (or :class:`httpx.AsyncClient` for the
             async client) for proxies, transports or event hooks; foxpoll does not close it.
+        transport: An httpx transport to send to directly, with no :class:`httpx.Client`
+            around it (so no event hooks, cookies or proxies): the fastest path, such as
+            :class:`foxpoll.transports.AiohttpTransport`. foxpoll closes it. Not together
+            with ``http_client``.
         default_headers: Extra headers for every request.
         language: ``X-Language`` (``en``, ``ru``).
         currency: ``X-Currency`` (``usd``, ``rub``).
@@ -58,7 +73,6 @@ class BaseClient(Generic[HttpT]):
         rng: Random source for jitter.
     """
 
-    _http: HttpT
     _owns_http: bool
     _runtime: Runtime
 
@@ -70,6 +84,7 @@ class BaseClient(Generic[HttpT]):
         timeout: float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         http_client: HttpT | None = None,
+        transport: TransportT | None = None,
         default_headers: Mapping[str, str] | None = None,
         language: str | None = None,
         currency: str | None = None,
@@ -86,11 +101,21 @@ class BaseClient(Generic[HttpT]):
             currency=currency,
         )
         self._runtime = Runtime(config, clock or SystemClock(), rng or random.Random())
+        if http_client is not None and transport is not None:
+            raise ValueError("pass http_client or transport, not both")
         self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else self._default_http_client()
+        if http_client is not None:
+            self._http: Any = http_client
+        elif transport is not None:
+            self._http = self._direct_sender(transport)
+        else:
+            self._http = self._default_http_client()
         self._bind_resources()
 
     def _default_http_client(self) -> HttpT:
+        raise NotImplementedError
+
+    def _direct_sender(self, transport: TransportT) -> Any:
         raise NotImplementedError
 
     def _bind_resources(self) -> None:
@@ -183,15 +208,20 @@ def _order_id(order: str | Order) -> str:
     return order.id if isinstance(order, Order) else order
 
 
-class FoxReload(BaseClient[httpx.Client]):
+class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
     """The FoxReload API, with blocking I/O; the arguments are :class:`BaseClient`'s."""
 
     orders: Orders
     products: Products
     categories: Categories
 
+    _http: Sender
+
     def _default_http_client(self) -> httpx.Client:
         return httpx.Client(limits=_LIMITS)
+
+    def _direct_sender(self, transport: httpx.BaseTransport) -> Sender:
+        return TransportSender(transport)
 
     def _bind_resources(self) -> None:
         self.orders = Orders(self)
@@ -258,7 +288,7 @@ class FoxReload(BaseClient[httpx.Client]):
         orders: Iterable[str | Order],
         *,
         max_requests_per_minute: float | None = None,
-        max_in_flight: int = 64,
+        max_in_flight: int = 8,
         backoff: BackoffPolicy | None = None,
         max_attempts: int = 40,
         timeout: float | None = None,
@@ -303,15 +333,20 @@ class FoxReload(BaseClient[httpx.Client]):
         self.close()
 
 
-class AsyncFoxReload(BaseClient[httpx.AsyncClient]):
+class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     """The FoxReload API on asyncio; the arguments are :class:`BaseClient`'s."""
 
     orders: AsyncOrders
     products: AsyncProducts
     categories: AsyncCategories
 
+    _http: AsyncSender
+
     def _default_http_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(limits=_LIMITS)
+
+    def _direct_sender(self, transport: httpx.AsyncBaseTransport) -> AsyncSender:
+        return AsyncTransportSender(transport)
 
     def _bind_resources(self) -> None:
         self.orders = AsyncOrders(self)
@@ -349,7 +384,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient]):
         orders: Iterable[str | Order],
         *,
         max_requests_per_minute: float | None = None,
-        max_in_flight: int = 64,
+        max_in_flight: int = 8,
         backoff: BackoffPolicy | None = None,
         max_attempts: int = 40,
         timeout: float | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import functools
 import logging
 import math
 import os
@@ -82,11 +83,45 @@ class ClientConfig:
     max_retry_after: float = 60.0
     headers: Mapping[str, str] = attrs.field(factory=dict)
 
+    #: The headers every request carries, computed once (requests are built per poll).
+    base_headers: tuple[tuple[str, str], ...] = attrs.field(
+        init=False, repr=False, eq=False,
+        default=attrs.Factory(lambda self: _base_headers(self), takes_self=True),
+    )
+    #: Built URLs by path: a poller asks for the same few thousand paths again and again.
+    url_cache: dict[str, httpx.URL] = attrs.field(
+        init=False, repr=False, eq=False, factory=dict
+    )
+
     def user_agent(self) -> str:
         return (
             f"foxpoll/{__version__} httpx/{httpx.__version__} "
             f"python/{platform.python_version()}"
         )
+
+    def url(self, path: str) -> httpx.URL:
+        """The absolute URL of ``path`` (already escaped) below the base URL."""
+        cached = self.url_cache.get(path)
+        if cached is None:
+            if len(self.url_cache) >= _URL_CACHE_SIZE:
+                self.url_cache.clear()
+            prefix = self.base_url.raw_path.split(b"?")[0].rstrip(b"/")
+            cached = self.base_url.copy_with(raw_path=prefix + path.encode("ascii"))
+            self.url_cache[path] = cached
+        return cached
+
+
+_URL_CACHE_SIZE = 50_000
+
+
+def _base_headers(config: ClientConfig) -> tuple[tuple[str, str], ...]:
+    headers = {
+        "Accept": "application/json",
+        "User-Agent": config.user_agent(),
+        **config.headers,
+        "X-API-Key": config.api_key,
+    }
+    return tuple(headers.items())
 
 
 def make_config(
@@ -156,25 +191,27 @@ class Call(Generic[T]):
 
 def build_request(config: ClientConfig, call: Call[Any], timeout: float) -> httpx.Request:
     """The :class:`httpx.Request` for ``call``, with auth, JSON headers and a timeout."""
-    headers = {
-        "Accept": "application/json",
-        "User-Agent": config.user_agent(),
-        **config.headers,
-        "X-API-Key": config.api_key,
-    }
-    url = config.base_url.join(config.base_url.path.rstrip("/") + call.path)
     params = {k: _query_value(v) for k, v in (call.params or {}).items() if v is not None}
     request = httpx.Request(
         call.method,
-        url,
+        config.url(call.path),
         params=params or None,
         json=call.json if call.method != "GET" else None,
-        headers=headers,
-        extensions={"timeout": httpx.Timeout(timeout).as_dict()},
+        headers=config.base_headers,
+        extensions={"timeout": _timeouts(timeout)},
     )
     if call.method != "GET" and call.json is not None:
         request.headers["Content-Type"] = "application/json"
     return request
+
+
+@functools.lru_cache(maxsize=256)
+def _timeout_dict(seconds: float) -> dict[str, float | None]:
+    return httpx.Timeout(seconds).as_dict()
+
+
+def _timeouts(seconds: float) -> dict[str, float | None]:
+    return dict(_timeout_dict(seconds))  # a copy: transports may not, but could, mutate it
 
 
 def _query_value(value: object) -> Any:

@@ -21,7 +21,7 @@ import asyncio
 import inspect
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Hashable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import httpx
@@ -43,6 +43,60 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class Sender(Protocol):
+    """What the sync driver sends with: an :class:`httpx.Client`, or a bare transport."""
+
+    def send(self, request: httpx.Request) -> httpx.Response: ...
+
+    def close(self) -> None: ...
+
+
+class AsyncSender(Protocol):
+    """What the async driver sends with: an :class:`httpx.AsyncClient`, or a bare transport."""
+
+    async def send(self, request: httpx.Request) -> httpx.Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+class TransportSender:
+    """Sends straight to an httpx transport, without an :class:`httpx.Client` around it."""
+
+    def __init__(self, transport: httpx.BaseTransport) -> None:
+        self.transport = transport
+
+    def send(self, request: httpx.Request) -> httpx.Response:
+        response = self.transport.handle_request(request)
+        try:
+            response.read()
+        finally:
+            response.close()
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class AsyncTransportSender:
+    """Sends straight to an async httpx transport; see :class:`TransportSender`."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self.transport = transport
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        response = await self.transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        response.request = request
+        return response
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
 @attrs.frozen
@@ -95,7 +149,7 @@ Finished = list[tuple[Hashable, Any]]
 
 
 class _SyncEffects:
-    def __init__(self, http: httpx.Client, clock: Clock) -> None:
+    def __init__(self, http: Sender, clock: Clock) -> None:
         self.http, self.clock = http, clock
         self.started: deque[tuple[Hashable, Flow[Any]]] = deque()
 
@@ -131,7 +185,7 @@ class _SyncEffects:
             return [(key, exc)]
 
 
-def drive_stream(flow: Flow[T], http: httpx.Client, clock: Clock) -> Generator[Any, None, T]:
+def drive_stream(flow: Flow[T], http: Sender, clock: Clock) -> Generator[Any, None, T]:
     """Run ``flow`` with blocking I/O, yielding what it emits and returning its result."""
     effects = _SyncEffects(http, clock)
     try:
@@ -151,7 +205,7 @@ def drive_stream(flow: Flow[T], http: httpx.Client, clock: Clock) -> Generator[A
             started.close()
 
 
-def drive(flow: Flow[T], http: httpx.Client, clock: Clock) -> T:
+def drive(flow: Flow[T], http: Sender, clock: Clock) -> T:
     """Run ``flow`` to completion with blocking I/O and return its result."""
     stream = drive_stream(flow, http, clock)
     try:
@@ -164,9 +218,18 @@ def drive(flow: Flow[T], http: httpx.Client, clock: Clock) -> T:
 
 
 class _AsyncEffects:
-    def __init__(self, http: httpx.AsyncClient, clock: Clock) -> None:
+    def __init__(self, http: AsyncSender, clock: Clock) -> None:
         self.http, self.clock = http, clock
         self.tasks: dict[asyncio.Future[Any], Hashable] = {}
+        # Finished tasks arrive through a done-callback: O(1) per completion, where
+        # asyncio.wait() would re-register a callback on every pending task each time.
+        self.done: deque[asyncio.Future[Any]] = deque()
+        self.wakeup: asyncio.Future[None] | None = None
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self.done.append(task)
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
 
     async def perform(self, effect: Effect) -> Any:
         if isinstance(effect, Send):
@@ -183,6 +246,7 @@ class _AsyncEffects:
         elif isinstance(effect, Start):
             task = asyncio.ensure_future(drive_async(effect.flow, self.http, self.clock))
             self.tasks[task] = effect.key
+            task.add_done_callback(self._finished)
         elif isinstance(effect, WaitAny):
             return await self._wait_any(effect.timeout)
         return None
@@ -192,11 +256,21 @@ class _AsyncEffects:
             if timeout:
                 await self.clock.asleep(timeout)
             return []
-        done, _ = await asyncio.wait(
-            self.tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        if not self.done:
+            loop = asyncio.get_running_loop()
+            self.wakeup = loop.create_future()
+            timer = None
+            if timeout is not None:
+                timer = loop.call_later(timeout, _resolve, self.wakeup)
+            try:
+                await self.wakeup
+            finally:
+                self.wakeup = None
+                if timer is not None:
+                    timer.cancel()
         finished: Finished = []
-        for task in done:
+        while self.done:
+            task = self.done.popleft()
             key = self.tasks.pop(task)
             if task.cancelled():
                 raise asyncio.CancelledError
@@ -211,7 +285,12 @@ class _AsyncEffects:
             task.cancel()
 
 
-async def drive_async(flow: Flow[T], http: httpx.AsyncClient, clock: Clock) -> T:
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def drive_async(flow: Flow[T], http: AsyncSender, clock: Clock) -> T:
     """Run ``flow`` to completion on the event loop and return its result."""
     effects = _AsyncEffects(http, clock)
     try:
@@ -229,7 +308,7 @@ async def drive_async(flow: Flow[T], http: httpx.AsyncClient, clock: Clock) -> T
 
 
 async def drive_stream_async(
-    flow: Flow[Any], http: httpx.AsyncClient, clock: Clock
+    flow: Flow[Any], http: AsyncSender, clock: Clock
 ) -> AsyncIterator[Any]:
     """Run ``flow`` on the event loop, yielding what it emits."""
     effects = _AsyncEffects(http, clock)

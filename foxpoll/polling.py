@@ -387,7 +387,7 @@ def wait_many_flow(
     options: WaitOptions,
     *,
     max_requests_per_minute: float | None = None,
-    max_in_flight: int = 64,
+    max_in_flight: int = 8,
 ) -> Flow[None]:
     """Poll many orders in one loop, each on its own schedule; emit a :class:`WaitResult`
     for each as it finishes.

@@ -107,6 +107,7 @@ class FakeFoxReload:
         balance: The account balance; paying from balance beyond it answers 402.
         rate_limit_per_minute: Requests allowed per minute and key; None for no limit.
         seed: Seeds order ids and codes, so runs are reproducible.
+        record_requests: Keep every request in :attr:`requests` (turn off for long runs).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class FakeFoxReload:
         rate_limit_per_minute: int | None = None,
         seed: int = 0,
         base_url: str = DEFAULT_BASE_URL,
+        record_requests: bool = True,
     ) -> None:
         self.api_key = api_key
         self.clock: Clock = clock if clock is not None else FakeClock()
@@ -129,6 +131,7 @@ class FakeFoxReload:
         self.rate_limit_per_minute = rate_limit_per_minute
         self.base_url = base_url
         self.requests: list[RecordedRequest] = []
+        self.record_requests = record_requests
         self._rng = random.Random(seed)
         self._orders: dict[str, _SimOrder] = {}
         self._next_scripts: list[OrderScript] = []
@@ -213,10 +216,11 @@ class FakeFoxReload:
     def _handle_locked(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         body = _json_body(request)
-        self.requests.append(
-            RecordedRequest(request.method, path, self.clock.monotonic(),
-                            dict(request.headers), body)
-        )
+        if self.record_requests:
+            self.requests.append(
+                RecordedRequest(request.method, path, self.clock.monotonic(),
+                                dict(request.headers), body)
+            )
         fault = self._take_fault(request.method, path)
         if fault is not None and not fault.after_handling:
             early = self._apply_fault(fault, request)
