@@ -6,6 +6,7 @@ Run: python examples/quickstart_sync.py
 from __future__ import annotations
 
 from foxpoll import AmbiguousOrderError, OrderStatus
+from foxpoll.backoff import ExponentialJitter
 from foxpoll.testing import FakeFoxReload, OrderScript
 
 
@@ -21,11 +22,13 @@ def main() -> None:
             # Never retry a create blindly: it may have bought the goods already.
             print("outcome unknown; reconcile", exc.request_body)
             raise
-        order = client.orders.pay(order.id)
-        while not order.is_terminal:
-            client.clock.sleep(5)  # wait_for_completion does this with proper backoff
-            order = client.orders.get(order.id)
-            print(f"  {order.status}")
+        client.orders.pay(order.id)
+        order = client.wait_for_completion(
+            order.id,
+            backoff=ExponentialJitter(poll_at_start=False),  # just paid: nothing to see yet
+            on_status_change=lambda change: print(f"  {change.previous} -> {change.order.status}"
+                                                  f" after {change.elapsed:.0f}s"),
+        )
         assert order.status is OrderStatus.COMPLETED
         print(f"order {order.id}: {len(order.codes)} code(s) delivered")
 
