@@ -9,6 +9,8 @@
         order = client.orders.create(items=[{"itemId": "product_steam_10"}])
 """
 
+from typing import Any
+
 from ._clock import FakeClock
 from ._scripts import Fault, FaultKind, OrderScript, Outcome
 from ._server import SimulatorServer
@@ -24,6 +26,7 @@ from ._simulator import (
 __all__ = [
     "DEFAULT_API_KEY",
     "DEFAULT_BASE_URL",
+    "DedupStoreConformance",
     "FakeClock",
     "FakeFoxReload",
     "Fault",
@@ -35,3 +38,12 @@ __all__ = [
     "SimTransport",
     "SimulatorServer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The conformance suite imports pytest: load it only when a test suite asks for it.
+    if name == "DedupStoreConformance":
+        from .conformance import DedupStoreConformance
+
+        return DedupStoreConformance
+    raise AttributeError(f"module 'foxpoll.testing' has no attribute {name!r}")

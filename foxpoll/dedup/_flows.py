@@ -1,0 +1,151 @@
+"""Store primitives as flows, so each backend's sync and async classes share every decision.
+
+A backend's flows yield backend-specific effects (a SQL :class:`Query`, a Redis script
+call...); its ``_run`` performs them, blocking or awaiting. :class:`FlowStore` turns
+flows into the six public primitives: with a blocking ``_run`` they return values, with an
+async one the very same methods return awaitables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping
+from typing import Any, Protocol, TypeVar
+
+import attrs
+
+from ..errors import DedupError
+from ._sql import Statements
+from .base import (
+    ClaimResult,
+    DeliveryRecord,
+    DeliveryState,
+    check_claim_args,
+    lease_lost,
+    record_from_fields,
+)
+
+__all__ = ["FlowStore", "Query", "SQLFlows"]
+
+T = TypeVar("T")
+Flow = Generator[Any, Any, T]
+
+
+class Flows(Protocol):
+    def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]: ...
+
+    def complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> Flow[DeliveryRecord]: ...
+
+    def release(self, order_id: str, token: str) -> Flow[DeliveryRecord]: ...
+
+    def renew(self, order_id: str, token: str, lease: float) -> Flow[DeliveryRecord]: ...
+
+    def get(self, order_id: str) -> Flow[DeliveryRecord | None]: ...
+
+    def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]: ...
+
+
+class FlowStore:
+    """The six primitives, each: check arguments, run the backend's flow."""
+
+    _flows: Flows
+
+    def _run(self, flow: Flow[Any]) -> Any:
+        raise NotImplementedError
+
+    def claim(self, order_id: str, token: str, lease: float) -> Any:
+        check_claim_args(order_id, token, lease)
+        return self._run(self._flows.claim(order_id, token, float(lease)))
+
+    def complete(self, order_id: str, token: str, payload_hash: str, receipt: str | None) -> Any:
+        check_claim_args(order_id, token, 0)
+        return self._run(self._flows.complete(order_id, token, payload_hash, receipt))
+
+    def release(self, order_id: str, token: str) -> Any:
+        check_claim_args(order_id, token, 0)
+        return self._run(self._flows.release(order_id, token))
+
+    def renew(self, order_id: str, token: str, lease: float) -> Any:
+        check_claim_args(order_id, token, lease)
+        return self._run(self._flows.renew(order_id, token, float(lease)))
+
+    def get(self, order_id: str) -> Any:
+        check_claim_args(order_id, "-", 0)
+        return self._run(self._flows.get(order_id))
+
+    def list(self, state: DeliveryState, *, limit: int = 100) -> Any:
+        if not isinstance(state, DeliveryState):
+            raise TypeError("state must be a DeliveryState")
+        if not 1 <= limit <= 10_000:
+            raise ValueError("limit must be between 1 and 10,000")
+        return self._run(self._flows.list(state, limit))
+
+
+@attrs.frozen
+class Query:
+    """Run ``sql`` with ``params``; resume with the rows, as dicts."""
+
+    sql: str
+    params: Mapping[str, Any]
+
+
+Rows = list[dict[str, Any]]
+
+
+@attrs.frozen
+class SQLFlows:
+    """The flows of a SQL store, over one dialect's :class:`~foxpoll.dedup._sql.Statements`.
+
+    The driver runs each flow in one transaction.
+    """
+
+    sql: Statements
+
+    def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
+        rows: Rows = yield Query(self.sql.claim,
+                                 {"order_id": order_id, "token": token, "lease": lease})
+        if rows:
+            return ClaimResult(True, record_from_fields(rows[0]), float(rows[0]["now"]))
+        rows = yield Query(self.sql.get, {"order_id": order_id})
+        if not rows:  # the conflicting row vanished between the two statements
+            raise DedupError(f"order {order_id}: claim conflicted with a record now gone")
+        return ClaimResult(False, record_from_fields(rows[0]), float(rows[0]["now"]))
+
+    def complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> Flow[DeliveryRecord]:
+        params = {"order_id": order_id, "token": token, "payload_hash": payload_hash,
+                  "receipt": receipt}
+        rows: Rows = yield Query(self.sql.complete, params)
+        if rows:
+            return record_from_fields(rows[0])
+        current = yield from self.get(order_id)
+        if current is not None and current.state is DeliveryState.DELIVERED and (
+            current.token == token
+        ):
+            return current  # completing twice with the same token is a no-op
+        raise lease_lost(order_id, current)
+
+    def release(self, order_id: str, token: str) -> Flow[DeliveryRecord]:
+        return (yield from self._owned(self.sql.release, order_id,
+                                       {"order_id": order_id, "token": token}))
+
+    def renew(self, order_id: str, token: str, lease: float) -> Flow[DeliveryRecord]:
+        return (yield from self._owned(self.sql.renew, order_id,
+                                       {"order_id": order_id, "token": token, "lease": lease}))
+
+    def _owned(self, sql: str, order_id: str, params: Mapping[str, Any]) -> Flow[DeliveryRecord]:
+        rows: Rows = yield Query(sql, params)
+        if rows:
+            return record_from_fields(rows[0])
+        current = yield from self.get(order_id)
+        raise lease_lost(order_id, current)
+
+    def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
+        rows: Rows = yield Query(self.sql.get, {"order_id": order_id})
+        return record_from_fields(rows[0]) if rows else None
+
+    def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]:
+        rows: Rows = yield Query(self.sql.list, {"state": state.value, "limit": limit})
+        return [record_from_fields(row) for row in rows]

@@ -1,0 +1,251 @@
+"""The dedup-store contract: records, states, and the primitives a backend implements.
+
+The invariant: a record moves ``(absent) → CLAIMED → DELIVERED``, or back from
+``CLAIMED`` to ``RELEASED`` (claimable again). Every write after ``claim`` names the
+claim's token and is refused (:class:`LeaseLost`) when another claim owns the record:
+the token fences a worker whose lease ran out. A live claim is never taken over; an
+expired one may be, by the store's own clock.
+
+A backend subclasses :class:`DedupStore` (or :class:`AsyncDedupStore`) and implements six
+primitives, each one atomic statement, script or conditional write on its server:
+
+=============  ============================================================================
+``claim``      insert CLAIMED, or take over a RELEASED or expired record; else report it
+``complete``   CLAIMED with this token → DELIVERED (idempotent for the same token)
+``release``    CLAIMED with this token → RELEASED
+``renew``      CLAIMED with this token: push ``lease_until`` out
+``get``        the record, or None
+``list``       records in one state, oldest change first
+=============  ============================================================================
+
+Orchestration (claim, deliver, complete or release) lives in :mod:`foxpoll.delivery`,
+once, for every backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from typing import Any
+
+import attrs
+
+from ..errors import DedupError, LeaseLost, StoreUnavailable
+
+__all__ = [
+    "AsyncDedupStore",
+    "ClaimResult",
+    "DedupStore",
+    "DeliveryRecord",
+    "DeliveryState",
+    "LeaseLost",
+    "StoreUnavailable",
+    "check_claim_args",
+    "record_from_fields",
+]
+
+MAX_ORDER_ID_LENGTH = 256
+
+
+class DeliveryState(str, enum.Enum):
+    """Where an order's delivery stands."""
+
+    #: A worker holds a lease and is delivering (or died doing so: see ``lease_until``).
+    CLAIMED = "claimed"
+    #: The codes were delivered. Terminal.
+    DELIVERED = "delivered"
+    #: A delivery attempt failed and gave the claim back; claimable again.
+    RELEASED = "released"
+
+
+@attrs.frozen
+class DeliveryRecord:
+    """What a store knows about one order's delivery.
+
+    Attributes:
+        order_id: The FoxReload order id.
+        state: See :class:`DeliveryState`.
+        token: The fencing token of the current (or last) claim.
+        lease_until: When the current claim expires, in store-clock seconds since the epoch.
+        attempts: Claims taken so far (a crashed worker's claim counts too).
+        payload_hash: SHA-256 of the delivered codes, set when DELIVERED.
+        receipt: What the delivery returned (a message id, say), set when DELIVERED.
+        created_at: First claim, store clock.
+        updated_at: Last change, store clock.
+        delivered_at: When it became DELIVERED, store clock.
+    """
+
+    order_id: str
+    state: DeliveryState
+    token: str | None = attrs.field(default=None, repr=False)
+    lease_until: float | None = None
+    attempts: int = 0
+    payload_hash: str | None = attrs.field(default=None, repr=False)
+    receipt: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    delivered_at: float | None = None
+
+
+@attrs.frozen
+class ClaimResult:
+    """What ``claim`` found.
+
+    Attributes:
+        acquired: This token now owns the record (state CLAIMED).
+        record: The record after the attempt: ours when acquired, else the one in the way
+            (DELIVERED, or another worker's live claim).
+        now: The store's clock when it decided.
+    """
+
+    acquired: bool
+    record: DeliveryRecord
+    now: float
+
+
+def check_claim_args(order_id: object, token: object, lease: object) -> None:
+    """Reject arguments no backend should ever see (so none has to re-check them)."""
+    if not isinstance(order_id, str) or not order_id.strip():
+        raise ValueError("order id must be a non-empty string")
+    if len(order_id) > MAX_ORDER_ID_LENGTH or not order_id.isprintable():
+        raise ValueError("order id is too long or has control characters")
+    if not isinstance(token, str) or not token:
+        raise ValueError("token must be a non-empty string")
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 <= lease < 1e7:
+        raise ValueError("lease must be a number of seconds, 0 or more")
+
+
+def record_from_fields(fields: dict[str, Any]) -> DeliveryRecord:
+    """Build a record from a backend's row, or raise :class:`DedupError` if it is corrupt."""
+    try:
+        state = DeliveryState(_text(fields["state"]))
+        return DeliveryRecord(
+            order_id=_text(fields["order_id"]),
+            state=state,
+            token=_optional_text(fields.get("token")),
+            lease_until=_optional_float(fields.get("lease_until")),
+            attempts=int(fields.get("attempts") or 0),
+            payload_hash=_optional_text(fields.get("payload_hash")),
+            receipt=_optional_text(fields.get("receipt")),
+            created_at=_optional_float(fields.get("created_at")),
+            updated_at=_optional_float(fields.get("updated_at")),
+            delivered_at=_optional_float(fields.get("delivered_at")),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        order = fields.get("order_id", "?")
+        raise DedupError(f"corrupt delivery record for order {order!r}: {exc}") from exc
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None or value == b"" or value == "" else _text(value)
+
+
+def _optional_float(value: Any) -> float | None:
+    if value is None or value == b"" or value == "":
+        return None
+    if hasattr(value, "timestamp"):  # a datetime from SQL
+        return float(value.timestamp())
+    return float(value)
+
+
+class DedupStore(abc.ABC):
+    """A blocking dedup store: implement the six primitives, atomically, on your backend.
+
+    Raise :class:`StoreUnavailable` when the backend cannot be reached (foxpoll then
+    delivers nothing), :class:`LeaseLost` when a token no longer owns its record.
+    """
+
+    @abc.abstractmethod
+    def claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
+        """Take the record for ``token`` for ``lease`` seconds, if it is free."""
+
+    @abc.abstractmethod
+    def complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> DeliveryRecord:
+        """Mark DELIVERED. Repeating it with the same token returns the same record."""
+
+    @abc.abstractmethod
+    def release(self, order_id: str, token: str) -> DeliveryRecord:
+        """Give the claim back after a failed delivery."""
+
+    @abc.abstractmethod
+    def renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
+        """Extend a live claim to ``lease`` seconds from now."""
+
+    @abc.abstractmethod
+    def get(self, order_id: str) -> DeliveryRecord | None:
+        """The record, or None."""
+
+    @abc.abstractmethod
+    def list(self, state: DeliveryState, *, limit: int = 100) -> list[DeliveryRecord]:
+        """Up to ``limit`` records in ``state``, least recently changed first."""
+
+    def close(self) -> None:  # noqa: B027 - optional, most stores hold nothing to close
+        """Release connections the store created."""
+
+    def __enter__(self) -> DedupStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncDedupStore(abc.ABC):
+    """The asyncio flavour of :class:`DedupStore`: the same primitives, awaitable."""
+
+    @abc.abstractmethod
+    async def claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
+        """See :meth:`DedupStore.claim`."""
+
+    @abc.abstractmethod
+    async def complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> DeliveryRecord:
+        """See :meth:`DedupStore.complete`."""
+
+    @abc.abstractmethod
+    async def release(self, order_id: str, token: str) -> DeliveryRecord:
+        """See :meth:`DedupStore.release`."""
+
+    @abc.abstractmethod
+    async def renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
+        """See :meth:`DedupStore.renew`."""
+
+    @abc.abstractmethod
+    async def get(self, order_id: str) -> DeliveryRecord | None:
+        """See :meth:`DedupStore.get`."""
+
+    @abc.abstractmethod
+    async def list(self, state: DeliveryState, *, limit: int = 100) -> list[DeliveryRecord]:
+        """See :meth:`DedupStore.list`."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional
+        """Release connections the store created."""
+
+    async def __aenter__(self) -> AsyncDedupStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def lease_lost(order_id: str, record: DeliveryRecord | None) -> LeaseLost:
+    """The error for a write whose token no longer owns ``record``."""
+    if record is None:
+        return LeaseLost(f"order {order_id}: no claim to act on")
+    return LeaseLost(f"order {order_id}: the claim now belongs to another worker "
+                     f"(state {record.state.value})")
+
+
+def unavailable(store: str, exc: BaseException) -> StoreUnavailable:
+    """The error for a backend that could not be reached (never quoting credentials)."""
+    return StoreUnavailable(f"{store} is unavailable: {type(exc).__name__}")

@@ -1,0 +1,125 @@
+"""``MemoryDedupStore``: a dict and a lock. For tests and single-process tools."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import attrs
+
+from .base import (
+    AsyncDedupStore,
+    ClaimResult,
+    DedupStore,
+    DeliveryRecord,
+    DeliveryState,
+    check_claim_args,
+    lease_lost,
+)
+
+__all__ = ["AsyncMemoryDedupStore", "MemoryDedupStore"]
+
+
+class MemoryDedupStore(DedupStore):
+    """An in-process store, thread-safe. Nothing survives the process.
+
+    Args:
+        clock: Seconds since the epoch; a fake clock makes lease expiry testable.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._records: dict[str, DeliveryRecord] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
+        check_claim_args(order_id, token, lease)
+        with self._lock:
+            now = self._clock()
+            current = self._records.get(order_id)
+            free = current is None or current.state is DeliveryState.RELEASED or (
+                current.state is DeliveryState.CLAIMED
+                and current.lease_until is not None
+                and current.lease_until <= now
+            )
+            if not free:
+                assert current is not None
+                return ClaimResult(False, current, now)
+            record = DeliveryRecord(
+                order_id=order_id, state=DeliveryState.CLAIMED, token=token,
+                lease_until=now + lease, attempts=(current.attempts if current else 0) + 1,
+                created_at=current.created_at if current else now, updated_at=now,
+            )
+            self._records[order_id] = record
+            return ClaimResult(True, record, now)
+
+    def _change(self, order_id: str, token: str, **changes: object) -> DeliveryRecord:
+        current = self._records.get(order_id)
+        if current is None or current.token != token or current.state is not (
+            DeliveryState.CLAIMED
+        ):
+            raise lease_lost(order_id, current)
+        record = attrs.evolve(current, updated_at=self._clock(), **changes)  # type: ignore[arg-type]
+        self._records[order_id] = record
+        return record
+
+    def complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> DeliveryRecord:
+        check_claim_args(order_id, token, 0)
+        with self._lock:
+            current = self._records.get(order_id)
+            if current is not None and current.state is DeliveryState.DELIVERED and (
+                current.token == token
+            ):
+                return current
+            return self._change(order_id, token, state=DeliveryState.DELIVERED,
+                                payload_hash=payload_hash, receipt=receipt,
+                                lease_until=None, delivered_at=self._clock())
+
+    def release(self, order_id: str, token: str) -> DeliveryRecord:
+        check_claim_args(order_id, token, 0)
+        with self._lock:
+            return self._change(order_id, token, state=DeliveryState.RELEASED, lease_until=None)
+
+    def renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
+        check_claim_args(order_id, token, lease)
+        with self._lock:
+            return self._change(order_id, token, lease_until=self._clock() + lease)
+
+    def get(self, order_id: str) -> DeliveryRecord | None:
+        with self._lock:
+            return self._records.get(order_id)
+
+    def list(self, state: DeliveryState, *, limit: int = 100) -> list[DeliveryRecord]:
+        with self._lock:
+            found = [r for r in self._records.values() if r.state is state]
+        return sorted(found, key=lambda r: (r.updated_at or 0, r.order_id))[:limit]
+
+
+class AsyncMemoryDedupStore(AsyncDedupStore):
+    """:class:`MemoryDedupStore` behind the async interface (nothing here blocks)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.sync = MemoryDedupStore(clock=clock)
+
+    async def claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
+        return self.sync.claim(order_id, token, lease)
+
+    async def complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> DeliveryRecord:
+        return self.sync.complete(order_id, token, payload_hash, receipt)
+
+    async def release(self, order_id: str, token: str) -> DeliveryRecord:
+        return self.sync.release(order_id, token)
+
+    async def renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
+        return self.sync.renew(order_id, token, lease)
+
+    async def get(self, order_id: str) -> DeliveryRecord | None:
+        return self.sync.get(order_id)
+
+    async def list(self, state: DeliveryState, *, limit: int = 100) -> list[DeliveryRecord]:
+        return self.sync.list(state, limit=limit)

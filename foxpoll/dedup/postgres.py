@@ -1,0 +1,136 @@
+"""``PostgresDedupStore``: psycopg 3, one statement per transition, the server's clock.
+
+The claim is ``INSERT ... ON CONFLICT ... DO UPDATE ... WHERE (released or expired)
+RETURNING``: PostgreSQL's row lock on the conflicting row makes concurrent claims take
+turns, and only one of them sees its row returned. Works with a connection string (one
+connection per call) or a ``psycopg_pool`` pool (recommended).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+try:
+    import psycopg
+    from psycopg.rows import dict_row
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise ImportError("PostgresDedupStore needs psycopg: pip install 'foxpoll[postgres]'") from exc
+
+from ._flows import Flow, FlowStore, Query, SQLFlows
+from ._sql import POSTGRES
+from .base import AsyncDedupStore, DedupStore, unavailable
+
+__all__ = ["AsyncPostgresDedupStore", "PostgresDedupStore"]
+
+DEFAULT_TABLE = "foxpoll_deliveries"
+
+
+class PostgresDedupStore(FlowStore, DedupStore):
+    """A dedup store in a PostgreSQL table.
+
+    Args:
+        conninfo_or_pool: A libpq connection string, or a ``psycopg_pool.ConnectionPool``
+            (not closed by the store).
+        table: The table name (a plain identifier).
+        connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
+
+    Call :meth:`create_schema` once (it is idempotent) before use.
+    """
+
+    def __init__(
+        self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10
+    ) -> None:
+        self._sql = POSTGRES.statements(table)
+        self._flows = SQLFlows(self._sql)
+        self._target = conninfo_or_pool
+        self._connect_timeout = connect_timeout
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            if isinstance(self._target, str):
+                with psycopg.connect(self._target, connect_timeout=int(self._connect_timeout),
+                                     autocommit=True) as conn:
+                    yield conn
+            else:
+                with self._target.connection(timeout=self._connect_timeout) as conn:
+                    yield conn
+        except psycopg.OperationalError as exc:
+            raise unavailable("PostgreSQL", exc) from exc
+        except Exception as exc:  # a pool timeout is not a psycopg error
+            if type(exc).__name__ == "PoolTimeout":
+                raise unavailable("PostgreSQL", exc) from exc
+            raise
+
+    def create_schema(self) -> None:
+        """Create the table and its index, if missing."""
+        with self._connection() as conn, conn.transaction():
+            conn.execute(self._sql.schema)
+            conn.execute(self._sql.index)
+
+    def _run(self, flow: Flow[Any]) -> Any:
+        with self._connection() as conn, conn.transaction(), conn.cursor(
+            row_factory=dict_row
+        ) as cur:
+            try:
+                query: Query = next(flow)
+                while True:
+                    cur.execute(query.sql, query.params)
+                    query = flow.send(cur.fetchall() if cur.description else [])
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                flow.close()
+
+
+class AsyncPostgresDedupStore(FlowStore, AsyncDedupStore):
+    """:class:`PostgresDedupStore` on psycopg's asyncio connections
+    (a connection string, or a ``psycopg_pool.AsyncConnectionPool``)."""
+
+    def __init__(
+        self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10
+    ) -> None:
+        self._sql = POSTGRES.statements(table)
+        self._flows = SQLFlows(self._sql)
+        self._target = conninfo_or_pool
+        self._connect_timeout = connect_timeout
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        try:
+            if isinstance(self._target, str):
+                async with await psycopg.AsyncConnection.connect(
+                    self._target, connect_timeout=int(self._connect_timeout), autocommit=True
+                ) as conn:
+                    yield conn
+            else:
+                async with self._target.connection(timeout=self._connect_timeout) as conn:
+                    yield conn
+        except psycopg.OperationalError as exc:
+            raise unavailable("PostgreSQL", exc) from exc
+        except Exception as exc:
+            if type(exc).__name__ == "PoolTimeout":
+                raise unavailable("PostgreSQL", exc) from exc
+            raise
+
+    async def create_schema(self) -> None:
+        """See :meth:`PostgresDedupStore.create_schema`."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(self._sql.schema)
+            await conn.execute(self._sql.index)
+
+    async def _run(self, flow: Flow[Any]) -> Any:
+        async with self._connection() as conn, conn.transaction(), conn.cursor(
+            row_factory=dict_row
+        ) as cur:
+            try:
+                query: Query = next(flow)
+                while True:
+                    await cur.execute(query.sql, query.params)
+                    query = flow.send(await cur.fetchall() if cur.description else [])
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                flow.close()

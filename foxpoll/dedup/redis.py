@@ -1,0 +1,253 @@
+"""``RedisDedupStore``: one Lua script per transition, Redis ``TIME`` as the clock.
+
+A record is a hash at ``{prefix}delivery:{order_id}``; a sorted set per state
+(``{prefix}deliveries:{state}``, scored by the last change) serves listing. Each script
+reads and writes atomically, so no two claims interleave. DELIVERED records expire after
+``retention`` seconds (30 days by default; 0 keeps them forever).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+try:
+    import redis
+    import redis.asyncio as aredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise ImportError("RedisDedupStore needs redis: pip install 'foxpoll[redis]'") from exc
+
+import attrs
+
+from ._flows import Flow, FlowStore
+from .base import (
+    AsyncDedupStore,
+    ClaimResult,
+    DedupStore,
+    DeliveryRecord,
+    DeliveryState,
+    lease_lost,
+    record_from_fields,
+    unavailable,
+)
+
+__all__ = ["AsyncRedisDedupStore", "RedisDedupStore"]
+
+THIRTY_DAYS = 30 * 24 * 3600
+
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+# KEYS: record, claimed set, released set, delivered set
+_CLAIM = _NOW + """
+local state = redis.call('HGET', KEYS[1], 'state')
+local free = (not state) or state == 'released'
+if state == 'claimed' then
+  free = tonumber(redis.call('HGET', KEYS[1], 'lease_until')) <= now
+end
+if not free then return {0, redis.call('HGETALL', KEYS[1]), tostring(now)} end
+if not state then
+  redis.call('HSET', KEYS[1], 'order_id', ARGV[1], 'created_at', tostring(now), 'attempts', 0)
+end
+redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[2],
+           'lease_until', tostring(now + tonumber(ARGV[3])), 'updated_at', tostring(now))
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return {1, redis.call('HGETALL', KEYS[1]), tostring(now)}
+"""
+_COMPLETE = _NOW + """
+local state = redis.call('HGET', KEYS[1], 'state')
+local token = redis.call('HGET', KEYS[1], 'token')
+if state == 'delivered' and token == ARGV[2] then return {1, redis.call('HGETALL', KEYS[1])} end
+if state ~= 'claimed' or token ~= ARGV[2] then return {0, redis.call('HGETALL', KEYS[1])} end
+redis.call('HSET', KEYS[1], 'state', 'delivered', 'payload_hash', ARGV[3], 'receipt', ARGV[4],
+           'delivered_at', tostring(now), 'updated_at', tostring(now))
+redis.call('HDEL', KEYS[1], 'lease_until')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[4], now, ARGV[1])
+if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+return {1, redis.call('HGETALL', KEYS[1])}
+"""
+_RELEASE = _NOW + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'claimed'
+   or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
+  return {0, redis.call('HGETALL', KEYS[1])}
+end
+redis.call('HSET', KEYS[1], 'state', 'released', 'updated_at', tostring(now))
+redis.call('HDEL', KEYS[1], 'lease_until')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+return {1, redis.call('HGETALL', KEYS[1])}
+"""
+_RENEW = _NOW + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'claimed'
+   or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
+  return {0, redis.call('HGETALL', KEYS[1])}
+end
+redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[3])),
+           'updated_at', tostring(now))
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return {1, redis.call('HGETALL', KEYS[1])}
+"""
+_SCRIPTS = {"claim": _CLAIM, "complete": _COMPLETE, "release": _RELEASE, "renew": _RENEW}
+
+
+@attrs.frozen
+class Script:
+    """Run the named Lua script; resume with its reply."""
+
+    name: str
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+
+@attrs.frozen
+class Command:
+    """Run one Redis command; resume with its reply."""
+
+    name: str
+    args: Sequence[Any]
+
+
+def _fields(flat: Sequence[Any]) -> dict[str, Any]:
+    pairs = iter(flat)
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in zip(pairs, pairs)}
+
+
+@attrs.frozen
+class RedisFlows:
+    prefix: str
+    retention: int
+
+    def record_key(self, order_id: str) -> str:
+        return f"{self.prefix}delivery:{order_id}"
+
+    def state_key(self, state: DeliveryState) -> str:
+        return f"{self.prefix}deliveries:{state.value}"
+
+    def keys(self, order_id: str) -> list[str]:
+        return [self.record_key(order_id), *(self.state_key(s) for s in (
+            DeliveryState.CLAIMED, DeliveryState.RELEASED, DeliveryState.DELIVERED))]
+
+    def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
+        won, flat, now = yield Script("claim", self.keys(order_id), [order_id, token, lease])
+        return ClaimResult(bool(won), record_from_fields(_fields(flat)), float(now))
+
+    def _owned(self, name: str, order_id: str, args: list[Any]) -> Flow[DeliveryRecord]:
+        done, flat = yield Script(name, self.keys(order_id), args)
+        if done:
+            return record_from_fields(_fields(flat))
+        raise lease_lost(order_id, record_from_fields(_fields(flat)) if flat else None)
+
+    def complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> Flow[DeliveryRecord]:
+        args = [order_id, token, payload_hash, receipt or "", self.retention]
+        return (yield from self._owned("complete", order_id, args))
+
+    def release(self, order_id: str, token: str) -> Flow[DeliveryRecord]:
+        return (yield from self._owned("release", order_id, [order_id, token]))
+
+    def renew(self, order_id: str, token: str, lease: float) -> Flow[DeliveryRecord]:
+        return (yield from self._owned("renew", order_id, [order_id, token, lease]))
+
+    def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
+        flat = yield Command("HGETALL", [self.record_key(order_id)])
+        fields = _fields(flat) if isinstance(flat, list) else {
+            (k.decode() if isinstance(k, bytes) else k): v for k, v in flat.items()
+        }
+        return record_from_fields(fields) if fields else None
+
+    def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]:
+        members = yield Command("ZRANGE", [self.state_key(state), 0, limit - 1])
+        records = []
+        for member in members:
+            order_id = member.decode() if isinstance(member, bytes) else member
+            record = yield from self.get(order_id)
+            if record is None or record.state is not state:  # expired, or moved on
+                yield Command("ZREM", [self.state_key(state), order_id])
+                continue
+            records.append(record)
+        return records
+
+
+class RedisDedupStore(FlowStore, DedupStore):
+    """A dedup store in Redis.
+
+    Args:
+        url_or_client: A ``redis://`` URL, or a ``redis.Redis`` client (not closed by
+            the store).
+        key_prefix: Prefix of every key the store writes.
+        retention: Seconds a DELIVERED record is kept (0: forever).
+    """
+
+    def __init__(
+        self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS
+    ) -> None:
+        self._owns = isinstance(url_or_client, str)
+        self._client: redis.Redis = (
+            redis.Redis.from_url(url_or_client, socket_timeout=10, socket_connect_timeout=10)
+            if self._owns else url_or_client
+        )
+        self._flows = RedisFlows(key_prefix, int(retention))
+        self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
+
+    def _run(self, flow: Flow[Any]) -> Any:
+        try:
+            effect = next(flow)
+            while True:
+                if isinstance(effect, Script):
+                    reply = self._scripts[effect.name](keys=effect.keys, args=effect.args)
+                else:
+                    reply = self._client.execute_command(  # type: ignore[no-untyped-call]
+                        effect.name, *effect.args
+                    )
+                effect = flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise unavailable("Redis", exc) from exc
+        finally:
+            flow.close()
+
+    def close(self) -> None:
+        if self._owns:
+            self._client.close()
+
+
+class AsyncRedisDedupStore(FlowStore, AsyncDedupStore):
+    """:class:`RedisDedupStore` on ``redis.asyncio`` (a URL, or a ``redis.asyncio.Redis``)."""
+
+    def __init__(
+        self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS
+    ) -> None:
+        self._owns = isinstance(url_or_client, str)
+        self._client: aredis.Redis = (
+            aredis.Redis.from_url(url_or_client, socket_timeout=10, socket_connect_timeout=10)
+            if self._owns else url_or_client
+        )
+        self._flows = RedisFlows(key_prefix, int(retention))
+        self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
+
+    async def _run(self, flow: Flow[Any]) -> Any:
+        try:
+            effect = next(flow)
+            while True:
+                if isinstance(effect, Script):
+                    reply = await self._scripts[effect.name](keys=effect.keys, args=effect.args)
+                else:
+                    reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
+                        effect.name, *effect.args
+                    )
+                effect = flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise unavailable("Redis", exc) from exc
+        finally:
+            flow.close()
+
+    async def aclose(self) -> None:
+        if self._owns:
+            await self._client.aclose()

@@ -1,0 +1,109 @@
+"""``SQLiteDedupStore``: the embedded default, one file shared by the processes of a host.
+
+Each primitive runs in ``BEGIN IMMEDIATE``, so concurrent writers (threads or processes)
+take turns; the claim is an UPSERT with ``RETURNING``. The process clock is the store
+clock: every writer is on the same machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ._flows import Flow, FlowStore, Query, SQLFlows
+from ._sql import SQLITE
+from .base import AsyncDedupStore, DedupStore, unavailable
+
+__all__ = ["AsyncSQLiteDedupStore", "SQLiteDedupStore"]
+
+DEFAULT_TABLE = "foxpoll_deliveries"
+
+
+class SQLiteDedupStore(FlowStore, DedupStore):
+    """A dedup store in a SQLite file.
+
+    Args:
+        path: The database file (created if missing).
+        table: The table name.
+        timeout: Seconds to wait for another writer's lock before giving up
+            (:class:`StoreUnavailable`).
+        clock: Seconds since the epoch.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table: str = DEFAULT_TABLE,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sql = SQLITE.statements(table)
+        self._flows = SQLFlows(self._sql)
+        self._clock = clock
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(os.fspath(path), timeout=timeout,
+                                       isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:
+            raise unavailable("SQLite", exc) from exc
+        self.create_schema()
+
+    def create_schema(self) -> None:
+        """Create the table and its index, if missing."""
+        with self._lock:
+            try:
+                self._db.execute(self._sql.schema)
+                self._db.execute(self._sql.index)
+            except sqlite3.Error as exc:
+                raise unavailable("SQLite", exc) from exc
+
+    def _run(self, flow: Flow[Any]) -> Any:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                flow.close()
+                raise unavailable("SQLite", exc) from exc
+            try:
+                query: Query = next(flow)
+                while True:
+                    params = {**query.params, "now": self._clock()}
+                    rows = [dict(row) for row in self._db.execute(query.sql, params)]
+                    query = flow.send(rows)
+            except StopIteration as stop:
+                self._db.execute("COMMIT")
+                return stop.value
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise unavailable("SQLite", exc) from exc
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                flow.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class AsyncSQLiteDedupStore(FlowStore, AsyncDedupStore):
+    """:class:`SQLiteDedupStore` for asyncio: each primitive runs in a worker thread."""
+
+    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        self.sync = SQLiteDedupStore(path, **kwargs)
+        self._flows = self.sync._flows
+
+    async def _run(self, flow: Flow[Any]) -> Any:
+        return await asyncio.to_thread(self.sync._run, flow)
+
+    async def aclose(self) -> None:
+        self.sync.close()

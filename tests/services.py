@@ -1,0 +1,24 @@
+"""Reaching the machine's real servers: fail under CI=true, skip on a developer's machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+POSTGRES_URL = os.environ.get("FOXPOLL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("FOXPOLL_TEST_REDIS", "redis://127.0.0.1:6379/0")
+MARIADB = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "", "database": "test"}
+
+
+def require(name: str, host: str, port: int) -> None:
+    """Fail (under CI) or skip (elsewhere) unless something accepts connections there."""
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return
+    except OSError as exc:
+        message = f"{name} is not reachable on {host}:{port} ({exc})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message + "; CI must run every service-backed test", pytrace=False)
+    pytest.skip(message)

@@ -1,0 +1,122 @@
+"""Every bundled dedup store passes the conformance suite, against its real server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from foxpoll.dedup import (
+    AsyncMemoryDedupStore,
+    AsyncSQLiteDedupStore,
+    MemoryDedupStore,
+    SQLiteDedupStore,
+)
+from foxpoll.testing import DedupStoreConformance
+
+from .services import POSTGRES_URL, REDIS_URL, require
+
+
+class TestMemoryStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self) -> Any:
+        return MemoryDedupStore()
+
+
+class TestAsyncMemoryStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self) -> Any:
+        return AsyncMemoryDedupStore()
+
+
+class TestSQLiteStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, tmp_path: Path) -> Any:
+        return SQLiteDedupStore(tmp_path / "deliveries.db")
+
+
+class TestAsyncSQLiteStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, tmp_path: Path) -> Any:
+        return AsyncSQLiteDedupStore(tmp_path / "deliveries.db")
+
+
+@pytest.fixture(scope="module")
+def pg_table() -> Iterator[str]:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+
+    from foxpoll.dedup import PostgresDedupStore
+
+    table = f"foxpoll_test_{uuid.uuid4().hex[:8]}"
+    PostgresDedupStore(POSTGRES_URL, table=table).create_schema()
+    PostgresDedupStore(POSTGRES_URL, table=table).create_schema()  # idempotent
+    yield table
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+@pytest.mark.service
+class TestPostgresStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, pg_table: str) -> Any:
+        from foxpoll.dedup import PostgresDedupStore
+
+        return PostgresDedupStore(POSTGRES_URL, table=pg_table)
+
+
+@pytest.mark.service
+class TestPostgresStoreOnAPool(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, pg_table: str) -> Iterator[Any]:
+        from psycopg_pool import ConnectionPool
+
+        from foxpoll.dedup import PostgresDedupStore
+
+        with ConnectionPool(POSTGRES_URL, min_size=2, max_size=20,
+                            kwargs={"autocommit": True}) as pool:
+            yield PostgresDedupStore(pool, table=pg_table)
+
+
+@pytest.mark.service
+class TestAsyncPostgresStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, pg_table: str) -> Any:
+        from foxpoll.dedup import AsyncPostgresDedupStore
+
+        return AsyncPostgresDedupStore(POSTGRES_URL, table=pg_table)
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    require("Redis", "127.0.0.1", 6379)
+    import redis
+
+    prefix = f"foxpoll-test-{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.mark.service
+class TestRedisStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, redis_prefix: str) -> Any:
+        from foxpoll.dedup import RedisDedupStore
+
+        return RedisDedupStore(REDIS_URL, key_prefix=redis_prefix)
+
+
+@pytest.mark.service
+class TestAsyncRedisStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, redis_prefix: str) -> Any:
+        from foxpoll.dedup import AsyncRedisDedupStore
+
+        return AsyncRedisDedupStore(REDIS_URL, key_prefix=redis_prefix)
