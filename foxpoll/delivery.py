@@ -229,7 +229,7 @@ def _run(flow: Flow[T]) -> T:
                     if inspect.iscoroutine(result):
                         result.close()
                     raise TypeError(f"{effect.fn!r} is async; use adeliver_once")
-            except BaseException as exc:  # noqa: BLE001 - the flow decides, then re-raises
+            except BaseException as exc:
                 effect = flow.throw(exc)
             else:
                 effect = flow.send(result)
@@ -248,7 +248,7 @@ async def _arun(flow: Flow[T]) -> T:
                 result = effect.fn(*effect.args)
                 if inspect.isawaitable(result):
                     result = await result
-            except BaseException as exc:  # noqa: BLE001 - the flow decides, then re-raises
+            except BaseException as exc:
                 effect = flow.throw(exc)
             else:
                 effect = flow.send(result)

@@ -13,7 +13,8 @@ from typing import Any, Protocol, TypeVar
 
 import attrs
 
-from ..errors import DedupError
+from foxpoll.errors import DedupError
+
 from ._sql import Statements
 from .base import (
     ClaimResult,

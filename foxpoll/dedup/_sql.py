@@ -12,7 +12,7 @@ import re
 
 import attrs
 
-__all__ = ["COLUMNS", "Dialect", "POSTGRES", "SQLITE"]
+__all__ = ["COLUMNS", "POSTGRES", "SQLITE", "Dialect"]
 
 COLUMNS = (
     "order_id", "state", "token", "lease_until", "attempts", "payload_hash", "receipt",

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import DedupError, LeaseLost, StoreUnavailable
+from foxpoll.errors import DedupError, LeaseLost, StoreUnavailable
 
 __all__ = [
     "AsyncDedupStore",

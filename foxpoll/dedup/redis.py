@@ -112,7 +112,8 @@ class Command:
 
 def _fields(flat: Sequence[Any]) -> dict[str, Any]:
     pairs = iter(flat)
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in zip(pairs, pairs)}
+    return {(k.decode() if isinstance(k, bytes) else k): v
+            for k, v in zip(pairs, pairs, strict=False)}  # one iterator, read in pairs
 
 
 @attrs.frozen

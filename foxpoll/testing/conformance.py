@@ -113,11 +113,12 @@ class DedupStoreConformance:
         assert takeover.acquired
         assert takeover.record.token == new
         assert takeover.record.attempts == 2
-        for write in (
+        writes: list[Callable[[], Any]] = [
             lambda: store.complete(order_id, old, "hash", None),
             lambda: store.release(order_id, old),
             lambda: store.renew(order_id, old, 60),
-        ):
+        ]
+        for write in writes:
             with pytest.raises(LeaseLost):
                 self.run(write())
         record = self.run(store.get(order_id))
@@ -216,7 +217,7 @@ class DedupStoreConformance:
     def test_bad_arguments_are_rejected(self, store: AnyStore) -> None:
         for order_id, token, lease in (("", "t", 1), ("o", "", 1), ("o", "t", -1),
                                        ("x" * 300, "t", 1), ("a\nb", "t", 1)):
-            with pytest.raises(ValueError, match="must|too long"):
+            with pytest.raises(ValueError, match=r"must|too long"):
                 self.run(store.claim(order_id, token, lease))
 
     # -- concurrency -------------------------------------------------------------------
@@ -224,8 +225,11 @@ class DedupStoreConformance:
     def test_one_claim_wins_under_contention(self, store: AnyStore) -> None:
         for _ in range(5):
             order_id = self.order_id()
-            winners = self._contend(store, lambda s, o=order_id: s.claim(o, self.token(), 60))
+            winners = self._contend(store, self._claimer(order_id))
             assert sum(1 for r in winners if r.acquired) == 1
+
+    def _claimer(self, order_id: str) -> Callable[[AnyStore], Any]:
+        return lambda s: s.claim(order_id, self.token(), 60)
 
     def test_deliver_once_delivers_once_under_contention(self, store: AnyStore) -> None:
         order = self.completed_order(self.order_id())
