@@ -5,6 +5,7 @@ import logging as _logging
 from ._client import AsyncFoxReload, FoxReload
 from ._clock import Clock, SystemClock
 from ._version import __version__
+from .delivery import DeliveryResult, adeliver_once, current_lease, deliver_once
 from .errors import (
     AmbiguousOrderError,
     APIConnectionError,
@@ -60,6 +61,7 @@ __all__ = [
     "ConflictError",
     "DedupError",
     "DeliveryInProgress",
+    "DeliveryResult",
     "FoxPollError",
     "FoxReload",
     "InternalServerError",
@@ -84,6 +86,9 @@ __all__ = [
     "UnprocessableEntityError",
     "WaitResult",
     "__version__",
+    "adeliver_once",
+    "current_lease",
+    "deliver_once",
 ]
 
 # A library logs, the application decides where it goes (and nothing reaches stderr unasked).

@@ -120,3 +120,34 @@ class TestAsyncRedisStore(DedupStoreConformance):
         from foxpoll.dedup import AsyncRedisDedupStore
 
         return AsyncRedisDedupStore(REDIS_URL, key_prefix=redis_prefix)
+
+
+@pytest.fixture
+def dynamodb_table(moto_url: str) -> str:
+    import boto3
+
+    from foxpoll.dedup import DynamoDBDedupStore
+
+    table = f"foxpoll-test-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("dynamodb", endpoint_url=moto_url)
+    DynamoDBDedupStore(table, client).create_table()
+    DynamoDBDedupStore(table, client).create_table()  # idempotent
+    return table
+
+
+class TestDynamoDBStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, dynamodb_table: str, moto_url: str) -> Any:
+        import boto3
+
+        from foxpoll.dedup import DynamoDBDedupStore
+
+        return DynamoDBDedupStore(dynamodb_table, boto3.client("dynamodb", endpoint_url=moto_url))
+
+
+class TestAsyncDynamoDBStore(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, dynamodb_table: str, moto_url: str) -> Any:
+        from foxpoll.dedup import AsyncDynamoDBDedupStore
+
+        return AsyncDynamoDBDedupStore(dynamodb_table, endpoint_url=moto_url)

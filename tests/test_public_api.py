@@ -11,8 +11,9 @@ import foxpoll
 from foxpoll import _resources
 
 
-@pytest.mark.parametrize("module", ["foxpoll", "foxpoll.backoff", "foxpoll.errors",
-                                    "foxpoll.models", "foxpoll.polling", "foxpoll.testing"])
+@pytest.mark.parametrize("module", ["foxpoll", "foxpoll.backoff", "foxpoll.dedup",
+                                    "foxpoll.delivery", "foxpoll.errors", "foxpoll.models",
+                                    "foxpoll.polling", "foxpoll.testing"])
 def test_all_is_sorted_and_resolves(module: str) -> None:
     mod = importlib.import_module(module)
     assert list(mod.__all__) == sorted(mod.__all__)
@@ -22,7 +23,8 @@ def test_all_is_sorted_and_resolves(module: str) -> None:
 
 def test_package_exports_only_public_names() -> None:
     public = {n for n in dir(foxpoll) if not n.startswith("_")} - {
-        "backoff", "errors", "models", "polling", "testing", "transports"  # submodules
+        "backoff", "dedup", "delivery", "errors", "models", "polling", "testing",
+        "transports",  # submodules
     }
     assert public <= set(foxpoll.__all__)
 

@@ -1,0 +1,383 @@
+"""``DynamoDBDedupStore``: conditional ``UpdateItem`` per transition (boto3 / aioboto3).
+
+Every transition is one ``UpdateItem`` whose ``ConditionExpression`` states the transition's
+precondition; when it fails, ``ReturnValuesOnConditionCheckFailure=ALL_OLD`` returns the
+record in the way, so no second read is needed. Reads are strongly consistent. DynamoDB
+has no server clock: the caller's clock is used (keep hosts NTP-synced; leases of a minute
+tolerate skew of a few seconds). ``expires_at`` is a TTL attribute, for clean-up only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+try:
+    import boto3
+    from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+    from botocore.exceptions import BotoCoreError, ClientError
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise ImportError("DynamoDBDedupStore needs boto3: pip install 'foxpoll[dynamodb]'") from exc
+
+import attrs
+
+from ._flows import Flow, FlowStore
+from .base import (
+    AsyncDedupStore,
+    ClaimResult,
+    DedupStore,
+    DeliveryRecord,
+    DeliveryState,
+    lease_lost,
+    record_from_fields,
+    unavailable,
+)
+
+__all__ = ["AsyncDynamoDBDedupStore", "DynamoDBDedupStore"]
+
+THIRTY_DAYS = 30 * 24 * 3600
+STATE_INDEX = "state-updated_at"
+_serialize = TypeSerializer().serialize
+_deserialize = TypeDeserializer().deserialize
+
+_NAMES = {"#state": "state", "#token": "token"}
+_CLAIM_CONDITION = (
+    "attribute_not_exists(order_id) OR #state = :released"
+    " OR (#state = :claimed AND lease_until <= :now)"
+)
+_OWNED_CONDITION = "#state = :claimed AND #token = :token"
+_UNAVAILABLE_CODES = frozenset({
+    "ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
+    "InternalServerError", "ServiceUnavailable", "ResourceNotFoundException",
+})
+
+
+@attrs.frozen
+class Call:
+    """Call a DynamoDB client operation; resume with its response, or a
+    :class:`ConditionFailed` when its condition did not hold."""
+
+    operation: str
+    params: Mapping[str, Any]
+
+
+@attrs.frozen
+class ConditionFailed:
+    item: Mapping[str, Any] | None
+
+
+@attrs.frozen
+class Pause:
+    """Wait ``seconds`` (while a table is being created)."""
+
+    seconds: float
+
+
+def _values(**values: Any) -> dict[str, Any]:
+    return {f":{k}": _serialize(Decimal(str(v)) if isinstance(v, float) else v)
+            for k, v in values.items()}
+
+
+def _record(item: Mapping[str, Any]) -> DeliveryRecord:
+    return record_from_fields({k: _deserialize(v) for k, v in item.items()})
+
+
+@attrs.frozen
+class DynamoDBFlows:
+    table: str
+    retention: int
+    clock: Callable[[], float]
+
+    def setup(self) -> Flow[None]:
+        """Create the table (unless it exists), wait until it is active, enable the TTL."""
+        try:
+            yield Call("create_table", table_definition(self.table))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
+                raise
+        for _ in range(120):
+            reply = yield Call("describe_table", {"TableName": self.table})
+            if reply["Table"]["TableStatus"] == "ACTIVE":
+                break
+            yield Pause(1.0)
+        else:
+            raise TimeoutError(f"table {self.table} did not become active")
+        ttl = yield Call("describe_time_to_live", {"TableName": self.table})
+        if ttl["TimeToLiveDescription"].get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+            yield Call("update_time_to_live", {
+                "TableName": self.table,
+                "TimeToLiveSpecification": {"Enabled": True, "AttributeName": "expires_at"},
+            })
+
+    def _key(self, order_id: str) -> dict[str, Any]:
+        return {"order_id": {"S": order_id}}
+
+    def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
+        now = self.clock()
+        reply = yield Call("update_item", {
+            "TableName": self.table,
+            "Key": self._key(order_id),
+            "UpdateExpression": (
+                "SET #state = :claimed, #token = :token, lease_until = :lease_until, "
+                "updated_at = :now, created_at = if_not_exists(created_at, :now) "
+                "ADD attempts :one"
+            ),
+            "ConditionExpression": _CLAIM_CONDITION,
+            "ExpressionAttributeNames": _NAMES,
+            "ExpressionAttributeValues": _values(
+                claimed="claimed", released="released", token=token,
+                lease_until=now + lease, now=now, one=1,
+            ),
+            "ReturnValues": "ALL_NEW",
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        })
+        if isinstance(reply, ConditionFailed):
+            if not reply.item:
+                raise lease_lost(order_id, None)
+            return ClaimResult(False, _record(reply.item), now)
+        return ClaimResult(True, _record(reply["Attributes"]), now)
+
+    def _owned(
+        self, order_id: str, token: str, update: str, **values: Any
+    ) -> Flow[tuple[DeliveryRecord | None, DeliveryRecord | None]]:
+        """(the updated record, None) or (None, the record in the way)."""
+        reply = yield Call("update_item", {
+            "TableName": self.table,
+            "Key": self._key(order_id),
+            "UpdateExpression": update,
+            "ConditionExpression": _OWNED_CONDITION,
+            "ExpressionAttributeNames": _NAMES,
+            "ExpressionAttributeValues": _values(claimed="claimed", token=token, **values),
+            "ReturnValues": "ALL_NEW",
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        })
+        if isinstance(reply, ConditionFailed):
+            return None, _record(reply.item) if reply.item else None
+        return _record(reply["Attributes"]), None
+
+    def complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> Flow[DeliveryRecord]:
+        now = self.clock()
+        update = ("SET #state = :delivered, payload_hash = :hash, delivered_at = :now, "
+                  "updated_at = :now")
+        values: dict[str, Any] = {"delivered": "delivered", "hash": payload_hash, "now": now}
+        if receipt is not None:
+            update += ", receipt = :receipt"
+            values["receipt"] = receipt
+        if self.retention > 0:
+            update += ", expires_at = :expires"
+            values["expires"] = int(now + self.retention)
+        done, other = yield from self._owned(order_id, token, update + " REMOVE lease_until",
+                                             **values)
+        if done is not None:
+            return done
+        if other is not None and other.state is DeliveryState.DELIVERED and other.token == token:
+            return other  # completing twice with the same token is a no-op
+        raise lease_lost(order_id, other)
+
+    def release(self, order_id: str, token: str) -> Flow[DeliveryRecord]:
+        done, other = yield from self._owned(
+            order_id, token, "SET #state = :released, updated_at = :now REMOVE lease_until",
+            released="released", now=self.clock(),
+        )
+        if done is None:
+            raise lease_lost(order_id, other)
+        return done
+
+    def renew(self, order_id: str, token: str, lease: float) -> Flow[DeliveryRecord]:
+        now = self.clock()
+        done, other = yield from self._owned(
+            order_id, token, "SET lease_until = :lease_until, updated_at = :now",
+            lease_until=now + lease, now=now,
+        )
+        if done is None:
+            raise lease_lost(order_id, other)
+        return done
+
+    def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
+        reply = yield Call("get_item", {"TableName": self.table, "Key": self._key(order_id),
+                                        "ConsistentRead": True})
+        item = reply.get("Item")
+        return _record(item) if item else None
+
+    def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]:
+        records: list[DeliveryRecord] = []
+        start: Any = None
+        while len(records) < limit:
+            params: dict[str, Any] = {
+                "TableName": self.table, "IndexName": STATE_INDEX,
+                "KeyConditionExpression": "#state = :state",
+                "ExpressionAttributeNames": {"#state": "state"},
+                "ExpressionAttributeValues": _values(state=state.value),
+                "ScanIndexForward": True, "Limit": limit - len(records),
+            }
+            if start is not None:
+                params["ExclusiveStartKey"] = start
+            reply = yield Call("query", params)
+            records.extend(_record(item) for item in reply.get("Items", []))
+            start = reply.get("LastEvaluatedKey")
+            if start is None:
+                break
+        return records
+
+
+def table_definition(table: str) -> dict[str, Any]:
+    """The ``create_table`` parameters: key ``order_id``, an index by state and change time."""
+    return {
+        "TableName": table,
+        "KeySchema": [{"AttributeName": "order_id", "KeyType": "HASH"}],
+        "AttributeDefinitions": [
+            {"AttributeName": "order_id", "AttributeType": "S"},
+            {"AttributeName": "state", "AttributeType": "S"},
+            {"AttributeName": "updated_at", "AttributeType": "N"},
+        ],
+        "GlobalSecondaryIndexes": [{
+            "IndexName": STATE_INDEX,
+            "KeySchema": [{"AttributeName": "state", "KeyType": "HASH"},
+                          {"AttributeName": "updated_at", "KeyType": "RANGE"}],
+            "Projection": {"ProjectionType": "ALL"},
+        }],
+        "BillingMode": "PAY_PER_REQUEST",
+    }
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code") in _UNAVAILABLE_CODES
+    return isinstance(exc, BotoCoreError)  # connection, timeout and endpoint errors
+
+
+def _condition_failed(exc: ClientError) -> ConditionFailed | None:
+    if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+        return ConditionFailed(exc.response.get("Item"))
+    return None
+
+
+class DynamoDBDedupStore(FlowStore, DedupStore):
+    """A dedup store in a DynamoDB table.
+
+    Args:
+        table_name: The table (see :meth:`create_table`).
+        client: A boto3 DynamoDB client; ``boto3.client("dynamodb")`` when None.
+        retention: Seconds before a DELIVERED record's TTL (0: no TTL attribute).
+        clock: Seconds since the epoch.
+    """
+
+    def __init__(
+        self,
+        table_name: str,
+        client: Any = None,
+        *,
+        retention: int = THIRTY_DAYS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.table_name = table_name
+        self._client = client if client is not None else boto3.client("dynamodb")
+        self._flows: DynamoDBFlows = DynamoDBFlows(table_name, int(retention), clock)
+
+    def create_table(self) -> None:
+        """Create the table and its index (idempotent), wait for it, and enable the TTL."""
+        self._run(self._flows.setup())
+
+    def _run(self, flow: Flow[Any]) -> Any:
+        try:
+            effect: Call | Pause = next(flow)
+            while True:
+                if isinstance(effect, Pause):
+                    time.sleep(effect.seconds)
+                    effect = flow.send(None)
+                    continue
+                try:
+                    reply: Any = getattr(self._client, effect.operation)(**effect.params)
+                except ClientError as exc:
+                    reply = _condition_failed(exc)
+                    if reply is None:
+                        effect = flow.throw(exc)  # the flow may expect it (table exists)
+                        continue
+                effect = flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        except (ClientError, BotoCoreError) as exc:
+            if _is_unavailable(exc):
+                raise unavailable("DynamoDB", exc) from exc
+            raise
+        finally:
+            flow.close()
+
+
+class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
+    """:class:`DynamoDBDedupStore` on aioboto3.
+
+    Args:
+        table_name: The table.
+        client: An entered aioboto3 DynamoDB client (``async with session.client(...)``),
+            not closed by the store; when None, one is opened on first use with
+            ``client_kwargs`` and closed by :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        table_name: str,
+        client: Any = None,
+        *,
+        retention: int = THIRTY_DAYS,
+        clock: Callable[[], float] = time.time,
+        **client_kwargs: Any,
+    ) -> None:
+        self.table_name = table_name
+        self._client = client
+        self._client_kwargs = client_kwargs
+        self._context: Any = None
+        self._opening = asyncio.Lock()
+        self._flows: DynamoDBFlows = DynamoDBFlows(table_name, int(retention), clock)
+
+    async def _get_client(self) -> Any:
+        if self._client is None:
+            async with self._opening:  # concurrent first calls share one client
+                if self._client is None:
+                    import aioboto3
+
+                    context = aioboto3.Session().client("dynamodb", **self._client_kwargs)
+                    self._client = await context.__aenter__()
+                    self._context = context
+        return self._client
+
+    async def create_table(self) -> None:
+        """See :meth:`DynamoDBDedupStore.create_table`."""
+        await self._run(self._flows.setup())
+
+    async def _run(self, flow: Flow[Any]) -> Any:
+        try:
+            client = await self._get_client()
+            effect: Call | Pause = next(flow)
+            while True:
+                if isinstance(effect, Pause):
+                    await asyncio.sleep(effect.seconds)
+                    effect = flow.send(None)
+                    continue
+                try:
+                    reply: Any = await getattr(client, effect.operation)(**effect.params)
+                except ClientError as exc:
+                    reply = _condition_failed(exc)
+                    if reply is None:
+                        effect = flow.throw(exc)
+                        continue
+                effect = flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        except (ClientError, BotoCoreError) as exc:
+            if _is_unavailable(exc):
+                raise unavailable("DynamoDB", exc) from exc
+            raise
+        finally:
+            flow.close()
+
+    async def aclose(self) -> None:
+        if self._context is not None:
+            await self._context.__aexit__(None, None, None)
+            self._context = None
+            self._client = None
