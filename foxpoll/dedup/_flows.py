@@ -20,7 +20,6 @@ from .base import (
     ClaimResult,
     DeliveryRecord,
     DeliveryState,
-    check_claim_args,
     lease_lost,
     record_from_fields,
 )
@@ -48,38 +47,29 @@ class Flows(Protocol):
 
 
 class FlowStore:
-    """The six primitives, each: check arguments, run the backend's flow."""
+    """The six primitives, each: run the backend's flow (the base class checked arguments)."""
 
     _flows: Flows
 
     def _run(self, flow: Flow[Any]) -> Any:
         raise NotImplementedError
 
-    def claim(self, order_id: str, token: str, lease: float) -> Any:
-        check_claim_args(order_id, token, lease)
-        return self._run(self._flows.claim(order_id, token, float(lease)))
+    def _claim(self, order_id: str, token: str, lease: float) -> Any:
+        return self._run(self._flows.claim(order_id, token, lease))
 
-    def complete(self, order_id: str, token: str, payload_hash: str, receipt: str | None) -> Any:
-        check_claim_args(order_id, token, 0)
+    def _complete(self, order_id: str, token: str, payload_hash: str, receipt: str | None) -> Any:
         return self._run(self._flows.complete(order_id, token, payload_hash, receipt))
 
-    def release(self, order_id: str, token: str) -> Any:
-        check_claim_args(order_id, token, 0)
+    def _release(self, order_id: str, token: str) -> Any:
         return self._run(self._flows.release(order_id, token))
 
-    def renew(self, order_id: str, token: str, lease: float) -> Any:
-        check_claim_args(order_id, token, lease)
-        return self._run(self._flows.renew(order_id, token, float(lease)))
+    def _renew(self, order_id: str, token: str, lease: float) -> Any:
+        return self._run(self._flows.renew(order_id, token, lease))
 
-    def get(self, order_id: str) -> Any:
-        check_claim_args(order_id, "-", 0)
+    def _get(self, order_id: str) -> Any:
         return self._run(self._flows.get(order_id))
 
-    def list(self, state: DeliveryState, *, limit: int = 100) -> Any:
-        if not isinstance(state, DeliveryState):
-            raise TypeError("state must be a DeliveryState")
-        if not 1 <= limit <= 10_000:
-            raise ValueError("limit must be between 1 and 10,000")
+    def _list(self, state: DeliveryState, limit: int) -> Any:
         return self._run(self._flows.list(state, limit))
 
 

@@ -7,16 +7,17 @@ the token fences a worker whose lease ran out. A live claim is never taken over;
 expired one may be, by the store's own clock.
 
 A backend subclasses :class:`DedupStore` (or :class:`AsyncDedupStore`) and implements six
-primitives, each one atomic statement, script or conditional write on its server:
+primitives, each one atomic statement, script or conditional write on its server; the
+public methods of the same names check arguments and call them:
 
-=============  ============================================================================
-``claim``      insert CLAIMED, or take over a RELEASED or expired record; else report it
-``complete``   CLAIMED with this token → DELIVERED (idempotent for the same token)
-``release``    CLAIMED with this token → RELEASED
-``renew``      CLAIMED with this token: push ``lease_until`` out
-``get``        the record, or None
-``list``       records in one state, oldest change first
-=============  ============================================================================
+==============  ===========================================================================
+``_claim``      insert CLAIMED, or take over a RELEASED or expired record; else report it
+``_complete``   CLAIMED with this token → DELIVERED (idempotent for the same token)
+``_release``    CLAIMED with this token → RELEASED
+``_renew``      CLAIMED with this token: push ``lease_until`` out
+``_get``        the record, or None
+``_list``       records in one state, oldest change first
+==============  ===========================================================================
 
 Orchestration (claim, deliver, complete or release) lives in :mod:`foxpoll.delivery`,
 once, for every backend.
@@ -25,6 +26,7 @@ once, for every backend.
 from __future__ import annotations
 
 import abc
+import builtins
 import enum
 from typing import Any
 
@@ -41,6 +43,7 @@ __all__ = [
     "LeaseLost",
     "StoreUnavailable",
     "check_claim_args",
+    "check_list_args",
     "record_from_fields",
 ]
 
@@ -157,37 +160,72 @@ def _optional_float(value: Any) -> float | None:
 
 
 class DedupStore(abc.ABC):
-    """A blocking dedup store: implement the six primitives, atomically, on your backend.
+    """A blocking dedup store.
 
-    Raise :class:`StoreUnavailable` when the backend cannot be reached (foxpoll then
-    delivers nothing), :class:`LeaseLost` when a token no longer owns its record.
+    The public methods check their arguments and call the primitives, which a backend
+    implements: ``_claim``, ``_complete``, ``_release``, ``_renew``, ``_get`` and ``_list``,
+    each atomically on its server. Raise :class:`StoreUnavailable` when the backend cannot
+    be reached (foxpoll then delivers nothing), :class:`LeaseLost` when a token no longer
+    owns its record.
     """
 
-    @abc.abstractmethod
     def claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
         """Take the record for ``token`` for ``lease`` seconds, if it is free."""
+        check_claim_args(order_id, token, lease)
+        return self._claim(order_id, token, float(lease))
 
-    @abc.abstractmethod
     def complete(
         self, order_id: str, token: str, payload_hash: str, receipt: str | None
     ) -> DeliveryRecord:
         """Mark DELIVERED. Repeating it with the same token returns the same record."""
+        check_claim_args(order_id, token, 0)
+        return self._complete(order_id, token, payload_hash, receipt)
 
-    @abc.abstractmethod
     def release(self, order_id: str, token: str) -> DeliveryRecord:
         """Give the claim back after a failed delivery."""
+        check_claim_args(order_id, token, 0)
+        return self._release(order_id, token)
 
-    @abc.abstractmethod
     def renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
         """Extend a live claim to ``lease`` seconds from now."""
+        check_claim_args(order_id, token, lease)
+        return self._renew(order_id, token, float(lease))
+
+    def get(self, order_id: str) -> DeliveryRecord | None:
+        """The record, or None."""
+        check_claim_args(order_id, "-", 0)
+        return self._get(order_id)
+
+    def list(self, state: DeliveryState, *, limit: int = 100) -> builtins.list[DeliveryRecord]:
+        """Up to ``limit`` records in ``state``, least recently changed first."""
+        check_list_args(state, limit)
+        return self._list(state, limit)
 
     @abc.abstractmethod
-    def get(self, order_id: str) -> DeliveryRecord | None:
+    def _claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
+        """Insert CLAIMED, or take over a RELEASED or expired record; else report it."""
+
+    @abc.abstractmethod
+    def _complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> DeliveryRecord:
+        """CLAIMED with this token → DELIVERED; the same record again if already done so."""
+
+    @abc.abstractmethod
+    def _release(self, order_id: str, token: str) -> DeliveryRecord:
+        """CLAIMED with this token → RELEASED."""
+
+    @abc.abstractmethod
+    def _renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
+        """CLAIMED with this token: ``lease_until`` = now + ``lease``."""
+
+    @abc.abstractmethod
+    def _get(self, order_id: str) -> DeliveryRecord | None:
         """The record, or None."""
 
     @abc.abstractmethod
-    def list(self, state: DeliveryState, *, limit: int = 100) -> list[DeliveryRecord]:
-        """Up to ``limit`` records in ``state``, least recently changed first."""
+    def _list(self, state: DeliveryState, limit: int) -> builtins.list[DeliveryRecord]:
+        """Records in ``state``, least recently changed first."""
 
     def close(self) -> None:  # noqa: B027 - optional, most stores hold nothing to close
         """Release connections the store created."""
@@ -200,33 +238,62 @@ class DedupStore(abc.ABC):
 
 
 class AsyncDedupStore(abc.ABC):
-    """The asyncio flavour of :class:`DedupStore`: the same primitives, awaitable."""
+    """The asyncio flavour of :class:`DedupStore`: the same methods and primitives,
+    awaitable."""
 
-    @abc.abstractmethod
     async def claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
         """See :meth:`DedupStore.claim`."""
+        check_claim_args(order_id, token, lease)
+        return await self._claim(order_id, token, float(lease))
 
-    @abc.abstractmethod
     async def complete(
         self, order_id: str, token: str, payload_hash: str, receipt: str | None
     ) -> DeliveryRecord:
         """See :meth:`DedupStore.complete`."""
+        check_claim_args(order_id, token, 0)
+        return await self._complete(order_id, token, payload_hash, receipt)
 
-    @abc.abstractmethod
     async def release(self, order_id: str, token: str) -> DeliveryRecord:
         """See :meth:`DedupStore.release`."""
+        check_claim_args(order_id, token, 0)
+        return await self._release(order_id, token)
 
-    @abc.abstractmethod
     async def renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
         """See :meth:`DedupStore.renew`."""
+        check_claim_args(order_id, token, lease)
+        return await self._renew(order_id, token, float(lease))
 
-    @abc.abstractmethod
     async def get(self, order_id: str) -> DeliveryRecord | None:
         """See :meth:`DedupStore.get`."""
+        check_claim_args(order_id, "-", 0)
+        return await self._get(order_id)
+
+    async def list(
+        self, state: DeliveryState, *, limit: int = 100
+    ) -> builtins.list[DeliveryRecord]:
+        """See :meth:`DedupStore.list`."""
+        check_list_args(state, limit)
+        return await self._list(state, limit)
 
     @abc.abstractmethod
-    async def list(self, state: DeliveryState, *, limit: int = 100) -> list[DeliveryRecord]:
-        """See :meth:`DedupStore.list`."""
+    async def _claim(self, order_id: str, token: str, lease: float) -> ClaimResult: ...
+
+    @abc.abstractmethod
+    async def _complete(
+        self, order_id: str, token: str, payload_hash: str, receipt: str | None
+    ) -> DeliveryRecord: ...
+
+    @abc.abstractmethod
+    async def _release(self, order_id: str, token: str) -> DeliveryRecord: ...
+
+    @abc.abstractmethod
+    async def _renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord: ...
+
+    @abc.abstractmethod
+    async def _get(self, order_id: str) -> DeliveryRecord | None: ...
+
+    @abc.abstractmethod
+    async def _list(self, state: DeliveryState, limit: int) -> builtins.list[DeliveryRecord]: ...
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release connections the store created."""
@@ -236,6 +303,13 @@ class AsyncDedupStore(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def check_list_args(state: object, limit: object) -> None:
+    if not isinstance(state, DeliveryState):
+        raise TypeError("state must be a DeliveryState")
+    if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        raise ValueError("limit must be between 1 and 10,000")
 
 
 def lease_lost(order_id: str, record: DeliveryRecord | None) -> LeaseLost:

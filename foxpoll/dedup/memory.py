@@ -14,7 +14,6 @@ from .base import (
     DedupStore,
     DeliveryRecord,
     DeliveryState,
-    check_claim_args,
     lease_lost,
 )
 
@@ -33,8 +32,7 @@ class MemoryDedupStore(DedupStore):
         self._records: dict[str, DeliveryRecord] = {}
         self._lock = threading.Lock()
 
-    def claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
-        check_claim_args(order_id, token, lease)
+    def _claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
         with self._lock:
             now = self._clock()
             current = self._records.get(order_id)
@@ -64,10 +62,9 @@ class MemoryDedupStore(DedupStore):
         self._records[order_id] = record
         return record
 
-    def complete(
+    def _complete(
         self, order_id: str, token: str, payload_hash: str, receipt: str | None
     ) -> DeliveryRecord:
-        check_claim_args(order_id, token, 0)
         with self._lock:
             current = self._records.get(order_id)
             if current is not None and current.state is DeliveryState.DELIVERED and (
@@ -78,21 +75,19 @@ class MemoryDedupStore(DedupStore):
                                 payload_hash=payload_hash, receipt=receipt,
                                 lease_until=None, delivered_at=self._clock())
 
-    def release(self, order_id: str, token: str) -> DeliveryRecord:
-        check_claim_args(order_id, token, 0)
+    def _release(self, order_id: str, token: str) -> DeliveryRecord:
         with self._lock:
             return self._change(order_id, token, state=DeliveryState.RELEASED, lease_until=None)
 
-    def renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
-        check_claim_args(order_id, token, lease)
+    def _renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
         with self._lock:
             return self._change(order_id, token, lease_until=self._clock() + lease)
 
-    def get(self, order_id: str) -> DeliveryRecord | None:
+    def _get(self, order_id: str) -> DeliveryRecord | None:
         with self._lock:
             return self._records.get(order_id)
 
-    def list(self, state: DeliveryState, *, limit: int = 100) -> list[DeliveryRecord]:
+    def _list(self, state: DeliveryState, limit: int) -> list[DeliveryRecord]:
         with self._lock:
             found = [r for r in self._records.values() if r.state is state]
         return sorted(found, key=lambda r: (r.updated_at or 0, r.order_id))[:limit]
@@ -104,22 +99,22 @@ class AsyncMemoryDedupStore(AsyncDedupStore):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self.sync = MemoryDedupStore(clock=clock)
 
-    async def claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
-        return self.sync.claim(order_id, token, lease)
+    async def _claim(self, order_id: str, token: str, lease: float) -> ClaimResult:
+        return self.sync._claim(order_id, token, lease)
 
-    async def complete(
+    async def _complete(
         self, order_id: str, token: str, payload_hash: str, receipt: str | None
     ) -> DeliveryRecord:
-        return self.sync.complete(order_id, token, payload_hash, receipt)
+        return self.sync._complete(order_id, token, payload_hash, receipt)
 
-    async def release(self, order_id: str, token: str) -> DeliveryRecord:
-        return self.sync.release(order_id, token)
+    async def _release(self, order_id: str, token: str) -> DeliveryRecord:
+        return self.sync._release(order_id, token)
 
-    async def renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
-        return self.sync.renew(order_id, token, lease)
+    async def _renew(self, order_id: str, token: str, lease: float) -> DeliveryRecord:
+        return self.sync._renew(order_id, token, lease)
 
-    async def get(self, order_id: str) -> DeliveryRecord | None:
-        return self.sync.get(order_id)
+    async def _get(self, order_id: str) -> DeliveryRecord | None:
+        return self.sync._get(order_id)
 
-    async def list(self, state: DeliveryState, *, limit: int = 100) -> list[DeliveryRecord]:
-        return self.sync.list(state, limit=limit)
+    async def _list(self, state: DeliveryState, limit: int) -> list[DeliveryRecord]:
+        return self.sync._list(state, limit)
