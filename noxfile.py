@@ -36,7 +36,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: poll schedules on simulated workloads, and polling throughput."""
+    """Benchmarks: poll schedules, polling throughput, dedup-store overhead (not in default)."""
     session.install("-e", ".[all]", "httpx-aiohttp>=0.1.8", "aiohttp>=3.9")
     session.run("python", "benchmarks/schedules.py", *session.posargs)
     session.run("python", "benchmarks/throughput.py")
+    session.run("python", "benchmarks/dedup.py")

@@ -84,24 +84,36 @@ class Query:
 Rows = list[dict[str, Any]]
 
 
+def _claimable(record: DeliveryRecord, now: float) -> bool:
+    if record.state is DeliveryState.RELEASED:
+        return True
+    return record.state is DeliveryState.CLAIMED and (record.lease_until or 0) <= now
+
+
 @attrs.frozen
 class SQLFlows:
     """The flows of a SQL store, over one dialect's :class:`~foxpoll.dedup._sql.Statements`.
 
-    The driver runs each flow in one transaction.
+    Every write is one statement, atomic on its own: drivers may run a flow in autocommit
+    mode (PostgreSQL) or in one transaction (SQLite's ``BEGIN IMMEDIATE``).
     """
 
     sql: Statements
 
     def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
-        rows: Rows = yield Query(self.sql.claim,
-                                 {"order_id": order_id, "token": token, "lease": lease})
-        if rows:
-            return ClaimResult(True, record_from_fields(rows[0]), float(rows[0]["now"]))
-        rows = yield Query(self.sql.get, {"order_id": order_id})
-        if not rows:  # the conflicting row vanished between the two statements
-            raise DedupError(f"order {order_id}: claim conflicted with a record now gone")
-        return ClaimResult(False, record_from_fields(rows[0]), float(rows[0]["now"]))
+        params = {"order_id": order_id, "token": token, "lease": lease}
+        for _ in range(3):
+            rows: Rows = yield Query(self.sql.claim, params)
+            if rows:
+                return ClaimResult(True, record_from_fields(rows[0]), float(rows[0]["now"]))
+            # Who is in the way? Read separately (the claim itself is one statement), so the
+            # row may have been released meanwhile: then it is worth claiming again.
+            rows = yield Query(self.sql.get, {"order_id": order_id})
+            if rows:
+                record, now = record_from_fields(rows[0]), float(rows[0]["now"])
+                if not _claimable(record, now):
+                    return ClaimResult(False, record, now)
+        raise DedupError(f"order {order_id}: claim kept conflicting with a changing record")
 
     def complete(
         self, order_id: str, token: str, payload_hash: str, receipt: str | None

@@ -32,7 +32,8 @@ class PostgresDedupStore(FlowStore, DedupStore):
 
     Args:
         conninfo_or_pool: A libpq connection string, or a ``psycopg_pool.ConnectionPool``
-            (not closed by the store).
+            (not closed by the store) whose connections are in autocommit mode
+            (``kwargs={"autocommit": True}``). Each primitive is one atomic statement.
         table: The table name (a plain identifier).
         connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
 
@@ -71,9 +72,9 @@ class PostgresDedupStore(FlowStore, DedupStore):
             conn.execute(self._sql.index)
 
     def _run(self, flow: Flow[Any]) -> Any:
-        with self._connection() as conn, conn.transaction(), conn.cursor(
-            row_factory=dict_row
-        ) as cur:
+        # Autocommit: every statement of a flow is atomic on its own (see SQLFlows), so an
+        # explicit transaction would only add BEGIN and COMMIT round trips.
+        with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             try:
                 query: Query = next(flow)
                 while True:
@@ -122,9 +123,7 @@ class AsyncPostgresDedupStore(FlowStore, AsyncDedupStore):
             await conn.execute(self._sql.index)
 
     async def _run(self, flow: Flow[Any]) -> Any:
-        async with self._connection() as conn, conn.transaction(), conn.cursor(
-            row_factory=dict_row
-        ) as cur:
+        async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             try:
                 query: Query = next(flow)
                 while True:
