@@ -100,7 +100,7 @@ def raw_sqlite(path: str, table: str) -> tuple[Callable[[str], Any], Callable[[]
 def raw_redis(prefix: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
     import redis
 
-    from foxpoll.dedup.redis import _COMPLETE, _CLAIM, THIRTY_DAYS
+    from foxpoll.dedup.redis import _CLAIM, _COMPLETE, THIRTY_DAYS
 
     client = redis.Redis.from_url(REDIS_URL)
     claim, complete = client.register_script(_CLAIM), client.register_script(_COMPLETE)
