@@ -17,6 +17,7 @@ Needs PostgreSQL and Redis on localhost (as in the tests). Run: ``nox -s bench``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import random
 import statistics
@@ -179,10 +180,9 @@ def contention(store: DedupStore, workers: int = 64, orders: int = 1000,
                 order_id = jobs.get_nowait()
             except queue.Empty:
                 return
-            try:
+            # DeliveryInProgress: another worker has it right now, the point of the lease
+            with contextlib.suppress(DeliveryInProgress):
                 deliver_once(order(order_id), deliver, store)
-            except DeliveryInProgress:
-                pass  # another worker has it right now: the point of the lease
 
     threads = [threading.Thread(target=worker) for _ in range(workers)]
     start = time.perf_counter()
