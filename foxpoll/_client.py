@@ -242,6 +242,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         on_poll: Callable[[PollAttempt], Any] | None = None,
         on_status_change: Callable[[StatusChange], Any] | None = None,
         on_stall: OnStall | None = None,
+        on_finish: Callable[[WaitResult], Any] | None = None,
         raise_on_failure: bool = True,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
@@ -260,6 +261,8 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             on_status_change: Called with a :class:`StatusChange` when the status moves.
             on_stall: Called as ``on_stall(order, attempts, elapsed)`` before
                 :class:`OrderStalled` is raised (``order`` is the last seen, or None).
+            on_finish: Called once with a :class:`WaitResult` when the wait ends, however
+                it ends (metrics and recovery queues hook in here).
             raise_on_failure: Raise :class:`OrderFailed` / :class:`OrderCancelled`; when
                 False, return the failed or cancelled order instead.
             not_found_grace: Seconds during which a 404 means "not visible yet".
@@ -279,7 +282,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         return self._run(self._wait_for_completion_flow(
             order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
             stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
-            on_stall=on_stall, raise_on_failure=raise_on_failure,
+            on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
             not_found_grace=not_found_grace, max_errors=max_errors,
         ))
 
@@ -296,6 +299,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         on_poll: Callable[[PollAttempt], Any] | None = None,
         on_status_change: Callable[[StatusChange], Any] | None = None,
         on_stall: OnStall | None = None,
+        on_finish: Callable[[WaitResult], Any] | None = None,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
     ) -> Iterator[WaitResult]:
@@ -311,7 +315,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             orders, max_requests_per_minute=max_requests_per_minute,
             max_in_flight=max_in_flight, backoff=backoff, max_attempts=max_attempts,
             timeout=timeout, stall_after=stall_after, on_poll=on_poll,
-            on_status_change=on_status_change, on_stall=on_stall,
+            on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
             not_found_grace=not_found_grace, max_errors=max_errors,
         )
         return drive_stream(flow, self._http, self._runtime.clock)
@@ -367,6 +371,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         on_poll: Callable[[PollAttempt], Any] | None = None,
         on_status_change: Callable[[StatusChange], Any] | None = None,
         on_stall: OnStall | None = None,
+        on_finish: Callable[[WaitResult], Any] | None = None,
         raise_on_failure: bool = True,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
@@ -375,7 +380,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         return await self._run(self._wait_for_completion_flow(
             order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
             stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
-            on_stall=on_stall, raise_on_failure=raise_on_failure,
+            on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
             not_found_grace=not_found_grace, max_errors=max_errors,
         ))
 
@@ -392,6 +397,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         on_poll: Callable[[PollAttempt], Any] | None = None,
         on_status_change: Callable[[StatusChange], Any] | None = None,
         on_stall: OnStall | None = None,
+        on_finish: Callable[[WaitResult], Any] | None = None,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
     ) -> AsyncIterator[WaitResult]:
@@ -401,7 +407,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             orders, max_requests_per_minute=max_requests_per_minute,
             max_in_flight=max_in_flight, backoff=backoff, max_attempts=max_attempts,
             timeout=timeout, stall_after=stall_after, on_poll=on_poll,
-            on_status_change=on_status_change, on_stall=on_stall,
+            on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
             not_found_grace=not_found_grace, max_errors=max_errors,
         )
         return drive_stream_async(flow, self._http, self._runtime.clock)

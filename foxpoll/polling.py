@@ -95,12 +95,23 @@ class WaitResult:
     """How one wait of ``wait_many`` ended: an order, or the exception that ended it.
 
     ``error`` is an :class:`OrderFailed`, :class:`OrderCancelled`, :class:`OrderStalled`
-    or a non-transient :class:`APIError`.
+    or a non-transient :class:`APIError`. Also what ``on_finish`` receives.
+
+    Attributes:
+        attempts: Polls made.
+        elapsed: Seconds the wait took.
     """
 
     order_id: str
     order: Order | None = None
     error: BaseException | None = None
+    attempts: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def stalled(self) -> bool:
+        """True when attempts, errors or the deadline ran out first."""
+        return isinstance(self.error, OrderStalled)
 
     @property
     def ok(self) -> bool:
@@ -139,6 +150,7 @@ class WaitOptions:
     on_poll: Callable[[PollAttempt], Any] | None = None
     on_status_change: Callable[[StatusChange], Any] | None = None
     on_stall: OnStall | None = None
+    on_finish: Callable[[WaitResult], Any] | None = None
     raise_on_failure: bool = True
 
     def __attrs_post_init__(self) -> None:
@@ -197,6 +209,10 @@ class OrderWatch:
                 self._pending_at = 0.0  # waited on the assumption it was not done yet
 
     @property
+    def started(self) -> float:
+        return self._started
+
+    @property
     def deadline(self) -> float | None:
         timeout = self._options.timeout
         return None if timeout is None else self._started + timeout
@@ -212,7 +228,7 @@ class OrderWatch:
         if isinstance(outcome, Exception):
             if not self._is_transient(outcome, elapsed):
                 # An account or programming error (401, 400, ...): polling again won't help.
-                return Decision(tuple(notes), finished=True, error=outcome)
+                return self._done(notes, elapsed, error=outcome)
             self._errors += 1
 
         if isinstance(outcome, Order):
@@ -226,7 +242,7 @@ class OrderWatch:
                     notes.append(Notify(opts.on_status_change, (change,)))
             if outcome.status.is_terminal:
                 self._learn(elapsed)
-                return self._finish(outcome, notes)
+                return self._finish(outcome, notes, elapsed)
             self._pending_at = elapsed
 
         polls = self.attempts - self._errors
@@ -273,16 +289,28 @@ class OrderWatch:
         if self._pending_at is not None and isinstance(backoff, LearningPolicy):
             backoff.observe(self._pending_at, elapsed)
 
-    def _finish(self, order: Order, notes: list[Notify]) -> Decision:
-        if order.status is OrderStatus.COMPLETED:
-            return Decision(tuple(notes), finished=True, order=order)
+    def _finish(self, order: Order, notes: list[Notify], elapsed: float) -> Decision:
         error: OrderError | None = None
         if order.status is OrderStatus.FAILED:
             error = OrderFailed(order)
         elif order.status is OrderStatus.CANCELLED:
             error = OrderCancelled(order)
-        if error is None or not self._options.raise_on_failure:
-            return Decision(tuple(notes), finished=True, order=order)
+        return self._done(notes, elapsed, order=order, error=error)
+
+    def _done(
+        self,
+        notes: list[Notify],
+        elapsed: float,
+        *,
+        order: Order | None = None,
+        error: BaseException | None = None,
+    ) -> Decision:
+        """End the wait: tell ``on_finish`` how, and decide what the caller gets."""
+        if self._options.on_finish is not None:
+            result = WaitResult(self.order_id, order, error, self.attempts, elapsed)
+            notes.append(Notify(self._options.on_finish, (result,)))
+        if isinstance(error, (OrderFailed, OrderCancelled)) and not self._options.raise_on_failure:
+            error = None  # the caller asked for the failed order back instead
         return Decision(tuple(notes), finished=True, order=order, error=error)
 
     def _stall(
@@ -296,7 +324,7 @@ class OrderWatch:
         log.warning("%s", stalled)
         if self._options.on_stall is not None:
             notes.append(Notify(self._options.on_stall, (self.last_order, self.attempts, elapsed)))
-        return Decision(tuple(notes), finished=True, error=stalled)
+        return self._done(notes, elapsed, order=self.last_order, error=stalled)
 
 
 def _outcome_label(error: Exception) -> str:
@@ -432,6 +460,7 @@ def wait_many_flow(
             yield from decision.notes
             if decision.finished:
                 del watches[order_id]
-                yield Emit(WaitResult(order_id, decision.order, decision.error))
+                yield Emit(WaitResult(order_id, decision.order, decision.error,
+                                      watch.attempts, now - watch.started))
             else:
                 heapq.heappush(due, (now + decision.delay, next(order), order_id))

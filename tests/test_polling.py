@@ -540,3 +540,26 @@ def test_default_attempts_match_the_vendor_guidance() -> None:
     assert options.max_attempts == 40
     assert isinstance(options.backoff, ExponentialJitter)
     assert next(options.backoff.delays(random.Random(0))) >= 5
+
+
+def test_on_finish_is_called_once_however_a_wait_ends(sim: FakeFoxReload) -> None:
+    sim.script_next(OrderScript.complete(after=5), OrderScript.fail(after=5),
+                    OrderScript.stall())
+    finished: list[Any] = []
+    with sim.client() as client:
+        ids = [paid_order(client).id for _ in range(3)]
+        assert client.wait_for_completion(ids[0], on_finish=finished.append).codes
+        with pytest.raises(OrderFailed):
+            client.wait_for_completion(ids[1], on_finish=finished.append)
+        with pytest.raises(OrderStalled):
+            client.wait_for_completion(ids[2], max_attempts=3, on_finish=finished.append)
+        with sim.client(api_key="revoked") as bad, pytest.raises(AuthenticationError):
+            bad.wait_for_completion(ids[0], on_finish=finished.append)
+    assert [r.order_id for r in finished] == [ids[0], ids[1], ids[2], ids[0]]
+    assert [(r.ok, r.stalled) for r in finished] == [
+        (True, False), (False, False), (False, True), (False, False)
+    ]
+    assert isinstance(finished[1].error, OrderFailed)
+    assert finished[2].attempts == 3
+    assert finished[2].order is not None  # the last order seen
+    assert finished[0].elapsed >= 5

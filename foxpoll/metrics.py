@@ -1,0 +1,174 @@
+"""Metrics for alerting, driven by the poller's hooks: Prometheus or OpenTelemetry.
+
+Nothing is created at import time and no global state is kept: a metrics object owns its
+instruments, in the registry (or meter) you give it, and feeds on the hooks::
+
+    metrics = PrometheusMetrics(registry=my_registry)
+    client.wait_for_completion(order_id, **metrics.hooks())
+    async for result in aclient.wait_many(ids, **metrics.hooks(on_poll=my_own_hook)):
+        ...
+
+Instruments (no order ids as labels, so their number stays bounded):
+
+====================================  ========================================================
+``foxpoll_orders_started_total``      waits begun (counted at their first poll)
+``foxpoll_orders_completed_total``    waits that ended with a completed order
+``foxpoll_orders_failed_total``       waits that ended failed or cancelled
+``foxpoll_orders_stalled_total``      waits that ran out of attempts, errors or time
+``foxpoll_poll_requests_total``       polls, by ``outcome``: ok, not_found, rate_limited, error
+``foxpoll_order_completion_seconds``  histogram: wait start to the completed order being seen
+====================================  ========================================================
+
+The alert on the completion rate, completed / (completed + stalled) over 10 minutes below
+99 %, is in ``docs/alerts.yml``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .errors import OrderCancelled, OrderFailed
+from .polling import PollAttempt, WaitResult
+
+__all__ = ["COMPLETION_BUCKETS", "OpenTelemetryMetrics", "PrometheusMetrics"]
+
+#: Seconds: most orders finish within a minute, some take minutes, stalls take ~20.
+COMPLETION_BUCKETS = (1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600, 1200, 1800, 3600)
+
+
+class _HookMetrics:
+    """What both backends share: which hook event moves which instrument."""
+
+    def _started(self) -> None:
+        raise NotImplementedError
+
+    def _polled(self, outcome: str) -> None:
+        raise NotImplementedError
+
+    def _finished(self, kind: str, seconds: float | None) -> None:
+        raise NotImplementedError
+
+    def on_poll(self, attempt: PollAttempt) -> None:
+        """The ``on_poll`` hook."""
+        if attempt.attempt == 1:
+            self._started()
+        self._polled(attempt.outcome)
+
+    def on_finish(self, result: WaitResult) -> None:
+        """The ``on_finish`` hook."""
+        if result.ok:
+            self._finished("completed", result.elapsed)
+        elif result.stalled:
+            self._finished("stalled", None)
+        elif isinstance(result.error, (OrderFailed, OrderCancelled)) or (
+            result.order is not None and result.order.is_terminal
+        ):
+            self._finished("failed", None)
+
+    def hooks(
+        self,
+        *,
+        on_poll: Callable[[PollAttempt], Any] | None = None,
+        on_finish: Callable[[WaitResult], Any] | None = None,
+    ) -> dict[str, Callable[..., Any]]:
+        """Keyword arguments for ``wait_for_completion`` / ``wait_many``, chaining your own
+        ``on_poll`` / ``on_finish`` after the metrics (yours may be async)."""
+        return {
+            "on_poll": _chain(self.on_poll, on_poll),
+            "on_finish": _chain(self.on_finish, on_finish),
+        }
+
+
+def _chain(ours: Callable[[Any], None], theirs: Callable[[Any], Any] | None) -> Callable[..., Any]:
+    if theirs is None:
+        return ours
+
+    def both(event: Any) -> Any:
+        ours(event)
+        return theirs(event)  # an awaitable, for an async hook: the async client awaits it
+
+    return both
+
+
+class PrometheusMetrics(_HookMetrics):
+    """The instruments in a Prometheus registry (``prometheus-client``, the ``prometheus``
+    extra).
+
+    Args:
+        registry: Where to register; ``prometheus_client.REGISTRY`` when None. Create one
+            ``PrometheusMetrics`` per registry.
+    """
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY, Counter, Histogram
+
+        registry = REGISTRY if registry is None else registry
+        self.started = Counter("foxpoll_orders_started", "Waits for FoxReload orders begun.",
+                               registry=registry)
+        self.completed = Counter("foxpoll_orders_completed",
+                                 "Waits that ended with a completed order.", registry=registry)
+        self.failed = Counter("foxpoll_orders_failed",
+                              "Waits that ended with a failed or cancelled order.",
+                              registry=registry)
+        self.stalled = Counter("foxpoll_orders_stalled",
+                               "Waits that ran out of attempts, errors or time.",
+                               registry=registry)
+        self.poll_requests = Counter("foxpoll_poll_requests", "Polls of FoxReload orders.",
+                                     ["outcome"], registry=registry)
+        self.completion_seconds = Histogram(
+            "foxpoll_order_completion_seconds",
+            "Seconds from the start of a wait to the completed order being seen.",
+            buckets=COMPLETION_BUCKETS, registry=registry,
+        )
+
+    def _started(self) -> None:
+        self.started.inc()
+
+    def _polled(self, outcome: str) -> None:
+        self.poll_requests.labels(outcome=outcome).inc()
+
+    def _finished(self, kind: str, seconds: float | None) -> None:
+        getattr(self, kind).inc()
+        if seconds is not None:
+            self.completion_seconds.observe(seconds)
+
+
+class OpenTelemetryMetrics(_HookMetrics):
+    """The instruments on an OpenTelemetry meter (the API package only, the ``otel`` extra;
+    your SDK decides where they go).
+
+    Args:
+        meter: The meter; ``opentelemetry.metrics.get_meter("foxpoll")`` when None.
+    """
+
+    def __init__(self, meter: Any = None) -> None:
+        if meter is None:
+            from opentelemetry import metrics
+
+            meter = metrics.get_meter("foxpoll")
+        self.started = meter.create_counter("foxpoll.orders.started", unit="{order}",
+                                            description="Waits for FoxReload orders begun.")
+        self.completed = meter.create_counter("foxpoll.orders.completed", unit="{order}",
+                                              description="Waits ended completed.")
+        self.failed = meter.create_counter("foxpoll.orders.failed", unit="{order}",
+                                           description="Waits ended failed or cancelled.")
+        self.stalled = meter.create_counter("foxpoll.orders.stalled", unit="{order}",
+                                            description="Waits that stalled.")
+        self.poll_requests = meter.create_counter("foxpoll.poll.requests", unit="{request}",
+                                                  description="Polls of FoxReload orders.")
+        self.completion_seconds = meter.create_histogram(
+            "foxpoll.order.completion", unit="s",
+            description="Seconds from the start of a wait to the completed order being seen.",
+        )
+
+    def _started(self) -> None:
+        self.started.add(1)
+
+    def _polled(self, outcome: str) -> None:
+        self.poll_requests.add(1, {"outcome": outcome})
+
+    def _finished(self, kind: str, seconds: float | None) -> None:
+        getattr(self, kind).add(1)
+        if seconds is not None:
+            self.completion_seconds.record(seconds)
