@@ -12,7 +12,8 @@ from foxpoll import _resources
 
 
 @pytest.mark.parametrize("module", ["foxpoll", "foxpoll.backoff", "foxpoll.dedup",
-                                    "foxpoll.delivery", "foxpoll.errors", "foxpoll.models",
+                                    "foxpoll.delivery", "foxpoll.errors", "foxpoll.events",
+                                    "foxpoll.metrics", "foxpoll.models",
                                     "foxpoll.polling", "foxpoll.testing"])
 def test_all_is_sorted_and_resolves(module: str) -> None:
     mod = importlib.import_module(module)
@@ -23,7 +24,8 @@ def test_all_is_sorted_and_resolves(module: str) -> None:
 
 def test_package_exports_only_public_names() -> None:
     public = {n for n in dir(foxpoll) if not n.startswith("_")} - {
-        "backoff", "dedup", "delivery", "errors", "models", "polling", "testing",
+        "backoff", "dedup", "delivery", "errors", "events", "metrics", "models", "polling",
+        "testing",
         "transports",  # submodules
     }
     assert public <= set(foxpoll.__all__)

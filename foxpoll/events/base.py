@@ -1,0 +1,110 @@
+"""``OrderEvent`` and the publisher contract.
+
+One event per terminal order: ``{eventId, orderId, status, codes, occurredAt}``. The event
+id is derived from the order id and status, so publishing the same outcome twice (a
+worker that died after publishing, before recording it) produces the same id, and a
+consumer that remembers ids drops the repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from foxpoll.errors import FoxPollError
+from foxpoll.models import Code, Order, OrderStatus
+
+__all__ = ["AsyncPublisher", "EventError", "OrderEvent", "Publisher", "event_id_for"]
+
+_NAMESPACE = uuid.UUID("6f1c8a52-3a8e-4c4e-9b71-2f0d4e6c5a10")
+
+
+class EventError(FoxPollError):
+    """An event could not be published, or a message is not an OrderEvent."""
+
+
+def event_id_for(order_id: str, status: str) -> str:
+    """The stable id of the event for ``order_id`` reaching ``status``."""
+    return str(uuid.uuid5(_NAMESPACE, f"{order_id}/{status}"))
+
+
+def _microseconds(value: float) -> float:
+    return round(float(value), 6)  # what the JSON form (ISO 8601) keeps
+
+
+def _redacted(value: object) -> str:
+    return f"<{len(value)} redacted>" if isinstance(value, tuple) else "<redacted>"
+
+
+@attrs.frozen
+class OrderEvent:
+    """An order reached a terminal status.
+
+    Attributes:
+        event_id: Stable for the order and status: use it to drop repeats.
+        order_id: The order.
+        status: ``completed``, ``failed`` or ``cancelled``.
+        codes: The delivered codes (empty unless completed). Redacted in repr.
+        occurred_at: When foxpoll saw it, seconds since the epoch.
+    """
+
+    event_id: str
+    order_id: str
+    status: str
+    codes: tuple[Code, ...] = attrs.field(default=(), repr=_redacted)
+    occurred_at: float = attrs.field(factory=time.time, converter=_microseconds)
+
+    @classmethod
+    def from_order(cls, order: Order, *, now: float | None = None) -> OrderEvent:
+        """The event for a terminal ``order``."""
+        if not order.status.is_terminal:
+            raise ValueError(f"order {order.id} is {order.status.value}: not terminal")
+        codes = order.codes if order.status is OrderStatus.COMPLETED else ()
+        return cls(event_id_for(order.id, order.status.value), order.id, order.status.value,
+                   tuple(codes), time.time() if now is None else now)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "eventId": self.event_id,
+            "orderId": self.order_id,
+            "status": self.status,
+            "codes": list(self.codes),
+            "occurredAt": datetime.fromtimestamp(self.occurred_at, tz=timezone.utc)
+            .isoformat().replace("+00:00", "Z"),
+        }, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> OrderEvent:
+        """Read an event back, or raise :class:`EventError` (never quoting its codes)."""
+        try:
+            data: Mapping[str, Any] = json.loads(text)
+            occurred = datetime.fromisoformat(str(data["occurredAt"]).replace("Z", "+00:00"))
+            codes = data.get("codes") or []
+            if not isinstance(codes, list) or not all(isinstance(c, (str, dict)) for c in codes):
+                raise TypeError("codes must be a list of strings or objects")
+            fields = (data["eventId"], data["orderId"], data["status"])
+            if not all(isinstance(f, str) and f for f in fields):
+                raise TypeError("eventId, orderId and status must be non-empty strings")
+            return cls(*fields, tuple(codes), occurred.timestamp())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EventError(f"not an OrderEvent: {type(exc).__name__}") from None
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """Publishes events, blocking; returns the broker's message id."""
+
+    def publish(self, event: OrderEvent) -> str: ...
+
+
+@runtime_checkable
+class AsyncPublisher(Protocol):
+    """Publishes events on asyncio."""
+
+    async def publish(self, event: OrderEvent) -> str: ...

@@ -1,0 +1,338 @@
+"""Completion events on Redis Streams: a publisher and a consumer-group consumer.
+
+The publisher ``XADD``s each event (``MAXLEN ~`` bounds the stream). Each downstream
+service reads through its own consumer group, so one stream fans out to every group
+("telegram", "email"...), and the consumers of one group share its entries. The consumer:
+
+- acknowledges an entry only after its handler returned, so a crash leaves it pending;
+- reclaims entries left pending longer than ``claim_idle`` seconds (their consumer died)
+  with ``XAUTOCLAIM``;
+- moves an entry delivered more than ``max_deliveries`` times, or one that is not an
+  event at all, to a dead-letter stream (``{stream}:dead``) and acknowledges it, so one
+  poison entry cannot block the group;
+- re-creates its group (reading from the start of the stream) when Redis has lost it,
+  after a restart.
+
+Handlers see each event at least once: use ``event.event_id`` to drop repeats.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+try:
+    import redis
+    import redis.asyncio as aredis
+    from redis.exceptions import ResponseError
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise ImportError("Redis streams need redis: pip install 'foxpoll[redis]'") from exc
+
+import attrs
+
+from .base import EventError, OrderEvent
+
+__all__ = [
+    "AsyncRedisStreamConsumer",
+    "AsyncRedisStreamPublisher",
+    "RedisStreamConsumer",
+    "RedisStreamPublisher",
+]
+
+log = logging.getLogger("foxpoll.events")
+
+DEFAULT_STREAM = "foxpoll:orders"
+
+
+@attrs.frozen
+class Command:
+    """Call the redis client's ``method(*args, **kwargs)``; resume with its reply."""
+
+    method: str
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Handle:
+    event: OrderEvent
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _xadd(stream: str, maxlen: int, fields: dict[str, str]) -> Command:
+    bound = {"maxlen": maxlen, "approximate": True} if maxlen > 0 else {}
+    return Command("xadd", (stream, fields), bound)
+
+
+@attrs.frozen
+class ConsumerFlows:
+    stream: str
+    group: str
+    consumer: str
+    claim_idle_ms: int
+    max_deliveries: int
+    block_ms: int | None
+    dead_stream: str
+    maxlen: int
+
+    def step(self, count: int) -> Any:
+        """Reclaim and read up to ``count`` entries each, handle them; return how many."""
+        try:
+            reclaimed = yield Command("xautoclaim", (self.stream, self.group, self.consumer,
+                                                     self.claim_idle_ms, "0-0", count))
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            yield from self.ensure_group()
+            reclaimed = [b"0-0", [], []]
+        try:
+            fresh = yield Command("xreadgroup", (self.group, self.consumer, {self.stream: ">"}),
+                                  {"count": count, "block": self.block_ms})
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            yield from self.ensure_group()
+            fresh = []
+        handled = 0
+        for entry_id, fields in reclaimed[1] or []:
+            if fields is None:  # trimmed away while pending
+                continue
+            deliveries = yield from self._deliveries(entry_id)
+            if deliveries > self.max_deliveries:
+                yield from self._dead_letter(entry_id, fields, f"delivered {deliveries} times")
+                continue
+            handled += yield from self._handle(entry_id, fields)
+        for _, entries in fresh or []:
+            for entry_id, fields in entries:
+                handled += yield from self._handle(entry_id, fields)
+        return handled
+
+    def ensure_group(self) -> Any:
+        """Create the group (from the start of the stream, so nothing is skipped)."""
+        try:
+            yield Command("xgroup_create", (self.stream, self.group), {"id": "0",
+                                                                       "mkstream": True})
+            log.info("created consumer group %s on %s", self.group, self.stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _deliveries(self, entry_id: Any) -> Any:
+        pending = yield Command("xpending_range", (self.stream, self.group, entry_id,
+                                                   entry_id, 1))
+        return int(pending[0]["times_delivered"]) if pending else 0
+
+    def _handle(self, entry_id: Any, fields: Mapping[Any, Any]) -> Any:
+        data = {_text(k): v for k, v in fields.items()}
+        try:
+            event = OrderEvent.from_json(data["event"])
+        except (KeyError, EventError):
+            yield from self._dead_letter(entry_id, fields, "not an OrderEvent")
+            return 0
+        try:
+            yield Handle(event)
+        except Exception as exc:  # the handler failed: leave it pending, to be reclaimed
+            log.warning("event %s for order %s: handler failed (%s); will retry",
+                        event.event_id, event.order_id, type(exc).__name__)
+            return 0
+        yield Command("xack", (self.stream, self.group, entry_id))
+        return 1
+
+    def _dead_letter(self, entry_id: Any, fields: Mapping[Any, Any], reason: str) -> Any:
+        log.error("entry %s of %s moved to %s: %s", _text(entry_id), self.stream,
+                  self.dead_stream, reason)
+        moved = {_text(k): _text(v) for k, v in fields.items()}
+        moved.update({"original_id": _text(entry_id), "group": self.group, "reason": reason})
+        yield _xadd(self.dead_stream, self.maxlen, moved)
+        yield Command("xack", (self.stream, self.group, entry_id))
+
+
+class RedisStreamPublisher:
+    """Publish events to a Redis stream.
+
+    Args:
+        url_or_client: A ``redis://`` URL, or a ``redis.Redis`` client.
+        stream: The stream's key.
+        maxlen: Keep about this many entries (``MAXLEN ~``); 0 keeps everything.
+    """
+
+    def __init__(self, url_or_client: Any, *, stream: str = DEFAULT_STREAM,
+                 maxlen: int = 100_000) -> None:
+        self.stream, self.maxlen = stream, maxlen
+        self._owns = isinstance(url_or_client, str)
+        self._client: redis.Redis = (
+            redis.Redis.from_url(url_or_client) if self._owns else url_or_client
+        )
+
+    def close(self) -> None:
+        """Close the client, if the publisher created it from a URL."""
+        if self._owns:
+            self._client.close()
+
+    def publish(self, event: OrderEvent) -> str:
+        command = _xadd(self.stream, self.maxlen, {"event": event.to_json()})
+        return _text(self._client.xadd(*command.args, **command.kwargs))
+
+
+class AsyncRedisStreamPublisher:
+    """:class:`RedisStreamPublisher` on ``redis.asyncio``."""
+
+    def __init__(self, url_or_client: Any, *, stream: str = DEFAULT_STREAM,
+                 maxlen: int = 100_000) -> None:
+        self.stream, self.maxlen = stream, maxlen
+        self._owns = isinstance(url_or_client, str)
+        self._client: aredis.Redis = (
+            aredis.Redis.from_url(url_or_client) if self._owns else url_or_client
+        )
+
+    async def aclose(self) -> None:
+        """Close the client, if the publisher created it from a URL."""
+        if self._owns:
+            await self._client.aclose()
+
+    async def publish(self, event: OrderEvent) -> str:
+        command = _xadd(self.stream, self.maxlen, {"event": event.to_json()})
+        return _text(await self._client.xadd(*command.args, **command.kwargs))
+
+
+class _ConsumerBase:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        group: str,
+        consumer: str,
+        handler: Callable[[OrderEvent], Any],
+        stream: str,
+        claim_idle: float,
+        max_deliveries: int,
+        block: float | None,
+        maxlen: int,
+    ) -> None:
+        if max_deliveries < 1:
+            raise ValueError("max_deliveries must be at least 1")
+        self._client = client
+        self._owns = False
+        self.handler = handler
+        self.flows = ConsumerFlows(
+            stream, group, consumer, int(claim_idle * 1000), max_deliveries,
+            None if block is None else int(block * 1000), f"{stream}:dead", maxlen,
+        )
+
+
+class RedisStreamConsumer(_ConsumerBase):
+    """Consume events through a consumer group, blocking.
+
+    Args:
+        url_or_client: A ``redis://`` URL, or a ``redis.Redis`` client.
+        group: The consumer group: one per downstream service.
+        consumer: This consumer's name, unique within the group (host and pid, say).
+        handler: Called with each :class:`OrderEvent`; return to acknowledge it, raise to
+            have it delivered again later.
+        stream: The stream's key.
+        claim_idle: Seconds an entry may stay pending before another consumer reclaims it.
+        max_deliveries: Deliveries before an entry goes to the dead-letter stream.
+        block: Seconds to wait for new entries in each :meth:`consume` (None: don't wait).
+        maxlen: ``MAXLEN ~`` of the dead-letter stream.
+    """
+
+    def __init__(self, url_or_client: Any, *, group: str, consumer: str,
+                 handler: Callable[[OrderEvent], Any], stream: str = DEFAULT_STREAM,
+                 claim_idle: float = 60.0, max_deliveries: int = 5,
+                 block: float | None = 1.0, maxlen: int = 100_000) -> None:
+        client = (redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str)
+                  else url_or_client)
+        super().__init__(client, group=group, consumer=consumer, handler=handler,
+                         stream=stream, claim_idle=claim_idle, max_deliveries=max_deliveries,
+                         block=block, maxlen=maxlen)
+        self._owns = isinstance(url_or_client, str)
+
+    def close(self) -> None:
+        """Close the client, if the consumer created it from a URL."""
+        if self._owns:
+            self._client.close()
+
+    def ensure_group(self) -> None:
+        """Create the group if it does not exist yet (consuming does this too)."""
+        self._run(self.flows.ensure_group())
+
+    def consume(self, count: int = 10) -> int:
+        """Handle up to ``count`` reclaimed and ``count`` new entries; return how many were
+        acknowledged."""
+        result: int = self._run(self.flows.step(count))
+        return result
+
+    def _run(self, flow: Any) -> Any:
+        try:
+            effect = next(flow)
+            while True:
+                try:
+                    if isinstance(effect, Handle):
+                        self.handler(effect.event)
+                        reply = None
+                    else:
+                        method = getattr(self._client, effect.method)
+                        reply = method(*effect.args, **effect.kwargs)
+                except Exception as exc:
+                    effect = flow.throw(exc)
+                    continue
+                effect = flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            flow.close()
+
+
+class AsyncRedisStreamConsumer(_ConsumerBase):
+    """:class:`RedisStreamConsumer` on ``redis.asyncio``; the handler may be async."""
+
+    def __init__(self, url_or_client: Any, *, group: str, consumer: str,
+                 handler: Callable[[OrderEvent], Any], stream: str = DEFAULT_STREAM,
+                 claim_idle: float = 60.0, max_deliveries: int = 5,
+                 block: float | None = 1.0, maxlen: int = 100_000) -> None:
+        client = (aredis.Redis.from_url(url_or_client) if isinstance(url_or_client, str)
+                  else url_or_client)
+        super().__init__(client, group=group, consumer=consumer, handler=handler,
+                         stream=stream, claim_idle=claim_idle, max_deliveries=max_deliveries,
+                         block=block, maxlen=maxlen)
+        self._owns = isinstance(url_or_client, str)
+
+    async def aclose(self) -> None:
+        """Close the client, if the consumer created it from a URL."""
+        if self._owns:
+            await self._client.aclose()
+
+    async def ensure_group(self) -> None:
+        """See :meth:`RedisStreamConsumer.ensure_group`."""
+        await self._run(self.flows.ensure_group())
+
+    async def consume(self, count: int = 10) -> int:
+        """See :meth:`RedisStreamConsumer.consume`."""
+        result: int = await self._run(self.flows.step(count))
+        return result
+
+    async def _run(self, flow: Any) -> Any:
+        try:
+            effect = next(flow)
+            while True:
+                try:
+                    if isinstance(effect, Handle):
+                        reply = self.handler(effect.event)
+                        if hasattr(reply, "__await__"):
+                            await reply
+                        reply = None
+                    else:
+                        method = getattr(self._client, effect.method)
+                        reply = await method(*effect.args, **effect.kwargs)
+                except Exception as exc:
+                    effect = flow.throw(exc)
+                    continue
+                effect = flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            flow.close()
