@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 import httpx
@@ -37,9 +37,13 @@ from .polling import (
     StatusChange,
     WaitOptions,
     WaitResult,
+    chain_hooks,
     wait_flow,
     wait_many_flow,
 )
+
+if TYPE_CHECKING:
+    from .recovery.base import RecoveryQueue
 
 __all__ = ["AsyncFoxReload", "BaseClient", "FoxReload"]
 
@@ -71,6 +75,9 @@ class BaseClient(Generic[HttpT, TransportT]):
         currency: ``X-Currency`` (``usd``, ``rub``).
         clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
         rng: Random source for jitter.
+        recovery_queue: Where waits that stall go (a :mod:`foxpoll.recovery` queue):
+            every ``wait_for_completion`` / ``wait_many`` that ends in
+            :class:`OrderStalled` enqueues its order there.
     """
 
     _owns_http: bool
@@ -90,7 +97,9 @@ class BaseClient(Generic[HttpT, TransportT]):
         currency: str | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        recovery_queue: RecoveryQueue | None = None,
     ) -> None:
+        self._recovery = recovery_queue
         config = make_config(
             api_key=api_key,
             base_url=base_url,
@@ -178,14 +187,20 @@ class BaseClient(Generic[HttpT, TransportT]):
         clone._runtime = attrs.evolve(self._runtime, config=attrs.evolve(config, **changes))
         clone._http = self._http
         clone._owns_http = False
+        clone._recovery = self._recovery
         clone._bind_resources()
         return clone
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={str(self.base_url)!r}, api_key='<redacted>')"
 
+    def _options(self, options: dict[str, Any]) -> WaitOptions:
+        if self._recovery is not None:
+            options["on_finish"] = chain_hooks(self._recovery.on_finish, options.get("on_finish"))
+        return WaitOptions(**options)
+
     def _wait_for_completion_flow(self, order: str | Order, **options: Any) -> Flow[Order]:
-        return wait_flow(self._runtime, _order_id(order), WaitOptions(**options))
+        return wait_flow(self._runtime, _order_id(order), self._options(options))
 
     def _wait_many_flow(
         self,
@@ -198,7 +213,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         return wait_many_flow(
             self._runtime,
             (_order_id(order) for order in orders),
-            WaitOptions(**options),
+            self._options(options),
             max_requests_per_minute=max_requests_per_minute,
             max_in_flight=max_in_flight,
         )

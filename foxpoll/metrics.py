@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import OrderCancelled, OrderFailed
-from .polling import PollAttempt, WaitResult
+from .polling import PollAttempt, WaitResult, chain_hooks
 
 __all__ = ["COMPLETION_BUCKETS", "OpenTelemetryMetrics", "PrometheusMetrics"]
 
@@ -75,20 +75,9 @@ class _HookMetrics:
         """Keyword arguments for ``wait_for_completion`` / ``wait_many``, chaining your own
         ``on_poll`` / ``on_finish`` after the metrics (yours may be async)."""
         return {
-            "on_poll": _chain(self.on_poll, on_poll),
-            "on_finish": _chain(self.on_finish, on_finish),
+            "on_poll": chain_hooks(self.on_poll, on_poll),
+            "on_finish": chain_hooks(self.on_finish, on_finish),
         }
-
-
-def _chain(ours: Callable[[Any], None], theirs: Callable[[Any], Any] | None) -> Callable[..., Any]:
-    if theirs is None:
-        return ours
-
-    def both(event: Any) -> Any:
-        ours(event)
-        return theirs(event)  # an awaitable, for an async hook: the async client awaits it
-
-    return both
 
 
 class PrometheusMetrics(_HookMetrics):

@@ -327,6 +327,21 @@ class OrderWatch:
         return self._done(notes, elapsed, order=self.last_order, error=stalled)
 
 
+def chain_hooks(
+    first: Callable[[Any], Any], then: Callable[[Any], Any] | None
+) -> Callable[[Any], Any]:
+    """A hook calling ``first``, then ``then``; ``then``'s result (an awaitable, for an async
+    hook) is returned, so the async client awaits it."""
+    if then is None:
+        return first
+
+    def both(event: Any) -> Any:
+        first(event)
+        return then(event)
+
+    return both
+
+
 def _outcome_label(error: Exception) -> str:
     if isinstance(error, NotFoundError):
         return "not_found"

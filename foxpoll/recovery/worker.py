@@ -1,0 +1,186 @@
+"""``RecoveryWorker``: re-check stalled orders until they finish, deliver them exactly once.
+
+Each job re-reads its order. Completed: its codes go out through ``deliver_once`` (the
+event is published inside the same claim, so it is not lost to a crash between the two).
+Failed or cancelled: ``on_terminal`` gets the order, and the event is published. Still
+pending, or unreadable: the job comes back after the policy's next wait, until its
+attempts run out and it moves to the dead letters. The decision is a pure function,
+:func:`decide`; the worker only does its I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from foxpoll._client import FoxReload
+from foxpoll.backoff import BackoffPolicy, ExponentialJitter
+from foxpoll.dedup.base import DedupStore
+from foxpoll.delivery import deliver_once
+from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundError
+from foxpoll.events.base import OrderEvent, Publisher
+from foxpoll.models import Order, OrderStatus
+from foxpoll.polling import WaitResult
+
+from .base import RecoveryJob, RecoveryQueue
+
+__all__ = ["Action", "RecoveryPolicy", "RecoveryWorker", "decide"]
+
+log = logging.getLogger("foxpoll.recovery")
+
+
+DEFAULT_RECOVERY_BACKOFF = ExponentialJitter(base=30.0, factor=2.0, cap=3600.0, jitter=0.3)
+
+
+@attrs.frozen
+class RecoveryPolicy:
+    """How often to re-check a stalled order, and for how long.
+
+    The default: 8 re-checks, waiting 30 s, 60 s, 120 s... (doubling, capped at an hour)
+    plus up to 30 %, about two hours in all before the order is dead-lettered.
+    """
+
+    max_attempts: int = 8
+    backoff: BackoffPolicy = attrs.field(default=DEFAULT_RECOVERY_BACKOFF)
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """The wait after re-check number ``attempt`` (from 1)."""
+        return next(itertools.islice(self.backoff.delays(rng), attempt - 1, None))
+
+
+@attrs.frozen
+class Action:
+    """What to do with a job after a re-check."""
+
+    kind: str  # "deliver", "terminal", "retry", "dead"
+    delay: float = 0.0
+
+
+def decide(order: Order | None, attempts: int, policy: RecoveryPolicy,
+           rng: random.Random) -> Action:
+    """Pure: given the order as re-checked now (None if it could not be read) and the
+    re-checks made before this one."""
+    if order is not None and order.status is OrderStatus.COMPLETED:
+        return Action("deliver")
+    if order is not None and order.status.is_terminal:
+        return Action("terminal")
+    done = attempts + 1
+    if done >= policy.max_attempts:
+        return Action("dead")
+    return Action("retry", policy.delay(done, rng))
+
+
+class RecoveryWorker:
+    """Works a recovery queue.
+
+    Args:
+        client: The FoxReload client that re-reads orders.
+        queue: The recovery queue.
+        store: The dedup store that ``deliver_once`` claims in.
+        on_completed: Delivers a completed order's codes (as for ``deliver_once``).
+        on_terminal: Called with a failed or cancelled order (refund, notify...).
+        publisher: Publishes an :class:`OrderEvent` for every order that finishes.
+        metrics: A ``foxpoll.metrics`` object: recovered completions count as completed.
+        policy: Re-check attempts and waits.
+        lease: Seconds a taken job stays with this worker if it dies.
+        rng: Random source for the jitter.
+    """
+
+    def __init__(
+        self,
+        client: FoxReload,
+        queue: RecoveryQueue,
+        store: DedupStore,
+        *,
+        on_completed: Callable[[Order], Any],
+        on_terminal: Callable[[Order], Any] | None = None,
+        publisher: Publisher | None = None,
+        metrics: Any = None,
+        policy: RecoveryPolicy | None = None,
+        lease: float = 300.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client, self.queue, self.store = client, queue, store
+        self.on_completed, self.on_terminal = on_completed, on_terminal
+        self.publisher, self.metrics = publisher, metrics
+        self.policy = policy or RecoveryPolicy()
+        self.lease = lease
+        self.rng = rng or random.Random()
+
+    def process(self, job: RecoveryJob) -> RecoveryJob:
+        """Re-check one taken job and move it on; returns the job as it now stands."""
+        order: Order | None = None
+        error: str | None = None
+        try:
+            order = self.client.orders.get(job.order_id)
+        except NotFoundError:
+            error = "order not found"
+        except APIError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        action = decide(order, job.attempts, self.policy, self.rng)
+        status = order.status.value if order is not None else None
+        if action.kind == "deliver":
+            assert order is not None
+            try:
+                deliver_once(order, self._deliver_and_publish, self.store, lease=self.lease)
+            except DeliveryInProgress as busy:  # another worker is on it: look again soon
+                delay = max(1.0, busy.lease_until - self.client.clock.time())
+                return self.queue.retry(job.order_id, due_at=self.client.clock.time() + delay,
+                                        last_status=status, last_error="delivery in progress")
+            self._count(order, job)
+            return self.queue.finish(job.order_id, final_status=status or "completed")
+        if action.kind == "terminal":
+            assert order is not None
+            if self.on_terminal is not None:
+                self.on_terminal(order)
+            self._publish(order)
+            self._count(order, job)
+            return self.queue.finish(job.order_id, final_status=status or "terminal")
+        if action.kind == "dead":
+            log.error("order %s: recovery attempts used up (last status %s); dead-lettered",
+                      job.order_id, status)
+            return self.queue.bury(job.order_id, last_status=status, last_error=error)
+        return self.queue.retry(job.order_id, due_at=self.client.clock.time() + action.delay,
+                                last_status=status, last_error=error)
+
+    def _deliver_and_publish(self, order: Order) -> Any:
+        receipt = self.on_completed(order)
+        self._publish(order)  # inside the claim: a crash before it means a retry, not a loss
+        return receipt
+
+    def _publish(self, order: Order) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(OrderEvent.from_order(order, now=self.client.clock.time()))
+
+    def _count(self, order: Order, job: RecoveryJob) -> None:
+        if self.metrics is not None:
+            error = None if order.status is OrderStatus.COMPLETED else FoxPollError(order.id)
+            elapsed = self.client.clock.time() - (job.created_at or self.client.clock.time())
+            self.metrics.on_finish(WaitResult(order.id, order, error, job.attempts + 1, elapsed))
+
+    def run_pending(self, *, limit: int | None = None) -> int:
+        """Process every job due now (up to ``limit``); return how many were processed."""
+        processed = 0
+        while limit is None or processed < limit:
+            job = self.queue.take(lease=self.lease)
+            if job is None:
+                return processed
+            try:
+                self.process(job)
+            except Exception:  # a broken job must not stop the others; it will be re-taken
+                log.exception("order %s: recovery check failed", job.order_id)
+            processed += 1
+        return processed
+
+    def run(self, *, stop: threading.Event | None = None, idle: float = 5.0) -> None:
+        """Process jobs as they come due, until ``stop`` is set."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            if self.run_pending() == 0:
+                stop.wait(idle)

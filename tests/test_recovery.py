@@ -1,0 +1,263 @@
+"""The recovery queue and worker, on virtual time against the simulator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from foxpoll import Order, OrderStalled, OrderStatus
+from foxpoll.dedup import DeliveryState, MemoryDedupStore
+from foxpoll.events import InMemoryPublisher
+from foxpoll.metrics import PrometheusMetrics
+from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRecoveryQueue
+from foxpoll.testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
+
+STEAM = [{"itemId": "product_steam_10"}]
+
+
+@pytest.fixture
+def queue(tmp_path: Path, clock: FakeClock) -> SQLiteRecoveryQueue:
+    return SQLiteRecoveryQueue(tmp_path / "recovery.db", clock=clock.time)
+
+
+def paid(sim: FakeFoxReload, script: OrderScript) -> str:
+    sim.script_next(script)
+    with sim.client() as client:
+        order = client.orders.create(items=STEAM)
+        client.orders.pay(order.id)
+    return order.id
+
+
+def drain(worker: RecoveryWorker, queue: SQLiteRecoveryQueue, clock: FakeClock,
+          limit: int = 100) -> int:
+    """Run the worker on virtual time until nothing is queued; return the passes made."""
+    for passes in range(limit):
+        due = queue.next_due()
+        if due is None:
+            return passes
+        clock.advance(max(0.0, due - clock.time()))
+        worker.run_pending()
+    raise AssertionError("the queue never drained")
+
+
+# -- the queue ---------------------------------------------------------------------------
+
+
+def test_enqueue_is_idempotent_and_the_earlier_due_time_wins(
+    queue: SQLiteRecoveryQueue, clock: FakeClock
+) -> None:
+    now = clock.time()
+    assert queue.enqueue("o1", due_at=now + 100)
+    assert not queue.enqueue("o1", due_at=now + 500)
+    assert queue.get("o1").due_at == now + 100  # type: ignore[union-attr]
+    assert not queue.enqueue("o1", due_at=now + 10)
+    assert queue.get("o1").due_at == now + 10  # type: ignore[union-attr]
+    assert len(queue.jobs(JobState.QUEUED)) == 1
+
+
+def test_take_leases_a_due_job(queue: SQLiteRecoveryQueue, clock: FakeClock) -> None:
+    queue.enqueue("later", due_at=clock.time() + 60)
+    queue.enqueue("now")
+    job = queue.take(lease=30)
+    assert job is not None
+    assert job.order_id == "now"
+    assert queue.take(lease=30) is None  # "now" is leased, "later" not due
+    clock.advance(31)
+    again = queue.take(lease=30)
+    assert again is not None
+    assert again.order_id == "now"  # the lease ran out: a dead worker's job comes back
+
+
+def test_dead_letters_requeue_and_close(queue: SQLiteRecoveryQueue) -> None:
+    queue.enqueue("o1")
+    queue.bury("o1", last_status="processing", last_error=None)
+    dead = queue.list_dead()
+    assert [(j.order_id, j.last_status, j.state) for j in dead] == [
+        ("o1", "processing", JobState.DEAD)]
+    assert queue.take() is None
+    requeued = queue.requeue("o1")
+    assert (requeued.state, requeued.attempts, requeued.reason) == (JobState.QUEUED, 0,
+                                                                    "requeued")
+    queue.bury("o1", last_status="processing", last_error="timeout")
+    closed = queue.close("o1", "refunded by support, ticket 4411")
+    assert (closed.state, closed.note) == (JobState.CLOSED, "refunded by support, ticket 4411")
+    assert queue.list_dead() == []
+    with pytest.raises(ValueError, match="closed"):
+        queue.close("o1", "again")
+    with pytest.raises(KeyError):
+        queue.requeue("unknown")
+    with pytest.raises(ValueError, match="reason"):
+        queue.close("o1", "")
+
+
+def test_bad_order_ids_are_rejected(queue: SQLiteRecoveryQueue) -> None:
+    for bad in ("", "  ", "x" * 300):
+        with pytest.raises(ValueError, match="order id"):
+            queue.enqueue(bad)
+
+
+def test_sweep_enqueues_only_old_non_terminal_orders(
+    queue: SQLiteRecoveryQueue, clock: FakeClock
+) -> None:
+    now = clock.time()
+    pending = [("fresh", now - 60), ("old", now - 700), ("older", now - 5000)]
+    assert queue.sweep(pending, now=now) == 2
+    assert queue.sweep(pending, now=now) == 0  # idempotent
+    assert sorted(j.order_id for j in queue.jobs(JobState.QUEUED)) == ["old", "older"]
+
+
+# -- the worker --------------------------------------------------------------------------
+
+
+def test_a_stalled_wait_is_recovered_delivered_once_and_published(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    order_id = paid(sim, OrderScript.stall())
+    with sim.client(recovery_queue=queue) as client:
+        with pytest.raises(OrderStalled):
+            client.wait_for_completion(order_id, max_attempts=5)
+        job = queue.get(order_id)
+        assert job is not None
+        assert (job.state, job.reason) == (JobState.QUEUED, "stalled")  # enqueued by itself
+        sim.script(order_id, OrderScript.complete(after=clock.monotonic() + 200))
+        delivered: list[Order] = []
+        publisher = InMemoryPublisher()
+        store = MemoryDedupStore(clock=clock.time)
+        registry = CollectorRegistry()
+        worker = RecoveryWorker(client, queue, store, on_completed=delivered.append,
+                                publisher=publisher, metrics=PrometheusMetrics(registry))
+        drain(worker, queue, clock)
+    assert [o.id for o in delivered] == [order_id]
+    assert len(delivered[0].codes) == 1
+    assert [(e.order_id, e.status) for e in publisher.events] == [(order_id, "completed")]
+    assert publisher.events[0].codes == delivered[0].codes
+    done = queue.get(order_id)
+    assert done is not None
+    assert (done.state, done.note) == (JobState.DONE, "completed")
+    assert done.attempts >= 2  # it was still processing at the first re-checks
+    assert store.get(order_id).state is DeliveryState.DELIVERED  # type: ignore[union-attr]
+    assert registry.get_sample_value("foxpoll_orders_completed_total") == 1
+
+
+def test_failed_and_cancelled_orders_go_to_the_terminal_handler(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    failed = paid(sim, OrderScript.fail(after=100))
+    cancelled = paid(sim, OrderScript.cancel(after=40, reason="payment_failure"))
+    for order_id in (failed, cancelled):
+        queue.enqueue(order_id)
+    handed: list[Order] = []
+    delivered: list[Order] = []
+    publisher = InMemoryPublisher()
+    with sim.client() as client:
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append,
+                                on_terminal=handed.append, publisher=publisher)
+        drain(worker, queue, clock)
+    assert delivered == []
+    assert sorted((o.id, o.status) for o in handed) == sorted(
+        [(failed, OrderStatus.FAILED), (cancelled, OrderStatus.CANCELLED)])
+    assert sorted(e.status for e in publisher.events) == ["cancelled", "failed"]
+    assert all(e.codes == () for e in publisher.events)
+    assert {queue.get(i).note for i in (failed, cancelled)} == {  # type: ignore[union-attr]
+        "failed", "cancelled"}
+
+
+def test_exhausted_orders_are_dead_lettered_on_the_doubling_schedule(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    order_id = paid(sim, OrderScript.stall())
+    queue.enqueue(order_id)
+    checks: list[float] = []
+    with sim.client() as client:
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
+        original = worker.process
+
+        def spy(job: Any) -> Any:
+            checks.append(clock.time())
+            return original(job)
+
+        worker.process = spy  # type: ignore[method-assign]
+        drain(worker, queue, clock)
+    dead = queue.list_dead()
+    assert [(j.order_id, j.attempts, j.last_status) for j in dead] == [
+        (order_id, 8, "processing")]
+    waits = [b - a for a, b in zip(checks, checks[1:], strict=False)]
+    assert len(checks) == 8
+    for n, wait in enumerate(waits):  # 30, 60, 120, ... each plus up to 30 %
+        plain = min(30 * 2**n, 3600)
+        assert plain <= wait <= plain * 1.3 + 1e-6
+    queue.requeue(order_id)
+    sim.script(order_id, OrderScript.complete(after=0))
+    delivered: list[Order] = []
+    with sim.client() as client:
+        RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append
+                       ).run_pending()
+    assert [o.id for o in delivered] == [order_id]  # requeued, re-checked, delivered
+
+
+def test_api_errors_count_as_attempts_with_their_error(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    order_id = paid(sim, OrderScript.stall())
+    queue.enqueue(order_id)
+    sim.inject(Fault(FaultKind.SERVER_ERROR, method="GET", times=100))
+    with sim.client(max_retries=0) as client:
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print,
+                                policy=RecoveryPolicy(max_attempts=3))
+        drain(worker, queue, clock)
+    dead = queue.list_dead()
+    assert len(dead) == 1
+    assert dead[0].last_status is None
+    assert dead[0].last_error is not None
+    assert "InternalServerError" in dead[0].last_error
+
+
+def test_a_delivery_in_progress_elsewhere_is_retried_after_its_lease(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    order_id = paid(sim, OrderScript.complete(after=0))
+    store = MemoryDedupStore(clock=clock.time)
+    store.claim(order_id, "another-worker", 120)  # someone else is delivering it
+    queue.enqueue(order_id)
+    delivered: list[Order] = []
+    with sim.client() as client:
+        worker = RecoveryWorker(client, queue, store, on_completed=delivered.append)
+        assert worker.run_pending() == 1
+        job = queue.get(order_id)
+        assert job is not None
+        assert job.state is JobState.QUEUED
+        assert job.due_at >= clock.time() + 119
+        drain(worker, queue, clock)  # their lease expires (they died): we deliver
+    assert [o.id for o in delivered] == [order_id]
+
+
+def test_a_killed_worker_s_job_is_taken_again(tmp_path: Path) -> None:
+    path = tmp_path / "recovery.db"
+    SQLiteRecoveryQueue(path).enqueue("o-crash")
+    script = (
+        "import os, signal, sys\n"
+        "from foxpoll.recovery import SQLiteRecoveryQueue\n"
+        "job = SQLiteRecoveryQueue(sys.argv[1]).take(lease=1.0)\n"
+        "print(job.order_id, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)],  # noqa: S603
+                            capture_output=True, text=True, timeout=30, check=False,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == -signal.SIGKILL
+    assert result.stdout.strip() == "o-crash"
+    queue = SQLiteRecoveryQueue(path)
+    assert queue.take() is None  # still leased to the dead worker
+    deadline = time.monotonic() + 10
+    while (job := queue.take()) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job.order_id == "o-crash"
