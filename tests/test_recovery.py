@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -189,7 +190,7 @@ def test_exhausted_orders_are_dead_lettered_on_the_doubling_schedule(
     dead = queue.list_dead()
     assert [(j.order_id, j.attempts, j.last_status) for j in dead] == [
         (order_id, 8, "processing")]
-    waits = [b - a for a, b in zip(checks, checks[1:], strict=False)]
+    waits = [b - a for a, b in itertools.pairwise(checks)]
     assert len(checks) == 8
     for n, wait in enumerate(waits):  # 30, 60, 120, ... each plus up to 30 %
         plain = min(30 * 2**n, 3600)
