@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import JobState, RecoveryJob, RecoveryQueue
+from .base import JobQueue, JobState, RecoveryJob, RecoveryQueue
 from .sqlite import SQLiteRecoveryQueue
-from .worker import Action, RecoveryPolicy, RecoveryWorker, decide
+from .worker import Action, Checked, RecoveryPolicy, RecoveryWorker, decide
 
 __all__ = [
     "Action",
+    "Checked",
+    "JobQueue",
     "JobState",
     "ProcrastinateRecoveryQueue",
     "RecoveryJob",

@@ -25,7 +25,7 @@ import attrs
 
 from foxpoll.polling import WaitResult
 
-__all__ = ["JobState", "RecoveryJob", "RecoveryQueue"]
+__all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryQueue"]
 
 
 class JobState(str, enum.Enum):
@@ -63,12 +63,53 @@ class RecoveryJob:
 
 
 class RecoveryQueue(abc.ABC):
-    """Where stalled orders wait for their next re-check."""
+    """Where stalled orders wait for their next re-check: what every engine offers."""
 
     @abc.abstractmethod
     def enqueue(self, order_id: str, *, reason: str = "stalled", due_at: float | None = None
                 ) -> bool:
         """Queue ``order_id`` (due now by default). False when it was already known."""
+
+    @abc.abstractmethod
+    def list_dead(self, *, limit: int = 100) -> list[RecoveryJob]:
+        """The dead letters: orders whose re-checks ran out, for on-call to act on."""
+
+    @abc.abstractmethod
+    def requeue(self, order_id: str) -> RecoveryJob:
+        """Give a dead (or closed) order a fresh set of attempts, due now.
+
+        Raises:
+            KeyError: no such dead letter.
+        """
+
+    @abc.abstractmethod
+    def close(self, order_id: str, reason: str) -> RecoveryJob:
+        """Settle a dead order by hand (refunded, delivered another way...): CLOSED.
+
+        Raises:
+            KeyError: no such job.
+            ValueError: the job is not dead.
+        """
+
+    def on_finish(self, result: WaitResult) -> None:
+        """A ``wait_for_completion`` / ``wait_many`` hook: enqueue orders that stalled."""
+        if result.stalled:
+            self.enqueue(result.order_id, reason="stalled")
+
+    def sweep(self, pending: Iterable[tuple[str, float]], *, now: float,
+              older_than: float = 600.0) -> int:
+        """Enqueue the orders your records show as non-terminal for longer than
+        ``older_than`` seconds; ``pending`` yields ``(order_id, since)`` pairs (epoch
+        seconds). Returns how many were newly queued."""
+        return sum(self.enqueue(order_id, reason="sweep")
+                   for order_id, since in pending if now - since > older_than)
+
+    def close_connections(self) -> None:  # noqa: B027 - optional
+        """Release what the queue holds open."""
+
+
+class JobQueue(RecoveryQueue):
+    """A recovery queue that workers pull from (:meth:`RecoveryWorker.run_pending`)."""
 
     @abc.abstractmethod
     def take(self, *, lease: float = 300.0) -> RecoveryJob | None:
@@ -96,42 +137,8 @@ class RecoveryQueue(abc.ABC):
     def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
         """Jobs in ``state``, oldest change first."""
 
-    @abc.abstractmethod
-    def requeue(self, order_id: str) -> RecoveryJob:
-        """Give a dead (or closed) order a fresh set of attempts, due now.
-
-        Raises:
-            KeyError: no such job.
-        """
-
-    @abc.abstractmethod
-    def close(self, order_id: str, reason: str) -> RecoveryJob:
-        """Settle a dead order by hand (refunded, delivered another way...): CLOSED.
-
-        Raises:
-            KeyError: no such job.
-            ValueError: the job is not dead.
-        """
-
     def list_dead(self, *, limit: int = 100) -> list[RecoveryJob]:
-        """The dead letters: orders whose re-checks ran out, for on-call to act on."""
         return self.jobs(JobState.DEAD, limit=limit)
-
-    def on_finish(self, result: WaitResult) -> None:
-        """A ``wait_for_completion`` / ``wait_many`` hook: enqueue orders that stalled."""
-        if result.stalled:
-            self.enqueue(result.order_id, reason="stalled")
-
-    def sweep(self, pending: Iterable[tuple[str, float]], *, now: float,
-              older_than: float = 600.0) -> int:
-        """Enqueue the orders your records show as non-terminal for longer than
-        ``older_than`` seconds; ``pending`` yields ``(order_id, since)`` pairs (epoch
-        seconds). Returns how many were newly queued."""
-        return sum(self.enqueue(order_id, reason="sweep")
-                   for order_id, since in pending if now - since > older_than)
-
-    def close_connections(self) -> None:  # noqa: B027 - optional
-        """Release what the queue holds open."""
 
 
 def require_text(value: Any, what: str) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .base import JobState, RecoveryJob, RecoveryQueue, require_text
+from .base import JobQueue, JobState, RecoveryJob, require_text
 
 __all__ = ["SQLiteRecoveryQueue"]
 
@@ -33,7 +33,7 @@ _COLUMNS = ("order_id", "state", "attempts", "due_at", "reason", "last_status", 
             "note", "created_at", "updated_at")
 
 
-class SQLiteRecoveryQueue(RecoveryQueue):
+class SQLiteRecoveryQueue(JobQueue):
     """A recovery queue in a SQLite file.
 
     Args:

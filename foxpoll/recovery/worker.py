@@ -28,9 +28,9 @@ from foxpoll.events.base import OrderEvent, Publisher
 from foxpoll.models import Order, OrderStatus
 from foxpoll.polling import WaitResult
 
-from .base import RecoveryJob, RecoveryQueue
+from .base import JobQueue, RecoveryJob, RecoveryQueue
 
-__all__ = ["Action", "RecoveryPolicy", "RecoveryWorker", "decide"]
+__all__ = ["Action", "Checked", "RecoveryPolicy", "RecoveryWorker", "decide"]
 
 log = logging.getLogger("foxpoll.recovery")
 
@@ -60,6 +60,15 @@ class Action:
 
     kind: str  # "deliver", "terminal", "retry", "dead"
     delay: float = 0.0
+
+
+@attrs.frozen
+class Checked:
+    """A re-check's result: the action taken or due, and what the order looked like."""
+
+    action: Action
+    status: str | None
+    error: str | None
 
 
 def decide(order: Order | None, attempts: int, policy: RecoveryPolicy,
@@ -113,41 +122,61 @@ class RecoveryWorker:
         self.lease = lease
         self.rng = rng or random.Random()
 
-    def process(self, job: RecoveryJob) -> RecoveryJob:
-        """Re-check one taken job and move it on; returns the job as it now stands."""
+    def recheck(self, order_id: str, attempts: int, *, since: float | None = None
+                ) -> Checked:
+        """Re-read the order and act on it: deliver, hand over, or say when to look again.
+
+        Args:
+            order_id: The order.
+            attempts: Re-checks made before this one.
+            since: When recovery began (for the metrics' completion time).
+        """
         order: Order | None = None
         error: str | None = None
         try:
-            order = self.client.orders.get(job.order_id)
+            order = self.client.orders.get(order_id)
         except NotFoundError:
             error = "order not found"
         except APIError as exc:
             error = f"{type(exc).__name__}: {exc}"
-        action = decide(order, job.attempts, self.policy, self.rng)
         status = order.status.value if order is not None else None
+        action = decide(order, attempts, self.policy, self.rng)
         if action.kind == "deliver":
             assert order is not None
             try:
                 deliver_once(order, self._deliver_and_publish, self.store, lease=self.lease)
             except DeliveryInProgress as busy:  # another worker is on it: look again soon
                 delay = max(1.0, busy.lease_until - self.client.clock.time())
-                return self.queue.retry(job.order_id, due_at=self.client.clock.time() + delay,
-                                        last_status=status, last_error="delivery in progress")
-            self._count(order, job)
-            return self.queue.finish(job.order_id, final_status=status or "completed")
-        if action.kind == "terminal":
+                return Checked(Action("retry", delay), status, "delivery in progress")
+            self._count(order, attempts, since)
+        elif action.kind == "terminal":
             assert order is not None
             if self.on_terminal is not None:
                 self.on_terminal(order)
             self._publish(order)
-            self._count(order, job)
-            return self.queue.finish(job.order_id, final_status=status or "terminal")
-        if action.kind == "dead":
+            self._count(order, attempts, since)
+        elif action.kind == "dead":
             log.error("order %s: recovery attempts used up (last status %s); dead-lettered",
-                      job.order_id, status)
-            return self.queue.bury(job.order_id, last_status=status, last_error=error)
-        return self.queue.retry(job.order_id, due_at=self.client.clock.time() + action.delay,
-                                last_status=status, last_error=error)
+                      order_id, status)
+        return Checked(action, status, error)
+
+    def process(self, job: RecoveryJob) -> RecoveryJob:
+        """Re-check one taken job of a :class:`JobQueue` and move it on."""
+        queue = self._job_queue()
+        checked = self.recheck(job.order_id, job.attempts, since=job.created_at)
+        kind = checked.action.kind
+        if kind in ("deliver", "terminal"):
+            return queue.finish(job.order_id, final_status=checked.status or kind)
+        if kind == "dead":
+            return queue.bury(job.order_id, last_status=checked.status,
+                              last_error=checked.error)
+        return queue.retry(job.order_id, due_at=self.client.clock.time() + checked.action.delay,
+                           last_status=checked.status, last_error=checked.error)
+
+    def _job_queue(self) -> JobQueue:
+        if not isinstance(self.queue, JobQueue):
+            raise TypeError(f"{type(self.queue).__name__} runs its own workers; see its docs")
+        return self.queue
 
     def _deliver_and_publish(self, order: Order) -> Any:
         receipt = self.on_completed(order)
@@ -158,17 +187,19 @@ class RecoveryWorker:
         if self.publisher is not None:
             self.publisher.publish(OrderEvent.from_order(order, now=self.client.clock.time()))
 
-    def _count(self, order: Order, job: RecoveryJob) -> None:
+    def _count(self, order: Order, attempts: int, since: float | None) -> None:
         if self.metrics is not None:
             error = None if order.status is OrderStatus.COMPLETED else FoxPollError(order.id)
-            elapsed = self.client.clock.time() - (job.created_at or self.client.clock.time())
-            self.metrics.on_finish(WaitResult(order.id, order, error, job.attempts + 1, elapsed))
+            now = self.client.clock.time()
+            elapsed = now - (since if since is not None else now)
+            self.metrics.on_finish(WaitResult(order.id, order, error, attempts + 1, elapsed))
 
     def run_pending(self, *, limit: int | None = None) -> int:
         """Process every job due now (up to ``limit``); return how many were processed."""
         processed = 0
+        queue = self._job_queue()
         while limit is None or processed < limit:
-            job = self.queue.take(lease=self.lease)
+            job = queue.take(lease=self.lease)
             if job is None:
                 return processed
             try:

@@ -1,0 +1,43 @@
+"""A procrastinate recovery worker process, for the multi-process tests.
+
+Usage: python procrastinate_worker.py DB_URL SIM_URL API_KEY MODE
+MODE "share": deliver by recording (order_id, pid) in table handled, slowly.
+MODE "hang": print "delivering" once inside deliver(), then hang until killed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psycopg
+
+from foxpoll import FoxReload, Order
+from foxpoll.dedup import PostgresDedupStore
+from foxpoll.recovery import ProcrastinateRecoveryQueue, RecoveryWorker
+
+
+def main() -> None:
+    db_url, sim_url, api_key, mode = sys.argv[1:5]
+
+    def record(order: Order) -> None:
+        time.sleep(0.2)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO handled (order_id, pid) VALUES (%s, %s)",
+                         (order.id, os.getpid()))
+
+    def hang(order: Order) -> None:
+        print("delivering", flush=True)
+        time.sleep(3600)
+
+    queue = ProcrastinateRecoveryQueue(db_url)
+    with FoxReload(api_key, base_url=sim_url) as client:
+        worker = RecoveryWorker(client, queue, PostgresDedupStore(db_url),
+                                on_completed=record if mode == "share" else hang, lease=2.0)
+        queue.run_worker(worker, wait=False, concurrency=1, update_heartbeat_interval=0.2,
+                         install_signal_handlers=False)
+
+
+if __name__ == "__main__":
+    main()
