@@ -262,3 +262,33 @@ def test_a_killed_worker_s_job_is_taken_again(tmp_path: Path) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert job.order_id == "o-crash"
+
+
+def test_the_worker_sweeps_the_partners_pending_orders(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    old = paid(sim, OrderScript.complete(after=0))
+    recent = paid(sim, OrderScript.complete(after=0))
+    records = [(old, clock.time() - 3600), (recent, clock.time() - 30)]  # the partner's rows
+    delivered: list[Order] = []
+    with sim.client() as client:
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append)
+        assert worker.sweep(lambda: records) == 1
+        assert worker.sweep(lambda: records) == 0  # already queued
+        job = queue.get(old)
+        assert job is not None
+        assert job.reason == "sweep"
+        assert queue.get(recent) is None  # not yet ten minutes old
+        import threading
+
+        stop = threading.Event()
+        calls = []
+
+        def pending() -> list[tuple[str, float]]:
+            calls.append(1)
+            stop.set()  # one pass of the loop is enough here
+            return records
+
+        worker.run(stop=stop, idle=0, pending_orders=pending)
+    assert calls == [1]
+    assert [o.id for o in delivered] == [old]

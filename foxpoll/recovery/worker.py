@@ -14,7 +14,7 @@ import itertools
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -209,9 +209,31 @@ class RecoveryWorker:
             processed += 1
         return processed
 
-    def run(self, *, stop: threading.Event | None = None, idle: float = 5.0) -> None:
-        """Process jobs as they come due, until ``stop`` is set."""
+    def sweep(self, pending_orders: Callable[[], Iterable[tuple[str, float]]], *,
+              older_than: float = 600.0) -> int:
+        """Enqueue the orders ``pending_orders()`` reports as non-terminal, as
+        ``(order_id, since)`` pairs, for longer than ``older_than`` seconds (10 minutes):
+        your own records catch what no wait saw stall (a crashed web worker, say)."""
+        return self.queue.sweep(pending_orders(), now=self.client.clock.time(),
+                                older_than=older_than)
+
+    def run(
+        self,
+        *,
+        stop: threading.Event | None = None,
+        idle: float = 5.0,
+        pending_orders: Callable[[], Iterable[tuple[str, float]]] | None = None,
+        sweep_every: float = 300.0,
+    ) -> None:
+        """Process jobs as they come due, and sweep ``pending_orders`` every
+        ``sweep_every`` seconds, until ``stop`` is set."""
         stop = stop or threading.Event()
+        last_sweep: float | None = None
         while not stop.is_set():
+            now = self.client.clock.monotonic()
+            if pending_orders is not None and (last_sweep is None
+                                               or now - last_sweep >= sweep_every):
+                self.sweep(pending_orders)
+                last_sweep = now
             if self.run_pending() == 0:
                 stop.wait(idle)
