@@ -13,7 +13,7 @@ from foxpoll import _resources
 
 @pytest.mark.parametrize("module", ["foxpoll", "foxpoll.backoff", "foxpoll.dedup",
                                     "foxpoll.delivery", "foxpoll.errors", "foxpoll.events",
-                                    "foxpoll.metrics", "foxpoll.models",
+                                    "foxpoll.metrics", "foxpoll.models", "foxpoll.recovery",
                                     "foxpoll.polling", "foxpoll.testing"])
 def test_all_is_sorted_and_resolves(module: str) -> None:
     mod = importlib.import_module(module)
@@ -25,6 +25,7 @@ def test_all_is_sorted_and_resolves(module: str) -> None:
 def test_package_exports_only_public_names() -> None:
     public = {n for n in dir(foxpoll) if not n.startswith("_")} - {
         "backoff", "dedup", "delivery", "errors", "events", "metrics", "models", "polling",
+        "recovery",
         "testing",
         "transports",  # submodules
     }
