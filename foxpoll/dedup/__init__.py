@@ -6,8 +6,7 @@ the optional extras until you pick a store.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from foxpoll._lazy import lazy_attributes
 
 from .base import (
     AsyncDedupStore,
@@ -37,18 +36,11 @@ __all__ = [
     "SQLiteDedupStore",
 ]
 
-_LAZY = {
+__getattr__ = lazy_attributes(__name__, {
     "PostgresDedupStore": "postgres",
     "AsyncPostgresDedupStore": "postgres",
     "RedisDedupStore": "redis",
     "AsyncRedisDedupStore": "redis",
     "DynamoDBDedupStore": "dynamodb",
     "AsyncDynamoDBDedupStore": "dynamodb",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'foxpoll.dedup' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+})

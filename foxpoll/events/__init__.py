@@ -5,8 +5,7 @@ Publishers import their drivers only when first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from foxpoll._lazy import lazy_attributes
 
 from .base import AsyncPublisher, EventError, OrderEvent, Publisher, event_id_for
 from .memory import InMemoryPublisher
@@ -26,18 +25,11 @@ __all__ = [
     "event_id_for",
 ]
 
-_LAZY = {
+__getattr__ = lazy_attributes(__name__, {
     "RedisStreamPublisher": "redis_streams",
     "AsyncRedisStreamPublisher": "redis_streams",
     "RedisStreamConsumer": "redis_streams",
     "AsyncRedisStreamConsumer": "redis_streams",
     "SQSPublisher": "sqs",
     "AsyncSQSPublisher": "sqs",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'foxpoll.events' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+})

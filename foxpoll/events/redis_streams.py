@@ -200,23 +200,19 @@ class AsyncRedisStreamPublisher:
 
 
 class _ConsumerBase:
-    def __init__(
-        self,
-        client: Any,
-        *,
-        group: str,
-        consumer: str,
-        handler: Callable[[OrderEvent], Any],
-        stream: str,
-        claim_idle: float,
-        max_deliveries: int,
-        block: float | None,
-        maxlen: int,
-    ) -> None:
+    """Configuration shared by both consumers; each names its Redis client class."""
+
+    _client_class: Any
+
+    def __init__(self, url_or_client: Any, *, group: str, consumer: str,
+                 handler: Callable[[OrderEvent], Any], stream: str = DEFAULT_STREAM,
+                 claim_idle: float = 60.0, max_deliveries: int = 5,
+                 block: float | None = 1.0, maxlen: int = 100_000) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
-        self._client = client
-        self._owns = False
+        self._owns = isinstance(url_or_client, str)
+        self._client = (self._client_class.from_url(url_or_client) if self._owns
+                        else url_or_client)
         self.handler = handler
         self.flows = ConsumerFlows(
             stream, group, consumer, int(claim_idle * 1000), max_deliveries,
@@ -240,16 +236,7 @@ class RedisStreamConsumer(_ConsumerBase):
         maxlen: ``MAXLEN ~`` of the dead-letter stream.
     """
 
-    def __init__(self, url_or_client: Any, *, group: str, consumer: str,
-                 handler: Callable[[OrderEvent], Any], stream: str = DEFAULT_STREAM,
-                 claim_idle: float = 60.0, max_deliveries: int = 5,
-                 block: float | None = 1.0, maxlen: int = 100_000) -> None:
-        client = (redis.Redis.from_url(url_or_client) if isinstance(url_or_client, str)
-                  else url_or_client)
-        super().__init__(client, group=group, consumer=consumer, handler=handler,
-                         stream=stream, claim_idle=claim_idle, max_deliveries=max_deliveries,
-                         block=block, maxlen=maxlen)
-        self._owns = isinstance(url_or_client, str)
+    _client_class = redis.Redis
 
     def close(self) -> None:
         """Close the client, if the consumer created it from a URL."""
@@ -290,16 +277,7 @@ class RedisStreamConsumer(_ConsumerBase):
 class AsyncRedisStreamConsumer(_ConsumerBase):
     """:class:`RedisStreamConsumer` on ``redis.asyncio``; the handler may be async."""
 
-    def __init__(self, url_or_client: Any, *, group: str, consumer: str,
-                 handler: Callable[[OrderEvent], Any], stream: str = DEFAULT_STREAM,
-                 claim_idle: float = 60.0, max_deliveries: int = 5,
-                 block: float | None = 1.0, maxlen: int = 100_000) -> None:
-        client = (aredis.Redis.from_url(url_or_client) if isinstance(url_or_client, str)
-                  else url_or_client)
-        super().__init__(client, group=group, consumer=consumer, handler=handler,
-                         stream=stream, claim_idle=claim_idle, max_deliveries=max_deliveries,
-                         block=block, maxlen=maxlen)
-        self._owns = isinstance(url_or_client, str)
+    _client_class = aredis.Redis
 
     async def aclose(self) -> None:
         """Close the client, if the consumer created it from a URL."""

@@ -7,8 +7,7 @@ first use).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from foxpoll._lazy import lazy_attributes
 
 from .base import JobQueue, JobState, RecoveryJob, RecoveryQueue
 from .sqlite import SQLiteRecoveryQueue
@@ -29,7 +28,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "ProcrastinateRecoveryQueue":
-        return importlib.import_module(".procrastinate", __name__).ProcrastinateRecoveryQueue
-    raise AttributeError(f"module 'foxpoll.recovery' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {"ProcrastinateRecoveryQueue": "procrastinate"})
