@@ -80,7 +80,7 @@ def main() -> None:
                     print(f"  {result.order_id[:8]} {result.order.status}")
 
             stalled = ids[3]
-            sim.script(stalled, OrderScript.complete(after=clock.monotonic() + 1800))
+            sim.settle(stalled, after=1800)  # FoxReload finishes it half an hour later
             worker = RecoveryWorker(client, queue, store, on_completed=send_codes)
             checks = 0
             while (due := queue.next_due()) is not None:

@@ -66,6 +66,7 @@ class PollAttempt:
             ``"error"``.
         order: The order, when the poll succeeded.
         error: The error, when it did not.
+        next_poll_in: Seconds until the next poll; None when this poll ended the wait.
     """
 
     order_id: str
@@ -74,6 +75,7 @@ class PollAttempt:
     outcome: str
     order: Order | None = None
     error: APIError | None = None
+    next_poll_in: float | None = None
 
 
 @attrs.frozen
@@ -223,8 +225,9 @@ class OrderWatch:
         self.attempts += 1
         elapsed = now - self._started
         notes: list[Notify] = []
+        attempt = self._attempt(outcome, elapsed)
         if opts.on_poll is not None:
-            notes.append(Notify(opts.on_poll, (self._attempt(outcome, elapsed),)))
+            notes.append(Notify(opts.on_poll, (attempt,)))
         if isinstance(outcome, Exception):
             if not self._is_transient(outcome, elapsed):
                 # An account or programming error (401, 400, ...): polling again won't help.
@@ -265,6 +268,8 @@ class OrderWatch:
         if deadline is not None and now + delay >= deadline:
             log.info("order %s: the next poll would pass the deadline", self.order_id)
             return self._stall(notes, elapsed, outcome)
+        if opts.on_poll is not None:  # now that it is known, tell on_poll the next wait too
+            notes[0] = Notify(opts.on_poll, (attrs.evolve(attempt, next_poll_in=delay),))
         return Decision(tuple(notes), delay=delay)
 
     def _attempt(self, outcome: Order | Exception, elapsed: float) -> PollAttempt:

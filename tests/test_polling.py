@@ -563,3 +563,12 @@ def test_on_finish_is_called_once_however_a_wait_ends(sim: FakeFoxReload) -> Non
     assert finished[2].attempts == 3
     assert finished[2].order is not None  # the last order seen
     assert finished[0].elapsed >= 5
+
+
+def test_on_poll_is_told_when_the_next_poll_comes(sim: FakeFoxReload, clock: FakeClock) -> None:
+    sim.script_next(OrderScript.complete(after=30))
+    seen: list[PollAttempt] = []
+    with sim.client() as client:
+        client.wait_for_completion(paid_order(client), on_poll=seen.append)
+    assert [p.next_poll_in for p in seen[:-1]] == pytest.approx(clock.sleeps)
+    assert seen[-1].next_poll_in is None  # the poll that saw it completed ended the wait

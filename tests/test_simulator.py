@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -312,3 +314,24 @@ def test_disconnect_over_real_http_is_a_connection_error() -> None:
             FoxReload(sim.api_key, base_url=server.url, max_retries=1) as client:
         assert client.products.get("product_steam_10").id == "product_steam_10"
     assert sim.count() == 2
+
+
+@pytest.mark.parametrize("real_clock", [False, True])
+def test_settle_finishes_a_stalled_order_relative_to_now(real_clock: bool) -> None:
+    clock: Any = SystemClock() if real_clock else FakeClock(start=5000)
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.stall(paid_for=0))
+    with sim.client() as client:
+        order = client.orders.create(items=STEAM)
+        client.orders.pay(order.id)
+        sim.settle(order.id, after=0.2 if real_clock else 60)
+        assert client.orders.get(order.id).status is OrderStatus.PROCESSING
+        if real_clock:
+            import time
+
+            time.sleep(0.25)
+        else:
+            clock.advance(60)
+        assert client.orders.get(order.id).status is OrderStatus.COMPLETED
+        unpaid = client.orders.create(items=STEAM)
+        with pytest.raises(ValueError, match="not paid"):
+            sim.settle(unpaid.id)

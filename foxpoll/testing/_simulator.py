@@ -152,6 +152,19 @@ class FakeFoxReload:
         with self._lock:
             self._orders[order_id].script = script
 
+    def settle(self, order_id: str, *, after: float = 0.0,
+               outcome: Outcome = Outcome.COMPLETE) -> None:
+        """Make a paid order (a stalled one, say) reach ``outcome`` ``after`` seconds from
+        now, whatever the clock."""
+        with self._lock:
+            order = self._orders[order_id]
+            if order.paid_at is None:
+                raise ValueError(f"order {order_id} is not paid")
+            since_payment = self.clock.monotonic() - order.paid_at
+            paid_for = min(order.script.paid_for, since_payment)
+            order.script = attrs.evolve(order.script, outcome=outcome, paid_for=paid_for,
+                                        processing_for=since_payment - paid_for + after)
+
     def inject(self, *faults: Fault) -> None:
         """Apply these faults to the next matching requests, each ``fault.times`` times."""
         with self._lock:

@@ -1,0 +1,216 @@
+"""The ``foxpoll`` command.
+
+::
+
+    foxpoll demo                          the whole job against the simulator, no key needed
+    foxpoll orders get|pay|wait ORDER_ID  the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL)
+    foxpoll orders create --item ID[:QTY] [--note KEY=VALUE] [--mock]
+    foxpoll dlq list|requeue|close        the recovery queue's dead letters
+    foxpoll simulate --port 8080          serve the simulator over HTTP
+    foxpoll --version
+
+Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._version import __version__
+from .errors import FoxPollError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foxpoll", description="Buy from FoxReload and deliver codes exactly once.")
+    parser.add_argument("--version", action="version", version=f"foxpoll {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run the whole job against the simulator")
+    demo.add_argument("--virtual", action="store_true",
+                      help="run on virtual time: finishes at once, no live table")
+    demo.add_argument("--plain", action="store_true", help="plain lines, no live table")
+    demo.add_argument("--db", type=Path, help="keep the SQLite store and queue in this file")
+
+    orders = commands.add_parser("orders", help="orders on the real API").add_subparsers(
+        dest="action", required=True)
+    for name, text in (("get", "show an order"), ("pay", "pay an order from the balance"),
+                       ("wait", "wait until an order finishes")):
+        sub = orders.add_parser(name, help=text)
+        sub.add_argument("order_id")
+        sub.add_argument("--show-codes", action="store_true", help="print delivered codes")
+        sub.add_argument("--json", action="store_true", help="print the order as JSON")
+        if name == "pay":
+            sub.add_argument("--provider", help="an external payment provider")
+        if name == "wait":
+            sub.add_argument("--timeout", type=float, help="seconds to wait at most")
+    create = orders.add_parser("create", help="create an order")
+    create.add_argument("--item", action="append", required=True, metavar="ID[:QTY]")
+    create.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
+                        help="product note fields (for every item)")
+    create.add_argument("--mock", action="store_true", help="a test order")
+    create.add_argument("--json", action="store_true")
+    create.add_argument("--show-codes", action="store_true")
+
+    dlq = commands.add_parser("dlq", help="the recovery queue's dead letters")
+    dlq.add_argument("--queue", default="sqlite:///foxpoll.db",
+                     help="sqlite:///PATH or a postgresql:// URL (procrastinate)")
+    actions = dlq.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="list dead letters")
+    requeue = actions.add_parser("requeue", help="give an order a fresh set of re-checks")
+    requeue.add_argument("order_id")
+    close = actions.add_parser("close", help="settle an order by hand, with a reason")
+    close.add_argument("order_id")
+    close.add_argument("reason")
+
+    simulate = commands.add_parser("simulate", help="serve the FoxReload simulator over HTTP")
+    simulate.add_argument("--port", type=int, default=8080)
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--api-key", default="test-key")
+    simulate.add_argument("--complete-after", type=float, default=6.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run the command; return the exit status."""
+    out = out or sys.stdout
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args, out)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FoxPollError, ValueError, KeyError, OSError) as exc:
+        if args.debug:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"foxpoll: error: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        live = not args.plain and out.isatty()
+        tallies = run_demo(virtual=args.virtual, live=live, out=out, db=args.db)
+        ok = tallies["delivered"] == 4 and tallies["redelivered"] == 0
+        return 0 if ok and tallies["dead_letters"] == 0 else 1
+    if args.command == "simulate":
+        from .testing.__main__ import main as simulate
+
+        simulate(["--port", str(args.port), "--host", args.host, "--api-key", args.api_key,
+                  "--complete-after", str(args.complete_after)])
+        return 0
+    if args.command == "orders":
+        return _orders(args, out)
+    return _dlq(args, out)
+
+
+def _orders(args: argparse.Namespace, out: TextIO) -> int:
+    from ._client import FoxReload
+
+    with FoxReload() as client:
+        if args.action == "create":
+            note = dict(_pair(n) for n in args.note) or None
+            items = [_item(spec, note) for spec in args.item]
+            order = client.orders.create(items=items, is_mock=args.mock)
+        elif args.action == "get":
+            order = client.orders.get(args.order_id)
+        elif args.action == "pay":
+            order = client.orders.pay(args.order_id, payment_provider=args.provider)
+        else:
+            def progress(attempt: Any) -> None:
+                status = attempt.order.status.value if attempt.order else attempt.outcome
+                print(f"  poll {attempt.attempt}: {status} ({attempt.elapsed:.0f}s)",
+                      file=sys.stderr)
+
+            order = client.wait_for_completion(args.order_id, timeout=args.timeout,
+                                               on_poll=progress, raise_on_failure=False)
+    _print_order(order, out, as_json=args.json, show_codes=args.show_codes)
+    return 0 if order.status.value in ("completed", "active", "paid", "processing") else 2
+
+
+def _item(spec: str, note: dict[str, str] | None) -> dict[str, Any]:
+    item_id, _, quantity = spec.partition(":")
+    if not item_id:
+        raise ValueError(f"--item {spec!r}: expected ID or ID:QUANTITY")
+    try:
+        count = int(quantity) if quantity else 1
+    except ValueError:
+        raise ValueError(f"--item {spec!r}: the quantity must be a whole number") from None
+    return {"itemId": item_id, "quantity": count, "note": note}
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--note {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _print_order(order: Any, out: TextIO, *, as_json: bool, show_codes: bool) -> None:
+    if as_json:
+        data = dict(order.raw)
+        if not show_codes:
+            data["items"] = [{**i, "externalData": "<redacted>" if i.get("externalData")
+                              else i.get("externalData")} for i in data.get("items", [])]
+        print(json.dumps(data, indent=2, default=str), file=out)
+        return
+    print(f"order {order.id}: {order.status}", file=out)
+    if order.cancel_reason:
+        print(f"  cancelled: {order.cancel_reason}", file=out)
+    if order.total_price is not None:
+        print(f"  total: {order.total_price} {order.currency or ''}".rstrip(), file=out)
+    for item in order.items:
+        line = f"  {item.quantity} x {item.item_id}"
+        if item.error:
+            line += f" (error: {item.error})"
+        print(line, file=out)
+        for code in item.codes:
+            shown = json.dumps(code) if show_codes else "<redacted: --show-codes>"
+            print(f"    code: {shown}", file=out)
+
+
+def _dlq(args: argparse.Namespace, out: TextIO) -> int:
+    queue = _queue(args.queue)
+    try:
+        if args.action == "list":
+            jobs = queue.list_dead()
+            for job in jobs:
+                print(f"{job.order_id}  attempts={job.attempts}  last_status={job.last_status}"
+                      f"  last_error={job.last_error or '-'}", file=out)
+            print(f"{len(jobs)} dead letter(s)", file=out)
+        elif args.action == "requeue":
+            queue.requeue(args.order_id)
+            print(f"{args.order_id}: requeued", file=out)
+        else:
+            queue.close(args.order_id, args.reason)
+            print(f"{args.order_id}: closed ({args.reason})", file=out)
+    finally:
+        queue.close_connections()
+    return 0
+
+
+def _queue(url: str) -> Any:
+    if url.startswith("sqlite:///"):
+        from .recovery.sqlite import SQLiteRecoveryQueue
+
+        return SQLiteRecoveryQueue(url[len("sqlite:///"):])
+    if url.startswith(("postgresql://", "postgres://")):
+        from .recovery.procrastinate import ProcrastinateRecoveryQueue
+
+        return ProcrastinateRecoveryQueue(url)
+    raise ValueError(f"--queue {url!r}: use sqlite:///PATH or postgresql://...")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

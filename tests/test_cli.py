@@ -1,0 +1,144 @@
+"""The foxpoll command: demo, orders, dlq, errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from foxpoll import SystemClock, __version__
+from foxpoll.cli import main
+from foxpoll.recovery import SQLiteRecoveryQueue
+from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return main(list(argv), out=out), out.getvalue()
+
+
+def test_version() -> None:
+    result = subprocess.run([sys.executable, "-m", "foxpoll", "--version"],  # noqa: S603
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"foxpoll {__version__}"
+
+
+def test_demo_on_virtual_time(tmp_path: Path) -> None:
+    code, output = run("demo", "--virtual", "--db", str(tmp_path / "demo.db"))
+    assert code == 0
+    assert "4 orders delivered exactly once" in output
+    assert "a second attempt delivered 0" in output
+    assert "stalled -> recovery queue" in output
+    assert "recovered after" in output
+    assert "failed: supplier out of stock" in output
+    assert "0 dead letters" in output
+    code, listing = run("dlq", "--queue", f"sqlite:///{tmp_path / 'demo.db'}", "list")
+    assert (code, listing.strip()) == (0, "0 dead letter(s)")
+
+
+def test_dlq_list_requeue_close(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    queue = SQLiteRecoveryQueue(path)
+    for order_id in ("o-1", "o-2"):
+        queue.enqueue(order_id)
+        queue.bury(order_id, last_status="processing", last_error="timeout")
+    url = f"sqlite:///{path}"
+    code, listing = run("dlq", "--queue", url, "list")
+    assert code == 0
+    assert "o-1  attempts=1  last_status=processing  last_error=timeout" in listing
+    assert "2 dead letter(s)" in listing
+    assert run("dlq", "--queue", url, "requeue", "o-1") == (0, "o-1: requeued\n")
+    assert run("dlq", "--queue", url, "close", "o-2", "refunded") == (0,
+                                                                      "o-2: closed (refunded)\n")
+    assert run("dlq", "--queue", url, "list")[1].strip() == "0 dead letter(s)"
+
+
+def test_errors_are_one_line_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _ = run("dlq", "--queue", f"sqlite:///{tmp_path / 'q.db'}", "requeue", "nope")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "foxpoll: error: KeyError: nope"
+    assert "Traceback" not in err
+    code, _ = run("dlq", "--queue", "mysql://x", "list")
+    assert code == 1
+    assert "use sqlite:///PATH" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    with pytest.raises(KeyError):
+        main(["--debug", "dlq", "--queue", f"sqlite:///{tmp_path / 'q.db'}", "requeue", "nope"])
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeFoxReload]:
+    sim = FakeFoxReload(clock=SystemClock(), default_script=OrderScript.complete(after=0.3))
+    with SimulatorServer(sim) as server:
+        monkeypatch.setenv("FOXRELOAD_API_KEY", sim.api_key)
+        monkeypatch.setenv("FOXRELOAD_BASE_URL", server.url)
+        yield sim
+
+
+def test_orders_create_pay_wait_get(api: FakeFoxReload) -> None:
+    code, created = run("orders", "create", "--item", "product_pubg_660:2",
+                        "--note", "player_id=77", "--mock")
+    assert code == 0
+    order_id = created.split()[1].rstrip(":")
+    assert "2 x product_pubg_660" in created
+    assert api.requests[-1].json == {"items": [{"itemId": "product_pubg_660", "quantity": 2,
+                                                "note": {"player_id": "77"}}], "isMock": True}
+    code, paid = run("orders", "pay", order_id)
+    assert (code, paid.splitlines()[0]) == (0, f"order {order_id}: paid")
+    code, waited = run("orders", "wait", order_id, "--timeout", "30")
+    assert code == 0
+    assert waited.splitlines()[0] == f"order {order_id}: completed"
+    assert waited.count("<redacted: --show-codes>") == 2  # codes hidden by default
+    code, shown = run("orders", "get", order_id, "--show-codes")
+    codes = [line.split("code: ")[1] for line in shown.splitlines() if "code: " in line]
+    assert len(codes) == 2
+    assert all('"code"' in c and '"pin"' in c for c in codes)
+    code, as_json = run("orders", "get", order_id, "--json")
+    assert '"externalData": "<redacted>"' in as_json
+
+
+def test_orders_with_a_bad_key_fail_in_one_line(
+    api: FakeFoxReload, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FOXRELOAD_API_KEY", "wrong-key-123")
+    code, _ = run("orders", "get", "some-order")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("foxpoll: error: AuthenticationError: HTTP 401")
+    assert "wrong-key-123" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_failed_order_exits_non_zero(api: FakeFoxReload) -> None:
+    api.script_next(OrderScript.fail(after=0.2))
+    _, created = run("orders", "create", "--item", "product_steam_10")
+    order_id = created.split()[1].rstrip(":")
+    run("orders", "pay", order_id)
+    code, waited = run("orders", "wait", order_id)
+    assert code == 2
+    assert "failed" in waited
+
+
+def test_bad_item_spec_is_a_clear_error(api: FakeFoxReload,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("orders", "create", "--item", "p:many")[0] == 1
+    assert "quantity must be a whole number" in capsys.readouterr().err
+
+
+def test_missing_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("FOXRELOAD_API_KEY", raising=False)
+    assert run("orders", "get", "x")[0] == 1
+    assert "FOXRELOAD_API_KEY" in capsys.readouterr().err
+    assert os.environ.get("FOXRELOAD_API_KEY") is None
