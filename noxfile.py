@@ -1,23 +1,26 @@
-"""Sessions: ``nox`` runs tests, lint and typecheck; ``nox -s bench`` runs the benchmarks."""
+"""Sessions. ``nox`` runs tests, lint, typecheck, docs, examples and package; ``nox -s bench``
+runs the benchmarks."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs", "examples", "package"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
+CI_ENV = {"CI": os.environ.get("CI", "")}
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite, against the machine's PostgreSQL and Redis where tests need them."""
+    """The test suite, against the machine's PostgreSQL, Redis and MariaDB where needed."""
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
-    session.run("pytest", *session.posargs, env={"CI": os.environ.get("CI", "")})
+    session.run("pytest", "--ignore=tests/test_examples.py", *session.posargs, env=CI_ENV)
 
 
 @nox.session
@@ -32,6 +35,52 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy", "--strict", "foxpoll")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site, built with --strict (a broken link or reference fails)."""
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(Path(session.create_tmp(),
+                                                                       "site")),
+                env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Every example, then the README's demo in real time."""
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", "tests/test_examples.py", *session.posargs, env=CI_ENV)
+    session.run("foxpoll", "demo", "--plain")
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """Build the wheel and sdist; each installs into a fresh venv with only the core
+    dependencies and imports; the cli extra then runs the demo."""
+    session.install("build")
+    dist = Path(session.create_tmp(), "dist")
+    session.run("python", "-m", "build", "--outdir", str(dist))
+    wheel = next(dist.glob("foxpoll-*.whl"))
+    sdist = next(dist.glob("foxpoll-*.tar.gz"))
+    for artifact in (wheel, sdist):
+        venv = Path(session.create_tmp(), f"venv-{artifact.suffix.strip('.')}")
+        session.run("python", "-m", "venv", "--clear", str(venv))
+        python = str(venv / "bin" / "python")
+        session.run(python, "-m", "pip", "install", "--quiet", str(artifact), external=True)
+        session.run(python, "-c", (
+            "import importlib, foxpoll\n"
+            "for name in ['foxpoll.backoff', 'foxpoll.cli', 'foxpoll.dedup', 'foxpoll.delivery',"
+            " 'foxpoll.events', 'foxpoll.metrics', 'foxpoll.polling', 'foxpoll.recovery',"
+            " 'foxpoll.testing']:\n"
+            "    importlib.import_module(name)\n"
+            "from importlib.resources import files\n"
+            "assert files('foxpoll').joinpath('py.typed').is_file()\n"
+            "print('core install imports', foxpoll.__version__)"
+        ), external=True)
+        session.run(str(venv / "bin" / "foxpoll"), "--version", external=True)
+    session.run(python, "-m", "pip", "install", "--quiet", f"{wheel}[cli]", external=True)
+    session.run(str(venv / "bin" / "foxpoll"), "demo", "--virtual", external=True)
 
 
 @nox.session

@@ -23,7 +23,7 @@ def run(*argv: str) -> tuple[int, str]:
 
 
 def test_version() -> None:
-    result = subprocess.run([sys.executable, "-m", "foxpoll", "--version"],  # noqa: S603
+    result = subprocess.run([sys.executable, "-m", "foxpoll", "--version"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0
     assert result.stdout.strip() == f"foxpoll {__version__}"

@@ -1,4 +1,4 @@
-"""Every example runs to completion, as a user would run it."""
+"""Every example runs to completion, as a user would run it (the nox `examples` session)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from .services import MARIADB, require
+
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+NEEDS = {  # examples that talk to a real server
+    "mysql_store.py": ("MariaDB", MARIADB["host"], MARIADB["port"]),
+    "recovery_and_events.py": ("Redis", "127.0.0.1", 6379),
+}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(path: Path) -> None:
+    if path.name in NEEDS:
+        require(*NEEDS[path.name])
     result = subprocess.run(  # noqa: S603 - our own example files
         [sys.executable, str(path)], capture_output=True, text=True, timeout=120, check=False
     )
