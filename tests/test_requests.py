@@ -305,3 +305,16 @@ async def test_async_client_sends_the_same_shapes(api: respx.MockRouter) -> None
     assert json.loads(sent(pay).content) == {"paymentProvider": None}
     for route in (get, products, search, product, categories, orders):
         assert sent(route).headers["X-API-Key"] == API_KEY
+
+
+def test_with_options_changes_key_and_base_url_for_the_copy_only() -> None:
+    with respx.mock(assert_all_called=True) as router:
+        old = router.get("https://a.test/api/orders/abc").respond(200, json=ORDER)
+        new = router.get("https://b.test/v2/api/orders/abc").respond(200, json=ORDER)
+        with FoxReload("key-one", base_url="https://a.test") as client:
+            client.orders.get("abc")  # fills the URL cache of the original
+            copy = client.with_options(api_key="key-two", base_url="https://b.test/v2")
+            copy.orders.get("abc")
+            client.orders.get("abc")
+    assert [c.request.headers["X-API-Key"] for c in old.calls] == ["key-one", "key-one"]
+    assert new.calls.last.request.headers["X-API-Key"] == "key-two"
