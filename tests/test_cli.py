@@ -142,3 +142,34 @@ def test_missing_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
     assert run("orders", "get", "x")[0] == 1
     assert "FOXRELOAD_API_KEY" in capsys.readouterr().err
     assert os.environ.get("FOXRELOAD_API_KEY") is None
+
+
+def test_simulate_serves_over_http() -> None:
+    import time
+
+    import httpx
+
+    from .services import free_port
+
+    port = free_port()
+    with subprocess.Popen(  # noqa: S603 - our own command
+        [sys.executable, "-m", "foxpoll", "simulate", "--port", str(port), "--api-key", "k1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as server:
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    answer = httpx.get(f"http://127.0.0.1:{port}/api/products/product_steam_10/",
+                                       headers={"X-API-Key": "k1"})
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            assert answer.status_code == 200
+            assert answer.json()["id"] == "product_steam_10"
+            assert httpx.get(f"http://127.0.0.1:{port}/api/products/product_steam_10/",
+                             headers={"X-API-Key": "wrong"}).status_code == 401
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
