@@ -2,7 +2,8 @@
 
 For each backend, the raw side runs exactly the statements foxpoll's happy path sends (the
 claim, then the complete), on the same server, with the same driver and connection
-reuse; foxpoll runs ``deliver_once`` with a no-op deliver. Printed: median and p99 latency,
+reuse; foxpoll runs ``deliver_once`` with a no-op deliver. The two sides alternate, op by
+op, so a machine's drift affects both alike. Printed: median and p99 latency,
 operations per second, and the ratio of foxpoll's median to the raw one (the target is
 1.25x or less on PostgreSQL and Redis).
 
@@ -51,6 +52,17 @@ def timed(operation: Callable[[str], Any], count: int) -> list[float]:
         operation(order_id)
         latencies.append(time.perf_counter() - start)
     return latencies
+
+
+def interleaved(first: Callable[[str], Any], second: Callable[[str], Any],
+                count: int) -> tuple[list[float], list[float]]:
+    """Time the two sides alternately, op by op, so drift on a busy machine hits both."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(count):
+        a += timed(first, 1)
+        b += timed(second, 1)
+    return a, b
 
 
 def summary(latencies: list[float]) -> tuple[float, float, float]:
@@ -209,9 +221,9 @@ def main() -> None:
             for name, (store, raw, _) in backends.items():
                 timed(raw, 100)  # warm both up: connections, prepared scripts, caches
                 timed(lambda i, s=store: deliver_once(order(i), lambda o: None, s), 100)
-                raw_stats = summary(timed(raw, args.ops))
-                fox_stats = summary(timed(
-                    lambda i, s=store: deliver_once(order(i), lambda o: None, s), args.ops))
+                raw_times, fox_times = interleaved(
+                    raw, lambda i, s=store: deliver_once(order(i), lambda o: None, s), args.ops)
+                raw_stats, fox_stats = summary(raw_times), summary(fox_times)
                 for side, (median, p99, rate) in (("raw", raw_stats), ("foxpoll", fox_stats)):
                     ratio = f"{fox_stats[0] / raw_stats[0]:.2f}x" if side == "foxpoll" else ""
                     print(f"{name:<11}{side:<9}{median * 1e3:>8.3f}ms{p99 * 1e3:>8.3f}ms"

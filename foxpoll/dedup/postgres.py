@@ -79,7 +79,7 @@ class PostgresDedupStore(FlowStore, DedupStore):
                 query: Query = next(flow)
                 while True:
                     cur.execute(query.sql, query.params)
-                    query = flow.send(cur.fetchall() if cur.description else [])
+                    query = flow.send(cur.fetchall())  # every statement returns rows
             except StopIteration as stop:
                 return stop.value
             finally:
@@ -128,7 +128,7 @@ class AsyncPostgresDedupStore(FlowStore, AsyncDedupStore):
                 query: Query = next(flow)
                 while True:
                     await cur.execute(query.sql, query.params)
-                    query = flow.send(await cur.fetchall() if cur.description else [])
+                    query = flow.send(await cur.fetchall())
             except StopIteration as stop:
                 return stop.value
             finally:
