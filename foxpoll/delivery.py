@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from ._effects import arun_flow, run_flow
 from .dedup.base import AsyncDedupStore, DedupStore, DeliveryRecord, DeliveryState
 from .errors import DeliveryInProgress, LeaseLost, StoreUnavailable
 from .models import Order, OrderStatus
@@ -219,41 +220,23 @@ async def adeliver_once(
     return await _arun(delivery_flow(order, deliver, store, lease))
 
 
+def _call(effect: Invoke) -> Any:
+    result = effect.fn(*effect.args)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(f"{effect.fn!r} is async; use adeliver_once")
+    return result
+
+
+def _acall(effect: Invoke) -> Any:
+    return effect.fn(*effect.args)  # arun_flow awaits what is awaitable
+
+
 def _run(flow: Flow[T]) -> T:
-    try:
-        effect = next(flow)
-        while True:
-            try:
-                result = effect.fn(*effect.args)
-                if inspect.isawaitable(result):
-                    if inspect.iscoroutine(result):
-                        result.close()
-                    raise TypeError(f"{effect.fn!r} is async; use adeliver_once")
-            except BaseException as exc:
-                effect = flow.throw(exc)
-            else:
-                effect = flow.send(result)
-    except StopIteration as stop:
-        value: T = stop.value
-        return value
-    finally:
-        flow.close()
+    # Exceptions go back into the flow: it releases the claim, then re-raises.
+    return run_flow(flow, _call, throw_errors=True)
 
 
 async def _arun(flow: Flow[T]) -> T:
-    try:
-        effect = next(flow)
-        while True:
-            try:
-                result = effect.fn(*effect.args)
-                if inspect.isawaitable(result):
-                    result = await result
-            except BaseException as exc:
-                effect = flow.throw(exc)
-            else:
-                effect = flow.send(result)
-    except StopIteration as stop:
-        value: T = stop.value
-        return value
-    finally:
-        flow.close()
+    return await arun_flow(flow, _acall, throw_errors=True)

@@ -24,6 +24,8 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
+from foxpoll._effects import arun_flow, run_flow
+
 from ._flows import Flow, FlowStore
 from .base import (
     AsyncDedupStore,
@@ -251,10 +253,15 @@ def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError)  # connection, timeout and endpoint errors
 
 
-def _condition_failed(exc: ClientError) -> ConditionFailed | None:
+def _condition_failed_or_raise(exc: ClientError) -> ConditionFailed:
+    """A failed condition is an answer (the record in the way), not an error."""
     if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
         return ConditionFailed(exc.response.get("Item"))
-    return None
+    raise exc
+
+
+def _mapped(exc: ClientError | BotoCoreError) -> Exception:
+    return unavailable("DynamoDB", exc) if _is_unavailable(exc) else exc
 
 
 class DynamoDBDedupStore(FlowStore, DedupStore):
@@ -283,30 +290,21 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
         """Create the table and its index (idempotent), wait for it, and enable the TTL."""
         self._run(self._flows.setup())
 
+    def _perform(self, effect: Call | Pause) -> Any:
+        if isinstance(effect, Pause):
+            time.sleep(effect.seconds)
+            return None
+        try:
+            return getattr(self._client, effect.operation)(**effect.params)
+        except ClientError as exc:
+            return _condition_failed_or_raise(exc)
+
     def _run(self, flow: Flow[Any]) -> Any:
         try:
-            effect: Call | Pause = next(flow)
-            while True:
-                if isinstance(effect, Pause):
-                    time.sleep(effect.seconds)
-                    effect = flow.send(None)
-                    continue
-                try:
-                    reply: Any = getattr(self._client, effect.operation)(**effect.params)
-                except ClientError as exc:
-                    reply = _condition_failed(exc)
-                    if reply is None:
-                        effect = flow.throw(exc)  # the flow may expect it (table exists)
-                        continue
-                effect = flow.send(reply)
-        except StopIteration as stop:
-            return stop.value
+            # Errors go back into the flow: table setup expects "already exists".
+            return run_flow(flow, self._perform, throw_errors=True)
         except (ClientError, BotoCoreError) as exc:
-            if _is_unavailable(exc):
-                raise unavailable("DynamoDB", exc) from exc
-            raise
-        finally:
-            flow.close()
+            raise _mapped(exc) from exc
 
 
 class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
@@ -350,31 +348,21 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
         """See :meth:`DynamoDBDedupStore.create_table`."""
         await self._run(self._flows.setup())
 
+    async def _perform(self, effect: Call | Pause) -> Any:
+        if isinstance(effect, Pause):
+            await asyncio.sleep(effect.seconds)
+            return None
+        client = await self._get_client()
+        try:
+            return await getattr(client, effect.operation)(**effect.params)
+        except ClientError as exc:
+            return _condition_failed_or_raise(exc)
+
     async def _run(self, flow: Flow[Any]) -> Any:
         try:
-            client = await self._get_client()
-            effect: Call | Pause = next(flow)
-            while True:
-                if isinstance(effect, Pause):
-                    await asyncio.sleep(effect.seconds)
-                    effect = flow.send(None)
-                    continue
-                try:
-                    reply: Any = await getattr(client, effect.operation)(**effect.params)
-                except ClientError as exc:
-                    reply = _condition_failed(exc)
-                    if reply is None:
-                        effect = flow.throw(exc)
-                        continue
-                effect = flow.send(reply)
-        except StopIteration as stop:
-            return stop.value
+            return await arun_flow(flow, self._perform, throw_errors=True)
         except (ClientError, BotoCoreError) as exc:
-            if _is_unavailable(exc):
-                raise unavailable("DynamoDB", exc) from exc
-            raise
-        finally:
-            flow.close()
+            raise _mapped(exc) from exc
 
     async def aclose(self) -> None:
         if self._context is not None:

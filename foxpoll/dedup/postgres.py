@@ -18,6 +18,8 @@ try:
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("PostgresDedupStore needs psycopg: pip install 'foxpoll[postgres]'") from exc
 
+from foxpoll._effects import arun_flow, run_flow
+
 from ._flows import Flow, FlowStore, Query, SQLFlows
 from ._sql import POSTGRES
 from .base import AsyncDedupStore, DedupStore, unavailable
@@ -75,15 +77,12 @@ class PostgresDedupStore(FlowStore, DedupStore):
         # Autocommit: every statement of a flow is atomic on its own (see SQLFlows), so an
         # explicit transaction would only add BEGIN and COMMIT round trips.
         with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            try:
-                query: Query = next(flow)
-                while True:
-                    cur.execute(query.sql, query.params)
-                    query = flow.send(cur.fetchall())  # every statement returns rows
-            except StopIteration as stop:
-                return stop.value
-            finally:
-                flow.close()
+
+            def perform(query: Query) -> list[dict[str, Any]]:
+                cur.execute(query.sql, query.params)
+                return cur.fetchall()  # every statement returns rows
+
+            return run_flow(flow, perform)
 
 
 class AsyncPostgresDedupStore(FlowStore, AsyncDedupStore):
@@ -124,12 +123,9 @@ class AsyncPostgresDedupStore(FlowStore, AsyncDedupStore):
 
     async def _run(self, flow: Flow[Any]) -> Any:
         async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            try:
-                query: Query = next(flow)
-                while True:
-                    await cur.execute(query.sql, query.params)
-                    query = flow.send(await cur.fetchall())
-            except StopIteration as stop:
-                return stop.value
-            finally:
-                flow.close()
+
+            async def perform(query: Query) -> list[dict[str, Any]]:
+                await cur.execute(query.sql, query.params)
+                return await cur.fetchall()
+
+            return await arun_flow(flow, perform)

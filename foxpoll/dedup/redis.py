@@ -21,6 +21,8 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
+from foxpoll._effects import arun_flow, run_flow
+
 from ._flows import Flow, FlowStore
 from .base import (
     AsyncDedupStore,
@@ -173,7 +175,30 @@ class RedisFlows:
         return records
 
 
-class RedisDedupStore(FlowStore, DedupStore):
+class _RedisStore(FlowStore):
+    """What both Redis stores share; each names its client class and its driver."""
+
+    _client_class: Any
+
+    def __init__(
+        self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS
+    ) -> None:
+        self._owns = isinstance(url_or_client, str)
+        self._client = (
+            self._client_class.from_url(url_or_client, socket_timeout=10,
+                                        socket_connect_timeout=10)
+            if self._owns else url_or_client
+        )
+        self._flows = RedisFlows(key_prefix, int(retention))
+        self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
+
+    def _perform(self, effect: Script | Command) -> Any:
+        if isinstance(effect, Script):
+            return self._scripts[effect.name](keys=effect.keys, args=effect.args)
+        return self._client.execute_command(effect.name, *effect.args)
+
+
+class RedisDedupStore(_RedisStore, DedupStore):
     """A dedup store in Redis.
 
     Args:
@@ -183,71 +208,29 @@ class RedisDedupStore(FlowStore, DedupStore):
         retention: Seconds a DELIVERED record is kept (0: forever).
     """
 
-    def __init__(
-        self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS
-    ) -> None:
-        self._owns = isinstance(url_or_client, str)
-        self._client: redis.Redis = (
-            redis.Redis.from_url(url_or_client, socket_timeout=10, socket_connect_timeout=10)
-            if self._owns else url_or_client
-        )
-        self._flows = RedisFlows(key_prefix, int(retention))
-        self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
+    _client_class = redis.Redis
 
     def _run(self, flow: Flow[Any]) -> Any:
         try:
-            effect = next(flow)
-            while True:
-                if isinstance(effect, Script):
-                    reply = self._scripts[effect.name](keys=effect.keys, args=effect.args)
-                else:
-                    reply = self._client.execute_command(  # type: ignore[no-untyped-call]
-                        effect.name, *effect.args
-                    )
-                effect = flow.send(reply)
-        except StopIteration as stop:
-            return stop.value
+            return run_flow(flow, self._perform)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise unavailable("Redis", exc) from exc
-        finally:
-            flow.close()
 
     def close(self) -> None:
         if self._owns:
             self._client.close()
 
 
-class AsyncRedisDedupStore(FlowStore, AsyncDedupStore):
+class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
     """:class:`RedisDedupStore` on ``redis.asyncio`` (a URL, or a ``redis.asyncio.Redis``)."""
 
-    def __init__(
-        self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS
-    ) -> None:
-        self._owns = isinstance(url_or_client, str)
-        self._client: aredis.Redis = (
-            aredis.Redis.from_url(url_or_client, socket_timeout=10, socket_connect_timeout=10)
-            if self._owns else url_or_client
-        )
-        self._flows = RedisFlows(key_prefix, int(retention))
-        self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
+    _client_class = aredis.Redis
 
     async def _run(self, flow: Flow[Any]) -> Any:
         try:
-            effect = next(flow)
-            while True:
-                if isinstance(effect, Script):
-                    reply = await self._scripts[effect.name](keys=effect.keys, args=effect.args)
-                else:
-                    reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
-                        effect.name, *effect.args
-                    )
-                effect = flow.send(reply)
-        except StopIteration as stop:
-            return stop.value
+            return await arun_flow(flow, self._perform)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise unavailable("Redis", exc) from exc
-        finally:
-            flow.close()
 
     async def aclose(self) -> None:
         if self._owns:

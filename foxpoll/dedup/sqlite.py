@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from foxpoll._effects import run_flow
+
 from ._flows import Flow, FlowStore, Query, SQLFlows
 from ._sql import SQLITE
 from .base import AsyncDedupStore, DedupStore, unavailable
@@ -65,6 +67,10 @@ class SQLiteDedupStore(FlowStore, DedupStore):
             except sqlite3.Error as exc:
                 raise unavailable("SQLite", exc) from exc
 
+    def _perform(self, query: Query) -> list[dict[str, Any]]:
+        params = {**query.params, "now": self._clock()}
+        return [dict(row) for row in self._db.execute(query.sql, params)]
+
     def _run(self, flow: Flow[Any]) -> Any:
         with self._lock:
             try:
@@ -73,22 +79,15 @@ class SQLiteDedupStore(FlowStore, DedupStore):
                 flow.close()
                 raise unavailable("SQLite", exc) from exc
             try:
-                query: Query = next(flow)
-                while True:
-                    params = {**query.params, "now": self._clock()}
-                    rows = [dict(row) for row in self._db.execute(query.sql, params)]
-                    query = flow.send(rows)
-            except StopIteration as stop:
-                self._db.execute("COMMIT")
-                return stop.value
+                result = run_flow(flow, self._perform)
             except sqlite3.Error as exc:
                 self._db.execute("ROLLBACK")
                 raise unavailable("SQLite", exc) from exc
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            finally:
-                flow.close()
+            self._db.execute("COMMIT")
+            return result
 
     def close(self) -> None:
         with self._lock:

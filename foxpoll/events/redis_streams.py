@@ -31,6 +31,8 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
+from foxpoll._effects import arun_flow, run_flow
+
 from .base import EventError, OrderEvent
 
 __all__ = [
@@ -219,6 +221,12 @@ class _ConsumerBase:
             None if block is None else int(block * 1000), f"{stream}:dead", maxlen,
         )
 
+    def _perform(self, effect: Handle | Command) -> Any:
+        # Errors go back into the flow: a failed handler leaves its entry pending there.
+        if isinstance(effect, Handle):
+            return self.handler(effect.event)
+        return getattr(self._client, effect.method)(*effect.args, **effect.kwargs)
+
 
 class RedisStreamConsumer(_ConsumerBase):
     """Consume events through a consumer group, blocking.
@@ -254,24 +262,7 @@ class RedisStreamConsumer(_ConsumerBase):
         return result
 
     def _run(self, flow: Any) -> Any:
-        try:
-            effect = next(flow)
-            while True:
-                try:
-                    if isinstance(effect, Handle):
-                        self.handler(effect.event)
-                        reply = None
-                    else:
-                        method = getattr(self._client, effect.method)
-                        reply = method(*effect.args, **effect.kwargs)
-                except Exception as exc:
-                    effect = flow.throw(exc)
-                    continue
-                effect = flow.send(reply)
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            flow.close()
+        return run_flow(flow, self._perform, throw_errors=True)
 
 
 class AsyncRedisStreamConsumer(_ConsumerBase):
@@ -294,23 +285,4 @@ class AsyncRedisStreamConsumer(_ConsumerBase):
         return result
 
     async def _run(self, flow: Any) -> Any:
-        try:
-            effect = next(flow)
-            while True:
-                try:
-                    if isinstance(effect, Handle):
-                        reply = self.handler(effect.event)
-                        if hasattr(reply, "__await__"):
-                            await reply
-                        reply = None
-                    else:
-                        method = getattr(self._client, effect.method)
-                        reply = await method(*effect.args, **effect.kwargs)
-                except Exception as exc:
-                    effect = flow.throw(exc)
-                    continue
-                effect = flow.send(reply)
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            flow.close()
+        return await arun_flow(flow, self._perform, throw_errors=True)
