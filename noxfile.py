@@ -83,6 +83,14 @@ def package(session: nox.Session) -> None:
     session.run(str(venv / "bin" / "foxpoll"), "demo", "--virtual", external=True)
 
 
+@nox.session(python=["3.10", "3.12", "3.13"])
+def compat(session: nox.Session) -> None:
+    """The test suite on the other supported Pythons (not in the default run: a machine
+    may not have them all)."""
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", "--ignore=tests/test_examples.py", *session.posargs, env=CI_ENV)
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: poll schedules, polling throughput, dedup-store overhead (not in default)."""

@@ -44,10 +44,10 @@ def test_demo_on_virtual_time(tmp_path: Path) -> None:
 
 def test_dlq_list_requeue_close(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
-    queue = SQLiteRecoveryQueue(path)
-    for order_id in ("o-1", "o-2"):
-        queue.enqueue(order_id)
-        queue.bury(order_id, last_status="processing", last_error="timeout")
+    with SQLiteRecoveryQueue(path) as queue:
+        for order_id in ("o-1", "o-2"):
+            queue.enqueue(order_id)
+            queue.bury(order_id, last_status="processing", last_error="timeout")
     url = f"sqlite:///{path}"
     code, listing = run("dlq", "--queue", url, "list")
     assert code == 0

@@ -217,6 +217,7 @@ def test_a_corrupted_record_is_a_dedup_error(tmp_path: Any) -> None:
                       (order.id,))
     with pytest.raises(DedupError, match="corrupt"):
         deliver_once(order, lambda o: None, store)
+    store.close()
 
 
 def test_a_sync_store_rejects_an_async_deliver() -> None:

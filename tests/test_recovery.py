@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ STEAM = [{"itemId": "product_steam_10"}]
 
 
 @pytest.fixture
-def queue(tmp_path: Path, clock: FakeClock) -> SQLiteRecoveryQueue:
-    return SQLiteRecoveryQueue(tmp_path / "recovery.db", clock=clock.time)
+def queue(tmp_path: Path, clock: FakeClock) -> Iterator[SQLiteRecoveryQueue]:
+    with SQLiteRecoveryQueue(tmp_path / "recovery.db", clock=clock.time) as opened:
+        yield opened
 
 
 def paid(sim: FakeFoxReload, script: OrderScript) -> str:
@@ -242,7 +244,8 @@ def test_a_delivery_in_progress_elsewhere_is_retried_after_its_lease(
 
 def test_a_killed_worker_s_job_is_taken_again(tmp_path: Path) -> None:
     path = tmp_path / "recovery.db"
-    SQLiteRecoveryQueue(path).enqueue("o-crash")
+    with SQLiteRecoveryQueue(path) as setup:
+        setup.enqueue("o-crash")
     script = (
         "import os, signal, sys\n"
         "from foxpoll.recovery import SQLiteRecoveryQueue\n"
@@ -255,12 +258,12 @@ def test_a_killed_worker_s_job_is_taken_again(tmp_path: Path) -> None:
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == -signal.SIGKILL
     assert result.stdout.strip() == "o-crash"
-    queue = SQLiteRecoveryQueue(path)
-    assert queue.take() is None  # still leased to the dead worker
-    deadline = time.monotonic() + 10
-    while (job := queue.take()) is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    with SQLiteRecoveryQueue(path) as queue:
+        assert queue.take() is None  # still leased to the dead worker
+        deadline = time.monotonic() + 10
+        while (job := queue.take()) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     assert job.order_id == "o-crash"
 
 

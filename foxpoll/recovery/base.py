@@ -19,13 +19,15 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
 from foxpoll.polling import WaitResult
 
 __all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryQueue"]
+
+Q = TypeVar("Q", bound="RecoveryQueue")
 
 
 class JobState(str, enum.Enum):
@@ -106,6 +108,12 @@ class RecoveryQueue(abc.ABC):
 
     def close_connections(self) -> None:  # noqa: B027 - optional
         """Release what the queue holds open."""
+
+    def __enter__(self: Q) -> Q:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close_connections()
 
 
 class JobQueue(RecoveryQueue):
