@@ -86,7 +86,8 @@ def package(session: nox.Session) -> None:
 @nox.session(python=["3.10", "3.12", "3.13"])
 def compat(session: nox.Session) -> None:
     """The test suite on the other supported Pythons (not in the default run: a machine
-    may not have them all)."""
+    may not have them all). With pyenv, enable them first, e.g. ``pyenv global 3.11 3.10
+    3.12 3.13``."""
     session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
     session.run("pytest", "--ignore=tests/test_examples.py", *session.posargs, env=CI_ENV)
 
