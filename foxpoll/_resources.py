@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 __all__ = ["AsyncCategories", "AsyncOrders", "AsyncProducts", "Categories", "Orders", "Products"]
 
 ItemsArg = Iterable["OrderItemRequest | Mapping[str, Any]"]
-PriceArg = "Decimal | float | int | str | None"
 
 
 class Orders:

@@ -36,6 +36,7 @@ __all__ = [
     "Fixed",
     "FullJitter",
     "LearningPolicy",
+    "MeanRandom",
     "Schedule",
     "Step",
     "from_backoff",
@@ -435,7 +436,7 @@ def _snap(value: float, resolution: float) -> float:
 
 def baseline_instants(policy: ExponentialJitter, until: float) -> list[float]:
     """The poll instants of ``policy`` at its mean jitter, from the start past ``until``."""
-    mean = _MeanRandom()
+    mean = MeanRandom()
     delays = policy.delays(mean)
     now = 0.0 if policy.poll_at_start else next(delays)
     instants = [now]
@@ -447,7 +448,7 @@ def baseline_instants(policy: ExponentialJitter, until: float) -> list[float]:
     raise AssertionError("unreachable: delays() is infinite")  # pragma: no cover
 
 
-class _MeanRandom(random.Random):
+class MeanRandom(random.Random):
     """A Random whose uniform() is the midpoint: the expected schedule of a jittered policy."""
 
     def uniform(self, a: float, b: float) -> float:

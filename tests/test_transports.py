@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import httpx
@@ -21,6 +20,8 @@ from foxpoll.backoff import Fixed
 from foxpoll.testing import FakeFoxReload, Fault, FaultKind, OrderScript, SimulatorServer
 from foxpoll.transports import AiohttpTransport, fast_http_client
 
+from .services import free_port
+
 STEAM = [{"itemId": "product_steam_10"}]
 
 
@@ -29,12 +30,6 @@ def served() -> Iterator[tuple[FakeFoxReload, str]]:
     sim = FakeFoxReload(clock=SystemClock(), default_script=OrderScript.complete(after=0.3))
     with SimulatorServer(sim) as server:
         yield sim, server.url
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])  # nothing listens once the probe closes
 
 
 async def test_full_flow_through_the_aiohttp_transport(served: tuple[FakeFoxReload, str]) -> None:
@@ -72,7 +67,7 @@ class CountingTransport(AiohttpTransport):
 
 
 async def test_refused_connection_is_a_connect_error_and_create_is_retried() -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     transport = CountingTransport()
     async with AsyncFoxReload("k", base_url=url, transport=transport,
                               max_retries=2, clock=_NoSleep()) as client:

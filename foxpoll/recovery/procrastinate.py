@@ -41,6 +41,8 @@ except ImportError as exc:  # pragma: no cover - only without the extra
         "ProcrastinateRecoveryQueue needs procrastinate: pip install 'foxpoll[procrastinate]'"
     ) from exc
 
+from foxpoll.backoff import MeanRandom
+
 from .base import JobState, RecoveryJob, RecoveryQueue, require_text
 from .worker import RecoveryPolicy, RecoveryWorker
 
@@ -88,16 +90,8 @@ class CappedRetry(procrastinate.BaseRetryStrategy):
         elif job.attempts + 1 >= self.policy.max_attempts:
             return None  # an unexpected error, every time: procrastinate marks it failed
         else:
-            delay = self.policy.delay(job.attempts + 1, _MEAN)
+            delay = self.policy.delay(job.attempts + 1, MeanRandom())
         return RetryDecision(retry_in={"seconds": int(min(max(1.0, delay), self.cap))})
-
-
-class _Mean:
-    def uniform(self, a: float, b: float) -> float:
-        return (a + b) / 2
-
-
-_MEAN: Any = _Mean()
 
 
 class ProcrastinateRecoveryQueue(RecoveryQueue):
