@@ -29,7 +29,19 @@ __all__ = ["AsyncPostgresDedupStore", "PostgresDedupStore"]
 DEFAULT_TABLE = "foxpoll_deliveries"
 
 
-class PostgresDedupStore(FlowStore, DedupStore):
+class _PostgresStore(FlowStore):
+    """What both PostgreSQL stores share: the statements and where connections come from."""
+
+    def __init__(
+        self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10
+    ) -> None:
+        self._sql = POSTGRES.statements(table)
+        self._flows = SQLFlows(self._sql)
+        self._target = conninfo_or_pool
+        self._connect_timeout = connect_timeout
+
+
+class PostgresDedupStore(_PostgresStore, DedupStore):
     """A dedup store in a PostgreSQL table.
 
     Args:
@@ -42,14 +54,6 @@ class PostgresDedupStore(FlowStore, DedupStore):
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
 
-    def __init__(
-        self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10
-    ) -> None:
-        self._sql = POSTGRES.statements(table)
-        self._flows = SQLFlows(self._sql)
-        self._target = conninfo_or_pool
-        self._connect_timeout = connect_timeout
-
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         try:
@@ -60,12 +64,8 @@ class PostgresDedupStore(FlowStore, DedupStore):
             else:
                 with self._target.connection(timeout=self._connect_timeout) as conn:
                     yield conn
-        except psycopg.OperationalError as exc:
+        except psycopg.OperationalError as exc:  # a pool's PoolTimeout is one too
             raise unavailable("PostgreSQL", exc) from exc
-        except Exception as exc:  # a pool timeout is not a psycopg error
-            if type(exc).__name__ == "PoolTimeout":
-                raise unavailable("PostgreSQL", exc) from exc
-            raise
 
     def create_schema(self) -> None:
         """Create the table and its index, if missing."""
@@ -85,17 +85,9 @@ class PostgresDedupStore(FlowStore, DedupStore):
             return run_flow(flow, perform)
 
 
-class AsyncPostgresDedupStore(FlowStore, AsyncDedupStore):
+class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
     """:class:`PostgresDedupStore` on psycopg's asyncio connections
     (a connection string, or a ``psycopg_pool.AsyncConnectionPool``)."""
-
-    def __init__(
-        self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10
-    ) -> None:
-        self._sql = POSTGRES.statements(table)
-        self._flows = SQLFlows(self._sql)
-        self._target = conninfo_or_pool
-        self._connect_timeout = connect_timeout
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -110,10 +102,6 @@ class AsyncPostgresDedupStore(FlowStore, AsyncDedupStore):
                     yield conn
         except psycopg.OperationalError as exc:
             raise unavailable("PostgreSQL", exc) from exc
-        except Exception as exc:
-            if type(exc).__name__ == "PoolTimeout":
-                raise unavailable("PostgreSQL", exc) from exc
-            raise
 
     async def create_schema(self) -> None:
         """See :meth:`PostgresDedupStore.create_schema`."""
