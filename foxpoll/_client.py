@@ -6,7 +6,10 @@ clients add only the HTTP client they own and the driver that runs flows with it
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import attrs
 import httpx
 
+from . import _api
 from ._api import Runtime
 from ._clock import Clock, SystemClock
 from ._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, make_config
@@ -21,6 +25,7 @@ from ._effects import (
     AsyncSender,
     AsyncTransportSender,
     Flow,
+    Notify,
     Sender,
     TransportSender,
     drive,
@@ -29,7 +34,8 @@ from ._effects import (
     drive_stream_async,
 )
 from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
-from .backoff import BackoffPolicy
+from .backoff import BackoffPolicy, ExponentialJitter
+from .errors import APIStatusError, ConflictError
 from .models import Order
 from .polling import (
     OnStall,
@@ -37,6 +43,7 @@ from .polling import (
     StatusChange,
     WaitOptions,
     WaitResult,
+    WaitStart,
     chain_hooks,
     wait_flow,
     wait_many_flow,
@@ -53,6 +60,9 @@ TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport
 Self = TypeVar("Self", bound="BaseClient[Any, Any]")
 
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+_WATCHED_AT_PAY = 10_000  # orders remembered between pay and wait, per client
+
+log = logging.getLogger("foxpoll.recovery")
 
 
 class BaseClient(Generic[HttpT, TransportT]):
@@ -75,9 +85,10 @@ class BaseClient(Generic[HttpT, TransportT]):
         currency: ``X-Currency`` (``usd``, ``rub``).
         clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
         rng: Random source for jitter.
-        recovery_queue: Where waits that stall go (a :mod:`foxpoll.recovery` queue):
-            every ``wait_for_completion`` / ``wait_many`` that ends in
-            :class:`OrderStalled` enqueues its order there.
+        recovery_queue: A :mod:`foxpoll.recovery` queue that keeps paid orders from being
+            lost. ``orders.pay`` records a *watch* before it pays, and every wait records
+            one as it starts: a job that fires if the wait dies with its process. A wait
+            that ends settles its watch; one that stalls enqueues its order for recovery.
     """
 
     _owns_http: bool
@@ -100,6 +111,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         recovery_queue: RecoveryQueue | None = None,
     ) -> None:
         self._recovery = recovery_queue
+        self._watches = _PaidWatches()
         config = make_config(
             api_key=api_key,
             base_url=base_url,
@@ -188,6 +200,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         clone._http = self._http
         clone._owns_http = False
         clone._recovery = self._recovery
+        clone._watches = self._watches
         clone._bind_resources()
         return clone
 
@@ -196,8 +209,66 @@ class BaseClient(Generic[HttpT, TransportT]):
 
     def _options(self, options: dict[str, Any]) -> WaitOptions:
         if self._recovery is not None:
-            options["on_finish"] = chain_hooks(self._recovery.on_finish, options.get("on_finish"))
+            options["on_start"] = chain_hooks(self._watch_wait, options.get("on_start"))
+            options["on_finish"] = chain_hooks(self._finish_wait, options.get("on_finish"))
         return WaitOptions(**options)
+
+    def _pay_flow(self, order_id: str, **payment: Any) -> Flow[Order]:
+        flow = _api.pay_order(self._runtime, order_id, **payment)
+        return flow if self._recovery is None else self._watched_pay(order_id, flow)
+
+    def _watched_pay(self, order_id: str, pay: Flow[Order]) -> Flow[Order]:
+        """Record the watch, then pay: a payment is never known only to this process.
+
+        If the watch cannot be written, nothing is paid and the store's error is raised.
+        """
+        _api.resource_path("/api/orders/", order_id, kind="order")
+        yield Notify(self._watch_payment, (order_id,))
+        try:
+            return (yield from pay)
+        except APIStatusError as refused:
+            # The server said no: nothing was paid by this call. A 409 may mean another
+            # caller paid it, whose watch this row may be, so it stays.
+            if not isinstance(refused, ConflictError):
+                yield Notify(self._unwatch, (order_id,))
+            raise
+
+    def _watch_payment(self, order_id: str) -> None:
+        assert self._recovery is not None
+        start = WaitStart(order_id, self._runtime.clock.time(), _DEFAULT_HORIZON)
+        due_at = self._watch_due(start)
+        self._recovery.watch(order_id, due_at=due_at)
+        self._watches.remember(order_id, due_at)
+
+    def _watch_due(self, start: WaitStart) -> float:
+        assert self._recovery is not None
+        return start.started_at + start.horizon + self._recovery.policy.watch_margin
+
+    def _unwatch(self, order_id: str) -> None:
+        assert self._recovery is not None
+        self._watches.forget(order_id)
+        self._recovery.unwatch(order_id)
+
+    def _watch_wait(self, start: WaitStart) -> None:
+        assert self._recovery is not None
+        due_at = self._watch_due(start)
+        paid_due = self._watches.forget(start.order_id)
+        if paid_due is not None and paid_due >= due_at:
+            return  # the watch written at pay already covers this wait
+        try:
+            self._recovery.watch(start.order_id, due_at=due_at)
+        except Exception:  # the wait goes on; only this process knows the order now
+            log.exception("order %s: could not record its watch", start.order_id)
+
+    def _finish_wait(self, result: WaitResult) -> None:
+        assert self._recovery is not None
+        if result.stalled:  # the caller is told it is queued: a failure must be seen
+            self._recovery.on_finish(result)
+            return
+        try:
+            self._recovery.on_finish(result)
+        except Exception:  # the watch stays and fires later, which is safe
+            log.exception("order %s: could not settle its watch", result.order_id)
 
     def _wait_for_completion_flow(self, order: str | Order, **options: Any) -> Flow[Order]:
         return wait_flow(self._runtime, _order_id(order), self._options(options))
@@ -221,6 +292,30 @@ class BaseClient(Generic[HttpT, TransportT]):
 
 def _order_id(order: str | Order) -> str:
     return order.id if isinstance(order, Order) else order
+
+
+# What a watch written at pay covers: the default schedule, and the one recommended after
+# paying (no poll at once), whichever runs longer.
+_DEFAULT_HORIZON = WaitOptions(backoff=ExponentialJitter(poll_at_start=False)).horizon()
+
+
+class _PaidWatches:
+    """The due times of the watches this client wrote at pay, so that the wait that
+    usually follows need not write its own. Bounded: the oldest are forgotten first."""
+
+    def __init__(self) -> None:
+        self._due: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, order_id: str, due_at: float) -> None:
+        with self._lock:
+            self._due[order_id] = due_at
+            if len(self._due) > _WATCHED_AT_PAY:
+                self._due.popitem(last=False)
+
+    def forget(self, order_id: str) -> float | None:
+        with self._lock:
+            return self._due.pop(order_id, None)
 
 
 class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
@@ -261,6 +356,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         raise_on_failure: bool = True,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
+        on_start: Callable[[WaitStart], Any] | None = None,
     ) -> Order:
         """Poll an order until it is completed, failed or cancelled.
 
@@ -283,6 +379,8 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             not_found_grace: Seconds during which a 404 means "not visible yet".
             max_errors: Transient poll errors (5xx, 429, timeouts, unreadable bodies)
                 tolerated before the order counts as stalled; ``max_attempts`` if None.
+            on_start: Called once with a :class:`WaitStart` before the first poll
+                (recovery queues record their watch here).
 
         Returns:
             The completed order (or, with ``raise_on_failure=False``, the failed or
@@ -298,7 +396,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
             stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
             on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
-            not_found_grace=not_found_grace, max_errors=max_errors,
+            not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
         ))
 
     def wait_many(
@@ -317,6 +415,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         on_finish: Callable[[WaitResult], Any] | None = None,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
+        on_start: Callable[[WaitStart], Any] | None = None,
     ) -> Iterator[WaitResult]:
         """Poll many orders in one loop and yield a :class:`WaitResult` as each finishes.
 
@@ -331,7 +430,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             max_in_flight=max_in_flight, backoff=backoff, max_attempts=max_attempts,
             timeout=timeout, stall_after=stall_after, on_poll=on_poll,
             on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
-            not_found_grace=not_found_grace, max_errors=max_errors,
+            not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
         )
         return drive_stream(flow, self._http, self._runtime.clock)
 
@@ -390,13 +489,14 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         raise_on_failure: bool = True,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
+        on_start: Callable[[WaitStart], Any] | None = None,
     ) -> Order:
         """See :meth:`FoxReload.wait_for_completion`; hooks may be sync or async."""
         return await self._run(self._wait_for_completion_flow(
             order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
             stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
             on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
-            not_found_grace=not_found_grace, max_errors=max_errors,
+            not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
         ))
 
     def wait_many(
@@ -415,6 +515,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         on_finish: Callable[[WaitResult], Any] | None = None,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
+        on_start: Callable[[WaitStart], Any] | None = None,
     ) -> AsyncIterator[WaitResult]:
         """See :meth:`FoxReload.wait_many`; use with ``async for``. Up to ``max_in_flight``
         polls run at once; hooks may be sync or async."""
@@ -423,7 +524,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             max_in_flight=max_in_flight, backoff=backoff, max_attempts=max_attempts,
             timeout=timeout, stall_after=stall_after, on_poll=on_poll,
             on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
-            not_found_grace=not_found_grace, max_errors=max_errors,
+            not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
         )
         return drive_stream_async(flow, self._http, self._runtime.clock)
 

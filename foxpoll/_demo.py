@@ -27,7 +27,8 @@ from .events.memory import InMemoryPublisher
 from .models import Order
 from .polling import PollAttempt, StatusChange, WaitResult
 from .recovery.sqlite import SQLiteRecoveryQueue
-from .recovery.worker import RecoveryPolicy, RecoveryWorker
+from .recovery.base import RecoveryPolicy
+from .recovery.worker import RecoveryWorker
 from .testing import FakeClock, FakeFoxReload, OrderScript
 
 __all__ = ["run_demo"]
@@ -114,7 +115,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
     with tempfile.TemporaryDirectory() as tmp:
         path = db or Path(tmp) / "foxpoll.db"
         store = SQLiteDedupStore(path, clock=clock.time)
-        queue = SQLiteRecoveryQueue(path, clock=clock.time)
+        queue = SQLiteRecoveryQueue(path, policy=RECOVERY, clock=clock.time)
         publisher = InMemoryPublisher()
         rows: dict[str, Row] = {}
         delivered: list[str] = []
@@ -157,8 +158,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
             if stalled is not None:
                 display.say(f"recovery: {stalled[:8]} is queued; FoxReload finishes it later")
                 sim.settle(stalled, after=4)
-                worker = RecoveryWorker(client, queue, store, on_completed=send_codes,
-                                        policy=RECOVERY, lease=30)
+                worker = RecoveryWorker(client, queue, store, on_completed=send_codes, lease=30)
                 while queue.get(stalled).state.value == "queued":  # type: ignore[union-attr]
                     due = queue.next_due() or clock.time()
                     clock.sleep(max(0.0, due - clock.time()))

@@ -60,15 +60,15 @@ class Orders:
     ) -> Order:
         """Pay an order; ``payment_provider=None`` pays from the account balance.
 
+        With a client ``recovery_queue``, the order is first recorded there as a watch
+        (see :class:`foxpoll.recovery.RecoveryQueue`); if that write fails, nothing is paid.
+
         Raises:
             AmbiguousOrderError: the payment's outcome is unknown and the order is still
                 ``active``; it was not resent.
         """
-        flow = _api.pay_order(
-            self._client._runtime,
-            order_id,
-            payment_provider=payment_provider,
-            payment_return_url=payment_return_url,
+        flow = self._client._pay_flow(
+            order_id, payment_provider=payment_provider, payment_return_url=payment_return_url
         )
         return self._client._run(flow)
 
@@ -106,11 +106,8 @@ class AsyncOrders:
         payment_return_url: str | None = None,
     ) -> Order:
         """See :meth:`Orders.pay`."""
-        flow = _api.pay_order(
-            self._client._runtime,
-            order_id,
-            payment_provider=payment_provider,
-            payment_return_url=payment_return_url,
+        flow = self._client._pay_flow(
+            order_id, payment_provider=payment_provider, payment_return_url=payment_return_url
         )
         return await self._client._run(flow)
 

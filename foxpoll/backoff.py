@@ -39,6 +39,7 @@ __all__ = [
     "MeanRandom",
     "Schedule",
     "Step",
+    "UpperRandom",
     "from_backoff",
 ]
 
@@ -453,6 +454,17 @@ class MeanRandom(random.Random):
 
     def uniform(self, a: float, b: float) -> float:
         return (a + b) / 2
+
+
+class UpperRandom(random.Random):
+    """A Random whose draws are the largest possible: the longest schedule of a jittered
+    policy (how late a wait can end)."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return max(a, b)
+
+    def random(self) -> float:
+        return math.nextafter(1.0, 0.0)
 
 
 def mean_delay(

@@ -5,6 +5,7 @@
     foxpoll demo                          the whole job against the simulator, no key needed
     foxpoll orders get|pay|wait ORDER_ID  the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL)
     foxpoll orders create --item ID[:QTY] [--note KEY=VALUE] [--mock]
+    foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
     foxpoll dlq list|requeue|close        the recovery queue's dead letters
     foxpoll simulate --port 8080          serve the simulator over HTTP
     foxpoll --version
@@ -60,14 +61,28 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true")
     create.add_argument("--show-codes", action="store_true")
 
-    dlq = commands.add_parser("dlq", help="the recovery queue's dead letters")
-    dlq.add_argument("--queue", default="sqlite:///foxpoll.db",
-                     help="sqlite:///PATH or a postgresql:// URL (procrastinate)")
+    # --queue goes before or after the action: a parent parser on each level.
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--queue", default=argparse.SUPPRESS,
+                       help="sqlite:///PATH (default sqlite:///foxpoll.db) or a "
+                            "postgresql:// URL (the PostgreSQL and procrastinate queues)")
+    recovery = commands.add_parser("recovery", parents=[where],
+                                   help="the recovery queue's jobs, in every state")
+    recovery_actions = recovery.add_subparsers(dest="action", required=True)
+    listing = recovery_actions.add_parser("list", parents=[where], help="list jobs")
+    listing.add_argument("--state", choices=[*STATE_FILTERS], default="active",
+                         help="active (queued and running, the default), queued, running, "
+                              "dead, done, closed")
+    listing.add_argument("--limit", type=int, default=100)
+
+    dlq = commands.add_parser("dlq", parents=[where], help="the recovery queue's dead letters")
     actions = dlq.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="list dead letters")
-    requeue = actions.add_parser("requeue", help="give an order a fresh set of re-checks")
+    actions.add_parser("list", parents=[where], help="list dead letters")
+    requeue = actions.add_parser("requeue", parents=[where],
+                                 help="give an order a fresh set of re-checks")
     requeue.add_argument("order_id")
-    close = actions.add_parser("close", help="settle an order by hand, with a reason")
+    close = actions.add_parser("close", parents=[where],
+                               help="settle an order by hand, with a reason")
     close.add_argument("order_id")
     close.add_argument("reason")
 
@@ -112,6 +127,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     if args.command == "orders":
         return _orders(args, out)
+    if args.command == "recovery":
+        return _recovery(args, out)
     return _dlq(args, out)
 
 
@@ -180,8 +197,46 @@ def _print_order(order: Any, out: TextIO, *, as_json: bool, show_codes: bool) ->
             print(f"    code: {shown}", file=out)
 
 
+# What ``recovery list --state`` shows: the stored states it reads, and whether a job must
+# be running (leased), not running, or either.
+STATE_FILTERS: dict[str, tuple[tuple[str, ...], bool | None]] = {
+    "active": (("queued",), None),
+    "queued": (("queued",), False),
+    "running": (("queued",), True),
+    "dead": (("dead",), None),
+    "done": (("done",), None),
+    "closed": (("closed",), None),
+}
+
+
+def _recovery(args: argparse.Namespace, out: TextIO) -> int:
+    import time
+
+    from .recovery.base import JobState
+
+    states, running = STATE_FILTERS[args.state]
+    queue = _queue(getattr(args, "queue", DEFAULT_QUEUE))
+    try:
+        now = time.time()
+        shown = 0
+        for state in states:
+            for job in queue.jobs(JobState(state), limit=args.limit):
+                if running is not None and job.running(now) != running:
+                    continue
+                label = "running" if job.running(now) else job.state.value
+                due = f"due_in={job.due_at - now:.0f}s  " if label == "queued" else ""
+                print(f"{job.order_id}  {label}  reason={job.reason or '-'}  "
+                      f"attempts={job.attempts}  {due}last_status={job.last_status or '-'}"
+                      f"  last_error={job.last_error or '-'}", file=out)
+                shown += 1
+        print(f"{shown} job(s) {args.state}", file=out)
+    finally:
+        queue.close_connections()
+    return 0
+
+
 def _dlq(args: argparse.Namespace, out: TextIO) -> int:
-    queue = _queue(args.queue)
+    queue = _queue(getattr(args, "queue", DEFAULT_QUEUE))
     try:
         if args.action == "list":
             jobs = queue.list_dead()
@@ -200,15 +255,18 @@ def _dlq(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+DEFAULT_QUEUE = "sqlite:///foxpoll.db"
+
+
 def _queue(url: str) -> Any:
     if url.startswith("sqlite:///"):
         from .recovery.sqlite import SQLiteRecoveryQueue
 
         return SQLiteRecoveryQueue(url[len("sqlite:///"):])
     if url.startswith(("postgresql://", "postgres://")):
-        from .recovery.procrastinate import ProcrastinateRecoveryQueue
+        from .recovery.postgres import PostgresRecoveryQueue
 
-        return ProcrastinateRecoveryQueue(url)
+        return PostgresRecoveryQueue(url)
     raise ValueError(f"--queue {url!r}: use sqlite:///PATH or postgresql://...")
 
 

@@ -21,7 +21,7 @@ import attrs
 
 from . import _api
 from ._effects import Emit, Flow, Notify, Sleep, Start, WaitAny
-from .backoff import BackoffPolicy, ExponentialJitter, LearningPolicy
+from .backoff import BackoffPolicy, ExponentialJitter, LearningPolicy, UpperRandom
 from .errors import (
     APIConnectionError,
     APIError,
@@ -43,6 +43,7 @@ __all__ = [
     "StatusChange",
     "WaitOptions",
     "WaitResult",
+    "WaitStart",
     "wait_flow",
     "wait_many_flow",
 ]
@@ -132,6 +133,23 @@ class WaitResult:
         return self.order
 
 
+@attrs.frozen
+class WaitStart:
+    """A wait began; passed to ``on_start`` (recovery queues record their watch here).
+
+    Attributes:
+        order_id: The order waited for.
+        started_at: When, in seconds since the epoch.
+        horizon: The longest the wait can run before it gives up, in seconds: its
+            timeout, or its attempts on the latest schedule its backoff can draw (time
+            spent retrying errors comes on top).
+    """
+
+    order_id: str
+    started_at: float
+    horizon: float
+
+
 OnStall = Callable[[Order | None, int, float], Any]
 
 
@@ -154,6 +172,7 @@ class WaitOptions:
     on_stall: OnStall | None = None
     on_finish: Callable[[WaitResult], Any] | None = None
     raise_on_failure: bool = True
+    on_start: Callable[[WaitStart], Any] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -168,6 +187,23 @@ class WaitOptions:
     @property
     def error_budget(self) -> int:
         return self.max_errors if self.max_errors is not None else self.max_attempts
+
+    def horizon(self) -> float:
+        """The longest a wait with these options polls before it gives up (see
+        :class:`WaitStart`)."""
+        waits = self.max_attempts
+        if getattr(self.backoff, "polls_immediately", True):
+            waits -= 1  # the first poll comes at once
+        longest = math.fsum(itertools.islice(self.backoff.delays(UpperRandom()), waits))
+        return longest if self.timeout is None else min(longest, self.timeout)
+
+    def start_note(self, order_ids: Iterable[str], now: float) -> Iterator[Notify]:
+        """The ``on_start`` calls for waits on ``order_ids`` beginning at ``now`` (epoch)."""
+        if self.on_start is None:
+            return
+        horizon = self.horizon()
+        for order_id in order_ids:
+            yield Notify(self.on_start, (WaitStart(order_id, now, horizon),))
 
 
 @attrs.frozen
@@ -358,6 +394,7 @@ def _outcome_label(error: Exception) -> str:
 def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Order]:
     """Poll one order until it finishes; return it, or raise what ended the wait."""
     _api.resource_path("/api/orders/", order_id, kind="order")  # fail fast on a bad id
+    yield from options.start_note((order_id,), rt.clock.time())
     watch = OrderWatch(order_id, options, rt.clock.monotonic(), rt.rng)
     if watch.first_delay > 0:
         yield Sleep(watch.first_delay)
@@ -456,6 +493,7 @@ def wait_many_flow(
         watch = watches[order_id] = OrderWatch(order_id, options, now, rt.rng)
         due.append((now + watch.first_delay, next(order), order_id))
     heapq.heapify(due)
+    yield from options.start_note(watches, rt.clock.time())
     in_flight = 0
     while due or in_flight:
         now = rt.clock.monotonic()

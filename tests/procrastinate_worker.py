@@ -1,8 +1,10 @@
 """A procrastinate recovery worker process, for the multi-process tests.
 
 Usage: python procrastinate_worker.py DB_URL SIM_URL API_KEY MODE
-MODE "share": deliver by recording (order_id, pid) in table handled, slowly.
+MODE "share": deliver by recording (order_id, pid) in table handled, slowly; exit when
+    no job is due.
 MODE "hang": print "delivering" once inside deliver(), then hang until killed.
+MODE "serve": like "share", but keep working (and dispatching) until terminated.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def main() -> None:
         print("delivering", flush=True)
         time.sleep(3600)
 
-    queue = ProcrastinateRecoveryQueue(db_url)
-    with FoxReload(api_key, base_url=sim_url) as client:
+    queue = ProcrastinateRecoveryQueue(db_url, dispatch_every=0.3, stalled_after=1.0)
+    with FoxReload(api_key, base_url=sim_url) as client, queue:
         worker = RecoveryWorker(client, queue, PostgresDedupStore(db_url),
-                                on_completed=record if mode == "share" else hang, lease=2.0)
-        queue.run_worker(worker, wait=False, concurrency=1, update_heartbeat_interval=0.2,
-                         install_signal_handlers=False)
+                                on_completed=hang if mode == "hang" else record, lease=2.0)
+        queue.run_worker(worker, wait=mode == "serve", concurrency=2,
+                         update_heartbeat_interval=0.2, fetch_job_polling_interval=0.3,
+                         install_signal_handlers=mode == "serve")
 
 
 if __name__ == "__main__":

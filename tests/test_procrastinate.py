@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from .services import POSTGRES_URL, require
 pytestmark = pytest.mark.service
 WORKER = Path(__file__).with_name("procrastinate_worker.py")
 STEAM = [{"itemId": "product_steam_10"}]
+QUIET = {"install_signal_handlers": False, "fetch_job_polling_interval": 0.2}
 
 
 @pytest.fixture
@@ -68,90 +68,123 @@ def paid(sim: FakeFoxReload, client: FoxReload, script: OrderScript) -> str:
     return order.id
 
 
-def fast_forward(url: str) -> None:
-    """Make every scheduled job due now: the database's schedule, without sleeping."""
+def sql(url: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("UPDATE procrastinate_jobs SET scheduled_at = now() "
-                     "WHERE status = 'todo' AND scheduled_at > now()")
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description else []
 
 
-def test_enqueue_is_idempotent_per_order(database: str) -> None:
-    queue = make_queue(database)
-    try:
-        assert queue.enqueue("o1")
-        assert not queue.enqueue("o1")  # the same order, still waiting: one job
-        assert queue.enqueue("o2")
-    finally:
-        queue.close_connections()
+def fast_forward(url: str, seconds: float = 1e6) -> None:
+    """Move every due time and lease back: the database's schedule, without sleeping."""
+    sql(url, "UPDATE foxpoll_recovery SET due_at = due_at - %s, "
+        "locked_until = locked_until - %s", seconds, seconds)
 
 
-def test_pending_orders_retry_capped_then_dead_letter_and_requeue(
+def test_enqueue_while_the_job_runs_and_retries_never_conflicts(
     database: str, served: tuple[FakeFoxReload, FoxReload, str]
 ) -> None:
     sim, client, _ = served
-    policy = RecoveryPolicy(max_attempts=3, backoff=Fixed(7200))  # asks for 2 h...
-    queue = make_queue(database, policy=policy)
-    try:
+    policy = RecoveryPolicy(max_attempts=5, backoff=Fixed(600))
+    with make_queue(database, policy=policy) as queue:
         order_id = paid(sim, client, OrderScript.stall(paid_for=0))
         assert queue.enqueue(order_id)
-        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print,
-                                policy=policy)
-        import psycopg
+        token, reserved = queue.reserve_due(lease=60)
+        assert reserved == [order_id]
+        running = queue.take_dispatched(order_id, token, lease=60)
+        assert running is not None
+        # Two owners' waits stall while the job runs, and the sweep finds it too: the
+        # case that made procrastinate's queueing_lock lose orders.
+        assert not queue.enqueue(order_id)
+        assert not queue.enqueue(order_id, reason="sweep")
+        assert queue.take_dispatched(order_id, token, lease=60) is None  # a duplicate wake-up
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
+        assert worker.process(running).attempts == 1  # its retry
+        assert not queue.enqueue(order_id)  # due now again: the earlier time wins
+        queue.run_worker(worker, wait=False, **QUIET)  # dispatches and re-checks it
+        job = queue.get(order_id)
+        assert job is not None
+        assert (job.state, job.attempts, job.last_status) == (JobState.QUEUED, 2, "processing")
+        assert 500 < job.due_at - time.time() <= 600
+        # Every wake-up ran and was deleted; none failed, none is stuck.
+        assert sql(database, "SELECT status, count(*) FROM procrastinate_jobs GROUP BY 1") == []
 
+
+def test_pending_orders_retry_then_dead_letter_requeue_and_deliver(
+    database: str, served: tuple[FakeFoxReload, FoxReload, str]
+) -> None:
+    sim, client, _ = served
+    policy = RecoveryPolicy(max_attempts=3, backoff=Fixed(7200))
+    with make_queue(database, policy=policy) as queue:
+        order_id = paid(sim, client, OrderScript.stall(paid_for=0))
+        assert queue.enqueue(order_id)
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
         for attempt in range(3):
-            queue.run_worker(worker, wait=False, install_signal_handlers=False)
+            queue.run_worker(worker, wait=False, **QUIET)
+            job = queue.get(order_id)
+            assert job is not None
             if attempt < 2:
-                with psycopg.connect(database) as conn:
-                    row = conn.execute(
-                        "SELECT attempts, EXTRACT(EPOCH FROM scheduled_at - now()) "
-                        "FROM procrastinate_jobs WHERE queueing_lock = %s AND status = 'todo'",
-                        (order_id,)).fetchone()
-                assert row is not None
-                assert row[0] == attempt + 1
-                assert 3000 < row[1] <= 3600  # ...capped at the backoff's cap (1 h)
+                assert (job.state, job.attempts) == (JobState.QUEUED, attempt + 1)
+                assert 7100 < job.due_at - time.time() <= 7200  # the policy's wait
             fast_forward(database)
-        dead = queue.list_dead()
-        assert [(j.order_id, j.attempts, j.last_status) for j in dead] == [
+        assert [(j.order_id, j.attempts, j.last_status) for j in queue.list_dead()] == [
             (order_id, 3, "processing")]
         assert not queue.enqueue(order_id)  # dead letters stay dead until requeued
+        queue.run_worker(worker, wait=False, **QUIET)
+        assert queue.get(order_id).state is JobState.DEAD  # type: ignore[union-attr]
         sim.script(order_id, OrderScript.complete(after=0))
-        requeued = queue.requeue(order_id)
-        assert requeued.state is JobState.QUEUED
+        assert queue.requeue(order_id).state is JobState.QUEUED
         delivered: list[Order] = []
         events = InMemoryPublisher()
         worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append,
-                                publisher=events, policy=policy)
-        queue.run_worker(worker, wait=False, install_signal_handlers=False)
+                                publisher=events)
+        queue.run_worker(worker, wait=False, **QUIET)
         assert [o.id for o in delivered] == [order_id]
         assert [e.status for e in events.events] == ["completed"]
+        assert queue.get(order_id).state is JobState.DONE  # type: ignore[union-attr]
         assert queue.list_dead() == []
-        with pytest.raises(KeyError):
-            queue.requeue("never-seen")
-    finally:
-        queue.close_connections()
 
 
 def test_close_settles_a_dead_letter(
     database: str, served: tuple[FakeFoxReload, FoxReload, str]
 ) -> None:
     sim, client, _ = served
-    policy = RecoveryPolicy(max_attempts=1)
-    queue = make_queue(database, policy=policy)
-    try:
+    with make_queue(database, policy=RecoveryPolicy(max_attempts=1)) as queue:
         order_id = paid(sim, client, OrderScript.stall(paid_for=0))
         queue.enqueue(order_id)
-        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print,
-                                policy=policy)
-        queue.run_worker(worker, wait=False, install_signal_handlers=False)
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
+        queue.run_worker(worker, wait=False, **QUIET)
         closed = queue.close(order_id, "refunded by support")
         assert (closed.state, closed.note) == (JobState.CLOSED, "refunded by support")
         assert queue.list_dead() == []
         with pytest.raises(ValueError, match="closed"):
             queue.close(order_id, "again")
-    finally:
-        queue.close_connections()
+
+
+def test_a_worker_with_another_policy_is_refused(database: str,
+                                                 served: tuple[Any, FoxReload, str]) -> None:
+    _, client, _ = served
+    with make_queue(database, policy=RecoveryPolicy(max_attempts=2)) as queue:
+        with pytest.raises(ValueError, match="policy"):
+            RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print,
+                           policy=RecoveryPolicy(max_attempts=9))
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
+        assert worker.policy.max_attempts == 2  # read from the queue
+
+
+async def test_async_callers_run_the_worker_and_its_dispatcher(
+    database: str, served: tuple[FakeFoxReload, FoxReload, str]
+) -> None:
+    sim, client, _ = served
+    with make_queue(database) as queue:
+        order_id = paid(sim, client, OrderScript.complete(after=0))
+        queue.enqueue(order_id)
+        delivered: list[Order] = []
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append)
+        await queue.run_worker_async(worker, wait=False, **QUIET)
+        assert [o.id for o in delivered] == [order_id]
+        assert queue.get(order_id).state is JobState.DONE  # type: ignore[union-attr]
 
 
 def worker_process(database: str, sim_url: str, api_key: str, mode: str) -> Any:
@@ -164,15 +197,12 @@ def worker_process(database: str, sim_url: str, api_key: str, mode: str) -> Any:
 def test_two_worker_processes_share_the_orders_each_handled_once(
     database: str, served: tuple[FakeFoxReload, FoxReload, str]
 ) -> None:
-    import psycopg
-
     from foxpoll.dedup import PostgresDedupStore
 
     sim, client, sim_url = served
     queue = make_queue(database)
     PostgresDedupStore(database).create_schema()
-    with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute("CREATE TABLE handled (order_id TEXT, pid INTEGER)")
+    sql(database, "CREATE TABLE handled (order_id TEXT, pid INTEGER)")
     ids = [paid(sim, client, OrderScript.complete(after=0)) for _ in range(20)]
     for order_id in ids:
         queue.enqueue(order_id)
@@ -185,13 +215,12 @@ def test_two_worker_processes_share_the_orders_each_handled_once(
         for process in workers:
             process.kill()
             process.stdout.close()
-    with psycopg.connect(database) as conn:
-        rows = conn.execute("SELECT order_id, pid FROM handled").fetchall()
+    rows = sql(database, "SELECT order_id, pid FROM handled")
     assert sorted(order_id for order_id, _ in rows) == sorted(ids)  # each exactly once
     assert len({pid for _, pid in rows}) == 2  # and both workers took part
 
 
-def test_a_killed_worker_s_job_is_picked_up_again(
+def test_a_killed_worker_s_order_is_rechecked_with_no_operator_step(
     database: str, served: tuple[FakeFoxReload, FoxReload, str]
 ) -> None:
     from foxpoll.dedup import PostgresDedupStore
@@ -200,29 +229,37 @@ def test_a_killed_worker_s_job_is_picked_up_again(
     queue = make_queue(database)
     store = PostgresDedupStore(database)
     store.create_schema()
+    sql(database, "CREATE TABLE handled (order_id TEXT, pid INTEGER)")
     order_id = paid(sim, client, OrderScript.complete(after=0))
     queue.enqueue(order_id)
+    queue.close_connections()
     hung = worker_process(database, sim_url, sim.api_key, "hang")
     try:
         assert hung.stdout.readline().strip() == "delivering"
         os.kill(hung.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         assert hung.wait(timeout=10) == -signal.SIGKILL
     finally:
         hung.kill()
         hung.stdout.close()
-    deadline = time.monotonic() + 30
-    while asyncio.run(queue.retry_stalled_jobs(seconds_since_heartbeat=1.0)) == 0:
-        assert time.monotonic() < deadline  # the dead worker's heartbeat goes stale
-        time.sleep(0.3)
-    delivered: list[Order] = []
-    worker = RecoveryWorker(client, queue, store, on_completed=delivered.append, lease=2.0)
-    while not delivered:  # its delivery claim (2 s lease) runs out, then we deliver
-        assert time.monotonic() < deadline
-        queue.run_worker(worker, wait=False, install_signal_handlers=False)
-        fast_forward(database)
-        time.sleep(0.2)
-    assert [o.id for o in delivered] == [order_id]
+    # A fresh worker, left alone: its dispatcher rescues the dead worker's wake-up and,
+    # once the dead worker's leases (2 s) run out, wakes the order again.
+    serving = worker_process(database, sim_url, sim.api_key, "serve")
+    try:
+        while not sql(database, "SELECT 1 FROM handled"):
+            assert time.monotonic() - killed_at < 20, "the order was never re-checked"
+            time.sleep(0.2)
+        took = time.monotonic() - killed_at
+        while sql(database, "SELECT 1 FROM procrastinate_jobs WHERE status = 'doing'"):
+            assert time.monotonic() - killed_at < 20, "the dead worker's job stayed doing"
+            time.sleep(0.2)
+    finally:
+        serving.terminate()
+        serving.wait(timeout=10)
+        serving.stdout.close()
+    assert sql(database, "SELECT order_id FROM handled") == [(order_id,)]
     record = store.get(order_id)
     assert record is not None
-    assert record.attempts == 2  # the dead worker's claim, then ours
-    queue.close_connections()
+    assert record.attempts == 2  # the dead worker's claim, then the new one's
+    # lease (2 s) + delivery claim expiry (2 s) + dispatch period + start-up, with room
+    assert took < 15

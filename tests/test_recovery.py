@@ -207,16 +207,17 @@ def test_exhausted_orders_are_dead_lettered_on_the_doubling_schedule(
 
 
 def test_api_errors_count_as_attempts_with_their_error(
-    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+    sim: FakeFoxReload, clock: FakeClock, tmp_path: Path
 ) -> None:
     order_id = paid(sim, OrderScript.stall())
+    queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=RecoveryPolicy(max_attempts=3),
+                                clock=clock.time)
     queue.enqueue(order_id)
     sim.inject(Fault(FaultKind.SERVER_ERROR, method="GET", times=100))
-    with sim.client(max_retries=0) as client:
-        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print,
-                                policy=RecoveryPolicy(max_attempts=3))
+    with sim.client(max_retries=0) as client, queue:
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
         drain(worker, queue, clock)
-    dead = queue.list_dead()
+        dead = queue.list_dead()
     assert len(dead) == 1
     assert dead[0].last_status is None
     assert dead[0].last_error is not None

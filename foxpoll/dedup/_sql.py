@@ -81,10 +81,14 @@ class Dialect:
     now: str
     param_style: str  # "named" (:name) or "pyformat" (%(name)s)
 
-    def render(self, template: str, table: str) -> str:
+    skip_locked: str = ""  # the row-lock clause that lets concurrent takers pass each other
+    greatest: str = "MAX"
+
+    def render(self, template: str, table: str, columns: tuple[str, ...] = COLUMNS) -> str:
         if not _IDENTIFIER.fullmatch(table):
             raise ValueError(f"table name must be a plain SQL identifier, not {table!r}")
-        sql = template.format(table=table, now=self.now, columns=", ".join(COLUMNS))
+        sql = template.format(table=table, now=self.now, columns=", ".join(columns),
+                              skip_locked=self.skip_locked, greatest=self.greatest)
         if self.param_style == "pyformat":
             sql = re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
         return sql
@@ -114,4 +118,5 @@ class Statements:
 
 SQLITE = Dialect(now=":now", param_style="named")
 POSTGRES = Dialect(now="EXTRACT(EPOCH FROM statement_timestamp())::double precision",
-                   param_style="pyformat")
+                   param_style="pyformat", skip_locked="FOR UPDATE SKIP LOCKED",
+                   greatest="GREATEST")

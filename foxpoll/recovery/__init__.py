@@ -1,23 +1,25 @@
 """Stalled-order recovery: a queue that re-checks orders until they finish, with dead letters.
 
-Engines: :class:`SQLiteRecoveryQueue` (embedded, one host) and
-``ProcrastinateRecoveryQueue`` (PostgreSQL, many workers on many machines; imported on
-first use).
+Engines: :class:`SQLiteRecoveryQueue` (embedded, one host), ``PostgresRecoveryQueue``
+(many workers on many machines, pulling like the SQLite queue) and
+``ProcrastinateRecoveryQueue`` (the same table, with procrastinate running the workers);
+the PostgreSQL engines are imported on first use.
 """
 
 from __future__ import annotations
 
 from foxpoll._lazy import lazy_attributes
 
-from .base import JobQueue, JobState, RecoveryJob, RecoveryQueue
+from .base import JobQueue, JobState, RecoveryJob, RecoveryPolicy, RecoveryQueue
 from .sqlite import SQLiteRecoveryQueue
-from .worker import Action, Checked, RecoveryPolicy, RecoveryWorker, decide
+from .worker import Action, Checked, RecoveryWorker, decide
 
 __all__ = [
     "Action",
     "Checked",
     "JobQueue",
     "JobState",
+    "PostgresRecoveryQueue",
     "ProcrastinateRecoveryQueue",
     "RecoveryJob",
     "RecoveryPolicy",
@@ -28,4 +30,5 @@ __all__ = [
 ]
 
 
-__getattr__ = lazy_attributes(__name__, {"ProcrastinateRecoveryQueue": "procrastinate"})
+__getattr__ = lazy_attributes(__name__, {"PostgresRecoveryQueue": "postgres",
+                                         "ProcrastinateRecoveryQueue": "procrastinate"})

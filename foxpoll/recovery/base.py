@@ -2,6 +2,10 @@
 
 ::
 
+    watch ────> QUEUED (reason "watch", due when the wait would have given up)
+                  │  the wait ends: failed / cancelled ──> DONE
+                  │                 completed ──> QUEUED (reason "delivery", due after
+                  │                               the policy's delivery_grace)
     enqueue ──> QUEUED ──take (leased)──> re-check ──> DONE        (completed: delivered;
                   ^                          │                      failed / cancelled:
                   │                          ├──> QUEUED, later     handed over)
@@ -10,22 +14,75 @@
                 DEAD ──close(reason)──> CLOSED
 
 A job is leased while a worker handles it; a worker that dies leaves the lease to expire
-and the job is taken again. Re-enqueueing a queued order changes nothing (the earlier due
-time wins); a dead or closed order comes back only through :meth:`RecoveryQueue.requeue`.
+and the job is taken again. There is one row per order, so enqueueing is idempotent in
+every state: a queued order keeps the earlier of the two due times, a running one keeps
+its lease, and a dead or closed one comes back only through :meth:`RecoveryQueue.requeue`.
+
+A *watch* is how a paid order outlives the process waiting for it: the client records it
+before paying and when a wait starts, due a margin after the wait would have given up. A
+wait that ends settles its own watch (and only a watch: a job already under recovery is
+the worker's); a wait that dies with its process leaves the watch to fire, and a
+:class:`~foxpoll.recovery.RecoveryWorker` finishes the order.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import itertools
+import random
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import attrs
 
-from foxpoll.polling import WaitResult
+from foxpoll.backoff import BackoffPolicy, ExponentialJitter
+from foxpoll.models import OrderStatus
+from foxpoll.polling import WaitResult, WaitStart
 
-__all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryQueue"]
+__all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryPolicy", "RecoveryQueue"]
+
+DEFAULT_RECOVERY_BACKOFF = ExponentialJitter(base=30.0, factor=2.0, cap=3600.0, jitter=0.3)
+WATCH = "watch"
+DELIVERY = "delivery"
+
+
+def _positive_or_none(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not 0 <= value < float("inf"):
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, not {value!r}")
+
+
+@attrs.frozen
+class RecoveryPolicy:
+    """How often to re-check a stalled order, and for how long. Give it to the queue; the
+    workers read it from there.
+
+    The default: 8 re-checks, waiting 30 s, 60 s, 120 s... (doubling, capped at an hour)
+    plus up to 30 %, about two hours in all before the order is dead-lettered.
+
+    Attributes:
+        max_attempts: Re-checks before the order is dead-lettered.
+        backoff: The waits between re-checks.
+        watch_margin: Seconds a watch fires after its wait would have given up: room for
+            the wait's last HTTP request and its ``on_finish``.
+        delivery_grace: Seconds after a wait saw the order completed before a worker
+            checks that its codes were delivered (the dedup store says so, or it delivers
+            them). None settles the watch at once, for callers who deliver before the wait
+            returns.
+    """
+
+    max_attempts: int = 8
+    backoff: BackoffPolicy = attrs.field(default=DEFAULT_RECOVERY_BACKOFF)
+    watch_margin: float = attrs.field(default=120.0, validator=_positive_or_none)
+    delivery_grace: float | None = attrs.field(default=300.0, validator=_positive_or_none)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """The wait after re-check number ``attempt`` (from 1)."""
+        return next(itertools.islice(self.backoff.delays(rng), attempt - 1, None))
 
 Q = TypeVar("Q", bound="RecoveryQueue")
 
@@ -50,6 +107,7 @@ class RecoveryJob:
         last_status: The order's status at the last re-check.
         last_error: The last re-check's error, if it failed.
         note: The final status (DONE) or the reason it was closed (CLOSED).
+        locked_until: While a worker holds the job, when its lease ends.
     """
 
     order_id: str
@@ -62,10 +120,20 @@ class RecoveryJob:
     note: str | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    locked_until: float | None = None
+
+    def running(self, now: float) -> bool:
+        """A worker holds it (its lease has not run out)."""
+        return self.state is JobState.QUEUED and (self.locked_until or 0.0) > now
 
 
 class RecoveryQueue(abc.ABC):
-    """Where stalled orders wait for their next re-check: what every engine offers."""
+    """Where stalled orders wait for their next re-check: what every engine offers.
+
+    ``policy`` is the one :class:`RecoveryPolicy` of the queue and its workers.
+    """
+
+    policy: RecoveryPolicy = RecoveryPolicy()
 
     @abc.abstractmethod
     def enqueue(self, order_id: str, *, reason: str = "stalled", due_at: float | None = None
@@ -93,10 +161,42 @@ class RecoveryQueue(abc.ABC):
             ValueError: the job is not dead.
         """
 
+    @abc.abstractmethod
+    def watch(self, order_id: str, *, due_at: float) -> bool:
+        """Record that a wait is on ``order_id`` and would give up before ``due_at``: if
+        nothing settles it by then, the job fires as a recovery job. Re-watching moves a
+        watch's due time later, never earlier; a job already under recovery is left as it
+        is. True when the watch was recorded or moved."""
+
+    @abc.abstractmethod
+    def settle(self, order_id: str, *, status: str) -> bool:
+        """A wait saw the watched order finish with ``status``: failed or cancelled is
+        DONE; completed waits ``policy.delivery_grace`` for its delivery to be confirmed.
+        Only a watch is settled. True when it was."""
+
+    @abc.abstractmethod
+    def unwatch(self, order_id: str) -> bool:
+        """Drop a watch that nothing has acted on (the payment it guarded was refused)."""
+
+    def on_start(self, start: WaitStart) -> None:
+        """A wait's ``on_start`` hook: watch the order until a margin past its horizon."""
+        self.watch(start.order_id, due_at=start.started_at + start.horizon
+                   + self.policy.watch_margin)
+
     def on_finish(self, result: WaitResult) -> None:
-        """A ``wait_for_completion`` / ``wait_many`` hook: enqueue orders that stalled."""
+        """A wait's ``on_finish`` hook: enqueue an order that stalled; settle the watch of
+        one that finished."""
         if result.stalled:
             self.enqueue(result.order_id, reason="stalled")
+        elif result.order is not None and result.order.status.is_terminal:
+            self.settle(result.order_id, status=result.order.status.value)
+
+    def settled_status(self, status: str) -> tuple[str, float | None]:
+        """Where :meth:`settle` moves a watch: ``("done", None)``, or ``("queued", grace)``
+        for a completed order whose delivery is still to be confirmed."""
+        if status == OrderStatus.COMPLETED.value and self.policy.delivery_grace is not None:
+            return "queued", self.policy.delivery_grace
+        return "done", None
 
     def sweep(self, pending: Iterable[tuple[str, float]], *, now: float,
               older_than: float = 600.0) -> int:
@@ -105,6 +205,14 @@ class RecoveryQueue(abc.ABC):
         seconds). Returns how many were newly queued."""
         return sum(self.enqueue(order_id, reason="sweep")
                    for order_id, since in pending if now - since > older_than)
+
+    @abc.abstractmethod
+    def get(self, order_id: str) -> RecoveryJob | None:
+        """The job, or None."""
+
+    @abc.abstractmethod
+    def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
+        """Jobs in ``state``, oldest change first."""
 
     def close_connections(self) -> None:  # noqa: B027 - optional
         """Release what the queue holds open."""
@@ -136,14 +244,6 @@ class JobQueue(RecoveryQueue):
     def bury(self, order_id: str, *, last_status: str | None, last_error: str | None
              ) -> RecoveryJob:
         """Attempts used up: move to the dead letters."""
-
-    @abc.abstractmethod
-    def get(self, order_id: str) -> RecoveryJob | None:
-        """The job, or None."""
-
-    @abc.abstractmethod
-    def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
-        """Jobs in ``state``, oldest change first."""
 
     def list_dead(self, *, limit: int = 100) -> list[RecoveryJob]:
         return self.jobs(JobState.DEAD, limit=limit)

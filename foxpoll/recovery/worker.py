@@ -10,7 +10,6 @@ attempts run out and it moves to the dead letters. The decision is a pure functi
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import threading
@@ -20,38 +19,18 @@ from typing import Any
 import attrs
 
 from foxpoll._client import FoxReload
-from foxpoll.backoff import BackoffPolicy, ExponentialJitter
-from foxpoll.dedup.base import DedupStore
+from foxpoll.dedup.base import DedupStore, DeliveryState
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundError
 from foxpoll.events.base import OrderEvent, Publisher
 from foxpoll.models import Order, OrderStatus
 from foxpoll.polling import WaitResult
 
-from .base import JobQueue, RecoveryJob, RecoveryQueue
+from .base import DELIVERY, JobQueue, RecoveryJob, RecoveryPolicy, RecoveryQueue
 
 __all__ = ["Action", "Checked", "RecoveryPolicy", "RecoveryWorker", "decide"]
 
 log = logging.getLogger("foxpoll.recovery")
-
-
-DEFAULT_RECOVERY_BACKOFF = ExponentialJitter(base=30.0, factor=2.0, cap=3600.0, jitter=0.3)
-
-
-@attrs.frozen
-class RecoveryPolicy:
-    """How often to re-check a stalled order, and for how long.
-
-    The default: 8 re-checks, waiting 30 s, 60 s, 120 s... (doubling, capped at an hour)
-    plus up to 30 %, about two hours in all before the order is dead-lettered.
-    """
-
-    max_attempts: int = 8
-    backoff: BackoffPolicy = attrs.field(default=DEFAULT_RECOVERY_BACKOFF)
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """The wait after re-check number ``attempt`` (from 1)."""
-        return next(itertools.islice(self.backoff.delays(rng), attempt - 1, None))
 
 
 @attrs.frozen
@@ -96,7 +75,8 @@ class RecoveryWorker:
         on_terminal: Called with a failed or cancelled order (refund, notify...).
         publisher: Publishes an :class:`OrderEvent` for every order that finishes.
         metrics: A ``foxpoll.metrics`` object: recovered completions count as completed.
-        policy: Re-check attempts and waits.
+        policy: Need not be given: the worker uses its queue's policy. If given, it must
+            equal the queue's.
         lease: Seconds a taken job stays with this worker if it dies.
         rng: Random source for the jitter.
     """
@@ -118,7 +98,10 @@ class RecoveryWorker:
         self.client, self.queue, self.store = client, queue, store
         self.on_completed, self.on_terminal = on_completed, on_terminal
         self.publisher, self.metrics = publisher, metrics
-        self.policy = policy or RecoveryPolicy()
+        if policy is not None and policy != queue.policy:
+            raise ValueError("the worker's policy differs from its queue's: give the "
+                             "RecoveryPolicy to the queue only; the worker reads it there")
+        self.policy = queue.policy
         self.lease = lease
         self.rng = rng or random.Random()
 
@@ -161,8 +144,16 @@ class RecoveryWorker:
         return Checked(action, status, error)
 
     def process(self, job: RecoveryJob) -> RecoveryJob:
-        """Re-check one taken job of a :class:`JobQueue` and move it on."""
+        """Re-check one taken job of a :class:`JobQueue` and move it on.
+
+        A job whose wait saw the order completed (reason ``delivery``) is first looked up
+        in the dedup store: delivered there means done, with no request to the API.
+        """
         queue = self._job_queue()
+        if job.reason == DELIVERY:
+            record = self.store.get(job.order_id)
+            if record is not None and record.state is DeliveryState.DELIVERED:
+                return queue.finish(job.order_id, final_status="completed")
         checked = self.recheck(job.order_id, job.attempts, since=job.created_at)
         kind = checked.action.kind
         if kind in ("deliver", "terminal"):

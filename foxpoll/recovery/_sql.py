@@ -1,0 +1,299 @@
+"""The recovery queue in SQL, shared by the SQLite and PostgreSQL engines.
+
+One row per order is the whole state of its job, so every transition is one conditional
+statement and enqueueing is idempotent by the primary key, in every state. Statements use
+``:name`` parameters and ``{now}`` for the current time in epoch seconds: the process
+clock on SQLite, the server's on PostgreSQL. Due times are written as ``{now} + :delay``
+so a fleet's machines never compare their own clocks.
+
+An engine supplies :meth:`SQLJobQueue._transaction`; everything else is here.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import attrs
+
+from foxpoll.dedup._sql import Dialect
+
+from .base import JobQueue, JobState, RecoveryJob, require_text
+
+__all__ = ["COLUMNS", "Execute", "JobStatements", "SQLJobQueue", "job_from_row"]
+
+COLUMNS = ("order_id", "state", "attempts", "due_at", "reason", "last_status", "last_error",
+           "note", "created_at", "updated_at", "locked_until")
+
+Execute = Callable[[str, Mapping[str, Any]], list[dict[str, Any]]]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table} (
+    order_id     TEXT PRIMARY KEY,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    due_at       DOUBLE PRECISION NOT NULL,
+    locked_until DOUBLE PRECISION,
+    token        TEXT,
+    reason       TEXT NOT NULL DEFAULT '',
+    last_status  TEXT,
+    last_error   TEXT,
+    note         TEXT,
+    created_at   DOUBLE PRECISION NOT NULL,
+    updated_at   DOUBLE PRECISION NOT NULL
+)"""
+_INDEX = "CREATE INDEX IF NOT EXISTS {table}_due ON {table} (state, due_at)"
+
+_INSERT = """
+INSERT INTO {table} (order_id, state, due_at, reason, created_at, updated_at)
+VALUES (:order_id, 'queued', {now} + :delay, :reason, {now}, {now})
+ON CONFLICT (order_id) DO NOTHING RETURNING order_id"""
+
+# Already known: a queued job keeps the earlier due time; a watch becomes a recovery job.
+_HASTEN = """
+UPDATE {table} SET due_at = CASE WHEN due_at > {now} + :delay THEN {now} + :delay
+                                 ELSE due_at END,
+                   reason = CASE WHEN reason = 'watch' THEN :reason ELSE reason END,
+                   updated_at = {now}
+WHERE order_id = :order_id AND state = 'queued'
+  AND (due_at > {now} + :delay OR reason = 'watch')
+RETURNING order_id"""
+
+# A watch only ever moves later; a job under recovery is not a watch and is left alone.
+_WATCH = """
+INSERT INTO {table} (order_id, state, due_at, reason, created_at, updated_at)
+VALUES (:order_id, 'queued', {now} + :delay, 'watch', {now}, {now})
+ON CONFLICT (order_id) DO UPDATE SET
+    due_at = {greatest}({table}.due_at, excluded.due_at), updated_at = excluded.updated_at
+WHERE {table}.state = 'queued' AND {table}.reason = 'watch'
+RETURNING order_id"""
+
+_SETTLE_DONE = """
+UPDATE {table} SET state = 'done', note = :status, last_status = :status,
+                   locked_until = NULL, token = NULL, updated_at = {now}
+WHERE order_id = :order_id AND state = 'queued' AND reason = 'watch'
+RETURNING order_id"""
+
+_SETTLE_DELIVERY = """
+UPDATE {table} SET reason = 'delivery', last_status = :status, due_at = {now} + :delay,
+                   updated_at = {now}
+WHERE order_id = :order_id AND state = 'queued' AND reason = 'watch'
+RETURNING order_id"""
+
+_UNWATCH = """
+DELETE FROM {table}
+WHERE order_id = :order_id AND state = 'queued' AND reason = 'watch' AND attempts = 0
+  AND locked_until IS NULL
+RETURNING order_id"""
+
+# Due and not held by anyone: a lease that ran out is a dead worker's.
+_TAKE = """
+UPDATE {table} SET locked_until = {now} + :lease, token = NULL
+WHERE order_id = (
+    SELECT order_id FROM {table}
+    WHERE state = 'queued' AND due_at <= {now}
+      AND (locked_until IS NULL OR locked_until <= {now})
+    ORDER BY due_at LIMIT 1 {skip_locked})
+RETURNING {columns}"""
+
+# A dispatched wake-up takes its job only with the token it was dispatched with.
+_TAKE_DISPATCHED = """
+UPDATE {table} SET locked_until = {now} + :lease, token = NULL
+WHERE order_id = :order_id AND token = :token AND state = 'queued'
+RETURNING {columns}"""
+
+_DISPATCH = """
+UPDATE {table} SET locked_until = {now} + :lease, token = :token
+WHERE order_id IN (
+    SELECT order_id FROM {table}
+    WHERE state = 'queued' AND due_at <= {now}
+      AND (locked_until IS NULL OR locked_until <= {now})
+    ORDER BY due_at LIMIT :limit {skip_locked})
+RETURNING order_id"""
+
+_NEXT_DUE = """
+SELECT MIN(CASE WHEN locked_until > due_at THEN locked_until ELSE due_at END) AS t
+FROM {table} WHERE state = 'queued'"""
+
+_RETRY = """
+UPDATE {table} SET attempts = attempts + 1, due_at = {now} + :delay,
+                   last_status = :last_status, last_error = :last_error,
+                   locked_until = NULL, token = NULL, updated_at = {now}
+WHERE order_id = :order_id AND state = 'queued'
+RETURNING {columns}"""
+
+_FINISH = """
+UPDATE {table} SET state = 'done', note = :status, last_status = :status,
+                   locked_until = NULL, token = NULL, updated_at = {now}
+WHERE order_id = :order_id
+RETURNING {columns}"""
+
+_BURY = """
+UPDATE {table} SET state = 'dead', attempts = attempts + 1, last_status = :last_status,
+                   last_error = :last_error, locked_until = NULL, token = NULL,
+                   updated_at = {now}
+WHERE order_id = :order_id AND state = 'queued'
+RETURNING {columns}"""
+
+_REQUEUE = """
+UPDATE {table} SET state = 'queued', attempts = 0, due_at = {now}, reason = 'requeued',
+                   note = NULL, locked_until = NULL, token = NULL, updated_at = {now}
+WHERE order_id = :order_id AND state IN ('dead', 'closed')
+RETURNING {columns}"""
+
+_CLOSE = """
+UPDATE {table} SET state = 'closed', note = :note, updated_at = {now}
+WHERE order_id = :order_id AND state = 'dead'
+RETURNING {columns}"""
+
+_GET = "SELECT {columns} FROM {table} WHERE order_id = :order_id"
+
+_JOBS = """
+SELECT {columns} FROM {table} WHERE state = :state ORDER BY updated_at, order_id LIMIT :limit"""
+
+
+@attrs.frozen
+class JobStatements:
+    """The statements of one job table, rendered for one database."""
+
+    schema: str
+    index: str
+    insert: str
+    hasten: str
+    watch: str
+    settle_done: str
+    settle_delivery: str
+    unwatch: str
+    take: str
+    take_dispatched: str
+    dispatch: str
+    next_due: str
+    retry: str
+    finish: str
+    bury: str
+    requeue: str
+    close: str
+    get: str
+    jobs: str
+
+    @classmethod
+    def render(cls, dialect: Dialect, table: str) -> JobStatements:
+        templates = {
+            "schema": _SCHEMA, "index": _INDEX, "insert": _INSERT, "hasten": _HASTEN,
+            "watch": _WATCH, "settle_done": _SETTLE_DONE, "settle_delivery": _SETTLE_DELIVERY,
+            "unwatch": _UNWATCH, "take": _TAKE, "take_dispatched": _TAKE_DISPATCHED,
+            "dispatch": _DISPATCH, "next_due": _NEXT_DUE, "retry": _RETRY, "finish": _FINISH,
+            "bury": _BURY, "requeue": _REQUEUE, "close": _CLOSE, "get": _GET, "jobs": _JOBS,
+        }
+        return cls(**{name: dialect.render(sql, table, COLUMNS)
+                      for name, sql in templates.items()})
+
+
+class SQLJobQueue(JobQueue):
+    """A :class:`JobQueue` in one SQL table. Subclasses give the statements, a clock and
+    :meth:`_transaction`; every method is one or two statements."""
+
+    _sql: JobStatements
+    _clock: Callable[[], float]
+
+    @abc.abstractmethod
+    def _transaction(self) -> AbstractContextManager[Execute]:
+        """A unit of work: statements run through the yielded function commit together."""
+
+    def _one(self, sql: str, **params: Any) -> dict[str, Any] | None:
+        with self._transaction() as execute:
+            rows = execute(sql, params)
+        return rows[0] if rows else None
+
+    def _delay(self, due_at: float | None) -> float:
+        """``due_at`` (this process's clock) as seconds from now, for ``{now} + :delay``."""
+        if due_at is None:
+            return 0.0
+        if not math.isfinite(due_at):
+            raise ValueError("due_at must be a finite time")
+        return due_at - self._clock()
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def enqueue(self, order_id: str, *, reason: str = "stalled", due_at: float | None = None
+                ) -> bool:
+        require_text(order_id, "order id")
+        params = {"order_id": order_id, "reason": reason, "delay": self._delay(due_at)}
+        with self._transaction() as execute:
+            if execute(self._sql.insert, params):
+                return True
+            execute(self._sql.hasten, params)
+        return False
+
+    def watch(self, order_id: str, *, due_at: float) -> bool:
+        require_text(order_id, "order id")
+        return self._one(self._sql.watch, order_id=order_id,
+                         delay=self._delay(due_at)) is not None
+
+    def settle(self, order_id: str, *, status: str) -> bool:
+        state, grace = self.settled_status(status)
+        sql = self._sql.settle_done if state == "done" else self._sql.settle_delivery
+        return self._one(sql, order_id=order_id, status=status, delay=grace or 0.0) is not None
+
+    def unwatch(self, order_id: str) -> bool:
+        return self._one(self._sql.unwatch, order_id=order_id) is not None
+
+    def take(self, *, lease: float = 300.0) -> RecoveryJob | None:
+        row = self._one(self._sql.take, lease=lease)
+        return job_from_row(row) if row else None
+
+    def next_due(self) -> float | None:
+        """When the earliest queued job is due (or its lease ends), or None when none is
+        queued."""
+        row = self._one(self._sql.next_due)
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    def _update(self, sql: str, order_id: str, **params: Any) -> RecoveryJob:
+        with self._transaction() as execute:
+            rows = execute(sql, {"order_id": order_id, **params})
+            current = rows or execute(self._sql.get, {"order_id": order_id})
+        if not current:
+            raise KeyError(order_id)
+        job = job_from_row(current[0])
+        if not rows:
+            raise ValueError(f"order {order_id} is {job.state.value}: not changed")
+        return job
+
+    def retry(self, order_id: str, *, due_at: float, last_status: str | None,
+              last_error: str | None) -> RecoveryJob:
+        return self._update(self._sql.retry, order_id, delay=self._delay(due_at),
+                            last_status=last_status, last_error=last_error)
+
+    def finish(self, order_id: str, *, final_status: str) -> RecoveryJob:
+        return self._update(self._sql.finish, order_id, status=final_status)
+
+    def bury(self, order_id: str, *, last_status: str | None, last_error: str | None
+             ) -> RecoveryJob:
+        return self._update(self._sql.bury, order_id, last_status=last_status,
+                            last_error=last_error)
+
+    def requeue(self, order_id: str) -> RecoveryJob:
+        return self._update(self._sql.requeue, order_id)
+
+    def close(self, order_id: str, reason: str) -> RecoveryJob:
+        require_text(reason, "reason")
+        return self._update(self._sql.close, order_id, note=reason)
+
+    def get(self, order_id: str) -> RecoveryJob | None:
+        row = self._one(self._sql.get, order_id=order_id)
+        return job_from_row(row) if row else None
+
+    def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
+        with self._transaction() as execute:
+            rows = execute(self._sql.jobs, {"state": JobState(state).value, "limit": limit})
+        return [job_from_row(row) for row in rows]
+
+
+def job_from_row(row: Mapping[str, Any]) -> RecoveryJob:
+    data = {name: row[name] for name in COLUMNS}
+    data["state"] = JobState(data["state"])
+    return RecoveryJob(**data)
+

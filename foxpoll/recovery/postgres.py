@@ -1,0 +1,120 @@
+"""``PostgresRecoveryQueue``: the recovery queue in a PostgreSQL table, for many workers on
+many machines.
+
+Workers pull due jobs with ``FOR UPDATE SKIP LOCKED``, so they pass each other instead of
+queueing on one row; a job is leased while it is handled, and a worker that dies leaves
+the lease to run out. Times are the server's. :class:`ProcrastinateRecoveryQueue` is the
+same table with procrastinate running the workers.
+
+::
+
+    queue = PostgresRecoveryQueue("postgresql://...")
+    queue.create_schema()                       # once, idempotent
+    RecoveryWorker(client, queue, store, on_completed=send_codes).run()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+try:
+    import psycopg
+    import psycopg_pool
+    from psycopg.rows import dict_row
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise ImportError(
+        "PostgresRecoveryQueue needs psycopg: pip install 'foxpoll[postgres]'"
+    ) from exc
+
+from foxpoll.dedup._sql import POSTGRES
+from foxpoll.errors import StoreUnavailable
+
+from ._sql import Execute, JobStatements, SQLJobQueue
+from .base import RecoveryPolicy
+
+__all__ = ["PostgresRecoveryQueue"]
+
+DEFAULT_TABLE = "foxpoll_recovery"
+
+
+class PostgresRecoveryQueue(SQLJobQueue):
+    """A recovery queue in a PostgreSQL table.
+
+    Args:
+        conninfo_or_pool: A libpq connection string, for which the queue opens its own
+            small pool on first use (closed by :meth:`close_connections` or ``with``); or
+            your ``psycopg_pool.ConnectionPool``, which it uses and never closes.
+        policy: The re-check policy, for this queue and its workers.
+        table: The table name (a plain identifier).
+        connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
+        max_connections: The size of the queue's own pool.
+
+    Call :meth:`create_schema` once (it is idempotent) before use.
+    """
+
+    def __init__(self, conninfo_or_pool: str | psycopg_pool.ConnectionPool[Any], *,
+                 policy: RecoveryPolicy | None = None, table: str = DEFAULT_TABLE,
+                 connect_timeout: float = 10.0, max_connections: int = 4) -> None:
+        self.policy = policy or RecoveryPolicy()
+        self.table = table
+        self._sql = JobStatements.render(POSTGRES, table)
+        self._connect_timeout = connect_timeout
+        self._owns_pool = isinstance(conninfo_or_pool, str)
+        self.conninfo: str | None
+        if isinstance(conninfo_or_pool, str):
+            self.conninfo = conninfo_or_pool
+            self._pool = psycopg_pool.ConnectionPool(
+                conninfo_or_pool, min_size=1, max_size=max_connections, open=False,
+                kwargs={"autocommit": True}, timeout=connect_timeout,
+                name=f"foxpoll-{table}",
+            )
+        else:
+            found = conninfo_or_pool.conninfo
+            self.conninfo = found if isinstance(found, str) else None
+            self._pool = conninfo_or_pool
+        self._opening = threading.Lock()
+
+    # Due times are stored relative to the server's clock ({now} + :delay); a caller's
+    # absolute time is read against this machine's clock, which is all that needs.
+    _clock = staticmethod(time.time)
+
+    def _open_pool(self) -> None:
+        if self._owns_pool and self._pool.closed:
+            with self._opening:
+                if self._pool.closed:
+                    self._pool.open(wait=True, timeout=self._connect_timeout)
+
+    def create_schema(self) -> None:
+        """Create the table and its index, if missing."""
+        with self._transaction() as execute:
+            execute(self._sql.schema, {})
+            execute(self._sql.index, {})
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Execute]:
+        # Autocommit: every statement is atomic on its own and the two-statement enqueue
+        # tolerates a race between them, so no BEGIN / COMMIT round trips.
+        try:
+            self._open_pool()
+            with self._pool.connection(timeout=self._connect_timeout) as conn, \
+                    conn.cursor(row_factory=dict_row) as cursor:
+
+                def execute(sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+                    cursor.execute(sql, params or None)  # no params: no % parsing
+                    return cursor.fetchall() if cursor.description is not None else []
+
+                yield execute
+        except psycopg.errors.UndefinedTable as exc:
+            raise StoreUnavailable(f"the recovery table {self.table!r} does not exist: "
+                                   "call create_schema() once") from exc
+        except psycopg.OperationalError as exc:  # a pool's PoolTimeout is one too
+            raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
+
+    def close_connections(self) -> None:
+        """Close the queue's own pool (a pool you passed in stays open)."""
+        if self._owns_pool and not self._pool.closed:
+            self._pool.close()

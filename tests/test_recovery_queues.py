@@ -1,0 +1,320 @@
+"""The recovery-queue contract, on SQLite (virtual time) and the machine's PostgreSQL.
+
+Time moves with :func:`advance`: SQLite's clock is a FakeClock; on PostgreSQL, whose
+clock is the server's, every stored time is moved back instead, which is the same thing.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from foxpoll.recovery import JobState, RecoveryPolicy, SQLiteRecoveryQueue
+from foxpoll.recovery._sql import SQLJobQueue
+from foxpoll.testing import FakeClock
+
+from .services import POSTGRES_URL, require
+
+Advance = Callable[[float], None]
+
+
+@attrs.define
+class Engine:
+    queue: SQLJobQueue
+    advance: Advance
+    now: Callable[[], float]
+
+
+def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None) -> Engine:
+    if kind == "sqlite":
+        clock = FakeClock()
+        queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, clock=clock.time)
+        return Engine(queue, clock.advance, clock.time)
+    require("PostgreSQL", "127.0.0.1", 5432)
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    table = f"recovery_{uuid.uuid4().hex[:10]}"
+    pg = PostgresRecoveryQueue(POSTGRES_URL, policy=policy, table=table)
+    pg.create_schema()
+    pg.create_schema()  # idempotent
+
+    def advance(seconds: float) -> None:
+        with pg._transaction() as execute:
+            execute(f"UPDATE {table} SET due_at = due_at - %(s)s, "  # noqa: S608
+                    "locked_until = locked_until - %(s)s", {"s": seconds})
+
+    import time
+
+    return Engine(pg, advance, time.time)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.service)])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    made = make_engine(request.param, tmp_path)
+    yield made
+    if request.param == "postgres":
+        with made.queue._transaction() as execute:
+            execute(f"DROP TABLE {made.queue.table}", {})  # type: ignore[attr-defined]
+    made.queue.close_connections()
+
+
+def due_in(engine: Engine, order_id: str) -> float:
+    job = engine.queue.get(order_id)
+    assert job is not None
+    return job.due_at - engine.now()
+
+
+# -- enqueue is idempotent in every state -------------------------------------------------
+
+
+def test_a_queued_order_keeps_the_earlier_due_time(engine: Engine) -> None:
+    q = engine.queue
+    assert q.enqueue("o1", due_at=engine.now() + 100)
+    assert not q.enqueue("o1", due_at=engine.now() + 500)
+    assert 95 < due_in(engine, "o1") <= 100
+    assert not q.enqueue("o1")
+    assert due_in(engine, "o1") <= 0
+    assert [j.order_id for j in q.jobs(JobState.QUEUED)] == ["o1"]
+
+
+def test_enqueueing_a_running_job_leaves_its_lease_alone(engine: Engine) -> None:
+    q = engine.queue
+    q.enqueue("o1")
+    taken = q.take(lease=60)
+    assert taken is not None
+    assert taken.running(engine.now())
+    assert not q.enqueue("o1")  # a second owner's wait stalls meanwhile: no second job
+    assert q.take(lease=60) is None  # still the first worker's
+    assert q.get("o1").running(engine.now())  # type: ignore[union-attr]
+    retried = q.retry("o1", due_at=engine.now() + 30, last_status="processing",
+                      last_error=None)  # the running job's retry never conflicts
+    assert (retried.attempts, retried.last_status) == (1, "processing")
+    assert not q.enqueue("o1")  # retrying: still one job
+    engine.advance(31)
+    assert q.take(lease=60) is not None
+
+
+@pytest.mark.parametrize("end", ["dead", "closed", "done"])
+def test_enqueueing_a_finished_job_changes_nothing(engine: Engine, end: str) -> None:
+    q = engine.queue
+    q.enqueue("o1")
+    q.take(lease=60)
+    if end == "done":
+        q.finish("o1", final_status="completed")
+    else:
+        q.bury("o1", last_status="processing", last_error=None)
+        if end == "closed":
+            q.close("o1", "refunded")
+    assert not q.enqueue("o1")
+    assert not q.watch("o1", due_at=engine.now() + 10)
+    assert q.get("o1").state is JobState(end)  # type: ignore[union-attr]
+    if end != "done":
+        assert q.requeue("o1").state is JobState.QUEUED  # the only way back
+        assert q.take(lease=60) is not None
+
+
+def test_dead_letters_requeue_and_close_report_bad_states(engine: Engine) -> None:
+    q = engine.queue
+    with pytest.raises(KeyError):
+        q.requeue("never-seen")
+    with pytest.raises(KeyError):
+        q.close("never-seen", "x")
+    q.enqueue("o1")
+    with pytest.raises(ValueError, match="queued"):
+        q.close("o1", "not dead yet")
+    with pytest.raises(ValueError, match="queued"):
+        q.requeue("o1")
+    q.bury("o1", last_status=None, last_error="boom")
+    with pytest.raises(ValueError, match="dead"):
+        q.retry("o1", due_at=engine.now(), last_status=None, last_error=None)
+    assert [(j.order_id, j.attempts, j.last_error) for j in q.list_dead()] == [("o1", 1, "boom")]
+    with pytest.raises(ValueError, match="reason"):
+        q.close("o1", " ")
+
+
+# -- watches ------------------------------------------------------------------------------
+
+
+def test_a_watch_moves_only_later_and_never_touches_a_recovery_job(engine: Engine) -> None:
+    q = engine.queue
+    assert q.watch("w", due_at=engine.now() + 100)
+    assert q.watch("w", due_at=engine.now() + 300)
+    assert 295 < due_in(engine, "w") <= 300
+    q.watch("w", due_at=engine.now() + 50)
+    assert 295 < due_in(engine, "w") <= 300  # a shorter wait does not bring it forward
+    assert q.get("w").reason == "watch"  # type: ignore[union-attr]
+    q.enqueue("r", due_at=engine.now() + 40)
+    assert not q.watch("r", due_at=engine.now() + 1000)
+    assert 35 < due_in(engine, "r") <= 40
+    assert q.get("r").reason == "stalled"  # type: ignore[union-attr]
+
+
+def test_a_stalled_wait_turns_its_watch_into_a_recovery_job_due_now(engine: Engine) -> None:
+    q = engine.queue
+    q.watch("w", due_at=engine.now() + 1000)
+    assert not q.enqueue("w", reason="stalled")
+    job = q.get("w")
+    assert job is not None
+    assert (job.reason, job.state) == ("stalled", JobState.QUEUED)
+    assert due_in(engine, "w") <= 0
+    assert not q.settle("w", status="completed")  # now the worker's, not the wait's
+
+
+def test_settling_a_watch(engine: Engine) -> None:
+    q = engine.queue
+    for order_id in ("failed", "cancelled", "completed"):
+        q.watch(order_id, due_at=engine.now() + 1000)
+        assert q.settle(order_id, status=order_id)
+        assert not q.settle(order_id, status=order_id)  # a second wait: nothing to do
+    assert q.get("failed").state is JobState.DONE  # type: ignore[union-attr]
+    assert q.get("cancelled").note == "cancelled"  # type: ignore[union-attr]
+    delivery = q.get("completed")
+    assert delivery is not None
+    assert (delivery.state, delivery.reason, delivery.last_status) == (
+        JobState.QUEUED, "delivery", "completed")
+    grace = q.policy.delivery_grace
+    assert grace is not None
+    assert grace - 5 < due_in(engine, "completed") <= grace
+
+
+def test_without_a_delivery_grace_a_completed_wait_settles_at_once(tmp_path: Path) -> None:
+    made = make_engine("sqlite", tmp_path, RecoveryPolicy(delivery_grace=None))
+    with made.queue as q:
+        q.watch("o1", due_at=made.now() + 10)
+        assert q.settle("o1", status="completed")
+        assert q.get("o1").state is JobState.DONE  # type: ignore[union-attr]
+
+
+def test_unwatch_drops_only_an_untouched_watch(engine: Engine) -> None:
+    q = engine.queue
+    q.watch("fresh", due_at=engine.now() + 10)
+    assert q.unwatch("fresh")
+    assert q.get("fresh") is None
+    q.watch("taken", due_at=engine.now())
+    assert q.take(lease=60) is not None
+    assert not q.unwatch("taken")  # a worker holds it
+    q.enqueue("stalled")
+    assert not q.unwatch("stalled")
+    assert not q.unwatch("never-seen")
+
+
+# -- taking jobs --------------------------------------------------------------------------
+
+
+def test_take_leases_the_most_overdue_job_and_a_dead_worker_s_lease_runs_out(
+    engine: Engine
+) -> None:
+    q = engine.queue
+    q.enqueue("later", due_at=engine.now() + 60)
+    q.enqueue("now", due_at=engine.now() - 5)
+    q.enqueue("sooner", due_at=engine.now() - 1)
+    first, second = q.take(lease=30), q.take(lease=30)
+    assert (first.order_id, second.order_id) == ("now", "sooner")  # type: ignore[union-attr]
+    assert q.take(lease=30) is None
+    engine.advance(31)
+    again = q.take(lease=30)
+    assert again is not None
+    assert again.order_id == "now"  # its worker died: the job comes back
+    assert q.next_due() is not None
+
+
+def test_concurrent_takers_never_share_a_job(engine: Engine) -> None:
+    q = engine.queue
+    ids = [f"o{i}" for i in range(60)]
+    for order_id in ids:
+        q.enqueue(order_id)
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def take_all() -> None:
+        while (job := q.take(lease=60)) is not None:
+            with lock:
+                taken.append(job.order_id)
+
+    threads = [threading.Thread(target=take_all) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == sorted(ids)
+
+
+def test_jobs_and_get_show_every_state(engine: Engine) -> None:
+    q = engine.queue
+    for order_id in ("a", "b", "c", "d"):
+        q.enqueue(order_id)
+    q.take(lease=60)  # a: running
+    q.finish("b", final_status="completed")
+    q.bury("c", last_status="processing", last_error=None)
+    q.bury("d", last_status=None, last_error=None)
+    q.close("d", "refunded")
+    now = engine.now()
+    queued = q.jobs(JobState.QUEUED)
+    assert [(j.order_id, j.running(now)) for j in queued] == [("a", True)]
+    assert [j.order_id for j in q.jobs(JobState.DONE)] == ["b"]
+    assert [j.order_id for j in q.jobs(JobState.DEAD)] == ["c"]
+    assert [(j.order_id, j.note) for j in q.jobs(JobState.CLOSED)] == [("d", "refunded")]
+    assert q.get("nope") is None
+
+
+def test_bad_order_ids_and_times_are_rejected(engine: Engine) -> None:
+    q = engine.queue
+    for bad in ("", " ", "x" * 257, 42):
+        with pytest.raises(ValueError, match="order id"):
+            q.enqueue(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="order id"):
+            q.watch(bad, due_at=0.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):
+        q.enqueue("o1", due_at=float("nan"))
+    assert q.get("o1") is None
+
+
+# -- PostgreSQL only ----------------------------------------------------------------------
+
+
+@pytest.mark.service
+def test_a_missing_table_says_to_call_create_schema() -> None:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    from foxpoll.errors import StoreUnavailable
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    with PostgresRecoveryQueue(POSTGRES_URL, table="never_created_here") as q, \
+            pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+        q.enqueue("o1")
+
+
+@pytest.mark.service
+def test_a_dead_server_is_store_unavailable_within_the_timeout() -> None:
+    from foxpoll.errors import StoreUnavailable
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    from .services import free_port
+
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    with PostgresRecoveryQueue(url, connect_timeout=1.0) as q, \
+            pytest.raises(StoreUnavailable, match="unavailable"):
+        q.enqueue("o1")
+
+
+@pytest.mark.service
+def test_the_queue_uses_a_callers_pool_and_leaves_it_open() -> None:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg_pool
+
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    table = f"recovery_{uuid.uuid4().hex[:10]}"
+    with psycopg_pool.ConnectionPool(POSTGRES_URL, min_size=1, max_size=2, open=True,
+                                     kwargs={"autocommit": True}) as pool:
+        q = PostgresRecoveryQueue(pool, table=table)
+        q.create_schema()
+        assert q.enqueue("o1")
+        q.close_connections()
+        assert not pool.closed
+        with pool.connection() as conn:
+            conn.execute(f"DROP TABLE {table}")
