@@ -26,8 +26,8 @@ from .events.base import OrderEvent
 from .events.memory import InMemoryPublisher
 from .models import Order
 from .polling import PollAttempt, StatusChange, WaitResult
-from .recovery.sqlite import SQLiteRecoveryQueue
 from .recovery.base import RecoveryPolicy
+from .recovery.sqlite import SQLiteRecoveryQueue
 from .recovery.worker import RecoveryWorker
 from .testing import FakeClock, FakeFoxReload, OrderScript
 
