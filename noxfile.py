@@ -94,8 +94,10 @@ def compat(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: poll schedules, polling throughput, dedup-store overhead (not in default)."""
+    """Benchmarks: poll schedules, polling throughput, dedup-store overhead, the cost of
+    watches (not in the default run)."""
     session.install("-e", ".[all]", "httpx-aiohttp>=0.1.8", "aiohttp>=3.9")
     session.run("python", "benchmarks/schedules.py", *session.posargs)
     session.run("python", "benchmarks/throughput.py")
     session.run("python", "benchmarks/dedup.py")
+    session.run("python", "benchmarks/watch.py")

@@ -237,8 +237,9 @@ class BaseClient(Generic[HttpT, TransportT]):
         assert self._recovery is not None
         start = WaitStart(order_id, self._runtime.clock.time(), _DEFAULT_HORIZON)
         due_at = self._watch_due(start)
-        self._recovery.watch(order_id, due_at=due_at)
-        self._watches.remember(order_id, due_at)
+        if self._recovery.watch(order_id, due_at=due_at, replace=False):
+            self._watches.remember(order_id, due_at)
+        # else a wait elsewhere has already set its watch; this process's wait sets its own
 
     def _watch_due(self, start: WaitStart) -> float:
         assert self._recovery is not None
@@ -253,8 +254,10 @@ class BaseClient(Generic[HttpT, TransportT]):
         assert self._recovery is not None
         due_at = self._watch_due(start)
         paid_due = self._watches.forget(start.order_id)
-        if paid_due is not None and paid_due >= due_at:
-            return  # the watch written at pay already covers this wait
+        if paid_due is not None and 0 <= paid_due - due_at <= self._recovery.policy.watch_margin:
+            # The watch written at pay fires after this wait would give up, and not much
+            # later: it serves as this wait's.
+            return
         try:
             self._recovery.watch(start.order_id, due_at=due_at)
         except Exception:  # the wait goes on; only this process knows the order now

@@ -6,8 +6,10 @@ import io
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,6 +59,74 @@ def test_dlq_list_requeue_close(tmp_path: Path) -> None:
     assert run("dlq", "--queue", url, "close", "o-2", "refunded") == (0,
                                                                       "o-2: closed (refunded)\n")
     assert run("dlq", "--queue", url, "list")[1].strip() == "0 dead letter(s)"
+
+
+def test_queue_goes_before_or_after_the_action(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    with SQLiteRecoveryQueue(tmp_path / "q.db") as queue:
+        queue.enqueue("o-1")
+        queue.bury("o-1", last_status=None, last_error=None)
+    assert run("dlq", "list", "--queue", url)[1].splitlines()[-1] == "1 dead letter(s)"
+    assert run("dlq", "--queue", url, "list")[1].splitlines()[-1] == "1 dead letter(s)"
+    assert run("recovery", "list", "--state", "dead", "--queue", url)[0] == 0
+
+
+def fill(queue: Any) -> None:
+    """One job in each state: waiting, running, dead, done and closed."""
+    queue.enqueue("waiting", due_at=time.time() + 60)
+    queue.watch("watched", due_at=time.time() + 600)
+    queue.enqueue("running")
+    assert queue.take(lease=300).order_id == "running"
+    for order_id in ("dead", "closed"):
+        queue.enqueue(order_id)
+        queue.bury(order_id, last_status="processing", last_error="timeout")
+    queue.close("closed", "refunded")
+    queue.enqueue("done")
+    queue.finish("done", final_status="completed")
+
+
+def listed(output: str) -> dict[str, str]:
+    return {line.split()[0]: line.split()[1] for line in output.splitlines()[:-1]}
+
+
+def check_recovery_list(url: str) -> None:
+    code, active = run("recovery", "list", "--queue", url)
+    assert code == 0
+    assert listed(active) == {"waiting": "queued", "watched": "queued", "running": "running"}
+    assert "reason=watch" in active
+    assert "due_in=" in active
+    assert active.splitlines()[-1] == "3 job(s) active"
+    for state, expected in (("queued", {"waiting": "queued", "watched": "queued"}),
+                            ("running", {"running": "running"}), ("dead", {"dead": "dead"}),
+                            ("done", {"done": "done"}), ("closed", {"closed": "closed"})):
+        assert listed(run("recovery", "list", "--state", state, "--queue", url)[1]) == expected
+
+
+def test_recovery_list_shows_queued_and_running_jobs_too(tmp_path: Path) -> None:
+    with SQLiteRecoveryQueue(tmp_path / "q.db") as queue:
+        fill(queue)
+    check_recovery_list(f"sqlite:///{tmp_path / 'q.db'}")
+
+
+@pytest.mark.service
+def test_recovery_list_on_postgresql() -> None:
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    from .services import POSTGRES_URL, require
+
+    require("PostgreSQL", "127.0.0.1", 5432)
+    with PostgresRecoveryQueue(POSTGRES_URL) as queue:
+        queue.create_schema()
+        with queue._transaction() as execute:
+            execute("DELETE FROM foxpoll_recovery WHERE order_id IN "
+                    "('waiting', 'watched', 'running', 'dead', 'closed', 'done')", {})
+        fill(queue)
+        try:
+            check_recovery_list(POSTGRES_URL)
+        finally:
+            with queue._transaction() as execute:
+                execute("DELETE FROM foxpoll_recovery WHERE order_id IN "
+                        "('waiting', 'watched', 'running', 'dead', 'closed', 'done')", {})
 
 
 def test_errors_are_one_line_without_a_traceback(

@@ -140,18 +140,27 @@ def test_dead_letters_requeue_and_close_report_bad_states(engine: Engine) -> Non
 # -- watches ------------------------------------------------------------------------------
 
 
-def test_a_watch_moves_only_later_and_never_touches_a_recovery_job(engine: Engine) -> None:
+def test_the_last_wait_sets_the_watch_which_never_touches_a_recovery_job(
+    engine: Engine
+) -> None:
     q = engine.queue
     assert q.watch("w", due_at=engine.now() + 100)
     assert q.watch("w", due_at=engine.now() + 300)
     assert 295 < due_in(engine, "w") <= 300
-    q.watch("w", due_at=engine.now() + 50)
-    assert 295 < due_in(engine, "w") <= 300  # a shorter wait does not bring it forward
+    assert q.watch("w", due_at=engine.now() + 50)
+    assert 45 < due_in(engine, "w") <= 50
     assert q.get("w").reason == "watch"  # type: ignore[union-attr]
     q.enqueue("r", due_at=engine.now() + 40)
     assert not q.watch("r", due_at=engine.now() + 1000)
     assert 35 < due_in(engine, "r") <= 40
     assert q.get("r").reason == "stalled"  # type: ignore[union-attr]
+
+
+def test_a_payment_s_watch_never_replaces_one(engine: Engine) -> None:
+    q = engine.queue
+    assert q.watch("w", due_at=engine.now() + 100, replace=False)  # new: recorded
+    assert not q.watch("w", due_at=engine.now() + 999, replace=False)
+    assert 95 < due_in(engine, "w") <= 100
 
 
 def test_a_stalled_wait_turns_its_watch_into_a_recovery_job_due_now(engine: Engine) -> None:

@@ -45,10 +45,10 @@ class CountingQueue(SQLiteRecoveryQueue):
         if name in self.fail:
             raise StoreUnavailable("SQLite is unavailable: injected")
 
-    def watch(self, order_id: str, *, due_at: float) -> bool:
+    def watch(self, order_id: str, *, due_at: float, replace: bool = True) -> bool:
         self._maybe_fail("watch")
         self.pays_seen_at_watch.append(self.sim.count(*PAY))
-        return super().watch(order_id, due_at=due_at)
+        return super().watch(order_id, due_at=due_at, replace=replace)
 
     def settle(self, order_id: str, *, status: str) -> bool:
         self._maybe_fail("settle")
@@ -96,6 +96,19 @@ def test_pay_records_the_watch_before_the_payment_is_sent(
     assert (watched.state, watched.reason, watched.attempts) == (JobState.QUEUED, "watch", 0)
     horizon = WaitOptions(backoff=ExponentialJitter(poll_at_start=False)).horizon()
     assert watched.due_at == pytest.approx(clock.time() + horizon + 60.0)
+
+
+def test_a_payment_never_postpones_the_watch_of_a_wait_already_running(
+    sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue
+) -> None:
+    order_id = new_order(sim, OrderScript.complete(after=10))
+    queue.watch(order_id, due_at=clock.time() + 30)  # another owner's wait, elsewhere
+    with sim.client(recovery_queue=queue) as client:
+        client.orders.pay(order_id)
+        assert job(queue, order_id).due_at == pytest.approx(clock.time() + 30)
+        # This process's own wait then sets its due time (its watch was not the pay's).
+        client.wait_for_completion(order_id)
+    assert queue.writes["watch"] == 3
 
 
 def test_no_watch_no_payment(sim: FakeFoxReload, queue: CountingQueue) -> None:
@@ -148,18 +161,25 @@ def test_pay_then_wait_costs_one_write_at_pay_and_one_at_finish(
     assert (settled.reason, settled.last_status) == ("delivery", "completed")
 
 
-def test_a_longer_wait_than_the_pay_watch_covers_moves_the_watch_later(
-    sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue
+@pytest.mark.parametrize("attempts", [200, 5])
+def test_a_wait_the_pay_watch_does_not_fit_sets_its_own_due_time(
+    sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue, attempts: int
 ) -> None:
-    order_id = new_order(sim, OrderScript.complete(after=20))
-    seen: list[WaitStart] = []
+    order_id = new_order(sim, OrderScript.stall())
+    seen: list[tuple[WaitStart, float]] = []
+
+    def started(start: WaitStart) -> None:  # runs after the queue's own on_start
+        seen.append((start, job(queue, order_id).due_at))
+
     with sim.client(recovery_queue=queue) as client:
         client.orders.pay(order_id)
         at_pay = job(queue, order_id).due_at
-        client.wait_for_completion(order_id, max_attempts=200, on_start=seen.append)
+        with pytest.raises(OrderStalled):
+            client.wait_for_completion(order_id, max_attempts=attempts, on_start=started)
     assert queue.writes["watch"] == 2
-    assert len(seen) == 1  # the caller's hook runs beside the queue's
-    assert seen[0].horizon > at_pay - seen[0].started_at
+    [(start, due_at)] = seen
+    assert due_at == pytest.approx(start.started_at + start.horizon + 60.0)
+    assert abs(due_at - at_pay) > 60  # longer or shorter than the pay's guess
 
 
 @pytest.mark.parametrize(("script", "state", "reason"), [

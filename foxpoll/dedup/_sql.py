@@ -82,13 +82,12 @@ class Dialect:
     param_style: str  # "named" (:name) or "pyformat" (%(name)s)
 
     skip_locked: str = ""  # the row-lock clause that lets concurrent takers pass each other
-    greatest: str = "MAX"
 
     def render(self, template: str, table: str, columns: tuple[str, ...] = COLUMNS) -> str:
         if not _IDENTIFIER.fullmatch(table):
             raise ValueError(f"table name must be a plain SQL identifier, not {table!r}")
         sql = template.format(table=table, now=self.now, columns=", ".join(columns),
-                              skip_locked=self.skip_locked, greatest=self.greatest)
+                              skip_locked=self.skip_locked)
         if self.param_style == "pyformat":
             sql = re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
         return sql
@@ -118,5 +117,4 @@ class Statements:
 
 SQLITE = Dialect(now=":now", param_style="named")
 POSTGRES = Dialect(now="EXTRACT(EPOCH FROM statement_timestamp())::double precision",
-                   param_style="pyformat", skip_locked="FOR UPDATE SKIP LOCKED",
-                   greatest="GREATEST")
+                   param_style="pyformat", skip_locked="FOR UPDATE SKIP LOCKED")

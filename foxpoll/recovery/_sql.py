@@ -62,13 +62,21 @@ WHERE order_id = :order_id AND state = 'queued'
   AND (due_at > {now} + :delay OR reason = 'watch')
 RETURNING order_id"""
 
-# A watch only ever moves later; a job under recovery is not a watch and is left alone.
+# The wait that starts last sets the watch's due time; a job under recovery is not a
+# watch and is left alone.
 _WATCH = """
 INSERT INTO {table} (order_id, state, due_at, reason, created_at, updated_at)
 VALUES (:order_id, 'queued', {now} + :delay, 'watch', {now}, {now})
 ON CONFLICT (order_id) DO UPDATE SET
-    due_at = {greatest}({table}.due_at, excluded.due_at), updated_at = excluded.updated_at
+    due_at = excluded.due_at, updated_at = excluded.updated_at
 WHERE {table}.state = 'queued' AND {table}.reason = 'watch'
+RETURNING order_id"""
+
+# A payment's watch is a guess at the wait to come: it never overrides a watch a wait set.
+_WATCH_NEW = """
+INSERT INTO {table} (order_id, state, due_at, reason, created_at, updated_at)
+VALUES (:order_id, 'queued', {now} + :delay, 'watch', {now}, {now})
+ON CONFLICT (order_id) DO NOTHING
 RETURNING order_id"""
 
 _SETTLE_DONE = """
@@ -164,6 +172,7 @@ class JobStatements:
     insert: str
     hasten: str
     watch: str
+    watch_new: str
     settle_done: str
     settle_delivery: str
     unwatch: str
@@ -183,7 +192,8 @@ class JobStatements:
     def render(cls, dialect: Dialect, table: str) -> JobStatements:
         templates = {
             "schema": _SCHEMA, "index": _INDEX, "insert": _INSERT, "hasten": _HASTEN,
-            "watch": _WATCH, "settle_done": _SETTLE_DONE, "settle_delivery": _SETTLE_DELIVERY,
+            "watch": _WATCH, "watch_new": _WATCH_NEW, "settle_done": _SETTLE_DONE,
+            "settle_delivery": _SETTLE_DELIVERY,
             "unwatch": _UNWATCH, "take": _TAKE, "take_dispatched": _TAKE_DISPATCHED,
             "dispatch": _DISPATCH, "next_due": _NEXT_DUE, "retry": _RETRY, "finish": _FINISH,
             "bury": _BURY, "requeue": _REQUEUE, "close": _CLOSE, "get": _GET, "jobs": _JOBS,
@@ -228,10 +238,10 @@ class SQLJobQueue(JobQueue):
             execute(self._sql.hasten, params)
         return False
 
-    def watch(self, order_id: str, *, due_at: float) -> bool:
+    def watch(self, order_id: str, *, due_at: float, replace: bool = True) -> bool:
         require_text(order_id, "order id")
-        return self._one(self._sql.watch, order_id=order_id,
-                         delay=self._delay(due_at)) is not None
+        sql = self._sql.watch if replace else self._sql.watch_new
+        return self._one(sql, order_id=order_id, delay=self._delay(due_at)) is not None
 
     def settle(self, order_id: str, *, status: str) -> bool:
         state, grace = self.settled_status(status)

@@ -162,11 +162,12 @@ class RecoveryQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    def watch(self, order_id: str, *, due_at: float) -> bool:
+    def watch(self, order_id: str, *, due_at: float, replace: bool = True) -> bool:
         """Record that a wait is on ``order_id`` and would give up before ``due_at``: if
-        nothing settles it by then, the job fires as a recovery job. Re-watching moves a
-        watch's due time later, never earlier; a job already under recovery is left as it
-        is. True when the watch was recorded or moved."""
+        nothing settles it by then, the job fires as a recovery job. Re-watching sets the
+        due time (the wait that started last knows best), unless ``replace`` is False (a
+        payment's guess, which never overrides a wait's); a job already under recovery is
+        left as it is. True when the watch was recorded or moved."""
 
     @abc.abstractmethod
     def settle(self, order_id: str, *, status: str) -> bool:
