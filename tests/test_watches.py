@@ -319,6 +319,25 @@ def test_codes_not_delivered_before_a_crash_are_delivered_once_by_the_worker(
     assert delivered == [order_id]
 
 
+def test_a_watch_that_fires_during_its_wait_yields_to_the_wait_s_settle(
+    sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue
+) -> None:
+    order_id = new_order(sim, OrderScript.fail(after=30))
+    with sim.client(recovery_queue=queue) as client:
+        client.orders.pay(order_id)
+        queue.watch(order_id, due_at=clock.time())  # due already: the guess was short
+        taken = queue.take(lease=60)
+        assert taken is not None
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
+        # The wait, still running, sees the order fail and settles the watch...
+        with pytest.raises(Exception, match="failed"):
+            client.wait_for_completion(order_id)
+        assert job(queue, order_id).state is JobState.DONE
+        # ...and the worker's re-check of the pending order it saw earlier changes nothing.
+        sim.script(order_id, OrderScript.stall())
+        assert worker.process(taken).state is JobState.DONE
+
+
 # -- the horizon --------------------------------------------------------------------------
 
 

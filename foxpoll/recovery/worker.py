@@ -158,11 +158,18 @@ class RecoveryWorker:
         kind = checked.action.kind
         if kind in ("deliver", "terminal"):
             return queue.finish(job.order_id, final_status=checked.status or kind)
-        if kind == "dead":
-            return queue.bury(job.order_id, last_status=checked.status,
-                              last_error=checked.error)
-        return queue.retry(job.order_id, due_at=self.client.clock.time() + checked.action.delay,
-                           last_status=checked.status, last_error=checked.error)
+        try:
+            if kind == "dead":
+                return queue.bury(job.order_id, last_status=checked.status,
+                                  last_error=checked.error)
+            return queue.retry(job.order_id,
+                               due_at=self.client.clock.time() + checked.action.delay,
+                               last_status=checked.status, last_error=checked.error)
+        except ValueError:
+            # A watch that fired while its wait was still running: the wait has settled
+            # it meanwhile, and the job is no longer queued. Nothing is left to do.
+            log.info("order %s: settled by its wait during the re-check", job.order_id)
+            return queue.get(job.order_id) or job
 
     def _job_queue(self) -> JobQueue:
         if not isinstance(self.queue, JobQueue):
