@@ -30,6 +30,7 @@ from .models import (
     parse_page,
 )
 from .models import parse as parse_model
+from .ratelimit import BaseRateLimit, Priority
 
 __all__ = ["Runtime"]
 
@@ -46,9 +47,11 @@ class Runtime:
     config: ClientConfig
     clock: Clock
     rng: random.Random = attrs.field(repr=False)
+    limit: BaseRateLimit | None = None
 
     def flow(self, call: Call[T], *, deadline: float | None = None) -> Flow[T]:
-        return call_flow(self.config, call, clock=self.clock, rng=self.rng, deadline=deadline)
+        return call_flow(self.config, call, clock=self.clock, rng=self.rng, deadline=deadline,
+                         limit=self.limit)
 
 
 def resource_path(prefix: str, resource_id: object, *, kind: str, suffix: str = "") -> str:
@@ -78,10 +81,11 @@ def _page_parser(kind: type[T]) -> Any:
     return lambda data: parse_page(data, kind)
 
 
-def get_order(rt: Runtime, order_id: str, *, deadline: float | None = None) -> Flow[Order]:
+def get_order(rt: Runtime, order_id: str, *, deadline: float | None = None,
+              priority: Priority = Priority.FRESH) -> Flow[Order]:
     """GET one order."""
     path = resource_path("/api/orders/", order_id, kind="order")
-    return rt.flow(Call("GET", path, _order_parser), deadline=deadline)
+    return rt.flow(Call("GET", path, _order_parser, priority=priority), deadline=deadline)
 
 
 def list_orders(rt: Runtime, params: Mapping[str, Any]) -> Flow[Page[Order]]:
@@ -150,7 +154,8 @@ def _json_number(value: Decimal | float | int | str) -> float | int:
 
 def create_order(rt: Runtime, body: Mapping[str, Any]) -> Flow[Order]:
     """POST a new order. Never resent once it may have left (no idempotency key exists)."""
-    call = Call("POST", "/api/orders/", _order_parser, json=body, retry_mode=RetryMode.UNSENT_ONLY)
+    call = Call("POST", "/api/orders/", _order_parser, json=body,
+                retry_mode=RetryMode.UNSENT_ONLY, priority=Priority.BUY)
     return rt.flow(call)
 
 
@@ -172,11 +177,12 @@ def pay_order(
     body: dict[str, Any] = {"paymentProvider": payment_provider}
     if payment_return_url is not None:
         body["paymentReturnUrl"] = payment_return_url
-    call = Call("POST", path, _order_parser, json=body, retry_mode=RetryMode.UNSENT_ONLY)
+    call = Call("POST", path, _order_parser, json=body, retry_mode=RetryMode.UNSENT_ONLY,
+                priority=Priority.BUY)
     try:
         return (yield from rt.flow(call))
     except AmbiguousOrderError as ambiguous:
-        order = yield from get_order(rt, order_id)
+        order = yield from get_order(rt, order_id, priority=Priority.BUY)
         if order.status is OrderStatus.ACTIVE:
             raise ambiguous from ambiguous.cause
         return order

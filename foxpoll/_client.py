@@ -48,6 +48,7 @@ from .polling import (
     wait_flow,
     wait_many_flow,
 )
+from .ratelimit import BaseRateLimit
 
 if TYPE_CHECKING:
     from .recovery.base import RecoveryQueue
@@ -85,6 +86,9 @@ class BaseClient(Generic[HttpT, TransportT]):
         currency: ``X-Currency`` (``usd``, ``rub``).
         clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
         rng: Random source for jitter.
+        rate_limit: The API key's request budget (:mod:`foxpoll.ratelimit`), shared with
+            every process that uses the key: each request takes a permit first, buys
+            before first polls before later polls, and a 429 pauses every holder.
         recovery_queue: A :mod:`foxpoll.recovery` queue that keeps paid orders from being
             lost. ``orders.pay`` records a *watch* before it pays, and every wait records
             one as it starts: a job that fires if the wait dies with its process. A wait
@@ -109,6 +113,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         clock: Clock | None = None,
         rng: random.Random | None = None,
         recovery_queue: RecoveryQueue | None = None,
+        rate_limit: BaseRateLimit | None = None,
     ) -> None:
         self._recovery = recovery_queue
         self._watches = _PaidWatches()
@@ -121,7 +126,11 @@ class BaseClient(Generic[HttpT, TransportT]):
             language=language,
             currency=currency,
         )
-        self._runtime = Runtime(config, clock or SystemClock(), rng or random.Random())
+        if rate_limit is not None and not isinstance(rate_limit, BaseRateLimit):
+            raise TypeError("rate_limit must be a foxpoll.ratelimit budget, such as "
+                            "RateLimit(per_minute=100)")
+        self._runtime = Runtime(config, clock or SystemClock(), rng or random.Random(),
+                                rate_limit)
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
         self._owns_http = http_client is None
@@ -156,6 +165,11 @@ class BaseClient(Generic[HttpT, TransportT]):
     def max_retries(self) -> int:
         """Retries of a failed request that is safe to resend."""
         return self._runtime.config.max_retries
+
+    @property
+    def rate_limit(self) -> BaseRateLimit | None:
+        """The request budget every request takes a permit from, if any."""
+        return self._runtime.limit
 
     @property
     def clock(self) -> Clock:
@@ -422,8 +436,9 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
     ) -> Iterator[WaitResult]:
         """Poll many orders in one loop and yield a :class:`WaitResult` as each finishes.
 
-        Each order keeps its own schedule; all polls share one request budget of
-        ``max_requests_per_minute``, and a 429 slows the whole budget. Failures are
+        Each order keeps its own schedule; all polls share one request budget: the
+        client's ``rate_limit``, else one of ``max_requests_per_minute`` for this call
+        (else a learned one), and a 429 slows the whole budget. Failures are
         results (``result.error``), never raised. The other arguments are those of
         :meth:`wait_for_completion`, applied to every order. Polls are sequential here;
         :meth:`AsyncFoxReload.wait_many` runs up to ``max_in_flight`` at once.

@@ -23,7 +23,7 @@ import attrs
 import httpx
 
 from ._clock import Clock
-from ._effects import Flow, Send, Sleep
+from ._effects import Feedback, Flow, Permit, Send, Sleep
 from ._version import __version__
 from .errors import (
     AmbiguousOrderError,
@@ -34,6 +34,7 @@ from .errors import (
     RateLimitError,
     status_error_for,
 )
+from .ratelimit import BaseRateLimit, Priority
 
 __all__ = ["Call", "ClientConfig", "RetryMode", "call_flow", "make_config"]
 
@@ -179,6 +180,7 @@ class Call(Generic[T]):
         params: Query parameters.
         json: The JSON body, for writes.
         retry_mode: Whether a failed attempt may be sent again.
+        priority: Its lane in the client's rate limit.
     """
 
     method: str
@@ -187,6 +189,7 @@ class Call(Generic[T]):
     params: Mapping[str, Any] | None = None
     json: Any = None
     retry_mode: RetryMode = RetryMode.IDEMPOTENT
+    priority: Priority = Priority.FRESH
 
 
 def build_request(config: ClientConfig, call: Call[Any], timeout: float) -> httpx.Request:
@@ -305,7 +308,9 @@ def retry_delay(
     Raises:
         AmbiguousOrderError: ``call`` is a write that may have reached the server.
     """
-    unsent = isinstance(outcome, UNSENT_ERRORS)
+    # A 429 is a definite "not done", for a write too: it is retried like a read.
+    unsent = isinstance(outcome, UNSENT_ERRORS) or (
+        isinstance(outcome, httpx.Response) and outcome.status_code == 429)
     if call.retry_mode is RetryMode.UNSENT_ONLY and not unsent:
         if _may_have_happened(outcome):
             raise AmbiguousOrderError(
@@ -348,6 +353,22 @@ def _describe(outcome: httpx.Response | httpx.TransportError) -> str:
     return type(outcome).__name__
 
 
+def permit_flow(
+    limit: BaseRateLimit, priority: Priority, clock: Clock, deadline: float | None
+) -> Flow[None]:
+    """Wait for a permit of ``limit``; a wait that would cross ``deadline`` ends the call."""
+    while True:
+        wait: float = yield Permit(limit, priority)
+        if wait <= 0:
+            return
+        if deadline is not None and clock.monotonic() + wait >= deadline:
+            raise APITimeoutError("no permit from the rate limit before the deadline")
+        yield Sleep(max(wait, _MIN_PERMIT_WAIT))
+
+
+_MIN_PERMIT_WAIT = 1e-3  # a shorter wait may not move a float clock at all
+
+
 def call_flow(
     config: ClientConfig,
     call: Call[T],
@@ -355,6 +376,7 @@ def call_flow(
     clock: Clock,
     rng: random.Random,
     deadline: float | None = None,
+    limit: BaseRateLimit | None = None,
 ) -> Flow[T]:
     """Send ``call``, retrying as :func:`retry_delay` decides, and return its parsed result.
 
@@ -362,12 +384,16 @@ def call_flow(
         deadline: A ``clock.monotonic()`` instant no request or sleep may run past; each
             request's timeout is shortened to fit, and a backoff that would cross it ends
             the call with the last error.
+        limit: The rate limit every attempt takes a permit from, in ``call.priority``'s
+            lane, and tells how it was answered.
 
     Raises:
         APIError: the subclass for the last failure.
     """
     retry = 0
     while True:
+        if limit is not None:
+            yield from permit_flow(limit, call.priority, clock, deadline)
         timeout = config.timeout
         if deadline is not None:
             remaining = deadline - clock.monotonic()
@@ -378,6 +404,10 @@ def call_flow(
         started = clock.monotonic()
         outcome: httpx.Response | httpx.TransportError = yield Send(request)
         elapsed = clock.monotonic() - started
+        if limit is not None and isinstance(outcome, httpx.Response):
+            throttled = outcome.status_code == 429
+            retry_after = parse_retry_after(outcome.headers, clock.time()) if throttled else None
+            yield Feedback(limit, throttled, retry_after)
         if isinstance(outcome, httpx.Response) and outcome.is_success:
             log.debug(
                 "%s %s -> %d in %.3fs", call.method, call.path, outcome.status_code, elapsed

@@ -9,6 +9,8 @@ A flow is a generator. It yields effects and is resumed with their results:
 ``Start``       None; the sub-flow runs concurrently (on asyncio) or at the next ``WaitAny``
 ``WaitAny``     a list of ``(key, result or exception)`` of started sub-flows that finished
 ``Emit``        None, once the driver has handed the value to its consumer
+``Permit``      0.0 once a permit of the rate limit is taken, else the seconds to wait
+``Feedback``    None, once the rate limit has been told how a request was answered
 ==============  ============================================================================
 
 The flows hold every decision; these drivers are the only code that differs between sync
@@ -27,11 +29,14 @@ import attrs
 import httpx
 
 from ._clock import Clock
+from .ratelimit import BaseRateLimit, Priority
 
 __all__ = [
     "Emit",
+    "Feedback",
     "Flow",
     "Notify",
+    "Permit",
     "Send",
     "Sleep",
     "Start",
@@ -145,7 +150,26 @@ class Emit:
     value: Any = attrs.field(repr=False)
 
 
-Effect = Send | Sleep | Notify | Start | WaitAny | Emit
+@attrs.frozen
+class Permit:
+    """Take a permit from ``limit`` in lane ``priority``; resume with the seconds to wait
+    (0.0: taken)."""
+
+    limit: BaseRateLimit = attrs.field(repr=False)
+    priority: Priority
+
+
+@attrs.frozen
+class Feedback:
+    """Tell ``limit`` how a request was answered: a 429 (with its ``Retry-After``), or
+    not."""
+
+    limit: BaseRateLimit = attrs.field(repr=False)
+    throttled: bool
+    retry_after: float | None = None
+
+
+Effect = Send | Sleep | Notify | Start | WaitAny | Emit | Permit | Feedback
 Flow = Generator[Effect, Any, T]
 Finished = list[tuple[Hashable, Any]]
 
@@ -161,8 +185,15 @@ class _SyncEffects:
                 return self.http.send(effect.request)
             except httpx.TransportError as exc:
                 return exc
+        if isinstance(effect, Permit):
+            return effect.limit.acquire(effect.priority)
         if isinstance(effect, Sleep):
             self.clock.sleep(effect.seconds)
+        elif isinstance(effect, Feedback):
+            if effect.throttled:
+                effect.limit.throttled(effect.retry_after)
+            else:
+                effect.limit.succeeded()
         elif isinstance(effect, Notify):
             result = effect.hook(*effect.args)
             if inspect.isawaitable(result):
@@ -239,8 +270,15 @@ class _AsyncEffects:
                 return await self.http.send(effect.request)
             except httpx.TransportError as exc:
                 return exc
+        if isinstance(effect, Permit):
+            return await effect.limit.aacquire(effect.priority)
         if isinstance(effect, Sleep):
             await self.clock.asleep(effect.seconds)
+        elif isinstance(effect, Feedback):
+            if effect.throttled:
+                await effect.limit.athrottled(effect.retry_after)
+            else:
+                effect.limit.succeeded()
         elif isinstance(effect, Notify):
             result = effect.hook(*effect.args)
             if inspect.isawaitable(result):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _api
 from .models import Category, Order, OrderItemRequest, Page, Product
+from .ratelimit import Priority
 
 if TYPE_CHECKING:
     from ._client import AsyncFoxReload, FoxReload
@@ -72,9 +73,15 @@ class Orders:
         )
         return self._client._run(flow)
 
-    def get(self, order_id: str) -> Order:
-        """Read one order; its codes are in ``order.codes`` once it is completed."""
-        return self._client._run(_api.get_order(self._client._runtime, order_id))
+    def get(self, order_id: str, *, priority: Priority = Priority.FRESH) -> Order:
+        """Read one order; its codes are in ``order.codes`` once it is completed.
+
+        Args:
+            priority: Its lane in the client's rate limit; recovery re-checks use
+                ``Priority.POLL``, behind buys and first polls.
+        """
+        flow = _api.get_order(self._client._runtime, order_id, priority=priority)
+        return self._client._run(flow)
 
     def list(self, **params: Any) -> Page[Order]:
         """Read a page of the order history; keyword arguments become query parameters."""
@@ -111,9 +118,10 @@ class AsyncOrders:
         )
         return await self._client._run(flow)
 
-    async def get(self, order_id: str) -> Order:
+    async def get(self, order_id: str, *, priority: Priority = Priority.FRESH) -> Order:
         """See :meth:`Orders.get`."""
-        return await self._client._run(_api.get_order(self._client._runtime, order_id))
+        flow = _api.get_order(self._client._runtime, order_id, priority=priority)
+        return await self._client._run(flow)
 
     async def list(self, **params: Any) -> Page[Order]:
         """See :meth:`Orders.list`."""

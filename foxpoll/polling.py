@@ -36,10 +36,10 @@ from .errors import (
     RateLimitError,
 )
 from .models import Order, OrderStatus
+from .ratelimit import Priority, RateLimit
 
 __all__ = [
     "PollAttempt",
-    "RequestBudget",
     "StatusChange",
     "WaitOptions",
     "WaitResult",
@@ -51,8 +51,6 @@ __all__ = [
 log = logging.getLogger("foxpoll.polling")
 
 DEFAULT_BACKOFF = ExponentialJitter()
-_EPSILON = 1e-9
-_MIN_WAIT = 1e-3  # a shorter wait may not move a float clock at all
 
 
 @attrs.frozen
@@ -251,6 +249,12 @@ class OrderWatch:
         return self._started
 
     @property
+    def priority(self) -> Priority:
+        """The next poll's rate-limit lane: the first poll of an order goes before later
+        ones."""
+        return Priority.FRESH if self.attempts == 0 else Priority.POLL
+
+    @property
     def deadline(self) -> float | None:
         timeout = self._options.timeout
         return None if timeout is None else self._started + timeout
@@ -401,7 +405,8 @@ def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Ord
     while True:
         outcome: Order | Exception
         try:
-            outcome = yield from _api.get_order(rt, order_id, deadline=watch.deadline)
+            outcome = yield from _api.get_order(rt, order_id, deadline=watch.deadline,
+                                                priority=watch.priority)
         except APIError as exc:
             outcome = exc
         decision = watch.record(outcome, rt.clock.monotonic())
@@ -412,58 +417,6 @@ def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Ord
             assert decision.order is not None
             return decision.order
         yield Sleep(decision.delay)
-
-
-class RequestBudget:
-    """A token bucket shared by every poll of ``wait_many``.
-
-    A 429 pauses the whole bucket for its ``Retry-After`` and halves the rate; each
-    success then wins back a little of it (additive increase, multiplicative decrease).
-    """
-
-    def __init__(self, per_minute: float | None, now: float, *, burst: float | None = None):
-        if per_minute is not None and not per_minute > 0:
-            raise ValueError("max_requests_per_minute must be positive")
-        self.max_rate = math.inf if per_minute is None else per_minute / 60.0
-        self.rate = self.max_rate
-        self.capacity = burst if burst is not None else max(1.0, self.max_rate * 2)
-        self.tokens = self.capacity if per_minute is not None else math.inf
-        self.updated = now
-        self.paused_until = now
-
-    def _refill(self, now: float) -> None:
-        if math.isfinite(self.tokens):
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = max(self.updated, now)
-
-    def try_take(self, now: float) -> bool:
-        """Spend a token, if one is available now."""
-        if now < self.paused_until:
-            return False
-        self._refill(now)
-        if self.tokens >= 1 - _EPSILON:  # refills are floats: 0.9999999 is a whole token
-            self.tokens -= 1
-            return True
-        return False
-
-    def ready_at(self, now: float) -> float:
-        """When the next token will be available."""
-        self._refill(now)
-        if self.tokens >= 1 - _EPSILON:
-            return max(now, self.paused_until)
-        return max(self.paused_until, now + max(_MIN_WAIT, (1 - self.tokens) / self.rate))
-
-    def throttled(self, now: float, retry_after: float | None) -> None:
-        """The server said 429: pause everything and slow down."""
-        self.paused_until = max(self.paused_until, now + (retry_after or 1.0))
-        if math.isfinite(self.max_rate):
-            self.rate = max(self.max_rate / 64, self.rate / 2)
-            self.tokens = min(self.tokens, 0.0)
-        log.warning("rate limited: pausing polls for %.1fs", self.paused_until - now)
-
-    def succeeded(self) -> None:
-        if math.isfinite(self.max_rate) and self.rate < self.max_rate:
-            self.rate = min(self.max_rate, self.rate + self.max_rate / 100)
 
 
 def wait_many_flow(
@@ -477,14 +430,22 @@ def wait_many_flow(
     """Poll many orders in one loop, each on its own schedule; emit a :class:`WaitResult`
     for each as it finishes.
 
-    Each poll is a single request (no inner retries), so the budget counts requests
-    exactly; a failed poll is retried on the order's schedule, within its error budget.
+    Every poll takes a permit from the client's rate limit (first polls before later
+    ones), so a 429 pauses them all. Without one, ``max_requests_per_minute`` gives this
+    call its own :class:`~foxpoll.ratelimit.RateLimit`; with neither, a learned one. Each
+    poll is a single request (no inner retries), so the budget counts requests exactly;
+    a failed poll is retried on the order's schedule, within its error budget.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
-    single = attrs.evolve(rt, config=attrs.evolve(rt.config, max_retries=0))
+    limit = rt.limit
+    if max_requests_per_minute is not None and limit is not None:
+        raise ValueError("this client has a rate_limit: max_requests_per_minute would be "
+                         "a second budget; leave it out")
+    if limit is None:
+        limit = RateLimit(max_requests_per_minute, clock=rt.clock.monotonic)
+    single = attrs.evolve(rt, config=attrs.evolve(rt.config, max_retries=0), limit=limit)
     now = rt.clock.monotonic()
-    budget = RequestBudget(max_requests_per_minute, now)
     watches: dict[str, OrderWatch] = {}
     due: list[tuple[float, int, str]] = []
     order = itertools.count()
@@ -497,22 +458,20 @@ def wait_many_flow(
     in_flight = 0
     while due or in_flight:
         now = rt.clock.monotonic()
-        while due and due[0][0] <= now and in_flight < max_in_flight and budget.try_take(now):
+        while due and due[0][0] <= now and in_flight < max_in_flight:
             _, _, order_id = heapq.heappop(due)
-            flow = _api.get_order(single, order_id, deadline=watches[order_id].deadline)
+            watch = watches[order_id]
+            flow = _api.get_order(single, order_id, deadline=watch.deadline,
+                                  priority=watch.priority)
             yield Start(order_id, flow)
             in_flight += 1
         wake = None
         if due and in_flight < max_in_flight:
-            wake = max(due[0][0], budget.ready_at(now)) - now
+            wake = max(0.0, due[0][0] - now)
         finished: list[tuple[str, Any]] = yield WaitAny(wake)
         now = rt.clock.monotonic()
         for order_id, outcome in finished:
             in_flight -= 1
-            if isinstance(outcome, RateLimitError):
-                budget.throttled(now, outcome.retry_after)
-            elif isinstance(outcome, Order):
-                budget.succeeded()
             watch = watches[order_id]
             decision = watch.record(outcome, now)
             yield from decision.notes

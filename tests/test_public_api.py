@@ -14,7 +14,7 @@ from foxpoll import _resources
 @pytest.mark.parametrize("module", ["foxpoll", "foxpoll.backoff", "foxpoll.dedup",
                                     "foxpoll.delivery", "foxpoll.errors", "foxpoll.events",
                                     "foxpoll.metrics", "foxpoll.models", "foxpoll.recovery",
-                                    "foxpoll.polling", "foxpoll.testing"])
+                                    "foxpoll.polling", "foxpoll.ratelimit", "foxpoll.testing"])
 def test_all_is_sorted_and_resolves(module: str) -> None:
     mod = importlib.import_module(module)
     assert list(mod.__all__) == sorted(mod.__all__)
@@ -24,7 +24,7 @@ def test_all_is_sorted_and_resolves(module: str) -> None:
 
 def test_package_exports_only_public_names() -> None:
     submodules = {"backoff", "cli", "dedup", "delivery", "errors", "events", "metrics",
-                  "models", "polling", "recovery", "testing", "transports"}
+                  "models", "polling", "ratelimit", "recovery", "testing", "transports"}
     public = {n for n in dir(foxpoll) if not n.startswith("_")} - submodules
     assert public <= set(foxpoll.__all__)
 

@@ -254,10 +254,25 @@ def test_create_with_an_unreadable_success_body_is_ambiguous() -> None:
     assert isinstance(info.value.cause, APIResponseValidationError)
 
 
-def test_create_rejected_by_rate_limit_is_not_ambiguous_and_not_retried() -> None:
+def test_a_create_or_payment_refused_with_429_is_retried_after_its_retry_after() -> None:
+    driver = Driver(CREATE)  # a 429 is a definite "not done": nothing was bought
+    created = driver.run(status(429, {"detail": "slow"}, **{"Retry-After": "7"}),
+                         status(201, {"id": "o1"}))
+    assert created == {"id": "o1"}
+    assert (len(driver.sent), driver.sleeps) == (2, [7.0])
+
+
+def test_a_create_refused_with_429_every_time_is_a_rate_limit_error_not_ambiguous() -> None:
     driver = Driver(CREATE)
     with pytest.raises(RateLimitError):
-        driver.run(status(429, {"detail": "slow"}, **{"Retry-After": "1"}))
+        driver.run(*[status(429, {"detail": "slow"}, **{"Retry-After": "1"})] * 4)
+    assert len(driver.sent) == 4  # max_retries is 3
+
+
+def test_a_create_asked_to_wait_past_max_retry_after_is_not_resent() -> None:
+    driver = Driver(CREATE)
+    with pytest.raises(RateLimitError):
+        driver.run(status(429, {"detail": "slow"}, **{"Retry-After": "3600"}))
     assert len(driver.sent) == 1
 
 

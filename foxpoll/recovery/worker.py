@@ -25,6 +25,7 @@ from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundE
 from foxpoll.events.base import OrderEvent, Publisher
 from foxpoll.models import Order, OrderStatus
 from foxpoll.polling import WaitResult
+from foxpoll.ratelimit import Priority
 
 from .base import DELIVERY, JobQueue, RecoveryJob, RecoveryPolicy, RecoveryQueue
 
@@ -117,7 +118,7 @@ class RecoveryWorker:
         order: Order | None = None
         error: str | None = None
         try:
-            order = self.client.orders.get(order_id)
+            order = self.client.orders.get(order_id, priority=Priority.POLL)
         except NotFoundError:
             error = "order not found"
         except APIError as exc:
