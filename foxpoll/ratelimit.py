@@ -236,6 +236,13 @@ class BaseRateLimit(abc.ABC):
         """:meth:`throttled`, for asyncio."""
         self.last_state = await self._athrottle(self._pause(retry_after))
 
+    def close(self) -> None:  # noqa: B027 - only some backends hold connections
+        """Release what the budget holds open (its state stays where it is)."""
+
+    async def aclose(self) -> None:
+        """:meth:`close`, for what asyncio callers opened."""
+        self.close()
+
     def __repr__(self) -> str:
         limit = self.settings.per_minute
         kind = "learned" if self.settings.learns else "fixed"
@@ -425,11 +432,21 @@ class RedisRateLimit(BaseRateLimit):
             clients = {"async": url_or_client}
         else:
             clients = {"sync": url_or_client}
+        self._clients = clients
         # EVALSHA, falling back to EVAL once per connection's script cache.
         self._scripts = {(kind, name): client.register_script(source)
                          for kind, client in clients.items()
                          for name, source in (("take", _REDIS_TAKE),
                                               ("throttle", _REDIS_THROTTLE))}
+
+    def close(self) -> None:
+        if "sync" in self._clients:
+            self._clients["sync"].close()
+
+    async def aclose(self) -> None:
+        if "async" in self._clients:
+            await self._clients["async"].aclose()
+        self.close()
 
     def _script(self, kind: str, name: str) -> Any:
         script = self._scripts.get((kind, name))
