@@ -290,7 +290,7 @@ def test_a_429_seen_by_one_client_pauses_another_sharing_the_budget(clock: FakeC
         order = one.orders.create(items=STEAM)
         sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=30))
         one.orders.get(order.id)  # 429, then retried after 30 s
-        first_429 = [r.at for r in sim.requests if r.method == "GET"][0]
+        first_429 = next(r.at for r in sim.requests if r.method == "GET")
         other.orders.get(order.id)
     gets = [r.at for r in sim.requests if r.method == "GET"]
     assert all(t >= first_429 + 30 for t in gets[1:])
