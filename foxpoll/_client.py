@@ -33,6 +33,7 @@ from ._effects import (
     drive_stream,
     drive_stream_async,
 )
+from ._gate import AsyncGate, Gate
 from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
 from .backoff import BackoffPolicy, ExponentialJitter
 from .errors import APIStatusError, ConflictError
@@ -86,6 +87,10 @@ class BaseClient(Generic[HttpT, TransportT]):
         currency: ``X-Currency`` (``usd``, ``rub``).
         clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
         rng: Random source for jitter.
+        max_in_flight: Requests this client sends at once; the others queue in foxpoll,
+            buys first, never inside the HTTP client's pool (where they would time out).
+            The default, 100, is the size of the client's own connection pool; with your
+            ``http_client``, match it to that client's pool.
         rate_limit: The API key's request budget (:mod:`foxpoll.ratelimit`), shared with
             every process that uses the key: each request takes a permit first, buys
             before first polls before later polls, and a 429 pauses every holder.
@@ -114,8 +119,10 @@ class BaseClient(Generic[HttpT, TransportT]):
         rng: random.Random | None = None,
         recovery_queue: RecoveryQueue | None = None,
         rate_limit: BaseRateLimit | None = None,
+        max_in_flight: int = _LIMITS.max_connections or 100,
     ) -> None:
         self._recovery = recovery_queue
+        self._gate = self._make_gate(max_in_flight)
         self._watches = _PaidWatches()
         config = make_config(
             api_key=api_key,
@@ -143,6 +150,9 @@ class BaseClient(Generic[HttpT, TransportT]):
         self._bind_resources()
 
     def _default_http_client(self) -> HttpT:
+        raise NotImplementedError
+
+    def _make_gate(self, size: int) -> Any:
         raise NotImplementedError
 
     def _direct_sender(self, transport: TransportT) -> Any:
@@ -215,6 +225,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         clone._owns_http = False
         clone._recovery = self._recovery
         clone._watches = self._watches
+        clone._gate = self._gate  # the same pool: the same slots
         clone._bind_resources()
         return clone
 
@@ -343,9 +354,13 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
     categories: Categories
 
     _http: Sender
+    _gate: Gate
 
     def _default_http_client(self) -> httpx.Client:
         return httpx.Client(limits=_LIMITS)
+
+    def _make_gate(self, size: int) -> Gate:
+        return Gate(size)
 
     def _direct_sender(self, transport: httpx.BaseTransport) -> Sender:
         return TransportSender(transport)
@@ -356,7 +371,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         self.categories = Categories(self)
 
     def _run(self, flow: Flow[T]) -> T:
-        return drive(flow, self._http, self._runtime.clock)
+        return drive(flow, self._http, self._runtime.clock, gate=self._gate)
 
     def wait_for_completion(
         self,
@@ -450,7 +465,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
             not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
         )
-        return drive_stream(flow, self._http, self._runtime.clock)
+        return drive_stream(flow, self._http, self._runtime.clock, gate=self._gate)
 
     def close(self) -> None:
         """Close the connection pool, if this client created it."""
@@ -477,9 +492,13 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     categories: AsyncCategories
 
     _http: AsyncSender
+    _gate: AsyncGate
 
     def _default_http_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(limits=_LIMITS)
+
+    def _make_gate(self, size: int) -> AsyncGate:
+        return AsyncGate(size)
 
     def _direct_sender(self, transport: httpx.AsyncBaseTransport) -> AsyncSender:
         return AsyncTransportSender(transport)
@@ -490,7 +509,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         self.categories = AsyncCategories(self)
 
     async def _run(self, flow: Flow[T]) -> T:
-        return await drive_async(flow, self._http, self._runtime.clock)
+        return await drive_async(flow, self._http, self._runtime.clock, gate=self._gate)
 
     async def wait_for_completion(
         self,
@@ -544,7 +563,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
             not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
         )
-        return drive_stream_async(flow, self._http, self._runtime.clock)
+        return drive_stream_async(flow, self._http, self._runtime.clock, gate=self._gate)
 
     async def close(self) -> None:
         """Close the connection pool, if this client created it."""

@@ -402,7 +402,7 @@ def call_flow(
             timeout = min(timeout, remaining)
         request = build_request(config, call, timeout)
         started = clock.monotonic()
-        outcome: httpx.Response | httpx.TransportError = yield Send(request)
+        outcome: httpx.Response | httpx.TransportError = yield Send(request, call.priority)
         elapsed = clock.monotonic() - started
         if limit is not None and isinstance(outcome, httpx.Response):
             throttled = outcome.status_code == 429

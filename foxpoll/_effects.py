@@ -29,6 +29,7 @@ import attrs
 import httpx
 
 from ._clock import Clock
+from ._gate import AsyncGate, Gate
 from .ratelimit import BaseRateLimit, Priority
 
 __all__ = [
@@ -108,9 +109,11 @@ class AsyncTransportSender:
 
 @attrs.frozen
 class Send:
-    """Send this request; resume with the response or the transport error."""
+    """Send this request; resume with the response or the transport error. ``priority``
+    orders it among the requests queued for the client's in-flight slots."""
 
     request: httpx.Request
+    priority: int = Priority.FRESH
 
 
 @attrs.frozen
@@ -175,16 +178,25 @@ Finished = list[tuple[Hashable, Any]]
 
 
 class _SyncEffects:
-    def __init__(self, http: Sender, clock: Clock) -> None:
-        self.http, self.clock = http, clock
+    def __init__(self, http: Sender, clock: Clock, gate: Gate | None) -> None:
+        self.http, self.clock, self.gate = http, clock, gate
         self.started: deque[tuple[Hashable, Flow[Any]]] = deque()
+
+    def _send(self, request: httpx.Request) -> httpx.Response | httpx.TransportError:
+        try:
+            return self.http.send(request)
+        except httpx.TransportError as exc:
+            return exc
 
     def perform(self, effect: Effect) -> Any:
         if isinstance(effect, Send):
+            if self.gate is None:
+                return self._send(effect.request)
+            self.gate.acquire(effect.priority)
             try:
-                return self.http.send(effect.request)
-            except httpx.TransportError as exc:
-                return exc
+                return self._send(effect.request)
+            finally:
+                self.gate.release()
         if isinstance(effect, Permit):
             return effect.limit.acquire(effect.priority)
         if isinstance(effect, Sleep):
@@ -213,14 +225,16 @@ class _SyncEffects:
             return []
         key, flow = self.started.popleft()  # one at a time: blocking I/O is sequential
         try:
-            return [(key, drive(flow, self.http, self.clock))]
+            return [(key, drive(flow, self.http, self.clock, gate=self.gate))]
         except Exception as exc:  # the sub-flow's failure is its result
             return [(key, exc)]
 
 
-def drive_stream(flow: Flow[T], http: Sender, clock: Clock) -> Generator[Any, None, T]:
-    """Run ``flow`` with blocking I/O, yielding what it emits and returning its result."""
-    effects = _SyncEffects(http, clock)
+def drive_stream(flow: Flow[T], http: Sender, clock: Clock, *, gate: Gate | None = None
+                 ) -> Generator[Any, None, T]:
+    """Run ``flow`` with blocking I/O, yielding what it emits and returning its result.
+    With a ``gate``, each request first takes one of its in-flight slots."""
+    effects = _SyncEffects(http, clock, gate)
     try:
         effect = next(flow)
         while True:
@@ -238,9 +252,9 @@ def drive_stream(flow: Flow[T], http: Sender, clock: Clock) -> Generator[Any, No
             started.close()
 
 
-def drive(flow: Flow[T], http: Sender, clock: Clock) -> T:
+def drive(flow: Flow[T], http: Sender, clock: Clock, *, gate: Gate | None = None) -> T:
     """Run ``flow`` to completion with blocking I/O and return its result."""
-    stream = drive_stream(flow, http, clock)
+    stream = drive_stream(flow, http, clock, gate=gate)
     try:
         next(stream)
     except StopIteration as stop:
@@ -251,8 +265,8 @@ def drive(flow: Flow[T], http: Sender, clock: Clock) -> T:
 
 
 class _AsyncEffects:
-    def __init__(self, http: AsyncSender, clock: Clock) -> None:
-        self.http, self.clock = http, clock
+    def __init__(self, http: AsyncSender, clock: Clock, gate: AsyncGate | None) -> None:
+        self.http, self.clock, self.gate = http, clock, gate
         self.tasks: dict[asyncio.Future[Any], Hashable] = {}
         # Finished tasks arrive through a done-callback: O(1) per completion, where
         # asyncio.wait() would re-register a callback on every pending task each time.
@@ -264,12 +278,21 @@ class _AsyncEffects:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
+    async def _send(self, request: httpx.Request) -> httpx.Response | httpx.TransportError:
+        try:
+            return await self.http.send(request)
+        except httpx.TransportError as exc:
+            return exc
+
     async def perform(self, effect: Effect) -> Any:
         if isinstance(effect, Send):
+            if self.gate is None:
+                return await self._send(effect.request)
+            await self.gate.acquire(effect.priority)
             try:
-                return await self.http.send(effect.request)
-            except httpx.TransportError as exc:
-                return exc
+                return await self._send(effect.request)
+            finally:
+                self.gate.release()
         if isinstance(effect, Permit):
             return await effect.limit.aacquire(effect.priority)
         if isinstance(effect, Sleep):
@@ -284,7 +307,8 @@ class _AsyncEffects:
             if inspect.isawaitable(result):
                 await result
         elif isinstance(effect, Start):
-            task = asyncio.ensure_future(drive_async(effect.flow, self.http, self.clock))
+            task = asyncio.ensure_future(
+                drive_async(effect.flow, self.http, self.clock, gate=self.gate))
             self.tasks[task] = effect.key
             task.add_done_callback(self._finished)
         elif isinstance(effect, WaitAny):
@@ -330,9 +354,10 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def drive_async(flow: Flow[T], http: AsyncSender, clock: Clock) -> T:
+async def drive_async(flow: Flow[T], http: AsyncSender, clock: Clock, *,
+                      gate: AsyncGate | None = None) -> T:
     """Run ``flow`` to completion on the event loop and return its result."""
-    effects = _AsyncEffects(http, clock)
+    effects = _AsyncEffects(http, clock, gate)
     try:
         effect = next(flow)
         while True:
@@ -348,10 +373,10 @@ async def drive_async(flow: Flow[T], http: AsyncSender, clock: Clock) -> T:
 
 
 async def drive_stream_async(
-    flow: Flow[Any], http: AsyncSender, clock: Clock
+    flow: Flow[Any], http: AsyncSender, clock: Clock, *, gate: AsyncGate | None = None
 ) -> AsyncIterator[Any]:
     """Run ``flow`` on the event loop, yielding what it emits."""
-    effects = _AsyncEffects(http, clock)
+    effects = _AsyncEffects(http, clock, gate)
     try:
         effect = next(flow)
         while True:
