@@ -17,6 +17,10 @@ Instruments (no order ids as labels, so their number stays bounded):
 ``foxpoll_orders_stalled_total``      waits that ran out of attempts, errors or time
 ``foxpoll_poll_requests_total``       polls, by ``outcome``: ok, not_found, rate_limited, error
 ``foxpoll_order_completion_seconds``  histogram: wait start to the completed order being seen
+``foxpoll_rate_limit_waits_total``    permits asked for and not yet given (the budget was
+                                      short), by ``budget``; with :meth:`track`
+``foxpoll_rate_limit_throttled_total``  429s received, by ``budget``
+``foxpoll_rate_limit_per_minute``     the budget's rate now (the learned one, if adaptive)
 ====================================  ========================================================
 
 The alert on the completion rate, completed / (completed + stalled) over 10 minutes below
@@ -30,6 +34,7 @@ from typing import Any
 
 from .errors import OrderCancelled, OrderFailed
 from .polling import PollAttempt, WaitResult, chain_hooks
+from .ratelimit import BaseRateLimit
 
 __all__ = ["COMPLETION_BUCKETS", "OpenTelemetryMetrics", "PrometheusMetrics"]
 
@@ -110,6 +115,14 @@ class PrometheusMetrics(_HookMetrics):
             "Seconds from the start of a wait to the completed order being seen.",
             buckets=COMPLETION_BUCKETS, registry=registry,
         )
+        self._registry = registry
+        self._budgets: dict[str, BaseRateLimit] = {}
+
+    def track(self, limit: BaseRateLimit, *, budget: str = "default") -> None:
+        """Report a rate limit's throttling, read at every scrape."""
+        if not self._budgets:
+            self._registry.register(_BudgetCollector(self._budgets))
+        self._budgets[budget] = limit
 
     def _started(self) -> None:
         self.started.inc()
@@ -121,6 +134,30 @@ class PrometheusMetrics(_HookMetrics):
         getattr(self, kind).inc()
         if seconds is not None:
             self.completion_seconds.observe(seconds)
+
+
+class _BudgetCollector:
+    """A Prometheus collector reading the budgets' own counters when scraped."""
+
+    def __init__(self, budgets: dict[str, BaseRateLimit]) -> None:
+        self.budgets = budgets
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        waits = CounterMetricFamily("foxpoll_rate_limit_waits",
+                                    "Permits asked for while the budget was short.",
+                                    labels=["budget"])
+        throttled = CounterMetricFamily("foxpoll_rate_limit_throttled",
+                                        "429 answers received.", labels=["budget"])
+        rate = GaugeMetricFamily("foxpoll_rate_limit_per_minute",
+                                 "The budget's rate now, in requests a minute.",
+                                 labels=["budget"])
+        for name, limit in self.budgets.items():
+            waits.add_metric([name], limit.waits)
+            throttled.add_metric([name], limit.throttles)
+            rate.add_metric([name], limit.per_minute)
+        return [waits, throttled, rate]
 
 
 class OpenTelemetryMetrics(_HookMetrics):
@@ -150,6 +187,25 @@ class OpenTelemetryMetrics(_HookMetrics):
             "foxpoll.order.completion", unit="s",
             description="Seconds from the start of a wait to the completed order being seen.",
         )
+        self._meter = meter
+
+    def track(self, limit: BaseRateLimit, *, budget: str = "default") -> None:
+        """Report a rate limit's throttling, observed at every collection."""
+        from opentelemetry.metrics import Observation
+
+        labels = {"budget": budget}
+        self._meter.create_observable_counter(
+            "foxpoll.rate_limit.waits", unit="{request}",
+            callbacks=[lambda _: [Observation(limit.waits, labels)]],
+            description="Permits asked for while the budget was short.")
+        self._meter.create_observable_counter(
+            "foxpoll.rate_limit.throttled", unit="{response}",
+            callbacks=[lambda _: [Observation(limit.throttles, labels)]],
+            description="429 answers received.")
+        self._meter.create_observable_gauge(
+            "foxpoll.rate_limit.rate", unit="{request}/min",
+            callbacks=[lambda _: [Observation(limit.per_minute, labels)]],
+            description="The budget's rate now.")
 
     def _started(self) -> None:
         self.started.add(1)

@@ -139,6 +139,53 @@ def test_opentelemetry_uses_the_api_meter(sim: FakeFoxReload) -> None:
     assert outcomes == {"ok", "rate_limited", "error"}
 
 
+def throttled_budget(sim: FakeFoxReload) -> Any:
+    """A learned budget after a poll loop that met two 429 storms and waited for permits."""
+    from foxpoll.backoff import Fixed
+    from foxpoll.ratelimit import RateLimit
+
+    limit = RateLimit(60, adaptive=True, clock=sim.clock.monotonic)
+    sim.script_next(OrderScript.complete(after=60))
+    with sim.client(rate_limit=limit) as client:
+        order = client.orders.create(items=STEAM)
+        client.orders.pay(order.id)
+        sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=5))
+        sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=5))
+        client.wait_for_completion(order.id, backoff=Fixed(0.2), max_attempts=1000)
+    return limit
+
+
+def test_prometheus_reports_the_budget_s_throttling(sim: FakeFoxReload) -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry=registry)
+    limit = throttled_budget(sim)
+    metrics.track(limit, budget="key-1")
+    assert value(registry, "foxpoll_rate_limit_throttled_total", budget="key-1") == 2
+    assert value(registry, "foxpoll_rate_limit_waits_total", budget="key-1") == limit.waits > 0
+    rate = value(registry, "foxpoll_rate_limit_per_minute", budget="key-1")
+    assert rate == pytest.approx(limit.per_minute)
+    assert rate < 60  # learned down from the ceiling by the 429s
+
+
+def test_opentelemetry_reports_the_budget_s_throttling(sim: FakeFoxReload) -> None:
+    observed: dict[str, Any] = {}
+
+    class ObservingMeter(FakeMeter):
+        def create_observable_counter(self, name: str, callbacks: list[Any],
+                                      **_: Any) -> None:
+            observed[name] = callbacks[0]
+
+        create_observable_gauge = create_observable_counter
+
+    metrics = OpenTelemetryMetrics(meter=ObservingMeter())
+    limit = throttled_budget(sim)
+    metrics.track(limit)
+    [throttled] = observed["foxpoll.rate_limit.throttled"](None)
+    assert (throttled.value, throttled.attributes) == (2, {"budget": "default"})
+    assert observed["foxpoll.rate_limit.waits"](None)[0].value == limit.waits
+    assert observed["foxpoll.rate_limit.rate"](None)[0].value == limit.per_minute
+
+
 def test_opentelemetry_default_meter_needs_only_the_api() -> None:
     metrics = OpenTelemetryMetrics()  # the API's no-op meter until an SDK is configured
     metrics.on_poll(PollAttempt("o", 1, 0.0, "ok"))
