@@ -26,10 +26,11 @@ from .events.base import OrderEvent
 from .events.memory import InMemoryPublisher
 from .models import Order
 from .polling import PollAttempt, StatusChange, WaitResult
+from .ratelimit import RateLimit
 from .recovery.base import RecoveryPolicy
 from .recovery.sqlite import SQLiteRecoveryQueue
 from .recovery.worker import RecoveryWorker
-from .testing import FakeClock, FakeFoxReload, OrderScript
+from .testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
 
 __all__ = ["run_demo"]
 
@@ -40,6 +41,7 @@ PLAN = (  # product, note, script
     ("product_steam_50", None, OrderScript.fail(after=5, error="supplier out of stock")),
     ("product_steam_10", None, OrderScript.stall()),
 )
+BUDGET = 60  # requests a minute: the demo's key is on a small tier
 BACKOFF = ExponentialJitter(base=1.0, factor=1.5, cap=4.0, jitter=0.3, poll_at_start=False)
 RECOVERY = RecoveryPolicy(max_attempts=6,
                           backoff=ExponentialJitter(base=1.0, factor=2.0, cap=4.0, jitter=0.2))
@@ -65,8 +67,8 @@ class Display:
     """A live rich table on a terminal; plain lines elsewhere (or without rich)."""
 
     def __init__(self, rows: dict[str, Row], clock: Callable[[], float], out: TextIO,
-                 live: bool) -> None:
-        self.rows, self.clock, self.out = rows, clock, out
+                 live: bool, budget: Callable[[], str] = str) -> None:
+        self.rows, self.clock, self.out, self.budget = rows, clock, out, budget
         self._live: Any = None
         if live:
             try:
@@ -80,7 +82,7 @@ class Display:
     def table(self) -> Any:
         from rich.table import Table
 
-        table = Table(title="foxpoll demo: waiting without webhooks")
+        table = Table(title="foxpoll demo: waiting without webhooks", caption=self.budget())
         for column in ("order", "product", "status", "poll", "next poll", "elapsed", "result"):
             table.add_column(column)
         now = self.clock()
@@ -137,8 +139,18 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
                 display.say(f"  {change.order_id[:8]} {change.previous or 'new'} -> "
                             f"{change.order.status} after {change.elapsed:.1f}s")
 
-        with sim.client(recovery_queue=queue) as client, \
-                Display(rows, clock.monotonic, out, live and not virtual) as display:
+        limit = RateLimit(per_minute=BUDGET, clock=clock.monotonic)
+
+        def budget() -> str:
+            now = clock.monotonic()
+            used = sum(1 for r in sim.requests if r.at > now - 60)
+            return (f"budget {limit.per_minute:.0f} requests/min: {used} used in the last "
+                    f"minute, {limit.throttles} x 429, {limit.waits} waits for a permit")
+
+        # One 429 while polling: the whole budget pauses for its Retry-After.
+        sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=2))
+        with sim.client(recovery_queue=queue, rate_limit=limit) as client, \
+                Display(rows, clock.monotonic, out, live and not virtual, budget) as display:
             display.say("buying 5 orders from the FoxReload simulator...")
             sim.script_next(*(script for _, _, script in PLAN))
             ids = []
@@ -182,6 +194,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
                 "dead_letters": len(queue.list_dead()),
                 "requests": sim.count(),
             }
+        display.say(budget())
         display.say(
             f"done: {tallies['delivered']} orders delivered exactly once "
             f"({tallies['deliveries']} deliveries; a second attempt delivered "

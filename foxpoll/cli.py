@@ -5,6 +5,7 @@
     foxpoll demo                          the whole job against the simulator, no key needed
     foxpoll orders get|pay|wait ORDER_ID  the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL)
     foxpoll orders create --item ID[:QTY] [--note KEY=VALUE] [--mock]
+        [--rate-limit PER_MINUTE|auto [--rate-limit-store sqlite:///PATH|redis://...]]
     foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
     foxpoll dlq list|requeue|close        the recovery queue's dead letters
     foxpoll simulate --port 8080          serve the simulator over HTTP
@@ -41,11 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plain", action="store_true", help="plain lines, no live table")
     demo.add_argument("--db", type=Path, help="keep the SQLite store and queue in this file")
 
-    orders = commands.add_parser("orders", help="orders on the real API").add_subparsers(
+    budget = argparse.ArgumentParser(add_help=False)
+    budget.add_argument("--rate-limit", metavar="PER_MINUTE|auto", default=argparse.SUPPRESS,
+                        help="take a permit for every request: your key's requests a minute "
+                             "(100 on the standard tier), or auto to learn it from 429s")
+    budget.add_argument("--rate-limit-store", metavar="URL", default=argparse.SUPPRESS,
+                        help="share the budget with your other processes: sqlite:///PATH "
+                             "(one host) or redis://... (a fleet)")
+    orders = commands.add_parser("orders", parents=[budget],
+                                 help="orders on the real API").add_subparsers(
         dest="action", required=True)
     for name, text in (("get", "show an order"), ("pay", "pay an order from the balance"),
                        ("wait", "wait until an order finishes")):
-        sub = orders.add_parser(name, help=text)
+        sub = orders.add_parser(name, help=text, parents=[budget])
         sub.add_argument("order_id")
         sub.add_argument("--show-codes", action="store_true", help="print delivered codes")
         sub.add_argument("--json", action="store_true", help="print the order as JSON")
@@ -53,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--provider", help="an external payment provider")
         if name == "wait":
             sub.add_argument("--timeout", type=float, help="seconds to wait at most")
-    create = orders.add_parser("create", help="create an order")
+    create = orders.add_parser("create", help="create an order", parents=[budget])
     create.add_argument("--item", action="append", required=True, metavar="ID[:QTY]")
     create.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
                         help="product note fields (for every item)")
@@ -135,7 +144,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 def _orders(args: argparse.Namespace, out: TextIO) -> int:
     from ._client import FoxReload
 
-    with FoxReload() as client:
+    with FoxReload(rate_limit=_rate_limit(args)) as client:
         if args.action == "create":
             note = dict(_pair(n) for n in args.note) or None
             items = [_item(spec, note) for spec in args.item]
@@ -154,6 +163,31 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
                                                on_poll=progress, raise_on_failure=False)
     _print_order(order, out, as_json=args.json, show_codes=args.show_codes)
     return 0 if order.status.value in ("completed", "active", "paid", "processing") else 2
+
+
+def _rate_limit(args: argparse.Namespace) -> Any:
+    from .ratelimit import RateLimit, RedisRateLimit, SQLiteRateLimit
+
+    spec = getattr(args, "rate_limit", None)
+    store = getattr(args, "rate_limit_store", None)
+    if spec is None:
+        if store is not None:
+            raise ValueError("--rate-limit-store needs --rate-limit")
+        return None
+    if spec == "auto":
+        per_minute = None
+    else:
+        try:
+            per_minute = float(spec)
+        except ValueError:
+            raise ValueError(f"--rate-limit {spec!r}: requests a minute, or auto") from None
+    if store is None:
+        return RateLimit(per_minute)
+    if store.startswith("sqlite:///"):
+        return SQLiteRateLimit(store[len("sqlite:///"):], per_minute)
+    if store.startswith(("redis://", "rediss://", "unix://")):
+        return RedisRateLimit(store, per_minute)
+    raise ValueError(f"--rate-limit-store {store!r}: use sqlite:///PATH or redis://...")
 
 
 def _item(spec: str, note: dict[str, str] | None) -> dict[str, Any]:

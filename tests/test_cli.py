@@ -16,7 +16,7 @@ import pytest
 from foxpoll import SystemClock, __version__
 from foxpoll.cli import main
 from foxpoll.recovery import SQLiteRecoveryQueue
-from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
+from foxpoll.testing import FakeFoxReload, Fault, FaultKind, OrderScript, SimulatorServer
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -243,3 +243,33 @@ def test_simulate_serves_over_http() -> None:
         finally:
             server.terminate()
             server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("store", [None, "sqlite"])
+def test_orders_take_permits_from_the_rate_limit_given(
+    api: FakeFoxReload, tmp_path: Path, store: str | None
+) -> None:
+    api.inject(Fault(FaultKind.RATE_LIMIT, method="POST", path="/api/orders/", retry_after=1))
+    where = [] if store is None else ["--rate-limit-store", f"sqlite:///{tmp_path / 'b.db'}"]
+    code, _ = run("orders", "create", "--rate-limit", "100", *where,
+                       "--item", "product_steam_10")
+    assert code == 0  # the 429 on the buy was waited out and the buy retried
+    assert api.count("POST", "/api/orders/") == 2
+    assert len(api.order_ids()) == 1
+    if store is not None:
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "b.db") as db:
+            paused = db.execute("SELECT paused_until FROM foxpoll_rate_limit").fetchone()[0]
+        assert paused > 0  # the shared budget recorded the 429
+
+
+def test_bad_rate_limits_are_one_line_errors(
+    api: FakeFoxReload, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("orders", "get", "x", "--rate-limit", "lots")[0] == 1
+    assert "requests a minute, or auto" in capsys.readouterr().err
+    assert run("orders", "get", "x", "--rate-limit", "0")[0] == 1
+    assert "per_minute" in capsys.readouterr().err
+    assert run("orders", "get", "x", "--rate-limit-store", "redis://x")[0] == 1
+    assert "needs --rate-limit" in capsys.readouterr().err
