@@ -11,9 +11,10 @@ The algorithm is GCRA (a token bucket kept as one number, the *theoretical arriv
 less; later polls two less. So when permits are short, polls wait while a buy still finds
 one: the order holds across processes, because they share one ``tat``.
 
-With ``per_minute=None`` (or ``adaptive=True``) the rate is learned: it starts at the
-ceiling; a 429 halves it and pauses every holder of the budget for the ``Retry-After``
-(at most ``max_pause``); each success wins back 0.5 % of it. Backends:
+With ``per_minute=None`` (or ``adaptive=True``) the rate is learned (AIMD): it starts at
+the ceiling; a 429 pauses every holder of the budget for the ``Retry-After`` (at most
+``max_pause``) and halves the rate, at most once per two seconds (one storm of 429s is one
+signal); each success wins back 1/400 of the ceiling. Backends:
 
 =====================  ============================================  =====================
 ``RateLimit``          one process (threads and tasks)               a lock
@@ -53,7 +54,8 @@ __all__ = [
 #: Where a learned rate starts when no ``per_minute`` is given: the enterprise tier, a
 #: little over, so the first 429 says where the real limit is.
 ADAPTIVE_CEILING = 1200.0
-GROWTH = 1.005  # per success, for a learned rate
+GROWTH = 1 / 400  # of the ceiling, per success, for a learned rate
+CUT_WINDOW = 2.0  # seconds: the 429s within one window after a cut are one signal
 MAX_PAUSE = 60.0
 
 
@@ -73,11 +75,13 @@ class BudgetState:
         tat: The theoretical arrival time: when the bucket is empty again.
         rate: Permits per second now (below the ceiling after 429s, when adaptive).
         paused_until: No permit before this (a 429's ``Retry-After``).
+        cut_until: A learned rate is not halved again before this.
     """
 
     tat: float
     rate: float
     paused_until: float
+    cut_until: float = 0.0
 
 
 def take(state: BudgetState, now: float, priority: int, burst: int
@@ -97,18 +101,20 @@ def grow(state: BudgetState, successes: int, ceiling: float) -> BudgetState:
     """A learned rate after ``successes`` more answers that were not 429."""
     if successes <= 0 or state.rate >= ceiling:
         return state
-    return attrs.evolve(state, rate=min(ceiling, state.rate * GROWTH**successes))
+    return attrs.evolve(state, rate=min(ceiling, state.rate + successes * GROWTH * ceiling))
 
 
 def throttle(state: BudgetState, now: float, pause: float, *, adaptive: bool,
              floor: float) -> BudgetState:
-    """A 429: pause everyone for ``pause`` seconds; halve a learned rate, once per pause
-    (the other answers of the same storm only extend it)."""
-    rate = state.rate
-    if adaptive and now >= state.paused_until:
+    """A 429: pause everyone for ``pause`` seconds; halve a learned rate, once per cut
+    window (the other answers of the same storm only extend the pause)."""
+    rate, cut_until = state.rate, state.cut_until
+    if adaptive and now >= cut_until:
         rate = max(floor, rate / 2)
+        cut_until = now + max(pause, CUT_WINDOW)
     paused = max(state.paused_until, now + pause)
-    return BudgetState(tat=max(state.tat, paused), rate=rate, paused_until=paused)
+    return BudgetState(tat=max(state.tat, paused), rate=rate, paused_until=paused,
+                       cut_until=cut_until)
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -140,18 +146,19 @@ class Settings:
 
     @property
     def floor(self) -> float:
-        return self.ceiling / 256
+        return self.ceiling / 16
 
     @property
     def lanes_burst(self) -> int:
-        """The burst, in permits: two seconds' worth by default, and at least one more
-        than there are lanes below buys, so every lane has room."""
+        """The burst, in permits: one second's worth by default (a server's bucket is
+        rarely smaller), and at least one more than there are lanes below buys, so every
+        lane has room."""
         if self.burst is not None:
             return self.burst
-        return max(len(Priority), round(self.ceiling * 2))
+        return max(len(Priority), round(self.ceiling))
 
     def fresh(self) -> BudgetState:
-        return BudgetState(tat=0.0, rate=self.ceiling, paused_until=0.0)
+        return BudgetState(tat=0.0, rate=self.ceiling, paused_until=0.0, cut_until=0.0)
 
 
 class BaseRateLimit(abc.ABC):
@@ -159,7 +166,7 @@ class BaseRateLimit(abc.ABC):
 
     Args:
         per_minute: The key's limit; None learns it (see the module docs).
-        burst: Permits that may go at once; two seconds' worth by default.
+        burst: Permits that may go at once; one second's worth by default.
         adaptive: Learn below ``per_minute`` from 429s (implied when it is None).
         max_pause: The longest pause a ``Retry-After`` can impose, in seconds.
     """
@@ -288,7 +295,8 @@ class RateLimit(BaseRateLimit):
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS foxpoll_rate_limit (
-    key TEXT PRIMARY KEY, tat REAL NOT NULL, rate REAL NOT NULL, paused_until REAL NOT NULL
+    key TEXT PRIMARY KEY, tat REAL NOT NULL, rate REAL NOT NULL, paused_until REAL NOT NULL,
+    cut_until REAL NOT NULL
 )"""
 
 
@@ -326,16 +334,17 @@ class SQLiteRateLimit(BaseRateLimit):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
-                    "SELECT tat, rate, paused_until FROM foxpoll_rate_limit WHERE key = ?",
-                    (self.key,)).fetchone()
+                    "SELECT tat, rate, paused_until, cut_until FROM foxpoll_rate_limit "
+                    "WHERE key = ?", (self.key,)).fetchone()
                 state = BudgetState(*row) if row else self.settings.fresh()
                 new, wait = change(state, self._clock())
                 if new != state:
                     self._db.execute(
-                        "INSERT INTO foxpoll_rate_limit (key, tat, rate, paused_until) "
-                        "VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET tat = excluded.tat,"
-                        " rate = excluded.rate, paused_until = excluded.paused_until",
-                        (self.key, new.tat, new.rate, new.paused_until))
+                        "INSERT INTO foxpoll_rate_limit (key, tat, rate, paused_until, "
+                        "cut_until) VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                        "tat = excluded.tat, rate = excluded.rate, "
+                        "paused_until = excluded.paused_until, cut_until = excluded.cut_until",
+                        (self.key, new.tat, new.rate, new.paused_until, new.cut_until))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -366,12 +375,13 @@ class SQLiteRateLimit(BaseRateLimit):
 _REDIS_TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local s = redis.call('HMGET', KEYS[1], 'tat', 'rate', 'paused')
+local s = redis.call('HMGET', KEYS[1], 'tat', 'rate', 'paused', 'cut')
 local ceiling = tonumber(ARGV[4])
-local tat, rate, paused = tonumber(s[1]) or 0, tonumber(s[2]) or ceiling, tonumber(s[3]) or 0
+local tat, rate = tonumber(s[1]) or 0, tonumber(s[2]) or ceiling
+local paused, cut = tonumber(s[3]) or 0, tonumber(s[4]) or 0
 local successes = tonumber(ARGV[3])
 if successes > 0 and rate < ceiling then
-    rate = math.min(ceiling, rate * (tonumber(ARGV[5]) ^ successes))
+    rate = math.min(ceiling, rate + successes * tonumber(ARGV[5]) * ceiling)
 end
 local wait = 0
 if now < paused then
@@ -382,24 +392,28 @@ else
     if now < allow_at then wait = allow_at - now else tat = math.max(tat, now) + interval end
 end
 redis.call('HSET', KEYS[1], 'tat', tostring(tat), 'rate', tostring(rate),
-           'paused', tostring(paused))
+           'paused', tostring(paused), 'cut', tostring(cut))
 redis.call('EXPIRE', KEYS[1], 3600)
-return {tostring(tat), tostring(rate), tostring(paused), tostring(wait)}
+return {tostring(tat), tostring(rate), tostring(paused), tostring(cut), tostring(wait)}
 """
 
 _REDIS_THROTTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local s = redis.call('HMGET', KEYS[1], 'tat', 'rate', 'paused')
-local tat, rate, paused = tonumber(s[1]) or 0, tonumber(s[2]) or tonumber(ARGV[3]),
-                          tonumber(s[3]) or 0
-if ARGV[2] == '1' and now >= paused then rate = math.max(tonumber(ARGV[4]), rate / 2) end
-paused = math.max(paused, now + tonumber(ARGV[1]))
+local s = redis.call('HMGET', KEYS[1], 'tat', 'rate', 'paused', 'cut')
+local tat, rate = tonumber(s[1]) or 0, tonumber(s[2]) or tonumber(ARGV[3])
+local paused, cut = tonumber(s[3]) or 0, tonumber(s[4]) or 0
+local pause = tonumber(ARGV[1])
+if ARGV[2] == '1' and now >= cut then
+    rate = math.max(tonumber(ARGV[4]), rate / 2)
+    cut = now + math.max(pause, tonumber(ARGV[5]))
+end
+paused = math.max(paused, now + pause)
 tat = math.max(tat, paused)
 redis.call('HSET', KEYS[1], 'tat', tostring(tat), 'rate', tostring(rate),
-           'paused', tostring(paused))
+           'paused', tostring(paused), 'cut', tostring(cut))
 redis.call('EXPIRE', KEYS[1], 3600)
-return {tostring(tat), tostring(rate), tostring(paused), '0'}
+return {tostring(tat), tostring(rate), tostring(paused), tostring(cut), '0'}
 """
 
 
@@ -461,12 +475,12 @@ class RedisRateLimit(BaseRateLimit):
 
     def _throttle_args(self, pause: float) -> list[Any]:
         s = self.settings
-        return [pause, int(s.learns), s.ceiling, s.floor]
+        return [pause, int(s.learns), s.ceiling, s.floor, CUT_WINDOW]
 
     @staticmethod
     def _parse(reply: list[Any]) -> tuple[BudgetState, float]:
-        tat, rate, paused, wait = (float(x) for x in reply)
-        return BudgetState(tat, rate, paused), wait
+        tat, rate, paused, cut, wait = (float(x) for x in reply)
+        return BudgetState(tat, rate, paused, cut), wait
 
     def _take(self, priority: int, successes: int) -> tuple[BudgetState, float]:
         script = self._script("sync", "take")

@@ -96,7 +96,7 @@ def test_a_buy_finds_a_permit_while_polls_saturate_the_budget() -> None:
 
 
 def test_a_lane_below_a_small_burst_still_gets_permits_when_the_budget_is_idle() -> None:
-    state = BudgetState(tat=100.0, rate=1.0, paused_until=0.0)
+    state = BudgetState(tat=100.0, rate=1.0, paused_until=0.0, cut_until=0.0)
     _, wait = take(state, 100.0, Priority.POLL, burst=1)  # tau is negative for polls
     assert wait == 2.0
     granted, wait = take(state, 102.0, Priority.POLL, burst=1)
@@ -123,16 +123,23 @@ def test_a_learned_rate_halves_once_per_storm_and_wins_back_slowly() -> None:
     limit = RateLimit(clock=clock.monotonic)  # per_minute=None: learned, from 1,200/min
     assert limit.per_minute == pytest.approx(1200)
     for _ in range(10):  # ten in-flight requests all answered 429
-        limit.throttled(2)
+        limit.throttled(1)
     assert limit.per_minute == pytest.approx(600)  # halved once, not ten times
-    clock.advance(2)
-    limit.throttled(2)  # a later 429: halved again
+    clock.advance(1.5)
+    limit.throttled(1)  # the storm's stragglers, after the pause: still one signal
+    assert limit.per_minute == pytest.approx(600)
+    clock.advance(1)
+    limit.throttled(1)  # a later 429: halved again
     assert limit.per_minute == pytest.approx(300)
+    for _ in range(8):
+        clock.advance(2)
+        limit.throttled(1)
+    assert limit.per_minute == pytest.approx(75)  # never below a sixteenth of the ceiling
     clock.advance(2)
-    for _ in range(139):  # about ln 2 / ln 1.005 successes win a halving back
+    for _ in range(100):  # each success wins back 1/400 of the ceiling
         limit.succeeded()
     limit.acquire()
-    assert limit.per_minute == pytest.approx(600, rel=0.01)
+    assert limit.per_minute == pytest.approx(375)
     for _ in range(2000):
         limit.succeeded()
     limit.acquire()
