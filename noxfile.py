@@ -95,9 +95,12 @@ def compat(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: poll schedules, polling throughput, dedup-store overhead, the cost of
-    watches (not in the default run)."""
-    session.install("-e", ".[all]", "httpx-aiohttp>=0.1.8", "aiohttp>=3.9")
+    watches, a fleet on one rate limit, rate-limit libraries (not in the default run)."""
+    session.install("-e", ".[all]", "httpx-aiohttp>=0.1.8", "aiohttp>=3.9",
+                    "limits>=4", "pyrate-limiter>=4", "aiolimiter>=1.1")
     session.run("python", "benchmarks/schedules.py", *session.posargs)
     session.run("python", "benchmarks/throughput.py")
     session.run("python", "benchmarks/dedup.py")
     session.run("python", "benchmarks/watch.py")
+    session.run("python", "benchmarks/rate_limit.py")
+    session.run("python", "benchmarks/ratelimit_libraries.py")

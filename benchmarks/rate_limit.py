@@ -146,7 +146,7 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, A
                     for _ in range(args.processes)]
         reports = [json.loads(child.communicate(timeout=args.seconds * 5)[0])
                    for child in children]
-    completed_at = {order_id: sim._orders[order_id].paid_at  # noqa: SLF001 - ours
+    completed_at = {order_id: sim._orders[order_id].paid_at
                     + sim._orders[order_id].script.settles_after
                     for order_id in sim.order_ids() if sim._orders[order_id].paid_at}
     waits = [w for r in reports for w in r["waits"]]

@@ -150,12 +150,13 @@ class Settings:
 
     @property
     def lanes_burst(self) -> int:
-        """The burst, in permits: one second's worth by default (a server's bucket is
-        rarely smaller), and at least one more than there are lanes below buys, so every
-        lane has room."""
+        """The burst, in permits: half a second's worth by default, so that requests
+        delayed on their way (a busy machine, a slow network) and arriving together still
+        fit a server's bucket of a second's worth; and at least one more than there are
+        lanes below buys, so every lane has room."""
         if self.burst is not None:
             return self.burst
-        return max(len(Priority), round(self.ceiling))
+        return max(len(Priority), round(self.ceiling / 2))
 
     def fresh(self) -> BudgetState:
         return BudgetState(tat=0.0, rate=self.ceiling, paused_until=0.0, cut_until=0.0)
@@ -166,7 +167,7 @@ class BaseRateLimit(abc.ABC):
 
     Args:
         per_minute: The key's limit; None learns it (see the module docs).
-        burst: Permits that may go at once; one second's worth by default.
+        burst: Permits that may go at once; half a second's worth by default.
         adaptive: Learn below ``per_minute`` from 429s (implied when it is None).
         max_pause: The longest pause a ``Retry-After`` can impose, in seconds.
     """
