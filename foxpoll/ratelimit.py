@@ -260,10 +260,11 @@ class BaseRateLimit(abc.ABC):
 class RateLimit(BaseRateLimit):
     """A budget in this process: thread- and task-safe, no I/O.
 
+    Takes :class:`BaseRateLimit`'s arguments, and:
+
     Args:
         clock: Seconds, monotonic; the client's clock (a ``FakeClock`` in tests) must
             be the same one.
-        The others: see :class:`BaseRateLimit`.
     """
 
     def __init__(self, per_minute: float | None = None, *, burst: int | None = None,
@@ -308,11 +309,12 @@ class SQLiteRateLimit(BaseRateLimit):
     so the file is written with ``synchronous=OFF`` (a crash loses at most the last few
     permits' bookkeeping). Times are this host's wall clock.
 
+    Takes :class:`BaseRateLimit`'s arguments, and:
+
     Args:
         path: The database file (its own, or the dedup store's).
         key: Which budget: one per API key.
         clock: Seconds since the epoch.
-        The others: see :class:`BaseRateLimit`.
     """
 
     def __init__(self, path: str | os.PathLike[str], per_minute: float | None = None, *,
@@ -421,12 +423,13 @@ return {tostring(tat), tostring(rate), tostring(paused), tostring(cut), '0'}
 class RedisRateLimit(BaseRateLimit):
     """A budget shared by a fleet on many machines, in one Redis hash.
 
+    Takes :class:`BaseRateLimit`'s arguments, and:
+
     Args:
         url_or_client: A ``redis://`` URL (sync and async clients are made from it, so
             one object serves ``FoxReload`` and ``AsyncFoxReload``), or a
             ``redis.Redis`` / ``redis.asyncio.Redis`` (then only that kind of client).
         key: The hash's key: one per API key.
-        The others: see :class:`BaseRateLimit`.
     """
 
     def __init__(self, url_or_client: Any, per_minute: float | None = None, *,
