@@ -15,6 +15,10 @@ concurrency:
 - foxpoll (fast): the same, with ``AsyncFoxReload(transport=AiohttpTransport())`` (the
   ``fast`` extra): requests go straight to foxpoll's lean aiohttp transport, without an
   ``httpx.AsyncClient`` in between.
+- foxpoll, a task per wait (default / fast): N tasks, each awaiting
+  ``wait_for_completion`` on one **default** ``AsyncFoxReload`` (its own httpx client,
+  ``max_in_flight`` 100), the way most code is written; then the same on the fast
+  transport. Requests beyond the client's slots queue in foxpoll, not in httpx's pool.
 
 Printed: polls per second, CPU seconds per 1,000 polls (the client process only), and the
 ratio of each rate to raw aiohttp measured in the same run. Memory per waiting order is
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -41,7 +46,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from foxpoll import AsyncFoxReload, PollAttempt
+from foxpoll import AsyncFoxReload, OrderStalled, PollAttempt
 from foxpoll.backoff import Fixed
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
 
@@ -125,6 +130,28 @@ async def foxpoll_wait_many(url: str, ids: list[str], seconds: float, concurrenc
     return polls
 
 
+async def foxpoll_tasks(url: str, ids: list[str], seconds: float, concurrency: int,
+                        transport: httpx.AsyncBaseTransport | None = None) -> int:
+    """One task per wait on a default client; ``concurrency`` is not used: the client's
+    own ``max_in_flight`` decides."""
+    polls = 0
+
+    def count(attempt: PollAttempt) -> None:
+        nonlocal polls
+        polls += 1
+
+    async with AsyncFoxReload(API_KEY, base_url=url, transport=transport) as client:
+
+        async def wait(order_id: str) -> None:
+            with contextlib.suppress(OrderStalled):
+                await client.wait_for_completion(order_id, backoff=Fixed(0),
+                                                 max_attempts=10**9, timeout=seconds,
+                                                 on_poll=count)
+
+        await asyncio.gather(*(wait(order_id) for order_id in ids))
+    return polls
+
+
 def fast_client(concurrency: int) -> httpx.AsyncClient:
     from foxpoll.transports import fast_http_client
 
@@ -164,6 +191,10 @@ def variants(
         ),
         "foxpoll (fast)": lambda: foxpoll_wait_many(
             url, ids, secs, c, transport=fast_transport(c)
+        ),
+        "foxpoll, task per wait": lambda: foxpoll_tasks(url, ids, secs, c),
+        "foxpoll, task/wait, fast": lambda: foxpoll_tasks(
+            url, ids, secs, c, transport=fast_transport(100)
         ),
     }
 

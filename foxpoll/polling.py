@@ -51,6 +51,7 @@ __all__ = [
 log = logging.getLogger("foxpoll.polling")
 
 DEFAULT_BACKOFF = ExponentialJitter()
+UNMETERED = 6_000_000.0  # requests a minute: a budget that only ever pauses, on a 429
 
 
 @attrs.frozen
@@ -432,9 +433,10 @@ def wait_many_flow(
 
     Every poll takes a permit from the client's rate limit (first polls before later
     ones), so a 429 pauses them all. Without one, ``max_requests_per_minute`` gives this
-    call its own :class:`~foxpoll.ratelimit.RateLimit`; with neither, a learned one. Each
-    poll is a single request (no inner retries), so the budget counts requests exactly;
-    a failed poll is retried on the order's schedule, within its error budget.
+    call its own :class:`~foxpoll.ratelimit.RateLimit`; with neither, polls are not
+    metered, but a 429 still pauses them all. Each poll is a single request (no inner
+    retries), so the budget counts requests exactly; a failed poll is retried on the
+    order's schedule, within its error budget.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
@@ -443,7 +445,7 @@ def wait_many_flow(
         raise ValueError("this client has a rate_limit: max_requests_per_minute would be "
                          "a second budget; leave it out")
     if limit is None:
-        limit = RateLimit(max_requests_per_minute, clock=rt.clock.monotonic)
+        limit = RateLimit(max_requests_per_minute or UNMETERED, clock=rt.clock.monotonic)
     single = attrs.evolve(rt, config=attrs.evolve(rt.config, max_retries=0), limit=limit)
     now = rt.clock.monotonic()
     watches: dict[str, OrderWatch] = {}

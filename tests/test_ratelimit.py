@@ -337,3 +337,16 @@ def test_wait_many_refuses_a_second_budget(clock: FakeClock) -> None:
 def test_a_rate_limit_must_be_a_budget() -> None:
     with pytest.raises(TypeError, match="RateLimit"):
         FakeFoxReload().client(rate_limit=100)
+
+
+async def test_an_async_client_spends_a_shared_budget(backend: Any, clock: FakeClock) -> None:
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=0))
+    shared = backend(per_minute=60, burst=3)
+    async with sim.async_client(rate_limit=shared) as client:
+        order = await client.orders.create(items=STEAM)
+        await client.orders.pay(order.id)
+    with sim.client(rate_limit=backend(per_minute=60, burst=3)) as other:
+        # the async client's two buys left one permit of the burst, for buys only
+        assert shared.acquire(Priority.POLL) > 0
+        assert other.orders.get(order.id, priority=Priority.BUY).status == "completed"
+    await shared.aclose()
