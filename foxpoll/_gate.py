@@ -16,13 +16,17 @@ import threading
 __all__ = ["AsyncGate", "Gate", "GateType"]
 
 
+def _slots(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError("max_in_flight must be a whole number, at least 1")
+    return size
+
+
 class AsyncGate:
     """An asyncio semaphore that wakes its waiters lowest priority first, then in order."""
 
     def __init__(self, size: int) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError("max_in_flight must be a whole number, at least 1")
-        self.size = size
+        self.size = _slots(size)
         self.busy = 0
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
@@ -53,9 +57,7 @@ class Gate:
     """:class:`AsyncGate` for threads."""
 
     def __init__(self, size: int) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError("max_in_flight must be a whole number, at least 1")
-        self.size = size
+        self.size = _slots(size)
         self.busy = 0
         self._waiting: list[tuple[int, int]] = []
         self._order = itertools.count()
