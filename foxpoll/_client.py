@@ -6,10 +6,7 @@ clients add only the HTTP client they own and the driver that runs flows with it
 
 from __future__ import annotations
 
-import logging
 import random
-import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -25,7 +22,6 @@ from ._effects import (
     AsyncSender,
     AsyncTransportSender,
     Flow,
-    Notify,
     Sender,
     TransportSender,
     drive,
@@ -35,8 +31,8 @@ from ._effects import (
 )
 from ._gate import AsyncGate, Gate
 from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
-from .backoff import BackoffPolicy, ExponentialJitter
-from .errors import APIStatusError, ConflictError
+from ._watches import Watcher
+from .backoff import BackoffPolicy
 from .models import Order
 from .polling import (
     OnStall,
@@ -62,9 +58,6 @@ TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport
 Self = TypeVar("Self", bound="BaseClient[Any, Any]")
 
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
-_WATCHED_AT_PAY = 10_000  # orders remembered between pay and wait, per client
-
-log = logging.getLogger("foxpoll.recovery")
 
 
 class BaseClient(Generic[HttpT, TransportT]):
@@ -121,9 +114,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         rate_limit: BaseRateLimit | None = None,
         max_in_flight: int = _LIMITS.max_connections or 100,
     ) -> None:
-        self._recovery = recovery_queue
         self._gate = self._make_gate(max_in_flight)
-        self._watches = _PaidWatches()
         config = make_config(
             api_key=api_key,
             base_url=base_url,
@@ -138,6 +129,8 @@ class BaseClient(Generic[HttpT, TransportT]):
                             "RateLimit(per_minute=100)")
         self._runtime = Runtime(config, clock or SystemClock(), rng or random.Random(),
                                 rate_limit)
+        self._watcher = (None if recovery_queue is None
+                         else Watcher(recovery_queue, self._runtime.clock))
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
         self._owns_http = http_client is None
@@ -223,8 +216,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         clone._runtime = attrs.evolve(self._runtime, config=attrs.evolve(config, **changes))
         clone._http = self._http
         clone._owns_http = False
-        clone._recovery = self._recovery
-        clone._watches = self._watches
+        clone._watcher = self._watcher
         clone._gate = self._gate  # the same pool: the same slots
         clone._bind_resources()
         return clone
@@ -233,70 +225,15 @@ class BaseClient(Generic[HttpT, TransportT]):
         return f"{type(self).__name__}(base_url={str(self.base_url)!r}, api_key='<redacted>')"
 
     def _options(self, options: dict[str, Any]) -> WaitOptions:
-        if self._recovery is not None:
-            options["on_start"] = chain_hooks(self._watch_wait, options.get("on_start"))
-            options["on_finish"] = chain_hooks(self._finish_wait, options.get("on_finish"))
+        if self._watcher is not None:
+            options["on_start"] = chain_hooks(self._watcher.on_start, options.get("on_start"))
+            options["on_finish"] = chain_hooks(self._watcher.on_finish,
+                                               options.get("on_finish"))
         return WaitOptions(**options)
 
     def _pay_flow(self, order_id: str, **payment: Any) -> Flow[Order]:
         flow = _api.pay_order(self._runtime, order_id, **payment)
-        return flow if self._recovery is None else self._watched_pay(order_id, flow)
-
-    def _watched_pay(self, order_id: str, pay: Flow[Order]) -> Flow[Order]:
-        """Record the watch, then pay: a payment is never known only to this process.
-
-        If the watch cannot be written, nothing is paid and the store's error is raised.
-        """
-        _api.resource_path("/api/orders/", order_id, kind="order")
-        yield Notify(self._watch_payment, (order_id,))
-        try:
-            return (yield from pay)
-        except APIStatusError as refused:
-            # The server said no: nothing was paid by this call. A 409 may mean another
-            # caller paid it, whose watch this row may be, so it stays.
-            if not isinstance(refused, ConflictError):
-                yield Notify(self._unwatch, (order_id,))
-            raise
-
-    def _watch_payment(self, order_id: str) -> None:
-        assert self._recovery is not None
-        start = WaitStart(order_id, self._runtime.clock.time(), _DEFAULT_HORIZON)
-        due_at = self._watch_due(start)
-        if self._recovery.watch(order_id, due_at=due_at, replace=False):
-            self._watches.remember(order_id, due_at)
-        # else a wait elsewhere has already set its watch; this process's wait sets its own
-
-    def _watch_due(self, start: WaitStart) -> float:
-        assert self._recovery is not None
-        return start.started_at + start.horizon + self._recovery.policy.watch_margin
-
-    def _unwatch(self, order_id: str) -> None:
-        assert self._recovery is not None
-        self._watches.forget(order_id)
-        self._recovery.unwatch(order_id)
-
-    def _watch_wait(self, start: WaitStart) -> None:
-        assert self._recovery is not None
-        due_at = self._watch_due(start)
-        paid_due = self._watches.forget(start.order_id)
-        if paid_due is not None and 0 <= paid_due - due_at <= self._recovery.policy.watch_margin:
-            # The watch written at pay fires after this wait would give up, and not much
-            # later: it serves as this wait's.
-            return
-        try:
-            self._recovery.watch(start.order_id, due_at=due_at)
-        except Exception:  # the wait goes on; only this process knows the order now
-            log.exception("order %s: could not record its watch", start.order_id)
-
-    def _finish_wait(self, result: WaitResult) -> None:
-        assert self._recovery is not None
-        if result.stalled:  # the caller is told it is queued: a failure must be seen
-            self._recovery.on_finish(result)
-            return
-        try:
-            self._recovery.on_finish(result)
-        except Exception:  # the watch stays and fires later, which is safe
-            log.exception("order %s: could not settle its watch", result.order_id)
+        return flow if self._watcher is None else self._watcher.pay(order_id, flow)
 
     def _wait_for_completion_flow(self, order: str | Order, **options: Any) -> Flow[Order]:
         return wait_flow(self._runtime, _order_id(order), self._options(options))
@@ -320,30 +257,6 @@ class BaseClient(Generic[HttpT, TransportT]):
 
 def _order_id(order: str | Order) -> str:
     return order.id if isinstance(order, Order) else order
-
-
-# What a watch written at pay covers: the default schedule, and the one recommended after
-# paying (no poll at once), whichever runs longer.
-_DEFAULT_HORIZON = WaitOptions(backoff=ExponentialJitter(poll_at_start=False)).horizon()
-
-
-class _PaidWatches:
-    """The due times of the watches this client wrote at pay, so that the wait that
-    usually follows need not write its own. Bounded: the oldest are forgotten first."""
-
-    def __init__(self) -> None:
-        self._due: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, order_id: str, due_at: float) -> None:
-        with self._lock:
-            self._due[order_id] = due_at
-            if len(self._due) > _WATCHED_AT_PAY:
-                self._due.popitem(last=False)
-
-    def forget(self, order_id: str) -> float | None:
-        with self._lock:
-            return self._due.pop(order_id, None)
 
 
 class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):

@@ -38,7 +38,7 @@ import attrs
 
 from foxpoll.backoff import BackoffPolicy, ExponentialJitter
 from foxpoll.models import OrderStatus
-from foxpoll.polling import WaitResult, WaitStart
+from foxpoll.polling import WaitResult
 
 __all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryPolicy", "RecoveryQueue"]
 
@@ -178,11 +178,6 @@ class RecoveryQueue(abc.ABC):
     @abc.abstractmethod
     def unwatch(self, order_id: str) -> bool:
         """Drop a watch that nothing has acted on (the payment it guarded was refused)."""
-
-    def on_start(self, start: WaitStart) -> None:
-        """A wait's ``on_start`` hook: watch the order until a margin past its horizon."""
-        self.watch(start.order_id, due_at=start.started_at + start.horizon
-                   + self.policy.watch_margin)
 
     def on_finish(self, result: WaitResult) -> None:
         """A wait's ``on_finish`` hook: enqueue an order that stalled; settle the watch of
