@@ -229,7 +229,11 @@ class OrderFailed(OrderError):
     """Fulfilment failed; per-item reasons are in ``order.items[i].error``."""
 
     def __init__(self, order: Order) -> None:
-        super().__init__(f"order {order.id} failed", order=order)
+        # The items' own reasons, each once and kept short: the message is logged.
+        reasons = list(dict.fromkeys(i.error for i in order.items if i.error))
+        said = "; ".join(reason[:200] for reason in reasons[:3])
+        super().__init__(f"order {order.id} failed" + (f": {said}" if said else ""),
+                         order=order)
 
 
 class OrderCancelled(OrderError):

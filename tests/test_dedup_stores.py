@@ -151,3 +151,17 @@ class TestAsyncDynamoDBStore(DedupStoreConformance):
         from foxpoll.dedup import AsyncDynamoDBDedupStore
 
         return AsyncDynamoDBDedupStore(dynamodb_table, endpoint_url=moto_url)
+
+
+@pytest.mark.service
+async def test_a_missing_postgres_table_says_to_call_create_schema() -> None:
+    from foxpoll.dedup import AsyncPostgresDedupStore, PostgresDedupStore
+    from foxpoll.errors import StoreUnavailable
+
+    from .services import POSTGRES_URL, require
+
+    require("PostgreSQL", "127.0.0.1", 5432)
+    with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+        PostgresDedupStore(POSTGRES_URL, table="never_created_here").get("o1")
+    with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+        await AsyncPostgresDedupStore(POSTGRES_URL, table="never_created_here").get("o1")

@@ -94,3 +94,17 @@ def test_order_errors_carry_the_order() -> None:
     stalled = errors.OrderStalled("o3", order=None, attempts=40, elapsed=1200.0)
     assert (stalled.attempts, stalled.elapsed, stalled.order) == (40, 1200.0, None)
     assert "never seen" in str(stalled)
+
+
+def test_a_failed_order_s_message_says_why() -> None:
+    from foxpoll.models import Order, parse
+
+    failed = parse({"id": "o3", "status": "failed", "items": [
+        {"itemId": "a", "quantity": 1, "error": "supplier out of stock"},
+        {"itemId": "b", "quantity": 1, "error": "supplier out of stock"},
+        {"itemId": "c", "quantity": 1, "error": "x" * 5000},
+        {"itemId": "d", "quantity": 1}]}, Order)
+    message = str(errors.OrderFailed(failed))
+    assert message.startswith("order o3 failed: supplier out of stock; xxx")
+    assert message.count("supplier out of stock") == 1  # each reason once
+    assert len(message) < 300  # kept short: messages are logged

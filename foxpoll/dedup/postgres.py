@@ -19,6 +19,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("PostgresDedupStore needs psycopg: pip install 'foxpoll[postgres]'") from exc
 
 from foxpoll._effects import arun_flow, run_flow
+from foxpoll.errors import StoreUnavailable
 
 from ._flows import Flow, FlowStore, Query, SQLFlows
 from ._sql import POSTGRES
@@ -37,8 +38,13 @@ class _PostgresStore(FlowStore):
     ) -> None:
         self._sql = POSTGRES.statements(table)
         self._flows = SQLFlows(self._sql)
+        self._table = table
         self._target = conninfo_or_pool
         self._connect_timeout = connect_timeout
+
+    def _missing(self, exc: psycopg.errors.UndefinedTable) -> StoreUnavailable:
+        return StoreUnavailable(f"the delivery table {self._table!r} does not exist: "
+                                "call create_schema() once")
 
 
 class PostgresDedupStore(_PostgresStore, DedupStore):
@@ -64,6 +70,8 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
             else:
                 with self._target.connection(timeout=self._connect_timeout) as conn:
                     yield conn
+        except psycopg.errors.UndefinedTable as exc:
+            raise self._missing(exc) from exc
         except psycopg.OperationalError as exc:  # a pool's PoolTimeout is one too
             raise unavailable("PostgreSQL", exc) from exc
 
@@ -100,6 +108,8 @@ class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
             else:
                 async with self._target.connection(timeout=self._connect_timeout) as conn:
                     yield conn
+        except psycopg.errors.UndefinedTable as exc:
+            raise self._missing(exc) from exc
         except psycopg.OperationalError as exc:
             raise unavailable("PostgreSQL", exc) from exc
 
