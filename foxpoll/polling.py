@@ -220,14 +220,16 @@ class OrderWatch:
     """The state of one wait, fed with each poll's outcome. Pure: no I/O, no clock."""
 
     __slots__ = (
-        "_delays", "_errors", "_last_change", "_options", "_pending_at", "_started", "_warned",
-        "attempts", "first_delay", "last_order", "order_id",
+        "_delays", "_errors", "_last_change", "_max_retry_after", "_options", "_pending_at",
+        "_started", "_warned", "attempts", "first_delay", "last_order", "order_id",
     )
 
     def __init__(
-        self, order_id: str, options: WaitOptions, started: float, rng: random.Random
+        self, order_id: str, options: WaitOptions, started: float, rng: random.Random,
+        *, max_retry_after: float = 60.0,
     ) -> None:
         self.order_id = order_id
+        self._max_retry_after = max_retry_after
         self._options = options
         self._started = started
         self._delays: Iterator[float] = options.backoff.delays(rng)
@@ -304,7 +306,9 @@ class OrderWatch:
 
         delay = next(self._delays)
         if isinstance(outcome, RateLimitError) and outcome.retry_after is not None:
-            delay = max(delay, outcome.retry_after)
+            # A server may ask for days (Retry-After: 999999, or a date years out); no
+            # more than the client's max_retry_after is honoured between two polls.
+            delay = max(delay, min(outcome.retry_after, self._max_retry_after))
         deadline = self.deadline
         if deadline is not None and now + delay >= deadline:
             log.info("order %s: the next poll would pass the deadline", self.order_id)
@@ -400,7 +404,8 @@ def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Ord
     """Poll one order until it finishes; return it, or raise what ended the wait."""
     _api.resource_path("/api/orders/", order_id, kind="order")  # fail fast on a bad id
     yield from options.start_note((order_id,), rt.clock.time())
-    watch = OrderWatch(order_id, options, rt.clock.monotonic(), rt.rng)
+    watch = OrderWatch(order_id, options, rt.clock.monotonic(), rt.rng,
+                       max_retry_after=rt.config.max_retry_after)
     if watch.first_delay > 0:
         yield Sleep(watch.first_delay)
     while True:
@@ -453,7 +458,8 @@ def wait_many_flow(
     order = itertools.count()
     for order_id in dict.fromkeys(order_ids):  # each order once, in the order given
         _api.resource_path("/api/orders/", order_id, kind="order")
-        watch = watches[order_id] = OrderWatch(order_id, options, now, rt.rng)
+        watch = watches[order_id] = OrderWatch(order_id, options, now, rt.rng,
+                                               max_retry_after=rt.config.max_retry_after)
         due.append((now + watch.first_delay, next(order), order_id))
     heapq.heapify(due)
     yield from options.start_note(watches, rt.clock.time())

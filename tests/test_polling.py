@@ -572,3 +572,19 @@ def test_on_poll_is_told_when_the_next_poll_comes(sim: FakeFoxReload, clock: Fak
         client.wait_for_completion(paid_order(client), on_poll=seen.append)
     assert [p.next_poll_in for p in seen[:-1]] == pytest.approx(clock.sleeps)
     assert seen[-1].next_poll_in is None  # the poll that saw it completed ended the wait
+
+
+@pytest.mark.parametrize("retry_after", [999_999, "Wed, 21 Oct 2037 07:28:00 GMT"])
+def test_a_hostile_retry_after_postpones_the_next_poll_by_max_retry_after_at_most(
+    clock: FakeClock, retry_after: Any
+) -> None:
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=30))
+    with sim.client() as client:
+        order = client.orders.create(items=STEAM)
+        client.orders.pay(order.id)
+        sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=retry_after))
+        start = clock.monotonic()
+        assert client.wait_for_completion(order.id).status == "completed"
+    assert clock.monotonic() - start <= 30 + 60 + 40  # completion, one capped pause, a poll
+    gets = [r.at for r in sim.requests if r.method == "GET"]
+    assert gets[1] - gets[0] <= 60 + 1e-6  # the client's max_retry_after, not days
