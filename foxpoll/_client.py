@@ -61,37 +61,8 @@ _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 
 class BaseClient(Generic[HttpT, TransportT]):
-    """Configuration and option handling shared by both clients.
-
-    Args:
-        api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
-        base_url: The API's URL; ``FOXRELOAD_BASE_URL``, else the public API.
-        timeout: Seconds allowed for one HTTP request.
-        max_retries: Retries of a failed request that is safe to resend (never a create
-            that may have reached the server).
-        http_client: Your own :class:`httpx.Client` (or :class:`httpx.AsyncClient` for the
-            async client) for proxies, transports or event hooks; foxpoll does not close it.
-        transport: An httpx transport to send to directly, with no :class:`httpx.Client`
-            around it (so no event hooks, cookies or proxies): the fastest path, such as
-            :class:`foxpoll.transports.AiohttpTransport`. foxpoll closes it. Not together
-            with ``http_client``.
-        default_headers: Extra headers for every request.
-        language: ``X-Language`` (``en``, ``ru``).
-        currency: ``X-Currency`` (``usd``, ``rub``).
-        clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
-        rng: Random source for jitter.
-        max_in_flight: Requests this client sends at once; the others queue in foxpoll,
-            buys first, never inside the HTTP client's pool (where they would time out).
-            The default, 100, is the size of the client's own connection pool; with your
-            ``http_client``, match it to that client's pool.
-        rate_limit: The API key's request budget (:mod:`foxpoll.ratelimit`), shared with
-            every process that uses the key: each request takes a permit first, buys
-            before first polls before later polls, and a 429 pauses every holder.
-        recovery_queue: A :mod:`foxpoll.recovery` queue that keeps paid orders from being
-            lost. ``orders.pay`` records a *watch* before it pays, and every wait records
-            one as it starts: a job that fires if the wait dies with its process. A wait
-            that ends settles its watch; one that stalls enqueues its order for recovery.
-    """
+    """Configuration and option handling shared by both clients; their arguments are
+    documented on ``__init__``."""
 
     _owns_http: bool
     _runtime: Runtime
@@ -114,6 +85,39 @@ class BaseClient(Generic[HttpT, TransportT]):
         rate_limit: BaseRateLimit | None = None,
         max_in_flight: int = _LIMITS.max_connections or 100,
     ) -> None:
+        """A client for one API key.
+
+        Args:
+            api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
+            base_url: The API's scheme and host, such as ``https://public-api.foxreload.com``
+            (without ``/api``: the paths carry it); ``FOXRELOAD_BASE_URL``, else the
+            public API.
+            timeout: Seconds allowed for one HTTP request.
+            max_retries: Retries of a failed request that is safe to resend (never a create
+                that may have reached the server).
+            http_client: Your own :class:`httpx.Client` (or :class:`httpx.AsyncClient` for the
+                async client) for proxies, transports or event hooks; foxpoll does not close it.
+            transport: An httpx transport to send to directly, with no :class:`httpx.Client`
+                around it (so no event hooks, cookies or proxies): the fastest path, such as
+                :class:`foxpoll.transports.AiohttpTransport`. foxpoll closes it. Not together
+                with ``http_client``.
+            default_headers: Extra headers for every request.
+            language: ``X-Language`` (``en``, ``ru``).
+            currency: ``X-Currency`` (``usd``, ``rub``).
+            clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
+            rng: Random source for jitter.
+            max_in_flight: Requests this client sends at once; the others queue in foxpoll,
+                buys first, never inside the HTTP client's pool (where they would time out).
+                The default, 100, is the size of the client's own connection pool; with your
+                ``http_client``, match it to that client's pool.
+            rate_limit: The API key's request budget (:mod:`foxpoll.ratelimit`), shared with
+                every process that uses the key: each request takes a permit first, buys
+                before first polls before later polls, and a 429 pauses every holder.
+            recovery_queue: A :mod:`foxpoll.recovery` queue that keeps paid orders from being
+                lost. ``orders.pay`` records a *watch* before it pays, and every wait records
+                one as it starts: a job that fires if the wait dies with its process. A wait
+                that ends settles its watch; one that stalls enqueues its order for recovery.
+        """
         self._gate = self._make_gate(max_in_flight)
         config = make_config(
             api_key=api_key,
@@ -260,7 +264,18 @@ def _order_id(order: str | Order) -> str:
 
 
 class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
-    """The FoxReload API, with blocking I/O; the arguments are :class:`BaseClient`'s."""
+    """The FoxReload API, with blocking I/O. Its arguments are on ``__init__``.
+
+    ::
+
+        with FoxReload() as client:               # FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL
+            order = client.orders.create(items=[{"itemId": "product_...", "quantity": 1}])
+
+    Attributes:
+        orders: Create, pay, read and list orders (:class:`foxpoll._resources.Orders`).
+        products: The catalog: list, search, get.
+        categories: The catalog's categories.
+    """
 
     orders: Orders
     products: Products
@@ -398,7 +413,14 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
 
 
 class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
-    """The FoxReload API on asyncio; the arguments are :class:`BaseClient`'s."""
+    """The FoxReload API on asyncio: :class:`FoxReload` with ``await``. Its arguments are
+    on ``__init__``.
+
+    Attributes:
+        orders: Create, pay, read and list orders.
+        products: The catalog: list, search, get.
+        categories: The catalog's categories.
+    """
 
     orders: AsyncOrders
     products: AsyncProducts

@@ -146,6 +146,10 @@ def make_config(
     url = httpx.URL(base_url or os.environ.get("FOXRELOAD_BASE_URL") or DEFAULT_BASE_URL)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError("base_url must be an absolute http(s) URL, such as https://host")
+    if url.path.rstrip("/").endswith("/api"):
+        raise ValueError(f"base_url ends in /api ({url.path}): give the scheme and host "
+                         "only, such as https://public-api.foxreload.com; the request paths "
+                         "start with /api")
     if timeout <= 0:
         raise ValueError("timeout must be positive")
     if max_retries < 0:

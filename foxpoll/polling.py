@@ -439,9 +439,9 @@ def wait_many_flow(
     Every poll takes a permit from the client's rate limit (first polls before later
     ones), so a 429 pauses them all. Without one, ``max_requests_per_minute`` gives this
     call its own :class:`~foxpoll.ratelimit.RateLimit`; with neither, polls are not
-    metered, but a 429 still pauses them all. Each poll is a single request (no inner
-    retries), so the budget counts requests exactly; a failed poll is retried on the
-    order's schedule, within its error budget.
+    metered, but a 429 still pauses them all. A poll retries a transient failure
+    within itself, as :func:`wait_flow`'s do (each attempt takes its own permit); a
+    poll that still fails counts against the order's error budget.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
@@ -451,7 +451,7 @@ def wait_many_flow(
                          "a second budget; leave it out")
     if limit is None:
         limit = RateLimit(max_requests_per_minute or UNMETERED, clock=rt.clock.monotonic)
-    single = attrs.evolve(rt, config=attrs.evolve(rt.config, max_retries=0), limit=limit)
+    metered = attrs.evolve(rt, limit=limit)
     now = rt.clock.monotonic()
     watches: dict[str, OrderWatch] = {}
     due: list[tuple[float, int, str]] = []
@@ -469,7 +469,7 @@ def wait_many_flow(
         while due and due[0][0] <= now and in_flight < max_in_flight:
             _, _, order_id = heapq.heappop(due)
             watch = watches[order_id]
-            flow = _api.get_order(single, order_id, deadline=watch.deadline,
+            flow = _api.get_order(metered, order_id, deadline=watch.deadline,
                                   priority=watch.priority)
             yield Start(order_id, flow)
             in_flight += 1

@@ -26,7 +26,7 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 def run_mixed_waits(sim: FakeFoxReload, hooks: dict[str, Any]) -> None:
     sim.script_next(OrderScript.complete(after=30), OrderScript.complete(after=90),
                     OrderScript.fail(after=10), OrderScript.cancel(after=5), OrderScript.stall())
-    with sim.client() as client:
+    with sim.client(max_retries=0) as client:  # each failed request is a failed poll
         ids = []
         for _ in range(5):
             order = client.orders.create(items=STEAM)

@@ -6,6 +6,7 @@ import asyncio
 import random
 from typing import Any
 
+import attrs
 import pytest
 
 from foxpoll import (
@@ -588,3 +589,24 @@ def test_a_hostile_retry_after_postpones_the_next_poll_by_max_retry_after_at_mos
     assert clock.monotonic() - start <= 30 + 60 + 40  # completion, one capped pause, a poll
     gets = [r.at for r in sim.requests if r.method == "GET"]
     assert gets[1] - gets[0] <= 60 + 1e-6  # the client's max_retry_after, not days
+
+
+def test_wait_many_and_wait_for_completion_retry_a_failed_poll_alike(clock: FakeClock) -> None:
+    def first_gets(many: bool) -> list[float]:
+        sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=60))
+        with sim.client() as client:
+            order = client.orders.create(items=STEAM)
+            client.orders.pay(order.id)
+            sim.inject(Fault(FaultKind.SERVER_ERROR, method="GET", times=2))
+            start = clock.monotonic()
+            client = client.with_options()
+            client._runtime = attrs.evolve(client._runtime, rng=random.Random(3))
+            if many:
+                assert all(r.ok for r in client.wait_many([order.id]))
+            else:
+                client.wait_for_completion(order.id)
+        return [round(r.at - start, 6) for r in sim.requests if r.method == "GET"][:4]
+
+    # The same flaky first poll: retried inside the poll, after the same short backoffs.
+    assert first_gets(many=True) == first_gets(many=False)
+    assert first_gets(many=True)[2] < 5  # not a whole schedule step later

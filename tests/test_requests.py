@@ -318,3 +318,21 @@ def test_with_options_changes_key_and_base_url_for_the_copy_only() -> None:
             client.orders.get("abc")
     assert [c.request.headers["X-API-Key"] for c in old.calls] == ["key-one", "key-one"]
     assert new.calls.last.request.headers["X-API-Key"] == "key-two"
+
+
+@pytest.mark.parametrize("url", ["https://api.test/api", "https://api.test/api/",
+                                 "https://proxy.test/foxreload/api"])
+def test_a_base_url_with_the_api_path_is_refused_with_a_hint(url: str) -> None:
+    with pytest.raises(ValueError, match="scheme and host only"):
+        FoxReload("key", base_url=url)
+
+
+def test_help_shows_the_arguments_and_the_resources() -> None:
+    import pydoc
+
+    for cls in (FoxReload, AsyncFoxReload):
+        text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+        assert "Initialize self" not in text
+        for name in ("api_key", "base_url", "without ``/api``", "rate_limit",
+                     "recovery_queue", "max_in_flight", "orders", "products", "categories"):
+            assert name in text, (cls.__name__, name)
