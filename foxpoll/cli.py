@@ -11,7 +11,9 @@
     foxpoll simulate --port 8080          serve the simulator over HTTP
     foxpoll --version
 
-Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
+Errors print one line and exit non-zero; ``--debug`` shows the traceback instead. Exit
+codes: 0 done, 1 an error, 2 a usage error, 3 the order failed or was cancelled, 4 the
+wait stalled (the order may still complete), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,14 +26,25 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._version import __version__
-from .errors import FoxPollError
+from .errors import FoxPollError, OrderStalled
 
 __all__ = ["main"]
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  1    an error (API, network, store, configuration)
+  2    a usage error (bad arguments)
+  3    the order failed or was cancelled
+  4    the wait stalled: the order may still complete (re-check it, or let recovery)
+  130  interrupted"""
+EXIT_FAILED, EXIT_STALLED = 3, 4
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="foxpoll", description="Buy from FoxReload and deliver codes exactly once.")
+        prog="foxpoll", description="Buy from FoxReload and deliver codes exactly once.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"foxpoll {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,9 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--rate-limit-store", metavar="URL", default=argparse.SUPPRESS,
                         help="share the budget with your other processes: sqlite:///PATH "
                              "(one host) or redis://... (a fleet)")
-    orders = commands.add_parser("orders", parents=[budget],
-                                 help="orders on the real API").add_subparsers(
-        dest="action", required=True)
+    orders = commands.add_parser(
+        "orders", parents=[budget], help="orders on the real API",
+        description="Orders on the real API. The key is read from FOXRELOAD_API_KEY and "
+                    "the API's address (scheme and host) from FOXRELOAD_BASE_URL.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).add_subparsers(dest="action", required=True)
     for name, text in (("get", "show an order"), ("pay", "pay an order from the balance"),
                        ("wait", "wait until an order finishes")):
         sub = orders.add_parser(name, help=text, parents=[budget])
@@ -63,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "wait":
             sub.add_argument("--timeout", type=float, help="seconds to wait at most")
     create = orders.add_parser("create", help="create an order", parents=[budget])
-    create.add_argument("--item", action="append", required=True, metavar="ID[:QTY]")
+    create.add_argument("--item", action="append", required=True, metavar="ID[:QTY]",
+                        help="a product id (see the catalog: client.products.list()) and "
+                             "its quantity, 1 when omitted; repeat for more items (1-10)")
     create.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
                         help="product note fields (for every item)")
     create.add_argument("--mock", action="store_true", help="a test order")
@@ -158,11 +176,18 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
                 status = attempt.order.status.value if attempt.order else attempt.outcome
                 print(f"  poll {attempt.attempt}: {status} ({attempt.elapsed:.0f}s)",
                       file=sys.stderr)
+                if attempt.attempt == 1 and status == "active":
+                    print(f"  order {args.order_id} is not paid yet: it will stay active "
+                          f"(foxpoll orders pay {args.order_id})", file=sys.stderr)
 
-            order = client.wait_for_completion(args.order_id, timeout=args.timeout,
-                                               on_poll=progress, raise_on_failure=False)
+            try:
+                order = client.wait_for_completion(args.order_id, timeout=args.timeout,
+                                                   on_poll=progress, raise_on_failure=False)
+            except OrderStalled as stalled:
+                print(f"foxpoll: the wait stalled: {stalled}", file=sys.stderr)
+                return EXIT_STALLED
     _print_order(order, out, as_json=args.json, show_codes=args.show_codes)
-    return 0 if order.status.value in ("completed", "active", "paid", "processing") else 2
+    return EXIT_FAILED if order.status.value in ("failed", "cancelled") else 0
 
 
 def _rate_limit(args: argparse.Namespace) -> Any:

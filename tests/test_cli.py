@@ -190,14 +190,40 @@ def test_orders_with_a_bad_key_fail_in_one_line(
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_failed_order_exits_non_zero(api: FakeFoxReload) -> None:
+def test_a_failed_order_exits_3_not_argparse_s_2(api: FakeFoxReload) -> None:
     api.script_next(OrderScript.fail(after=0.2))
     _, created = run("orders", "create", "--item", "product_steam_10")
     order_id = created.split()[1].rstrip(":")
     run("orders", "pay", order_id)
     code, waited = run("orders", "wait", order_id)
-    assert code == 2
+    assert code == 3
     assert "failed" in waited
+
+
+def test_waiting_on_an_unpaid_order_says_so_and_a_stall_exits_4(
+    api: FakeFoxReload, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, created = run("orders", "create", "--item", "product_steam_10")
+    order_id = created.split()[1].rstrip(":")
+    code, _ = run("orders", "wait", order_id, "--timeout", "1")
+    assert code == 4
+    err = capsys.readouterr().err
+    assert f"is not paid yet: it will stay active (foxpoll orders pay {order_id})" in err
+    assert "stalled" in err
+
+
+def test_help_names_the_environment_the_item_format_and_the_exit_codes(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (["orders", "--help"], ["orders", "create", "--help"], ["--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    shown = capsys.readouterr().out
+    assert "FOXRELOAD_API_KEY" in shown
+    assert "FOXRELOAD_BASE_URL" in shown
+    assert "products.list()" in shown
+    assert "3    the order failed or was cancelled" in shown
+    assert "2    a usage error" in shown
 
 
 def test_bad_item_spec_is_a_clear_error(api: FakeFoxReload,
