@@ -52,6 +52,8 @@ log = logging.getLogger("foxpoll.polling")
 
 DEFAULT_BACKOFF = ExponentialJitter()
 UNMETERED = 6_000_000.0  # requests a minute: a budget that only ever pauses, on a 429
+LAST_POLL_GUARD = 1.0  # seconds before a deadline the last poll goes, for its request
+_MIN_WAIT = 1e-3
 
 
 @attrs.frozen
@@ -220,8 +222,9 @@ class OrderWatch:
     """The state of one wait, fed with each poll's outcome. Pure: no I/O, no clock."""
 
     __slots__ = (
-        "_delays", "_errors", "_last_change", "_max_retry_after", "_options", "_pending_at",
-        "_started", "_warned", "attempts", "first_delay", "last_order", "order_id",
+        "_delays", "_errors", "_final", "_last_change", "_max_retry_after", "_options",
+        "_pending_at", "_started", "_warned", "attempts", "first_delay", "last_order",
+        "order_id",
     )
 
     def __init__(
@@ -239,6 +242,7 @@ class OrderWatch:
         self._last_change = started
         self._pending_at: float | None = None  # elapsed at the last poll that saw it pending
         self._warned = False
+        self._final = False  # the last poll before the deadline is scheduled
         self.first_delay = 0.0
         if not getattr(options.backoff, "polls_immediately", True):
             self.first_delay = next(self._delays)
@@ -311,8 +315,14 @@ class OrderWatch:
             delay = max(delay, min(outcome.retry_after, self._max_retry_after))
         deadline = self.deadline
         if deadline is not None and now + delay >= deadline:
-            log.info("order %s: the next poll would pass the deadline", self.order_id)
-            return self._stall(notes, elapsed, outcome)
+            # The schedule's next poll comes too late: poll once more just before the
+            # deadline instead, rather than give up a whole step early.
+            last = deadline - now - min(LAST_POLL_GUARD, (deadline - now) / 2)
+            if self._final or last <= _MIN_WAIT:
+                log.info("order %s: the deadline has come", self.order_id)
+                return self._stall(notes, elapsed, outcome)
+            self._final = True
+            delay = last
         if opts.on_poll is not None:  # now that it is known, tell on_poll the next wait too
             notes[0] = Notify(opts.on_poll, (attrs.evolve(attempt, next_poll_in=delay),))
         return Decision(tuple(notes), delay=delay)

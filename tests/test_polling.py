@@ -610,3 +610,30 @@ def test_wait_many_and_wait_for_completion_retry_a_failed_poll_alike(clock: Fake
     # The same flaky first poll: retried inside the poll, after the same short backoffs.
     assert first_gets(many=True) == first_gets(many=False)
     assert first_gets(many=True)[2] < 5  # not a whole schedule step later
+
+
+def test_the_last_poll_lands_just_before_the_deadline(clock: FakeClock) -> None:
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=10.5))
+    with sim.client() as client:
+        order = client.orders.create(items=STEAM)
+        client.orders.pay(order.id)
+        start = clock.monotonic()
+        # polls at 0 and ~5-6.5 s; the schedule's next (13 s or more) is past 12 s
+        assert client.wait_for_completion(order.id, timeout=12).status == "completed"
+    gets = [r.at - start for r in sim.requests if r.method == "GET"]
+    assert 10.5 <= gets[-1] < 12
+
+
+async def test_wait_many_s_last_poll_lands_just_before_the_deadline_too(
+    clock: FakeClock
+) -> None:
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.stall())
+    async with sim.async_client() as client:
+        order = await client.orders.create(items=STEAM)
+        await client.orders.pay(order.id)
+        start = clock.monotonic()
+        [result] = [r async for r in client.wait_many([order.id], timeout=40)]
+    assert result.stalled
+    gets = [r.at - start for r in sim.requests if r.method == "GET"]
+    assert 38 <= gets[-1] < 40  # not a whole backoff step (up to 39 s) before it
+    assert 38 <= result.elapsed <= 40
