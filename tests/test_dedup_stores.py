@@ -165,3 +165,36 @@ async def test_a_missing_postgres_table_says_to_call_create_schema() -> None:
         PostgresDedupStore(POSTGRES_URL, table="never_created_here").get("o1")
     with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
         await AsyncPostgresDedupStore(POSTGRES_URL, table="never_created_here").get("o1")
+
+
+@pytest.mark.service
+async def test_a_connection_string_gives_the_store_one_lazy_pool_of_its_own() -> None:
+    import uuid
+
+    from foxpoll import Order, OrderStatus, adeliver_once, deliver_once
+    from foxpoll.dedup import AsyncPostgresDedupStore, PostgresDedupStore
+    from foxpoll.models import OrderItem
+
+    from .services import POSTGRES_URL, require
+
+    require("PostgreSQL", "127.0.0.1", 5432)
+    table = f"deliveries_{uuid.uuid4().hex[:8]}"
+
+    def order() -> Order:
+        return Order(id=str(uuid.uuid4()), status=OrderStatus.COMPLETED,
+                     items=(OrderItem("p", 1, external_data=("CODE",)),))
+
+    with PostgresDedupStore(POSTGRES_URL, table=table) as store:
+        assert store._pool.closed  # nothing is opened before the first call
+        store.create_schema()
+        for _ in range(30):
+            assert deliver_once(order(), lambda o: None, store).delivered
+        assert store._pool.get_stats()["connections_num"] == 1  # reused, not one per call
+    assert store._pool.closed
+    async with AsyncPostgresDedupStore(POSTGRES_URL, table=table) as astore:
+        for _ in range(30):
+            assert (await adeliver_once(order(), lambda o: None, astore)).delivered
+        assert astore._pool.get_stats()["connections_num"] == 1
+    assert astore._pool.closed
+    with PostgresDedupStore(POSTGRES_URL) as cleanup, cleanup._connection() as conn:
+        conn.execute(f"DROP TABLE {table}")
