@@ -37,6 +37,7 @@ __all__ = ["Runtime"]
 T = TypeVar("T")
 
 MAX_ITEMS_PER_ORDER = 10
+MAX_QUANTITY = 1_000_000  # far above any product's orderMaxQuantity; a guard against typos
 MAX_ID_LENGTH = 256
 
 
@@ -114,8 +115,8 @@ def order_item_request(item: OrderItemRequest | Mapping[str, Any]) -> OrderItemR
         raise ValueError("an order item needs a non-empty itemId")
     if isinstance(result.quantity, bool) or not isinstance(result.quantity, int):
         raise TypeError("quantity must be an int")
-    if result.quantity < 1:
-        raise ValueError("quantity must be at least 1")
+    if not 1 <= result.quantity <= MAX_QUANTITY:
+        raise ValueError(f"quantity must be between 1 and {MAX_QUANTITY}")
     if result.note is not None and not isinstance(result.note, Mapping):
         raise TypeError("note must be a dict of the product's required note fields")
     return result
@@ -146,7 +147,10 @@ def create_order_body(
 
 
 def _json_number(value: Decimal | float | int | str) -> float | int:
-    number = Decimal(str(value))
+    try:
+        number = Decimal(str(value))
+    except ArithmeticError:  # decimal.InvalidOperation: "abc", "1,5"
+        raise ValueError("total_price must be a number, such as 10.5 or '10.50'") from None
     if not number.is_finite() or number < 0:
         raise ValueError("total_price must be a finite, non-negative number")
     return int(number) if number == number.to_integral_value() else float(number)

@@ -17,7 +17,13 @@ import httpx
 from . import _api
 from ._api import Runtime
 from ._clock import Clock, SystemClock
-from ._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, make_config
+from ._core import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    check_retries,
+    check_timeout,
+    make_config,
+)
 from ._effects import (
     AsyncSender,
     AsyncTransportSender,
@@ -207,15 +213,11 @@ class BaseClient(Generic[HttpT, TransportT]):
                 api_key=config.api_key, base_url=base_url, timeout=1.0, max_retries=0
             ).base_url
         if timeout is not None:
-            if timeout <= 0:
-                raise ValueError("timeout must be positive")
-            changes["timeout"] = timeout
+            changes["timeout"] = check_timeout(timeout)
         if max_retries is not None:
-            if max_retries < 0:
-                raise ValueError("max_retries must be zero or more")
-            changes["max_retries"] = max_retries
+            changes["max_retries"] = check_retries(max_retries)
         if max_retry_after is not None:
-            changes["max_retry_after"] = max_retry_after
+            changes["max_retry_after"] = check_timeout(max_retry_after, "max_retry_after")
         clone = object.__new__(type(self))
         clone._runtime = attrs.evolve(self._runtime, config=attrs.evolve(config, **changes))
         clone._http = self._http
@@ -252,7 +254,7 @@ class BaseClient(Generic[HttpT, TransportT]):
     ) -> Flow[None]:
         return wait_many_flow(
             self._runtime,
-            (_order_id(order) for order in orders),
+            _order_ids(orders),
             self._options(options),
             max_requests_per_minute=max_requests_per_minute,
             max_in_flight=max_in_flight,
@@ -261,6 +263,13 @@ class BaseClient(Generic[HttpT, TransportT]):
 
 def _order_id(order: str | Order) -> str:
     return order.id if isinstance(order, Order) else order
+
+
+def _order_ids(orders: Iterable[str | Order]) -> Iterator[str]:
+    if isinstance(orders, (str, bytes, Order)):  # one order, which would iterate by letter
+        raise TypeError("wait_many takes a list of orders or order ids, not a single one; "
+                        "wrap it in a list, or use wait_for_completion")
+    return (_order_id(order) for order in orders)
 
 
 class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):

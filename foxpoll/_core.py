@@ -137,12 +137,20 @@ def make_config(
 ) -> ClientConfig:
     """Resolve arguments and the ``FOXRELOAD_*`` environment into a :class:`ClientConfig`."""
     key = api_key if api_key is not None else os.environ.get("FOXRELOAD_API_KEY")
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"api_key must be a str, not {type(key).__name__}")
     if not key:
         raise ValueError(
             "no API key: pass api_key=... or set the FOXRELOAD_API_KEY environment variable"
         )
+    # Checked here, never quoted: a key httpx refuses would otherwise surface, key and
+    # all, in a LocalProtocolError from deep inside the send.
     if any(ch in key for ch in "\r\n\x00"):
         raise ValueError("the API key contains a line break or NUL; check how it was loaded")
+    if key != key.strip():
+        raise ValueError("the API key starts or ends with whitespace; check how it was loaded")
+    if not key.isascii() or not key.isprintable():
+        raise ValueError("the API key must be printable ASCII; check how it was loaded")
     url = httpx.URL(base_url or os.environ.get("FOXRELOAD_BASE_URL") or DEFAULT_BASE_URL)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError("base_url must be an absolute http(s) URL, such as https://host")
@@ -150,10 +158,8 @@ def make_config(
         raise ValueError(f"base_url ends in /api ({url.path}): give the scheme and host "
                          "only, such as https://public-api.foxreload.com; the request paths "
                          "start with /api")
-    if timeout <= 0:
-        raise ValueError("timeout must be positive")
-    if max_retries < 0:
-        raise ValueError("max_retries must be zero or more")
+    check_timeout(timeout)
+    check_retries(max_retries)
     extra = dict(headers or {})
     if language is not None:
         extra["X-Language"] = language
@@ -162,6 +168,21 @@ def make_config(
     return ClientConfig(
         api_key=key, base_url=url, timeout=timeout, max_retries=max_retries, headers=extra
     )
+
+
+def check_timeout(timeout: float, what: str = "timeout") -> float:
+    """``timeout``, if it is a finite number of seconds above zero."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout < math.inf):
+        raise ValueError(f"{what} must be a finite number of seconds above zero")
+    return timeout
+
+
+def check_retries(max_retries: int) -> int:
+    """``max_retries``, if it is a whole number, zero or more."""
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError("max_retries must be a whole number, zero or more")
+    return max_retries
 
 
 class RetryMode(enum.Enum):

@@ -178,8 +178,8 @@ class WaitOptions:
     def __attrs_post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError("timeout must be positive")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:
+            raise ValueError("timeout must be a finite number of seconds above zero")
         if self.stall_after is not None and not self.stall_after > 0:
             raise ValueError("stall_after must be positive")
         if not isinstance(self.backoff, BackoffPolicy):

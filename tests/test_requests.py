@@ -336,3 +336,45 @@ def test_help_shows_the_arguments_and_the_resources() -> None:
         for name in ("api_key", "base_url", "without ``/api``", "rate_limit",
                      "recovery_queue", "max_in_flight", "orders", "products", "categories"):
             assert name in text, (cls.__name__, name)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"api_key": 123}, TypeError, "api_key must be a str"),
+    ({"api_key": "MY-REAL-KEY-42 "}, ValueError, "whitespace"),
+    ({"api_key": "kéy"}, ValueError, "printable ASCII"),
+    ({"timeout": float("nan")}, ValueError, "timeout"),
+    ({"timeout": float("inf")}, ValueError, "timeout"),
+    ({"max_retries": float("inf")}, ValueError, "max_retries"),
+    ({"max_retries": 1.5}, ValueError, "max_retries"),
+])
+def test_bad_client_settings_are_refused_without_quoting_the_key(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match) as info:
+        FoxReload(**{"api_key": "key", "base_url": "https://api.test", **kwargs})
+    assert "MY-REAL-KEY" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_retry_after": -1}, {"timeout": float("nan")},
+                                    {"max_retries": -2}])
+def test_with_options_checks_as_the_constructor_does(kwargs: dict[str, Any]) -> None:
+    [name] = kwargs
+    with FoxReload("key", base_url="https://api.test") as client, \
+            pytest.raises(ValueError, match=name):
+        client.with_options(**kwargs)
+
+
+def test_odd_order_arguments_are_clear_errors() -> None:
+    from foxpoll.testing import FakeFoxReload
+
+    sim = FakeFoxReload()
+    with sim.client() as client:
+        with pytest.raises(ValueError, match="total_price must be a number"):
+            client.orders.create(items=[{"itemId": "p"}], total_price="abc")
+        with pytest.raises(ValueError, match="quantity"):
+            client.orders.create(items=[{"itemId": "p", "quantity": 10**30}])
+        with pytest.raises(TypeError, match="not a single one"):
+            list(client.wait_many("0b7c5f3e"))
+        with pytest.raises(ValueError, match="timeout"):
+            client.wait_for_completion("o1", timeout=float("inf"))
+    assert sim.count() == 0  # nothing was sent
