@@ -25,8 +25,10 @@ from ._core import (
     make_config,
 )
 from ._effects import (
+    AsyncClientSender,
     AsyncSender,
     AsyncTransportSender,
+    ClientSender,
     Flow,
     Sender,
     TransportSender,
@@ -144,18 +146,19 @@ class BaseClient(Generic[HttpT, TransportT]):
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
         self._owns_http = http_client is None
-        if http_client is not None:
-            self._http: Any = http_client
-        elif transport is not None:
-            self._http = self._direct_sender(transport)
+        if transport is not None:
+            self._http: Any = self._direct_sender(transport)
         else:
-            self._http = self._default_http_client()
+            self._http = self._client_sender(http_client or self._default_http_client())
         self._bind_resources()
 
     def _default_http_client(self) -> HttpT:
         raise NotImplementedError
 
     def _make_gate(self, size: int) -> Any:
+        raise NotImplementedError
+
+    def _client_sender(self, client: HttpT) -> Any:
         raise NotImplementedError
 
     def _direct_sender(self, transport: TransportT) -> Any:
@@ -228,7 +231,11 @@ class BaseClient(Generic[HttpT, TransportT]):
         return clone
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={str(self.base_url)!r}, api_key='<redacted>')"
+        url = str(self.base_url)
+        userinfo = self.base_url.userinfo.decode("ascii", "replace")
+        if userinfo:  # a password in the URL is as secret as the key
+            url = url.replace(userinfo + "@", "<redacted>@", 1)
+        return f"{type(self).__name__}(base_url={url!r}, api_key='<redacted>')"
 
     def _options(self, options: dict[str, Any]) -> WaitOptions:
         if self._watcher is not None:
@@ -298,6 +305,9 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
 
     def _make_gate(self, size: int) -> Gate:
         return Gate(size)
+
+    def _client_sender(self, client: httpx.Client) -> Sender:
+        return ClientSender(client)
 
     def _direct_sender(self, transport: httpx.BaseTransport) -> Sender:
         return TransportSender(transport)
@@ -443,6 +453,9 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
 
     def _make_gate(self, size: int) -> AsyncGate:
         return AsyncGate(size)
+
+    def _client_sender(self, client: httpx.AsyncClient) -> AsyncSender:
+        return AsyncClientSender(client)
 
     def _direct_sender(self, transport: httpx.AsyncBaseTransport) -> AsyncSender:
         return AsyncTransportSender(transport)

@@ -69,6 +69,33 @@ class AsyncSender(Protocol):
     async def aclose(self) -> None: ...
 
 
+class ClientSender:
+    """Sends with an :class:`httpx.Client`, never following a redirect, whatever the
+    client's own setting: httpx would carry ``X-API-Key`` to another host."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+
+    def send(self, request: httpx.Request) -> httpx.Response:
+        return self.client.send(request, follow_redirects=False)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncClientSender:
+    """:class:`ClientSender` for an :class:`httpx.AsyncClient`."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        return await self.client.send(request, follow_redirects=False)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
 class TransportSender:
     """Sends straight to an httpx transport, without an :class:`httpx.Client` around it."""
 

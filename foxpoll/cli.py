@@ -236,9 +236,11 @@ def _pair(text: str) -> tuple[str, str]:
 def _print_order(order: Any, out: TextIO, *, as_json: bool, show_codes: bool) -> None:
     if as_json:
         data = dict(order.raw)
-        if not show_codes:
-            data["items"] = [{**i, "externalData": "<redacted>" if i.get("externalData")
-                              else i.get("externalData")} for i in data.get("items", [])]
+        if not show_codes:  # codes and notes (player ids, phone numbers) are secrets
+            data["items"] = [
+                {**i, **{key: "<redacted: --show-codes>" for key in ("externalData", "note")
+                         if i.get(key)}}
+                for i in data.get("items", []) if isinstance(i, dict)]
         print(json.dumps(data, indent=2, default=str), file=out)
         return
     print(f"order {order.id}: {order.status}", file=out)

@@ -115,7 +115,8 @@ class APIResponseValidationError(APIError):
 
 
 class APIStatusError(APIError):
-    """The API answered with a 4xx or 5xx status.
+    """The API answered with an error status: 4xx, 5xx, or a redirect (3xx), which foxpoll
+    never follows, so that the API key never goes to another address.
 
     Attributes:
         status_code: The HTTP status.
@@ -139,6 +140,10 @@ class APIStatusError(APIError):
             message += f" [{self.code}]"
         if self.detail:
             message += f": {self.detail}"
+        if 300 <= response.status_code < 400:
+            target = httpx.URL(response.headers.get("location", "")).host or "elsewhere"
+            message += (f": redirected to {target}; foxpoll follows no redirect (the API "
+                        "key would go along): set base_url to the API's own address")
         super().__init__(message, request=request)
 
 

@@ -77,4 +77,4 @@ def test_clients_take_their_own_kind_of_http_client() -> None:
     }
     assert all(p.default is None and p.kind is p.KEYWORD_ONLY for p in hints.values())
     with httpx.Client() as http:
-        assert foxpoll.FoxReload("k", http_client=http)._http is http
+        assert foxpoll.FoxReload("k", http_client=http)._http.client is http

@@ -52,3 +52,41 @@ def test_nothing_secret_in_logs_errors_or_reprs(
         assert "PLAYER-99" not in text
         for code in codes:
             assert code not in text
+
+
+def test_a_password_in_the_base_url_is_redacted_from_the_repr() -> None:
+    from foxpoll import AsyncFoxReload, FoxReload
+
+    for cls in (FoxReload, AsyncFoxReload):
+        shown = repr(cls("key", base_url="https://proxy-user:hunter2@proxy.test/x"))
+        assert "hunter2" not in shown
+        assert "proxy-user" not in shown
+        assert "https://<redacted>@proxy.test/x" in shown
+
+
+def test_orders_json_hides_notes_and_codes_unless_asked(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import json
+
+    from foxpoll import SystemClock
+    from foxpoll.cli import main
+    from foxpoll.testing import OrderScript, SimulatorServer
+
+    sim = FakeFoxReload(clock=SystemClock(), default_script=OrderScript.complete(after=0))
+    with SimulatorServer(sim) as server:
+        monkeypatch.setenv("FOXRELOAD_API_KEY", sim.api_key)
+        monkeypatch.setenv("FOXRELOAD_BASE_URL", server.url)
+        with sim.client() as client:
+            order = client.orders.create(items=[{"itemId": "product_pubg_660",
+                                                 "note": {"player_id": "5123987"}}])
+            client.orders.pay(order.id)
+        out = io.StringIO()
+        assert main(["orders", "get", order.id, "--json"], out=out) == 0
+        assert "5123987" not in out.getvalue()
+        item = json.loads(out.getvalue())["items"][0]
+        assert item["note"] == item["externalData"] == "<redacted: --show-codes>"
+        out = io.StringIO()
+        main(["orders", "get", order.id, "--json", "--show-codes"], out=out)
+        assert "5123987" in out.getvalue()
