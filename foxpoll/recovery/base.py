@@ -43,11 +43,10 @@ from foxpoll.polling import WaitResult
 __all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryPolicy", "RecoveryQueue"]
 
 DEFAULT_RECOVERY_BACKOFF = ExponentialJitter(base=30.0, factor=2.0, cap=3600.0, jitter=0.3)
-WATCH = "watch"
-DELIVERY = "delivery"
+DELIVERY = "delivery"  # the reason of a watch whose wait saw the order completed
 
 
-def _positive_or_none(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+def _non_negative_or_none(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
     if value is not None and not 0 <= value < float("inf"):
         raise ValueError(f"{attribute.name} must be a finite number >= 0, not {value!r}")
 
@@ -73,8 +72,8 @@ class RecoveryPolicy:
 
     max_attempts: int = 8
     backoff: BackoffPolicy = attrs.field(default=DEFAULT_RECOVERY_BACKOFF)
-    watch_margin: float = attrs.field(default=120.0, validator=_positive_or_none)
-    delivery_grace: float | None = attrs.field(default=300.0, validator=_positive_or_none)
+    watch_margin: float = attrs.field(default=120.0, validator=_non_negative_or_none)
+    delivery_grace: float | None = attrs.field(default=300.0, validator=_non_negative_or_none)
 
     def __attrs_post_init__(self) -> None:
         if self.max_attempts < 1:
