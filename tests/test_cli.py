@@ -175,7 +175,7 @@ def test_orders_create_pay_wait_get(api: FakeFoxReload) -> None:
     assert len(codes) == 2
     assert all('"code"' in c and '"pin"' in c for c in codes)
     code, as_json = run("orders", "get", order_id, "--json")
-    assert '"externalData": "<redacted>"' in as_json
+    assert '"externalData": "<redacted: --show-codes>"' in as_json
 
 
 def test_orders_with_a_bad_key_fail_in_one_line(
