@@ -336,6 +336,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
         on_start: Callable[[WaitStart], Any] | None = None,
+        require_codes: int | None = None,
     ) -> Order:
         """Poll an order until it is completed, failed or cancelled.
 
@@ -360,6 +361,10 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
                 tolerated before the order counts as stalled; ``max_attempts`` if None.
             on_start: Called once with a :class:`WaitStart` before the first poll
                 (recovery queues record their watch here).
+            require_codes: A completed order with no codes is a top-up credited to its
+                note (a player id), or a supplier whose codes are late. None (the
+                default) returns it, with a warning; a number polls it that many more
+                times for its codes, then raises :class:`CodesMissing`.
 
         Returns:
             The completed order (or, with ``raise_on_failure=False``, the failed or
@@ -376,6 +381,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
             on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
             not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
+            require_codes=require_codes,
         ))
 
     def wait_many(
@@ -395,6 +401,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
         on_start: Callable[[WaitStart], Any] | None = None,
+        require_codes: int | None = None,
     ) -> Iterator[WaitResult]:
         """Poll many orders in one loop and yield a :class:`WaitResult` as each finishes.
 
@@ -411,6 +418,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             timeout=timeout, stall_after=stall_after, on_poll=on_poll,
             on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
             not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
+            require_codes=require_codes,
         )
         return drive_stream(flow, self._http, self._runtime.clock, gate=self._gate)
 
@@ -484,6 +492,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
         on_start: Callable[[WaitStart], Any] | None = None,
+        require_codes: int | None = None,
     ) -> Order:
         """See :meth:`FoxReload.wait_for_completion`; hooks may be sync or async."""
         return await self._run(self._wait_for_completion_flow(
@@ -491,6 +500,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
             on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
             not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
+            require_codes=require_codes,
         ))
 
     def wait_many(
@@ -510,6 +520,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
         on_start: Callable[[WaitStart], Any] | None = None,
+        require_codes: int | None = None,
     ) -> AsyncIterator[WaitResult]:
         """See :meth:`FoxReload.wait_many`; use with ``async for``. Up to ``max_in_flight``
         polls run at once; hooks may be sync or async."""
@@ -519,6 +530,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             timeout=timeout, stall_after=stall_after, on_poll=on_poll,
             on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
             not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
+            require_codes=require_codes,
         )
         return drive_stream_async(flow, self._http, self._runtime.clock, gate=self._gate)
 

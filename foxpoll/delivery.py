@@ -25,7 +25,7 @@ import attrs
 
 from ._effects import arun_flow, run_flow
 from .dedup.base import AsyncDedupStore, DedupStore, DeliveryRecord, DeliveryState
-from .errors import DeliveryInProgress, LeaseLost, StoreUnavailable
+from .errors import CodesMissing, DeliveryInProgress, LeaseLost, StoreUnavailable
 from .models import Order, OrderStatus
 
 __all__ = ["DeliveryResult", "Lease", "adeliver_once", "current_lease", "deliver_once"]
@@ -131,6 +131,7 @@ def delivery_flow(
     deliver: Callable[[Order], Any],
     store: DedupStore | AsyncDedupStore,
     lease: float,
+    require_codes: bool = False,
 ) -> Flow[DeliveryResult]:
     """Claim, deliver, complete; release and re-raise when ``deliver`` fails."""
     if not isinstance(order, Order):
@@ -138,6 +139,10 @@ def delivery_flow(
     if order.status is not OrderStatus.COMPLETED:
         raise ValueError(f"order {order.id} is {order.status.value}, not completed: "
                          "there are no codes to deliver")
+    if not order.codes:
+        if require_codes:
+            raise CodesMissing(order)  # nothing claimed: a later attempt may have codes
+        log.warning("order %s is completed with no codes: delivering it empty", order.id)
     if not order.id or not order.id.strip():
         raise ValueError("order id is empty")
     if not lease > 0:
@@ -184,6 +189,7 @@ def deliver_once(
     store: DedupStore,
     *,
     lease: float = 60.0,
+    require_codes: bool = False,
 ) -> DeliveryResult:
     """Deliver a completed order's codes exactly once across workers.
 
@@ -194,6 +200,8 @@ def deliver_once(
             Call ``current_lease().renew()`` inside it when it may outlast ``lease``.
         store: The dedup store shared by every worker.
         lease: Seconds the claim lasts; another worker may take over after that.
+        require_codes: Refuse an order without codes (:class:`CodesMissing`, nothing
+            claimed) instead of delivering it empty, with a warning, as top-ups are.
 
     Returns:
         :class:`DeliveryResult`; ``delivered`` is False when it was already delivered.
@@ -205,8 +213,9 @@ def deliver_once(
             failed only when recording a delivery that happened).
         LeaseLost: the claim was taken over while ``deliver`` ran.
         ValueError: the order is not completed.
+        CodesMissing: ``require_codes`` and the order has none.
     """
-    return _run(delivery_flow(order, deliver, store, lease))
+    return _run(delivery_flow(order, deliver, store, lease, require_codes))
 
 
 async def adeliver_once(
@@ -215,9 +224,10 @@ async def adeliver_once(
     store: AsyncDedupStore | DedupStore,
     *,
     lease: float = 60.0,
+    require_codes: bool = False,
 ) -> DeliveryResult:
     """See :func:`deliver_once`; ``deliver`` may be a coroutine function."""
-    return await _arun(delivery_flow(order, deliver, store, lease))
+    return await _arun(delivery_flow(order, deliver, store, lease, require_codes))
 
 
 def _call(effect: Invoke) -> Any:

@@ -20,7 +20,8 @@
     ├── OrderError                        (.order)
     │   ├── OrderFailed
     │   ├── OrderCancelled                (.cancel_reason)
-    │   └── OrderStalled                  (.attempts, .elapsed)
+    │   ├── OrderStalled                  (.attempts, .elapsed)
+    │   └── CodesMissing                  completed, but no codes yet (require_codes)
     └── DedupError
         ├── LeaseLost
         ├── DeliveryInProgress            (.lease_until)
@@ -50,6 +51,7 @@ __all__ = [
     "AmbiguousOrderError",
     "AuthenticationError",
     "BadRequestError",
+    "CodesMissing",
     "ConflictError",
     "DedupError",
     "DeliveryInProgress",
@@ -252,6 +254,18 @@ class OrderCancelled(OrderError):
         self.cancel_reason: CancelReason | None = order.cancel_reason
         reason = f" ({order.cancel_reason.value})" if order.cancel_reason else ""
         super().__init__(f"order {order.id} was cancelled{reason}", order=order)
+
+
+class CodesMissing(OrderError):
+    """The order is ``completed`` but carries no codes, and codes were required.
+
+    Top-ups credited to a player id complete without codes; gift cards and eSIMs should
+    not. Asked for with ``require_codes`` (``wait_for_completion``, ``wait_many``,
+    ``deliver_once``), this is raised instead of delivering nothing.
+    """
+
+    def __init__(self, order: Order) -> None:
+        super().__init__(f"order {order.id} is completed but has no codes", order=order)
 
 
 class OrderStalled(OrderError):

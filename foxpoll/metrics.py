@@ -14,6 +14,7 @@ Instruments (no order ids as labels, so their number stays bounded):
 ``foxpoll_orders_started_total``      waits begun (counted at their first poll)
 ``foxpoll_orders_completed_total``    waits that ended with a completed order
 ``foxpoll_orders_failed_total``       waits that ended failed or cancelled
+``foxpoll_orders_without_codes_total``  completed orders that carried no codes
 ``foxpoll_orders_stalled_total``      waits that ran out of attempts, errors or time
 ``foxpoll_poll_requests_total``       polls, by ``outcome``: ok, not_found, rate_limited, error
 ``foxpoll_order_completion_seconds``  histogram: wait start to the completed order being seen
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import OrderCancelled, OrderFailed
+from .models import OrderStatus
 from .polling import PollAttempt, WaitResult, chain_hooks
 from .ratelimit import BaseRateLimit
 
@@ -54,6 +56,9 @@ class _HookMetrics:
     def _finished(self, kind: str, seconds: float | None) -> None:
         raise NotImplementedError
 
+    def _without_codes(self) -> None:
+        raise NotImplementedError
+
     def on_poll(self, attempt: PollAttempt) -> None:
         """The ``on_poll`` hook."""
         if attempt.attempt == 1:
@@ -62,6 +67,9 @@ class _HookMetrics:
 
     def on_finish(self, result: WaitResult) -> None:
         """The ``on_finish`` hook."""
+        if result.order is not None and result.order.status is OrderStatus.COMPLETED \
+                and not result.order.codes:
+            self._without_codes()
         if result.ok:
             self._finished("completed", result.elapsed)
         elif result.stalled:
@@ -110,6 +118,9 @@ class PrometheusMetrics(_HookMetrics):
                                registry=registry)
         self.poll_requests = Counter("foxpoll_poll_requests", "Polls of FoxReload orders.",
                                      ["outcome"], registry=registry)
+        self.without_codes = Counter("foxpoll_orders_without_codes",
+                                     "Completed orders that carried no codes.",
+                                     registry=registry)
         self.completion_seconds = Histogram(
             "foxpoll_order_completion_seconds",
             "Seconds from the start of a wait to the completed order being seen.",
@@ -129,6 +140,9 @@ class PrometheusMetrics(_HookMetrics):
 
     def _polled(self, outcome: str) -> None:
         self.poll_requests.labels(outcome=outcome).inc()
+
+    def _without_codes(self) -> None:
+        self.without_codes.inc()
 
     def _finished(self, kind: str, seconds: float | None) -> None:
         getattr(self, kind).inc()
@@ -183,6 +197,9 @@ class OpenTelemetryMetrics(_HookMetrics):
                                             description="Waits that stalled.")
         self.poll_requests = meter.create_counter("foxpoll.poll.requests", unit="{request}",
                                                   description="Polls of FoxReload orders.")
+        self.without_codes = meter.create_counter(
+            "foxpoll.orders.without_codes", unit="{order}",
+            description="Completed orders that carried no codes.")
         self.completion_seconds = meter.create_histogram(
             "foxpoll.order.completion", unit="s",
             description="Seconds from the start of a wait to the completed order being seen.",
@@ -212,6 +229,9 @@ class OpenTelemetryMetrics(_HookMetrics):
 
     def _polled(self, outcome: str) -> None:
         self.poll_requests.add(1, {"outcome": outcome})
+
+    def _without_codes(self) -> None:
+        self.without_codes.add(1)
 
     def _finished(self, kind: str, seconds: float | None) -> None:
         getattr(self, kind).add(1)

@@ -27,6 +27,7 @@ from .errors import (
     APIError,
     APIResponseValidationError,
     APIStatusError,
+    CodesMissing,
     InternalServerError,
     NotFoundError,
     OrderCancelled,
@@ -174,6 +175,7 @@ class WaitOptions:
     on_finish: Callable[[WaitResult], Any] | None = None
     raise_on_failure: bool = True
     on_start: Callable[[WaitStart], Any] | None = None
+    require_codes: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -182,6 +184,10 @@ class WaitOptions:
             raise ValueError("timeout must be a finite number of seconds above zero")
         if self.stall_after is not None and not self.stall_after > 0:
             raise ValueError("stall_after must be positive")
+        if self.require_codes is not None and (
+                isinstance(self.require_codes, bool) or not isinstance(self.require_codes, int)
+                or self.require_codes < 0):
+            raise ValueError("require_codes must be a whole number of polls, zero or more")
         if not isinstance(self.backoff, BackoffPolicy):
             raise TypeError("backoff must have a delays(rng) method (see foxpoll.backoff)")
 
@@ -222,9 +228,9 @@ class OrderWatch:
     """The state of one wait, fed with each poll's outcome. Pure: no I/O, no clock."""
 
     __slots__ = (
-        "_delays", "_errors", "_final", "_last_change", "_max_retry_after", "_options",
-        "_pending_at", "_started", "_warned", "attempts", "first_delay", "last_order",
-        "order_id",
+        "_code_polls", "_delays", "_errors", "_final", "_last_change", "_max_retry_after",
+        "_options", "_pending_at", "_started", "_warned", "attempts", "first_delay",
+        "last_order", "order_id",
     )
 
     def __init__(
@@ -243,6 +249,7 @@ class OrderWatch:
         self._pending_at: float | None = None  # elapsed at the last poll that saw it pending
         self._warned = False
         self._final = False  # the last poll before the deadline is scheduled
+        self._code_polls = 0  # polls of a completed order, waiting for its codes
         self.first_delay = 0.0
         if not getattr(options.backoff, "polls_immediately", True):
             self.first_delay = next(self._delays)
@@ -290,10 +297,15 @@ class OrderWatch:
                 if opts.on_status_change is not None:
                     change = StatusChange(self.order_id, outcome, previous, elapsed)
                     notes.append(Notify(opts.on_status_change, (change,)))
-            if outcome.status.is_terminal:
+            if outcome.status is OrderStatus.COMPLETED and not outcome.codes:
+                decision = self._without_codes(outcome, notes, elapsed)
+                if decision is not None:
+                    return decision
+            elif outcome.status.is_terminal:
                 self._learn(elapsed)
                 return self._finish(outcome, notes, elapsed)
-            self._pending_at = elapsed
+            else:
+                self._pending_at = elapsed
 
         polls = self.attempts - self._errors
         if polls >= opts.max_attempts or self._errors > opts.error_budget:
@@ -326,6 +338,22 @@ class OrderWatch:
         if opts.on_poll is not None:  # now that it is known, tell on_poll the next wait too
             notes[0] = Notify(opts.on_poll, (attrs.evolve(attempt, next_poll_in=delay),))
         return Decision(tuple(notes), delay=delay)
+
+    def _without_codes(self, order: Order, notes: list[Notify], elapsed: float
+                       ) -> Decision | None:
+        """A completed order with no codes: done (a top-up), or, when codes are required,
+        polled again up to ``require_codes`` times (None) before :class:`CodesMissing`."""
+        required = self._options.require_codes
+        if required is None:
+            log.warning("order %s completed with no codes", self.order_id)
+            self._learn(elapsed)
+            return self._finish(order, notes, elapsed)
+        if self._code_polls >= required:
+            log.warning("order %s completed, but its codes never came (%d more polls)",
+                        self.order_id, required)
+            return self._done(notes, elapsed, order=order, error=CodesMissing(order))
+        self._code_polls += 1
+        return None
 
     def _attempt(self, outcome: Order | Exception, elapsed: float) -> PollAttempt:
         if isinstance(outcome, Order):

@@ -29,6 +29,8 @@ class OrderScript:
 
     Attributes:
         visible_after: GET answers 404 for this long after the create (replication lag).
+        codes_after: A completed order's codes appear this long after it completes
+            (infinity: never, as for a top-up credited to a player id).
     """
 
     outcome: Outcome = Outcome.COMPLETE
@@ -38,6 +40,7 @@ class OrderScript:
     error: str = "supplier rejected the request"
     payment_expires_after: float = 900.0
     visible_after: float = 0.0
+    codes_after: float = 0.0
 
     @property
     def settles_after(self) -> float:

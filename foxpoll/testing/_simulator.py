@@ -416,11 +416,14 @@ class FakeFoxReload:
         status, cancel_reason = self._status(order)
         if status == "completed" and not order.codes:
             order.codes = [self._make_codes(item) for item in order.items]
+        coded = status == "completed" and order.paid_at is not None and (
+            self.clock.monotonic() - order.paid_at
+            >= order.script.settles_after + order.script.codes_after)
         items = []
         for index, item in enumerate(order.items):
             items.append({
                 **item,
-                "externalData": order.codes[index] if status == "completed" else None,
+                "externalData": order.codes[index] if coded else None,
                 "error": order.script.error if status == "failed" else None,
             })
         return {
