@@ -15,15 +15,7 @@ from foxpoll.dedup import MemoryDedupStore
 from foxpoll.metrics import PrometheusMetrics
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
 
-STEAM = [{"itemId": "product_steam_10"}]
-
-
-def paid(sim: FakeFoxReload, script: OrderScript) -> str:
-    sim.script_next(script)
-    with sim.client() as client:
-        order = client.orders.create(items=STEAM)
-        client.orders.pay(order.id)
-    return order.id
+from .test_recovery import paid
 
 
 def test_by_default_a_codeless_order_is_returned_with_a_warning_and_counted(
