@@ -54,8 +54,10 @@ class Row:
     status: str = "active"
     attempt: int = 0
     next_poll_at: float | None = None
-    elapsed: float = 0.0
+    elapsed: float = 0.0  # final, once done; until then the table counts it live
     result: str = "waiting"
+    started_at: float = 0.0
+    done: bool = False
 
 
 def _mask(code: Any) -> str:
@@ -83,14 +85,18 @@ class Display:
         from rich.table import Table
 
         table = Table(title="foxpoll demo: waiting without webhooks", caption=self.budget())
-        for column in ("order", "product", "status", "poll", "next poll", "elapsed", "result"):
-            table.add_column(column)
+        # Fixed widths: the table must not jump when a result or a status gets longer.
+        for column, width in (("order", 8), ("product", 19), ("status", 10), ("poll", 4),
+                              ("next poll", 9), ("elapsed", 7), ("result", 38)):
+            table.add_column(column, min_width=width, max_width=width, no_wrap=True,
+                             overflow="ellipsis")
         now = self.clock()
         for row in self.rows.values():
             countdown = ("" if row.next_poll_at is None
                          else f"{max(0.0, row.next_poll_at - now):4.1f}s")
+            elapsed = row.elapsed if row.done else now - row.started_at
             table.add_row(row.order_id[:8], row.product, row.status, str(row.attempt),
-                          countdown, f"{row.elapsed:5.1f}s", row.result)
+                          countdown, f"{elapsed:5.1f}s", row.result)
         return table
 
     def say(self, message: str) -> None:
@@ -129,7 +135,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
 
         def on_poll(attempt: PollAttempt) -> None:
             row = rows[attempt.order_id]
-            row.attempt, row.elapsed = attempt.attempt, attempt.elapsed
+            row.attempt = attempt.attempt
             row.next_poll_at = (None if attempt.next_poll_in is None
                                 else clock.monotonic() + attempt.next_poll_in)
 
@@ -157,7 +163,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
             for product, note, _ in PLAN:
                 order = client.orders.create(items=[{"itemId": product, "note": note}])
                 client.orders.pay(order.id)
-                rows[order.id] = Row(order.id, product, "paid")
+                rows[order.id] = Row(order.id, product, "paid", started_at=clock.monotonic())
                 ids.append(order.id)
 
             for result in client.wait_many(ids, backoff=BACKOFF, max_attempts=6,
@@ -171,17 +177,20 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
                 display.say(f"recovery: {stalled[:8]} is queued; FoxReload finishes it later")
                 sim.settle(stalled, after=4)
                 worker = RecoveryWorker(client, queue, store, on_completed=send_codes, lease=30)
-                while queue.get(stalled).state.value == "queued":  # type: ignore[union-attr]
-                    due = queue.next_due() or clock.time()
-                    clock.sleep(max(0.0, due - clock.time()))
+                row = rows[stalled]
+                row.result = "in the recovery queue"
+                while (job := queue.get(stalled)) is not None and job.state.value == "queued":
+                    row.status = job.last_status or row.status
+                    row.next_poll_at = clock.monotonic() + max(0.0, job.due_at - clock.time())
+                    clock.sleep(max(0.0, job.due_at - clock.time()))
                     worker.run_pending()
-                job = queue.get(stalled)
+                    row.attempt += 1
                 assert job is not None
-                rows[stalled].status = job.note or job.state.value
-                rows[stalled].result = (
-                    f"recovered after {job.attempts + 1} re-checks, delivered"
-                    if job.note == "completed" else f"{job.state.value} after recovery")
-                display.say(f"  {stalled[:8]}: {rows[stalled].result}")
+                row.status, row.next_poll_at = job.note or job.state.value, None
+                row.elapsed, row.done = clock.monotonic() - row.started_at, True
+                row.result = (f"recovered after {job.attempts + 1} re-checks, delivered"
+                              if job.note == "completed" else f"{job.state.value} after recovery")
+                display.say(f"  {stalled[:8]}: {row.result}")
 
             again = sum(deliver_once(client.orders.get(oid), send_codes, store).delivered
                         for oid in list(dict.fromkeys(delivered)))
@@ -196,9 +205,9 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
             }
         display.say(budget())
         display.say(
-            f"done: {tallies['delivered']} orders delivered exactly once "
-            f"({tallies['deliveries']} deliveries; a second attempt delivered "
-            f"{tallies['redelivered']}), {tallies['events']} events published, "
+            f"done: {tallies['delivered']} orders delivered exactly once, in "
+            f"{tallies['deliveries']} deliveries; delivering them all again sent "
+            f"{tallies['redelivered']} more. {tallies['events']} events published, "
             f"{tallies['dead_letters']} dead letters, {tallies['requests']} API requests."
         )
         store.close()
@@ -209,7 +218,8 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
 def _finish(result: WaitResult, row: Row, store: SQLiteDedupStore,
             send: Callable[[Order], str], publisher: InMemoryPublisher, clock: Any) -> None:
     row.next_poll_at = None
-    row.elapsed = result.elapsed
+    # Since payment, as the live count was; a stalled order's goes on through recovery.
+    row.elapsed, row.done = clock.monotonic() - row.started_at, not result.stalled
     if result.ok:
         order = result.unwrap()
         deliver_once(order, send, store)

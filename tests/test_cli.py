@@ -35,7 +35,7 @@ def test_demo_on_virtual_time(tmp_path: Path) -> None:
     code, output = run("demo", "--virtual", "--db", str(tmp_path / "demo.db"))
     assert code == 0
     assert "4 orders delivered exactly once" in output
-    assert "a second attempt delivered 0" in output
+    assert "delivering them all again sent 0 more" in output
     assert "stalled -> recovery queue" in output
     assert "recovered after" in output
     assert "failed: supplier out of stock" in output
