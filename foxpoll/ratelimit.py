@@ -158,6 +158,13 @@ class Settings:
             return self.burst
         return max(len(Priority), round(self.ceiling / 2))
 
+    def applied(self, state: BudgetState) -> BudgetState:
+        """``state`` under these settings: a fixed rate is always this one (a tier can
+        change, and the stored state may be another process's); a learned one never
+        above this ceiling."""
+        rate = min(state.rate, self.ceiling) if self.learns else self.ceiling
+        return state if rate == state.rate else attrs.evolve(state, rate=rate)
+
     def fresh(self) -> BudgetState:
         return BudgetState(tat=0.0, rate=self.ceiling, paused_until=0.0, cut_until=0.0)
 
@@ -277,7 +284,7 @@ class RateLimit(BaseRateLimit):
 
     def _take(self, priority: int, successes: int) -> tuple[BudgetState, float]:
         with self._state_lock:
-            state = grow(self._state, successes, self.settings.ceiling)
+            state = grow(self.settings.applied(self._state), successes, self.settings.ceiling)
             self._state, wait = take(state, self._clock(), priority,
                                      self.settings.lanes_burst)
             return self._state, wait
@@ -358,8 +365,8 @@ class SQLiteRateLimit(BaseRateLimit):
         settings = self.settings
 
         def change(state: BudgetState, now: float) -> tuple[BudgetState, float]:
-            return take(grow(state, successes, settings.ceiling), now, priority,
-                        settings.lanes_burst)
+            return take(grow(settings.applied(state), successes, settings.ceiling), now,
+                        priority, settings.lanes_burst)
 
         return self._update(change)
 
@@ -382,6 +389,7 @@ local s = redis.call('HMGET', KEYS[1], 'tat', 'rate', 'paused', 'cut')
 local ceiling = tonumber(ARGV[4])
 local tat, rate = tonumber(s[1]) or 0, tonumber(s[2]) or ceiling
 local paused, cut = tonumber(s[3]) or 0, tonumber(s[4]) or 0
+if ARGV[6] == '1' then rate = math.min(rate, ceiling) else rate = ceiling end
 local successes = tonumber(ARGV[3])
 if successes > 0 and rate < ceiling then
     rate = math.min(ceiling, rate + successes * tonumber(ARGV[5]) * ceiling)
@@ -475,7 +483,7 @@ class RedisRateLimit(BaseRateLimit):
 
     def _take_args(self, priority: int, successes: int) -> list[Any]:
         s = self.settings
-        return [s.lanes_burst, priority, successes, s.ceiling, GROWTH]
+        return [s.lanes_burst, priority, successes, s.ceiling, GROWTH, int(s.learns)]
 
     def _throttle_args(self, pause: float) -> list[Any]:
         s = self.settings

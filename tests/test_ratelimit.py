@@ -220,6 +220,20 @@ def test_backends_share_a_pause_and_a_learned_rate(backend: Any) -> None:
     assert one.per_minute == pytest.approx(300)  # halved once for the storm
 
 
+def test_a_changed_tier_applies_at_once_to_a_shared_budget(backend: Any) -> None:
+    old = backend(per_minute=60, burst=3)
+    old.acquire(Priority.BUY)
+    assert old.last_state.rate == pytest.approx(1.0)
+    if isinstance(old, RateLimit):
+        return  # one process holds one object: there is no stored state to outlive it
+    upgraded = backend(per_minute=600, burst=3)  # the same key, after an upgrade
+    upgraded.acquire(Priority.BUY)
+    assert upgraded.last_state.rate == pytest.approx(10.0)  # not the stored 1 a second
+    learned = backend(per_minute=30, burst=3, adaptive=True)
+    learned.acquire(Priority.BUY)
+    assert learned.last_state.rate == pytest.approx(0.5)  # never above its own ceiling
+
+
 async def test_backends_serve_async_callers_too(backend: Any) -> None:
     limit = backend(per_minute=60, burst=3)
     assert [await limit.aacquire(Priority.BUY) for _ in range(3)] == [0.0, 0.0, 0.0]
