@@ -198,3 +198,53 @@ async def test_a_connection_string_gives_the_store_one_lazy_pool_of_its_own() ->
     assert astore._pool.closed
     with PostgresDedupStore(POSTGRES_URL) as cleanup, cleanup._connection() as conn:
         conn.execute(f"DROP TABLE {table}")
+
+
+@pytest.mark.service
+def test_redis_indexes_never_outgrow_their_records() -> None:
+    import uuid
+
+    import redis
+
+    from foxpoll import Order, OrderStatus, deliver_once
+    from foxpoll.dedup import DeliveryState, RedisDedupStore
+    from foxpoll.models import OrderItem
+
+    from .services import REDIS_URL, require
+
+    require("Redis", "127.0.0.1", 6379)
+    prefix = f"foxpoll-test-{uuid.uuid4().hex[:8]}:"
+    raw = redis.Redis.from_url(REDIS_URL)
+
+    def order(order_id: str) -> Order:
+        return Order(id=order_id, status=OrderStatus.COMPLETED,
+                     items=(OrderItem("p", 1, external_data=("CODE",)),))
+
+    with RedisDedupStore(REDIS_URL, key_prefix=prefix, retention=3600) as store:
+        ids = [f"o{i:02d}" for i in range(10)]
+        for order_id in ids:
+            deliver_once(order(order_id), lambda o: None, store)
+        delivered = f"{prefix}deliveries:delivered"
+        # The six oldest records expire (their TTL ran out); their index entries stay...
+        for order_id in ids[:6]:
+            raw.delete(f"{prefix}delivery:{order_id}")
+        listed = store.list(DeliveryState.DELIVERED, limit=3)
+        assert [r.order_id for r in listed] == ids[6:9]  # ...and listing pages past them
+        # Entries older than the retention go at the next transition: make them old.
+        raw.zadd(delivered, dict.fromkeys(ids[6:], 0))
+        deliver_once(order("fresh"), lambda o: None, store)
+        assert raw.zrange(delivered, 0, -1) == [b"fresh"]
+        # Released records and claims nobody finished expire too.
+        with pytest.raises(RuntimeError):
+            deliver_once(order("released"), _boom, store)
+        ttl = raw.ttl(f"{prefix}delivery:released")
+        assert 3500 < ttl <= 3600
+        store.claim("crashed", "token-1", lease=60)
+        assert 3600 < raw.ttl(f"{prefix}delivery:crashed") <= 3660
+    for key in raw.scan_iter(f"{prefix}*"):
+        raw.delete(key)
+    raw.close()
+
+
+def _boom(order: object) -> None:
+    raise RuntimeError("the customer's mailbox is down")

@@ -3,7 +3,9 @@
 A record is a hash at ``{prefix}delivery:{order_id}``; a sorted set per state
 (``{prefix}deliveries:{state}``, scored by the last change) serves listing. Each script
 reads and writes atomically, so no two claims interleave. DELIVERED records expire after
-``retention`` seconds (30 days by default; 0 keeps them forever).
+``retention`` seconds (30 days by default; 0 keeps them forever), released ones too, and a
+claim nobody finished after its lease plus the retention; every transition prunes the
+indexes of entries older than the retention, so they never outgrow the records.
 """
 
 from __future__ import annotations
@@ -40,8 +42,17 @@ __all__ = ["AsyncRedisDedupStore", "RedisDedupStore"]
 THIRTY_DAYS = 30 * 24 * 3600
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+# Records expire after the retention; their index entries go with them here, so no index
+# outgrows the records it points at. The claimed index is scored by the lease's end (a
+# claim's record expires a retention after it), the others by the last change.
+_PRUNE = """
+local retention = tonumber(ARGV[#ARGV])
+if retention > 0 then
+  for i = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. (now - retention)) end
+end
+"""
 # KEYS: record, claimed set, released set, delivered set
-_CLAIM = _NOW + """
+_CLAIM = _NOW + _PRUNE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 local free = (not state) or state == 'released'
 if state == 'claimed' then
@@ -55,10 +66,11 @@ redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[2],
            'lease_until', tostring(now + tonumber(ARGV[3])), 'updated_at', tostring(now))
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) + retention)) end
 return {1, redis.call('HGETALL', KEYS[1]), tostring(now)}
 """
-_COMPLETE = _NOW + """
+_COMPLETE = _NOW + _PRUNE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 local token = redis.call('HGET', KEYS[1], 'token')
 if state == 'delivered' and token == ARGV[2] then return {1, redis.call('HGETALL', KEYS[1])} end
@@ -68,10 +80,10 @@ redis.call('HSET', KEYS[1], 'state', 'delivered', 'payload_hash', ARGV[3], 'rece
 redis.call('HDEL', KEYS[1], 'lease_until')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[4], now, ARGV[1])
-if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+if retention > 0 then redis.call('EXPIRE', KEYS[1], retention) end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
-_RELEASE = _NOW + """
+_RELEASE = _NOW + _PRUNE + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'claimed'
    or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
   return {0, redis.call('HGETALL', KEYS[1])}
@@ -80,16 +92,18 @@ redis.call('HSET', KEYS[1], 'state', 'released', 'updated_at', tostring(now))
 redis.call('HDEL', KEYS[1], 'lease_until')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], now, ARGV[1])
+if retention > 0 then redis.call('EXPIRE', KEYS[1], retention) end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
-_RENEW = _NOW + """
+_RENEW = _NOW + _PRUNE + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'claimed'
    or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
   return {0, redis.call('HGETALL', KEYS[1])}
 end
 redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[3])),
            'updated_at', tostring(now))
-redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) + retention)) end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
 _SCRIPTS = {"claim": _CLAIM, "complete": _COMPLETE, "release": _RELEASE, "renew": _RENEW}
@@ -134,7 +148,8 @@ class RedisFlows:
             DeliveryState.CLAIMED, DeliveryState.RELEASED, DeliveryState.DELIVERED))]
 
     def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
-        won, flat, now = yield Script("claim", self.keys(order_id), [order_id, token, lease])
+        won, flat, now = yield Script("claim", self.keys(order_id),
+                                      [order_id, token, lease, self.retention])
         return ClaimResult(bool(won), record_from_fields(_fields(flat)), float(now))
 
     def _owned(self, name: str, order_id: str, args: list[Any]) -> Flow[DeliveryRecord]:
@@ -150,10 +165,12 @@ class RedisFlows:
         return (yield from self._owned("complete", order_id, args))
 
     def release(self, order_id: str, token: str) -> Flow[DeliveryRecord]:
-        return (yield from self._owned("release", order_id, [order_id, token]))
+        return (yield from self._owned("release", order_id,
+                                       [order_id, token, self.retention]))
 
     def renew(self, order_id: str, token: str, lease: float) -> Flow[DeliveryRecord]:
-        return (yield from self._owned("renew", order_id, [order_id, token, lease]))
+        return (yield from self._owned("renew", order_id,
+                                       [order_id, token, lease, self.retention]))
 
     def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
         flat = yield Command("HGETALL", [self.record_key(order_id)])
@@ -163,15 +180,22 @@ class RedisFlows:
         return record_from_fields(fields) if fields else None
 
     def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]:
-        members = yield Command("ZRANGE", [self.state_key(state), 0, limit - 1])
-        records = []
-        for member in members:
-            order_id = member.decode() if isinstance(member, bytes) else member
-            record = yield from self.get(order_id)
-            if record is None or record.state is not state:  # expired, or moved on
-                yield Command("ZREM", [self.state_key(state), order_id])
-                continue
-            records.append(record)
+        records: list[DeliveryRecord] = []
+        start = 0
+        while len(records) < limit:  # page on past entries whose records have gone
+            members = yield Command("ZRANGE", [self.state_key(state), start,
+                                               start + limit - 1])
+            if not members:
+                break
+            start += len(members)
+            for member in members:
+                order_id = member.decode() if isinstance(member, bytes) else member
+                record = yield from self.get(order_id)
+                if record is None or record.state is not state:  # expired, or moved on
+                    yield Command("ZREM", [self.state_key(state), order_id])
+                    start -= 1  # the entries after it moved up by one
+                elif len(records) < limit:
+                    records.append(record)
         return records
 
 
