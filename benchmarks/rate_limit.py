@@ -11,8 +11,9 @@ The same load runs once per variant: no rate limit (every process spends blindly
 process with its own ``RateLimit`` of an equal share, and the shared ``SQLiteRateLimit``
 and ``RedisRateLimit`` (fixed at the key's limit, then learned from 429s). Printed per
 variant: the share of requests answered 429, buys answered 429, the buy latency's p95
-(create + pay), the mean detection delay (completion to the wait's return) and the
-completed orders given up on (a wait that failed, or stalled within a minute).
+(create + pay) and its ratio to the no-limit baseline of the same run, the mean detection
+delay (completion to the wait's return) and the completed orders given up on (a wait that
+failed, or stalled within a minute).
 
 Needs Redis on localhost for its rows. Run: ``nox -s bench`` or
 ``python benchmarks/rate_limit.py [--processes 3 --per-minute 600 --seconds 20]``.
@@ -183,16 +184,19 @@ def main() -> None:
           f"each buying {args.buys:g} orders/s for {args.seconds:.0f}s and polling them; "
           f"{os.cpu_count()} CPUs\n")
     header = (f"{'variant':<26}{'requests':>9}{'429s':>8}{'buys 429':>9}{'buys':>6}"
-              f"{'failed':>7}{'buy p95':>9}{'delay':>8}{'given up':>9}")
+              f"{'failed':>7}{'buy p95':>9}{'vs none':>8}{'delay':>8}{'given up':>9}")
     print(header)
     variants = ["no rate limit", "own share", "SQLiteRateLimit", "RedisRateLimit",
                 "RedisRateLimit, learned"]
+    baseline: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             r = run_variant(variant, args, tmp)
+            baseline = baseline or r  # the first variant, with no limit, is the baseline
             print(f"{variant:<26}{r['requests']:>9}{r['throttled']:>8.1%}"
                   f"{r['buys throttled']:>9}{r['buys']:>6}{r['buys failed']:>7}"
-                  f"{r['buy p95']:>8.2f}s{r['delay']:>7.2f}s{r['given up']:>9}")
+                  f"{r['buy p95']:>8.2f}s{r['buy p95'] / baseline['buy p95']:>7.2f}x"
+                  f"{r['delay']:>7.2f}s{r['given up']:>9}")
 
 
 if __name__ == "__main__":

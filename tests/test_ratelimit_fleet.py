@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +44,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
 
 
 def run_fleet(tmp: Path, backend: tuple[str, str], sim: FakeFoxReload, url: str,
-              order_id: str, duration: float) -> list[float]:
-    """Start the processes together; return when the server received each GET."""
+              order_id: str, duration: float, kill_after: float | None = None) -> list[float]:
+    """Start the processes together (SIGKILL one after ``kill_after`` seconds); return when
+    the server received each GET."""
     config = {"backend": backend[0], "target": backend[1], "per_minute": PER_MINUTE,
               "burst": BURST, "key": f"foxpoll-test:{uuid.uuid4().hex[:8]}",
               "sim_url": url, "api_key": sim.api_key, "order_id": order_id,
@@ -55,7 +58,11 @@ def run_fleet(tmp: Path, backend: tuple[str, str], sim: FakeFoxReload, url: str,
                          stdout=subprocess.DEVNULL,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
         for _ in range(PROCESSES)]
-    for process in processes:
+    if kill_after is not None:
+        time.sleep(kill_after)  # the fleet runs meanwhile: this is the moment of the kill
+        processes[0].send_signal(signal.SIGKILL)
+        assert processes[0].wait(timeout=10) == -signal.SIGKILL
+    for process in processes[1 if kill_after is not None else 0:]:
         assert process.wait(timeout=60) == 0
     return [r.at for r in sim.requests if r.method == "GET"]
 
@@ -85,3 +92,18 @@ def test_a_429_seen_by_one_process_pauses_them_all(
     paused = [t for t in gets if throttled + 0.5 < t < throttled + 1.9]
     assert paused == []  # requests already in flight may land just after; then none
     assert any(t >= throttled + 2.0 for t in gets)
+
+
+def test_a_process_killed_while_it_spends_the_budget_stalls_no_one(
+    backend: tuple[str, str], served: tuple[FakeFoxReload, str, str], tmp_path: Path
+) -> None:
+    sim, url, order_id = served
+    started = time.monotonic()
+    gets = run_fleet(tmp_path, backend, sim, url, order_id, duration=5.0, kill_after=2.5)
+    killed_at = started + 2.5
+    after = [t for t in gets if t > killed_at + 0.5]
+    # The survivors go on spending the whole budget (a SIGKILL inside a SQLite write
+    # transaction releases its lock; a Redis script runs whole or not at all)...
+    assert len(after) >= 0.8 * (PER_MINUTE / 60) * (gets[-1] - killed_at - 0.5)
+    for start in gets:  # ...and still within it
+        assert sum(1 for t in gets if start <= t < start + 2.0) <= (PER_MINUTE / 60) * 2.2 + BURST
