@@ -185,17 +185,17 @@ async def test_a_connection_string_gives_the_store_one_lazy_pool_of_its_own() ->
                      items=(OrderItem("p", 1, external_data=("CODE",)),))
 
     with PostgresDedupStore(POSTGRES_URL, table=table) as store:
-        assert store._pool.closed  # nothing is opened before the first call
+        assert store._pg.pool.closed  # nothing is opened before the first call
         store.create_schema()
         for _ in range(30):
             assert deliver_once(order(), lambda o: None, store).delivered
-        assert store._pool.get_stats()["connections_num"] == 1  # reused, not one per call
-    assert store._pool.closed
+        assert store._pg.pool.get_stats()["connections_num"] == 1  # reused, not one per call
+    assert store._pg.pool.closed
     async with AsyncPostgresDedupStore(POSTGRES_URL, table=table) as astore:
         for _ in range(30):
             assert (await adeliver_once(order(), lambda o: None, astore)).delivered
-        assert astore._pool.get_stats()["connections_num"] == 1
-    assert astore._pool.closed
+        assert astore._pg.pool.get_stats()["connections_num"] == 1
+    assert astore._pg.pool.closed
     with PostgresDedupStore(POSTGRES_URL) as cleanup, cleanup._connection() as conn:
         conn.execute(f"DROP TABLE {table}")
 

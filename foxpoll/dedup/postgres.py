@@ -9,23 +9,21 @@ store then opens its own small ``psycopg_pool`` pool on first use, closed by ``c
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
 try:
     import psycopg
-    import psycopg_pool
     from psycopg.rows import dict_row
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("PostgresDedupStore needs psycopg: pip install 'foxpoll[postgres]'") from exc
 
 from foxpoll._effects import arun_flow, run_flow
-from foxpoll.errors import StoreUnavailable
+from foxpoll._postgres import PostgresConnections
 
 from ._flows import Flow, FlowStore, Query, SQLFlows
 from ._sql import POSTGRES
-from .base import AsyncDedupStore, DedupStore, unavailable
+from .base import AsyncDedupStore, DedupStore
 
 __all__ = ["AsyncPostgresDedupStore", "PostgresDedupStore"]
 
@@ -35,24 +33,17 @@ DEFAULT_TABLE = "foxpoll_deliveries"
 class _PostgresStore(FlowStore):
     """What both PostgreSQL stores share: the statements and where connections come from."""
 
+    _asynchronous = False
+
     def __init__(
         self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10,
         max_connections: int = 10,
     ) -> None:
         self._sql = POSTGRES.statements(table)
         self._flows = SQLFlows(self._sql)
-        self._table = table
-        self._connect_timeout = connect_timeout
-        self._owns_pool = isinstance(conninfo_or_pool, str)
-        self._pool: Any = (self._own_pool(conninfo_or_pool, max_connections)
-                           if isinstance(conninfo_or_pool, str) else conninfo_or_pool)
-
-    def _own_pool(self, conninfo: str, size: int) -> Any:
-        raise NotImplementedError
-
-    def _missing(self, exc: psycopg.errors.UndefinedTable) -> StoreUnavailable:
-        return StoreUnavailable(f"the delivery table {self._table!r} does not exist: "
-                                "call create_schema() once")
+        self._pg = PostgresConnections(conninfo_or_pool, table=table, what="delivery",
+                                       timeout=connect_timeout, size=max_connections,
+                                       asynchronous=self._asynchronous)
 
 
 class PostgresDedupStore(_PostgresStore, DedupStore):
@@ -71,22 +62,8 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
 
-    def _own_pool(self, conninfo: str, size: int) -> psycopg_pool.ConnectionPool[Any]:
-        return psycopg_pool.ConnectionPool(
-            conninfo, min_size=1, max_size=size, open=False, timeout=self._connect_timeout,
-            kwargs={"autocommit": True}, name=f"foxpoll-{self._table}")
-
-    @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        try:
-            if self._owns_pool and self._pool.closed:
-                self._pool.open(wait=True, timeout=self._connect_timeout)
-            with self._pool.connection(timeout=self._connect_timeout) as conn:
-                yield conn
-        except psycopg.errors.UndefinedTable as exc:
-            raise self._missing(exc) from exc
-        except psycopg.OperationalError as exc:  # a pool's PoolTimeout is one too
-            raise unavailable("PostgreSQL", exc) from exc
+    def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        return self._pg.connection()
 
     def create_schema(self) -> None:
         """Create the table and its index, if missing."""
@@ -107,30 +84,17 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
 
     def close(self) -> None:
         """Close the store's own pool (a pool you passed in stays open)."""
-        if self._owns_pool and not self._pool.closed:
-            self._pool.close()
+        self._pg.close()
 
 
 class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
     """:class:`PostgresDedupStore` on psycopg's asyncio connections
     (a connection string, or a ``psycopg_pool.AsyncConnectionPool``)."""
 
-    def _own_pool(self, conninfo: str, size: int) -> psycopg_pool.AsyncConnectionPool[Any]:
-        return psycopg_pool.AsyncConnectionPool(
-            conninfo, min_size=1, max_size=size, open=False, timeout=self._connect_timeout,
-            kwargs={"autocommit": True}, name=f"foxpoll-{self._table}")
+    _asynchronous = True
 
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        try:
-            if self._owns_pool and self._pool.closed:
-                await self._pool.open(wait=True, timeout=self._connect_timeout)
-            async with self._pool.connection(timeout=self._connect_timeout) as conn:
-                yield conn
-        except psycopg.errors.UndefinedTable as exc:
-            raise self._missing(exc) from exc
-        except psycopg.OperationalError as exc:
-            raise unavailable("PostgreSQL", exc) from exc
+    def _connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        return self._pg.aconnection()
 
     async def create_schema(self) -> None:
         """See :meth:`PostgresDedupStore.create_schema`."""
@@ -149,5 +113,4 @@ class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
 
     async def aclose(self) -> None:
         """Close the store's own pool (a pool you passed in stays open)."""
-        if self._owns_pool and not self._pool.closed:
-            await self._pool.close()
+        await self._pg.aclose()

@@ -15,14 +15,12 @@ same table with procrastinate running the workers.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 try:
-    import psycopg
     import psycopg_pool
     from psycopg.rows import dict_row
 except ImportError as exc:  # pragma: no cover - only without the extra
@@ -30,8 +28,8 @@ except ImportError as exc:  # pragma: no cover - only without the extra
         "PostgresRecoveryQueue needs psycopg: pip install 'foxpoll[postgres]'"
     ) from exc
 
+from foxpoll._postgres import PostgresConnections
 from foxpoll.dedup._sql import POSTGRES
-from foxpoll.errors import StoreUnavailable
 
 from ._sql import Execute, JobStatements, SQLJobQueue
 from .base import RecoveryPolicy
@@ -62,31 +60,13 @@ class PostgresRecoveryQueue(SQLJobQueue):
         self.policy = policy or RecoveryPolicy()
         self.table = table
         self._sql = JobStatements.render(POSTGRES, table)
-        self._connect_timeout = connect_timeout
-        self._owns_pool = isinstance(conninfo_or_pool, str)
-        self.conninfo: str | None
-        if isinstance(conninfo_or_pool, str):
-            self.conninfo = conninfo_or_pool
-            self._pool = psycopg_pool.ConnectionPool(
-                conninfo_or_pool, min_size=1, max_size=max_connections, open=False,
-                kwargs={"autocommit": True}, timeout=connect_timeout,
-                name=f"foxpoll-{table}",
-            )
-        else:
-            found = conninfo_or_pool.conninfo
-            self.conninfo = found if isinstance(found, str) else None
-            self._pool = conninfo_or_pool
-        self._opening = threading.Lock()
+        self._pg = PostgresConnections(conninfo_or_pool, table=table, what="recovery",
+                                       timeout=connect_timeout, size=max_connections)
+        self.conninfo = self._pg.conninfo
 
     # Due times are stored relative to the server's clock ({now} + :delay); a caller's
     # absolute time is read against this machine's clock, which is all that needs.
     _clock = staticmethod(time.time)
-
-    def _open_pool(self) -> None:
-        if self._owns_pool and self._pool.closed:
-            with self._opening:
-                if self._pool.closed:
-                    self._pool.open(wait=True, timeout=self._connect_timeout)
 
     def create_schema(self) -> None:
         """Create the table and its index, if missing."""
@@ -98,23 +78,14 @@ class PostgresRecoveryQueue(SQLJobQueue):
     def _transaction(self) -> Iterator[Execute]:
         # Autocommit: every statement is atomic on its own and the two-statement enqueue
         # tolerates a race between them, so no BEGIN / COMMIT round trips.
-        try:
-            self._open_pool()
-            with self._pool.connection(timeout=self._connect_timeout) as conn, \
-                    conn.cursor(row_factory=dict_row) as cursor:
+        with self._pg.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
 
-                def execute(sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-                    cursor.execute(sql, params or None)  # no params: no % parsing
-                    return cursor.fetchall() if cursor.description is not None else []
+            def execute(sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+                cursor.execute(sql, params or None)  # no params: no % parsing
+                return cursor.fetchall() if cursor.description is not None else []
 
-                yield execute
-        except psycopg.errors.UndefinedTable as exc:
-            raise StoreUnavailable(f"the recovery table {self.table!r} does not exist: "
-                                   "call create_schema() once") from exc
-        except psycopg.OperationalError as exc:  # a pool's PoolTimeout is one too
-            raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
+            yield execute
 
     def close_connections(self) -> None:
         """Close the queue's own pool (a pool you passed in stays open)."""
-        if self._owns_pool and not self._pool.closed:
-            self._pool.close()
+        self._pg.close()
