@@ -165,6 +165,16 @@ class Settings:
         rate = min(state.rate, self.ceiling) if self.learns else self.ceiling
         return state if rate == state.rate else attrs.evolve(state, rate=rate)
 
+    def take(self, state: BudgetState, now: float, priority: int, successes: int
+             ) -> tuple[BudgetState, float]:
+        """:func:`take` on ``state`` as these settings see it, after ``successes``."""
+        return take(grow(self.applied(state), successes, self.ceiling), now, priority,
+                    self.lanes_burst)
+
+    def throttle(self, state: BudgetState, now: float, pause: float) -> BudgetState:
+        """:func:`throttle` with these settings."""
+        return throttle(state, now, pause, adaptive=self.learns, floor=self.floor)
+
     def fresh(self) -> BudgetState:
         return BudgetState(tat=0.0, rate=self.ceiling, paused_until=0.0, cut_until=0.0)
 
@@ -284,15 +294,13 @@ class RateLimit(BaseRateLimit):
 
     def _take(self, priority: int, successes: int) -> tuple[BudgetState, float]:
         with self._state_lock:
-            state = grow(self.settings.applied(self._state), successes, self.settings.ceiling)
-            self._state, wait = take(state, self._clock(), priority,
-                                     self.settings.lanes_burst)
+            self._state, wait = self.settings.take(self._state, self._clock(), priority,
+                                                   successes)
             return self._state, wait
 
     def _throttle(self, pause: float) -> BudgetState:
         with self._state_lock:
-            self._state = throttle(self._state, self._clock(), pause,
-                                   adaptive=self.settings.learns, floor=self.settings.floor)
+            self._state = self.settings.throttle(self._state, self._clock(), pause)
             return self._state
 
     async def _atake(self, priority: int, successes: int) -> tuple[BudgetState, float]:
@@ -362,18 +370,12 @@ class SQLiteRateLimit(BaseRateLimit):
             return new, wait
 
     def _take(self, priority: int, successes: int) -> tuple[BudgetState, float]:
-        settings = self.settings
-
-        def change(state: BudgetState, now: float) -> tuple[BudgetState, float]:
-            return take(grow(settings.applied(state), successes, settings.ceiling), now,
-                        priority, settings.lanes_burst)
-
-        return self._update(change)
+        return self._update(lambda state, now: self.settings.take(state, now, priority,
+                                                                  successes))
 
     def _throttle(self, pause: float) -> BudgetState:
-        settings = self.settings
         return self._update(lambda state, now: (
-            throttle(state, now, pause, adaptive=settings.learns, floor=settings.floor), 0.0))[0]
+            self.settings.throttle(state, now, pause), 0.0))[0]
 
     def close(self) -> None:
         with self._db_lock:
