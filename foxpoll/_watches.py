@@ -93,10 +93,10 @@ class Watcher:
 
     def on_finish(self, result: WaitResult) -> None:
         """The wait's ``on_finish``: settle the watch, or enqueue a stalled order."""
-        if result.stalled:  # the caller is told it is queued: a failure must be seen
-            self.queue.on_finish(result)
-            return
         try:
             self.queue.on_finish(result)
-        except Exception:  # the watch stays and fires later, which is safe
+        except Exception:
+            if result.stalled:  # the caller is told it is queued: a failure must be seen
+                raise
+            # A watch that could not be settled stays and fires later, which is safe.
             log.exception("order %s: could not settle its watch", result.order_id)

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from . import _api
+from ._core import check_timeout
 from ._effects import Emit, Flow, Notify, Sleep, Start, WaitAny
 from .backoff import BackoffPolicy, ExponentialJitter, LearningPolicy, UpperRandom
 from .errors import (
@@ -180,8 +181,8 @@ class WaitOptions:
     def __attrs_post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        if self.timeout is not None and not 0 < self.timeout < math.inf:
-            raise ValueError("timeout must be a finite number of seconds above zero")
+        if self.timeout is not None:
+            check_timeout(self.timeout)
         if self.stall_after is not None and not self.stall_after > 0:
             raise ValueError("stall_after must be positive")
         if self.require_codes is not None and (

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from foxpoll.backoff import BackoffPolicy, ExponentialJitter
+from foxpoll.backoff import BackoffPolicy, ExponentialJitter, _non_negative
 from foxpoll.models import OrderStatus
 from foxpoll.polling import WaitResult
 
@@ -46,9 +46,10 @@ DEFAULT_RECOVERY_BACKOFF = ExponentialJitter(base=30.0, factor=2.0, cap=3600.0, 
 DELIVERY = "delivery"  # the reason of a watch whose wait saw the order completed
 
 
-def _non_negative_or_none(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and not 0 <= value < float("inf"):
-        raise ValueError(f"{attribute.name} must be a finite number >= 0, not {value!r}")
+def _non_negative_or_none(instance: object, attribute: attrs.Attribute[Any],
+                          value: float | None) -> None:
+    if value is not None:
+        _non_negative(instance, attribute, value)
 
 
 @attrs.frozen
@@ -72,7 +73,7 @@ class RecoveryPolicy:
 
     max_attempts: int = 8
     backoff: BackoffPolicy = attrs.field(default=DEFAULT_RECOVERY_BACKOFF)
-    watch_margin: float = attrs.field(default=120.0, validator=_non_negative_or_none)
+    watch_margin: float = attrs.field(default=120.0, validator=_non_negative)
     delivery_grace: float | None = attrs.field(default=300.0, validator=_non_negative_or_none)
 
     def __attrs_post_init__(self) -> None:
