@@ -29,6 +29,7 @@ from .errors import (
     OrderStalled,
     PermissionDeniedError,
     RateLimitError,
+    ResponseTooLarge,
     StoreUnavailable,
     UnprocessableEntityError,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "PollAttempt",
     "Product",
     "RateLimitError",
+    "ResponseTooLarge",
     "StatusChange",
     "StoreUnavailable",
     "SystemClock",

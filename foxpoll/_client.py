@@ -19,26 +19,25 @@ from ._api import Runtime
 from ._clock import Clock, SystemClock
 from ._core import (
     DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT,
+    check_response_bytes,
     check_retries,
     check_timeout,
     make_config,
 )
-from ._effects import (
+from ._effects import Flow, drive, drive_async, drive_stream, drive_stream_async
+from ._gate import AsyncGate, Gate
+from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
+from ._senders import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_TIMEOUT,
     AsyncClientSender,
     AsyncSender,
     AsyncTransportSender,
     ClientSender,
-    Flow,
     Sender,
     TransportSender,
-    drive,
-    drive_async,
-    drive_stream,
-    drive_stream_async,
+    bounded_transport,
 )
-from ._gate import AsyncGate, Gate
-from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
 from ._watches import Watcher
 from .backoff import BackoffPolicy
 from .models import Order
@@ -92,6 +91,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         recovery_queue: RecoveryQueue | None = None,
         rate_limit: BaseRateLimit | None = None,
         max_in_flight: int = _LIMITS.max_connections or 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         """A client for one API key.
 
@@ -100,7 +100,9 @@ class BaseClient(Generic[HttpT, TransportT]):
             base_url: The API's scheme and host, such as ``https://public-api.foxreload.com``
             (without ``/api``: the paths carry it); ``FOXRELOAD_BASE_URL``, else the
             public API.
-            timeout: Seconds allowed for one HTTP request.
+            timeout: Seconds allowed for one HTTP request, from connecting to the last byte
+                of its body: a deadline, not a per-read timeout (see the bounds in
+                ``docs/bounds.md``).
             max_retries: Retries of a failed request that is safe to resend (never a create
                 that may have reached the server).
             http_client: Your own :class:`httpx.Client` (or :class:`httpx.AsyncClient` for the
@@ -118,6 +120,8 @@ class BaseClient(Generic[HttpT, TransportT]):
                 buys first, never inside the HTTP client's pool (where they would time out).
                 The default, 100, is the size of the client's own connection pool; with your
                 ``http_client``, match it to that client's pool.
+            max_response_bytes: The largest response body read, once decoded (10 MiB by
+                default); a larger one raises :class:`foxpoll.ResponseTooLarge`.
             rate_limit: The API key's request budget (:mod:`foxpoll.ratelimit`), shared with
                 every process that uses the key: each request takes a permit first, buys
                 before first polls before later polls, and a 429 pauses every holder.
@@ -135,6 +139,7 @@ class BaseClient(Generic[HttpT, TransportT]):
             headers=default_headers,
             language=language,
             currency=currency,
+            max_response_bytes=max_response_bytes,
         )
         if rate_limit is not None and not isinstance(rate_limit, BaseRateLimit):
             raise TypeError("rate_limit must be a foxpoll.ratelimit budget, such as "
@@ -200,6 +205,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         timeout: float | None = None,
         max_retries: int | None = None,
         max_retry_after: float | None = None,
+        max_response_bytes: int | None = None,
     ) -> Self:
         """A copy with some options changed, sharing this client's connection pool.
 
@@ -221,6 +227,8 @@ class BaseClient(Generic[HttpT, TransportT]):
             changes["max_retries"] = check_retries(max_retries)
         if max_retry_after is not None:
             changes["max_retry_after"] = check_timeout(max_retry_after, "max_retry_after")
+        if max_response_bytes is not None:
+            changes["max_response_bytes"] = check_response_bytes(max_response_bytes)
         clone = object.__new__(type(self))
         clone._runtime = attrs.evolve(self._runtime, config=attrs.evolve(config, **changes))
         clone._http = self._http
@@ -301,7 +309,8 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
     _gate: Gate
 
     def _default_http_client(self) -> httpx.Client:
-        return httpx.Client(limits=_LIMITS)
+        # The deadline of each request reaches its socket reads only through this transport.
+        return httpx.Client(transport=bounded_transport(_LIMITS))
 
     def _make_gate(self, size: int) -> Gate:
         return Gate(size)

@@ -24,6 +24,12 @@ import httpx
 
 from ._clock import Clock
 from ._effects import Feedback, Flow, Permit, Send, Sleep
+from ._senders import (
+    ACCEPT_ENCODING,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_TIMEOUT,
+    UnreadableBody,
+)
 from ._version import __version__
 from .errors import (
     AmbiguousOrderError,
@@ -32,6 +38,7 @@ from .errors import (
     APIResponseValidationError,
     APITimeoutError,
     RateLimitError,
+    ResponseTooLarge,
     status_error_for,
 )
 from .ratelimit import BaseRateLimit, Priority
@@ -43,7 +50,6 @@ log = logging.getLogger("foxpoll")
 T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://public-api.foxreload.com"
-DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_RETRIES = 3
 
 #: Transport errors raised before any byte of the request left: always safe to retry.
@@ -72,6 +78,8 @@ class ClientConfig:
         retry_cap: The largest backoff ceiling, in seconds.
         max_retry_after: The longest ``Retry-After`` foxpoll will wait out by itself; a
             longer one raises :class:`RateLimitError` at once.
+        max_response_bytes: The largest response body foxpoll reads, once decoded; a
+            larger one raises :class:`ResponseTooLarge`.
         headers: Extra headers for every request (``X-Language``, ``X-Currency``...).
     """
 
@@ -82,6 +90,7 @@ class ClientConfig:
     retry_base: float = 0.5
     retry_cap: float = 8.0
     max_retry_after: float = 60.0
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     headers: Mapping[str, str] = attrs.field(factory=dict)
 
     #: The headers every request carries, computed once (requests are built per poll).
@@ -120,6 +129,7 @@ def _base_headers(config: ClientConfig) -> tuple[tuple[str, str], ...]:
         "Accept": "application/json",
         "User-Agent": config.user_agent(),
         **config.headers,
+        "Accept-Encoding": ACCEPT_ENCODING,  # what BodyReader decodes, with a bounded output
         "X-API-Key": config.api_key,
     }
     return tuple(headers.items())
@@ -134,6 +144,7 @@ def make_config(
     headers: Mapping[str, str] | None = None,
     language: str | None = None,
     currency: str | None = None,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> ClientConfig:
     """Resolve arguments and the ``FOXRELOAD_*`` environment into a :class:`ClientConfig`."""
     key = api_key if api_key is not None else os.environ.get("FOXRELOAD_API_KEY")
@@ -160,13 +171,15 @@ def make_config(
                          "start with /api")
     check_timeout(timeout)
     check_retries(max_retries)
+    check_response_bytes(max_response_bytes)
     extra = dict(headers or {})
     if language is not None:
         extra["X-Language"] = language
     if currency is not None:
         extra["X-Currency"] = currency
     return ClientConfig(
-        api_key=key, base_url=url, timeout=timeout, max_retries=max_retries, headers=extra
+        api_key=key, base_url=url, timeout=timeout, max_retries=max_retries, headers=extra,
+        max_response_bytes=max_response_bytes,
     )
 
 
@@ -183,6 +196,13 @@ def check_retries(max_retries: int) -> int:
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError("max_retries must be a whole number, zero or more")
     return max_retries
+
+
+def check_response_bytes(max_bytes: int) -> int:
+    """``max_bytes``, if it is a whole number above zero."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError("max_response_bytes must be a whole number of bytes above zero")
+    return max_bytes
 
 
 class RetryMode(enum.Enum):
@@ -308,6 +328,10 @@ def error_from(outcome: httpx.Response | httpx.TransportError, clock: Clock) -> 
         )
         return status_error_for(outcome, error_body(outcome), retry_after=retry_after)
     request = _transport_request(outcome)
+    if isinstance(outcome, UnreadableBody):
+        if outcome.too_large:
+            return ResponseTooLarge(str(outcome), request=request)
+        return APIResponseValidationError(str(outcome), request=request)
     if isinstance(outcome, httpx.TimeoutException):
         return APITimeoutError(f"request timed out ({type(outcome).__name__})", request=request)
     return APIConnectionError(f"connection failed ({type(outcome).__name__})", request=request)
@@ -343,6 +367,8 @@ def retry_delay(
             ) from error
         return None
     if isinstance(outcome, httpx.Response) and outcome.status_code not in RETRYABLE_STATUSES:
+        return None
+    if isinstance(outcome, UnreadableBody):  # the same server would send the same body
         return None
     if retry >= config.max_retries:
         log.debug("%s %s: not retrying, %d retries used", call.method, call.path, retry)
@@ -427,7 +453,8 @@ def call_flow(
             timeout = min(timeout, remaining)
         request = build_request(config, call, timeout)
         started = clock.monotonic()
-        outcome: httpx.Response | httpx.TransportError = yield Send(request, call.priority)
+        outcome: httpx.Response | httpx.TransportError = yield Send(
+            request, call.priority, timeout, config.max_response_bytes)
         elapsed = clock.monotonic() - started
         if limit is not None and isinstance(outcome, httpx.Response):
             throttled = outcome.status_code == 429

@@ -23,13 +23,14 @@ import asyncio
 import inspect
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Hashable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import httpx
 
 from ._clock import Clock
 from ._gate import AsyncGate, Gate
+from ._senders import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, AsyncSender, Sender
 from .ratelimit import BaseRateLimit, Priority
 
 __all__ = [
@@ -53,94 +54,16 @@ __all__ = [
 T = TypeVar("T")
 
 
-class Sender(Protocol):
-    """What the sync driver sends with: an :class:`httpx.Client`, or a bare transport."""
-
-    def send(self, request: httpx.Request) -> httpx.Response: ...
-
-    def close(self) -> None: ...
-
-
-class AsyncSender(Protocol):
-    """What the async driver sends with: an :class:`httpx.AsyncClient`, or a bare transport."""
-
-    async def send(self, request: httpx.Request) -> httpx.Response: ...
-
-    async def aclose(self) -> None: ...
-
-
-class ClientSender:
-    """Sends with an :class:`httpx.Client`, never following a redirect, whatever the
-    client's own setting: httpx would carry ``X-API-Key`` to another host."""
-
-    def __init__(self, client: httpx.Client) -> None:
-        self.client = client
-
-    def send(self, request: httpx.Request) -> httpx.Response:
-        return self.client.send(request, follow_redirects=False)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class AsyncClientSender:
-    """:class:`ClientSender` for an :class:`httpx.AsyncClient`."""
-
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
-
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        return await self.client.send(request, follow_redirects=False)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-
-class TransportSender:
-    """Sends straight to an httpx transport, without an :class:`httpx.Client` around it."""
-
-    def __init__(self, transport: httpx.BaseTransport) -> None:
-        self.transport = transport
-
-    def send(self, request: httpx.Request) -> httpx.Response:
-        response = self.transport.handle_request(request)
-        try:
-            response.read()
-        finally:
-            response.close()
-        response.request = request
-        return response
-
-    def close(self) -> None:
-        self.transport.close()
-
-
-class AsyncTransportSender:
-    """Sends straight to an async httpx transport; see :class:`TransportSender`."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
-        self.transport = transport
-
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        response = await self.transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        response.request = request
-        return response
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
-
-
 @attrs.frozen
 class Send:
     """Send this request; resume with the response or the transport error. ``priority``
-    orders it among the requests queued for the client's in-flight slots."""
+    orders it among the requests queued for the client's in-flight slots; ``timeout``
+    bounds the whole exchange and ``max_bytes`` its decoded body."""
 
     request: httpx.Request
     priority: int = Priority.FRESH
+    timeout: float = DEFAULT_TIMEOUT
+    max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
 
 @attrs.frozen
@@ -209,19 +132,19 @@ class _SyncEffects:
         self.http, self.clock, self.gate = http, clock, gate
         self.started: deque[tuple[Hashable, Flow[Any]]] = deque()
 
-    def _send(self, request: httpx.Request) -> httpx.Response | httpx.TransportError:
+    def _send(self, send: Send) -> httpx.Response | httpx.TransportError:
         try:
-            return self.http.send(request)
+            return self.http.send(send.request, send.timeout, send.max_bytes)
         except httpx.TransportError as exc:
             return exc
 
     def perform(self, effect: Effect) -> Any:
         if isinstance(effect, Send):
             if self.gate is None:
-                return self._send(effect.request)
+                return self._send(effect)
             self.gate.acquire(effect.priority)
             try:
-                return self._send(effect.request)
+                return self._send(effect)
             finally:
                 self.gate.release()
         if isinstance(effect, Permit):
@@ -305,19 +228,19 @@ class _AsyncEffects:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
-    async def _send(self, request: httpx.Request) -> httpx.Response | httpx.TransportError:
+    async def _send(self, send: Send) -> httpx.Response | httpx.TransportError:
         try:
-            return await self.http.send(request)
+            return await self.http.send(send.request, send.timeout, send.max_bytes)
         except httpx.TransportError as exc:
             return exc
 
     async def perform(self, effect: Effect) -> Any:
         if isinstance(effect, Send):
             if self.gate is None:
-                return await self._send(effect.request)
+                return await self._send(effect)
             await self.gate.acquire(effect.priority)
             try:
-                return await self._send(effect.request)
+                return await self._send(effect)
             finally:
                 self.gate.release()
         if isinstance(effect, Permit):

@@ -16,6 +16,7 @@
     │   │   ├── RateLimitError            429 (.retry_after)
     │   │   └── InternalServerError       5xx
     │   ├── APIResponseValidationError    body not JSON, or not the expected shape
+    │   │   └── ResponseTooLarge          body past max_response_bytes (decoded)
     │   └── AmbiguousOrderError           a create that may or may not have happened
     ├── OrderError                        (.order)
     │   ├── OrderFailed
@@ -65,6 +66,7 @@ __all__ = [
     "OrderStalled",
     "PermissionDeniedError",
     "RateLimitError",
+    "ResponseTooLarge",
     "StoreUnavailable",
     "UnprocessableEntityError",
     "status_error_for",
@@ -114,6 +116,11 @@ class APIResponseValidationError(APIError):
             request = _request_of(response)
         super().__init__(message, request=request)
         self.response = response
+
+
+class ResponseTooLarge(APIResponseValidationError):
+    """The response body (decoded) passed the client's ``max_response_bytes``; foxpoll
+    stopped reading it. Not retried: the same server would send the same body."""
 
 
 class APIStatusError(APIError):

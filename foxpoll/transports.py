@@ -20,7 +20,7 @@ that proves nothing was sent becomes :class:`httpx.ConnectError` or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -77,19 +77,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             sock_read=timeouts.get("read"),
         )
         with _mapped_errors(request):
-            async with session.request(
+            answer = await session.request(
                 request.method,
                 str(request.url),
                 headers=request.headers.multi_items(),
                 data=request.content or None,
                 timeout=timeout,
                 allow_redirects=False,
-            ) as answer:
-                body = await answer.read()
+            )
+        # The body streams: the caller bounds its size and its time (foxpoll reads it
+        # chunk by chunk, within the request's deadline and the response-size cap).
         return httpx.Response(
             answer.status,
             headers=answer.raw_headers,
-            content=body,
+            stream=_AiohttpBody(answer, request),
             request=request,
             extensions={"http_version": b"HTTP/1.1"},
         )
@@ -97,6 +98,23 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         if self._owns_session and self._session is not None:
             await self._session.close()
+
+
+class _AiohttpBody(httpx.AsyncByteStream):
+    def __init__(self, answer: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self.answer = answer
+        self.request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped_errors(self.request):
+            async for chunk in self.answer.content.iter_chunked(65536):
+                yield chunk
+
+    async def aclose(self) -> None:
+        if self.answer.content.at_eof():
+            self.answer.release()  # read to the end: the connection can serve another
+        else:
+            self.answer.close()  # abandoned mid-body: the connection is unusable
 
 
 def _sum(pool: float | None, connect: float | None) -> float | None:

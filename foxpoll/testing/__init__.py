@@ -7,11 +7,15 @@
     sim.inject(Fault(FaultKind.RATE_LIMIT, retry_after=2))
     with sim.client() as client:        # a FoxReload on the simulator's virtual clock
         order = client.orders.create(items=[{"itemId": "product_steam_10"}])
+
+    with HostileServer(Hostility.SLOW_BODY) as server:   # a server that misbehaves
+        FoxReload(api_key="k", base_url=server.url, timeout=2.0).orders.get("o1")
 """
 
 from typing import Any
 
 from ._clock import FakeClock
+from ._hostile import FreezingProxy, HostileServer, Hostility, ReceivedRequest
 from ._scripts import Fault, FaultKind, OrderScript, Outcome
 from ._server import SimulatorServer
 from ._simulator import (
@@ -31,8 +35,12 @@ __all__ = [
     "FakeFoxReload",
     "Fault",
     "FaultKind",
+    "FreezingProxy",
+    "HostileServer",
+    "Hostility",
     "OrderScript",
     "Outcome",
+    "ReceivedRequest",
     "RecordedRequest",
     "SimProduct",
     "SimTransport",

@@ -1,0 +1,226 @@
+"""Every call ends within its stated bound, in time and in memory, whatever a server
+does: tested against foxpoll.testing.HostileServer over real sockets, with the blocking
+client, the async client and the aiohttp transport."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from foxpoll import (
+    AmbiguousOrderError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AsyncFoxReload,
+    FoxReload,
+    OrderStalled,
+    RateLimitError,
+    ResponseTooLarge,
+)
+from foxpoll.testing import HostileServer, Hostility
+from foxpoll.transports import AiohttpTransport
+
+KEY = "sk-live-hostile-5c2e"
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def server() -> Iterator[HostileServer]:
+    with HostileServer(interval=0.2) as hostile:
+        yield hostile
+
+
+Call = Callable[[Any], Any]
+
+
+def sync_client(server: HostileServer, **options: Any) -> FoxReload:
+    return FoxReload(KEY, base_url=server.url, **options)
+
+
+def async_client(server: HostileServer, **options: Any) -> AsyncFoxReload:
+    return AsyncFoxReload(KEY, base_url=server.url, **options)
+
+
+def aiohttp_client(server: HostileServer, **options: Any) -> AsyncFoxReload:
+    return AsyncFoxReload(KEY, base_url=server.url, transport=AiohttpTransport(), **options)
+
+
+CLIENTS = [sync_client, async_client, aiohttp_client]
+
+
+async def run(make: Callable[..., Any], server: HostileServer,
+              call: Callable[[Any], Any], **options: Any) -> tuple[Any, float]:
+    """``call(client)`` on a fresh client; its result or exception, and the seconds taken."""
+    client = make(server, **options)
+    started = time.monotonic()
+    try:
+        result = call(client)
+        if isinstance(result, Awaitable):
+            result = await result
+    except Exception as exc:  # the outcome is what the test inspects
+        result = exc
+    finally:
+        closing = client.close()
+        if isinstance(closing, Awaitable):
+            await closing
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+@pytest.mark.parametrize("hostility", [Hostility.SLOW_HEADERS, Hostility.SLOW_BODY])
+async def test_a_trickling_server_is_cut_off_at_the_request_deadline(
+        make: Callable[..., Any], hostility: Hostility, server: HostileServer) -> None:
+    # Each byte comes well inside the read timeout; the whole answer would take ~40 s.
+    server.hostility = hostility
+    outcome, took = await run(make, server, lambda c: c.orders.get("o1"),
+                              timeout=1.0, max_retries=0)
+    assert isinstance(outcome, APITimeoutError)
+    assert took < 4.0
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+async def test_a_wait_ends_at_its_own_deadline_on_a_trickling_server(
+        make: Callable[..., Any], server: HostileServer) -> None:
+    server.hostility = Hostility.SLOW_BODY
+    outcome, took = await run(make, server,
+                              lambda c: c.wait_for_completion("o1", timeout=3.0), timeout=2.0)
+    assert isinstance(outcome, (OrderStalled, APITimeoutError))
+    assert took < 6.0  # issue: 30.6 s before the deadline reached the socket reads
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+async def test_a_create_cut_off_mid_answer_is_ambiguous_not_resent(
+        make: Callable[..., Any], server: HostileServer) -> None:
+    server.hostility = Hostility.SLOW_BODY
+    outcome, took = await run(
+        make, server, lambda c: c.orders.create(items=[{"itemId": "product_x"}]), timeout=1.0)
+    assert isinstance(outcome, AmbiguousOrderError)
+    assert [r.method for r in server.requests] == ["POST"]
+    assert took < 4.0
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+@pytest.mark.parametrize("hostility", [Hostility.ENDLESS_BODY, Hostility.GZIP_BOMB])
+async def test_endless_and_bomb_bodies_stop_at_the_size_cap_in_bounded_memory(
+        make: Callable[..., Any], hostility: Hostility, server: HostileServer) -> None:
+    server.hostility = hostility
+    server.bomb_size = 512 * MiB  # packs into ~0.5 MiB
+    tracemalloc.start()
+    try:
+        outcome, _ = await run(make, server, lambda c: c.orders.get("o1"), timeout=20.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(outcome, ResponseTooLarge)
+    assert "10485760 bytes" in str(outcome)
+    assert peak < 48 * MiB  # the 10 MiB cap, plus a chunk and its decoding
+    assert len(server.requests) == 1  # the same server would send the same body: no retry
+
+
+async def test_the_size_cap_is_an_option(server: HostileServer) -> None:
+    server.hostility = Hostility.GZIP_BOMB
+    server.bomb_size = 4 * MiB
+    outcome, _ = await run(sync_client, server, lambda c: c.orders.get("o1"),
+                           max_response_bytes=MiB)
+    assert isinstance(outcome, ResponseTooLarge)
+    outcome, _ = await run(sync_client, server, lambda c: c.with_options(
+        max_response_bytes=8 * MiB).orders.get("o1"))
+    # Read whole under the raised cap: 4 MiB of zeros, which is no order.
+    assert isinstance(outcome, APIResponseValidationError)
+    assert not isinstance(outcome, ResponseTooLarge)
+    with pytest.raises(ValueError, match="max_response_bytes"):
+        sync_client(server, max_response_bytes=0)
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+async def test_a_well_behaved_answer_still_reads_and_asks_for_what_foxpoll_decodes(
+        make: Callable[..., Any], server: HostileServer) -> None:
+    outcome, _ = await run(make, server, lambda c: c.orders.get("o1"))
+    assert outcome.status == "completed"
+    assert list(outcome.codes) == ["HOSTILE-TEST-CODE"]
+    assert server.requests[0].headers["accept-encoding"] == "gzip, deflate"
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+@pytest.mark.parametrize("retry_after", ["999999", "Wed, 21 Oct 2037 07:28:00 GMT"])
+async def test_a_huge_retry_after_is_refused_at_once(
+        make: Callable[..., Any], retry_after: str, server: HostileServer) -> None:
+    server.hostility, server.retry_after = Hostility.RETRY_AFTER, retry_after
+    outcome, took = await run(make, server, lambda c: c.orders.get("o1"))
+    assert isinstance(outcome, RateLimitError)
+    assert outcome.retry_after is not None and outcome.retry_after > 60
+    assert took < 4.0 and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("follow", [False, True])
+async def test_a_redirect_to_another_port_is_never_followed(
+        follow: bool, server: HostileServer) -> None:
+    server.hostility = Hostility.REDIRECT
+    http = httpx.Client(follow_redirects=follow)
+    outcome, _ = await run(sync_client, server, lambda c: c.orders.get("o1"), http_client=http)
+    http.close()
+    assert isinstance(outcome, APIStatusError) and outcome.status_code == 307
+    assert server.redirected == []
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+async def test_a_frozen_server_is_a_timeout(
+        make: Callable[..., Any], server: HostileServer) -> None:
+    server.hostility = Hostility.FREEZE
+    outcome, took = await run(make, server, lambda c: c.orders.get("o1"),
+                              timeout=0.5, max_retries=1)
+    assert isinstance(outcome, APITimeoutError)
+    assert len(server.requests) == 2 and took < 4.0
+
+
+def _encode(data: bytes, encoding: str) -> bytes:
+    import zlib
+
+    wbits = {"gzip": 31, "deflate": 15, "raw-deflate": -15}[encoding]
+    packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return packer.compress(data) + packer.flush()
+
+
+@given(data=st.binary(max_size=5000), cuts=st.lists(st.integers(0, 6000), max_size=8),
+       encoding=st.sampled_from(["gzip", "deflate", "raw-deflate", "identity"]),
+       cap=st.integers(1, 6000))
+def test_body_reader_decodes_any_chunking_and_refuses_past_the_cap(
+        data: bytes, cuts: list[int], encoding: str, cap: int) -> None:
+    from foxpoll._senders import BodyReader, UnreadableBody
+
+    body = data if encoding == "identity" else _encode(data, encoding)
+    header = "deflate" if encoding == "raw-deflate" else encoding
+    streamed = httpx.Response(200, headers={"Content-Encoding": header},
+                              request=httpx.Request("GET", "https://h/api/orders/x"))
+    reader = BodyReader(streamed, cap, deadline=time.monotonic() + 60)
+    bounds = sorted({0, len(body), *(c for c in cuts if c < len(body))})
+    try:
+        for start, end in zip(bounds, bounds[1:]):
+            reader.feed(body[start:end])
+    except UnreadableBody as exc:
+        assert exc.too_large and len(data) > cap
+        if encoding != "identity":  # a raw chunk is in memory already; a decoded one is not
+            assert reader.size <= cap + 1  # decoding stopped one byte past the cap
+        return
+    assert len(data) <= cap
+    response = reader.response(streamed)
+    assert response.content == data
+    assert "content-encoding" not in response.headers
+
+
+def test_an_encoding_foxpoll_did_not_ask_for_is_refused() -> None:
+    from foxpoll._senders import BodyReader, UnreadableBody
+
+    streamed = httpx.Response(200, headers={"Content-Encoding": "br"},
+                              request=httpx.Request("GET", "https://h/api/orders/x"))
+    with pytest.raises(UnreadableBody, match="'br', not asked for"):
+        BodyReader(streamed, 100, deadline=time.monotonic() + 60)
