@@ -150,22 +150,24 @@ class BodyReader:
 
 
 class _Deflate:
-    """``deflate`` as servers send it: zlib-wrapped, or raw (httpx accepts both)."""
+    """``deflate`` as servers send it: zlib-wrapped or raw (httpx accepts both), told
+    apart by the zlib header once its two bytes are in."""
 
     def __init__(self) -> None:
         self.inner: Any = None
+        self.head = b""
         self.unconsumed_tail = b""
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
         if self.inner is None:
-            self.inner = zlib.decompressobj()
-            try:
-                out = self.inner.decompress(data, max_length)
-            except zlib.error:
-                self.inner = zlib.decompressobj(-zlib.MAX_WBITS)
-                out = self.inner.decompress(data, max_length)
-        else:
-            out = self.inner.decompress(data, max_length)
+            self.head += data
+            if len(self.head) < 2:
+                return b""
+            cmf, flg = self.head[0], self.head[1]
+            wrapped = cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0
+            self.inner = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            data, self.head = self.head, b""
+        out = self.inner.decompress(data, max_length)
         self.unconsumed_tail = self.inner.unconsumed_tail
         return bytes(out)
 
