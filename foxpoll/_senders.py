@@ -17,7 +17,6 @@ timeouts); the body is bounded either way.
 from __future__ import annotations
 
 import contextvars
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -27,18 +26,7 @@ from typing import Any, Protocol
 import httpcore
 import httpx
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _whole_exchange
-else:  # pragma: no cover - anyio comes with httpx
-    from collections.abc import AsyncIterator
-    from contextlib import asynccontextmanager
-
-    import anyio
-
-    @asynccontextmanager
-    async def _whole_exchange(delay: float) -> AsyncIterator[None]:
-        with anyio.fail_after(delay):
-            yield
+from ._deadlines import within
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -71,7 +59,7 @@ class UnreadableBody(httpx.TransportError):
 class Sender(Protocol):
     """What the sync driver sends with."""
 
-    def send(self, request: httpx.Request, within: float, max_bytes: int) -> httpx.Response:
+    def send(self, request: httpx.Request, seconds: float, max_bytes: int) -> httpx.Response:
         ...
 
     def close(self) -> None: ...
@@ -80,7 +68,7 @@ class Sender(Protocol):
 class AsyncSender(Protocol):
     """What the async driver sends with."""
 
-    async def send(self, request: httpx.Request, within: float, max_bytes: int
+    async def send(self, request: httpx.Request, seconds: float, max_bytes: int
                    ) -> httpx.Response: ...
 
     async def aclose(self) -> None: ...
@@ -264,8 +252,8 @@ class _BlockingSender:
     def _open(self, request: httpx.Request) -> httpx.Response:
         raise NotImplementedError
 
-    def send(self, request: httpx.Request, within: float, max_bytes: int) -> httpx.Response:
-        deadline = time.monotonic() + within
+    def send(self, request: httpx.Request, seconds: float, max_bytes: int) -> httpx.Response:
+        deadline = time.monotonic() + seconds
         with _until(deadline):
             streamed = self._open(request)
             if streamed.is_stream_consumed:
@@ -312,11 +300,11 @@ class _AsyncSender:
     async def _open(self, request: httpx.Request) -> httpx.Response:
         raise NotImplementedError
 
-    async def send(self, request: httpx.Request, within: float, max_bytes: int
+    async def send(self, request: httpx.Request, seconds: float, max_bytes: int
                    ) -> httpx.Response:
-        deadline = time.monotonic() + within
+        deadline = time.monotonic() + seconds
         with _timed_out(request):
-            async with _whole_exchange(within):  # the whole exchange, whatever the transport
+            async with within(seconds):  # the whole exchange, whatever the transport
                 streamed = await self._open(request)
                 if streamed.is_stream_consumed:
                     return _in_memory(streamed, max_bytes)

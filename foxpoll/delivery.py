@@ -8,21 +8,31 @@ The guarantee: codes are delivered once, except when a worker dies (or stalls pa
 lease) in the middle of ``deliver``. Its claim then expires, and the next attempt delivers
 again: at-least-once in that window. Pass ``order.id`` downstream as an idempotency key so
 the receiver can drop such a repeat.
+
+Two things keep that window small. While ``deliver`` runs, the claim is renewed every
+third of its lease (``renew=False`` turns that off), so a slow delivery keeps it. And a
+store failure when recording the delivery is retried, with backoff, for as long as the
+lease lasts: giving up at once would make a second delivery certain.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import functools
 import hashlib
 import inspect
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 import attrs
 
+from ._clock import Clock, SystemClock
+from ._deadlines import WATCHDOG
 from ._effects import arun_flow, run_flow
 from .dedup.base import AsyncDedupStore, DedupStore, DeliveryRecord, DeliveryState
 from .errors import CodesMissing, DeliveryInProgress, LeaseLost, StoreUnavailable
@@ -38,13 +48,24 @@ T = TypeVar("T")
 @attrs.frozen
 class Invoke:
     """Call ``fn(*args)`` (awaiting the result on asyncio); resume with its result, or have
-    its exception thrown in."""
+    its exception thrown in. With ``keep_alive``, renew that lease while the call runs."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
+    keep_alive: Lease | None = None
 
 
-Flow = Generator[Invoke, Any, T]
+@attrs.frozen
+class Pause:
+    """Wait ``seconds`` on the flow's clock; resume with None."""
+
+    seconds: float
+
+
+Flow = Generator[Invoke | Pause, Any, T]
+
+#: Backoff of the retries of a failed ``complete()``: 0.1 s, doubling, at most 2 s.
+COMPLETE_RETRY_FIRST, COMPLETE_RETRY_CAP = 0.1, 2.0
 
 
 @attrs.frozen
@@ -70,6 +91,7 @@ class Lease:
     Attributes:
         order_id: The order being delivered.
         lease_until: When the claim expires (store clock), as of the last renewal.
+        expires: When the claim expires at the latest, on the flow's monotonic clock.
     """
 
     order_id: str
@@ -77,6 +99,8 @@ class Lease:
     seconds: float
     lease_until: float | None
     _store: DedupStore | AsyncDedupStore = attrs.field(repr=False)
+    _clock: Clock = attrs.field(repr=False)
+    expires: float = 0.0
 
     def renew(self, seconds: float | None = None) -> Any:
         """Push the claim ``seconds`` (the original lease by default) out from now.
@@ -84,7 +108,10 @@ class Lease:
         On an async store this returns an awaitable. Raises :class:`LeaseLost` when the
         claim was already taken over: stop delivering.
         """
-        result = self._store.renew(self.order_id, self.token, seconds or self.seconds)
+        seconds = seconds or self.seconds
+        asked = self._clock.monotonic() + seconds  # the store's lease starts after this
+        result = self._store.renew(self.order_id, self.token, seconds)
+        self.expires = max(self.expires, asked)
         if inspect.isawaitable(result):
             return self._arenew(result)
         self.lease_until = result.lease_until
@@ -132,6 +159,9 @@ def delivery_flow(
     store: DedupStore | AsyncDedupStore,
     lease: float,
     require_codes: bool = False,
+    *,
+    clock: Clock,
+    renew: bool = True,
 ) -> Flow[DeliveryResult]:
     """Claim, deliver, complete; release and re-raise when ``deliver`` fails."""
     if not isinstance(order, Order):
@@ -148,16 +178,18 @@ def delivery_flow(
     if not lease > 0:
         raise ValueError("lease must be positive")
     token = uuid.uuid4().hex
+    asked = clock.monotonic()
     claim = yield Invoke(store.claim, (order.id, token, lease))
     if not claim.acquired:
         if claim.record.state is DeliveryState.DELIVERED:
             log.info("order %s already delivered; skipping", order.id)
             return DeliveryResult(delivered=False, record=claim.record)
         raise DeliveryInProgress(order.id, lease_until=claim.record.lease_until or claim.now)
-    held = Lease(order.id, token, lease, claim.record.lease_until, store)
+    held = Lease(order.id, token, lease, claim.record.lease_until, store, clock,
+                 expires=asked + lease)
     reset = _current.set(held)
     try:
-        receipt = yield Invoke(deliver, (order,))
+        receipt = yield Invoke(deliver, (order,), keep_alive=held if renew else None)
     except BaseException:
         # Nothing was confirmed delivered: give the claim back so a retry can deliver now
         # (if this fails too, the lease simply expires). Never delete: the record stays.
@@ -169,18 +201,36 @@ def delivery_flow(
         raise
     finally:
         _current.reset(reset)
-    try:
-        record = yield Invoke(store.complete,
-                              (order.id, token, payload_hash(order), _receipt_text(receipt)))
-    except LeaseLost:
-        log.error("order %s: delivered, but the lease had expired and another worker took "
-                  "over; it may deliver again (use order.id as the idempotency key)", order.id)
-        raise
-    except StoreUnavailable:
-        log.error("order %s: delivered, but the store did not record it; the claim will "
-                  "expire and the order may be delivered again", order.id)
-        raise
+    record = yield from _record_delivery(held, payload_hash(order), _receipt_text(receipt),
+                                         store, clock)
     return DeliveryResult(delivered=True, record=record, receipt=receipt)
+
+
+def _record_delivery(held: Lease, payload: str, receipt: str | None,
+                     store: DedupStore | AsyncDedupStore, clock: Clock
+                     ) -> Flow[DeliveryRecord]:
+    """``complete()``, retried with backoff while the lease lasts: once the codes are out,
+    every failure to record it risks a second delivery."""
+    delay = COMPLETE_RETRY_FIRST
+    while True:
+        try:
+            record: DeliveryRecord = yield Invoke(
+                store.complete, (held.order_id, held.token, payload, receipt))
+            return record
+        except LeaseLost:
+            log.error("order %s: delivered, but the lease had expired and another worker "
+                      "took over; it may deliver again (use order.id as the idempotency "
+                      "key)", held.order_id)
+            raise
+        except StoreUnavailable as exc:
+            if clock.monotonic() + delay >= held.expires:
+                log.error("order %s: delivered, but the store did not record it before the "
+                          "lease ran out; the order may be delivered again", held.order_id)
+                raise
+            log.warning("order %s: delivered, but recording it failed (%s); retrying in "
+                        "%.1f s, within the lease", held.order_id, exc, delay)
+        yield Pause(delay)
+        delay = min(delay * 2, COMPLETE_RETRY_CAP)
 
 
 def deliver_once(
@@ -190,6 +240,8 @@ def deliver_once(
     *,
     lease: float = 60.0,
     require_codes: bool = False,
+    renew: bool = True,
+    clock: Clock | None = None,
 ) -> DeliveryResult:
     """Deliver a completed order's codes exactly once across workers.
 
@@ -197,9 +249,12 @@ def deliver_once(
         order: A completed order.
         deliver: Sends the codes to your customer; its return value is kept as the
             receipt. Raise to signal failure: the claim is released and the error re-raised.
-            Call ``current_lease().renew()`` inside it when it may outlast ``lease``.
         store: The dedup store shared by every worker.
         lease: Seconds the claim lasts; another worker may take over after that.
+        renew: Renew the claim every third of ``lease`` while ``deliver`` runs, so a slow
+            delivery keeps it (``current_lease().renew()`` also works, by hand).
+        clock: Time and sleep for the retries of ``complete()``; a
+            :class:`foxpoll.testing.FakeClock` in tests.
         require_codes: Refuse an order without codes (:class:`CodesMissing`, nothing
             claimed) instead of delivering it empty, with a warning, as top-ups are.
 
@@ -209,13 +264,16 @@ def deliver_once(
     Raises:
         DeliveryInProgress: another worker holds a live claim (retry after
             ``lease_until``).
-        StoreUnavailable: the store could not be reached; nothing was delivered (unless it
-            failed only when recording a delivery that happened).
+        StoreUnavailable: the store could not be reached; nothing was delivered, unless it
+            failed when recording a delivery that happened, and kept failing, retried,
+            until the lease ran out.
         LeaseLost: the claim was taken over while ``deliver`` ran.
         ValueError: the order is not completed.
         CodesMissing: ``require_codes`` and the order has none.
     """
-    return _run(delivery_flow(order, deliver, store, lease, require_codes))
+    clock = clock or SystemClock()
+    flow = delivery_flow(order, deliver, store, lease, require_codes, clock=clock, renew=renew)
+    return run_flow(flow, functools.partial(_call, clock), throw_errors=True)
 
 
 async def adeliver_once(
@@ -225,13 +283,25 @@ async def adeliver_once(
     *,
     lease: float = 60.0,
     require_codes: bool = False,
+    renew: bool = True,
+    clock: Clock | None = None,
 ) -> DeliveryResult:
     """See :func:`deliver_once`; ``deliver`` may be a coroutine function."""
-    return await _arun(delivery_flow(order, deliver, store, lease, require_codes))
+    clock = clock or SystemClock()
+    flow = delivery_flow(order, deliver, store, lease, require_codes, clock=clock, renew=renew)
+    # Exceptions go back into the flow: it releases the claim, then re-raises.
+    return await arun_flow(flow, functools.partial(_acall, clock), throw_errors=True)
 
 
-def _call(effect: Invoke) -> Any:
-    result = effect.fn(*effect.args)
+def _call(clock: Clock, effect: Invoke | Pause) -> Any:
+    if isinstance(effect, Pause):
+        return clock.sleep(effect.seconds)
+    renewer = None if effect.keep_alive is None else _Renewer(effect.keep_alive)
+    try:
+        result = effect.fn(*effect.args)
+    finally:
+        if renewer is not None:
+            renewer.stop()
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()
@@ -239,14 +309,69 @@ def _call(effect: Invoke) -> Any:
     return result
 
 
-def _acall(effect: Invoke) -> Any:
-    return effect.fn(*effect.args)  # arun_flow awaits what is awaitable
+async def _acall(clock: Clock, effect: Invoke | Pause) -> Any:
+    if isinstance(effect, Pause):
+        return await clock.asleep(effect.seconds)
+    renewing = None
+    if effect.keep_alive is not None:
+        renewing = asyncio.ensure_future(_keep_renewing(effect.keep_alive))
+    try:
+        result = effect.fn(*effect.args)
+        return (await result) if inspect.isawaitable(result) else result
+    finally:
+        if renewing is not None:
+            renewing.cancel()
 
 
-def _run(flow: Flow[T]) -> T:
-    # Exceptions go back into the flow: it releases the claim, then re-raises.
-    return run_flow(flow, _call, throw_errors=True)
+def _renewed(lease: Lease, outcome: BaseException | None) -> bool:
+    """Log a renewal's failure; whether renewing should go on."""
+    if isinstance(outcome, LeaseLost):
+        log.error("order %s: the claim was taken over while deliver ran; it may be "
+                  "delivered twice (use order.id as the idempotency key)", lease.order_id)
+        return False
+    if outcome is not None:
+        log.warning("order %s: renewing the claim failed (%s); trying again",
+                    lease.order_id, type(outcome).__name__)
+    return True
 
 
-async def _arun(flow: Flow[T]) -> T:
-    return await arun_flow(flow, _acall, throw_errors=True)
+class _Renewer:
+    """Renews ``lease`` every third of it while a blocking ``deliver`` runs. The thread
+    starts only when a delivery outlasts its first third: the watchdog's alarm costs a
+    quick delivery microseconds, a thread would cost it more than its statements."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease, self.stopped = lease, threading.Event()
+        self.alarm = WATCHDOG.arm(lease.seconds / 3, self._start)
+
+    def _start(self) -> None:
+        threading.Thread(target=self._run, name=f"foxpoll-renew-{self.lease.order_id[:24]}",
+                         daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.lease.renew()
+                outcome = None
+            except (LeaseLost, StoreUnavailable) as exc:
+                outcome = exc
+            if not _renewed(self.lease, outcome) or self.stopped.wait(self.lease.seconds / 3):
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        WATCHDOG.disarm(self.alarm)
+
+
+async def _keep_renewing(lease: Lease) -> None:
+    while True:
+        await asyncio.sleep(lease.seconds / 3)
+        try:
+            result = lease.renew()
+            if inspect.isawaitable(result):
+                await result
+            outcome = None
+        except (LeaseLost, StoreUnavailable) as exc:
+            outcome = exc
+        if not _renewed(lease, outcome):
+            return

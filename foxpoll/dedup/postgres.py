@@ -37,12 +37,13 @@ class _PostgresStore(FlowStore):
 
     def __init__(
         self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10,
-        max_connections: int = 10,
+        max_connections: int = 10, statement_timeout: float = 5.0,
     ) -> None:
         self._sql = POSTGRES.statements(table)
         self._flows = SQLFlows(self._sql)
         self._pg = PostgresConnections(conninfo_or_pool, table=table, what="delivery",
                                        timeout=connect_timeout, size=max_connections,
+                                       statement_timeout=statement_timeout,
                                        asynchronous=self._asynchronous)
 
 
@@ -58,6 +59,9 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
         table: The table name (a plain identifier).
         connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
         max_connections: The size of the store's own pool.
+        statement_timeout: Seconds one store call may take once it has its connection;
+            past that, its connection is cut and the call raises
+            :class:`StoreUnavailable` (a network that froze mid-statement).
 
     Call :meth:`create_schema` once (it is idempotent) before use.
     """

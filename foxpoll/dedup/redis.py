@@ -10,6 +10,7 @@ indexes of entries older than the retention, so they never outgrow the records.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,9 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
+from foxpoll._deadlines import WATCHDOG, within
 from foxpoll._effects import arun_flow, run_flow
+from foxpoll.errors import StoreUnavailable
 
 from ._flows import Flow, FlowStore
 from .base import (
@@ -205,16 +208,24 @@ class _RedisStore(FlowStore):
     _client_class: Any
 
     def __init__(
-        self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS
+        self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS,
+        statement_timeout: float = 5.0,
     ) -> None:
         self._owns = isinstance(url_or_client, str)
         self._client = (
-            self._client_class.from_url(url_or_client, socket_timeout=10,
-                                        socket_connect_timeout=10)
+            self._client_class.from_url(url_or_client, socket_timeout=statement_timeout,
+                                        socket_connect_timeout=statement_timeout)
             if self._owns else url_or_client
         )
+        self.statement_timeout = statement_timeout
         self._flows = RedisFlows(key_prefix, int(retention))
         self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
+
+    def _failure(self, exc: Exception, cut: bool) -> StoreUnavailable:
+        if cut:
+            return StoreUnavailable(f"Redis did not answer within statement_timeout "
+                                    f"({self.statement_timeout:g} s)")
+        return unavailable("Redis", exc)
 
     def _perform(self, effect: Script | Command) -> Any:
         if isinstance(effect, Script):
@@ -230,15 +241,29 @@ class RedisDedupStore(_RedisStore, DedupStore):
             the store).
         key_prefix: Prefix of every key the store writes.
         retention: Seconds a DELIVERED record is kept (0: forever).
+        statement_timeout: Seconds one store call may take, whatever the client's own
+            socket timeout; past that, the client's connections in use are dropped and the
+            call raises :class:`StoreUnavailable` (a network that froze mid-command).
     """
 
     _client_class = redis.Redis
 
     def _run(self, flow: Flow[Any]) -> Any:
+        # redis-py bounds a call only by the client's socket timeout, which a caller's
+        # client may not have: the watchdog drops the connections a frozen call holds.
+        pool = self._client.connection_pool
+        alarm = WATCHDOG.arm(self.statement_timeout,
+                             functools.partial(pool.disconnect, inuse_connections=True))
         try:
             return run_flow(flow, self._perform)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise unavailable("Redis", exc) from exc
+            raise self._failure(exc, alarm.fired) from exc
+        except Exception as exc:
+            if alarm.fired:  # cut mid-read, the parser may fail in its own way
+                raise self._failure(exc, True) from exc
+            raise
+        finally:
+            WATCHDOG.disarm(alarm)
 
     def close(self) -> None:
         if self._owns:
@@ -252,9 +277,12 @@ class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
 
     async def _run(self, flow: Flow[Any]) -> Any:
         try:
-            return await arun_flow(flow, self._perform)
+            async with within(self.statement_timeout):
+                return await arun_flow(flow, self._perform)
+        except TimeoutError as exc:
+            raise self._failure(exc, True) from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise unavailable("Redis", exc) from exc
+            raise self._failure(exc, False) from exc
 
     async def aclose(self) -> None:
         if self._owns:

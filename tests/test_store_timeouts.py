@@ -1,0 +1,130 @@
+"""A network that freezes mid-statement fails the store call within its statement
+timeout instead of blocking it (and the delivery's lease) for good: PostgreSQL and Redis,
+sync and async, a store's own connections and a caller's, through foxpoll.testing's
+FreezingProxy in front of the real servers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import psycopg_pool
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from foxpoll import StoreUnavailable
+from foxpoll.dedup import (
+    AsyncPostgresDedupStore,
+    AsyncRedisDedupStore,
+    PostgresDedupStore,
+    RedisDedupStore,
+)
+from foxpoll.testing import FreezingProxy
+
+from .services import POSTGRES_URL, REDIS_URL, require
+
+TABLE = "foxpoll_timeouts_test"
+LIMIT = 0.5
+
+
+def _target(url: str) -> tuple[str, int]:
+    parts = urlparse(url)
+    return parts.hostname or "127.0.0.1", parts.port or 0
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[FreezingProxy]:
+    require("PostgreSQL", *_target(POSTGRES_URL))
+    with PostgresDedupStore(POSTGRES_URL, table=TABLE) as store:
+        store.create_schema()
+    with FreezingProxy(_target(POSTGRES_URL)) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def redis_proxy() -> Iterator[FreezingProxy]:
+    require("Redis", *_target(REDIS_URL))
+    with FreezingProxy(_target(REDIS_URL)) as proxy:
+        yield proxy
+
+
+def _via(url: str, proxy: FreezingProxy) -> str:
+    parts = urlparse(url)
+    return parts._replace(netloc=f"{parts.username + '@' if parts.username else ''}"
+                                 f"127.0.0.1:{proxy.port}").geturl()
+
+
+def pg_own(proxy: FreezingProxy) -> Any:
+    return PostgresDedupStore(_via(POSTGRES_URL, proxy), table=TABLE, statement_timeout=LIMIT)
+
+
+def pg_callers_pool(proxy: FreezingProxy) -> Any:
+    pool = psycopg_pool.ConnectionPool(_via(POSTGRES_URL, proxy), min_size=1, max_size=2,
+                                       kwargs={"autocommit": True}, open=True)
+    return PostgresDedupStore(pool, table=TABLE, statement_timeout=LIMIT)
+
+
+def pg_async(proxy: FreezingProxy) -> Any:
+    return AsyncPostgresDedupStore(_via(POSTGRES_URL, proxy), table=TABLE,
+                                   statement_timeout=LIMIT)
+
+
+def redis_callers_client(proxy: FreezingProxy) -> Any:
+    # No socket timeout at all: only the store's own deadline can end a frozen call.
+    return RedisDedupStore(redis.Redis.from_url(_via(REDIS_URL, proxy)),
+                           key_prefix=f"t{uuid.uuid4().hex[:6]}:", statement_timeout=LIMIT)
+
+
+def redis_own(proxy: FreezingProxy) -> Any:
+    return RedisDedupStore(_via(REDIS_URL, proxy), key_prefix=f"t{uuid.uuid4().hex[:6]}:",
+                           statement_timeout=LIMIT)
+
+
+def redis_async_callers_client(proxy: FreezingProxy) -> Any:
+    return AsyncRedisDedupStore(aredis.Redis.from_url(_via(REDIS_URL, proxy)),
+                                key_prefix=f"t{uuid.uuid4().hex[:6]}:", statement_timeout=LIMIT)
+
+
+async def _call(result: Any) -> Any:
+    return await result if isinstance(result, Awaitable) else result
+
+
+async def frozen_then_thawed(store: Any, proxy: FreezingProxy) -> None:
+    order = f"o-{uuid.uuid4()}"
+    await _call(store.get(order))  # a connection is open and in the pool
+    proxy.freeze()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="did not answer within statement_timeout"):
+        await _call(store.claim(order, "token-1", 30.0))
+    assert time.monotonic() - started < LIMIT + 2.0  # unbounded before: blocked for good
+    proxy.thaw()
+    # The cut connection was dropped; the next call gets a working one.
+    claim = await _call(store.claim(f"o-{uuid.uuid4()}", "token-2", 30.0))
+    assert claim.acquired
+
+
+@pytest.mark.parametrize("make", [pg_own, pg_callers_pool, pg_async])
+async def test_postgres_call_ends_within_the_statement_timeout(
+        make: Callable[[FreezingProxy], Any], pg_proxy: FreezingProxy) -> None:
+    store = make(pg_proxy)
+    try:
+        await frozen_then_thawed(store, pg_proxy)
+    finally:
+        pool = getattr(store._pg, "pool", None)
+        await _call(store.aclose() if hasattr(store, "aclose") else store.close())
+        if not store._pg.owned and pool is not None:
+            pool.close()
+
+
+@pytest.mark.parametrize("make", [redis_own, redis_callers_client, redis_async_callers_client])
+async def test_redis_call_ends_within_the_statement_timeout(
+        make: Callable[[FreezingProxy], Any], redis_proxy: FreezingProxy) -> None:
+    store = make(redis_proxy)
+    try:
+        await frozen_then_thawed(store, redis_proxy)
+    finally:
+        await _call(store.aclose() if hasattr(store, "aclose") else store.close())
