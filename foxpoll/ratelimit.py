@@ -454,8 +454,11 @@ class RedisRateLimit(BaseRateLimit):
         self.key = key
         clients: dict[str, Any] = {}
         if isinstance(url_or_client, str):
-            clients = {"sync": redis.Redis.from_url(url_or_client),
-                       "async": redis.asyncio.Redis.from_url(url_or_client)}
+            # A permit must not wait on a frozen network: 5 s per call, as the stores.
+            clients = {"sync": redis.Redis.from_url(url_or_client, socket_timeout=5.0,
+                                                    socket_connect_timeout=5.0),
+                       "async": redis.asyncio.Redis.from_url(url_or_client, socket_timeout=5.0,
+                                                             socket_connect_timeout=5.0)}
         elif isinstance(url_or_client, redis.asyncio.Redis):
             clients = {"async": url_or_client}
         else:

@@ -264,14 +264,26 @@ def _mapped(exc: ClientError | BotoCoreError) -> Exception:
     return unavailable("DynamoDB", exc) if _is_unavailable(exc) else exc
 
 
+def bounded_config(statement_timeout: float) -> Any:
+    """A botocore config whose connects and reads end within ``statement_timeout``, with
+    one retry: a store call then ends within about twice that, not minutes."""
+    from botocore.config import Config
+
+    return Config(connect_timeout=statement_timeout, read_timeout=statement_timeout,
+                  retries={"max_attempts": 2, "mode": "standard"})
+
+
 class DynamoDBDedupStore(FlowStore, DedupStore):
     """A dedup store in a DynamoDB table.
 
     Args:
         table_name: The table (see :meth:`create_table`).
-        client: A boto3 DynamoDB client; ``boto3.client("dynamodb")`` when None.
+        client: A boto3 DynamoDB client (its own timeouts apply); when None,
+            ``boto3.client("dynamodb")`` with :func:`bounded_config`.
         retention: Seconds before a DELIVERED record's TTL (0: no TTL attribute).
         clock: Seconds since the epoch.
+        statement_timeout: Seconds each connect and read of the store's own client may
+            take (botocore's default is 60, retried up to four times).
     """
 
     def __init__(
@@ -281,9 +293,11 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
         *,
         retention: int = THIRTY_DAYS,
         clock: Callable[[], float] = time.time,
+        statement_timeout: float = 5.0,
     ) -> None:
         self.table_name = table_name
-        self._client = client if client is not None else boto3.client("dynamodb")
+        self._client = client if client is not None else boto3.client(
+            "dynamodb", config=bounded_config(statement_timeout))
         self._flows: DynamoDBFlows = DynamoDBFlows(table_name, int(retention), clock)
 
     def create_table(self) -> None:
@@ -314,7 +328,9 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
         table_name: The table.
         client: An entered aioboto3 DynamoDB client (``async with session.client(...)``),
             not closed by the store; when None, one is opened on first use with
-            ``client_kwargs`` and closed by :meth:`aclose`.
+            ``client_kwargs`` (``config`` defaults to :func:`bounded_config`) and closed
+            by :meth:`aclose`.
+        statement_timeout: As for :class:`DynamoDBDedupStore`.
     """
 
     def __init__(
@@ -324,11 +340,12 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
         *,
         retention: int = THIRTY_DAYS,
         clock: Callable[[], float] = time.time,
+        statement_timeout: float = 5.0,
         **client_kwargs: Any,
     ) -> None:
         self.table_name = table_name
         self._client = client
-        self._client_kwargs = client_kwargs
+        self._client_kwargs = {"config": bounded_config(statement_timeout), **client_kwargs}
         self._context: Any = None
         self._opening = asyncio.Lock()
         self._flows: DynamoDBFlows = DynamoDBFlows(table_name, int(retention), clock)

@@ -49,6 +49,8 @@ class PostgresRecoveryQueue(SQLJobQueue):
         policy: The re-check policy, for this queue and its workers.
         table: The table name (a plain identifier).
         connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
+        statement_timeout: Seconds one queue call may hold its connection; past that its
+            connection is cut (a network that froze) and the call fails.
         max_connections: The size of the queue's own pool.
 
     Call :meth:`create_schema` once (it is idempotent) before use.
@@ -56,12 +58,14 @@ class PostgresRecoveryQueue(SQLJobQueue):
 
     def __init__(self, conninfo_or_pool: str | psycopg_pool.ConnectionPool[Any], *,
                  policy: RecoveryPolicy | None = None, table: str = DEFAULT_TABLE,
-                 connect_timeout: float = 10.0, max_connections: int = 4) -> None:
+                 connect_timeout: float = 10.0, max_connections: int = 4,
+                 statement_timeout: float = 5.0) -> None:
         self.policy = policy or RecoveryPolicy()
         self.table = table
         self._sql = JobStatements.render(POSTGRES, table)
         self._pg = PostgresConnections(conninfo_or_pool, table=table, what="recovery",
-                                       timeout=connect_timeout, size=max_connections)
+                                       timeout=connect_timeout, size=max_connections,
+                                       statement_timeout=statement_timeout)
         self.conninfo = self._pg.conninfo
 
     # Due times are stored relative to the server's clock ({now} + :delay); a caller's
