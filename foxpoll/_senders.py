@@ -123,11 +123,13 @@ class BodyReader:
             self.parts.append(data)
 
     def response(self, streamed: httpx.Response) -> httpx.Response:
-        """``streamed`` with its body: decoded, so without its encoding headers."""
-        headers = httpx.Headers([
-            (name, value) for name, value in streamed.headers.multi_items()
-            if name.lower() not in ("content-encoding", "content-length")
-        ])
+        """``streamed`` with its body; a decoded one without its encoding headers."""
+        headers = streamed.headers
+        if self.decoder is not None:
+            headers = httpx.Headers([
+                (name, value) for name, value in headers.multi_items()
+                if name.lower() not in ("content-encoding", "content-length")
+            ])
         return httpx.Response(
             streamed.status_code,
             headers=headers,
@@ -260,7 +262,7 @@ class _BlockingSender:
                 return _in_memory(streamed, max_bytes)
             try:
                 reader = BodyReader(streamed, max_bytes, deadline)
-                for chunk in streamed.iter_raw():
+                for chunk in streamed.stream:  # type: ignore[union-attr]
                     reader.feed(chunk)
             finally:
                 streamed.close()
@@ -310,7 +312,7 @@ class _AsyncSender:
                     return _in_memory(streamed, max_bytes)
                 try:
                     reader = BodyReader(streamed, max_bytes, deadline)
-                    async for chunk in streamed.aiter_raw():
+                    async for chunk in streamed.stream:  # type: ignore[union-attr]
                         reader.feed(chunk)
                 finally:
                     await streamed.aclose()

@@ -106,8 +106,9 @@ class _AiohttpBody(httpx.AsyncByteStream):
         self.request = request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self.answer.content
         with _mapped_errors(self.request):
-            async for chunk in self.answer.content.iter_chunked(65536):
+            while chunk := await content.readany():
                 yield chunk
 
     async def aclose(self) -> None:

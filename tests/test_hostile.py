@@ -225,7 +225,8 @@ def test_body_reader_decodes_any_chunking_and_refuses_past_the_cap(
     assert len(data) <= cap
     response = reader.response(streamed)
     assert response.content == data
-    assert "content-encoding" not in response.headers
+    if encoding != "identity":  # decoded: httpx must not decode it again
+        assert "content-encoding" not in response.headers
 
 
 def test_an_encoding_foxpoll_did_not_ask_for_is_refused() -> None:
