@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextvars
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -97,12 +97,20 @@ class BodyReader:
                                  request=self.request, too_large=False)
         self.encoding = encoding
 
-    def feed(self, chunk: bytes) -> None:
+    def checked(self, stream: Any) -> _Checked:
+        """``stream`` with every raw chunk counted against the cap and the deadline, for
+        httpx to read: a body that needs no decoding is then read without a copy."""
+        return _Checked(stream, self)
+
+    def feed(self, chunk: bytes, keep: bool = True) -> None:
         if time.monotonic() > self.deadline:
             raise httpx.ReadTimeout("the request's deadline passed while reading the body",
                                     request=self.request)
         if self.decoder is None:
-            self._keep(chunk)
+            self.size += len(chunk)
+            self._check()
+            if keep and chunk:
+                self.parts.append(chunk)
             return
         try:
             data = self.decoder.decompress(chunk, self.max_bytes + 1 - self.size)
@@ -116,11 +124,14 @@ class BodyReader:
 
     def _keep(self, data: bytes) -> None:
         self.size += len(data)
+        self._check()
+        if data:
+            self.parts.append(data)
+
+    def _check(self) -> None:
         if self.size > self.max_bytes:
             raise UnreadableBody(f"response body over {self.max_bytes} bytes",
                                  request=self.request, too_large=True)
-        if data:
-            self.parts.append(data)
 
     def response(self, streamed: httpx.Response) -> httpx.Response:
         """``streamed`` with its body; a decoded one without its encoding headers."""
@@ -137,6 +148,27 @@ class BodyReader:
             request=self.request,
             extensions=streamed.extensions,
         )
+
+
+class _Checked(httpx.SyncByteStream, httpx.AsyncByteStream):
+    def __init__(self, stream: Any, reader: BodyReader) -> None:
+        self.stream, self.reader = stream, reader
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.stream:
+            self.reader.feed(chunk, keep=False)
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream:
+            self.reader.feed(chunk, keep=False)
+            yield chunk
+
+    def close(self) -> None:
+        self.stream.close()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 class _Deflate:
@@ -262,6 +294,10 @@ class _BlockingSender:
                 return _in_memory(streamed, max_bytes)
             try:
                 reader = BodyReader(streamed, max_bytes, deadline)
+                if reader.decoder is None:
+                    streamed.stream = reader.checked(streamed.stream)
+                    streamed.read()
+                    return streamed
                 for chunk in streamed.stream:  # type: ignore[union-attr]
                     reader.feed(chunk)
             finally:
@@ -305,17 +341,24 @@ class _AsyncSender:
     async def send(self, request: httpx.Request, seconds: float, max_bytes: int
                    ) -> httpx.Response:
         deadline = time.monotonic() + seconds
-        with _timed_out(request):
+        try:
             async with within(seconds):  # the whole exchange, whatever the transport
                 streamed = await self._open(request)
                 if streamed.is_stream_consumed:
                     return _in_memory(streamed, max_bytes)
                 try:
                     reader = BodyReader(streamed, max_bytes, deadline)
+                    if reader.decoder is None:
+                        streamed.stream = reader.checked(streamed.stream)
+                        await streamed.aread()
+                        return streamed
                     async for chunk in streamed.stream:  # type: ignore[union-attr]
                         reader.feed(chunk)
                 finally:
                     await streamed.aclose()
+        except TimeoutError:
+            # Where it stopped is unknown, so it may have been sent: never a ConnectTimeout.
+            raise httpx.ReadTimeout("the request's deadline passed", request=request) from None
         return reader.response(streamed)
 
 
@@ -354,12 +397,3 @@ def _in_memory(response: httpx.Response, max_bytes: int) -> httpx.Response:
         raise UnreadableBody(f"response body over {max_bytes} bytes",
                              request=response.request, too_large=True)
     return response
-
-
-@contextmanager
-def _timed_out(request: httpx.Request) -> Iterator[None]:
-    try:
-        yield
-    except TimeoutError:
-        # Where it stopped is unknown, so it may have been sent: never a ConnectTimeout.
-        raise httpx.ReadTimeout("the request's deadline passed", request=request) from None
