@@ -168,7 +168,35 @@ def test_adaptive_behaves_as_baseline_until_it_has_learned() -> None:
     adaptive = Adaptive(min_samples=10)
     assert adaptive.plan() is None
     assert not adaptive.polls_immediately  # its first delay comes before the first poll...
-    assert take(adaptive, 6, seed=1) == [0.0, *take(ExponentialJitter(), 5, seed=1)]  # ...0
+    assert take(adaptive, 5, seed=1) == take(ExponentialJitter(poll_at_start=False), 5, seed=1)
+    at_once = Adaptive(min_samples=10, baseline=ExponentialJitter())  # ...0 for a baseline
+    assert take(at_once, 6, seed=1) == [0.0, *take(ExponentialJitter(), 5, seed=1)]  # at once
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_exploring_waits_poll_as_often_as_the_plan_so_they_give_up_no_sooner(
+        seed: int) -> None:
+    # Issue: exploring waits split every gap in four, so 40 attempts ran out long before
+    # the plan's end and 1.2 % of typical orders were given up.
+    planned = Adaptive(min_samples=50, explore=0.0, jitter=0.0)
+    exploring = Adaptive(min_samples=50, explore=1.0, jitter=0.0)
+    for t in completion_times(seed, 300):
+        for adaptive in (planned, exploring):
+            adaptive.observe(t - 0.5, t + 0.5)
+    plan = exploring.plan()
+    assert plan is not None
+    assert plan == planned.plan()
+    rng = random.Random(seed)
+    for _ in range(20):
+        shifted = list(itertools.accumulate(itertools.islice(exploring.delays(rng), len(plan))))
+        assert shifted != pytest.approx(list(plan))  # other instants than the plan's...
+        assert shifted == sorted(shifted)
+        for instant, before, after in zip(shifted, [0.0, *plan], [*plan[1:], plan[-1] + 30],
+                                          strict=False):
+            assert before / 2 <= instant <= after  # ...each near its own planned poll
+        forty = sum(itertools.islice(exploring.delays(rng), 40))
+        # As far, give or take the jitter of the capped tail (split gaps reached ~1/3).
+        assert forty >= 0.9 * sum(itertools.islice(planned.delays(rng), 40))
 
 
 def test_poll_at_start_false_waits_first() -> None:
