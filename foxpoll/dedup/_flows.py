@@ -20,6 +20,8 @@ from .base import (
     ClaimResult,
     DeliveryRecord,
     DeliveryState,
+    claimed_record,
+    delivered_record,
     lease_lost,
     record_from_fields,
 )
@@ -105,7 +107,8 @@ class SQLFlows:
         for _ in range(3):
             rows: Rows = yield Query(self.sql.claim, params)
             if rows:
-                return ClaimResult(True, record_from_fields(rows[0]), float(rows[0]["now"]))
+                now = float(rows[0]["now"])
+                return ClaimResult(True, claimed_record(order_id, token, rows[0], now), now)
             # Who is in the way? Read separately (the claim itself is one statement), so the
             # row may have been released meanwhile: then it is worth claiming again.
             rows = yield Query(self.sql.get, {"order_id": order_id})
@@ -122,7 +125,7 @@ class SQLFlows:
                   "receipt": receipt}
         rows: Rows = yield Query(self.sql.complete, params)
         if rows:
-            return record_from_fields(rows[0])
+            return delivered_record(order_id, token, payload_hash, receipt, rows[0])
         current = yield from self.get(order_id)
         if current is not None and current.state is DeliveryState.DELIVERED and (
             current.token == token

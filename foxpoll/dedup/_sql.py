@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS {table} (
 _INDEX = "CREATE INDEX IF NOT EXISTS {table}_state_updated ON {table} (state, updated_at)"
 
 # Insert a new claim, or take over a released or expired one; RETURNING gives a row only
-# when this token won. A live claim or a delivered record is left alone.
+# when this token won. A live claim or a delivered record is left alone. The hot path
+# (claim, complete) returns only what the caller does not know already.
 _CLAIM = """
 INSERT INTO {table} (order_id, state, token, lease_until, attempts, created_at, updated_at)
 VALUES (:order_id, 'claimed', :token, {now} + :lease, 1, {now}, {now})
@@ -48,13 +49,13 @@ ON CONFLICT (order_id) DO UPDATE SET
     updated_at = excluded.updated_at
 WHERE {table}.state = 'released'
    OR ({table}.state = 'claimed' AND {table}.lease_until <= excluded.updated_at)
-RETURNING {columns}, {now} AS now"""
+RETURNING lease_until, attempts, created_at, {now} AS now"""
 
 _COMPLETE = """
 UPDATE {table} SET state = 'delivered', payload_hash = :payload_hash, receipt = :receipt,
     lease_until = NULL, delivered_at = {now}, updated_at = {now}
 WHERE order_id = :order_id AND token = :token AND state = 'claimed'
-RETURNING {columns}"""
+RETURNING attempts, created_at, delivered_at"""
 
 _RELEASE = """
 UPDATE {table} SET state = 'released', lease_until = NULL, updated_at = {now}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 import builtins
 import enum
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -116,6 +117,36 @@ def check_claim_args(order_id: object, token: object, lease: object) -> None:
         raise ValueError("token must be a non-empty string")
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 <= lease < 1e7:
         raise ValueError("lease must be a number of seconds, 0 or more")
+
+
+def claimed_record(order_id: str, token: str, fields: Mapping[str, Any], now: float
+                   ) -> DeliveryRecord:
+    """The record a won claim made, from the few fields the store sent back
+    (``lease_until``, ``attempts``, ``created_at``): the rest the claimer knows."""
+    try:
+        return DeliveryRecord(
+            order_id=order_id, state=DeliveryState.CLAIMED, token=token,
+            lease_until=float(fields["lease_until"]), attempts=int(fields["attempts"]),
+            created_at=float(fields["created_at"]), updated_at=now,
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DedupError(f"corrupt delivery record for order {order_id!r}: {exc}") from exc
+
+
+def delivered_record(order_id: str, token: str, payload_hash: str, receipt: str | None,
+                     fields: Mapping[str, Any]) -> DeliveryRecord:
+    """The record a completion made, from ``attempts``, ``created_at`` and
+    ``delivered_at`` as the store sent them back."""
+    try:
+        delivered_at = float(fields["delivered_at"])
+        return DeliveryRecord(
+            order_id=order_id, state=DeliveryState.DELIVERED, token=token,
+            attempts=int(fields["attempts"]), payload_hash=payload_hash, receipt=receipt,
+            created_at=float(fields["created_at"]), updated_at=delivered_at,
+            delivered_at=delivered_at,
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DedupError(f"corrupt delivery record for order {order_id!r}: {exc}") from exc
 
 
 def record_from_fields(fields: dict[str, Any]) -> DeliveryRecord:

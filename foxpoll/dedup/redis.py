@@ -35,6 +35,8 @@ from .base import (
     DedupStore,
     DeliveryRecord,
     DeliveryState,
+    claimed_record,
+    delivered_record,
     lease_lost,
     record_from_fields,
     unavailable,
@@ -54,7 +56,8 @@ if retention > 0 then
   for i = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. (now - retention)) end
 end
 """
-# KEYS: record, claimed set, released set, delivered set
+# KEYS: record, claimed set, released set, delivered set. The hot path (a won claim, a
+# completion) replies with the few fields the caller does not know, not the whole record.
 _CLAIM = _NOW + _PRUNE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 local free = (not state) or state == 'released'
@@ -67,16 +70,17 @@ if not state then
 end
 redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[2],
            'lease_until', tostring(now + tonumber(ARGV[3])), 'updated_at', tostring(now))
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) + retention)) end
-return {1, redis.call('HGETALL', KEYS[1]), tostring(now)}
+return {1, {tostring(now + tonumber(ARGV[3])), attempts, redis.call('HGET', KEYS[1], 'created_at')},
+        tostring(now)}
 """
 _COMPLETE = _NOW + _PRUNE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 local token = redis.call('HGET', KEYS[1], 'token')
-if state == 'delivered' and token == ARGV[2] then return {1, redis.call('HGETALL', KEYS[1])} end
+if state == 'delivered' and token == ARGV[2] then return {2, redis.call('HGETALL', KEYS[1])} end
 if state ~= 'claimed' or token ~= ARGV[2] then return {0, redis.call('HGETALL', KEYS[1])} end
 redis.call('HSET', KEYS[1], 'state', 'delivered', 'payload_hash', ARGV[3], 'receipt', ARGV[4],
            'delivered_at', tostring(now), 'updated_at', tostring(now))
@@ -84,7 +88,7 @@ redis.call('HDEL', KEYS[1], 'lease_until')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 if retention > 0 then redis.call('EXPIRE', KEYS[1], retention) end
-return {1, redis.call('HGETALL', KEYS[1])}
+return {1, redis.call('HMGET', KEYS[1], 'attempts', 'created_at', 'delivered_at')}
 """
 _RELEASE = _NOW + _PRUNE + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'claimed'
@@ -151,9 +155,13 @@ class RedisFlows:
             DeliveryState.CLAIMED, DeliveryState.RELEASED, DeliveryState.DELIVERED))]
 
     def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
-        won, flat, now = yield Script("claim", self.keys(order_id),
-                                      [order_id, token, lease, self.retention])
-        return ClaimResult(bool(won), record_from_fields(_fields(flat)), float(now))
+        won, found, now = yield Script("claim", self.keys(order_id),
+                                       [order_id, token, lease, self.retention])
+        now = float(now)
+        if won:
+            fields = dict(zip(("lease_until", "attempts", "created_at"), found, strict=True))
+            return ClaimResult(True, claimed_record(order_id, token, fields, now), now)
+        return ClaimResult(False, record_from_fields(_fields(found)), now)
 
     def _owned(self, name: str, order_id: str, args: list[Any]) -> Flow[DeliveryRecord]:
         done, flat = yield Script(name, self.keys(order_id), args)
@@ -165,7 +173,13 @@ class RedisFlows:
         self, order_id: str, token: str, payload_hash: str, receipt: str | None
     ) -> Flow[DeliveryRecord]:
         args = [order_id, token, payload_hash, receipt or "", self.retention]
-        return (yield from self._owned("complete", order_id, args))
+        done, found = yield Script("complete", self.keys(order_id), args)
+        if done == 1:
+            fields = dict(zip(("attempts", "created_at", "delivered_at"), found, strict=True))
+            return delivered_record(order_id, token, payload_hash, receipt or None, fields)
+        if done == 2:  # completed before with this token: the stored record
+            return record_from_fields(_fields(found))
+        raise lease_lost(order_id, record_from_fields(_fields(found)) if found else None)
 
     def release(self, order_id: str, token: str) -> Flow[DeliveryRecord]:
         return (yield from self._owned("release", order_id,

@@ -152,6 +152,20 @@ class DedupStoreConformance:
         with pytest.raises(LeaseLost):
             self.run(store.complete(order_id, self.token(), "hash-2", None))
 
+    def test_claim_and_complete_return_what_the_store_holds(self, store: AnyStore) -> None:
+        # A store may build these records from a short reply: they must still be exact.
+        order_id, token = self.order_id(), self.token()
+        claimed = self.run(store.claim(order_id, token, 60)).record
+        assert self.run(store.get(order_id)) == claimed
+        done = self.run(store.complete(order_id, token, "hash-1", None))
+        assert self.run(store.get(order_id)) == done
+        again_id, first = self.order_id(), self.token()
+        self.run(store.claim(again_id, first, 60))
+        self.run(store.release(again_id, first))
+        retaken = self.run(store.claim(again_id, self.token(), 60)).record
+        assert self.run(store.get(again_id)) == retaken
+        assert retaken.attempts == 2
+
     def test_a_delivered_record_survives_an_expired_lease(self, store: AnyStore) -> None:
         order_id, token = self.order_id(), self.token()
         self.run(store.claim(order_id, token, 0))
