@@ -341,26 +341,30 @@ class _Renewer:
     quick delivery microseconds, a thread would cost it more than its statements."""
 
     def __init__(self, lease: Lease) -> None:
-        self.lease, self.stopped = lease, threading.Event()
+        self.lease = lease
+        self.stopped = False
+        self.wake: threading.Event | None = None
         self.alarm = WATCHDOG.arm(lease.seconds / 3, self._start)
 
     def _start(self) -> None:
-        threading.Thread(target=self._run, name=f"foxpoll-renew-{self.lease.order_id[:24]}",
-                         daemon=True).start()
+        self.wake = threading.Event()
+        threading.Thread(target=self._run, args=(self.wake,), daemon=True,
+                         name=f"foxpoll-renew-{self.lease.order_id[:24]}").start()
 
-    def _run(self) -> None:
-        while not self.stopped.is_set():
+    def _run(self, wake: threading.Event) -> None:
+        while not self.stopped:
             try:
                 self.lease.renew()
                 outcome = None
             except (LeaseLost, StoreUnavailable) as exc:
                 outcome = exc
-            if not _renewed(self.lease, outcome) or self.stopped.wait(self.lease.seconds / 3):
+            if not _renewed(self.lease, outcome) or wake.wait(self.lease.seconds / 3):
                 return
 
     def stop(self) -> None:
-        self.stopped.set()
-        WATCHDOG.disarm(self.alarm)
+        self.stopped = True
+        if WATCHDOG.disarm(self.alarm) and self.wake is not None:
+            self.wake.set()
 
 
 async def _keep_renewing(lease: Lease) -> None:
