@@ -85,22 +85,24 @@ class BodyReader:
         self.deadline = deadline
         self.parts: list[bytes] = []
         self.size = 0
+        self.direct = True  # httpx reads the body itself, through _Checked
+        self.decoder: Any = None
+        if response.is_stream_consumed:  # built in memory (a mock, a simulator): decoded
+            self.feed(response.content, keep=False)
+            return
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip"):
-            self.decoder: Any = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            self.decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
         elif encoding == "deflate":
             self.decoder = _Deflate()
         elif encoding in ("identity", ""):
-            self.decoder = None
+            response.stream = _Checked(response.stream, self)
+            return
         else:
             raise UnreadableBody(f"body in Content-Encoding {encoding[:40]!r}, not asked for",
                                  request=self.request, too_large=False)
         self.encoding = encoding
-
-    def checked(self, stream: Any) -> _Checked:
-        """``stream`` with every raw chunk counted against the cap and the deadline, for
-        httpx to read: a body that needs no decoding is then read without a copy."""
-        return _Checked(stream, self)
+        self.direct = False  # the sender feeds the raw chunks, this decodes them
 
     def feed(self, chunk: bytes, keep: bool = True) -> None:
         if time.monotonic() > self.deadline:
@@ -135,12 +137,12 @@ class BodyReader:
 
     def response(self, streamed: httpx.Response) -> httpx.Response:
         """``streamed`` with its body; a decoded one without its encoding headers."""
-        headers = streamed.headers
-        if self.decoder is not None:
-            headers = httpx.Headers([
-                (name, value) for name, value in headers.multi_items()
-                if name.lower() not in ("content-encoding", "content-length")
-            ])
+        if self.direct:
+            return streamed
+        headers = httpx.Headers([
+            (name, value) for name, value in streamed.headers.multi_items()
+            if name.lower() not in ("content-encoding", "content-length")
+        ])
         return httpx.Response(
             streamed.status_code,
             headers=headers,
@@ -290,16 +292,13 @@ class _BlockingSender:
         deadline = time.monotonic() + seconds
         with _until(deadline):
             streamed = self._open(request)
-            if streamed.is_stream_consumed:
-                return _in_memory(streamed, max_bytes)
             try:
                 reader = BodyReader(streamed, max_bytes, deadline)
-                if reader.decoder is None:
-                    streamed.stream = reader.checked(streamed.stream)
+                if reader.direct:
                     streamed.read()
-                    return streamed
-                for chunk in streamed.stream:  # type: ignore[union-attr]
-                    reader.feed(chunk)
+                else:
+                    for chunk in streamed.stream:  # type: ignore[union-attr]
+                        reader.feed(chunk)
             finally:
                 streamed.close()
         return reader.response(streamed)
@@ -344,16 +343,13 @@ class _AsyncSender:
         try:
             async with within(seconds):  # the whole exchange, whatever the transport
                 streamed = await self._open(request)
-                if streamed.is_stream_consumed:
-                    return _in_memory(streamed, max_bytes)
                 try:
                     reader = BodyReader(streamed, max_bytes, deadline)
-                    if reader.decoder is None:
-                        streamed.stream = reader.checked(streamed.stream)
+                    if reader.direct:
                         await streamed.aread()
-                        return streamed
-                    async for chunk in streamed.stream:  # type: ignore[union-attr]
-                        reader.feed(chunk)
+                    else:
+                        async for chunk in streamed.stream:  # type: ignore[union-attr]
+                            reader.feed(chunk)
                 finally:
                     await streamed.aclose()
         except TimeoutError:
@@ -388,12 +384,3 @@ class AsyncTransportSender(_AsyncSender):
 
     async def aclose(self) -> None:
         await self.transport.aclose()
-
-
-def _in_memory(response: httpx.Response, max_bytes: int) -> httpx.Response:
-    """A response a transport built already read (a mock, a simulator): its body is in
-    memory, decoded by httpx; only the cap is left to apply."""
-    if len(response.content) > max_bytes:
-        raise UnreadableBody(f"response body over {max_bytes} bytes",
-                             request=response.request, too_large=True)
-    return response

@@ -195,7 +195,26 @@ def _encode(data: bytes, encoding: str) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
-def feed_all(reader: Any, pieces: list[bytes]) -> None:
+class NotYetRead(httpx.SyncByteStream):
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.pieces
+
+
+def unread(encoding: str, pieces: list[bytes] | None = None) -> httpx.Response:
+    """A response whose body is still to come, as a transport hands it over."""
+    return httpx.Response(200, headers={"Content-Encoding": encoding},
+                          stream=NotYetRead(pieces or []),
+                          request=httpx.Request("GET", "https://h/api/orders/x"))
+
+
+def read_all(reader: Any, streamed: httpx.Response, pieces: list[bytes]) -> None:
+    """What a sender does: let httpx read a plain body, feed an encoded one."""
+    if reader.direct:
+        streamed.read()
+        return
     for piece in pieces:
         reader.feed(piece)
 
@@ -209,19 +228,18 @@ def test_body_reader_decodes_any_chunking_and_refuses_past_the_cap(
 
     body = data if encoding == "identity" else _encode(data, encoding)
     header = "deflate" if encoding == "raw-deflate" else encoding
-    streamed = httpx.Response(200, headers={"Content-Encoding": header},
-                              request=httpx.Request("GET", "https://h/api/orders/x"))
-    reader = BodyReader(streamed, cap, deadline=time.monotonic() + 60)
     bounds = sorted({0, len(body), *(c for c in cuts if c < len(body))})
     pieces = [body[start:end] for start, end in itertools.pairwise(bounds)]
+    streamed = unread(header, pieces)
+    reader = BodyReader(streamed, cap, deadline=time.monotonic() + 60)
     if len(data) > cap:
         with pytest.raises(UnreadableBody) as refused:
-            feed_all(reader, pieces)
+            read_all(reader, streamed, pieces)
         assert refused.value.too_large
         if encoding != "identity":  # a raw chunk is in memory already; a decoded one is not
             assert reader.size <= cap + 1  # decoding stopped one byte past the cap
         return
-    feed_all(reader, pieces)
+    read_all(reader, streamed, pieces)
     assert len(data) <= cap
     response = reader.response(streamed)
     assert response.content == data
@@ -232,7 +250,6 @@ def test_body_reader_decodes_any_chunking_and_refuses_past_the_cap(
 def test_an_encoding_foxpoll_did_not_ask_for_is_refused() -> None:
     from foxpoll._senders import BodyReader, UnreadableBody
 
-    streamed = httpx.Response(200, headers={"Content-Encoding": "br"},
-                              request=httpx.Request("GET", "https://h/api/orders/x"))
+    streamed = unread("br")
     with pytest.raises(UnreadableBody, match="'br', not asked for"):
         BodyReader(streamed, 100, deadline=time.monotonic() + 60)
