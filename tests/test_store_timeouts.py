@@ -128,3 +128,6 @@ async def test_redis_call_ends_within_the_statement_timeout(
         await frozen_then_thawed(store, redis_proxy)
     finally:
         await _call(store.aclose() if hasattr(store, "aclose") else store.close())
+        if not store._owns:  # the caller's client: the store leaves it open, the test not
+            client = store._client
+            await _call(client.aclose() if hasattr(client, "aclose") else client.close())
