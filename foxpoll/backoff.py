@@ -379,8 +379,7 @@ def _shifted(instants: Sequence[float], last_gap: float, rng: random.Random
     for index, instant in enumerate(instants):
         before = instants[index - 1] if index else 0.0
         after = instants[index + 1] if index + 1 < len(instants) else instant + last_gap
-        low = instant if index == 0 and instant == 0.0 else (before + instant) / 2
-        result.append(rng.uniform(low, (instant + after) / 2))
+        result.append(rng.uniform((before + instant) / 2, (instant + after) / 2))
     return tuple(result)
 
 
