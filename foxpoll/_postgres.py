@@ -53,8 +53,8 @@ class PostgresConnections:
         found = self.pool.conninfo
         self.conninfo: str | None = found if isinstance(found, str) else None
 
-    def _failure(self, exc: psycopg.Error, cut: bool) -> StoreUnavailable:
-        if cut:
+    def _failure(self, exc: psycopg.Error, alarm: Alarm | None) -> StoreUnavailable:
+        if alarm is not None and alarm.fired:
             return StoreUnavailable(f"PostgreSQL did not answer within statement_timeout "
                                     f"({self.statement_timeout:g} s)")
         if isinstance(exc, psycopg.errors.UndefinedTable):
@@ -81,7 +81,7 @@ class PostgresConnections:
                     WATCHDOG.disarm(alarm)
         # A pool's PoolTimeout is an OperationalError too.
         except (psycopg.errors.UndefinedTable, psycopg.OperationalError) as exc:
-            raise self._failure(exc, alarm is not None and alarm.fired) from exc
+            raise self._failure(exc, alarm) from exc
 
     @asynccontextmanager
     async def aconnection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -97,7 +97,7 @@ class PostgresConnections:
                 finally:
                     WATCHDOG.disarm(alarm)
         except (psycopg.errors.UndefinedTable, psycopg.OperationalError) as exc:
-            raise self._failure(exc, alarm is not None and alarm.fired) from exc
+            raise self._failure(exc, alarm) from exc
 
     def close(self) -> None:
         """Close the store's own sync pool (a pool it was given stays open)."""
