@@ -5,7 +5,7 @@ A blocking read on a frozen connection cannot be interrupted from its own thread
 neither psycopg nor redis-py bounds a single call. The :data:`WATCHDOG` runs a given action
 (shut the socket down) for any armed call still running at its deadline; the blocked read
 then fails at once. Arming and disarming cost a heap push and a flag under one lock, so a
-call that ends in time pays a few microseconds.
+call that ends in time pays a couple of microseconds.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import math
+import os
 import socket
 import sys
 import threading
@@ -48,44 +50,75 @@ class Alarm:
 
 
 class Watchdog:
-    """Runs the action of every alarm still armed at its deadline, from one daemon thread."""
+    """Runs the action of every alarm still armed at its deadline, from one daemon thread.
+
+    Nearly every alarm is disarmed long before its deadline. A disarmed alarm stays in the
+    heap until the thread passes it, or until the disarmed ones make up half the heap,
+    when the heap is rebuilt without them: memory follows the calls in flight, not the
+    calls made in the last ``seconds``. The thread is woken only by an alarm due before
+    the time it already means to wake at.
+    """
+
+    #: Rebuild the heap once this many disarmed alarms (and half the heap) sit in it.
+    COMPACT_AFTER = 64
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._forget()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """Start empty; also in a forked child, which the thread did not come along to, and
+        whose parent's calls are not the child's to cut."""
+        self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, Alarm]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._wake_at = math.inf  # when the thread will next look at the heap
+        self._stale = 0  # disarmed alarms still in the heap
 
     def arm(self, seconds: float, action: Callable[[], Any]) -> Alarm:
         """Run ``action`` in ``seconds`` unless disarmed first."""
         alarm = Alarm(time.monotonic() + seconds, action)
         with self._cond:
             heapq.heappush(self._heap, (alarm.deadline, next(self._order), alarm))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="foxpoll-watchdog",
-                                                daemon=True)
-                self._thread.start()
-            elif self._heap[0][2] is alarm:
-                self._cond.notify()
+            if alarm.deadline < self._wake_at:
+                self._wake_at = alarm.deadline
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._watch, daemon=True,
+                                                    name="foxpoll-watchdog")
+                    self._thread.start()
+                else:
+                    self._cond.notify()
         return alarm
 
     def disarm(self, alarm: Alarm) -> bool:
         """Stop ``alarm``; whether its action ran (the call was cut short)."""
         with self._cond:  # never fires after this returns: the action runs under the lock
-            alarm.done = True
+            if not alarm.done:
+                alarm.done = True
+                self._stale += 1
+                if self._stale > self.COMPACT_AFTER and 2 * self._stale > len(self._heap):
+                    self._heap = [entry for entry in self._heap if not entry[2].done]
+                    heapq.heapify(self._heap)
+                    self._stale = 0
             return alarm.fired
+
+    def pending(self) -> int:
+        """Alarms in the heap, disarmed ones not yet dropped included."""
+        with self._cond:
+            return len(self._heap)
 
     def _watch(self) -> None:
         with self._cond:
             while True:
                 while self._heap and self._heap[0][2].done:
                     heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                left = self._heap[0][0] - time.monotonic()
+                    self._stale -= 1
+                self._wake_at = self._heap[0][0] if self._heap else math.inf
+                left = self._wake_at - time.monotonic()
                 if left > 0:
-                    self._cond.wait(left)
+                    self._cond.wait(None if math.isinf(left) else left)
                     continue
                 alarm = heapq.heappop(self._heap)[2]
                 alarm.done = alarm.fired = True
