@@ -53,10 +53,10 @@ class Watchdog:
     """Runs the action of every alarm still armed at its deadline, from one daemon thread.
 
     Nearly every alarm is disarmed long before its deadline. A disarmed alarm stays in the
-    heap until the thread passes it, or until the disarmed ones make up half the heap,
-    when the heap is rebuilt without them: memory follows the calls in flight, not the
-    calls made in the last ``seconds``. The thread is woken only by an alarm due before
-    the time it already means to wake at.
+    heap until its deadline, or until the disarmed ones make up half the heap, when the
+    heap is rebuilt without them: memory follows the calls in flight, not the calls made
+    in the last ``seconds``. The thread wakes at the earliest deadline in the heap, and is
+    woken early only by an alarm due before that, so arming a call costs no thread switch.
     """
 
     #: Rebuild the heap once this many disarmed alarms (and half the heap) sit in it.
@@ -112,18 +112,19 @@ class Watchdog:
     def _watch(self) -> None:
         with self._cond:
             while True:
-                while self._heap and self._heap[0][2].done:
-                    heapq.heappop(self._heap)
-                    self._stale -= 1
+                # Look only at what is due: popping disarmed alarms early would empty the
+                # heap and leave the thread waiting for a notify from every next arm.
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    alarm = heapq.heappop(self._heap)[2]
+                    if alarm.done:
+                        self._stale -= 1
+                        continue
+                    alarm.done = alarm.fired = True
+                    with contextlib.suppress(Exception):  # a socket gone is as good as shut
+                        alarm.action()
                 self._wake_at = self._heap[0][0] if self._heap else math.inf
-                left = self._wake_at - time.monotonic()
-                if left > 0:
-                    self._cond.wait(None if math.isinf(left) else left)
-                    continue
-                alarm = heapq.heappop(self._heap)[2]
-                alarm.done = alarm.fired = True
-                with contextlib.suppress(Exception):  # a socket gone is as good as shut
-                    alarm.action()
+                self._cond.wait(None if not self._heap else self._wake_at - now)
 
 
 WATCHDOG = Watchdog()

@@ -76,3 +76,17 @@ def test_alarms_fire_in_a_forked_child() -> None:
     finally:
         child.join(10)
         WATCHDOG.disarm(pending)
+
+
+def test_arming_calls_in_a_row_does_not_wake_the_thread_each_time() -> None:
+    # A thread switch per store call would cost more than the call's own Python.
+    watchdog = Watchdog()
+    watchdog.disarm(watchdog.arm(30, lambda: None))  # the thread starts, and settles
+    time.sleep(0.1)
+    woken = []
+    notify = watchdog._cond.notify
+    watchdog._cond.notify = lambda n=1: (woken.append(n), notify(n))  # type: ignore[method-assign]
+    for _ in range(1_000):
+        watchdog.disarm(watchdog.arm(30, lambda: None))
+        time.sleep(0.0001)  # between calls: the thread gets the GIL, if it is awake
+    assert len(woken) <= 1
