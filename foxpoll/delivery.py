@@ -24,8 +24,8 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import threading
-import uuid
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
@@ -140,10 +140,13 @@ def current_lease() -> Lease:
     return lease
 
 
+# One encoder, built once: json.dumps builds a new one per call when given options.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def payload_hash(order: Order) -> str:
     """SHA-256 of the order's codes, canonically encoded (never the codes themselves)."""
-    encoded = json.dumps(list(order.codes), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(encoded.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(list(order.codes)).encode()).hexdigest()
 
 
 def _receipt_text(receipt: object) -> str | None:
@@ -177,7 +180,7 @@ def delivery_flow(
         raise ValueError("order id is empty")
     if not lease > 0:
         raise ValueError("lease must be positive")
-    token = uuid.uuid4().hex
+    token = os.urandom(16).hex()  # uuid4's randomness, without building a UUID
     asked = clock.monotonic()
     claim = yield Invoke(store.claim, (order.id, token, lease))
     if not claim.acquired:
