@@ -136,7 +136,7 @@ def raw_redis(prefix: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
 
     def run(order_id: str) -> None:
         token = uuid.uuid4().hex
-        claim(keys=keys(order_id), args=[order_id, token, 60])
+        claim(keys=keys(order_id), args=[order_id, token, 60, THIRTY_DAYS])
         complete(keys=keys(order_id), args=[order_id, token, "h", "", THIRTY_DAYS])
 
     return run, client.close

@@ -4,8 +4,8 @@ A record is a hash at ``{prefix}delivery:{order_id}``; a sorted set per state
 (``{prefix}deliveries:{state}``, scored by the last change) serves listing. Each script
 reads and writes atomically, so no two claims interleave. DELIVERED records expire after
 ``retention`` seconds (30 days by default; 0 keeps them forever), released ones too, and a
-claim nobody finished after its lease plus the retention; every transition prunes the
-indexes of entries older than the retention, so they never outgrow the records.
+claim nobody finished after its lease plus the retention; every completion and release
+prunes the indexes of entries older than the retention, so they never outgrow the records.
 """
 
 from __future__ import annotations
@@ -47,69 +47,74 @@ __all__ = ["AsyncRedisDedupStore", "RedisDedupStore"]
 THIRTY_DAYS = 30 * 24 * 3600
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
-# Records expire after the retention; their index entries go with them here, so no index
-# outgrows the records it points at. The claimed index is scored by the lease's end (a
-# claim's record expires a retention after it), the others by the last change.
-_PRUNE = """
-local retention = tonumber(ARGV[#ARGV])
-if retention > 0 then
-  for i = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. (now - retention)) end
-end
-"""
-# KEYS: record, claimed set, released set, delivered set. The hot path (a won claim, a
-# completion) replies with the few fields the caller does not know, not the whole record.
-_CLAIM = _NOW + _PRUNE + """
-local state = redis.call('HGET', KEYS[1], 'state')
-local free = (not state) or state == 'released'
-if state == 'claimed' then
-  free = tonumber(redis.call('HGET', KEYS[1], 'lease_until')) <= now
-end
+
+
+def _prune(*indexes: int) -> str:
+    """Drop the entries of these index keys older than the retention (the last ARGV): their
+    records have expired, and no index may outgrow the records it points at."""
+    removals = " ".join(f"redis.call('ZREMRANGEBYSCORE', KEYS[{i}], '-inf', stale)"
+                        for i in indexes)
+    return f"local stale = '(' .. (now - retention) {removals}"
+
+
+# KEYS: record, claimed index, released index, delivered index; the retention is the last
+# ARGV. Each script makes as few calls as it can (a call inside a script costs about as
+# much as a small command), and the hot path (a won claim, a completion) replies with the
+# few fields the caller does not know, not the whole record. A claim prunes nothing: a
+# completion or a release prunes the indexes it writes to, and the claimed one.
+_CLAIM = _NOW + """
+local retention = tonumber(ARGV[4])
+local r = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'attempts', 'created_at')
+local free = (not r[1]) or r[1] == 'released' or (r[1] == 'claimed' and tonumber(r[2]) <= now)
 if not free then return {0, redis.call('HGETALL', KEYS[1]), tostring(now)} end
-if not state then
-  redis.call('HSET', KEYS[1], 'order_id', ARGV[1], 'created_at', tostring(now), 'attempts', 0)
-end
-redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[2],
-           'lease_until', tostring(now + tonumber(ARGV[3])), 'updated_at', tostring(now))
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+local attempts = (tonumber(r[3]) or 0) + 1
+local created = r[4] or tostring(now)
+local lease_until = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'order_id', ARGV[1], 'state', 'claimed', 'token', ARGV[2],
+           'lease_until', tostring(lease_until), 'attempts', attempts,
+           'created_at', created, 'updated_at', tostring(now))
+if r[1] == 'released' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+redis.call('ZADD', KEYS[2], lease_until, ARGV[1])
 if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) + retention)) end
-return {1, {tostring(now + tonumber(ARGV[3])), attempts, redis.call('HGET', KEYS[1], 'created_at')},
-        tostring(now)}
+return {1, {tostring(lease_until), attempts, created}, tostring(now)}
 """
-_COMPLETE = _NOW + _PRUNE + """
-local state = redis.call('HGET', KEYS[1], 'state')
-local token = redis.call('HGET', KEYS[1], 'token')
-if state == 'delivered' and token == ARGV[2] then return {2, redis.call('HGETALL', KEYS[1])} end
-if state ~= 'claimed' or token ~= ARGV[2] then return {0, redis.call('HGETALL', KEYS[1])} end
-redis.call('HSET', KEYS[1], 'state', 'delivered', 'payload_hash', ARGV[3], 'receipt', ARGV[4],
-           'delivered_at', tostring(now), 'updated_at', tostring(now))
-redis.call('HDEL', KEYS[1], 'lease_until')
+_COMPLETE = _NOW + """
+local retention = tonumber(ARGV[5])
+local r = redis.call('HMGET', KEYS[1], 'state', 'token', 'attempts', 'created_at')
+if r[1] ~= 'claimed' or r[2] ~= ARGV[2] then
+  local again = r[1] == 'delivered' and r[2] == ARGV[2]
+  return {again and 2 or 0, redis.call('HGETALL', KEYS[1])}
+end
+redis.call('HSET', KEYS[1], 'state', 'delivered', 'lease_until', '', 'payload_hash', ARGV[3],
+           'receipt', ARGV[4], 'delivered_at', tostring(now), 'updated_at', tostring(now))
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[4], now, ARGV[1])
-if retention > 0 then redis.call('EXPIRE', KEYS[1], retention) end
-return {1, redis.call('HMGET', KEYS[1], 'attempts', 'created_at', 'delivered_at')}
-"""
-_RELEASE = _NOW + _PRUNE + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'claimed'
-   or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
-  return {0, redis.call('HGETALL', KEYS[1])}
+if retention > 0 then
+  redis.call('EXPIRE', KEYS[1], retention)
+  """ + _prune(4, 2) + """
 end
-redis.call('HSET', KEYS[1], 'state', 'released', 'updated_at', tostring(now))
-redis.call('HDEL', KEYS[1], 'lease_until')
+return {1, {r[3], r[4], tostring(now)}}
+"""
+_RELEASE = _NOW + """
+local retention = tonumber(ARGV[3])
+local r = redis.call('HMGET', KEYS[1], 'state', 'token')
+if r[1] ~= 'claimed' or r[2] ~= ARGV[2] then return {0, redis.call('HGETALL', KEYS[1])} end
+redis.call('HSET', KEYS[1], 'state', 'released', 'lease_until', '', 'updated_at', tostring(now))
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], now, ARGV[1])
-if retention > 0 then redis.call('EXPIRE', KEYS[1], retention) end
+if retention > 0 then
+  redis.call('EXPIRE', KEYS[1], retention)
+  """ + _prune(3, 2) + """
+end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
-_RENEW = _NOW + _PRUNE + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'claimed'
-   or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
-  return {0, redis.call('HGETALL', KEYS[1])}
-end
-redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[3])),
-           'updated_at', tostring(now))
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+_RENEW = _NOW + """
+local retention = tonumber(ARGV[4])
+local r = redis.call('HMGET', KEYS[1], 'state', 'token')
+if r[1] ~= 'claimed' or r[2] ~= ARGV[2] then return {0, redis.call('HGETALL', KEYS[1])} end
+local lease_until = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease_until', tostring(lease_until), 'updated_at', tostring(now))
+redis.call('ZADD', KEYS[2], lease_until, ARGV[1])
 if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) + retention)) end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
