@@ -13,12 +13,11 @@ unreachable server become :class:`~foxpoll.errors.StoreUnavailable`.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import psycopg_pool
+from psycopg import pq
 
 from ._deadlines import WATCHDOG, Alarm, shut_down_fd
 from .errors import StoreUnavailable
@@ -66,38 +65,13 @@ class PostgresConnections:
         return WATCHDOG.arm(self.statement_timeout,
                             functools.partial(shut_down_fd, conn.pgconn.socket))
 
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection from the sync pool, for one call."""
-        alarm = None
-        try:
-            if self.owned and self.pool.closed:
-                self.pool.open(wait=True, timeout=self.timeout)
-            with self.pool.connection(timeout=self.timeout) as conn:
-                alarm = self._arm(conn)
-                try:
-                    yield conn
-                finally:
-                    WATCHDOG.disarm(alarm)
-        # A pool's PoolTimeout is an OperationalError too.
-        except (psycopg.errors.UndefinedTable, psycopg.OperationalError) as exc:
-            raise self._failure(exc, alarm) from exc
+    def connection(self) -> Checkout:
+        """A connection from the sync pool, for one call (``with``)."""
+        return Checkout(self)
 
-    @asynccontextmanager
-    async def aconnection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A connection from the async pool, for one call."""
-        alarm = None
-        try:
-            if self.owned and self.pool.closed:
-                await self.pool.open(wait=True, timeout=self.timeout)
-            async with self.pool.connection(timeout=self.timeout) as conn:
-                alarm = self._arm(conn)
-                try:
-                    yield conn
-                finally:
-                    WATCHDOG.disarm(alarm)
-        except (psycopg.errors.UndefinedTable, psycopg.OperationalError) as exc:
-            raise self._failure(exc, alarm) from exc
+    def aconnection(self) -> Checkout:
+        """A connection from the async pool, for one call (``async with``)."""
+        return Checkout(self)
 
     def close(self) -> None:
         """Close the store's own sync pool (a pool it was given stays open)."""
@@ -108,3 +82,72 @@ class PostgresConnections:
         """Close the store's own async pool."""
         if self.owned and not self.pool.closed:
             await self.pool.close()
+
+
+_OPEN = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+_FAILURES = (psycopg.errors.UndefinedTable, psycopg.OperationalError)  # PoolTimeout is one
+
+
+class Checkout:
+    """One call's connection: taken from the pool, cut by the watchdog past
+    ``statement_timeout``, given back; psycopg's failures become ``StoreUnavailable``.
+
+    A class, not a generator context manager, and ``getconn``/``putconn`` rather than
+    ``pool.connection()``: every delivery goes through here twice. A connection a caller's
+    pool left outside autocommit is committed (or rolled back) before it goes back.
+    """
+
+    __slots__ = ("_alarm", "_conn", "_pg")
+
+    def __init__(self, pg: PostgresConnections) -> None:
+        self._pg = pg
+        self._conn: Any = None
+        self._alarm: Alarm | None = None
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        pg = self._pg
+        try:
+            if pg.owned and pg.pool.closed:
+                pg.pool.open(wait=True, timeout=pg.timeout)
+            self._conn = pg.pool.getconn(timeout=pg.timeout)
+        except _FAILURES as exc:
+            raise pg._failure(exc, None) from exc
+        self._alarm = pg._arm(self._conn)
+        return cast("psycopg.Connection[Any]", self._conn)
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        conn, alarm = self._conn, self._alarm
+        try:
+            if conn.pgconn.transaction_status in _OPEN:
+                conn.rollback() if exc is not None else conn.commit()
+        except _FAILURES as failure:
+            exc = exc or failure
+        finally:
+            WATCHDOG.disarm(alarm)  # type: ignore[arg-type]
+            self._pg.pool.putconn(conn)
+        if isinstance(exc, _FAILURES):
+            raise self._pg._failure(exc, alarm) from exc
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        pg = self._pg
+        try:
+            if pg.owned and pg.pool.closed:
+                await pg.pool.open(wait=True, timeout=pg.timeout)
+            self._conn = await pg.pool.getconn(timeout=pg.timeout)
+        except _FAILURES as exc:
+            raise pg._failure(exc, None) from exc
+        self._alarm = pg._arm(self._conn)
+        return cast("psycopg.AsyncConnection[Any]", self._conn)
+
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        conn, alarm = self._conn, self._alarm
+        try:
+            if conn.pgconn.transaction_status in _OPEN:
+                await (conn.rollback() if exc is not None else conn.commit())
+        except _FAILURES as failure:
+            exc = exc or failure
+        finally:
+            WATCHDOG.disarm(alarm)  # type: ignore[arg-type]
+            await self._pg.pool.putconn(conn)
+        if isinstance(exc, _FAILURES):
+            raise self._pg._failure(exc, alarm) from exc

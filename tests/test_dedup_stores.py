@@ -82,6 +82,40 @@ class TestPostgresStoreOnAPool(DedupStoreConformance):
 
 
 @pytest.mark.service
+class TestPostgresStoreOnATransactionalPool(DedupStoreConformance):
+    """A caller's pool left outside autocommit: each call's work is committed before its
+    connection goes back, or the next call, on another connection, would not see it."""
+
+    @pytest.fixture
+    def make_store(self, pg_table: str) -> Iterator[Any]:
+        from psycopg_pool import ConnectionPool
+
+        from foxpoll.dedup import PostgresDedupStore
+
+        with ConnectionPool(POSTGRES_URL, min_size=2, max_size=20) as pool:
+            yield PostgresDedupStore(pool, table=pg_table)
+
+
+@pytest.mark.service
+async def test_async_store_commits_on_a_transactional_pool(pg_table: str) -> None:
+    import psycopg
+    from psycopg_pool import AsyncConnectionPool
+
+    from foxpoll import adeliver_once
+    from foxpoll.dedup import AsyncPostgresDedupStore, DeliveryState
+
+    order = DedupStoreConformance.completed_order(f"txpool-{uuid.uuid4()}")
+    async with AsyncConnectionPool(POSTGRES_URL, min_size=1, max_size=2) as pool:
+        result = await adeliver_once(order, lambda o: "sent",
+                                     AsyncPostgresDedupStore(pool, table=pg_table))
+    assert result.delivered
+    with psycopg.connect(POSTGRES_URL) as conn:  # another session sees what was committed
+        row = conn.execute(f"SELECT state FROM {pg_table} WHERE order_id = %s",
+                           (order.id,)).fetchone()
+    assert row == (DeliveryState.DELIVERED.value,)
+
+
+@pytest.mark.service
 class TestAsyncPostgresStore(DedupStoreConformance):
     @pytest.fixture
     def make_store(self, pg_table: str) -> Any:
