@@ -110,7 +110,7 @@ async def test_async_store_commits_on_a_transactional_pool(pg_table: str) -> Non
                                      AsyncPostgresDedupStore(pool, table=pg_table))
     assert result.delivered
     with psycopg.connect(POSTGRES_URL) as conn:  # another session sees what was committed
-        row = conn.execute(f"SELECT state FROM {pg_table} WHERE order_id = %s",
+        row = conn.execute(f"SELECT state FROM {pg_table} WHERE order_id = %s",  # noqa: S608
                            (order.id,)).fetchone()
     assert row == (DeliveryState.DELIVERED.value,)
 
