@@ -70,7 +70,9 @@ class Watchdog:
     def _forget(self) -> None:
         """Start empty; also in a forked child, which the thread did not come along to, and
         whose parent's calls are not the child's to cut."""
-        self._cond = threading.Condition(threading.Lock())
+        # arm and disarm take the lock itself: a Condition's __enter__ is Python code
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._heap: list[tuple[float, int, Alarm]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
@@ -80,7 +82,7 @@ class Watchdog:
     def arm(self, seconds: float, action: Callable[[], Any]) -> Alarm:
         """Run ``action`` in ``seconds`` unless disarmed first."""
         alarm = Alarm(time.monotonic() + seconds, action)
-        with self._cond:
+        with self._lock:
             heapq.heappush(self._heap, (alarm.deadline, next(self._order), alarm))
             if alarm.deadline < self._wake_at:
                 self._wake_at = alarm.deadline
@@ -94,7 +96,7 @@ class Watchdog:
 
     def disarm(self, alarm: Alarm) -> bool:
         """Stop ``alarm``; whether its action ran (the call was cut short)."""
-        with self._cond:  # never fires after this returns: the action runs under the lock
+        with self._lock:  # never fires after this returns: the action runs under the lock
             if not alarm.done:
                 alarm.done = True
                 self._stale += 1
@@ -106,7 +108,7 @@ class Watchdog:
 
     def pending(self) -> int:
         """Alarms in the heap, disarmed ones not yet dropped included."""
-        with self._cond:
+        with self._lock:
             return len(self._heap)
 
     def _watch(self) -> None:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
@@ -146,7 +147,19 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str
 
 def payload_hash(order: Order) -> str:
     """SHA-256 of the order's codes, canonically encoded (never the codes themselves)."""
-    return hashlib.sha256(_CANONICAL.encode(list(order.codes)).encode()).hexdigest()
+    return _codes_hash(order.codes)
+
+
+def _codes_hash(codes: tuple[Any, ...]) -> str:
+    return hashlib.sha256(_CANONICAL.encode(list(codes)).encode()).hexdigest()
+
+
+def _awaitable(value: object) -> bool:
+    """``inspect.isawaitable``, without its slow ``Awaitable`` ABC check for the plain
+    values (records, receipts) most calls return: only generator-based coroutines are
+    awaitable without an ``__await__``."""
+    return hasattr(type(value), "__await__") or (
+        type(value) is types.GeneratorType and inspect.isawaitable(value))
 
 
 def _receipt_text(receipt: object) -> str | None:
@@ -172,7 +185,8 @@ def delivery_flow(
     if order.status is not OrderStatus.COMPLETED:
         raise ValueError(f"order {order.id} is {order.status.value}, not completed: "
                          "there are no codes to deliver")
-    if not order.codes:
+    codes = order.codes
+    if not codes:
         if require_codes:
             raise CodesMissing(order)  # nothing claimed: a later attempt may have codes
         log.warning("order %s is completed with no codes: delivering it empty", order.id)
@@ -204,7 +218,7 @@ def delivery_flow(
         raise
     finally:
         _current.reset(reset)
-    record = yield from _record_delivery(held, payload_hash(order), _receipt_text(receipt),
+    record = yield from _record_delivery(held, _codes_hash(codes), _receipt_text(receipt),
                                          store, clock)
     return DeliveryResult(delivered=True, record=record, receipt=receipt)
 
@@ -305,7 +319,7 @@ def _call(clock: Clock, effect: Invoke | Pause) -> Any:
     finally:
         if renewer is not None:
             renewer.stop()
-    if inspect.isawaitable(result):
+    if _awaitable(result):
         if inspect.iscoroutine(result):
             result.close()
         raise TypeError(f"{effect.fn!r} is async; use adeliver_once")
@@ -320,7 +334,7 @@ async def _acall(clock: Clock, effect: Invoke | Pause) -> Any:
         renewing = asyncio.ensure_future(_keep_renewing(effect.keep_alive))
     try:
         result = effect.fn(*effect.args)
-        return (await result) if inspect.isawaitable(result) else result
+        return (await result) if _awaitable(result) else result
     finally:
         if renewing is not None:
             renewing.cancel()

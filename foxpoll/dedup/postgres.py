@@ -14,7 +14,6 @@ from typing import Any
 
 try:
     import psycopg
-    from psycopg.rows import dict_row
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("PostgresDedupStore needs psycopg: pip install 'foxpoll[postgres]'") from exc
 
@@ -45,6 +44,16 @@ class _PostgresStore(FlowStore):
                                        timeout=connect_timeout, size=max_connections,
                                        statement_timeout=statement_timeout,
                                        asynchronous=self._asynchronous)
+        self._columns: dict[str, list[str]] = {}
+
+    def _dicts(self, sql: str, cursor: Any, rows: list[tuple[Any, ...]]
+               ) -> list[dict[str, Any]]:
+        """``sql``'s rows as dicts, naming its columns once per statement rather than once
+        per call, as psycopg's ``dict_row`` does."""
+        names = self._columns.get(sql)
+        if names is None:
+            names = self._columns[sql] = [column.name for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 class PostgresDedupStore(_PostgresStore, DedupStore):
@@ -78,11 +87,11 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
     def _run(self, flow: Flow[Any]) -> Any:
         # Autocommit: every statement of a flow is atomic on its own (see SQLFlows), so an
         # explicit transaction would only add BEGIN and COMMIT round trips.
-        with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        with self._connection() as conn:
 
             def perform(query: Query) -> list[dict[str, Any]]:
-                cur.execute(query.sql, query.params)
-                return cur.fetchall()  # every statement returns rows
+                cursor = conn.execute(query.sql, query.params)
+                return self._dicts(query.sql, cursor, cursor.fetchall())  # all return rows
 
             return run_flow(flow, perform)
 
@@ -107,11 +116,11 @@ class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
             await conn.execute(self._sql.index)
 
     async def _run(self, flow: Flow[Any]) -> Any:
-        async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        async with self._connection() as conn:
 
             async def perform(query: Query) -> list[dict[str, Any]]:
-                await cur.execute(query.sql, query.params)
-                return await cur.fetchall()
+                cursor = await conn.execute(query.sql, query.params)
+                return self._dicts(query.sql, cursor, await cursor.fetchall())
 
             return await arun_flow(flow, perform)
 

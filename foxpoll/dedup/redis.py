@@ -10,7 +10,6 @@ prunes the indexes of entries older than the retention, so they never outgrow th
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -155,9 +154,16 @@ class RedisFlows:
     def state_key(self, state: DeliveryState) -> str:
         return f"{self.prefix}deliveries:{state.value}"
 
+    #: The claimed, released and delivered indexes, in the scripts' KEYS order.
+    index_keys: tuple[str, ...] = attrs.field(init=False)
+
+    @index_keys.default
+    def _index_keys(self) -> tuple[str, ...]:
+        return tuple(self.state_key(state) for state in (
+            DeliveryState.CLAIMED, DeliveryState.RELEASED, DeliveryState.DELIVERED))
+
     def keys(self, order_id: str) -> list[str]:
-        return [self.record_key(order_id), *(self.state_key(s) for s in (
-            DeliveryState.CLAIMED, DeliveryState.RELEASED, DeliveryState.DELIVERED))]
+        return [self.record_key(order_id), *self.index_keys]
 
     def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
         won, found, now = yield Script("claim", self.keys(order_id),
@@ -267,12 +273,13 @@ class RedisDedupStore(_RedisStore, DedupStore):
 
     _client_class = redis.Redis
 
+    def _cut(self) -> None:
+        self._client.connection_pool.disconnect(inuse_connections=True)
+
     def _run(self, flow: Flow[Any]) -> Any:
         # redis-py bounds a call only by the client's socket timeout, which a caller's
         # client may not have: the watchdog drops the connections a frozen call holds.
-        pool = self._client.connection_pool
-        alarm = WATCHDOG.arm(self.statement_timeout,
-                             functools.partial(pool.disconnect, inuse_connections=True))
+        alarm = WATCHDOG.arm(self.statement_timeout, self._cut)
         try:
             return run_flow(flow, self._perform)
         except (RedisConnectionError, RedisTimeoutError) as exc:
