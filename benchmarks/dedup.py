@@ -4,11 +4,13 @@ For each backend, the raw side runs exactly the statements foxpoll's happy path 
 claim, then the complete), on the same server, with the same driver and connection
 reuse. On PostgreSQL and Redis a lean side runs what a careful hand-written version
 would: two round trips that read nothing back but a flag (``RETURNING 1`` and a row
-count; ``SET NX PX`` and a three-line script), with no record, index or retention.
-foxpoll runs ``deliver_once`` with a no-op deliver. The sides alternate, op by op, so a
-machine's drift affects all alike. Printed: median and p99 latency, operations per
-second, and foxpoll's median over each side's (the target is 1.25x or less of the lean
-side on PostgreSQL and Redis).
+count; two small scripts on one fenced key), with no record, index or retention; on
+Redis a ``set-nx`` side is leaner still (a plain ``SET NX PX``, then a script). foxpoll
+runs ``deliver_once`` with a no-op deliver. Every side gets a fresh completed order,
+built before its timer starts. The sides alternate, op by op, so a machine's drift
+affects all alike. Printed: median and p99 latency, operations per second, and
+foxpoll's median over each side's (the target is 1.25x or less of the lean side on
+PostgreSQL and Redis).
 
 Then the contention case: 64 worker threads share a queue in which each of 1,000 orders
 appears 4 times; every worker delivers what it takes. Every order must be delivered
@@ -47,33 +49,31 @@ def order(order_id: str) -> Order:
                  items=(OrderItem("p", 1, external_data=("CODE",)),))
 
 
-def timed(operation: Callable[[str], Any], count: int) -> list[float]:
+Side = Callable[[Order], Any]
+
+
+def timed(operation: Side, count: int) -> list[float]:
+    """Latencies of ``operation`` on fresh completed orders, each built before its timer."""
     latencies = []
     for _ in range(count):
-        order_id = str(uuid.uuid4())
+        subject = order(str(uuid.uuid4()))
         start = time.perf_counter()
-        operation(order_id)
+        operation(subject)
         latencies.append(time.perf_counter() - start)
     return latencies
 
 
-def interleaved(first: Callable[[str], Any], second: Callable[[str], Any],
-                count: int) -> tuple[list[float], list[float]]:
-    """Time the two sides alternately, op by op, so drift on a busy machine hits both."""
-    a: list[float] = []
-    b: list[float] = []
-    for _ in range(count):
-        a += timed(first, 1)
-        b += timed(second, 1)
-    return a, b
-
-
-def interleaved_all(sides: list[Callable[[str], Any]], count: int) -> list[list[float]]:
-    """:func:`interleaved` for any number of sides."""
+def interleaved_all(sides: list[Side], count: int) -> list[list[float]]:
+    """Time the sides in turn, op by op, so drift on a busy machine hits all alike; in a
+    shuffled order each round, so that no side always runs after the same one (what ran
+    just before changes a round trip by tens of microseconds here)."""
     times: list[list[float]] = [[] for _ in sides]
+    rounds = random.Random(0)
+    order_of_turns = list(range(len(sides)))
     for _ in range(count):
-        for index, side in enumerate(sides):
-            times[index] += timed(side, 1)
+        rounds.shuffle(order_of_turns)
+        for index in order_of_turns:
+            times[index] += timed(sides[index], 1)
     return times
 
 
@@ -87,13 +87,14 @@ def summary(latencies: list[float]) -> tuple[float, float, float]:
 # -- the raw sequences: the same two statements, through the same drivers --------------
 
 
-def raw_postgres(table: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
+def raw_postgres(table: str) -> tuple[Side, Callable[[], None]]:
     import psycopg
 
     sql = POSTGRES.statements(table)
     conn = psycopg.connect(POSTGRES_URL, autocommit=True)
 
-    def run(order_id: str) -> None:
+    def run(subject: Order) -> None:
+        order_id = subject.id
         token = uuid.uuid4().hex
         conn.execute(sql.claim, {"order_id": order_id, "token": token, "lease": 60}).fetchall()
         conn.execute(sql.complete, {"order_id": order_id, "token": token,
@@ -102,13 +103,14 @@ def raw_postgres(table: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
     return run, conn.close
 
 
-def raw_sqlite(path: str, table: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
+def raw_sqlite(path: str, table: str) -> tuple[Side, Callable[[], None]]:
     import sqlite3
 
     sql = SQLITE.statements(table)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
-    def run(order_id: str) -> None:
+    def run(subject: Order) -> None:
+        order_id = subject.id
         token = uuid.uuid4().hex
         for statement, params in (
             (sql.claim, {"order_id": order_id, "token": token, "lease": 60}),
@@ -122,7 +124,7 @@ def raw_sqlite(path: str, table: str) -> tuple[Callable[[str], Any], Callable[[]
     return run, db.close
 
 
-def raw_redis(prefix: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
+def raw_redis(prefix: str) -> tuple[Side, Callable[[], None]]:
     import redis
 
     from foxpoll.dedup.redis import _CLAIM, _COMPLETE, THIRTY_DAYS
@@ -134,7 +136,8 @@ def raw_redis(prefix: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
         return [f"{prefix}delivery:{order_id}", *(f"{prefix}deliveries:{s}" for s in
                                                   ("claimed", "released", "delivered"))]
 
-    def run(order_id: str) -> None:
+    def run(subject: Order) -> None:
+        order_id = subject.id
         token = uuid.uuid4().hex
         claim(keys=keys(order_id), args=[order_id, token, 60, THIRTY_DAYS])
         complete(keys=keys(order_id), args=[order_id, token, "h", "", THIRTY_DAYS])
@@ -145,7 +148,7 @@ def raw_redis(prefix: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
 # -- the lean sequences: what a careful hand-written claim-then-complete would send -----
 
 
-def lean_postgres(table: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
+def lean_postgres(table: str) -> tuple[Side, Callable[[], None]]:
     """The same table, but nothing read back: a claim that returns one column, a complete
     judged by its row count."""
     import psycopg
@@ -163,7 +166,8 @@ def lean_postgres(table: str) -> tuple[Callable[[str], Any], Callable[[], None]]
                 f"lease_until = NULL, delivered_at = {now}, updated_at = {now} "
                 f"WHERE order_id = %(o)s AND token = %(t)s AND state = 'claimed'")
 
-    def run(order_id: str) -> None:
+    def run(subject: Order) -> None:
+        order_id = subject.id
         token = uuid.uuid4().hex
         won = conn.execute(claim, {"o": order_id, "t": token}).fetchone()
         assert won is not None
@@ -172,9 +176,30 @@ def lean_postgres(table: str) -> tuple[Callable[[str], Any], Callable[[], None]]
     return run, conn.close
 
 
-def lean_redis(prefix: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
-    """A fenced key and nothing else: ``SET NX PX`` to claim, a three-line script to
-    complete (no record fields, no state indexes, no retention)."""
+def lean_redis(prefix: str) -> tuple[Side, Callable[[], None]]:
+    """Two small scripts on one fenced key: a claim that takes a free or expired key, a
+    completion that checks the token (no record fields, no state indexes, no retention)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    claim = client.register_script(
+        "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0")
+    complete = client.register_script(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+        "return redis.call('SET', KEYS[1], 'delivered') end return false")
+
+    def run(subject: Order) -> None:
+        order_id = subject.id
+        token = uuid.uuid4().hex
+        key = f"{prefix}lean:{order_id}"
+        assert claim(keys=[key], args=[token, 60_000]) == 1
+        assert complete(keys=[key], args=[token])
+
+    return run, client.close
+
+
+def set_nx_redis(prefix: str) -> tuple[Side, Callable[[], None]]:
+    """Leaner still: the claim a plain ``SET NX PX``, the completion one script."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
@@ -182,9 +207,10 @@ def lean_redis(prefix: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
         "if redis.call('GET', KEYS[1]) == ARGV[1] then "
         "return redis.call('SET', KEYS[1], 'delivered') end return false")
 
-    def run(order_id: str) -> None:
+    def run(subject: Order) -> None:
+        order_id = subject.id
         token = uuid.uuid4().hex
-        key = f"{prefix}lean:{order_id}"
+        key = f"{prefix}setnx:{order_id}"
         assert client.set(key, token, nx=True, px=60_000)
         assert complete(keys=[key], args=[token])
 
@@ -194,7 +220,7 @@ def lean_redis(prefix: str) -> tuple[Callable[[str], Any], Callable[[], None]]:
 # -- the stores ------------------------------------------------------------------------
 
 
-def stores(tmp: Path) -> dict[str, tuple[DedupStore, Callable[[str], Any], Callable[[], None]]]:
+def stores(tmp: Path) -> dict[str, tuple[DedupStore, Side, Callable[[], None]]]:
     import psycopg
     from psycopg_pool import ConnectionPool
 
@@ -228,7 +254,9 @@ def stores(tmp: Path) -> dict[str, tuple[DedupStore, Callable[[str], Any], Calla
 
     pg_lean, pg_lean_close = lean_postgres(table)
     redis_lean, redis_lean_close = lean_redis(prefix)
-    LEAN["PostgreSQL"], LEAN["Redis"] = pg_lean, redis_lean
+    redis_set_nx, redis_set_nx_close = set_nx_redis(prefix)
+    LEAN["PostgreSQL"] = {"lean": pg_lean}
+    LEAN["Redis"] = {"lean": redis_lean, "set-nx": redis_set_nx}
 
     def drop_pg_all() -> None:
         pg_lean_close()
@@ -236,6 +264,7 @@ def stores(tmp: Path) -> dict[str, tuple[DedupStore, Callable[[str], Any], Calla
 
     def drop_redis_all() -> None:
         redis_lean_close()
+        redis_set_nx_close()
         drop_redis()
 
     return {
@@ -245,8 +274,8 @@ def stores(tmp: Path) -> dict[str, tuple[DedupStore, Callable[[str], Any], Calla
     }
 
 
-#: Per backend, the lean hand-written sequence, where there is one.
-LEAN: dict[str, Callable[[str], Any]] = {}
+#: Per backend, the lean hand-written sequences, by name, where there are some.
+LEAN: dict[str, dict[str, Side]] = {}
 
 
 def contention(store: DedupStore, workers: int = 64, orders: int = 1000,
@@ -296,11 +325,10 @@ def main() -> None:
             print(f"{'backend':<11}{'side':<9}{'median':>10}{'p99':>10}{'ops/s':>9}"
                   f"{'foxpoll / it':>14}")
             for name, (store, raw, _) in backends.items():
-                def fox(i: str, s: DedupStore = store) -> Any:
-                    return deliver_once(order(i), lambda o: None, s)
+                def fox(subject: Order, s: DedupStore = store) -> Any:
+                    return deliver_once(subject, lambda o: None, s)
 
-                sides = {"raw": raw, "lean": LEAN.get(name), "foxpoll": fox}
-                runs = {side: run for side, run in sides.items() if run is not None}
+                runs = {"raw": raw, **LEAN.get(name, {}), "foxpoll": fox}
                 for run in runs.values():
                     timed(run, 100)  # warm up: connections, prepared statements, scripts
                 times = interleaved_all(list(runs.values()), args.ops)
