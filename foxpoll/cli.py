@@ -113,11 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     close.add_argument("order_id")
     close.add_argument("reason")
 
-    simulate = commands.add_parser("simulate", help="serve the FoxReload simulator over HTTP")
-    simulate.add_argument("--port", type=int, default=8080)
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--api-key", default="test-key")
-    simulate.add_argument("--complete-after", type=float, default=6.0)
+    from .testing.__main__ import add_arguments
+
+    add_arguments(commands.add_parser("simulate", help="serve the FoxReload simulator over HTTP"))
     return parser
 
 
@@ -147,10 +145,9 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         ok = tallies["delivered"] == 4 and tallies["redelivered"] == 0
         return 0 if ok and tallies["dead_letters"] == 0 else 1
     if args.command == "simulate":
-        from .testing.__main__ import main as simulate
+        from .testing.__main__ import serve
 
-        simulate(["--port", str(args.port), "--host", args.host, "--api-key", args.api_key,
-                  "--complete-after", str(args.complete_after)])
+        serve(args)
         return 0
     if args.command == "orders":
         return _orders(args, out)

@@ -299,3 +299,18 @@ def test_bad_rate_limits_are_one_line_errors(
     assert "per_minute" in capsys.readouterr().err
     assert run("orders", "get", "x", "--rate-limit-store", "redis://x")[0] == 1
     assert "needs --rate-limit" in capsys.readouterr().err
+
+
+def _first_order_id(*argv: str) -> str:
+    from foxpoll.cli import _parser
+    from foxpoll.testing.__main__ import simulator
+
+    sim = simulator(_parser().parse_args(["simulate", *argv]))
+    with sim.client() as client:
+        return client.orders.create(items=[{"itemId": "product_steam_10", "quantity": 1}]).id
+
+
+def test_a_restarted_simulator_never_repeats_order_ids() -> None:
+    # A dedup store kept from the last run would skip a repeated id as already delivered.
+    assert _first_order_id() != _first_order_id()
+    assert _first_order_id("--seed", "7") == _first_order_id("--seed", "7")
