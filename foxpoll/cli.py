@@ -5,6 +5,7 @@
     foxpoll demo                          the whole job against the simulator, no key needed
     foxpoll orders get|pay|wait ORDER_ID  the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL)
     foxpoll orders create --item ID[:QTY] [--note KEY=VALUE] [--mock]
+    foxpoll catalog [--category ID]       the categories, or a category's products
         [--rate-limit PER_MINUTE|auto [--rate-limit-store sqlite:///PATH|redis://...]]
     foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
     foxpoll dlq list|requeue|close        the recovery queue's dead letters
@@ -80,13 +81,21 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--timeout", type=float, help="seconds to wait at most")
     create = orders.add_parser("create", help="create an order", parents=[budget])
     create.add_argument("--item", action="append", required=True, metavar="ID[:QTY]",
-                        help="a product id (see the catalog: client.products.list()) and "
+                        help="a product id (foxpoll catalog --category ID lists them) and "
                              "its quantity, 1 when omitted; repeat for more items (1-10)")
     create.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
                         help="product note fields (for every item)")
     create.add_argument("--mock", action="store_true", help="a test order")
     create.add_argument("--json", action="store_true")
     create.add_argument("--show-codes", action="store_true")
+
+    catalog = commands.add_parser(
+        "catalog", help="the categories, or one category's products and their ids",
+        description="The catalog on the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL): "
+                    "the categories, or with --category its products, whose ids "
+                    "orders create --item takes.")
+    catalog.add_argument("--category", metavar="ID", help="list this category's products")
+    catalog.add_argument("--in-stock", action="store_true", help="only products in stock")
 
     # --queue goes before or after the action: a parent parser on each level.
     where = argparse.ArgumentParser(add_help=False)
@@ -151,6 +160,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     if args.command == "orders":
         return _orders(args, out)
+    if args.command == "catalog":
+        return _catalog(args, out)
     if args.command == "recovery":
         return _recovery(args, out)
     return _dlq(args, out)
@@ -185,6 +196,29 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
                 return EXIT_STALLED
     _print_order(order, out, as_json=args.json, show_codes=args.show_codes)
     return EXIT_FAILED if order.status.value in ("failed", "cancelled") else 0
+
+
+def _catalog(args: argparse.Namespace, out: TextIO) -> int:
+    from ._client import FoxReload
+
+    in_stock = args.in_stock or None
+    with FoxReload() as client:
+        if args.category is None:
+            for category in client.categories.list(with_stock_only=in_stock).items:
+                print(f"{category.id}  {category.name}", file=out)
+            print("products: foxpoll catalog --category ID", file=out)
+            return 0
+        offset = 0
+        while True:  # every page: a category rarely holds more than a few
+            page = client.products.list(category=args.category, limit=200, offset=offset,
+                                        with_stock_only=in_stock)
+            for product in page.items:
+                price = f"{product.price} {product.currency or ''}".strip()
+                print(f"{product.id}  {product.name}  {price}  stock={product.quantity}",
+                      file=out)
+            offset += len(page.items)
+            if len(page.items) < 200:
+                return 0
 
 
 def _rate_limit(args: argparse.Namespace) -> Any:

@@ -156,6 +156,19 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeFoxReload]:
         yield sim
 
 
+def test_catalog_lists_categories_then_product_ids_to_order(api: FakeFoxReload) -> None:
+    code, categories = run("catalog")
+    assert code == 0
+    assert categories.splitlines()[0] == "esim  Esim"
+    assert "steam  Steam" in categories
+    code, products = run("catalog", "--category", "steam")
+    assert code == 0
+    first = products.splitlines()[0]
+    assert first == "product_steam_10  Steam Gift Card $10  10.50 usd  stock=1000000"
+    assert run("orders", "create", "--item", first.split()[0])[0] == 0  # the id orders
+    assert len(api.order_ids()) == 1
+
+
 def test_orders_create_pay_wait_get(api: FakeFoxReload) -> None:
     code, created = run("orders", "create", "--item", "product_pubg_660:2",
                         "--note", "player_id=77", "--mock")
