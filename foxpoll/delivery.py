@@ -28,6 +28,7 @@ import os
 import threading
 import types
 from collections.abc import Awaitable, Callable, Generator
+from json.encoder import encode_basestring_ascii
 from typing import Any, TypeVar
 
 import attrs
@@ -151,7 +152,11 @@ def payload_hash(order: Order) -> str:
 
 
 def _codes_hash(codes: tuple[Any, ...]) -> str:
-    return hashlib.sha256(_CANONICAL.encode(list(codes)).encode()).hexdigest()
+    if all(type(code) is str for code in codes):  # the usual case, encoded the same way
+        text = "[" + ",".join(map(encode_basestring_ascii, codes)) + "]"
+    else:
+        text = _CANONICAL.encode(list(codes))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _awaitable(value: object) -> bool:

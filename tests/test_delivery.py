@@ -7,6 +7,8 @@ import uuid
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from foxpoll import (
     DedupError,
@@ -298,3 +300,17 @@ def test_redis_delivered_records_expire_after_the_retention() -> None:
         for key in client.scan_iter(f"{prefix}*"):
             client.delete(key)
         client.close()
+
+
+@given(st.lists(st.one_of(st.text(), st.dictionaries(st.text(), st.text(), max_size=3)),
+                max_size=5))
+def test_the_codes_hash_is_sha256_of_their_canonical_json(codes: list[Any]) -> None:
+    # The fast path for text codes must hash exactly what the JSON encoder would: stored
+    # hashes stay comparable across releases.
+    import hashlib
+    import json
+
+    from foxpoll.delivery import _codes_hash
+
+    canonical = json.dumps(codes, sort_keys=True, separators=(",", ":"), default=str)
+    assert _codes_hash(tuple(codes)) == hashlib.sha256(canonical.encode()).hexdigest()
