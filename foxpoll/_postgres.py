@@ -98,56 +98,64 @@ class Checkout:
     """
 
     __slots__ = ("_alarm", "_conn", "_pg")
+    _conn: Any
+    _alarm: Alarm
 
     def __init__(self, pg: PostgresConnections) -> None:
         self._pg = pg
-        self._conn: Any = None
-        self._alarm: Alarm | None = None
+
+    def _taken(self, conn: Any) -> Any:
+        self._conn, self._alarm = conn, self._pg._arm(conn)
+        return conn
+
+    def _settled(self, exc: BaseException | None) -> None:
+        if isinstance(exc, _FAILURES):
+            raise self._pg._failure(exc, self._alarm) from exc
 
     def __enter__(self) -> psycopg.Connection[Any]:
-        pg = self._pg
+        pool = self._pg.pool
         try:
-            if pg.owned and pg.pool.closed:
-                pg.pool.open(wait=True, timeout=pg.timeout)
-            self._conn = pg.pool.getconn(timeout=pg.timeout)
+            if self._pg.owned and pool.closed:
+                pool.open(wait=True, timeout=self._pg.timeout)
+            return cast("psycopg.Connection[Any]",
+                        self._taken(pool.getconn(timeout=self._pg.timeout)))
         except _FAILURES as exc:
-            raise pg._failure(exc, None) from exc
-        self._alarm = pg._arm(self._conn)
-        return cast("psycopg.Connection[Any]", self._conn)
+            raise self._pg._failure(exc, None) from exc
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        conn, alarm = self._conn, self._alarm
         try:
-            if conn.pgconn.transaction_status in _OPEN:
-                conn.rollback() if exc is not None else conn.commit()
+            if self._conn.pgconn.transaction_status in _OPEN:
+                if exc is None:
+                    self._conn.commit()
+                else:
+                    self._conn.rollback()
         except _FAILURES as failure:
             exc = exc or failure
         finally:
-            WATCHDOG.disarm(alarm)  # type: ignore[arg-type]
-            self._pg.pool.putconn(conn)
-        if isinstance(exc, _FAILURES):
-            raise self._pg._failure(exc, alarm) from exc
+            WATCHDOG.disarm(self._alarm)
+            self._pg.pool.putconn(self._conn)
+        self._settled(exc)
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
-        pg = self._pg
+        pool = self._pg.pool
         try:
-            if pg.owned and pg.pool.closed:
-                await pg.pool.open(wait=True, timeout=pg.timeout)
-            self._conn = await pg.pool.getconn(timeout=pg.timeout)
+            if self._pg.owned and pool.closed:
+                await pool.open(wait=True, timeout=self._pg.timeout)
+            return cast("psycopg.AsyncConnection[Any]",
+                        self._taken(await pool.getconn(timeout=self._pg.timeout)))
         except _FAILURES as exc:
-            raise pg._failure(exc, None) from exc
-        self._alarm = pg._arm(self._conn)
-        return cast("psycopg.AsyncConnection[Any]", self._conn)
+            raise self._pg._failure(exc, None) from exc
 
     async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        conn, alarm = self._conn, self._alarm
         try:
-            if conn.pgconn.transaction_status in _OPEN:
-                await (conn.rollback() if exc is not None else conn.commit())
+            if self._conn.pgconn.transaction_status in _OPEN:
+                if exc is None:
+                    await self._conn.commit()
+                else:
+                    await self._conn.rollback()
         except _FAILURES as failure:
             exc = exc or failure
         finally:
-            WATCHDOG.disarm(alarm)  # type: ignore[arg-type]
-            await self._pg.pool.putconn(conn)
-        if isinstance(exc, _FAILURES):
-            raise self._pg._failure(exc, alarm) from exc
+            WATCHDOG.disarm(self._alarm)
+            await self._pg.pool.putconn(self._conn)
+        self._settled(exc)
