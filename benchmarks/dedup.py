@@ -176,44 +176,36 @@ def lean_postgres(table: str) -> tuple[Side, Callable[[], None]]:
     return run, conn.close
 
 
-def lean_redis(prefix: str) -> tuple[Side, Callable[[], None]]:
+#: The lean completion: the token still owns the key, then the key says delivered.
+LEAN_COMPLETE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                 "return redis.call('SET', KEYS[1], 'delivered') end return false")
+
+
+def lean_redis(prefix: str, *, set_nx: bool = False) -> tuple[Side, Callable[[], None]]:
     """Two small scripts on one fenced key: a claim that takes a free or expired key, a
-    completion that checks the token (no record fields, no state indexes, no retention)."""
+    completion that checks the token (no record fields, no state indexes, no retention).
+    With ``set_nx``, leaner still: the claim a plain ``SET NX PX``."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
-    claim = client.register_script(
+    script = client.register_script(
         "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0")
-    complete = client.register_script(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-        "return redis.call('SET', KEYS[1], 'delivered') end return false")
+    complete = client.register_script(LEAN_COMPLETE)
 
     def run(subject: Order) -> None:
-        order_id = subject.id
         token = uuid.uuid4().hex
-        key = f"{prefix}lean:{order_id}"
-        assert claim(keys=[key], args=[token, 60_000]) == 1
+        key = f"{prefix}lean:{subject.id}"
+        assert script(keys=[key], args=[token, 60_000]) == 1
         assert complete(keys=[key], args=[token])
 
-    return run, client.close
-
-
-def set_nx_redis(prefix: str) -> tuple[Side, Callable[[], None]]:
-    """Leaner still: the claim a plain ``SET NX PX``, the completion one script."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    complete = client.register_script(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-        "return redis.call('SET', KEYS[1], 'delivered') end return false")
-
-    def run(subject: Order) -> None:
-        order_id = subject.id
+    def run_set_nx(subject: Order) -> None:
         token = uuid.uuid4().hex
-        key = f"{prefix}setnx:{order_id}"
+        key = f"{prefix}setnx:{subject.id}"
         assert client.set(key, token, nx=True, px=60_000)
         assert complete(keys=[key], args=[token])
 
+    if set_nx:
+        return run_set_nx, client.close
     return run, client.close
 
 
@@ -254,7 +246,7 @@ def stores(tmp: Path) -> dict[str, tuple[DedupStore, Side, Callable[[], None]]]:
 
     pg_lean, pg_lean_close = lean_postgres(table)
     redis_lean, redis_lean_close = lean_redis(prefix)
-    redis_set_nx, redis_set_nx_close = set_nx_redis(prefix)
+    redis_set_nx, redis_set_nx_close = lean_redis(prefix, set_nx=True)
     LEAN["PostgreSQL"] = {"lean": pg_lean}
     LEAN["Redis"] = {"lean": redis_lean, "set-nx": redis_set_nx}
 
