@@ -332,9 +332,21 @@ def error_from(outcome: httpx.Response | httpx.TransportError, clock: Clock) -> 
         if outcome.too_large:
             return ResponseTooLarge(str(outcome), request=request)
         return APIResponseValidationError(str(outcome), request=request)
+    where = _where(request)
     if isinstance(outcome, httpx.TimeoutException):
-        return APITimeoutError(f"request timed out ({type(outcome).__name__})", request=request)
-    return APIConnectionError(f"connection failed ({type(outcome).__name__})", request=request)
+        return APITimeoutError(f"request timed out ({type(outcome).__name__}){where}",
+                               request=request)
+    return APIConnectionError(f"connection failed ({type(outcome).__name__}){where}",
+                              request=request)
+
+
+def _where(request: httpx.Request | None) -> str:
+    """`` for GET http://host:port/path``: which server did not answer (never the query
+    or the headers, where a key could be)."""
+    if request is None:
+        return ""
+    url = request.url
+    return f" for {request.method} {url.scheme}://{url.netloc.decode('ascii')}{url.path}"
 
 
 def _transport_request(exc: httpx.TransportError) -> httpx.Request | None:

@@ -218,7 +218,12 @@ def _catalog(args: argparse.Namespace, out: TextIO) -> int:
                       file=out)
             offset += len(page.items)
             if len(page.items) < 200:
-                return 0
+                break
+    if not offset:
+        print(f"foxpoll: no products in category {args.category!r}"
+              f"{' in stock' if in_stock else ''} (foxpoll catalog lists the categories)",
+              file=sys.stderr)
+    return 0
 
 
 def _rate_limit(args: argparse.Namespace) -> Any:

@@ -156,7 +156,9 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeFoxReload]:
         yield sim
 
 
-def test_catalog_lists_categories_then_product_ids_to_order(api: FakeFoxReload) -> None:
+def test_catalog_lists_categories_then_product_ids_to_order(
+    api: FakeFoxReload, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, categories = run("catalog")
     assert code == 0
     assert categories.splitlines()[0] == "esim  Esim"
@@ -167,6 +169,8 @@ def test_catalog_lists_categories_then_product_ids_to_order(api: FakeFoxReload) 
     assert first == "product_steam_10  Steam Gift Card $10  10.50 usd  stock=1000000"
     assert run("orders", "create", "--item", first.split()[0])[0] == 0  # the id orders
     assert len(api.order_ids()) == 1
+    assert run("catalog", "--category", "stean") == (0, "")  # a typo: said, not silent
+    assert "no products in category 'stean'" in capsys.readouterr().err
 
 
 def test_orders_create_pay_wait_get(api: FakeFoxReload) -> None:

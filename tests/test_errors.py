@@ -108,3 +108,27 @@ def test_a_failed_order_s_message_says_why() -> None:
     assert message.startswith("order o3 failed: supplier out of stock; xxx")
     assert message.count("supplier out of stock") == 1  # each reason once
     assert len(message) < 300  # kept short: messages are logged
+
+
+@pytest.mark.parametrize(("kind", "cls", "said"), [
+    (httpx.ConnectError, errors.APIConnectionError, "connection failed (ConnectError)"),
+    (httpx.ReadTimeout, errors.APITimeoutError, "request timed out (ReadTimeout)"),
+])
+def test_a_network_error_names_the_server_but_not_the_query_or_key(
+    kind: type[httpx.TransportError], cls: type[errors.APIError], said: str
+) -> None:
+    import respx
+
+    from foxpoll import FoxReload
+
+    base_url = "https://user:pw@api.test:8443"
+    with respx.mock(base_url=base_url) as mock:
+        mock.get("/api/products/").mock(side_effect=kind("down"))
+        with FoxReload(API_KEY, base_url=base_url, max_retries=0) as client, \
+                pytest.raises(cls) as info:
+            client.products.list(category="secret-category")
+    message = str(info.value)
+    assert message.startswith(f"{said} for GET https://api.test:8443/api/products/")
+    assert "secret-category" not in message
+    assert API_KEY not in message
+    assert "pw" not in message
