@@ -306,6 +306,15 @@ STATE_FILTERS: dict[str, tuple[tuple[str, ...], bool | None]] = {
 }
 
 
+#: What a queued job's reason means, for the reader of ``recovery list``.
+REASONS = {
+    "watch": "a paid order a wait is on; due once that wait would have given up, so it "
+             "fires only if the process died",
+    "delivery": "a wait saw it completed; when due, a RecoveryWorker confirms the delivery "
+                "in the dedup store (no API request), or delivers it",
+}
+
+
 def _recovery(args: argparse.Namespace, out: TextIO) -> int:
     import time
 
@@ -315,7 +324,7 @@ def _recovery(args: argparse.Namespace, out: TextIO) -> int:
     queue = _queue(getattr(args, "queue", DEFAULT_QUEUE))
     try:
         now = time.time()
-        shown = 0
+        shown, reasons = 0, set[str]()
         for state in states:
             for job in queue.jobs(JobState(state), limit=args.limit):
                 if running is not None and job.running(now) != running:
@@ -326,7 +335,10 @@ def _recovery(args: argparse.Namespace, out: TextIO) -> int:
                       f"attempts={job.attempts}  {due}last_status={job.last_status or '-'}"
                       f"  last_error={job.last_error or '-'}", file=out)
                 shown += 1
+                reasons.add(job.reason or "")
         print(f"{shown} job(s) {args.state}", file=out)
+        for reason in sorted(reasons & REASONS.keys()):
+            print(f"reason={reason}: {REASONS[reason]}", file=sys.stderr)
     finally:
         queue.close_connections()
     return 0

@@ -85,8 +85,13 @@ def fill(queue: Any) -> None:
     queue.finish("done", final_status="completed")
 
 
+FILLED = {"waiting", "watched", "running", "dead", "closed", "done"}
+
+
 def listed(output: str) -> dict[str, str]:
-    return {line.split()[0]: line.split()[1] for line in output.splitlines()[:-1]}
+    """The jobs ``fill`` made, by state shown (a shared database may hold others too)."""
+    return {line.split()[0]: line.split()[1] for line in output.splitlines()[:-1]
+            if line.split()[0] in FILLED}
 
 
 def check_recovery_list(url: str) -> None:
@@ -95,17 +100,24 @@ def check_recovery_list(url: str) -> None:
     assert listed(active) == {"waiting": "queued", "watched": "queued", "running": "running"}
     assert "reason=watch" in active
     assert "due_in=" in active
-    assert active.splitlines()[-1] == "3 job(s) active"
+    assert active.splitlines()[-1].endswith(" job(s) active")
     for state, expected in (("queued", {"waiting": "queued", "watched": "queued"}),
                             ("running", {"running": "running"}), ("dead", {"dead": "dead"}),
                             ("done", {"done": "done"}), ("closed", {"closed": "closed"})):
         assert listed(run("recovery", "list", "--state", state, "--queue", url)[1]) == expected
 
 
-def test_recovery_list_shows_queued_and_running_jobs_too(tmp_path: Path) -> None:
+def test_recovery_list_shows_queued_and_running_jobs_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with SQLiteRecoveryQueue(tmp_path / "q.db") as queue:
         fill(queue)
-    check_recovery_list(f"sqlite:///{tmp_path / 'q.db'}")
+    capsys.readouterr()
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    check_recovery_list(url)
+    assert run("recovery", "list", "--queue", url)[1].splitlines()[-1] == "3 job(s) active"
+    # What a watch is gets said, once per listing that shows one.
+    assert "reason=watch: a paid order a wait is on" in capsys.readouterr().err
 
 
 @pytest.mark.service
@@ -238,7 +250,7 @@ def test_help_names_the_environment_the_item_format_and_the_exit_codes(
     shown = capsys.readouterr().out
     assert "FOXRELOAD_API_KEY" in shown
     assert "FOXRELOAD_BASE_URL" in shown
-    assert "products.list()" in shown
+    assert "foxpoll catalog --category ID" in shown  # where --item's ids come from
     assert "3    the order failed or was cancelled" in shown
     assert "2    a usage error" in shown
 
