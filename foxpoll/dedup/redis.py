@@ -49,8 +49,10 @@ _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2])
 
 
 def _prune(*indexes: int) -> str:
-    """Drop the entries of these index keys older than the retention (the last ARGV): their
-    records have expired, and no index may outgrow the records it points at."""
+    """Drop the entries of these index keys older than the script's ``retention``: their
+    records have expired, and no index may outgrow the records it points at. The claimed
+    index is scored by the lease's end (a claim's record expires a retention after it),
+    the others by the last change."""
     removals = " ".join(f"redis.call('ZREMRANGEBYSCORE', KEYS[{i}], '-inf', stale)"
                         for i in indexes)
     return f"local stale = '(' .. (now - retention) {removals}"
