@@ -5,8 +5,8 @@
     foxpoll demo                          the whole job against the simulator, no key needed
     foxpoll orders get|pay|wait ORDER_ID  the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL)
     foxpoll orders create --item ID[:QTY] [--note KEY=VALUE] [--mock]
-    foxpoll catalog [--category ID]       the categories, or a category's products
         [--rate-limit PER_MINUTE|auto [--rate-limit-store sqlite:///PATH|redis://...]]
+    foxpoll catalog [--category ID]       the categories, or a category's products
     foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
     foxpoll dlq list|requeue|close        the recovery queue's dead letters
     foxpoll simulate --port 8080          serve the simulator over HTTP
@@ -198,6 +198,9 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if order.status.value in ("failed", "cancelled") else 0
 
 
+CATALOG_PAGE = 200  # the API's largest page
+
+
 def _catalog(args: argparse.Namespace, out: TextIO) -> int:
     from ._client import FoxReload
 
@@ -210,14 +213,14 @@ def _catalog(args: argparse.Namespace, out: TextIO) -> int:
             return 0
         offset = 0
         while True:  # every page: a category rarely holds more than a few
-            page = client.products.list(category=args.category, limit=200, offset=offset,
-                                        with_stock_only=in_stock)
+            page = client.products.list(category=args.category, limit=CATALOG_PAGE,
+                                        offset=offset, with_stock_only=in_stock)
             for product in page.items:
                 price = f"{product.price} {product.currency or ''}".strip()
                 print(f"{product.id}  {product.name}  {price}  stock={product.quantity}",
                       file=out)
             offset += len(page.items)
-            if len(page.items) < 200:
+            if len(page.items) < CATALOG_PAGE:
                 break
     if not offset:
         print(f"foxpoll: no products in category {args.category!r}"
