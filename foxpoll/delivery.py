@@ -29,7 +29,7 @@ import threading
 import types
 from collections.abc import Awaitable, Callable, Generator
 from json.encoder import encode_basestring_ascii
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import attrs
 
@@ -159,7 +159,7 @@ def _codes_hash(codes: tuple[Any, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _awaitable(value: object) -> bool:
+def _awaitable(value: object) -> TypeGuard[Awaitable[Any]]:
     """``inspect.isawaitable``, without its slow ``Awaitable`` ABC check for the plain
     values (records, receipts) most calls return: only generator-based coroutines are
     awaitable without an ``__await__``."""
@@ -394,7 +394,7 @@ async def _keep_renewing(lease: Lease) -> None:
         await asyncio.sleep(lease.seconds / 3)
         try:
             result = lease.renew()
-            if inspect.isawaitable(result):
+            if _awaitable(result):
                 await result
             outcome = None
         except (LeaseLost, StoreUnavailable) as exc:
