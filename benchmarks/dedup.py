@@ -309,6 +309,10 @@ def contention(store: DedupStore, workers: int = 64, orders: int = 1000,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ops", type=int, default=2000)
+    parser.add_argument("--only", metavar="NAME", action="append",
+                        help="run only this backend (PostgreSQL, Redis, SQLite); repeatable")
+    parser.add_argument("--no-contention", action="store_true",
+                        help="skip the 64-worker contention run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         backends = stores(Path(tmp))
@@ -316,7 +320,9 @@ def main() -> None:
             print(f"{args.ops} deliveries per side, sequential, localhost\n")
             print(f"{'backend':<11}{'side':<9}{'median':>10}{'p99':>10}{'ops/s':>9}"
                   f"{'foxpoll / it':>14}")
-            for name, (store, raw, _) in backends.items():
+            chosen = {name: backend for name, backend in backends.items()
+                      if not args.only or name in args.only}
+            for name, (store, raw, _) in chosen.items():
                 def fox(subject: Order, s: DedupStore = store) -> Any:
                     return deliver_once(subject, lambda o: None, s)
 
@@ -329,9 +335,11 @@ def main() -> None:
                     ratio = "" if side == "foxpoll" else f"{stats['foxpoll'][0] / median:.2f}x"
                     print(f"{name:<11}{side:<9}{median * 1e3:>8.3f}ms{p99 * 1e3:>8.3f}ms"
                           f"{rate:>9.0f}{ratio:>14}")
+            if args.no_contention:
+                return
             print("\ncontention: 64 workers, 1,000 orders, each queued 4 times")
             print(f"{'backend':<11}{'jobs/s':>9}{'delivered twice':>17}{'never':>7}")
-            for name, (store, _, _) in backends.items():
+            for name, (store, _, _) in chosen.items():
                 rate, twice, never = contention(store)
                 print(f"{name:<11}{rate:>9.0f}{twice:>17}{never:>7}")
         finally:
