@@ -70,8 +70,9 @@ class Watchdog:
     def _forget(self) -> None:
         """Start empty; also in a forked child, which the thread did not come along to, and
         whose parent's calls are not the child's to cut."""
-        # arm and disarm take the lock itself: a Condition's __enter__ is Python code
-        self._lock = threading.Lock()
+        # arm and disarm take the lock itself: a Condition's __enter__ is Python code. An
+        # action may arm the next alarm (a store's flush of idle connections), under the lock.
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._heap: list[tuple[float, int, Alarm]] = []
         self._order = itertools.count()

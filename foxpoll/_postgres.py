@@ -8,11 +8,25 @@ Given a connection string, a store owns a small ``psycopg_pool`` pool, opened on
 (``pool.open`` is idempotent and locked, so racing first calls are safe) and closed by the
 store; given a pool, it uses it as is and never closes it. A missing table and an
 unreachable server become :class:`~foxpoll.errors.StoreUnavailable`.
+
+A blocking call keeps its connection *warm* for the next call, for up to ``WARM_FOR``
+seconds after it came out of the pool: a pool's ``getconn`` and ``putconn`` run about a
+hundred lines of Python, which right after a round trip cost 20-30 µs each here, and a
+delivery makes two calls. A warm connection goes back to the pool when that time is up,
+when a call on it failed, when the store falls idle (a watchdog alarm) or is closed, and
+never serves a forked child; so the pool's own checks (lifetime, reconnection, a
+``check`` callback) still see every connection within a second, and a caller's pool
+shared with other code lends it out again as soon.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import psycopg
@@ -27,6 +41,9 @@ __all__ = ["PostgresConnections"]
 
 class PostgresConnections:
     """The connections of one store (its table named ``table``, holding ``what``).
+
+    Blocking calls reuse a connection that is still warm (see the module); the async
+    ones always go through the pool.
 
     Args:
         conninfo_or_pool: A libpq connection string, or a sync or async pool.
@@ -51,6 +68,46 @@ class PostgresConnections:
             self.pool = conninfo_or_pool
         found = self.pool.conninfo
         self.conninfo: str | None = found if isinstance(found, str) else None
+        # Checkouts whose connection stays out of the pool between blocking calls; the
+        # lock also guards whether a flush of the idle ones is armed.
+        self._warm: list[Checkout] = []
+        self._warm_lock = threading.Lock()
+        self._flush_armed = False
+        _ALL.add(self)
+        self._columns: dict[str, list[str]] = {}
+
+    #: Seconds a connection may serve blocking calls after it left the pool.
+    WARM_FOR = 1.0
+
+    def _keep_warm(self, checkout: Checkout) -> bool:
+        """Keep ``checkout``'s connection for the next call, unless it is past ``WARM_FOR``
+        or the pool is closing; whether it was kept."""
+        if self.pool.closed or time.monotonic() - checkout.since >= self.WARM_FOR:
+            return False
+        with self._warm_lock:
+            self._warm.append(checkout)
+            if self._flush_armed:
+                return True
+            self._flush_armed = True
+        WATCHDOG.arm(self.WARM_FOR, self._flush)
+        return True
+
+    def _flush(self, everything: bool = False) -> None:
+        """Return the connections past ``WARM_FOR`` to the pool (``everything``: all), and
+        arm the next flush while some stay warm."""
+        now = time.monotonic()
+        with self._warm_lock:
+            done: list[Checkout] = []
+            keep: list[Checkout] = []
+            for checkout in self._warm:
+                stale = everything or now - checkout.since >= self.WARM_FOR
+                (done if stale else keep).append(checkout)
+            self._warm = keep
+            self._flush_armed = bool(keep)
+            if keep:
+                WATCHDOG.arm(self.WARM_FOR, self._flush)
+        for checkout in done:
+            checkout.put_back()
 
     def _failure(self, exc: psycopg.Error, alarm: Alarm | None) -> StoreUnavailable:
         if alarm is not None and alarm.fired:
@@ -61,12 +118,19 @@ class PostgresConnections:
                                     "call create_schema() once")
         return StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}")
 
-    def _arm(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> Alarm:
-        return WATCHDOG.arm(self.statement_timeout,
-                            functools.partial(shut_down_fd, conn.pgconn.socket))
+    def dicts(self, sql: str, cursor: Any, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """``sql``'s rows as dicts, naming its columns once per statement rather than once
+        per call, as psycopg's ``dict_row`` does."""
+        names = self._columns.get(sql)
+        if names is None:
+            names = self._columns[sql] = [column.name for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     def connection(self) -> Checkout:
-        """A connection from the sync pool, for one call (``with``)."""
+        """A connection for one blocking call (``with``): a warm one, or from the pool."""
+        with self._warm_lock:
+            if self._warm and not self.pool.closed:
+                return self._warm.pop()
         return Checkout(self)
 
     def aconnection(self) -> Checkout:
@@ -74,7 +138,9 @@ class PostgresConnections:
         return Checkout(self)
 
     def close(self) -> None:
-        """Close the store's own sync pool (a pool it was given stays open)."""
+        """Return the warm connections, and close the store's own sync pool (a pool it was
+        given stays open)."""
+        self._flush(everything=True)
         if self.owned and not self.pool.closed:
             self.pool.close()
 
@@ -84,7 +150,19 @@ class PostgresConnections:
             await self.pool.close()
 
 
+def _forget_warm() -> None:
+    """In a forked child: the warm connections are the parent's, to use and to return."""
+    for connections in _ALL:
+        connections._warm_lock = threading.Lock()
+        connections._warm, connections._flush_armed = [], False
+
+
+_ALL: weakref.WeakSet[PostgresConnections] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_warm)
+
 _OPEN = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+_IDLE = pq.TransactionStatus.IDLE
 _FAILURES = (psycopg.errors.UndefinedTable, psycopg.OperationalError)  # PoolTimeout is one
 
 
@@ -93,48 +171,77 @@ class Checkout:
     ``statement_timeout``, given back; psycopg's failures become ``StoreUnavailable``.
 
     A class, not a generator context manager, and ``getconn``/``putconn`` rather than
-    ``pool.connection()``: every delivery goes through here twice. A connection a caller's
-    pool left outside autocommit is committed (or rolled back) before it goes back.
+    ``pool.connection()``: every delivery goes through here twice. A blocking checkout
+    stays warm after a call that went well (see the module), with its connection and its
+    cursor. A connection a caller's pool left outside autocommit is committed (or rolled
+    back) before it goes back.
     """
 
-    __slots__ = ("_alarm", "_conn", "_pg")
-    _conn: Any
+    __slots__ = ("_alarm", "_conn", "_cursor", "_cut", "_pg", "since")
     _alarm: Alarm
+    _cut: Callable[[], None]
 
     def __init__(self, pg: PostgresConnections) -> None:
         self._pg = pg
+        self._conn: Any = None
+        self._cursor: Any = None
+        self.since = 0.0  # when the connection left the pool
+
+    def rows(self, query: tuple[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Run ``(sql, params)``, a statement that returns rows; the rows as dicts. The
+        cursor is made once per time the connection is out of the pool."""
+        sql, params = query
+        cursor = self._cursor
+        if cursor is None:
+            cursor = self._cursor = self._conn.cursor()
+        cursor.execute(sql, params)
+        return self._pg.dicts(sql, cursor, cursor.fetchall())
 
     def _taken(self, conn: Any) -> Any:
-        self._conn, self._alarm = conn, self._pg._arm(conn)
+        if conn is not self._conn:
+            self._conn, self._cursor, self.since = conn, None, time.monotonic()
+            self._cut = functools.partial(shut_down_fd, conn.pgconn.socket)
+        self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut)
         return conn
 
-    def _settled(self, exc: BaseException | None) -> None:
+    def _raise(self, exc: BaseException | None) -> None:
         if isinstance(exc, _FAILURES):
             raise self._pg._failure(exc, self._alarm) from exc
 
+    def put_back(self) -> None:
+        """Return the connection to the pool."""
+        conn, self._conn, self._cursor = self._conn, None, None
+        self._pg.pool.putconn(conn)
+
     def __enter__(self) -> psycopg.Connection[Any]:
-        pool = self._pg.pool
-        try:
-            if self._pg.owned and pool.closed:
-                pool.open(wait=True, timeout=self._pg.timeout)
-            return cast("psycopg.Connection[Any]",
-                        self._taken(pool.getconn(timeout=self._pg.timeout)))
-        except _FAILURES as exc:
-            raise self._pg._failure(exc, None) from exc
+        conn = self._conn
+        if conn is None:
+            pool = self._pg.pool
+            try:
+                if self._pg.owned and pool.closed:
+                    pool.open(wait=True, timeout=self._pg.timeout)
+                conn = pool.getconn(timeout=self._pg.timeout)
+            except _FAILURES as exc:
+                raise self._pg._failure(exc, None) from exc
+        return cast("psycopg.Connection[Any]", self._taken(conn))
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        status = None
         try:
-            if self._conn.pgconn.transaction_status in _OPEN:
+            status = self._conn.pgconn.transaction_status
+            if status in _OPEN:
                 if exc is None:
                     self._conn.commit()
+                    status = _IDLE
                 else:
                     self._conn.rollback()
         except _FAILURES as failure:
             exc = exc or failure
         finally:
-            WATCHDOG.disarm(self._alarm)
-            self._pg.pool.putconn(self._conn)
-        self._settled(exc)
+            fired = WATCHDOG.disarm(self._alarm)
+            if exc is not None or fired or status != _IDLE or not self._pg._keep_warm(self):
+                self.put_back()
+        self._raise(exc)
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
         pool = self._pg.pool
@@ -158,4 +265,5 @@ class Checkout:
         finally:
             WATCHDOG.disarm(self._alarm)
             await self._pg.pool.putconn(self._conn)
-        self._settled(exc)
+            self._conn = None
+        self._raise(exc)

@@ -9,7 +9,7 @@ store then opens its own small ``psycopg_pool`` pool on first use, closed by ``c
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 try:
@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("PostgresDedupStore needs psycopg: pip install 'foxpoll[postgres]'") from exc
 
 from foxpoll._effects import arun_flow, run_flow
-from foxpoll._postgres import PostgresConnections
+from foxpoll._postgres import Checkout, PostgresConnections
 
 from ._flows import Flow, FlowStore, Query, SQLFlows
 from ._sql import POSTGRES
@@ -44,16 +44,6 @@ class _PostgresStore(FlowStore):
                                        timeout=connect_timeout, size=max_connections,
                                        statement_timeout=statement_timeout,
                                        asynchronous=self._asynchronous)
-        self._columns: dict[str, list[str]] = {}
-
-    def _dicts(self, sql: str, cursor: Any, rows: list[tuple[Any, ...]]
-               ) -> list[dict[str, Any]]:
-        """``sql``'s rows as dicts, naming its columns once per statement rather than once
-        per call, as psycopg's ``dict_row`` does."""
-        names = self._columns.get(sql)
-        if names is None:
-            names = self._columns[sql] = [column.name for column in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 class PostgresDedupStore(_PostgresStore, DedupStore):
@@ -75,7 +65,7 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
 
-    def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+    def _connection(self) -> Checkout:
         return self._pg.connection()
 
     def create_schema(self) -> None:
@@ -87,13 +77,9 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
     def _run(self, flow: Flow[Any]) -> Any:
         # Autocommit: every statement of a flow is atomic on its own (see SQLFlows), so an
         # explicit transaction would only add BEGIN and COMMIT round trips.
-        with self._connection() as conn:
-
-            def perform(query: Query) -> list[dict[str, Any]]:
-                cursor = conn.execute(query.sql, query.params)
-                return self._dicts(query.sql, cursor, cursor.fetchall())  # all return rows
-
-            return run_flow(flow, perform)
+        checkout = self._connection()
+        with checkout:
+            return run_flow(flow, checkout.rows)  # every statement returns rows
 
     def close(self) -> None:
         """Close the store's own pool (a pool you passed in stays open)."""
@@ -120,7 +106,7 @@ class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
 
             async def perform(query: Query) -> list[dict[str, Any]]:
                 cursor = await conn.execute(query.sql, query.params)
-                return self._dicts(query.sql, cursor, await cursor.fetchall())
+                return self._pg.dicts(query.sql, cursor, await cursor.fetchall())
 
             return await arun_flow(flow, perform)
 

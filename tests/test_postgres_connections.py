@@ -1,0 +1,135 @@
+"""A PostgreSQL store keeps a connection warm between blocking calls, and gives it back to
+the pool when its time is up, when a call on it failed, when the store falls idle or is
+closed, and never to a forked child: against the real server, on a pool of the test's."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from foxpoll.errors import StoreUnavailable
+
+from .services import POSTGRES_URL, require
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture
+def pool() -> Iterator[Any]:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    from psycopg_pool import ConnectionPool
+
+    with ConnectionPool(POSTGRES_URL, min_size=1, max_size=4,
+                        kwargs={"autocommit": True}) as pool:
+        pool.wait()
+        yield pool
+
+
+@pytest.fixture
+def store(pool: Any) -> Iterator[Any]:
+    from foxpoll.dedup import PostgresDedupStore
+
+    table = f"foxpoll_warm_{uuid.uuid4().hex[:8]}"
+    store = PostgresDedupStore(pool, table=table)
+    store.create_schema()
+    yield store
+    store.close()
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {table}")
+
+
+def requests(pool: Any) -> int:
+    return int(pool.get_stats().get("requests_num", 0))
+
+
+def all_back(pool: Any, within: float = 5.0) -> bool:
+    """Every connection the pool opened is idle in it (waiting for the store's flush)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        stats = pool.get_stats()
+        if stats["pool_available"] == stats["pool_size"]:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_calls_in_a_row_take_one_connection_from_the_pool(store: Any, pool: Any) -> None:
+    store._pg.WARM_FOR = 60
+    before = requests(pool)
+    for n in range(50):
+        store.get(f"o-{n}")
+    assert requests(pool) - before <= 1  # create_schema's may still be warm
+
+
+def test_a_connection_goes_back_once_its_time_is_up(store: Any, pool: Any) -> None:
+    store._pg.WARM_FOR = 0.05
+    store.get("o-1")
+    time.sleep(0.06)
+    before = requests(pool)
+    store.get("o-2")  # past its time: this call gives it back, the next takes one anew
+    store.get("o-3")
+    assert requests(pool) - before == 1
+
+
+def test_an_idle_store_gives_its_connection_back(store: Any, pool: Any) -> None:
+    store._pg.WARM_FOR = 0.05
+    store.get("o-1")
+    assert pool.get_stats()["pool_available"] < pool.get_stats()["pool_size"]  # warm
+    assert all_back(pool)  # with no further call: the flush returned it
+
+
+def test_close_gives_the_warm_connection_back_to_a_callers_pool(store: Any, pool: Any
+                                                                ) -> None:
+    store.get("o-1")
+    store.close()
+    assert pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"]
+    assert not pool.closed  # the caller's pool stays open
+
+
+def test_a_failed_call_gives_its_connection_back(store: Any, pool: Any) -> None:
+    from foxpoll.dedup import PostgresDedupStore
+
+    missing = PostgresDedupStore(pool, table="never_created_here")
+    with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+        missing.get("o-1")
+    assert missing._pg._warm == []
+    before = requests(pool)
+    with pytest.raises(StoreUnavailable):
+        missing.get("o-1")
+    assert requests(pool) - before == 1  # taken anew, not the failed one kept
+
+
+def test_a_closed_callers_pool_is_not_worked_around(store: Any, pool: Any) -> None:
+    store.get("o-1")
+    pool.close()
+    with pytest.raises(StoreUnavailable):
+        store.get("o-2")
+
+
+def test_a_forked_child_leaves_the_parents_warm_connection_alone(store: Any, pool: Any
+                                                                 ) -> None:
+    store.get("o-1")
+    parents = store._pg._warm[:]
+    assert parents
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            ok = store._pg._warm == [] and store._pg.connection() not in parents
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"1"
+    finally:
+        os.close(read)
+        os.waitpid(child, 0)
+    store.get("o-2")  # the parent's own connection still serves it
