@@ -144,3 +144,44 @@ def test_a_network_stall_while_recording_is_outlasted_on_real_postgres() -> None
             record = store.get(order.id)
             assert record is not None
             assert record.state is DeliveryState.DELIVERED
+
+
+def test_a_later_slow_delivery_is_renewed_after_an_earlier_one(tmp_path: Any) -> None:
+    # Deliveries share one alarm, armed at the earliest first renewal among them: the second
+    # delivery's renewal is due after the first's, so only the re-arming after the first
+    # one's starts it.
+    store = SQLiteDedupStore(tmp_path / "d.db")
+    first, second = completed(), completed()
+    rivals: dict[str, BaseException | None] = {}
+
+    def slow(sleep: float) -> Any:
+        def deliver(o: Order) -> None:
+            time.sleep(sleep)  # past its lease: only renewals keep the claim
+            try:
+                deliver_once(o, lambda _: None, store, lease=10)
+                rivals[o.id] = None
+            except DeliveryInProgress as exc:
+                rivals[o.id] = exc
+        return deliver
+
+    thread = threading.Thread(target=deliver_once, args=(first, slow(0.8), store),
+                              kwargs={"lease": 0.3})
+    thread.start()
+    time.sleep(0.05)
+    assert deliver_once(second, slow(1.3), store, lease=0.9).delivered
+    thread.join()
+    assert isinstance(rivals[first.id], DeliveryInProgress)
+    assert isinstance(rivals[second.id], DeliveryInProgress)
+
+
+def test_quick_deliveries_arm_no_alarm_each(tmp_path: Any) -> None:
+    # One alarm serves every delivery's first renewal; one per delivery would put a heap
+    # entry and two lock round trips on each.
+    from foxpoll._deadlines import WATCHDOG
+
+    store = MemoryDedupStore()
+    deliver_once(completed(), lambda _: None, store)
+    before = WATCHDOG.pending()
+    for _ in range(200):
+        deliver_once(completed(), lambda _: None, store)
+    assert WATCHDOG.pending() - before <= 1

@@ -9,7 +9,7 @@ async one the very same methods return awaitables.
 from __future__ import annotations
 
 from collections.abc import Generator, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import attrs
 
@@ -75,9 +75,9 @@ class FlowStore:
         return self._run(self._flows.list(state, limit))
 
 
-@attrs.frozen
-class Query:
-    """Run ``sql`` with ``params``; resume with the rows, as dicts."""
+class Query(NamedTuple):
+    """Run ``sql`` with ``params``; resume with the rows, as dicts. (A named tuple: one
+    is built per store call.)"""
 
     sql: str
     params: Mapping[str, Any]

@@ -11,7 +11,7 @@ prunes the indexes of entries older than the retention, so they never outgrow th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 try:
     import redis
@@ -122,9 +122,9 @@ return {1, redis.call('HGETALL', KEYS[1])}
 _SCRIPTS = {"claim": _CLAIM, "complete": _COMPLETE, "release": _RELEASE, "renew": _RENEW}
 
 
-@attrs.frozen
-class Script:
-    """Run the named Lua script; resume with its reply."""
+class Script(NamedTuple):
+    """Run the named Lua script; resume with its reply. (A named tuple: one is built per
+    store call.)"""
 
     name: str
     keys: Sequence[str]
