@@ -282,3 +282,31 @@ def test_redis_indexes_never_outgrow_their_records() -> None:
 
 def _boom(order: object) -> None:
     raise RuntimeError("the customer's mailbox is down")
+
+
+@pytest.mark.service
+async def test_redis_stores_run_on_after_the_server_forgets_their_scripts() -> None:
+    # The stores call EVALSHA themselves; a restarted or flushed server answers NOSCRIPT,
+    # and the script is loaded again rather than the call failing.
+    import redis
+
+    from foxpoll.dedup import AsyncRedisDedupStore, RedisDedupStore
+
+    from .services import REDIS_URL, require
+
+    require("Redis", "127.0.0.1", 6379)
+    prefix = f"foxpoll-test-{uuid.uuid4().hex[:8]}:"
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        with RedisDedupStore(REDIS_URL, key_prefix=prefix) as store:
+            assert store.claim("o1", "token-1", 60).acquired
+            raw.script_flush()
+            assert store.complete("o1", "token-1", "h", None).token == "token-1"
+        async with AsyncRedisDedupStore(REDIS_URL, key_prefix=prefix) as astore:
+            assert (await astore.claim("o2", "token-2", 60)).acquired
+            raw.script_flush()
+            assert (await astore.complete("o2", "token-2", "h", None)).token == "token-2"
+    finally:
+        for key in raw.scan_iter(f"{prefix}*"):
+            raw.delete(key)
+        raw.close()
