@@ -74,7 +74,6 @@ class PostgresConnections:
         self._warm_lock = threading.Lock()
         self._flush_armed = False
         _ALL.add(self)
-        self._columns: dict[str, list[str]] = {}
 
     #: Seconds a connection may serve blocking calls after it left the pool.
     WARM_FOR = 1.0
@@ -117,14 +116,6 @@ class PostgresConnections:
             return StoreUnavailable(f"the {self.what} table {self.table!r} does not exist: "
                                     "call create_schema() once")
         return StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}")
-
-    def dicts(self, sql: str, cursor: Any, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
-        """``sql``'s rows as dicts, naming its columns once per statement rather than once
-        per call, as psycopg's ``dict_row`` does."""
-        names = self._columns.get(sql)
-        if names is None:
-            names = self._columns[sql] = [column.name for column in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in rows]
 
     def connection(self) -> Checkout:
         """A connection for one blocking call (``with``): a warm one, or from the pool."""
@@ -187,15 +178,14 @@ class Checkout:
         self._cursor: Any = None
         self.since = 0.0  # when the connection left the pool
 
-    def rows(self, query: tuple[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Run ``(sql, params)``, a statement that returns rows; the rows as dicts. The
-        cursor is made once per time the connection is out of the pool."""
-        sql, params = query
+    def rows(self, query: tuple[str, Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """Run ``(sql, params)``, a statement that returns rows; its rows. The cursor is
+        made once per time the connection is out of the pool."""
         cursor = self._cursor
         if cursor is None:
             cursor = self._cursor = self._conn.cursor()
-        cursor.execute(sql, params)
-        return self._pg.dicts(sql, cursor, cursor.fetchall())
+        cursor.execute(*query)
+        return cast("list[tuple[Any, ...]]", cursor.fetchall())
 
     def _taken(self, conn: Any) -> Any:
         if conn is not self._conn:
@@ -241,7 +231,8 @@ class Checkout:
             fired = WATCHDOG.disarm(self._alarm)
             if exc is not None or fired or status != _IDLE or not self._pg._keep_warm(self):
                 self.put_back()
-        self._raise(exc)
+        if exc is not None:
+            self._raise(exc)
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
         pool = self._pg.pool

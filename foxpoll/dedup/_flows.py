@@ -15,7 +15,7 @@ import attrs
 
 from foxpoll.errors import DedupError
 
-from ._sql import Statements
+from ._sql import COLUMNS, Statements
 from .base import (
     ClaimResult,
     DeliveryRecord,
@@ -76,14 +76,21 @@ class FlowStore:
 
 
 class Query(NamedTuple):
-    """Run ``sql`` with ``params``; resume with the rows, as dicts. (A named tuple: one
-    is built per store call.)"""
+    """Run ``sql`` with ``params``; resume with the rows, as tuples in the order of the
+    statement's columns. (A named tuple: one is built per store call.)"""
 
     sql: str
     params: Mapping[str, Any]
 
 
-Rows = list[dict[str, Any]]
+Rows = list[tuple[Any, ...]]
+
+#: What ``get`` returns: the record's columns, then the store's clock.
+_GOT = (*COLUMNS, "now")
+
+
+def _record(row: tuple[Any, ...], columns: tuple[str, ...] = COLUMNS) -> DeliveryRecord:
+    return record_from_fields(dict(zip(columns, row, strict=True)))
 
 
 def _claimable(record: DeliveryRecord, now: float) -> bool:
@@ -107,13 +114,15 @@ class SQLFlows:
         for _ in range(3):
             rows: Rows = yield Query(self.sql.claim, params)
             if rows:
-                now = float(rows[0]["now"])
-                return ClaimResult(True, claimed_record(order_id, token, rows[0], now), now)
+                lease_until, attempts, created_at, now = rows[0]
+                now = float(now)
+                return ClaimResult(True, claimed_record(order_id, token, lease_until, attempts,
+                                                        created_at, now), now)
             # Who is in the way? Read separately (the claim itself is one statement), so the
             # row may have been released meanwhile: then it is worth claiming again.
             rows = yield Query(self.sql.get, {"order_id": order_id})
             if rows:
-                record, now = record_from_fields(rows[0]), float(rows[0]["now"])
+                record, now = _record(rows[0], _GOT), float(rows[0][-1])
                 if not _claimable(record, now):
                     return ClaimResult(False, record, now)
         raise DedupError(f"order {order_id}: claim kept conflicting with a changing record")
@@ -124,8 +133,8 @@ class SQLFlows:
         params = {"order_id": order_id, "token": token, "payload_hash": payload_hash,
                   "receipt": receipt}
         rows: Rows = yield Query(self.sql.complete, params)
-        if rows:
-            return delivered_record(order_id, token, payload_hash, receipt, rows[0])
+        if rows:  # attempts, created_at, delivered_at
+            return delivered_record(order_id, token, payload_hash, receipt, *rows[0])
         current = yield from self.get(order_id)
         if current is not None and current.state is DeliveryState.DELIVERED and (
             current.token == token
@@ -144,14 +153,14 @@ class SQLFlows:
     def _owned(self, sql: str, order_id: str, params: Mapping[str, Any]) -> Flow[DeliveryRecord]:
         rows: Rows = yield Query(sql, params)
         if rows:
-            return record_from_fields(rows[0])
+            return _record(rows[0])
         current = yield from self.get(order_id)
         raise lease_lost(order_id, current)
 
     def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
         rows: Rows = yield Query(self.sql.get, {"order_id": order_id})
-        return record_from_fields(rows[0]) if rows else None
+        return _record(rows[0], _GOT) if rows else None
 
     def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]:
         rows: Rows = yield Query(self.sql.list, {"state": state.value, "limit": limit})
-        return [record_from_fields(row) for row in rows]
+        return [_record(row) for row in rows]

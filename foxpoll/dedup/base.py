@@ -28,7 +28,6 @@ from __future__ import annotations
 import abc
 import builtins
 import enum
-from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -119,33 +118,26 @@ def check_claim_args(order_id: object, token: object, lease: object) -> None:
         raise ValueError("lease must be a number of seconds, 0 or more")
 
 
-def claimed_record(order_id: str, token: str, fields: Mapping[str, Any], now: float
-                   ) -> DeliveryRecord:
-    """The record a won claim made, from the few fields the store sent back
-    (``lease_until``, ``attempts``, ``created_at``): the rest the claimer knows."""
+def claimed_record(order_id: str, token: str, lease_until: Any, attempts: Any,
+                   created_at: Any, now: float) -> DeliveryRecord:
+    """The record a won claim made, from the few fields the store sent back (as numbers,
+    text or bytes): the rest the claimer knows."""
     try:
-        return DeliveryRecord(
-            order_id=order_id, state=DeliveryState.CLAIMED, token=token,
-            lease_until=float(fields["lease_until"]), attempts=int(fields["attempts"]),
-            created_at=float(fields["created_at"]), updated_at=now,
-        )
-    except (KeyError, ValueError, TypeError) as exc:
+        return DeliveryRecord(order_id, DeliveryState.CLAIMED, token, float(lease_until),
+                              int(attempts), None, None, float(created_at), now)
+    except (ValueError, TypeError) as exc:
         raise DedupError(f"corrupt delivery record for order {order_id!r}: {exc}") from exc
 
 
 def delivered_record(order_id: str, token: str, payload_hash: str, receipt: str | None,
-                     fields: Mapping[str, Any]) -> DeliveryRecord:
+                     attempts: Any, created_at: Any, delivered_at: Any) -> DeliveryRecord:
     """The record a completion made, from ``attempts``, ``created_at`` and
     ``delivered_at`` as the store sent them back."""
     try:
-        delivered_at = float(fields["delivered_at"])
-        return DeliveryRecord(
-            order_id=order_id, state=DeliveryState.DELIVERED, token=token,
-            attempts=int(fields["attempts"]), payload_hash=payload_hash, receipt=receipt,
-            created_at=float(fields["created_at"]), updated_at=delivered_at,
-            delivered_at=delivered_at,
-        )
-    except (KeyError, ValueError, TypeError) as exc:
+        done = float(delivered_at)
+        return DeliveryRecord(order_id, DeliveryState.DELIVERED, token, None, int(attempts),
+                              payload_hash, receipt, float(created_at), done, done)
+    except (ValueError, TypeError) as exc:
         raise DedupError(f"corrupt delivery record for order {order_id!r}: {exc}") from exc
 
 

@@ -104,9 +104,9 @@ class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
     async def _run(self, flow: Flow[Any]) -> Any:
         async with self._connection() as conn:
 
-            async def perform(query: Query) -> list[dict[str, Any]]:
+            async def perform(query: Query) -> list[tuple[Any, ...]]:
                 cursor = await conn.execute(query.sql, query.params)
-                return self._pg.dicts(query.sql, cursor, await cursor.fetchall())
+                return await cursor.fetchall()
 
             return await arun_flow(flow, perform)
 

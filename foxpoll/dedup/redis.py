@@ -173,8 +173,9 @@ class RedisFlows:
                                        [order_id, token, lease, self.retention])
         now = float(now)
         if won:
-            fields = dict(zip(("lease_until", "attempts", "created_at"), found, strict=True))
-            return ClaimResult(True, claimed_record(order_id, token, fields, now), now)
+            lease_until, attempts, created_at = found
+            return ClaimResult(True, claimed_record(order_id, token, lease_until, attempts,
+                                                    created_at, now), now)
         return ClaimResult(False, record_from_fields(_fields(found)), now)
 
     def _owned(self, name: str, order_id: str, args: list[Any]) -> Flow[DeliveryRecord]:
@@ -188,9 +189,8 @@ class RedisFlows:
     ) -> Flow[DeliveryRecord]:
         args = [order_id, token, payload_hash, receipt or "", self.retention]
         done, found = yield Script("complete", self.keys(order_id), args)
-        if done == 1:
-            fields = dict(zip(("attempts", "created_at", "delivered_at"), found, strict=True))
-            return delivered_record(order_id, token, payload_hash, receipt or None, fields)
+        if done == 1:  # attempts, created_at, delivered_at
+            return delivered_record(order_id, token, payload_hash, receipt or None, *found)
         if done == 2:  # completed before with this token: the stored record
             return record_from_fields(_fields(found))
         raise lease_lost(order_id, record_from_fields(_fields(found)) if found else None)

@@ -52,7 +52,6 @@ class SQLiteDedupStore(FlowStore, DedupStore):
         try:
             self._db = sqlite3.connect(os.fspath(path), timeout=timeout,
                                        isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
             raise unavailable("SQLite", exc) from exc
@@ -67,9 +66,9 @@ class SQLiteDedupStore(FlowStore, DedupStore):
             except sqlite3.Error as exc:
                 raise unavailable("SQLite", exc) from exc
 
-    def _perform(self, query: Query) -> list[dict[str, Any]]:
+    def _perform(self, query: Query) -> list[tuple[Any, ...]]:
         params = {**query.params, "now": self._clock()}
-        return [dict(row) for row in self._db.execute(query.sql, params)]
+        return self._db.execute(query.sql, params).fetchall()
 
     def _run(self, flow: Flow[Any]) -> Any:
         with self._lock:
