@@ -185,7 +185,8 @@ class Checkout:
         if cursor is None:
             cursor = self._cursor = self._conn.cursor()
         cursor.execute(*query)
-        return cast("list[tuple[Any, ...]]", cursor.fetchall())
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+        return rows
 
     def _taken(self, conn: Any) -> Any:
         if conn is not self._conn:
@@ -204,16 +205,18 @@ class Checkout:
         self._pg.pool.putconn(conn)
 
     def __enter__(self) -> psycopg.Connection[Any]:
-        conn = self._conn
+        conn: psycopg.Connection[Any] | None = self._conn
         if conn is None:
             pool = self._pg.pool
             try:
                 if self._pg.owned and pool.closed:
                     pool.open(wait=True, timeout=self._pg.timeout)
-                conn = pool.getconn(timeout=self._pg.timeout)
+                conn = self._taken(pool.getconn(timeout=self._pg.timeout))
             except _FAILURES as exc:
                 raise self._pg._failure(exc, None) from exc
-        return cast("psycopg.Connection[Any]", self._taken(conn))
+        else:  # warm: its cut action is made already
+            self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut)
+        return conn
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         status = None

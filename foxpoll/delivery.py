@@ -373,6 +373,8 @@ class _Renewer:
     """Renews ``lease`` every third of it while a blocking ``deliver`` runs, from a thread
     that starts only when the delivery outlasts its first third (see :class:`_Renewals`)."""
 
+    __slots__ = ("due", "lease", "stopped", "wake")
+
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.due = time.monotonic() + lease.seconds / 3

@@ -77,7 +77,7 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
     def _run(self, flow: Flow[Any]) -> Any:
         # Autocommit: every statement of a flow is atomic on its own (see SQLFlows), so an
         # explicit transaction would only add BEGIN and COMMIT round trips.
-        checkout = self._connection()
+        checkout = self._pg.connection()
         with checkout:
             return run_flow(flow, checkout.rows)  # every statement returns rows
 
