@@ -21,6 +21,7 @@ shared with other code lends it out again as soon.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -106,7 +107,9 @@ class PostgresConnections:
             if keep:
                 WATCHDOG.arm(self.WARM_FOR, self._flush)
         for checkout in done:
-            checkout.put_back()
+            # One connection the pool will not take back must not strand the others.
+            with contextlib.suppress(Exception):
+                checkout.put_back()
 
     def _failure(self, exc: psycopg.Error, alarm: Alarm | None) -> StoreUnavailable:
         if alarm is not None and alarm.fired:
