@@ -9,14 +9,14 @@ Given a connection string, a store owns a small ``psycopg_pool`` pool, opened on
 store; given a pool, it uses it as is and never closes it. A missing table and an
 unreachable server become :class:`~foxpoll.errors.StoreUnavailable`.
 
-A blocking call keeps its connection *warm* for the next call, for up to ``WARM_FOR``
-seconds after it came out of the pool: a pool's ``getconn`` and ``putconn`` run about a
-hundred lines of Python, which right after a round trip cost 20-30 µs each here, and a
-delivery makes two calls. A warm connection goes back to the pool when that time is up,
-when a call on it failed, when the store falls idle (a watchdog alarm) or is closed, and
-never serves a forked child; so the pool's own checks (lifetime, reconnection, a
-``check`` callback) still see every connection within a second, and a caller's pool
-shared with other code lends it out again as soon.
+A blocking call keeps its connection *warm* for the next call, for up to ``reuse_for``
+seconds (one by default) after it came out of the pool: a pool's ``getconn`` and
+``putconn`` run about a hundred lines of Python, which right after a round trip cost
+20-30 µs each here, and a delivery makes two calls. A warm connection goes back to the
+pool when that time is up, when a call on it failed, when the store falls idle (a
+watchdog alarm) or is closed, and never serves a forked child; so the pool's own checks
+(lifetime, reconnection, a ``check`` callback) still see every connection within that
+time, and a caller's pool shared with other code lends it out again as soon.
 """
 
 from __future__ import annotations
@@ -52,12 +52,17 @@ class PostgresConnections:
         timeout: Seconds to wait for a connection.
         size: The most connections the store's own pool opens.
         statement_timeout: Seconds one call may hold its connection.
+        reuse_for: Seconds a connection may serve blocking calls after it left the pool
+            (0: back after every call).
     """
 
     def __init__(self, conninfo_or_pool: Any, *, table: str, what: str, timeout: float,
-                 size: int, statement_timeout: float = 5.0, asynchronous: bool = False
-                 ) -> None:
+                 size: int, statement_timeout: float = 5.0, asynchronous: bool = False,
+                 reuse_for: float = 1.0) -> None:
+        if not 0 <= reuse_for <= 60:
+            raise ValueError("reuse_connection_for must be between 0 and 60 seconds")
         self.table, self.what, self.timeout = table, what, timeout
+        self.reuse_for = reuse_for
         self.statement_timeout = statement_timeout
         self.owned = isinstance(conninfo_or_pool, str)
         if isinstance(conninfo_or_pool, str):
@@ -76,36 +81,33 @@ class PostgresConnections:
         self._flush_armed = False
         _ALL.add(self)
 
-    #: Seconds a connection may serve blocking calls after it left the pool.
-    WARM_FOR = 1.0
-
     def _keep_warm(self, checkout: Checkout) -> bool:
-        """Keep ``checkout``'s connection for the next call, unless it is past ``WARM_FOR``
+        """Keep ``checkout``'s connection for the next call, unless it is past ``reuse_for``
         or the pool is closing; whether it was kept."""
-        if self.pool.closed or time.monotonic() - checkout.since >= self.WARM_FOR:
+        if self.pool.closed or time.monotonic() - checkout.since >= self.reuse_for:
             return False
         with self._warm_lock:
             self._warm.append(checkout)
             if self._flush_armed:
                 return True
             self._flush_armed = True
-        WATCHDOG.arm(self.WARM_FOR, self._flush)
+        WATCHDOG.arm(self.reuse_for, self._flush)
         return True
 
     def _flush(self, everything: bool = False) -> None:
-        """Return the connections past ``WARM_FOR`` to the pool (``everything``: all), and
+        """Return the connections past ``reuse_for`` to the pool (``everything``: all), and
         arm the next flush while some stay warm."""
         now = time.monotonic()
         with self._warm_lock:
             done: list[Checkout] = []
             keep: list[Checkout] = []
             for checkout in self._warm:
-                stale = everything or now - checkout.since >= self.WARM_FOR
+                stale = everything or now - checkout.since >= self.reuse_for
                 (done if stale else keep).append(checkout)
             self._warm = keep
             self._flush_armed = bool(keep)
             if keep:
-                WATCHDOG.arm(self.WARM_FOR, self._flush)
+                WATCHDOG.arm(self.reuse_for, self._flush)
         for checkout in done:
             # One connection the pool will not take back must not strand the others.
             with contextlib.suppress(Exception):

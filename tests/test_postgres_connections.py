@@ -31,18 +31,30 @@ def pool() -> Iterator[Any]:
 
 
 @pytest.fixture
-def store(pool: Any) -> Iterator[Any]:
+def make_store(pool: Any) -> Iterator[Any]:
+    """Stores on the test's pool, over one table, dropped (and the stores closed) after."""
     from foxpoll.dedup import PostgresDedupStore
 
     table = f"foxpoll_warm_{uuid.uuid4().hex[:8]}"
-    store = PostgresDedupStore(pool, table=table)
-    store.create_schema()
-    yield store
-    store.close()
+    made: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        made.append(PostgresDedupStore(pool, table=table, **options))
+        made[-1].create_schema()
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.close()
     import psycopg
 
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+@pytest.fixture
+def store(make_store: Any) -> Any:
+    return make_store()
 
 
 def requests(pool: Any) -> int:
@@ -60,16 +72,34 @@ def all_back(pool: Any, within: float = 5.0) -> bool:
     return False
 
 
-def test_calls_in_a_row_take_one_connection_from_the_pool(store: Any, pool: Any) -> None:
-    store._pg.WARM_FOR = 60
+def test_calls_in_a_row_take_one_connection_from_the_pool(make_store: Any, pool: Any
+                                                          ) -> None:
+    store = make_store(reuse_connection_for=60)
     before = requests(pool)
     for n in range(50):
         store.get(f"o-{n}")
     assert requests(pool) - before <= 1  # create_schema's may still be warm
 
 
-def test_a_connection_goes_back_once_its_time_is_up(store: Any, pool: Any) -> None:
-    store._pg.WARM_FOR = 0.05
+def test_without_reuse_every_call_takes_one_from_the_pool(make_store: Any, pool: Any
+                                                         ) -> None:
+    store = make_store(reuse_connection_for=0)
+    before = requests(pool)
+    for n in range(5):
+        store.get(f"o-{n}")
+    assert requests(pool) - before == 5
+    assert pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"]
+
+
+def test_the_reuse_time_is_checked(pool: Any) -> None:
+    from foxpoll.dedup import PostgresDedupStore
+
+    with pytest.raises(ValueError, match="reuse_connection_for"):
+        PostgresDedupStore(pool, reuse_connection_for=-1)
+
+
+def test_a_connection_goes_back_once_its_time_is_up(make_store: Any, pool: Any) -> None:
+    store = make_store(reuse_connection_for=0.05)
     store.get("o-1")
     time.sleep(0.06)
     before = requests(pool)
@@ -78,8 +108,8 @@ def test_a_connection_goes_back_once_its_time_is_up(store: Any, pool: Any) -> No
     assert requests(pool) - before == 1
 
 
-def test_an_idle_store_gives_its_connection_back(store: Any, pool: Any) -> None:
-    store._pg.WARM_FOR = 0.05
+def test_an_idle_store_gives_its_connection_back(make_store: Any, pool: Any) -> None:
+    store = make_store(reuse_connection_for=0.05)
     store.get("o-1")
     assert pool.get_stats()["pool_available"] < pool.get_stats()["pool_size"]  # warm
     assert all_back(pool)  # with no further call: the flush returned it

@@ -52,6 +52,8 @@ class PostgresRecoveryQueue(SQLJobQueue):
         statement_timeout: Seconds one queue call may hold its connection; past that its
             connection is cut (a network that froze) and the call fails.
         max_connections: The size of the queue's own pool.
+        reuse_connection_for: Seconds a connection taken from the pool serves the next
+            calls before it goes back (see :class:`~foxpoll.dedup.PostgresDedupStore`).
 
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
@@ -59,13 +61,14 @@ class PostgresRecoveryQueue(SQLJobQueue):
     def __init__(self, conninfo_or_pool: str | psycopg_pool.ConnectionPool[Any], *,
                  policy: RecoveryPolicy | None = None, table: str = DEFAULT_TABLE,
                  connect_timeout: float = 10.0, max_connections: int = 4,
-                 statement_timeout: float = 5.0) -> None:
+                 statement_timeout: float = 5.0, reuse_connection_for: float = 1.0) -> None:
         self.policy = policy or RecoveryPolicy()
         self.table = table
         self._sql = JobStatements.render(POSTGRES, table)
         self._pg = PostgresConnections(conninfo_or_pool, table=table, what="recovery",
                                        timeout=connect_timeout, size=max_connections,
-                                       statement_timeout=statement_timeout)
+                                       statement_timeout=statement_timeout,
+                                       reuse_for=reuse_connection_for)
         self.conninfo = self._pg.conninfo
 
     # Due times are stored relative to the server's clock ({now} + :delay); a caller's
