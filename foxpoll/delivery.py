@@ -422,29 +422,34 @@ class _Renewals:
         """Start empty; in a forked child too, whose parent's deliveries are not its own."""
         self._lock = threading.Lock()
         self._running: set[_Renewer] = set()
-        self._alarm_at = math.inf  # the earliest alarm armed, inf for none
+        self._alarm_at = math.inf  # when the live alarm fires, inf for none
+        self._alarm = 0  # the live alarm's number: those it overtook do nothing
 
     def add(self, renewer: _Renewer) -> None:
         with self._lock:
             self._running.add(renewer)
             if renewer.due >= self._alarm_at:
                 return
-            self._alarm_at = renewer.due
-        WATCHDOG.arm(renewer.due - time.monotonic(), self._check)
+            self._alarm_at, self._alarm = renewer.due, self._alarm + 1
+            number = self._alarm
+        WATCHDOG.arm(renewer.due - time.monotonic(), functools.partial(self._check, number))
 
     def discard(self, renewer: _Renewer) -> None:
         with self._lock:
             self._running.discard(renewer)
 
-    def _check(self) -> None:
+    def _check(self, number: int) -> None:
         """Start the threads of the deliveries due; arm for the next one due."""
         now = time.monotonic()
         with self._lock:
+            if number != self._alarm:  # an earlier alarm overtook this one, and re-arms
+                return
             due = [renewer for renewer in self._running if renewer.due <= now]
             self._running.difference_update(due)
             self._alarm_at = min((r.due for r in self._running), default=math.inf)
             if self._running:  # the watchdog's lock, held here, lets its action arm
-                WATCHDOG.arm(self._alarm_at - now, self._check)
+                self._alarm += 1
+                WATCHDOG.arm(self._alarm_at - now, functools.partial(self._check, self._alarm))
         for renewer in due:
             renewer.start()
 

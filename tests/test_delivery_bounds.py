@@ -185,3 +185,42 @@ def test_quick_deliveries_arm_no_alarm_each(tmp_path: Any) -> None:
     for _ in range(200):
         deliver_once(completed(), lambda _: None, store)
     assert WATCHDOG.pending() - before <= 1
+
+
+def test_an_overtaken_renewal_alarm_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A delivery whose first renewal is due before the armed alarm arms an earlier one,
+    # which re-arms for the rest when it fires. The alarm it overtook must then do
+    # nothing: re-arming too, it would start one more alarm chain each time.
+    from foxpoll import delivery
+
+    fired: list[Any] = []
+
+    class Watchdog:
+        def arm(self, seconds: float, action: Any) -> None:
+            fired.append(action)
+
+    monkeypatch.setattr(delivery, "WATCHDOG", Watchdog())
+    renewals = delivery._Renewals()
+    started: list[Any] = []
+
+    class Renewer:
+        def __init__(self, due: float) -> None:
+            self.due = due
+
+        def start(self) -> None:
+            started.append(self)
+
+    now = time.monotonic()
+    slow, quick = Renewer(now + 600), Renewer(now - 1)  # quick is due already
+    renewals.add(slow)  # type: ignore[arg-type]
+    renewals.add(quick)  # type: ignore[arg-type]
+    assert len(fired) == 2
+    fired[1]()  # the earlier alarm: starts quick's renewals, re-arms for slow
+    assert started == [quick]
+    assert len(fired) == 3
+    fired[0]()  # the overtaken one
+    assert started == [quick]
+    assert len(fired) == 3
+    fired[2]()  # the re-armed one, early: nothing due yet, so it arms again
+    assert started == [quick]
+    assert len(fired) == 4
