@@ -72,23 +72,17 @@ def all_back(pool: Any, within: float = 5.0) -> bool:
     return False
 
 
-def test_calls_in_a_row_take_one_connection_from_the_pool(make_store: Any, pool: Any
-                                                          ) -> None:
-    store = make_store(reuse_connection_for=60)
+@pytest.mark.parametrize(("reuse", "taken"), [(60, 0), (0, 20)])
+def test_reuse_sets_how_often_calls_take_a_connection_from_the_pool(
+        make_store: Any, pool: Any, reuse: float, taken: int) -> None:
+    store = make_store(reuse_connection_for=reuse)
+    store.get("o-0")  # takes one, or keeps create_schema's
     before = requests(pool)
-    for n in range(50):
+    for n in range(20):
         store.get(f"o-{n}")
-    assert requests(pool) - before <= 1  # create_schema's may still be warm
-
-
-def test_without_reuse_every_call_takes_one_from_the_pool(make_store: Any, pool: Any
-                                                         ) -> None:
-    store = make_store(reuse_connection_for=0)
-    before = requests(pool)
-    for n in range(5):
-        store.get(f"o-{n}")
-    assert requests(pool) - before == 5
-    assert pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"]
+    assert requests(pool) - before == taken
+    if not reuse:
+        assert pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"]
 
 
 def test_the_reuse_time_is_checked(pool: Any) -> None:
