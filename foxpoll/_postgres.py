@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 import psycopg_pool
@@ -84,14 +84,15 @@ class PostgresConnections:
     def _keep_warm(self, checkout: Checkout) -> bool:
         """Keep ``checkout``'s connection for the next call, unless it is past ``reuse_for``
         or the pool is closing; whether it was kept."""
-        if self.pool.closed or time.monotonic() - checkout.since >= self.reuse_for:
+        left = checkout.since + self.reuse_for - time.monotonic()
+        if left <= 0 or self.pool.closed:
             return False
         with self._warm_lock:
             self._warm.append(checkout)
             if self._flush_armed:
                 return True
             self._flush_armed = True
-        WATCHDOG.arm(self.reuse_for, self._flush)
+        WATCHDOG.arm(left, self._flush)
         return True
 
     def _flush(self, everything: bool = False) -> None:
@@ -106,8 +107,8 @@ class PostgresConnections:
                 (done if stale else keep).append(checkout)
             self._warm = keep
             self._flush_armed = bool(keep)
-            if keep:
-                WATCHDOG.arm(self.reuse_for, self._flush)
+            if keep:  # when the first of them is due back
+                WATCHDOG.arm(min(c.since for c in keep) + self.reuse_for - now, self._flush)
         for checkout in done:
             # One connection the pool will not take back must not strand the others.
             with contextlib.suppress(Exception):
@@ -193,11 +194,10 @@ class Checkout:
         rows: list[tuple[Any, ...]] = cursor.fetchall()
         return rows
 
-    def _taken(self, conn: Any) -> Any:
-        if conn is not self._conn:
-            self._conn, self._cursor, self.since = conn, None, time.monotonic()
-            self._cut = functools.partial(shut_down_fd, conn.pgconn.socket)
-        self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut)
+    def _fresh(self, conn: Any) -> Any:
+        """Hold ``conn``, just out of the pool: its cursor is made on first use."""
+        self._conn, self._cursor, self.since = conn, None, time.monotonic()
+        self._cut = functools.partial(shut_down_fd, conn.pgconn.socket)
         return conn
 
     def _raise(self, exc: BaseException | None) -> None:
@@ -216,11 +216,10 @@ class Checkout:
             try:
                 if self._pg.owned and pool.closed:
                     pool.open(wait=True, timeout=self._pg.timeout)
-                conn = self._taken(pool.getconn(timeout=self._pg.timeout))
+                conn = self._fresh(pool.getconn(timeout=self._pg.timeout))
             except _FAILURES as exc:
                 raise self._pg._failure(exc, None) from exc
-        else:  # warm: its cut action is made already
-            self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut)
+        self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut)
         return conn
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
@@ -247,10 +246,12 @@ class Checkout:
         try:
             if self._pg.owned and pool.closed:
                 await pool.open(wait=True, timeout=self._pg.timeout)
-            return cast("psycopg.AsyncConnection[Any]",
-                        self._taken(await pool.getconn(timeout=self._pg.timeout)))
+            conn: psycopg.AsyncConnection[Any] = self._fresh(
+                await pool.getconn(timeout=self._pg.timeout))
         except _FAILURES as exc:
             raise self._pg._failure(exc, None) from exc
+        self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut)
+        return conn
 
     async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         try:
