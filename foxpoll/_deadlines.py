@@ -127,7 +127,9 @@ class Watchdog:
                     with contextlib.suppress(Exception):  # a socket gone is as good as shut
                         alarm.action()
                 self._wake_at = self._heap[0][0] if self._heap else math.inf
-                self._cond.wait(None if not self._heap else self._wake_at - now)
+                # Measured again: the actions just run (a pool taking connections back)
+                # took time of their own.
+                self._cond.wait(None if not self._heap else self._wake_at - time.monotonic())
 
 
 WATCHDOG = Watchdog()
