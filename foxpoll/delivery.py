@@ -314,7 +314,7 @@ async def adeliver_once(
     clock: Clock | None = None,
 ) -> DeliveryResult:
     """See :func:`deliver_once`; ``deliver`` may be a coroutine function."""
-    clock = clock or SystemClock()
+    clock = clock or _SYSTEM_CLOCK
     flow = delivery_flow(order, deliver, store, lease, require_codes, clock=clock, renew=renew)
     # Exceptions go back into the flow: it releases the claim, then re-raises.
     return await arun_flow(flow, functools.partial(_acall, clock), throw_errors=True)
