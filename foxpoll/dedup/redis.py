@@ -46,7 +46,10 @@ __all__ = ["AsyncRedisDedupStore", "RedisDedupStore"]
 
 THIRTY_DAYS = 30 * 24 * 3600
 
-_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+# Inside Redis a number's conversion to text (or back) costs about as much as a small
+# command: each script converts ``now`` once, and the replies carry that text.
+_NOW = ("local t = redis.call('TIME') local now = t[1] + t[2] / 1000000 "
+        "local now_text = tostring(now)\n")
 
 
 def _prune(*indexes: int) -> str:
@@ -68,17 +71,18 @@ _CLAIM = _NOW + """
 local retention = tonumber(ARGV[4])
 local r = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'attempts', 'created_at')
 local free = (not r[1]) or r[1] == 'released' or (r[1] == 'claimed' and tonumber(r[2]) <= now)
-if not free then return {0, redis.call('HGETALL', KEYS[1]), tostring(now)} end
+if not free then return {0, redis.call('HGETALL', KEYS[1]), now_text} end
 local attempts = (tonumber(r[3]) or 0) + 1
-local created = r[4] or tostring(now)
-local lease_until = now + tonumber(ARGV[3])
+local created = r[4] or now_text
+local lease = tonumber(ARGV[3])
+local lease_until = tostring(now + lease)
 redis.call('HSET', KEYS[1], 'order_id', ARGV[1], 'state', 'claimed', 'token', ARGV[2],
-           'lease_until', tostring(lease_until), 'attempts', attempts,
-           'created_at', created, 'updated_at', tostring(now))
+           'lease_until', lease_until, 'attempts', attempts,
+           'created_at', created, 'updated_at', now_text)
 if r[1] == 'released' then redis.call('ZREM', KEYS[3], ARGV[1]) end
 redis.call('ZADD', KEYS[2], lease_until, ARGV[1])
-if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) + retention)) end
-return {1, {tostring(lease_until), attempts, created}, tostring(now)}
+if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(lease + retention)) end
+return {1, {lease_until, attempts, created}, now_text}
 """
 _COMPLETE = _NOW + """
 local retention = tonumber(ARGV[5])
@@ -88,22 +92,22 @@ if r[1] ~= 'claimed' or r[2] ~= ARGV[2] then
   return {again and 2 or 0, redis.call('HGETALL', KEYS[1])}
 end
 redis.call('HSET', KEYS[1], 'state', 'delivered', 'lease_until', '', 'payload_hash', ARGV[3],
-           'receipt', ARGV[4], 'delivered_at', tostring(now), 'updated_at', tostring(now))
+           'receipt', ARGV[4], 'delivered_at', now_text, 'updated_at', now_text)
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[4], now, ARGV[1])
+redis.call('ZADD', KEYS[4], now_text, ARGV[1])
 if retention > 0 then
   redis.call('EXPIRE', KEYS[1], retention)
   """ + _prune(4, 2) + """
 end
-return {1, {r[3], r[4], tostring(now)}}
+return {1, {r[3], r[4], now_text}}
 """
 _RELEASE = _NOW + """
 local retention = tonumber(ARGV[3])
 local r = redis.call('HMGET', KEYS[1], 'state', 'token')
 if r[1] ~= 'claimed' or r[2] ~= ARGV[2] then return {0, redis.call('HGETALL', KEYS[1])} end
-redis.call('HSET', KEYS[1], 'state', 'released', 'lease_until', '', 'updated_at', tostring(now))
+redis.call('HSET', KEYS[1], 'state', 'released', 'lease_until', '', 'updated_at', now_text)
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], now, ARGV[1])
+redis.call('ZADD', KEYS[3], now_text, ARGV[1])
 if retention > 0 then
   redis.call('EXPIRE', KEYS[1], retention)
   """ + _prune(3, 2) + """
@@ -114,10 +118,11 @@ _RENEW = _NOW + """
 local retention = tonumber(ARGV[4])
 local r = redis.call('HMGET', KEYS[1], 'state', 'token')
 if r[1] ~= 'claimed' or r[2] ~= ARGV[2] then return {0, redis.call('HGETALL', KEYS[1])} end
-local lease_until = now + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'lease_until', tostring(lease_until), 'updated_at', tostring(now))
+local lease = tonumber(ARGV[3])
+local lease_until = tostring(now + lease)
+redis.call('HSET', KEYS[1], 'lease_until', lease_until, 'updated_at', now_text)
 redis.call('ZADD', KEYS[2], lease_until, ARGV[1])
-if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) + retention)) end
+if retention > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(lease + retention)) end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
 _SCRIPTS = {"claim": _CLAIM, "complete": _COMPLETE, "release": _RELEASE, "renew": _RENEW}
