@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
+import psycopg
 import pytest
 
 from foxpoll import (
@@ -127,9 +128,17 @@ async def test_the_claim_is_renewed_while_an_async_delivery_runs(tmp_path: Any) 
 def test_a_network_stall_while_recording_is_outlasted_on_real_postgres() -> None:
     host, port = urlparse(POSTGRES_URL).hostname or "", urlparse(POSTGRES_URL).port or 5432
     require("PostgreSQL", host, port)
-    table = "foxpoll_stall_test"
+    table = f"foxpoll_stall_{uuid.uuid4().hex[:8]}"
     with PostgresDedupStore(POSTGRES_URL, table=table) as direct:
         direct.create_schema()
+    try:
+        _deliver_through_a_stall(host, port, table)
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _deliver_through_a_stall(host: str, port: int, table: str) -> None:
     with FreezingProxy((host, port)) as proxy:
         dsn = urlparse(POSTGRES_URL)._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl()
         with PostgresDedupStore(dsn, table=table, statement_timeout=0.5) as store:

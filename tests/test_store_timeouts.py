@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
+import psycopg
 import psycopg_pool
 import pytest
 import redis
@@ -27,7 +28,7 @@ from foxpoll.testing import FreezingProxy
 
 from .services import POSTGRES_URL, REDIS_URL, require
 
-TABLE = "foxpoll_timeouts_test"
+TABLE = f"foxpoll_timeouts_{uuid.uuid4().hex[:8]}"
 LIMIT = 0.5
 
 
@@ -41,8 +42,12 @@ def pg_proxy() -> Iterator[FreezingProxy]:
     require("PostgreSQL", *_target(POSTGRES_URL))
     with PostgresDedupStore(POSTGRES_URL, table=TABLE) as store:
         store.create_schema()
-    with FreezingProxy(_target(POSTGRES_URL)) as proxy:
-        yield proxy
+    try:
+        with FreezingProxy(_target(POSTGRES_URL)) as proxy:
+            yield proxy
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
 
 
 @pytest.fixture
