@@ -39,7 +39,13 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
             conn.execute(f"DROP TABLE IF EXISTS {table}")
     elif backend == "redis":
         require("Redis", "127.0.0.1", 6379)
-        yield backend, f"{REDIS_URL}#foxpoll-crash-{uuid.uuid4().hex[:8]}:"
+        import redis
+
+        prefix = f"foxpoll-crash-{uuid.uuid4().hex[:8]}:"
+        yield backend, f"{REDIS_URL}#{prefix}"
+        with redis.Redis.from_url(REDIS_URL) as client:
+            for key in client.scan_iter(f"{prefix}*"):
+                client.delete(key)
     else:
         moto_url = request.getfixturevalue("moto_url")
         table = f"foxpoll-crash-{uuid.uuid4().hex[:8]}"
