@@ -29,6 +29,7 @@ from foxpoll.testing import FreezingProxy
 from .services import POSTGRES_URL, REDIS_URL, require
 
 TABLE = f"foxpoll_timeouts_{uuid.uuid4().hex[:8]}"
+PREFIX = f"foxpoll-timeouts-{uuid.uuid4().hex[:8]}:"
 LIMIT = 0.5
 
 
@@ -53,8 +54,13 @@ def pg_proxy() -> Iterator[FreezingProxy]:
 @pytest.fixture
 def redis_proxy() -> Iterator[FreezingProxy]:
     require("Redis", *_target(REDIS_URL))
-    with FreezingProxy(_target(REDIS_URL)) as proxy:
-        yield proxy
+    try:
+        with FreezingProxy(_target(REDIS_URL)) as proxy:
+            yield proxy
+    finally:
+        with redis.Redis.from_url(REDIS_URL) as client:
+            for key in client.scan_iter(f"{PREFIX}*"):
+                client.delete(key)
 
 
 def _via(url: str, proxy: FreezingProxy) -> str:
@@ -81,17 +87,17 @@ def pg_async(proxy: FreezingProxy) -> Any:
 def redis_callers_client(proxy: FreezingProxy) -> Any:
     # No socket timeout at all: only the store's own deadline can end a frozen call.
     return RedisDedupStore(redis.Redis.from_url(_via(REDIS_URL, proxy)),
-                           key_prefix=f"t{uuid.uuid4().hex[:6]}:", statement_timeout=LIMIT)
+                           key_prefix=PREFIX, statement_timeout=LIMIT)
 
 
 def redis_own(proxy: FreezingProxy) -> Any:
-    return RedisDedupStore(_via(REDIS_URL, proxy), key_prefix=f"t{uuid.uuid4().hex[:6]}:",
+    return RedisDedupStore(_via(REDIS_URL, proxy), key_prefix=PREFIX,
                            statement_timeout=LIMIT)
 
 
 def redis_async_callers_client(proxy: FreezingProxy) -> Any:
     return AsyncRedisDedupStore(aredis.Redis.from_url(_via(REDIS_URL, proxy)),
-                                key_prefix=f"t{uuid.uuid4().hex[:6]}:", statement_timeout=LIMIT)
+                                key_prefix=PREFIX, statement_timeout=LIMIT)
 
 
 async def _call(result: Any) -> Any:
