@@ -35,3 +35,20 @@ AWS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def drop_table(table: str) -> None:
+    """Drop a test's own PostgreSQL table, leaving the server as the test found it."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def delete_keys(prefix: str) -> None:
+    """Delete a test's own Redis keys, all under ``prefix``."""
+    import redis
+
+    with redis.Redis.from_url(REDIS_URL) as client:
+        for key in client.scan_iter(f"{prefix}*"):
+            client.delete(key)

@@ -18,7 +18,7 @@ from foxpoll import DeliveryInProgress, deliver_once
 from foxpoll.dedup import DeliveryState
 
 from .crash_worker import make_store, order
-from .services import POSTGRES_URL, REDIS_URL, require
+from .services import POSTGRES_URL, REDIS_URL, delete_keys, drop_table, require
 
 LEASE = 1.0  # seconds: the killed worker's claim outlives it by this much
 
@@ -30,22 +30,15 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         yield backend, str(tmp_path / "deliveries.db")
     elif backend == "postgres":
         require("PostgreSQL", "127.0.0.1", 5432)
-        import psycopg
-
         table = f"foxpoll_crash_{uuid.uuid4().hex[:8]}"
         make_store(backend, f"{POSTGRES_URL}#{table}").create_schema()
         yield backend, f"{POSTGRES_URL}#{table}"
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        drop_table(table)
     elif backend == "redis":
         require("Redis", "127.0.0.1", 6379)
-        import redis
-
         prefix = f"foxpoll-crash-{uuid.uuid4().hex[:8]}:"
         yield backend, f"{REDIS_URL}#{prefix}"
-        with redis.Redis.from_url(REDIS_URL) as client:
-            for key in client.scan_iter(f"{prefix}*"):
-                client.delete(key)
+        delete_keys(prefix)
     else:
         moto_url = request.getfixturevalue("moto_url")
         table = f"foxpoll-crash-{uuid.uuid4().hex[:8]}"

@@ -17,7 +17,7 @@ from foxpoll.dedup import (
 )
 from foxpoll.testing import DedupStoreConformance
 
-from .services import POSTGRES_URL, REDIS_URL, require
+from .services import POSTGRES_URL, REDIS_URL, drop_table, require
 
 
 class TestMemoryStore(DedupStoreConformance):
@@ -47,16 +47,13 @@ class TestAsyncSQLiteStore(DedupStoreConformance):
 @pytest.fixture(scope="module")
 def pg_table() -> Iterator[str]:
     require("PostgreSQL", "127.0.0.1", 5432)
-    import psycopg
-
     from foxpoll.dedup import PostgresDedupStore
 
     table = f"foxpoll_test_{uuid.uuid4().hex[:8]}"
     PostgresDedupStore(POSTGRES_URL, table=table).create_schema()
     PostgresDedupStore(POSTGRES_URL, table=table).create_schema()  # idempotent
     yield table
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
+    drop_table(table)
 
 
 @pytest.mark.service

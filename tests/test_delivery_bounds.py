@@ -9,7 +9,6 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
-import psycopg
 import pytest
 
 from foxpoll import (
@@ -31,7 +30,7 @@ from foxpoll.dedup import (
 from foxpoll.models import OrderItem
 from foxpoll.testing import FakeClock, FreezingProxy
 
-from .services import POSTGRES_URL, require
+from .services import POSTGRES_URL, drop_table, require
 
 
 def completed() -> Order:
@@ -134,8 +133,7 @@ def test_a_network_stall_while_recording_is_outlasted_on_real_postgres() -> None
     try:
         _deliver_through_a_stall(host, port, table)
     finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        drop_table(table)
 
 
 def _deliver_through_a_stall(host: str, port: int, table: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from foxpoll.errors import StoreUnavailable
 
-from .services import POSTGRES_URL, require
+from .services import POSTGRES_URL, drop_table, require
 
 pytestmark = pytest.mark.service
 
@@ -46,10 +46,7 @@ def make_store(pool: Any) -> Iterator[Any]:
     yield make
     for store in made:
         store.close()
-    import psycopg
-
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
+    drop_table(table)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
-import psycopg
 import psycopg_pool
 import pytest
 import redis
@@ -26,7 +25,7 @@ from foxpoll.dedup import (
 )
 from foxpoll.testing import FreezingProxy
 
-from .services import POSTGRES_URL, REDIS_URL, require
+from .services import POSTGRES_URL, REDIS_URL, delete_keys, drop_table, require
 
 TABLE = f"foxpoll_timeouts_{uuid.uuid4().hex[:8]}"
 PREFIX = f"foxpoll-timeouts-{uuid.uuid4().hex[:8]}:"
@@ -47,8 +46,7 @@ def pg_proxy() -> Iterator[FreezingProxy]:
         with FreezingProxy(_target(POSTGRES_URL)) as proxy:
             yield proxy
     finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        drop_table(TABLE)
 
 
 @pytest.fixture
@@ -58,9 +56,7 @@ def redis_proxy() -> Iterator[FreezingProxy]:
         with FreezingProxy(_target(REDIS_URL)) as proxy:
             yield proxy
     finally:
-        with redis.Redis.from_url(REDIS_URL) as client:
-            for key in client.scan_iter(f"{PREFIX}*"):
-                client.delete(key)
+        delete_keys(PREFIX)
 
 
 def _via(url: str, proxy: FreezingProxy) -> str:
