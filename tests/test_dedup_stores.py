@@ -241,7 +241,7 @@ def test_redis_indexes_never_outgrow_their_records() -> None:
     from foxpoll.dedup import DeliveryState, RedisDedupStore
     from foxpoll.models import OrderItem
 
-    from .services import REDIS_URL, require
+    from .services import REDIS_URL, delete_keys, require
 
     require("Redis", "127.0.0.1", 6379)
     prefix = f"foxpoll-test-{uuid.uuid4().hex[:8]}:"
@@ -272,8 +272,7 @@ def test_redis_indexes_never_outgrow_their_records() -> None:
         assert 3500 < ttl <= 3600
         store.claim("crashed", "token-1", lease=60)
         assert 3600 < raw.ttl(f"{prefix}delivery:crashed") <= 3660
-    for key in raw.scan_iter(f"{prefix}*"):
-        raw.delete(key)
+    delete_keys(prefix)
     raw.close()
 
 
@@ -289,7 +288,7 @@ async def test_redis_stores_run_on_after_the_server_forgets_their_scripts() -> N
 
     from foxpoll.dedup import AsyncRedisDedupStore, RedisDedupStore
 
-    from .services import REDIS_URL, require
+    from .services import REDIS_URL, delete_keys, require
 
     require("Redis", "127.0.0.1", 6379)
     prefix = f"foxpoll-test-{uuid.uuid4().hex[:8]}:"
@@ -304,6 +303,5 @@ async def test_redis_stores_run_on_after_the_server_forgets_their_scripts() -> N
             raw.script_flush()
             assert (await astore.complete("o2", "token-2", "h", None)).token == "token-2"
     finally:
-        for key in raw.scan_iter(f"{prefix}*"):
-            raw.delete(key)
+        delete_keys(prefix)
         raw.close()

@@ -273,7 +273,7 @@ async def test_cancelling_adeliver_once_releases_the_claim() -> None:
 
 @pytest.mark.service
 def test_redis_delivered_records_expire_after_the_retention() -> None:
-    from .services import REDIS_URL, require
+    from .services import REDIS_URL, delete_keys, require
 
     require("Redis", "127.0.0.1", 6379)
     import redis
@@ -297,8 +297,7 @@ def test_redis_delivered_records_expire_after_the_retention() -> None:
         assert order.id not in listed  # expired records drop out of listings...
         assert client.zscore(f"{prefix}deliveries:delivered", order.id) is None  # ...and the index
     finally:
-        for key in client.scan_iter(f"{prefix}*"):
-            client.delete(key)
+        delete_keys(prefix)
         client.close()
 
 
