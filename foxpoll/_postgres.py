@@ -10,23 +10,13 @@ store; given a pool, it uses it as is and never closes it. A missing table and a
 unreachable server become :class:`~foxpoll.errors.StoreUnavailable`.
 
 A blocking call keeps its connection *warm* for the next call, for up to ``reuse_for``
-seconds (one by default) after it came out of the pool: a pool's ``getconn`` and
-``putconn`` run about a hundred lines of Python, which right after a round trip cost
-20-30 µs each here, and a delivery makes two calls. A warm connection goes back to the
-pool when that time is up, when a call on it failed, when the store falls idle (a
-watchdog alarm) or is closed, and never serves a forked child; so the pool's own checks
-(lifetime, reconnection, a ``check`` callback) still see every connection within that
-time, and a caller's pool shared with other code lends it out again as soon.
+seconds (one by default) after it came out of the pool: see :mod:`foxpoll._warm`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +25,7 @@ import psycopg_pool
 from psycopg import pq
 
 from ._deadlines import WATCHDOG, Alarm, shut_down_fd
+from ._warm import WarmConnections
 from .errors import StoreUnavailable
 
 __all__ = ["PostgresConnections"]
@@ -59,10 +50,8 @@ class PostgresConnections:
     def __init__(self, conninfo_or_pool: Any, *, table: str, what: str, timeout: float,
                  size: int, statement_timeout: float = 5.0, asynchronous: bool = False,
                  reuse_for: float = 1.0) -> None:
-        if not 0 <= reuse_for <= 60:
-            raise ValueError("reuse_connection_for must be between 0 and 60 seconds")
+        self._warm: WarmConnections[Checkout] = WarmConnections(reuse_for)
         self.table, self.what, self.timeout = table, what, timeout
-        self.reuse_for = reuse_for
         self.statement_timeout = statement_timeout
         self.owned = isinstance(conninfo_or_pool, str)
         if isinstance(conninfo_or_pool, str):
@@ -74,45 +63,11 @@ class PostgresConnections:
             self.pool = conninfo_or_pool
         found = self.pool.conninfo
         self.conninfo: str | None = found if isinstance(found, str) else None
-        # Checkouts whose connection stays out of the pool between blocking calls; the
-        # lock also guards whether a flush of the idle ones is armed.
-        self._warm: list[Checkout] = []
-        self._warm_lock = threading.Lock()
-        self._flush_armed = False
-        _ALL.add(self)
 
     def _keep_warm(self, checkout: Checkout) -> bool:
-        """Keep ``checkout``'s connection for the next call, unless it is past ``reuse_for``
-        or the pool is closing; whether it was kept."""
-        left = checkout.since + self.reuse_for - time.monotonic()
-        if left <= 0 or self.pool.closed:
-            return False
-        with self._warm_lock:
-            self._warm.append(checkout)
-            if self._flush_armed:
-                return True
-            self._flush_armed = True
-        WATCHDOG.arm(left, self._flush)
-        return True
-
-    def _flush(self, everything: bool = False) -> None:
-        """Return the connections past ``reuse_for`` to the pool (``everything``: all), and
-        arm the next flush while some stay warm."""
-        now = time.monotonic()
-        with self._warm_lock:
-            done: list[Checkout] = []
-            keep: list[Checkout] = []
-            for checkout in self._warm:
-                stale = everything or now - checkout.since >= self.reuse_for
-                (done if stale else keep).append(checkout)
-            self._warm = keep
-            self._flush_armed = bool(keep)
-            if keep:  # when the first of them is due back
-                WATCHDOG.arm(min(c.since for c in keep) + self.reuse_for - now, self._flush)
-        for checkout in done:
-            # One connection the pool will not take back must not strand the others.
-            with contextlib.suppress(Exception):
-                checkout.put_back()
+        """Keep ``checkout``'s connection for the next call, unless the pool is closing or
+        it is past ``reuse_for``; whether it was kept."""
+        return not self.pool.closed and self._warm.keep(checkout)
 
     def _failure(self, exc: psycopg.Error, alarm: Alarm | None) -> StoreUnavailable:
         if alarm is not None and alarm.fired:
@@ -125,10 +80,8 @@ class PostgresConnections:
 
     def connection(self) -> Checkout:
         """A connection for one blocking call (``with``): a warm one, or from the pool."""
-        with self._warm_lock:
-            if self._warm and not self.pool.closed:
-                return self._warm.pop()
-        return Checkout(self)
+        held = None if self.pool.closed else self._warm.take()
+        return held or Checkout(self)
 
     def aconnection(self) -> Checkout:
         """A connection from the async pool, for one call (``async with``)."""
@@ -137,7 +90,7 @@ class PostgresConnections:
     def close(self) -> None:
         """Return the warm connections, and close the store's own sync pool (a pool it was
         given stays open)."""
-        self._flush(everything=True)
+        self._warm.flush(everything=True)
         if self.owned and not self.pool.closed:
             self.pool.close()
 
@@ -146,17 +99,6 @@ class PostgresConnections:
         if self.owned and not self.pool.closed:
             await self.pool.close()
 
-
-def _forget_warm() -> None:
-    """In a forked child: the warm connections are the parent's, to use and to return."""
-    for connections in _ALL:
-        connections._warm_lock = threading.Lock()
-        connections._warm, connections._flush_armed = [], False
-
-
-_ALL: weakref.WeakSet[PostgresConnections] = weakref.WeakSet()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_warm)
 
 _OPEN = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _IDLE = pq.TransactionStatus.IDLE

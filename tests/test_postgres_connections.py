@@ -120,7 +120,7 @@ def test_a_failed_call_gives_its_connection_back(store: Any, pool: Any) -> None:
     missing = PostgresDedupStore(pool, table="never_created_here")
     with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
         missing.get("o-1")
-    assert missing._pg._warm == []
+    assert len(missing._pg._warm) == 0
     before = requests(pool)
     with pytest.raises(StoreUnavailable):
         missing.get("o-1")
@@ -137,13 +137,13 @@ def test_a_closed_callers_pool_is_not_worked_around(store: Any, pool: Any) -> No
 def test_a_forked_child_leaves_the_parents_warm_connection_alone(store: Any, pool: Any
                                                                  ) -> None:
     store.get("o-1")
-    parents = store._pg._warm[:]
+    parents = list(store._pg._warm._held)
     assert parents
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
-            ok = store._pg._warm == [] and store._pg.connection() not in parents
+            ok = len(store._pg._warm) == 0 and store._pg.connection() not in parents
             os.write(write, b"1" if ok else b"0")
         finally:
             os._exit(0)
