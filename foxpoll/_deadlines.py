@@ -5,7 +5,8 @@ A blocking read on a frozen connection cannot be interrupted from its own thread
 neither psycopg nor redis-py bounds a single call. The :data:`WATCHDOG` runs a given action
 (shut the socket down) for any armed call still running at its deadline; the blocked read
 then fails at once. Arming and disarming cost a heap push and a flag under one lock, so a
-call that ends in time pays a couple of microseconds.
+call that ends in time pays a couple of microseconds. A connection that serves many calls
+in a row takes a :class:`Guard` instead, which costs a clock read and a lock per call.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WATCHDOG", "Alarm", "Watchdog", "shut_down_fd", "within"]
+__all__ = ["WATCHDOG", "Alarm", "Guard", "Watchdog", "shut_down_fd", "within"]
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as within
@@ -49,6 +50,49 @@ class Alarm:
         self.done = self.fired = False
 
 
+class Guard:
+    """The deadline of the calls one connection serves, one at a time: :meth:`start` each,
+    :meth:`stop` it when it ends; :meth:`close` when the connection goes.
+
+    Where an alarm takes a heap entry per call, a guard is made once per connection and a
+    call only writes its deadline: the watchdog looks at its guards every tenth of the
+    shortest guard's ``seconds`` (at least every :attr:`Watchdog.GUARD_TICK_MIN`), so a
+    call is cut between ``seconds`` and ``1.1 * seconds`` after it started.
+    """
+
+    __slots__ = ("_lock", "_watchdog", "action", "deadline", "fired", "seconds")
+
+    def __init__(self, watchdog: Watchdog, seconds: float, action: Callable[[], Any]) -> None:
+        self._watchdog, self.seconds, self.action = watchdog, seconds, action
+        self._lock = threading.Lock()
+        self.deadline = 0.0  # of the call running, 0 when none is
+        self.fired = False
+
+    def start(self) -> None:
+        """A call begins: cut it ``seconds`` from now unless stopped first."""
+        self.fired = False
+        self.deadline = time.monotonic() + self.seconds
+
+    def stop(self) -> bool:
+        """The call ended; whether it was cut. The action never runs after this returns
+        (it runs under the guard's lock)."""
+        with self._lock:
+            self.deadline = 0.0
+            return self.fired
+
+    def close(self) -> None:
+        """The connection is gone: stop watching it."""
+        self.stop()
+        self._watchdog._unguard(self)
+
+    def _check(self, now: float) -> None:
+        with self._lock:
+            if 0.0 < self.deadline <= now:
+                self.deadline, self.fired = 0.0, True
+                with contextlib.suppress(Exception):  # a socket gone is as good as shut
+                    self.action()
+
+
 class Watchdog:
     """Runs the action of every alarm still armed at its deadline, from one daemon thread.
 
@@ -61,6 +105,8 @@ class Watchdog:
 
     #: Rebuild the heap once this many disarmed alarms (and half the heap) sit in it.
     COMPACT_AFTER = 64
+    #: The shortest interval between two looks at the guards.
+    GUARD_TICK_MIN = 0.01
 
     def __init__(self) -> None:
         self._forget()
@@ -79,6 +125,8 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._wake_at = math.inf  # when the thread will next look at the heap
         self._stale = 0  # disarmed alarms still in the heap
+        self._guards: set[Guard] = set()
+        self._guards_watched = False  # whether an alarm to look at them is armed
 
     def arm(self, seconds: float, action: Callable[[], Any]) -> Alarm:
         """Run ``action`` in ``seconds`` unless disarmed first."""
@@ -106,6 +154,39 @@ class Watchdog:
                     heapq.heapify(self._heap)
                     self._stale = 0
             return alarm.fired
+
+    def guard(self, seconds: float, action: Callable[[], Any]) -> Guard:
+        """A :class:`Guard` running ``action`` on a call still running ``seconds`` after it
+        started."""
+        guard = Guard(self, seconds, action)
+        with self._lock:
+            self._guards.add(guard)
+            if self._guards_watched:
+                return guard
+            self._guards_watched = True
+        self.arm(self._guard_tick(), self._check_guards)
+        return guard
+
+    def _unguard(self, guard: Guard) -> None:
+        with self._lock:
+            self._guards.discard(guard)
+
+    def _guard_tick(self) -> float:
+        with self._lock:
+            shortest = min((g.seconds for g in self._guards), default=1.0)
+        return max(self.GUARD_TICK_MIN, shortest / 10)
+
+    def _check_guards(self) -> None:
+        """Cut the guarded calls past their deadline; look again a tick later while any
+        guard is left (the watchdog's lock, held here, lets this arm)."""
+        now = time.monotonic()
+        with self._lock:
+            guards = list(self._guards)
+            self._guards_watched = bool(guards)
+        for guard in guards:
+            guard._check(now)
+        if guards:
+            self.arm(self._guard_tick(), self._check_guards)
 
     def pending(self) -> int:
         """Alarms in the heap, disarmed ones not yet dropped included."""

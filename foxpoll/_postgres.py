@@ -24,7 +24,7 @@ import psycopg
 import psycopg_pool
 from psycopg import pq
 
-from ._deadlines import WATCHDOG, Alarm, shut_down_fd
+from ._deadlines import WATCHDOG, Alarm, Guard, shut_down_fd
 from ._warm import WarmConnections
 from .errors import StoreUnavailable
 
@@ -69,8 +69,9 @@ class PostgresConnections:
         it is past ``reuse_for``; whether it was kept."""
         return not self.pool.closed and self._warm.keep(checkout)
 
-    def _failure(self, exc: psycopg.Error, alarm: Alarm | None) -> StoreUnavailable:
-        if alarm is not None and alarm.fired:
+    def _failure(self, exc: psycopg.Error, deadline: Alarm | Guard | None
+                 ) -> StoreUnavailable:
+        if deadline is not None and deadline.fired:
             return StoreUnavailable(f"PostgreSQL did not answer within statement_timeout "
                                     f"({self.statement_timeout:g} s)")
         if isinstance(exc, psycopg.errors.UndefinedTable):
@@ -116,14 +117,14 @@ class Checkout:
     back) before it goes back.
     """
 
-    __slots__ = ("_alarm", "_conn", "_cursor", "_cut", "_pg", "since")
-    _alarm: Alarm
-    _cut: Callable[[], None]
+    __slots__ = ("_alarm", "_conn", "_cursor", "_guard", "_pg", "since")
+    _alarm: Alarm  # an async call's deadline
 
     def __init__(self, pg: PostgresConnections) -> None:
         self._pg = pg
         self._conn: Any = None
         self._cursor: Any = None
+        self._guard: Guard | None = None  # the blocking calls' deadlines, while out
         self.since = 0.0  # when the connection left the pool
 
     def rows(self, query: tuple[str, Mapping[str, Any]]) -> list[tuple[Any, ...]]:
@@ -139,29 +140,37 @@ class Checkout:
     def _fresh(self, conn: Any) -> Any:
         """Hold ``conn``, just out of the pool: its cursor is made on first use."""
         self._conn, self._cursor, self.since = conn, None, time.monotonic()
-        self._cut = functools.partial(shut_down_fd, conn.pgconn.socket)
         return conn
 
-    def _raise(self, exc: BaseException | None) -> None:
+    def _cut(self) -> Callable[[], None]:
+        """What the watchdog runs on a call past its deadline."""
+        return functools.partial(shut_down_fd, self._conn.pgconn.socket)
+
+    def _raise(self, exc: BaseException | None, deadline: Alarm | Guard | None) -> None:
         if isinstance(exc, _FAILURES):
-            raise self._pg._failure(exc, self._alarm) from exc
+            raise self._pg._failure(exc, deadline) from exc
 
     def put_back(self) -> None:
         """Return the connection to the pool."""
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
         conn, self._conn, self._cursor = self._conn, None, None
         self._pg.pool.putconn(conn)
 
     def __enter__(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] | None = self._conn
-        if conn is None:
+        guard = self._guard
+        if guard is None:  # not warm: take a connection from the pool
             pool = self._pg.pool
             try:
                 if self._pg.owned and pool.closed:
                     pool.open(wait=True, timeout=self._pg.timeout)
-                conn = self._fresh(pool.getconn(timeout=self._pg.timeout))
+                self._fresh(pool.getconn(timeout=self._pg.timeout))
             except _FAILURES as exc:
                 raise self._pg._failure(exc, None) from exc
-        self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut)
+            guard = self._guard = WATCHDOG.guard(self._pg.statement_timeout, self._cut())
+        guard.start()
+        conn: psycopg.Connection[Any] = self._conn
         return conn
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
@@ -177,11 +186,13 @@ class Checkout:
         except _FAILURES as failure:
             exc = exc or failure
         finally:
-            fired = WATCHDOG.disarm(self._alarm)
+            guard = self._guard
+            assert guard is not None  # set by __enter__
+            fired = guard.stop()
             if exc is not None or fired or status != _IDLE or not self._pg._keep_warm(self):
                 self.put_back()
         if exc is not None:
-            self._raise(exc)
+            self._raise(exc, guard)
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
         pool = self._pg.pool
@@ -192,7 +203,7 @@ class Checkout:
                 await pool.getconn(timeout=self._pg.timeout))
         except _FAILURES as exc:
             raise self._pg._failure(exc, None) from exc
-        self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut)
+        self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut())
         return conn
 
     async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
@@ -208,4 +219,4 @@ class Checkout:
             WATCHDOG.disarm(self._alarm)
             await self._pg.pool.putconn(self._conn)
             self._conn = None
-        self._raise(exc)
+        self._raise(exc, self._alarm)

@@ -90,3 +90,47 @@ def test_arming_calls_in_a_row_does_not_wake_the_thread_each_time() -> None:
         watchdog.disarm(watchdog.arm(30, lambda: None))
         time.sleep(0.0001)  # between calls: the thread gets the GIL, if it is awake
     assert len(woken) <= 1
+
+
+def test_a_guarded_call_that_overruns_is_cut_within_a_tenth_more() -> None:
+    watchdog = Watchdog()
+    cut = threading.Event()
+    guard = watchdog.guard(0.2, cut.set)
+    guard.start()
+    started = time.monotonic()
+    assert cut.wait(5)
+    assert 0.2 <= time.monotonic() - started < 0.2 * 1.1 + 0.1  # a tick, and scheduling
+    assert guard.stop() is True  # it was cut
+    guard.close()
+
+
+def test_guarded_calls_that_end_in_time_are_never_cut() -> None:
+    watchdog = Watchdog()
+    cuts: list[int] = []
+    guard = watchdog.guard(0.05, lambda: cuts.append(1))
+    deadline = time.monotonic() + 0.3  # several ticks, and several times the deadline
+    while time.monotonic() < deadline:
+        guard.start()
+        assert guard.stop() is False
+    time.sleep(0.1)  # idle, between calls: nothing to cut either
+    assert cuts == []
+    guard.start()  # the connection serves again, and overruns this time
+    time.sleep(0.1)
+    assert guard.stop() is True
+    assert cuts == [1]
+    guard.close()
+
+
+def test_closed_guards_are_forgotten_and_the_watching_stops() -> None:
+    watchdog = Watchdog()
+    guards = [watchdog.guard(0.05, lambda: None) for _ in range(100)]
+    for guard in guards:
+        guard.close()
+    assert watchdog._guards == set()
+    time.sleep(0.05)  # the next look finds none, and arms no further look
+    assert watchdog.pending() <= 1
+    cut = threading.Event()
+    guard = watchdog.guard(0.05, cut.set)  # watching starts again
+    guard.start()
+    assert cut.wait(5)
+    guard.close()
