@@ -6,10 +6,20 @@ reads and writes atomically, so no two claims interleave. DELIVERED records expi
 ``retention`` seconds (30 days by default; 0 keeps them forever), released ones too, and a
 claim nobody finished after its lease plus the retention; every completion and release
 prunes the indexes of entries older than the retention, so they never outgrow the records.
+
+The blocking store runs its commands on a connection it keeps *warm* between calls (see
+:mod:`foxpoll._warm`), straight through the connection's ``send_command`` and
+``read_response``: redis-py's ``execute_command`` takes the connection from the pool,
+polls its socket, wraps the call in its retry and metrics machinery and gives the
+connection back, which right after a round trip costs more than the round trip's own
+Python here. A warm connection is polled once before it serves again, so one the server
+closed meanwhile is replaced, as the pool would.
 """
 
 from __future__ import annotations
 
+import select
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -17,16 +27,17 @@ try:
     import redis
     import redis.asyncio as aredis
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError
+    from redis.exceptions import NoScriptError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("RedisDedupStore needs redis: pip install 'foxpoll[redis]'") from exc
 
 import attrs
 
-from foxpoll._deadlines import WATCHDOG, within
+from foxpoll._deadlines import WATCHDOG, Guard, within
 from foxpoll._effects import arun_flow, run_flow
-from foxpoll.errors import StoreUnavailable
+from foxpoll._warm import WarmConnections
+from foxpoll.errors import DedupError, StoreUnavailable
 
 from ._flows import Flow, FlowStore
 from .base import (
@@ -242,8 +253,9 @@ class _RedisStore(FlowStore):
 
     def __init__(
         self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS,
-        statement_timeout: float = 5.0,
+        statement_timeout: float = 5.0, reuse_connection_for: float = 1.0,
     ) -> None:
+        self._warm: WarmConnections[_Held] = WarmConnections(reuse_connection_for)
         self._owns = isinstance(url_or_client, str)
         self._client = (
             self._client_class.from_url(url_or_client, socket_timeout=statement_timeout,
@@ -260,17 +272,6 @@ class _RedisStore(FlowStore):
                                     f"({self.statement_timeout:g} s)")
         return unavailable("Redis", exc)
 
-    def _perform(self, effect: Script | Command) -> Any:
-        if type(effect) is Script:
-            return self._evalsha(self._scripts[effect.name], effect.keys, effect.args)
-        return self._client.execute_command(effect.name, *effect.args)
-
-    def _evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a registered script by its hash: ``EVALSHA`` straight from the client,
-        without redis-py's ``Script.__call__`` (its pipeline check costs microseconds a
-        call); on ``NOSCRIPT`` (a restarted or flushed server) the script loads it again."""
-        raise NotImplementedError
-
 
 class RedisDedupStore(_RedisStore, DedupStore):
     """A dedup store in Redis.
@@ -281,51 +282,141 @@ class RedisDedupStore(_RedisStore, DedupStore):
         key_prefix: Prefix of every key the store writes.
         retention: Seconds a DELIVERED record is kept (0: forever).
         statement_timeout: Seconds one store call may take, whatever the client's own
-            socket timeout; past that, the client's connections in use are dropped and the
-            call raises :class:`StoreUnavailable` (a network that froze mid-command).
+            socket timeout; past that, the call's connection is dropped and the call
+            raises :class:`StoreUnavailable` (a network that froze mid-command).
+        reuse_connection_for: Seconds a connection taken from the client's pool serves
+            the next calls before it goes back (at once after a failed call, and when
+            the store is idle or closed); 0 returns it after every call. Taking it anew
+            costs each call tens of microseconds; keeping it holds one connection of a
+            shared pool per busy thread that much longer.
     """
 
     _client_class = redis.Redis
 
-    def _cut(self) -> None:
-        self._client.connection_pool.disconnect(inuse_connections=True)
-
-    def _evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return script(keys=keys, args=args)
+    def _checkout(self) -> _Held:
+        """A connection for one call: a warm one still open, or one from the pool."""
+        held = self._warm.take()
+        if held is not None:
+            if held.idle():
+                return held
+            held.discard()
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        return _Held(pool, conn, self._scripts,
+                     WATCHDOG.guard(self.statement_timeout, conn.disconnect))
 
     def _run(self, flow: Flow[Any]) -> Any:
         # redis-py bounds a call only by the client's socket timeout, which a caller's
-        # client may not have: the watchdog drops the connections a frozen call holds.
-        alarm = WATCHDOG.arm(self.statement_timeout, self._cut)
+        # client may not have: the watchdog drops the connection of a frozen call.
         try:
-            return run_flow(flow, self._perform)
+            held = self._checkout()
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise self._failure(exc, alarm.fired) from exc
+            raise self._failure(exc, False) from exc
+        guard = held.guard
+        guard.start()
+        healthy = False  # whether the connection read every reply it was sent
+        try:
+            result = run_flow(flow, held.perform)
+            healthy = True
+            return result
+        except (ResponseError, DedupError):  # an error reply, or a record the flow refused
+            healthy = True
+            raise
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # The store's own client times its reads out at statement_timeout too.
+            timed_out = self._owns and isinstance(exc, RedisTimeoutError)
+            raise self._failure(exc, guard.fired or timed_out) from exc
         except Exception as exc:
-            if alarm.fired:  # cut mid-read, the parser may fail in its own way
+            if guard.fired:  # cut mid-read, the parser may fail in its own way
                 raise self._failure(exc, True) from exc
             raise
         finally:
-            WATCHDOG.disarm(alarm)
+            if guard.stop() or not healthy:
+                held.discard()
+            elif not self._warm.keep(held):
+                held.put_back()
 
     def close(self) -> None:
+        self._warm.flush(everything=True)
         if self._owns:
             self._client.close()
 
 
+class _Held:
+    """One connection of a blocking store, out of its client's pool.
+
+    Its ``perform`` runs a flow's effects on it: a script by its hash (on ``NOSCRIPT``, a
+    restarted or flushed server, through the client, which loads it again), a command as
+    it is. Replies come back as the connection reads them, without the client's response
+    callbacks: the flows take either form.
+    """
+
+    __slots__ = ("conn", "guard", "poller", "pool", "scripts", "since")
+
+    def __init__(self, pool: Any, conn: Any, scripts: dict[str, Any], guard: Guard) -> None:
+        self.pool, self.conn, self.scripts, self.guard = pool, conn, scripts, guard
+        self.since = time.monotonic()
+        sock = getattr(conn, "_sock", None)
+        self.poller: Any = None
+        if sock is not None and hasattr(select, "poll"):
+            self.poller = select.poll()
+            self.poller.register(sock, select.POLLIN)
+
+    def idle(self) -> bool:
+        """Whether the connection is still open, with nothing unread: the server may have
+        closed it since its last call (a restart, ``CLIENT KILL``). One ``poll`` of its
+        socket; redis-py's own ``can_read`` builds a poller each time."""
+        try:
+            if self.poller is not None:
+                return not self.poller.poll(0)
+            return not self.conn.can_read()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            return False
+
+    def perform(self, effect: Script | Command) -> Any:
+        conn = self.conn
+        if type(effect) is Script:
+            script = self.scripts[effect.name]
+            conn.send_command("EVALSHA", script.sha, len(effect.keys), *effect.keys,
+                              *effect.args)
+            try:
+                return conn.read_response()
+            except NoScriptError:
+                return script(keys=effect.keys, args=effect.args)
+        conn.send_command(effect.name, *effect.args)
+        return conn.read_response()
+
+    def put_back(self) -> None:
+        self.guard.close()
+        self.pool.release(self.conn)
+
+    def discard(self) -> None:
+        """Close the connection (its state is unknown) and give it back, to reconnect."""
+        self.guard.close()
+        try:
+            self.conn.disconnect()
+        finally:
+            self.pool.release(self.conn)
+
+
 class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
-    """:class:`RedisDedupStore` on ``redis.asyncio`` (a URL, or a ``redis.asyncio.Redis``)."""
+    """:class:`RedisDedupStore` on ``redis.asyncio`` (a URL, or a ``redis.asyncio.Redis``).
+    Each call goes through the client: ``reuse_connection_for`` is for blocking stores."""
 
     _client_class = aredis.Redis
 
-    async def _evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _perform(self, effect: Script | Command) -> Any:
+        """A script by its hash, straight from the client (without redis-py's
+        ``Script.__call__``, whose pipeline check costs microseconds a call); on
+        ``NOSCRIPT`` (a restarted or flushed server) the script loads it again."""
+        if type(effect) is not Script:
+            return await self._client.execute_command(effect.name, *effect.args)
+        script = self._scripts[effect.name]
         try:
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+            return await self._client.evalsha(script.sha, len(effect.keys), *effect.keys,
+                                              *effect.args)
         except NoScriptError:
-            return await script(keys=keys, args=args)
+            return await script(keys=effect.keys, args=effect.args)
 
     async def _run(self, flow: Flow[Any]) -> Any:
         try:
