@@ -313,3 +313,34 @@ def test_the_codes_hash_is_sha256_of_their_canonical_json(codes: list[Any]) -> N
 
     canonical = json.dumps(codes, sort_keys=True, separators=(",", ":"), default=str)
     assert _codes_hash(tuple(codes)) == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_fencing_tokens_differ_across_calls_threads_and_a_forked_child() -> None:
+    import os
+    import threading
+
+    from foxpoll.delivery import _TOKENS
+
+    made: list[str] = []
+    threads = [threading.Thread(target=lambda: made.extend(_TOKENS.next() for _ in range(500)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == 2000
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.write(write, "\n".join(_TOKENS.next() for _ in range(100)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        childs = set(pipe.read().split("\n"))
+    os.waitpid(child, 0)
+    parents = {_TOKENS.next() for _ in range(100)}  # counting on from where the child began
+    assert len(childs) == 100
+    assert not childs & parents
+    assert not childs & set(made)
