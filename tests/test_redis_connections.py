@@ -189,3 +189,17 @@ def test_a_forked_child_leaves_the_parents_warm_connection_alone(
         os.waitpid(child, 0)
     assert store.get("o-3") is None  # the parent's own connection still serves it
     assert store._warm._held == parents
+
+
+def test_without_hiredis_commands_are_packed_by_redis_py(
+        store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import foxpoll.dedup.redis as module
+
+    monkeypatch.setattr(module, "_PACK", None)
+    claim = store.claim("o-1", "t-1", 30.5)
+    assert claim.acquired
+    assert claim.record.lease_until == pytest.approx(claim.now + 30.5, abs=0.01)
+    record = store.complete("o-1", "t-1", "h", "receipt")
+    assert (record.state.value, record.receipt) == ("delivered", "receipt")
+    stored = store.get("o-1")
+    assert (stored.state, stored.token, stored.payload_hash) == (record.state, "t-1", "h")
