@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -52,3 +54,14 @@ def delete_keys(prefix: str) -> None:
     with redis.Redis.from_url(REDIS_URL) as client:
         for key in client.scan_iter(f"{prefix}*"):
             client.delete(key)
+
+
+def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether ``condition()`` comes true within ``within`` seconds (asked every 10 ms):
+    for what a background thread does, such as a store's flush of idle connections."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False

@@ -14,7 +14,7 @@ import pytest
 
 from foxpoll.errors import StoreUnavailable
 
-from .services import POSTGRES_URL, drop_table, require
+from .services import POSTGRES_URL, drop_table, eventually, require
 
 pytestmark = pytest.mark.service
 
@@ -58,15 +58,9 @@ def requests(pool: Any) -> int:
     return int(pool.get_stats().get("requests_num", 0))
 
 
-def all_back(pool: Any, within: float = 5.0) -> bool:
-    """Every connection the pool opened is idle in it (waiting for the store's flush)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        stats = pool.get_stats()
-        if stats["pool_available"] == stats["pool_size"]:
-            return True
-        time.sleep(0.01)
-    return False
+def all_back(pool: Any) -> bool:
+    """Every connection the pool opened is idle in it, soon (after the store's flush)."""
+    return eventually(lambda: pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"])
 
 
 @pytest.mark.parametrize(("reuse", "taken"), [(60, 0), (0, 20)])

@@ -15,7 +15,7 @@ import pytest
 
 from foxpoll.errors import DedupError
 
-from .services import REDIS_URL, delete_keys, require
+from .services import REDIS_URL, delete_keys, eventually, require
 
 pytestmark = pytest.mark.service
 
@@ -69,16 +69,6 @@ def store(make_store: Any) -> Any:
     return make_store()
 
 
-def all_back(pool: CountingPool, within: float = 5.0) -> bool:
-    """No connection of the pool is out (waiting for the store's flush)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if pool.in_use() == 0:
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def kill_clients(name: str) -> int:
     """Have the server close every connection named ``name``; how many it closed."""
     with redis.Redis.from_url(REDIS_URL) as admin:
@@ -122,7 +112,7 @@ def test_an_idle_store_gives_its_connection_back(make_store: Any, pool: Counting
     store = make_store(reuse_connection_for=0.05)
     store.claim("o-1", "t-1", 30)
     assert pool.in_use() == 1  # warm
-    assert all_back(pool)  # with no further call: the flush returned it
+    assert eventually(lambda: pool.in_use() == 0)  # no further call: the flush returned it
 
 
 def test_close_gives_the_warm_connection_back_to_a_callers_client(
