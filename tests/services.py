@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -65,3 +67,20 @@ def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+@contextlib.contextmanager
+def closing_stores(build: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """A factory of stores, ``build(**options)``, that closes every store it made on exit:
+    for a fixture whose tests make stores with options of their own."""
+    made: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        made.append(build(**options))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for store in made:
+            store.close()

@@ -14,7 +14,7 @@ import pytest
 
 from foxpoll.errors import StoreUnavailable
 
-from .services import POSTGRES_URL, drop_table, eventually, require
+from .services import POSTGRES_URL, closing_stores, drop_table, eventually, require
 
 pytestmark = pytest.mark.service
 
@@ -36,16 +36,14 @@ def make_store(pool: Any) -> Iterator[Any]:
     from foxpoll.dedup import PostgresDedupStore
 
     table = f"foxpoll_warm_{uuid.uuid4().hex[:8]}"
-    made: list[Any] = []
 
-    def make(**options: Any) -> Any:
-        made.append(PostgresDedupStore(pool, table=table, **options))
-        made[-1].create_schema()
-        return made[-1]
+    def build(**options: Any) -> Any:
+        store = PostgresDedupStore(pool, table=table, **options)
+        store.create_schema()
+        return store
 
-    yield make
-    for store in made:
-        store.close()
+    with closing_stores(build) as make:
+        yield make
     drop_table(table)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from foxpoll.errors import DedupError
 
-from .services import REDIS_URL, delete_keys, eventually, require
+from .services import REDIS_URL, closing_stores, delete_keys, eventually, require
 
 pytestmark = pytest.mark.service
 
@@ -51,16 +51,12 @@ def make_store(pool: CountingPool) -> Iterator[Any]:
     from foxpoll.dedup import RedisDedupStore
 
     prefix = f"foxpoll-warm-{uuid.uuid4().hex[:8]}:"
-    made: list[Any] = []
 
-    def make(**options: Any) -> Any:
-        made.append(RedisDedupStore(redis.Redis(connection_pool=pool), key_prefix=prefix,
-                                    **options))
-        return made[-1]
+    def build(**options: Any) -> Any:
+        return RedisDedupStore(redis.Redis(connection_pool=pool), key_prefix=prefix, **options)
 
-    yield make
-    for store in made:
-        store.close()
+    with closing_stores(build) as make:
+        yield make
     delete_keys(prefix)
 
 
