@@ -105,7 +105,7 @@ def test_a_connection_goes_back_once_its_time_is_up(make_store: Any, pool: Count
 
 def test_an_idle_store_gives_its_connection_back(make_store: Any, pool: CountingPool
                                                  ) -> None:
-    store = make_store(reuse_connection_for=0.05)
+    store = make_store(reuse_connection_for=0.3)
     store.claim("o-1", "t-1", 30)
     assert pool.in_use() == 1  # warm
     assert eventually(lambda: pool.in_use() == 0)  # no further call: the flush returned it
