@@ -189,3 +189,23 @@ def test_without_hiredis_commands_are_packed_by_redis_py(
     assert (record.state.value, record.receipt) == ("delivered", "receipt")
     stored = store.get("o-1")
     assert (stored.state, stored.token, stored.payload_hash) == (record.state, "t-1", "h")
+
+
+def test_a_forgotten_script_is_loaded_again_on_the_connection_in_hand() -> None:
+    # A caller's pool of one connection: the store holds it, so loading the script again
+    # through the client (another connection) could never succeed.
+    from foxpoll.dedup import RedisDedupStore
+
+    require("Redis", "127.0.0.1", 6379)
+    prefix = f"foxpoll-warm-{uuid.uuid4().hex[:8]}:"
+    pool = redis.BlockingConnectionPool.from_url(REDIS_URL, max_connections=1, timeout=1)
+    try:
+        with RedisDedupStore(redis.Redis(connection_pool=pool), key_prefix=prefix) as store:
+            assert store.claim("o-1", "t-1", 30).acquired
+            with redis.Redis.from_url(REDIS_URL) as admin:
+                admin.script_flush()
+            assert store.complete("o-1", "t-1", "h", None).state.value == "delivered"
+            assert store.claim("o-2", "t-2", 30).acquired  # and the next script too
+    finally:
+        pool.disconnect()
+        delete_keys(prefix)

@@ -355,9 +355,9 @@ class _Held:
     """One connection of a blocking store, out of its client's pool.
 
     Its ``perform`` runs a flow's effects on it: a script by its hash (on ``NOSCRIPT``, a
-    restarted or flushed server, through the client, which loads it again), a command as
-    it is. Replies come back as the connection reads them, without the client's response
-    callbacks: the flows take either form.
+    restarted or flushed server, loading it again first), a command as it is. Replies
+    come back as the connection reads them, without the client's response callbacks: the
+    flows take either form.
     """
 
     __slots__ = ("conn", "guard", "poller", "pool", "scripts", "since")
@@ -385,11 +385,17 @@ class _Held:
     def perform(self, effect: Script | Command) -> Any:
         if type(effect) is Script:
             script = self.scripts[effect.name]
-            self._send(("EVALSHA", script.sha, len(effect.keys), *effect.keys, *effect.args))
+            call = ("EVALSHA", script.sha, len(effect.keys), *effect.keys, *effect.args)
+            self._send(call)
             try:
                 return self.conn.read_response()
             except NoScriptError:
-                return script(keys=effect.keys, args=effect.args)
+                # Loaded on this connection, not through the client: a caller's pool may
+                # have no other connection to lend while this one is held.
+                self._send(("SCRIPT", "LOAD", script.script))
+                self.conn.read_response()
+                self._send(call)
+                return self.conn.read_response()
         self._send((effect.name, *effect.args))
         return self.conn.read_response()
 
