@@ -12,6 +12,7 @@ in a row takes a :class:`Guard` instead, which costs a clock read and a lock per
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import math
@@ -126,7 +127,8 @@ class Watchdog:
         self._wake_at = math.inf  # when the thread will next look at the heap
         self._stale = 0  # disarmed alarms still in the heap
         self._guards: set[Guard] = set()
-        self._guards_watched = False  # whether an alarm to look at them is armed
+        self._look_at = math.inf  # when the guards are looked at next, inf for never
+        self._look = 0  # the live look's number: the looks it overtook do nothing
 
     def arm(self, seconds: float, action: Callable[[], Any]) -> Alarm:
         """Run ``action`` in ``seconds`` unless disarmed first."""
@@ -159,34 +161,36 @@ class Watchdog:
         """A :class:`Guard` running ``action`` on a call still running ``seconds`` after it
         started."""
         guard = Guard(self, seconds, action)
+        tick = max(self.GUARD_TICK_MIN, seconds / 10)
         with self._lock:
             self._guards.add(guard)
-            if self._guards_watched:
+            at = time.monotonic() + tick
+            if at >= self._look_at:  # the next look comes soon enough for this one too
                 return guard
-            self._guards_watched = True
-        self.arm(self._guard_tick(), self._check_guards)
+            self._look_at, self._look = at, self._look + 1
+            self.arm(tick, functools.partial(self._look_at_guards, self._look))
         return guard
 
     def _unguard(self, guard: Guard) -> None:
         with self._lock:
             self._guards.discard(guard)
 
-    def _guard_tick(self) -> float:
-        with self._lock:
-            shortest = min((g.seconds for g in self._guards), default=1.0)
-        return max(self.GUARD_TICK_MIN, shortest / 10)
-
-    def _check_guards(self) -> None:
-        """Cut the guarded calls past their deadline; look again a tick later while any
-        guard is left (the watchdog's lock, held here, lets this arm)."""
+    def _look_at_guards(self, number: int) -> None:
+        """Cut the guarded calls past their deadline, and look again a tenth of the
+        shortest guard's ``seconds`` later while any guard is left (the watchdog's lock,
+        held here, lets this arm)."""
         now = time.monotonic()
         with self._lock:
+            if number != self._look:  # an earlier look overtook this one, and re-arms
+                return
             guards = list(self._guards)
-            self._guards_watched = bool(guards)
+            self._look_at = math.inf
+            if guards:
+                tick = max(self.GUARD_TICK_MIN, min(g.seconds for g in guards) / 10)
+                self._look_at, self._look = now + tick, self._look + 1
+                self.arm(tick, functools.partial(self._look_at_guards, self._look))
         for guard in guards:
             guard._check(now)
-        if guards:
-            self.arm(self._guard_tick(), self._check_guards)
 
     def pending(self) -> int:
         """Alarms in the heap, disarmed ones not yet dropped included."""

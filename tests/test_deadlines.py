@@ -3,6 +3,7 @@ bounded memory, and in forked children too."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import threading
 import time
@@ -128,12 +129,29 @@ def test_closed_guards_are_forgotten_and_the_watching_stops() -> None:
         guard.close()
     assert watchdog._guards == set()
     deadline = time.monotonic() + 5
-    while watchdog._guards_watched and time.monotonic() < deadline:
+    while watchdog._look_at < math.inf and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not watchdog._guards_watched  # the next look found none, and armed no other
+    assert watchdog._look_at == math.inf  # the next look found none, and armed no other
     assert watchdog.pending() == 0
     cut = threading.Event()
     guard = watchdog.guard(0.05, cut.set)  # watching starts again
     guard.start()
     assert cut.wait(5)
     guard.close()
+
+
+def test_a_shorter_guard_is_looked_at_in_its_own_time() -> None:
+    # A guard of 3 s arms a look every 0.3 s; one of 0.1 s made after it must not wait for
+    # that look, nor leave two chains of looks behind.
+    watchdog = Watchdog()
+    slow = watchdog.guard(3, lambda: None)
+    cut = threading.Event()
+    quick = watchdog.guard(0.1, cut.set)
+    quick.start()
+    started = time.monotonic()
+    assert cut.wait(5)
+    assert time.monotonic() - started < 0.25  # not at the slow guard's first look
+    quick.close()
+    time.sleep(0.7)  # the overtaken look came and went, doing nothing
+    assert watchdog.pending() == 1  # one chain of looks, for the slow guard
+    slow.close()
