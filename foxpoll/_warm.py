@@ -93,10 +93,6 @@ class WarmConnections(Generic[H]):
             with contextlib.suppress(Exception):
                 held.put_back()
 
-    def __contains__(self, held: object) -> bool:
-        with self._lock:
-            return held in self._held
-
     def __len__(self) -> int:
         return len(self._held)
 
