@@ -15,6 +15,8 @@ import psycopg_pool
 import pytest
 import redis
 import redis.asyncio as aredis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from foxpoll import StoreUnavailable
 from foxpoll.dedup import (
@@ -80,20 +82,20 @@ def pg_async(proxy: FreezingProxy) -> Any:
                                    statement_timeout=LIMIT)
 
 
-def redis_callers_client(proxy: FreezingProxy) -> Any:
-    # No socket timeout at all: only the store's own deadline can end a frozen call.
-    return RedisDedupStore(redis.Redis.from_url(_via(REDIS_URL, proxy)),
-                           key_prefix=PREFIX, statement_timeout=LIMIT)
-
-
-def redis_own(proxy: FreezingProxy) -> Any:
+def redis_own(proxy: FreezingProxy) -> tuple[Any, None]:
     return RedisDedupStore(_via(REDIS_URL, proxy), key_prefix=PREFIX,
-                           statement_timeout=LIMIT)
+                           statement_timeout=LIMIT), None
 
 
-def redis_async_callers_client(proxy: FreezingProxy) -> Any:
-    return AsyncRedisDedupStore(aredis.Redis.from_url(_via(REDIS_URL, proxy)),
-                                key_prefix=PREFIX, statement_timeout=LIMIT)
+def redis_async_own(proxy: FreezingProxy) -> tuple[Any, None]:
+    return AsyncRedisDedupStore(_via(REDIS_URL, proxy), key_prefix=PREFIX,
+                                statement_timeout=LIMIT), None
+
+
+def redis_async_callers_client(proxy: FreezingProxy) -> tuple[Any, Any]:
+    # No socket timeout at all: only the store's own deadline can end a frozen call.
+    client = aredis.Redis.from_url(_via(REDIS_URL, proxy), socket_timeout=None)
+    return AsyncRedisDedupStore(client, key_prefix=PREFIX, statement_timeout=LIMIT), client
 
 
 async def _call(result: Any) -> Any:
@@ -134,14 +136,34 @@ async def test_postgres_call_ends_within_the_statement_timeout(
             pool.close()
 
 
-@pytest.mark.parametrize("make", [redis_own, redis_callers_client, redis_async_callers_client])
+@pytest.mark.parametrize("make", [redis_own, redis_async_own, redis_async_callers_client])
 async def test_redis_call_ends_within_the_statement_timeout(
-        make: Callable[[FreezingProxy], Any], redis_proxy: FreezingProxy) -> None:
-    store = make(redis_proxy)
+        make: Callable[[FreezingProxy], tuple[Any, Any]], redis_proxy: FreezingProxy) -> None:
+    store, callers_client = make(redis_proxy)
     try:
         await frozen_then_thawed(store, redis_proxy)
     finally:
         await _call(store.aclose() if hasattr(store, "aclose") else store.close())
-        if not store._owns:  # the caller's client: the store leaves it open, the test not
-            client = store._client
-            await _call(client.aclose() if hasattr(client, "aclose") else client.close())
+        if callers_client is not None:  # the store leaves a caller's client open
+            await callers_client.aclose()
+
+
+def test_a_callers_blocking_redis_client_is_bounded_by_its_own_socket_timeout(
+        redis_proxy: FreezingProxy) -> None:
+    # A client of the caller's is used as it is: its socket timeout, not the store's
+    # statement_timeout (5 s here), ends a frozen call.
+    client = redis.Redis.from_url(_via(REDIS_URL, redis_proxy), socket_timeout=LIMIT,
+                                  retry=Retry(NoBackoff(), 0))
+    store = RedisDedupStore(client, key_prefix=PREFIX)
+    try:
+        assert store.get(f"o-{uuid.uuid4()}") is None
+        redis_proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="within the client's socket timeout"):
+            store.claim(f"o-{uuid.uuid4()}", "token-1", 30.0)
+        assert time.monotonic() - started < LIMIT + 2.0
+        redis_proxy.thaw()
+        assert store.claim(f"o-{uuid.uuid4()}", "token-2", 30.0).acquired
+    finally:
+        store.close()
+        client.close()

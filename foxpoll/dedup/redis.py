@@ -7,39 +7,35 @@ reads and writes atomically, so no two claims interleave. DELIVERED records expi
 claim nobody finished after its lease plus the retention; every completion and release
 prunes the indexes of entries older than the retention, so they never outgrow the records.
 
-The blocking store runs its commands on a connection it keeps *warm* between calls (see
-:mod:`foxpoll._warm`), straight through the connection's ``send_command`` and
-``read_response``: redis-py's ``execute_command`` takes the connection from the pool,
-polls its socket, wraps the call in its retry and metrics machinery and gives the
-connection back, which right after a round trip costs more than the round trip's own
-Python here. A warm connection is polled once before it serves again, so one the server
-closed meanwhile is replaced, as the pool would.
+Both stores run one set of flows, through the client's public API only: the scripts as
+``register_script`` gives them (``EVALSHA``, loaded again when the server answers
+``NOSCRIPT``), the other commands through ``execute_command``, each on a connection the
+client's pool lends for that command.
 """
 
 from __future__ import annotations
 
-import select
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 try:
     import redis
     import redis.asyncio as aredis
+    import redis.asyncio.retry
+    import redis.retry
+    from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("RedisDedupStore needs redis: pip install 'foxpoll[redis]'") from exc
 
 import attrs
 
-from foxpoll._deadlines import WATCHDOG, Guard, within
-from foxpoll._effects import arun_flow, run_flow
-from foxpoll._warm import WarmConnections
-from foxpoll.errors import DedupError, StoreUnavailable
+from foxpoll._deadlines import within
+from foxpoll._io import Flow, Op, arun, run
+from foxpoll.errors import StoreUnavailable
 
-from ._flows import Flow, FlowStore
+from ._flows import FlowStore
 from .base import (
     AsyncDedupStore,
     ClaimResult,
@@ -55,10 +51,12 @@ from .base import (
 
 __all__ = ["AsyncRedisDedupStore", "RedisDedupStore"]
 
+T = TypeVar("T")
+
 THIRTY_DAYS = 30 * 24 * 3600
 
-# Inside Redis a number's conversion to text (or back) costs about as much as a small
-# command: each script converts ``now`` once, and the replies carry that text.
+# Each script turns the clock into text once: the fields it writes and its reply carry
+# the same value.
 _NOW = ("local t = redis.call('TIME') local now = t[1] + t[2] / 1000000 "
         "local now_text = tostring(now)\n")
 
@@ -74,9 +72,8 @@ def _prune(*indexes: int) -> str:
 
 
 # KEYS: record, claimed index, released index, delivered index; the retention is the last
-# ARGV. Each script makes as few calls as it can (a call inside a script costs about as
-# much as a small command), and the hot path (a won claim, a completion) replies with the
-# few fields the caller does not know, not the whole record. A claim prunes nothing: a
+# ARGV. The hot path (a won claim, a completion) replies with the few fields the caller
+# does not know, not the whole record. A claim prunes nothing: a
 # completion or a release prunes the indexes it writes to, and the claimed one.
 _CLAIM = _NOW + """
 local retention = tonumber(ARGV[4])
@@ -139,9 +136,10 @@ return {1, redis.call('HGETALL', KEYS[1])}
 _SCRIPTS = {"claim": _CLAIM, "complete": _COMPLETE, "release": _RELEASE, "renew": _RENEW}
 
 
-class Script(NamedTuple):
-    """Run the named Lua script; resume with its reply. (A named tuple: one is built per
-    store call.)"""
+@attrs.frozen
+class Script(Op[list[Any]]):
+    """Run the store's Lua script ``name``; resume with its reply (every script answers
+    with a table)."""
 
     name: str
     keys: Sequence[str]
@@ -149,21 +147,29 @@ class Script(NamedTuple):
 
 
 @attrs.frozen
-class Command:
-    """Run one Redis command; resume with its reply."""
+class Command(Op[T]):
+    """Run one Redis command through the client's ``execute_command``; resume with the
+    reply as the client shapes it (its protocol and ``decode_responses`` decide: bytes or
+    text, a flat list or a mapping)."""
 
-    name: str
-    args: Sequence[Any]
+    args: tuple[Any, ...]
 
 
-def _fields(flat: Sequence[Any]) -> dict[str, Any]:
-    pairs = iter(flat)
-    return {(k.decode() if isinstance(k, bytes) else k): v
-            for k, v in zip(pairs, pairs, strict=False)}  # one iterator, read in pairs
+def _fields(reply: Sequence[Any] | Mapping[Any, Any]) -> dict[str, Any]:
+    """A hash's fields by name, from a flat ``[field, value, ...]`` list (a script's
+    reply) or a mapping (``HGETALL`` through the client's response callbacks)."""
+    if isinstance(reply, Mapping):
+        pairs: Any = reply.items()
+    else:
+        flat = iter(reply)
+        pairs = zip(flat, flat, strict=False)  # one iterator, read in pairs
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in pairs}
 
 
 @attrs.frozen
 class RedisFlows:
+    """The store's primitives as flows of :class:`Script` and :class:`Command` ops."""
+
     prefix: str
     retention: int
 
@@ -185,17 +191,17 @@ class RedisFlows:
         return [self.record_key(order_id), *self.index_keys]
 
     def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
-        won, found, now = yield Script("claim", self.keys(order_id),
-                                       [order_id, token, lease, self.retention])
-        now = float(now)
+        won, found, now_text = yield from Script(
+            "claim", self.keys(order_id), (order_id, token, lease, self.retention))
+        now = float(now_text)
         if won:
             lease_until, attempts, created_at = found
             return ClaimResult(True, claimed_record(order_id, token, lease_until, attempts,
                                                     created_at, now), now)
         return ClaimResult(False, record_from_fields(_fields(found)), now)
 
-    def _owned(self, name: str, order_id: str, args: list[Any]) -> Flow[DeliveryRecord]:
-        done, flat = yield Script(name, self.keys(order_id), args)
+    def _owned(self, name: str, order_id: str, args: tuple[Any, ...]) -> Flow[DeliveryRecord]:
+        done, flat = yield from Script(name, self.keys(order_id), args)
         if done:
             return record_from_fields(_fields(flat))
         raise lease_lost(order_id, record_from_fields(_fields(flat)) if flat else None)
@@ -203,8 +209,8 @@ class RedisFlows:
     def complete(
         self, order_id: str, token: str, payload_hash: str, receipt: str | None
     ) -> Flow[DeliveryRecord]:
-        args = [order_id, token, payload_hash, receipt or "", self.retention]
-        done, found = yield Script("complete", self.keys(order_id), args)
+        args = (order_id, token, payload_hash, receipt or "", self.retention)
+        done, found = yield from Script("complete", self.keys(order_id), args)
         if done == 1:  # attempts, created_at, delivered_at
             return delivered_record(order_id, token, payload_hash, receipt or None, *found)
         if done == 2:  # completed before with this token: the stored record
@@ -213,25 +219,23 @@ class RedisFlows:
 
     def release(self, order_id: str, token: str) -> Flow[DeliveryRecord]:
         return (yield from self._owned("release", order_id,
-                                       [order_id, token, self.retention]))
+                                       (order_id, token, self.retention)))
 
     def renew(self, order_id: str, token: str, lease: float) -> Flow[DeliveryRecord]:
         return (yield from self._owned("renew", order_id,
-                                       [order_id, token, lease, self.retention]))
+                                       (order_id, token, lease, self.retention)))
 
     def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
-        flat = yield Command("HGETALL", [self.record_key(order_id)])
-        fields = _fields(flat) if isinstance(flat, list) else {
-            (k.decode() if isinstance(k, bytes) else k): v for k, v in flat.items()
-        }
+        reply = yield from Command[Any](("HGETALL", self.record_key(order_id)))
+        fields = _fields(reply)
         return record_from_fields(fields) if fields else None
 
     def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]:
         records: list[DeliveryRecord] = []
         start = 0
         while len(records) < limit:  # page on past entries whose records have gone
-            members = yield Command("ZRANGE", [self.state_key(state), start,
-                                               start + limit - 1])
+            members = yield from Command[list[Any]](
+                ("ZRANGE", self.state_key(state), start, start + limit - 1))
             if not members:
                 break
             start += len(members)
@@ -239,7 +243,7 @@ class RedisFlows:
                 order_id = member.decode() if isinstance(member, bytes) else member
                 record = yield from self.get(order_id)
                 if record is None or record.state is not state:  # expired, or moved on
-                    yield Command("ZREM", [self.state_key(state), order_id])
+                    yield from Command[int](("ZREM", self.state_key(state), order_id))
                     start -= 1  # the entries after it moved up by one
                 elif len(records) < limit:
                     records.append(record)
@@ -247,27 +251,50 @@ class RedisFlows:
 
 
 class _RedisStore(FlowStore):
-    """What both Redis stores share; each names its client class and its driver."""
+    """What both Redis stores share; each names its client and retry classes."""
 
     _client_class: Any
+    _retry_class: Any
 
     def __init__(
         self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS,
-        statement_timeout: float = 5.0, reuse_connection_for: float = 1.0,
+        statement_timeout: float = 5.0, connect_timeout: float = 5.0,
     ) -> None:
-        self._warm: WarmConnections[_Held] = WarmConnections(reuse_connection_for)
         self._owns = isinstance(url_or_client, str)
+        # No retries: a command retried after a timeout would wait out socket_timeout
+        # again, past statement_timeout; delivery retries what needs retrying itself.
         self._client = (
-            self._client_class.from_url(url_or_client, socket_timeout=statement_timeout,
-                                        socket_connect_timeout=statement_timeout)
+            self._client_class.from_url(
+                url_or_client, socket_timeout=statement_timeout,
+                socket_connect_timeout=connect_timeout,
+                retry=self._retry_class(NoBackoff(), 0))
             if self._owns else url_or_client
         )
         self.statement_timeout = statement_timeout
+        self.connect_timeout = connect_timeout
         self._flows = RedisFlows(key_prefix, int(retention))
-        self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
+        self._scripts = {name: self._client.register_script(source)
+                         for name, source in _SCRIPTS.items()}
 
-    def _failure(self, exc: Exception, cut: bool) -> StoreUnavailable:
-        if cut:
+    def _send(self, op: Op[Any]) -> Any:
+        """Send ``op`` through the client: its reply, or on ``redis.asyncio`` an awaitable
+        of it."""
+        if isinstance(op, Script):
+            return self._scripts[op.name](keys=op.keys, args=op.args)
+        if isinstance(op, Command):
+            return self._client.execute_command(*op.args)
+        raise TypeError(f"a Redis store cannot perform {type(op).__name__}")
+
+    def _failure(self, exc: Exception) -> StoreUnavailable:
+        """The :class:`StoreUnavailable` for a call that failed with ``exc``."""
+        if isinstance(exc, RedisTimeoutError):  # the client's socket timeouts
+            if not self._owns:
+                return StoreUnavailable("Redis did not answer within the client's socket "
+                                        "timeout")
+            return StoreUnavailable(
+                f"Redis did not answer within statement_timeout ({self.statement_timeout:g} s)"
+                f" or connect_timeout ({self.connect_timeout:g} s)")
+        if isinstance(exc, TimeoutError):  # the async store's own deadline
             return StoreUnavailable(f"Redis did not answer within statement_timeout "
                                     f"({self.statement_timeout:g} s)")
         return unavailable("Redis", exc)
@@ -277,177 +304,52 @@ class RedisDedupStore(_RedisStore, DedupStore):
     """A dedup store in Redis.
 
     Args:
-        url_or_client: A ``redis://`` URL, or a ``redis.Redis`` client (not closed by
-            the store).
+        url_or_client: A ``redis://`` URL, or a ``redis.Redis`` client, used as it is
+            and not closed by the store.
         key_prefix: Prefix of every key the store writes.
         retention: Seconds a DELIVERED record is kept (0: forever).
-        statement_timeout: Seconds one store call may take, whatever the client's own
-            socket timeout; past that, the call's connection is dropped and the call
-            raises :class:`StoreUnavailable` (a network that froze mid-command).
-        reuse_connection_for: Seconds a connection taken from the client's pool serves
-            the next calls before it goes back (at once after a failed call, and when
-            the store is idle or closed); 0 returns it after every call. Taking it anew
-            costs each call tens of microseconds; keeping it holds one connection of a
-            shared pool per busy thread that much longer.
+        statement_timeout: Seconds one command may wait for its reply before the call
+            raises :class:`StoreUnavailable` (a network that froze mid-command): the
+            ``socket_timeout`` of the client the store builds from a URL. A client of
+            your own is bounded by its own ``socket_timeout`` and retry policy instead:
+            give it a ``socket_timeout`` (redis-py before 6 has none by default).
+        connect_timeout: Seconds to connect, for a client built from a URL
+            (``socket_connect_timeout``).
     """
 
     _client_class = redis.Redis
+    _retry_class = redis.retry.Retry
 
-    def _checkout(self) -> _Held:
-        """A connection for one call: a warm one still open, or one from the pool."""
-        held = self._warm.take()
-        if held is not None:
-            if held.idle():
-                return held
-            held.discard()
-        pool = self._client.connection_pool
-        conn = pool.get_connection()
-        return _Held(pool, conn, self._scripts,
-                     WATCHDOG.guard(self.statement_timeout, conn.disconnect))
-
-    def _run(self, flow: Flow[Any]) -> Any:
-        # redis-py bounds a call only by the client's socket timeout, which a caller's
-        # client may not have: the watchdog drops the connection of a frozen call.
+    def _run(self, flow: Flow[T]) -> T:
         try:
-            held = self._checkout()
+            return run(flow, self._send)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise self._failure(exc, False) from exc
-        guard = held.guard
-        guard.start()
-        healthy = False  # whether the connection read every reply it was sent
-        try:
-            result = run_flow(flow, held.perform)
-            healthy = True
-            return result
-        except (ResponseError, DedupError):  # an error reply, or a record the flow refused
-            healthy = True
-            raise
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            # The store's own client times its reads out at statement_timeout too.
-            timed_out = self._owns and isinstance(exc, RedisTimeoutError)
-            raise self._failure(exc, guard.fired or timed_out) from exc
-        except Exception as exc:
-            if guard.fired:  # cut mid-read, the parser may fail in its own way
-                raise self._failure(exc, True) from exc
-            raise
-        finally:
-            if guard.stop() or not healthy:
-                held.discard()
-            elif not self._warm.keep(held):
-                held.put_back()
+            raise self._failure(exc) from exc
 
     def close(self) -> None:
-        self._warm.flush(everything=True)
         if self._owns:
             self._client.close()
 
 
-_PACK: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    import hiredis
-
-    _PACK = hiredis.pack_command
-except ImportError:  # pragma: no cover - the redis extra installs hiredis
-    _PACK = None
-
-
-class _Held:
-    """One connection of a blocking store, out of its client's pool.
-
-    Its ``perform`` runs a flow's effects on it: a script by its hash (on ``NOSCRIPT``, a
-    restarted or flushed server, loading it again first), a command as it is. Replies
-    come back as the connection reads them, without the client's response callbacks: the
-    flows take either form.
-    """
-
-    __slots__ = ("conn", "guard", "poller", "pool", "scripts", "since")
-
-    def __init__(self, pool: Any, conn: Any, scripts: dict[str, Any], guard: Guard) -> None:
-        self.pool, self.conn, self.scripts, self.guard = pool, conn, scripts, guard
-        self.since = time.monotonic()
-        sock = getattr(conn, "_sock", None)
-        self.poller: Any = None
-        if sock is not None and hasattr(select, "poll"):
-            self.poller = select.poll()
-            self.poller.register(sock, select.POLLIN)
-
-    def idle(self) -> bool:
-        """Whether the connection is still open, with nothing unread: the server may have
-        closed it since its last call (a restart, ``CLIENT KILL``). One ``poll`` of its
-        socket; redis-py's own ``can_read`` builds a poller each time."""
-        try:
-            if self.poller is not None:
-                return not self.poller.poll(0)
-            return not self.conn.can_read()
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            return False
-
-    def perform(self, effect: Script | Command) -> Any:
-        if type(effect) is Script:
-            script = self.scripts[effect.name]
-            call = ("EVALSHA", script.sha, len(effect.keys), *effect.keys, *effect.args)
-            self._send(call)
-            try:
-                return self.conn.read_response()
-            except NoScriptError:
-                # Loaded on this connection, not through the client: a caller's pool may
-                # have no other connection to lend while this one is held.
-                self._send(("SCRIPT", "LOAD", script.script))
-                self.conn.read_response()
-                self._send(call)
-                return self.conn.read_response()
-        self._send((effect.name, *effect.args))
-        return self.conn.read_response()
-
-    def _send(self, command: tuple[Any, ...]) -> None:
-        """Send one command. With hiredis, packed by it straight away, as redis-py would
-        pack it, but without ``send_command``'s Python around the packing (it splits the
-        command's name and rebuilds the arguments, a few microseconds a call)."""
-        if _PACK is None:
-            self.conn.send_command(*command)
-        else:
-            self.conn.send_packed_command([_PACK(command)])
-
-    def put_back(self) -> None:
-        self.guard.close()
-        self.pool.release(self.conn)
-
-    def discard(self) -> None:
-        """Close the connection (its state is unknown) and give it back, to reconnect."""
-        self.guard.close()
-        try:
-            self.conn.disconnect()
-        finally:
-            self.pool.release(self.conn)
-
-
 class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
     """:class:`RedisDedupStore` on ``redis.asyncio`` (a URL, or a ``redis.asyncio.Redis``).
-    Each call goes through the client: ``reuse_connection_for`` is for blocking stores."""
+
+    ``statement_timeout`` bounds every call, whatever the client: past it, the call is
+    cancelled (redis-py then drops its connection) and raises :class:`StoreUnavailable`.
+    """
 
     _client_class = aredis.Redis
+    _retry_class = redis.asyncio.retry.Retry
 
-    async def _perform(self, effect: Script | Command) -> Any:
-        """A script by its hash, straight from the client (without redis-py's
-        ``Script.__call__``, whose pipeline check costs microseconds a call); on
-        ``NOSCRIPT`` (a restarted or flushed server) the script loads it again."""
-        if type(effect) is not Script:
-            return await self._client.execute_command(effect.name, *effect.args)
-        script = self._scripts[effect.name]
-        try:
-            return await self._client.evalsha(script.sha, len(effect.keys), *effect.keys,
-                                              *effect.args)
-        except NoScriptError:
-            return await script(keys=effect.keys, args=effect.args)
+    async def _perform(self, op: Op[Any]) -> Any:
+        return await self._send(op)
 
-    async def _run(self, flow: Flow[Any]) -> Any:
+    async def _run(self, flow: Flow[T]) -> T:
         try:
             async with within(self.statement_timeout):
-                return await arun_flow(flow, self._perform)
-        except TimeoutError as exc:
-            raise self._failure(exc, True) from exc
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise self._failure(exc, False) from exc
+                return await arun(flow, self._perform)
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError) as exc:
+            raise self._failure(exc) from exc
 
     async def aclose(self) -> None:
         if self._owns:
