@@ -156,6 +156,26 @@ def test_a_failed_handler_leaves_the_entry_for_another_consumer(stream: str) -> 
 
 
 @pytest.mark.service
+def test_a_blocking_consumer_never_acknowledges_for_an_async_handler(
+        stream: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The handler's coroutine would never run: the entry stays pending, as for a failure.
+    import redis
+
+    from foxpoll.events import RedisStreamPublisher
+
+    async def handle(event: OrderEvent) -> None:
+        raise AssertionError("never awaited")
+
+    c = consumer(stream, "email", "e1", handle)
+    c.ensure_group()
+    RedisStreamPublisher(REDIS_URL, stream=stream).publish(OrderEvent.from_order(order()))
+    assert c.consume() == 0
+    assert "TypeError" in caplog.text
+    with redis.Redis.from_url(REDIS_URL) as client:
+        assert client.xpending(stream, "email")["pending"] == 1
+
+
+@pytest.mark.service
 def test_poison_entries_go_to_the_dead_letter_stream(stream: str) -> None:
     import redis
 

@@ -19,8 +19,8 @@ Handlers see each event at least once: use ``event.event_id`` to drop repeats.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 try:
     import redis
@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
-from foxpoll._effects import arun_flow, run_flow
+from foxpoll._io import Flow, Op, arun, call, run
 
 from .base import EventError, OrderEvent
 
@@ -46,32 +46,32 @@ log = logging.getLogger("foxpoll.events")
 
 DEFAULT_STREAM = "foxpoll:orders"
 
+T = TypeVar("T")
+
 
 @attrs.frozen
-class Command:
+class Command(Op[T]):
     """Call the redis client's ``method(*args, **kwargs)``; resume with its reply."""
 
     method: str
-    args: Sequence[Any] = ()
+    args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class Handle:
-    event: OrderEvent
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _xadd(stream: str, maxlen: int, fields: dict[str, str]) -> Command:
+def _xadd(stream: str, maxlen: int, fields: dict[str, str]) -> Command[Any]:
     bound = {"maxlen": maxlen, "approximate": True} if maxlen > 0 else {}
     return Command("xadd", (stream, fields), bound)
 
 
 @attrs.frozen
 class ConsumerFlows:
+    """A consumer's steps as flows of :class:`Command` ops and calls of its handler."""
+
+    handler: Callable[[OrderEvent], Any]
     stream: str
     group: str
     consumer: str
@@ -81,19 +81,21 @@ class ConsumerFlows:
     dead_stream: str
     maxlen: int
 
-    def step(self, count: int) -> Any:
+    def step(self, count: int) -> Flow[int]:
         """Reclaim and read up to ``count`` entries each, handle them; return how many."""
         try:
-            reclaimed = yield Command("xautoclaim", (self.stream, self.group, self.consumer,
-                                                     self.claim_idle_ms, "0-0", count))
+            reclaimed = yield from Command[list[Any]](
+                "xautoclaim", (self.stream, self.group, self.consumer, self.claim_idle_ms,
+                               "0-0", count))
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             yield from self.ensure_group()
             reclaimed = [b"0-0", [], []]
         try:
-            fresh = yield Command("xreadgroup", (self.group, self.consumer, {self.stream: ">"}),
-                                  {"count": count, "block": self.block_ms})
+            fresh = yield from Command[Any](
+                "xreadgroup", (self.group, self.consumer, {self.stream: ">"}),
+                {"count": count, "block": self.block_ms})
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -113,22 +115,22 @@ class ConsumerFlows:
                 handled += yield from self._handle(entry_id, fields)
         return handled
 
-    def ensure_group(self) -> Any:
+    def ensure_group(self) -> Flow[None]:
         """Create the group (from the start of the stream, so nothing is skipped)."""
         try:
-            yield Command("xgroup_create", (self.stream, self.group), {"id": "0",
-                                                                       "mkstream": True})
+            yield from Command[Any]("xgroup_create", (self.stream, self.group),
+                                    {"id": "0", "mkstream": True})
             log.info("created consumer group %s on %s", self.group, self.stream)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def _deliveries(self, entry_id: Any) -> Any:
-        pending = yield Command("xpending_range", (self.stream, self.group, entry_id,
-                                                   entry_id, 1))
+    def _deliveries(self, entry_id: Any) -> Flow[int]:
+        pending = yield from Command[list[Any]](
+            "xpending_range", (self.stream, self.group, entry_id, entry_id, 1))
         return int(pending[0]["times_delivered"]) if pending else 0
 
-    def _handle(self, entry_id: Any, fields: Mapping[Any, Any]) -> Any:
+    def _handle(self, entry_id: Any, fields: Mapping[Any, Any]) -> Flow[int]:
         data = {_text(k): v for k, v in fields.items()}
         try:
             event = OrderEvent.from_json(data["event"])
@@ -136,21 +138,21 @@ class ConsumerFlows:
             yield from self._dead_letter(entry_id, fields, "not an OrderEvent")
             return 0
         try:
-            yield Handle(event)
+            yield from call(self.handler, event)
         except Exception as exc:  # the handler failed: leave it pending, to be reclaimed
             log.warning("event %s for order %s: handler failed (%s); will retry",
                         event.event_id, event.order_id, type(exc).__name__)
             return 0
-        yield Command("xack", (self.stream, self.group, entry_id))
+        yield from Command[int]("xack", (self.stream, self.group, entry_id))
         return 1
 
-    def _dead_letter(self, entry_id: Any, fields: Mapping[Any, Any], reason: str) -> Any:
+    def _dead_letter(self, entry_id: Any, fields: Mapping[Any, Any], reason: str) -> Flow[None]:
         log.error("entry %s of %s moved to %s: %s", _text(entry_id), self.stream,
                   self.dead_stream, reason)
         moved = {_text(k): _text(v) for k, v in fields.items()}
         moved.update({"original_id": _text(entry_id), "group": self.group, "reason": reason})
-        yield _xadd(self.dead_stream, self.maxlen, moved)
-        yield Command("xack", (self.stream, self.group, entry_id))
+        yield from _xadd(self.dead_stream, self.maxlen, moved)
+        yield from Command[int]("xack", (self.stream, self.group, entry_id))
 
 
 class RedisStreamPublisher:
@@ -215,17 +217,22 @@ class _ConsumerBase:
         self._owns = isinstance(url_or_client, str)
         self._client = (self._client_class.from_url(url_or_client) if self._owns
                         else url_or_client)
-        self.handler = handler
         self.flows = ConsumerFlows(
-            stream, group, consumer, int(claim_idle * 1000), max_deliveries,
+            handler, stream, group, consumer, int(claim_idle * 1000), max_deliveries,
             None if block is None else int(block * 1000), f"{stream}:dead", maxlen,
         )
 
-    def _perform(self, effect: Handle | Command) -> Any:
-        # Errors go back into the flow: a failed handler leaves its entry pending there.
-        if isinstance(effect, Handle):
-            return self.handler(effect.event)
-        return getattr(self._client, effect.method)(*effect.args, **effect.kwargs)
+    @property
+    def handler(self) -> Callable[[OrderEvent], Any]:
+        """The function each event is handed to."""
+        return self.flows.handler
+
+    def _send(self, op: Op[Any]) -> Any:
+        """Send a :class:`Command` through the client: its reply, or on ``redis.asyncio``
+        an awaitable of it."""
+        if not isinstance(op, Command):
+            raise TypeError(f"a stream consumer cannot perform {type(op).__name__}")
+        return getattr(self._client, op.method)(*op.args, **op.kwargs)
 
 
 class RedisStreamConsumer(_ConsumerBase):
@@ -258,11 +265,12 @@ class RedisStreamConsumer(_ConsumerBase):
     def consume(self, count: int = 10) -> int:
         """Handle up to ``count`` reclaimed and ``count`` new entries; return how many were
         acknowledged."""
-        result: int = self._run(self.flows.step(count))
-        return result
+        return self._run(self.flows.step(count))
 
-    def _run(self, flow: Any) -> Any:
-        return run_flow(flow, self._perform, throw_errors=True)
+    def _run(self, flow: Flow[T]) -> T:
+        # A failed command or handler is thrown into the flow, which decides: a failed
+        # handler leaves its entry pending there.
+        return run(flow, self._send, async_twin="AsyncRedisStreamConsumer")
 
 
 class AsyncRedisStreamConsumer(_ConsumerBase):
@@ -281,8 +289,10 @@ class AsyncRedisStreamConsumer(_ConsumerBase):
 
     async def consume(self, count: int = 10) -> int:
         """See :meth:`RedisStreamConsumer.consume`."""
-        result: int = await self._run(self.flows.step(count))
-        return result
+        return await self._run(self.flows.step(count))
 
-    async def _run(self, flow: Any) -> Any:
-        return await arun_flow(flow, self._perform, throw_errors=True)
+    async def _perform(self, op: Op[Any]) -> Any:
+        return await self._send(op)
+
+    async def _run(self, flow: Flow[T]) -> T:
+        return await arun(flow, self._perform)
