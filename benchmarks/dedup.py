@@ -5,10 +5,8 @@ claim, then the complete), on the same server, with the same driver and connecti
 reuse. On PostgreSQL and Redis a lean side runs what a careful hand-written version
 would: two round trips that read nothing back but a flag (``RETURNING 1`` and a row
 count; two small scripts on one fenced key), with no record, index or retention; on
-Redis a ``set-nx`` side is leaner still (a plain ``SET NX PX``, then a script), and a
-``lean-conn`` side sends the lean scripts on one connection held for the run, as foxpoll's
-blocking store sends its own: against it, what foxpoll costs beyond the driver's fastest
-path. foxpoll runs ``deliver_once`` with a no-op deliver. Every side gets a fresh completed order,
+Redis a ``set-nx`` side is leaner still (a plain ``SET NX PX``, then a script). foxpoll
+runs ``deliver_once`` with a no-op deliver. Every side gets a fresh completed order,
 built before its timer starts. The sides alternate, op by op, so a machine's drift
 affects all alike. Printed: median and p99 latency, operations per second, and
 foxpoll's median over each side's (the target is 1.25x or less of the lean side on
@@ -183,37 +181,16 @@ LEAN_COMPLETE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
                  "return redis.call('SET', KEYS[1], 'delivered') end return false")
 
 
-def lean_redis(prefix: str, *, set_nx: bool = False,
-               held: bool = False) -> tuple[Side, Callable[[], None]]:
+def lean_redis(prefix: str, *, set_nx: bool = False) -> tuple[Side, Callable[[], None]]:
     """Two small scripts on one fenced key: a claim that takes a free or expired key, a
     completion that checks the token (no record fields, no state indexes, no retention).
-    With ``set_nx``, leaner still: the claim a plain ``SET NX PX``. With ``held``, the
-    same two scripts sent on one connection held for the whole run, as foxpoll's blocking
-    store sends its own, without redis-py's per-command pool checkout."""
+    With ``set_nx``, leaner still: the claim a plain ``SET NX PX``."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
     script = client.register_script(
         "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0")
     complete = client.register_script(LEAN_COMPLETE)
-    if held:
-        conn = client.connection_pool.get_connection()
-
-        def call(sha: str, key: str, *args: Any) -> Any:
-            conn.send_command("EVALSHA", sha, 1, key, *args)
-            return conn.read_response()
-
-        def run_held(subject: Order) -> None:
-            token = uuid.uuid4().hex
-            key = f"{prefix}held:{subject.id}"
-            assert call(script.sha, key, token, 60_000) == 1
-            assert call(complete.sha, key, token)
-
-        def close() -> None:
-            client.connection_pool.release(conn)
-            client.close()
-
-        return run_held, close
 
     def run(subject: Order) -> None:
         token = uuid.uuid4().hex
@@ -270,9 +247,8 @@ def stores(tmp: Path) -> dict[str, tuple[DedupStore, Side, Callable[[], None]]]:
     pg_lean, pg_lean_close = lean_postgres(table)
     redis_lean, redis_lean_close = lean_redis(prefix)
     redis_set_nx, redis_set_nx_close = lean_redis(prefix, set_nx=True)
-    redis_held, redis_held_close = lean_redis(prefix, held=True)
     LEAN["PostgreSQL"] = {"lean": pg_lean}
-    LEAN["Redis"] = {"lean": redis_lean, "set-nx": redis_set_nx, "lean-conn": redis_held}
+    LEAN["Redis"] = {"lean": redis_lean, "set-nx": redis_set_nx}
 
     def drop_pg_all() -> None:
         pg_lean_close()
@@ -281,7 +257,6 @@ def stores(tmp: Path) -> dict[str, tuple[DedupStore, Side, Callable[[], None]]]:
     def drop_redis_all() -> None:
         redis_lean_close()
         redis_set_nx_close()
-        redis_held_close()
         drop_redis()
 
     return {
