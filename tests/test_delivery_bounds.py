@@ -153,6 +153,36 @@ def _deliver_through_a_stall(host: str, port: int, table: str) -> None:
             assert record.state is DeliveryState.DELIVERED
 
 
+def test_a_network_stall_while_recording_is_outlasted_on_real_redis() -> None:
+    # The store's client does not retry a command: deliver_once retries the completion.
+    from foxpoll.dedup import RedisDedupStore
+
+    from .services import REDIS_URL, delete_keys
+
+    target = urlparse(REDIS_URL)
+    require("Redis", target.hostname or "", target.port or 6379)
+    prefix = f"foxpoll-stall-{uuid.uuid4().hex[:8]}:"
+    try:
+        with FreezingProxy((target.hostname or "", target.port or 6379)) as proxy, \
+                RedisDedupStore(f"redis://127.0.0.1:{proxy.port}/0", key_prefix=prefix,
+                                statement_timeout=0.5) as store:
+            thawed: list[threading.Timer] = []
+
+            def deliver(o: Order) -> None:
+                proxy.freeze()  # the network stalls as the codes go out, for 1.5 s
+                thawed.append(threading.Timer(1.5, proxy.thaw))
+                thawed[0].start()
+
+            order = completed()
+            assert deliver_once(order, deliver, store, lease=30).delivered
+            thawed[0].join()
+            record = store.get(order.id)
+            assert record is not None
+            assert record.state is DeliveryState.DELIVERED
+    finally:
+        delete_keys(prefix)
+
+
 def test_a_later_slow_delivery_is_renewed_after_an_earlier_one(tmp_path: Any) -> None:
     # Deliveries share one alarm, armed at the earliest first renewal among them: the second
     # delivery's renewal is due after the first's, so only the re-arming after the first
