@@ -312,7 +312,7 @@ class RedisDedupStore(_RedisStore, DedupStore):
             raises :class:`StoreUnavailable` (a network that froze mid-command): the
             ``socket_timeout`` of the client the store builds from a URL. A client of
             your own is bounded by its own ``socket_timeout`` and retry policy instead:
-            give it a ``socket_timeout`` (redis-py before 6 has none by default).
+            set its ``socket_timeout`` (redis-py's default differs across versions).
         connect_timeout: Seconds to connect, for a client built from a URL
             (``socket_connect_timeout``).
     """
