@@ -73,7 +73,7 @@ def test_threads_go_by_priority() -> None:
                [("poll", Priority.POLL), ("buy", Priority.BUY), ("fresh", Priority.FRESH)]]
     for thread in threads:
         thread.start()
-    while len(gate._waiting) < 3:
+    while gate.waiting < 3:
         time.sleep(0.001)
     gate.release()
     for thread in threads:
