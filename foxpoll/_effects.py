@@ -366,7 +366,8 @@ async def drive_stream_async(
         effects.cancel_all()
 
 
-
+# The untyped drivers of the stores, delivery and event streams, until each runs on
+# foxpoll._io (its typed Op, run and arun); then these two go.
 def run_flow(flow: Generator[Any, Any, T], perform: Callable[[Any], Any], *,
              throw_errors: bool = False) -> T:
     """Run any flow with a blocking ``perform(effect)``; return the flow's result.

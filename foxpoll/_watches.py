@@ -6,9 +6,10 @@ it settles the watch, or enqueues the order, when the wait ends. The queue side 
 watch is, how it fires) is :mod:`foxpoll.recovery.base`.
 
 The recovery queues do blocking I/O. On an async client every queue call runs in a
-worker thread (:func:`asyncio.to_thread`), so a slow or frozen queue never holds the event
-loop; the call is still awaited, so its error reaches the caller as it does on the sync
-client (a failed watch write before a payment means nothing is paid).
+worker thread (:func:`asyncio.to_thread`, the loop's default executor), so a slow or
+frozen queue holds that thread, until the queue's own timeout, and never the event loop.
+The call is still awaited, so its error reaches the caller as it does on the sync client:
+a watch that cannot be written before a payment means nothing is paid.
 """
 
 from __future__ import annotations
