@@ -392,20 +392,32 @@ async def test_async_stall_and_failure(sim: FakeFoxReload) -> None:
             await client.wait_for_completion(failed.id)
 
 
-async def test_cancelling_the_wait_propagates_immediately() -> None:
-    sim = FakeFoxReload(default_script=OrderScript.stall())
-    from foxpoll import SystemClock
+class ParkingClock(FakeClock):
+    """Virtual time whose async sleeps never end by themselves: a wait parks in its first."""
 
-    sim.clock = SystemClock()  # real sleeps, so the task is parked when we cancel it
-    async with sim.async_client(clock=SystemClock()) as client:
+    def __init__(self) -> None:
+        super().__init__()
+        self.parked = asyncio.Event()
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleep(seconds)
+        self.parked.set()
+        await asyncio.Event().wait()
+
+
+async def test_cancelling_the_wait_propagates_immediately() -> None:
+    clock = ParkingClock()
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.stall())
+    async with sim.async_client() as client:
         order = await client.orders.create(items=STEAM)
         await client.orders.pay(order.id)
         task = asyncio.ensure_future(client.wait_for_completion(order.id, backoff=Fixed(60)))
-        await asyncio.sleep(0.05)
+        await clock.parked.wait()  # in the sleep after its first poll
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, timeout=1)
+            await asyncio.wait_for(task, timeout=1)  # a guard: it ends at once, or fails
     assert sim.count("GET") == 1
+    assert clock.sleeps == [60]
 
 
 # -- wait_many -----------------------------------------------------------------------
