@@ -165,6 +165,8 @@ class BaseClient(Generic[HttpT, TransportT]):
                 lost. ``orders.pay`` records a *watch* before it pays, and every wait records
                 one as it starts: a job that fires if the wait dies with its process. A wait
                 that ends settles its watch; one that stalls enqueues its order for recovery.
+                The async client runs each queue call in a worker thread
+                (:func:`asyncio.to_thread`): a slow queue never blocks its event loop.
         """
         self._gate = self._make_gate(max_in_flight)
         config = make_config(
