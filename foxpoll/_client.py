@@ -1,7 +1,8 @@
 """``FoxReload`` and ``AsyncFoxReload``: thin I/O shells over one shared base.
 
 :class:`BaseClient` holds the configuration and everything that is not I/O. The two
-clients add only the HTTP client they own and the driver that runs flows with it.
+clients add only the HTTP client they own and the driver that runs flows with it, which
+their resources reach through a runner (:class:`foxpoll._resources.Runner`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import attrs
 import httpx
@@ -26,7 +27,14 @@ from ._core import (
 )
 from ._effects import Flow, drive, drive_async, drive_stream, drive_stream_async
 from ._gate import AsyncGate, Gate
-from ._resources import AsyncCategories, AsyncOrders, AsyncProducts, Categories, Orders, Products
+from ._resources import (
+    AsyncCategories,
+    AsyncOrders,
+    AsyncProducts,
+    Categories,
+    Orders,
+    Products,
+)
 from ._senders import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_TIMEOUT,
@@ -38,7 +46,7 @@ from ._senders import (
     TransportSender,
     bounded_transport,
 )
-from ._watches import Watcher
+from ._watches import Watcher, WatchQueue
 from .backoff import BackoffPolicy
 from .models import Order
 from .polling import (
@@ -54,17 +62,43 @@ from .polling import (
 )
 from .ratelimit import BaseRateLimit
 
-if TYPE_CHECKING:
-    from .recovery.base import RecoveryQueue
-
 __all__ = ["AsyncFoxReload", "BaseClient", "FoxReload"]
 
 T = TypeVar("T")
 HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 Self = TypeVar("Self", bound="BaseClient[Any, Any]")
+SenderT = TypeVar("SenderT", Sender, AsyncSender)
+GateT = TypeVar("GateT", Gate, AsyncGate)
 
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+
+@attrs.frozen
+class _Runner(Generic[SenderT, GateT]):
+    """A client's runtime, HTTP sender, gate and watches: what its resources run flows
+    with."""
+
+    runtime: Runtime
+    http: SenderT
+    gate: GateT
+    watcher: Watcher | None
+
+    def pay(self, order_id: str, *, payment_provider: str | None,
+            payment_return_url: str | None) -> Flow[Order]:
+        flow = _api.pay_order(self.runtime, order_id, payment_provider=payment_provider,
+                              payment_return_url=payment_return_url)
+        return flow if self.watcher is None else self.watcher.pay(order_id, flow)
+
+
+class _SyncRunner(_Runner[Sender, Gate]):
+    def run(self, flow: Flow[T], /) -> T:
+        return drive(flow, self.http, self.runtime.clock, gate=self.gate)
+
+
+class _AsyncRunner(_Runner[AsyncSender, AsyncGate]):
+    async def run(self, flow: Flow[T], /) -> T:
+        return await drive_async(flow, self.http, self.runtime.clock, gate=self.gate)
 
 
 class BaseClient(Generic[HttpT, TransportT]):
@@ -73,6 +107,8 @@ class BaseClient(Generic[HttpT, TransportT]):
 
     _owns_http: bool
     _runtime: Runtime
+    #: Run the recovery queue's blocking calls in a worker thread (the async client).
+    _watches_in_thread: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -88,7 +124,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         currency: str | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
-        recovery_queue: RecoveryQueue | None = None,
+        recovery_queue: WatchQueue | None = None,
         rate_limit: BaseRateLimit | None = None,
         max_in_flight: int = _LIMITS.max_connections or 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
@@ -129,6 +165,8 @@ class BaseClient(Generic[HttpT, TransportT]):
                 lost. ``orders.pay`` records a *watch* before it pays, and every wait records
                 one as it starts: a job that fires if the wait dies with its process. A wait
                 that ends settles its watch; one that stalls enqueues its order for recovery.
+                The async client runs each queue call in a worker thread
+                (:func:`asyncio.to_thread`): a slow queue never blocks its event loop.
         """
         self._gate = self._make_gate(max_in_flight)
         config = make_config(
@@ -146,8 +184,8 @@ class BaseClient(Generic[HttpT, TransportT]):
                             "RateLimit(per_minute=100)")
         self._runtime = Runtime(config, clock or SystemClock(), rng or random.Random(),
                                 rate_limit)
-        self._watcher = (None if recovery_queue is None
-                         else Watcher(recovery_queue, self._runtime.clock))
+        self._watcher = (None if recovery_queue is None else Watcher(
+            recovery_queue, self._runtime.clock, in_thread=self._watches_in_thread))
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
         self._owns_http = http_client is None
@@ -252,10 +290,6 @@ class BaseClient(Generic[HttpT, TransportT]):
                                                options.get("on_finish"))
         return WaitOptions(**options)
 
-    def _pay_flow(self, order_id: str, **payment: Any) -> Flow[Order]:
-        flow = _api.pay_order(self._runtime, order_id, **payment)
-        return flow if self._watcher is None else self._watcher.pay(order_id, flow)
-
     def _wait_for_completion_flow(self, order: str | Order, **options: Any) -> Flow[Order]:
         return wait_flow(self._runtime, _order_id(order), self._options(options))
 
@@ -307,6 +341,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
 
     _http: Sender
     _gate: Gate
+    _runner: _SyncRunner
 
     def _default_http_client(self) -> httpx.Client:
         # The deadline of each request reaches its socket reads only through this transport.
@@ -322,12 +357,10 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         return TransportSender(transport)
 
     def _bind_resources(self) -> None:
-        self.orders = Orders(self)
-        self.products = Products(self)
-        self.categories = Categories(self)
-
-    def _run(self, flow: Flow[T]) -> T:
-        return drive(flow, self._http, self._runtime.clock, gate=self._gate)
+        self._runner = _SyncRunner(self._runtime, self._http, self._gate, self._watcher)
+        self.orders = Orders(self._runner)
+        self.products = Products(self._runner)
+        self.categories = Categories(self._runner)
 
     def wait_for_completion(
         self,
@@ -385,7 +418,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
                 complete, so hand it to a recovery queue.
             APIStatusError: a non-transient error, such as 401.
         """
-        return self._run(self._wait_for_completion_flow(
+        return self._runner.run(self._wait_for_completion_flow(
             order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
             stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
             on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
@@ -464,6 +497,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
 
     _http: AsyncSender
     _gate: AsyncGate
+    _runner: _AsyncRunner
 
     def _default_http_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(limits=_LIMITS)
@@ -477,13 +511,13 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     def _direct_sender(self, transport: httpx.AsyncBaseTransport) -> AsyncSender:
         return AsyncTransportSender(transport)
 
-    def _bind_resources(self) -> None:
-        self.orders = AsyncOrders(self)
-        self.products = AsyncProducts(self)
-        self.categories = AsyncCategories(self)
+    _watches_in_thread = True
 
-    async def _run(self, flow: Flow[T]) -> T:
-        return await drive_async(flow, self._http, self._runtime.clock, gate=self._gate)
+    def _bind_resources(self) -> None:
+        self._runner = _AsyncRunner(self._runtime, self._http, self._gate, self._watcher)
+        self.orders = AsyncOrders(self._runner)
+        self.products = AsyncProducts(self._runner)
+        self.categories = AsyncCategories(self._runner)
 
     async def wait_for_completion(
         self,
@@ -504,7 +538,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         require_codes: int | None = None,
     ) -> Order:
         """See :meth:`FoxReload.wait_for_completion`; hooks may be sync or async."""
-        return await self._run(self._wait_for_completion_flow(
+        return await self._runner.run(self._wait_for_completion_flow(
             order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
             stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
             on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,

@@ -1,9 +1,10 @@
 """The sans-io heart of the client: configuration, request building, retry decisions.
 
 Nothing here performs I/O. :func:`call_flow` is a generator that yields
-:class:`~foxpoll._effects.Send` and :class:`~foxpoll._effects.Sleep` effects; the sync and
-async clients drive the same generator. Every retry decision is a pure function below,
-and each one logs why it was taken.
+:class:`~foxpoll._effects.Send` and :class:`~foxpoll._effects.Sleep` effects (and, with a
+request budget, ``Permit`` and ``Feedback``); the sync and async clients drive the same
+generator. Every retry decision is a pure function below, and each one logs why it was
+taken.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import attrs
 import httpx
 
 from ._clock import Clock
-from ._effects import Feedback, Flow, Permit, Send, Sleep
+from ._effects import Budget, Feedback, Flow, Permit, Send, Sleep
 from ._senders import (
     ACCEPT_ENCODING,
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -41,7 +42,6 @@ from .errors import (
     ResponseTooLarge,
     status_error_for,
 )
-from .ratelimit import BaseRateLimit, Priority
 
 __all__ = ["Call", "ClientConfig", "RetryMode", "call_flow", "make_config"]
 
@@ -51,6 +51,9 @@ T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://public-api.foxreload.com"
 DEFAULT_MAX_RETRIES = 3
+#: A call's lane in the request budget unless it names one: ``Priority.FRESH`` of
+#: :mod:`foxpoll.ratelimit`, which sits above this core and numbers its lanes, lower first.
+DEFAULT_LANE = 1
 
 #: Transport errors raised before any byte of the request left: always safe to retry.
 UNSENT_ERRORS: tuple[type[httpx.TransportError], ...] = (
@@ -225,7 +228,7 @@ class Call(Generic[T]):
         params: Query parameters.
         json: The JSON body, for writes.
         retry_mode: Whether a failed attempt may be sent again.
-        priority: Its lane in the client's rate limit.
+        priority: Its lane in the client's rate limit (a ``Priority``; lower goes first).
     """
 
     method: str
@@ -234,7 +237,7 @@ class Call(Generic[T]):
     params: Mapping[str, Any] | None = None
     json: Any = None
     retry_mode: RetryMode = RetryMode.IDEMPOTENT
-    priority: Priority = Priority.FRESH
+    priority: int = DEFAULT_LANE
 
 
 def build_request(config: ClientConfig, call: Call[Any], timeout: float) -> httpx.Request:
@@ -417,16 +420,16 @@ def _describe(outcome: httpx.Response | httpx.TransportError) -> str:
 
 
 def permit_flow(
-    limit: BaseRateLimit, priority: Priority, clock: Clock, deadline: float | None
+    limit: Budget, priority: int, clock: Clock, deadline: float | None
 ) -> Flow[None]:
     """Wait for a permit of ``limit``; a wait that would cross ``deadline`` ends the call."""
     while True:
-        wait: float = yield Permit(limit, priority)
+        wait = yield from Permit(limit, priority)
         if wait <= 0:
             return
         if deadline is not None and clock.monotonic() + wait >= deadline:
             raise APITimeoutError("no permit from the rate limit before the deadline")
-        yield Sleep(max(wait, _MIN_PERMIT_WAIT))
+        yield from Sleep(max(wait, _MIN_PERMIT_WAIT))
 
 
 _MIN_PERMIT_WAIT = 1e-3  # a shorter wait may not move a float clock at all
@@ -439,7 +442,7 @@ def call_flow(
     clock: Clock,
     rng: random.Random,
     deadline: float | None = None,
-    limit: BaseRateLimit | None = None,
+    limit: Budget | None = None,
 ) -> Flow[T]:
     """Send ``call``, retrying as :func:`retry_delay` decides, and return its parsed result.
 
@@ -465,13 +468,12 @@ def call_flow(
             timeout = min(timeout, remaining)
         request = build_request(config, call, timeout)
         started = clock.monotonic()
-        outcome: httpx.Response | httpx.TransportError = yield Send(
-            request, call.priority, timeout, config.max_response_bytes)
+        outcome = yield from Send(request, call.priority, timeout, config.max_response_bytes)
         elapsed = clock.monotonic() - started
         if limit is not None and isinstance(outcome, httpx.Response):
             throttled = outcome.status_code == 429
             retry_after = parse_retry_after(outcome.headers, clock.time()) if throttled else None
-            yield Feedback(limit, throttled, retry_after)
+            yield from Feedback(limit, throttled, retry_after)
         if isinstance(outcome, httpx.Response) and outcome.is_success:
             log.debug(
                 "%s %s -> %d in %.3fs", call.method, call.path, outcome.status_code, elapsed
@@ -487,7 +489,7 @@ def call_flow(
             if isinstance(outcome, httpx.TransportError):
                 raise error from outcome
             raise error
-        yield Sleep(delay)
+        yield from Sleep(delay)
         retry += 1
 
 

@@ -1,6 +1,8 @@
-"""Effects that foxpoll's sans-io flows yield, and the drivers that perform them.
+"""The client's sans-io effects, and the drivers that perform them.
 
-A flow is a generator. It yields effects and is resumed with their results:
+The HTTP retry loop, the poll loop and the request budget's use are flows (generators)
+that yield these effects. Each is an :class:`foxpoll._io.Op` typed by what it resumes
+with, so ``response = yield from Send(...)`` gives mypy the type:
 
 ==============  ============================================================================
 ``Send``        the :class:`httpx.Response`, or the :class:`httpx.TransportError` raised
@@ -9,12 +11,14 @@ A flow is a generator. It yields effects and is resumed with their results:
 ``Start``       None; the sub-flow runs concurrently (on asyncio) or at the next ``WaitAny``
 ``WaitAny``     a list of ``(key, result or exception)`` of started sub-flows that finished
 ``Emit``        None, once the driver has handed the value to its consumer
-``Permit``      0.0 once a permit of the rate limit is taken, else the seconds to wait
-``Feedback``    None, once the rate limit has been told how a request was answered
+``Permit``      0.0 once a permit of the budget is taken, else the seconds to wait
+``Feedback``    None, once the budget has been told how a request was answered
 ==============  ============================================================================
 
 The flows hold every decision; these drivers are the only code that differs between sync
-and async.
+and async. They are not :func:`foxpoll._io.run`: they queue requests at the client's gate,
+run sub-flows concurrently and stream what a flow emits. An exception raised while
+performing an effect ends the run (a transport error is ``Send``'s result, not raised).
 """
 
 from __future__ import annotations
@@ -22,18 +26,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Hashable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import httpx
 
 from ._clock import Clock
 from ._gate import AsyncGate, Gate
-from ._senders import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, AsyncSender, Sender
-from .ratelimit import BaseRateLimit, Priority
+from ._io import Flow, Op
+from ._senders import AsyncSender, Sender
 
 __all__ = [
+    "Budget",
     "Emit",
     "Feedback",
     "Flow",
@@ -54,83 +59,98 @@ __all__ = [
 T = TypeVar("T")
 
 
+class Budget(Protocol):
+    """What the drivers need of a request budget (:class:`foxpoll.ratelimit.BaseRateLimit`):
+    a permit per request, in a lane (lower goes first), and how each was answered."""
+
+    def acquire(self, priority: Any, /) -> float: ...
+
+    async def aacquire(self, priority: Any, /) -> float: ...
+
+    def succeeded(self) -> None: ...
+
+    def throttled(self, retry_after: float | None, /) -> None: ...
+
+    async def athrottled(self, retry_after: float | None, /) -> None: ...
+
+
 @attrs.frozen
-class Send:
+class Send(Op[httpx.Response | httpx.TransportError]):
     """Send this request; resume with the response or the transport error. ``priority``
-    orders it among the requests queued for the client's in-flight slots; ``timeout``
-    bounds the whole exchange and ``max_bytes`` its decoded body."""
+    orders it among the requests queued for the client's in-flight slots (lower first);
+    ``timeout`` bounds the whole exchange and ``max_bytes`` its decoded body."""
 
     request: httpx.Request
-    priority: int = Priority.FRESH
-    timeout: float = DEFAULT_TIMEOUT
-    max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    priority: int
+    timeout: float
+    max_bytes: int
 
 
 @attrs.frozen
-class Sleep:
+class Sleep(Op[None]):
     """Wait this many seconds; resume with None."""
 
     seconds: float
 
 
 @attrs.frozen
-class Notify:
-    """Call a user hook with these arguments."""
+class Notify(Op[None]):
+    """Call a user hook with these arguments; resume with None once it has run."""
 
     hook: Callable[..., Any]
     args: tuple[Any, ...]
 
 
 @attrs.frozen
-class Start:
+class Start(Op[None]):
     """Begin running a sub-flow, known by ``key``."""
 
-    key: Hashable
+    key: str
     flow: Flow[Any] = attrs.field(repr=False)
 
 
+#: What ``WaitAny`` resumes with: each finished sub-flow's key, and its result or the
+#: exception that ended it.
+Finished = list[tuple[str, object]]
+
+
 @attrs.frozen
-class WaitAny:
+class WaitAny(Op[Finished]):
     """Resume when a started sub-flow finishes, or after ``timeout`` seconds."""
 
     timeout: float | None
 
 
 @attrs.frozen
-class Emit:
+class Emit(Op[None]):
     """Hand ``value`` to the consumer of a streaming flow."""
 
     value: Any = attrs.field(repr=False)
 
 
 @attrs.frozen
-class Permit:
+class Permit(Op[float]):
     """Take a permit from ``limit`` in lane ``priority``; resume with the seconds to wait
     (0.0: taken)."""
 
-    limit: BaseRateLimit = attrs.field(repr=False)
-    priority: Priority
+    limit: Budget = attrs.field(repr=False)
+    priority: int
 
 
 @attrs.frozen
-class Feedback:
+class Feedback(Op[None]):
     """Tell ``limit`` how a request was answered: a 429 (with its ``Retry-After``), or
     not."""
 
-    limit: BaseRateLimit = attrs.field(repr=False)
+    limit: Budget = attrs.field(repr=False)
     throttled: bool
     retry_after: float | None = None
-
-
-Effect = Send | Sleep | Notify | Start | WaitAny | Emit | Permit | Feedback
-Flow = Generator[Effect, Any, T]
-Finished = list[tuple[Hashable, Any]]
 
 
 class _SyncEffects:
     def __init__(self, http: Sender, clock: Clock, gate: Gate | None) -> None:
         self.http, self.clock, self.gate = http, clock, gate
-        self.started: deque[tuple[Hashable, Flow[Any]]] = deque()
+        self.started: deque[tuple[str, Flow[Any]]] = deque()
 
     def _send(self, send: Send) -> httpx.Response | httpx.TransportError:
         try:
@@ -138,7 +158,7 @@ class _SyncEffects:
         except httpx.TransportError as exc:
             return exc
 
-    def perform(self, effect: Effect) -> Any:
+    def perform(self, effect: Op[Any]) -> Any:
         if isinstance(effect, Send):
             if self.gate is None:
                 return self._send(effect)
@@ -166,6 +186,8 @@ class _SyncEffects:
             self.started.append((effect.key, effect.flow))
         elif isinstance(effect, WaitAny):
             return self._wait_any(effect.timeout)
+        else:
+            raise TypeError(f"the client's driver does not perform {type(effect).__name__}")
         return None
 
     def _wait_any(self, timeout: float | None) -> Finished:
@@ -217,7 +239,7 @@ def drive(flow: Flow[T], http: Sender, clock: Clock, *, gate: Gate | None = None
 class _AsyncEffects:
     def __init__(self, http: AsyncSender, clock: Clock, gate: AsyncGate | None) -> None:
         self.http, self.clock, self.gate = http, clock, gate
-        self.tasks: dict[asyncio.Future[Any], Hashable] = {}
+        self.tasks: dict[asyncio.Future[Any], str] = {}
         # Finished tasks arrive through a done-callback: O(1) per completion, where
         # asyncio.wait() would re-register a callback on every pending task each time.
         self.done: deque[asyncio.Future[Any]] = deque()
@@ -234,7 +256,7 @@ class _AsyncEffects:
         except httpx.TransportError as exc:
             return exc
 
-    async def perform(self, effect: Effect) -> Any:
+    async def perform(self, effect: Op[Any]) -> Any:
         if isinstance(effect, Send):
             if self.gate is None:
                 return await self._send(effect)
@@ -263,6 +285,8 @@ class _AsyncEffects:
             task.add_done_callback(self._finished)
         elif isinstance(effect, WaitAny):
             return await self._wait_any(effect.timeout)
+        else:
+            raise TypeError(f"the client's driver does not perform {type(effect).__name__}")
         return None
 
     async def _wait_any(self, timeout: float | None) -> Finished:
@@ -342,7 +366,8 @@ async def drive_stream_async(
         effects.cancel_all()
 
 
-
+# The untyped drivers of the stores, delivery and event streams, until each runs on
+# foxpoll._io (its typed Op, run and arun); then these two go.
 def run_flow(flow: Generator[Any, Any, T], perform: Callable[[Any], Any], *,
              throw_errors: bool = False) -> T:
     """Run any flow with a blocking ``perform(effect)``; return the flow's result.

@@ -63,6 +63,12 @@ class Gate:
         self._order = itertools.count()
         self._changed = threading.Condition()
 
+    @property
+    def waiting(self) -> int:
+        """Threads queued for a slot."""
+        with self._changed:
+            return len(self._waiting)
+
     def acquire(self, priority: int) -> None:
         with self._changed:
             ticket = (priority, next(self._order))

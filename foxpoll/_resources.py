@@ -1,33 +1,68 @@
 """``client.orders``, ``client.products``, ``client.categories``: one line per method.
 
-Each method hands a flow from :mod:`foxpoll._api` to its client's driver. The sync and
-async classes differ only in ``await``; ``tests/test_signatures.py`` keeps their signatures
-in step.
+Each method hands a flow from :mod:`foxpoll._api` to its client's :class:`Runner`. The
+sync and async classes differ only in ``await``; ``tests/test_public_api.py`` keeps their
+signatures in step. Resources know their client only through the runner, so the clients
+build them and nothing here imports a client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from . import _api
+from ._effects import Flow
 from .models import Category, Order, OrderItemRequest, Page, Product
 from .ratelimit import Priority
 
-if TYPE_CHECKING:
-    from ._client import AsyncFoxReload, FoxReload
+__all__ = [
+    "AsyncCategories",
+    "AsyncOrders",
+    "AsyncProducts",
+    "AsyncRunner",
+    "Categories",
+    "Orders",
+    "Products",
+    "Runner",
+]
 
-__all__ = ["AsyncCategories", "AsyncOrders", "AsyncProducts", "Categories", "Orders", "Products"]
+T = TypeVar("T")
 
 ItemsArg = Iterable["OrderItemRequest | Mapping[str, Any]"]
+
+
+class _Bound(Protocol):
+    @property
+    def runtime(self) -> _api.Runtime:
+        """The client's configuration, clock, random source and budget."""
+
+    def pay(self, order_id: str, *, payment_provider: str | None,
+            payment_return_url: str | None) -> Flow[Order]:
+        """The flow that pays ``order_id``, recording its watch first when the client has
+        a recovery queue."""
+
+
+class Runner(_Bound, Protocol):
+    """What a sync resource needs of its client."""
+
+    def run(self, flow: Flow[T], /) -> T:
+        """Run ``flow`` with the client's HTTP client, gate and clock."""
+
+
+class AsyncRunner(_Bound, Protocol):
+    """What an async resource needs of its client."""
+
+    def run(self, flow: Flow[T], /) -> Awaitable[T]:
+        """Run ``flow`` on the event loop with the client's HTTP client, gate and clock."""
 
 
 class Orders:
     """Create, pay and read orders."""
 
-    def __init__(self, client: FoxReload) -> None:
-        self._client = client
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
 
     def create(
         self,
@@ -50,7 +85,7 @@ class Orders:
             APIStatusError: the API refused the order (balance, stock, price...).
         """
         body = _api.create_order_body(items, is_mock=is_mock, total_price=total_price)
-        return self._client._run(_api.create_order(self._client._runtime, body))
+        return self._runner.run(_api.create_order(self._runner.runtime, body))
 
     def pay(
         self,
@@ -68,10 +103,10 @@ class Orders:
             AmbiguousOrderError: the payment's outcome is unknown and the order is still
                 ``active``; it was not resent.
         """
-        flow = self._client._pay_flow(
+        flow = self._runner.pay(
             order_id, payment_provider=payment_provider, payment_return_url=payment_return_url
         )
-        return self._client._run(flow)
+        return self._runner.run(flow)
 
     def get(self, order_id: str, *, priority: Priority = Priority.FRESH) -> Order:
         """Read one order; its codes are in ``order.codes`` once it is completed.
@@ -80,19 +115,19 @@ class Orders:
             priority: Its lane in the client's rate limit; recovery re-checks use
                 ``Priority.POLL``, behind buys and first polls.
         """
-        flow = _api.get_order(self._client._runtime, order_id, priority=priority)
-        return self._client._run(flow)
+        flow = _api.get_order(self._runner.runtime, order_id, priority=priority)
+        return self._runner.run(flow)
 
     def list(self, **params: Any) -> Page[Order]:
         """Read a page of the order history; keyword arguments become query parameters."""
-        return self._client._run(_api.list_orders(self._client._runtime, params))
+        return self._runner.run(_api.list_orders(self._runner.runtime, params))
 
 
 class AsyncOrders:
     """Async :class:`Orders`."""
 
-    def __init__(self, client: AsyncFoxReload) -> None:
-        self._client = client
+    def __init__(self, runner: AsyncRunner) -> None:
+        self._runner = runner
 
     async def create(
         self,
@@ -103,7 +138,7 @@ class AsyncOrders:
     ) -> Order:
         """See :meth:`Orders.create`."""
         body = _api.create_order_body(items, is_mock=is_mock, total_price=total_price)
-        return await self._client._run(_api.create_order(self._client._runtime, body))
+        return await self._runner.run(_api.create_order(self._runner.runtime, body))
 
     async def pay(
         self,
@@ -113,26 +148,26 @@ class AsyncOrders:
         payment_return_url: str | None = None,
     ) -> Order:
         """See :meth:`Orders.pay`."""
-        flow = self._client._pay_flow(
+        flow = self._runner.pay(
             order_id, payment_provider=payment_provider, payment_return_url=payment_return_url
         )
-        return await self._client._run(flow)
+        return await self._runner.run(flow)
 
     async def get(self, order_id: str, *, priority: Priority = Priority.FRESH) -> Order:
         """See :meth:`Orders.get`."""
-        flow = _api.get_order(self._client._runtime, order_id, priority=priority)
-        return await self._client._run(flow)
+        flow = _api.get_order(self._runner.runtime, order_id, priority=priority)
+        return await self._runner.run(flow)
 
     async def list(self, **params: Any) -> Page[Order]:
         """See :meth:`Orders.list`."""
-        return await self._client._run(_api.list_orders(self._client._runtime, params))
+        return await self._runner.run(_api.list_orders(self._runner.runtime, params))
 
 
 class Products:
     """Browse and search the catalogue."""
 
-    def __init__(self, client: FoxReload) -> None:
-        self._client = client
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
 
     def list(
         self,
@@ -144,28 +179,28 @@ class Products:
     ) -> Page[Product]:
         """One page of a category's products (``limit`` 1-200, the API's default 50)."""
         flow = _api.list_products(
-            self._client._runtime,
+            self._runner.runtime,
             category=category,
             limit=limit,
             offset=offset,
             with_stock_only=with_stock_only,
         )
-        return self._client._run(flow)
+        return self._runner.run(flow)
 
     def search(self, query: str, **params: Any) -> Page[Product]:
         """Products matching ``query``; extra keyword arguments become query parameters."""
-        return self._client._run(_api.search_products(self._client._runtime, query, params))
+        return self._runner.run(_api.search_products(self._runner.runtime, query, params))
 
     def get(self, product_id: str) -> Product:
         """One product, with its ``required_note_fields``."""
-        return self._client._run(_api.get_product(self._client._runtime, product_id))
+        return self._runner.run(_api.get_product(self._runner.runtime, product_id))
 
 
 class AsyncProducts:
     """Async :class:`Products`."""
 
-    def __init__(self, client: AsyncFoxReload) -> None:
-        self._client = client
+    def __init__(self, runner: AsyncRunner) -> None:
+        self._runner = runner
 
     async def list(
         self,
@@ -177,28 +212,28 @@ class AsyncProducts:
     ) -> Page[Product]:
         """See :meth:`Products.list`."""
         flow = _api.list_products(
-            self._client._runtime,
+            self._runner.runtime,
             category=category,
             limit=limit,
             offset=offset,
             with_stock_only=with_stock_only,
         )
-        return await self._client._run(flow)
+        return await self._runner.run(flow)
 
     async def search(self, query: str, **params: Any) -> Page[Product]:
         """See :meth:`Products.search`."""
-        return await self._client._run(_api.search_products(self._client._runtime, query, params))
+        return await self._runner.run(_api.search_products(self._runner.runtime, query, params))
 
     async def get(self, product_id: str) -> Product:
         """See :meth:`Products.get`."""
-        return await self._client._run(_api.get_product(self._client._runtime, product_id))
+        return await self._runner.run(_api.get_product(self._runner.runtime, product_id))
 
 
 class Categories:
     """Browse the category tree."""
 
-    def __init__(self, client: FoxReload) -> None:
-        self._client = client
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
 
     def list(
         self,
@@ -211,21 +246,21 @@ class Categories:
     ) -> Page[Category]:
         """One page of categories; pass ``page.next_cursor`` as ``cursor`` for the next."""
         flow = _api.list_categories(
-            self._client._runtime,
+            self._runner.runtime,
             with_stock_only=with_stock_only,
             tag=tag,
             parent=parent,
             cursor=cursor,
             limit=limit,
         )
-        return self._client._run(flow)
+        return self._runner.run(flow)
 
 
 class AsyncCategories:
     """Async :class:`Categories`."""
 
-    def __init__(self, client: AsyncFoxReload) -> None:
-        self._client = client
+    def __init__(self, runner: AsyncRunner) -> None:
+        self._runner = runner
 
     async def list(
         self,
@@ -238,11 +273,11 @@ class AsyncCategories:
     ) -> Page[Category]:
         """See :meth:`Categories.list`."""
         flow = _api.list_categories(
-            self._client._runtime,
+            self._runner.runtime,
             with_stock_only=with_stock_only,
             tag=tag,
             parent=parent,
             cursor=cursor,
             limit=limit,
         )
-        return await self._client._run(flow)
+        return await self._runner.run(flow)

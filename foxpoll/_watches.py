@@ -4,14 +4,22 @@ A :class:`Watcher` wraps a client's recovery queue. It records a watch before ea
 payment, and at the start of each wait whose horizon the payment's watch does not fit;
 it settles the watch, or enqueues the order, when the wait ends. The queue side (what a
 watch is, how it fires) is :mod:`foxpoll.recovery.base`.
+
+The recovery queues do blocking I/O. On an async client every queue call runs in a
+worker thread (:func:`asyncio.to_thread`, the loop's default executor), so a slow or
+frozen queue holds that thread, until the queue's own timeout, and never the event loop.
+The call is still awaited, so its error reaches the caller as it does on the sync client:
+a watch that cannot be written before a payment means nothing is paid.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from . import _api
 from ._clock import Clock
@@ -21,10 +29,7 @@ from .errors import APIStatusError, ConflictError
 from .models import Order
 from .polling import WaitOptions, WaitResult, WaitStart
 
-if TYPE_CHECKING:
-    from .recovery.base import RecoveryQueue
-
-__all__ = ["Watcher"]
+__all__ = ["WatchQueue", "Watcher"]
 
 log = logging.getLogger("foxpoll.recovery")
 
@@ -34,13 +39,44 @@ PAY_HORIZON = WaitOptions(backoff=ExponentialJitter(poll_at_start=False)).horizo
 REMEMBERED = 10_000  # orders remembered between pay and wait, per client
 
 
-class Watcher:
-    """Records and settles a client's watches in its recovery queue."""
+class WatchPolicy(Protocol):
+    @property
+    def watch_margin(self) -> float: ...
 
-    def __init__(self, queue: RecoveryQueue, clock: Clock) -> None:
-        self.queue, self.clock = queue, clock
+
+class WatchQueue(Protocol):
+    """What a client needs of its ``recovery_queue``: every
+    :class:`foxpoll.recovery.RecoveryQueue` is one."""
+
+    @property
+    def policy(self) -> WatchPolicy: ...
+
+    def watch(self, order_id: str, *, due_at: float, replace: bool = ...) -> bool: ...
+
+    def unwatch(self, order_id: str) -> bool: ...
+
+    def on_finish(self, result: WaitResult) -> None: ...
+
+
+class Watcher:
+    """Records and settles a client's watches in its recovery queue.
+
+    Args:
+        in_thread: Run each queue call in a worker thread and return an awaitable of it:
+            the async client's watches, which must not block the event loop.
+    """
+
+    def __init__(self, queue: WatchQueue, clock: Clock, *, in_thread: bool = False) -> None:
+        self.queue, self.clock, self.in_thread = queue, clock, in_thread
         self._paid: OrderedDict[str, float] = OrderedDict()  # order id -> its watch's due
         self._lock = threading.Lock()
+
+    def _call(self, fn: Callable[[Any], None], arg: Any) -> Any:
+        """``fn(arg)``, or, ``in_thread``, a coroutine running it in a worker thread."""
+        if self.in_thread:
+            return asyncio.to_thread(fn, arg)
+        fn(arg)
+        return None
 
     def pay(self, order_id: str, pay: Flow[Order]) -> Flow[Order]:
         """Record the watch, then pay: a payment is never known only to this process.
@@ -48,14 +84,14 @@ class Watcher:
         If the watch cannot be written, nothing is paid and the store's error is raised.
         """
         _api.resource_path("/api/orders/", order_id, kind="order")
-        yield Notify(self._watch_payment, (order_id,))
+        yield from Notify(self._call, (self._watch_payment, order_id))
         try:
             return (yield from pay)
         except APIStatusError as refused:
             # The server said no: nothing was paid by this call. A 409 may mean another
             # caller paid it, whose watch this row may be, so it stays.
             if not isinstance(refused, ConflictError):
-                yield Notify(self._unwatch, (order_id,))
+                yield from Notify(self._call, (self._unwatch, order_id))
             raise
 
     def _due(self, start: WaitStart) -> float:
@@ -78,8 +114,15 @@ class Watcher:
         self._forget(order_id)
         self.queue.unwatch(order_id)
 
-    def on_start(self, start: WaitStart) -> None:
+    def on_start(self, start: WaitStart) -> Any:
         """The wait's ``on_start``: watch the order, unless the payment's watch fits."""
+        return self._call(self._on_start, start)
+
+    def on_finish(self, result: WaitResult) -> Any:
+        """The wait's ``on_finish``: settle the watch, or enqueue a stalled order."""
+        return self._call(self._on_finish, result)
+
+    def _on_start(self, start: WaitStart) -> None:
         due_at = self._due(start)
         paid_due = self._forget(start.order_id)
         if paid_due is not None and 0 <= paid_due - due_at <= self.queue.policy.watch_margin:
@@ -91,8 +134,7 @@ class Watcher:
         except Exception:  # the wait goes on; only this process knows the order now
             log.exception("order %s: could not record its watch", start.order_id)
 
-    def on_finish(self, result: WaitResult) -> None:
-        """The wait's ``on_finish``: settle the watch, or enqueue a stalled order."""
+    def _on_finish(self, result: WaitResult) -> None:
         try:
             self.queue.on_finish(result)
         except Exception:

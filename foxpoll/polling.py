@@ -10,11 +10,12 @@ The clients run both flows with their sync or async driver.
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -419,16 +420,27 @@ class OrderWatch:
 def chain_hooks(
     first: Callable[[Any], Any], then: Callable[[Any], Any] | None
 ) -> Callable[[Any], Any]:
-    """A hook calling ``first``, then ``then``; ``then``'s result (an awaitable, for an async
-    hook) is returned, so the async client awaits it."""
+    """A hook calling ``first``, then ``then``, each after the other has finished: when
+    ``first`` returns an awaitable (on the async client), so does the chain, and ``then``
+    runs once it is done; otherwise ``then``'s result (an awaitable, for an async hook) is
+    returned, so the async client awaits it."""
     if then is None:
         return first
 
     def both(event: Any) -> Any:
-        first(event)
+        started = first(event)
+        if inspect.isawaitable(started):
+            return _then(started, then, event)
         return then(event)
 
     return both
+
+
+async def _then(first: Awaitable[Any], then: Callable[[Any], Any], event: Any) -> None:
+    await first
+    result = then(event)
+    if inspect.isawaitable(result):
+        await result
 
 
 def _outcome_label(error: Exception) -> str:
@@ -446,7 +458,7 @@ def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Ord
     watch = OrderWatch(order_id, options, rt.clock.monotonic(), rt.rng,
                        max_retry_after=rt.config.max_retry_after)
     if watch.first_delay > 0:
-        yield Sleep(watch.first_delay)
+        yield from Sleep(watch.first_delay)
     while True:
         outcome: Order | Exception
         try:
@@ -461,7 +473,7 @@ def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Ord
                 raise decision.error
             assert decision.order is not None
             return decision.order
-        yield Sleep(decision.delay)
+        yield from Sleep(decision.delay)
 
 
 def wait_many_flow(
@@ -510,21 +522,22 @@ def wait_many_flow(
             watch = watches[order_id]
             flow = _api.get_order(metered, order_id, deadline=watch.deadline,
                                   priority=watch.priority)
-            yield Start(order_id, flow)
+            yield from Start(order_id, flow)
             in_flight += 1
         wake = None
         if due and in_flight < max_in_flight:
             wake = max(0.0, due[0][0] - now)
-        finished: list[tuple[str, Any]] = yield WaitAny(wake)
+        finished = yield from WaitAny(wake)
         now = rt.clock.monotonic()
         for order_id, outcome in finished:
+            assert isinstance(outcome, (Order, Exception))  # a poll's order, or its error
             in_flight -= 1
             watch = watches[order_id]
             decision = watch.record(outcome, now)
             yield from decision.notes
             if decision.finished:
                 del watches[order_id]
-                yield Emit(WaitResult(order_id, decision.order, decision.error,
-                                      watch.attempts, now - watch.started))
+                yield from Emit(WaitResult(order_id, decision.order, decision.error,
+                                           watch.attempts, now - watch.started))
             else:
                 heapq.heappush(due, (now + decision.delay, next(order), order_id))

@@ -73,7 +73,7 @@ def test_threads_go_by_priority() -> None:
                [("poll", Priority.POLL), ("buy", Priority.BUY), ("fresh", Priority.FRESH)]]
     for thread in threads:
         thread.start()
-    while len(gate._waiting) < 3:
+    while gate.waiting < 3:
         time.sleep(0.001)
     gate.release()
     for thread in threads:
@@ -100,6 +100,7 @@ class HeldTransport(httpx.AsyncBaseTransport):
                               {**ORDER, "status": "active"})
 
 
+@pytest.mark.slow
 async def test_a_thousand_tasks_wait_in_foxpoll_not_in_the_pool_and_buys_go_first() -> None:
     held = HeldTransport()
     async with AsyncFoxReload("key", base_url="http://api.test", transport=held,
@@ -115,6 +116,7 @@ async def test_a_thousand_tasks_wait_in_foxpoll_not_in_the_pool_and_buys_go_firs
     assert held.seen.index("POST") == 10  # the first request sent once a slot was free
 
 
+@pytest.mark.slow
 def test_the_sync_client_bounds_its_threads_too() -> None:
     sim = FakeFoxReload()
     most = 0

@@ -6,7 +6,6 @@ import asyncio
 import random
 from typing import Any
 
-import attrs
 import pytest
 
 from foxpoll import (
@@ -278,8 +277,18 @@ def test_keyboard_interrupt_in_a_hook_propagates_at_once(sim: FakeFoxReload) -> 
     assert len(calls) == 1
 
 
+class CountingAdaptive(Adaptive):
+    """Adaptive, counting what it is told."""
+
+    observed = 0
+
+    def observe(self, earliest: float, latest: float) -> None:
+        self.observed += 1
+        super().observe(earliest, latest)
+
+
 def test_adaptive_policy_learns_from_waits(sim: FakeFoxReload) -> None:
-    adaptive = Adaptive(min_samples=5, refresh_every=5, explore=0)
+    adaptive = CountingAdaptive(min_samples=5, refresh_every=5, explore=0)
     polls: list[int] = []
     delays: list[float] = []
     with sim.client() as client:
@@ -291,7 +300,7 @@ def test_adaptive_policy_learns_from_waits(sim: FakeFoxReload) -> None:
             polls.append(len(seen))
             delays.append(seen[-1].elapsed - 20)
     assert adaptive.plan() is not None
-    assert len(adaptive._intervals) == 20
+    assert adaptive.observed == 20  # every wait taught it
     assert polls[:5] == [3] * 5  # the baseline, waiting first: ~5.75, ~14.4, ~27.3 s
     assert max(polls[5:]) <= 2  # learned: no poll at once, fewer after...
     assert sum(delays[5:]) / 15 <= sum(delays[:5]) / 5  # ...and no later
@@ -383,20 +392,32 @@ async def test_async_stall_and_failure(sim: FakeFoxReload) -> None:
             await client.wait_for_completion(failed.id)
 
 
-async def test_cancelling_the_wait_propagates_immediately() -> None:
-    sim = FakeFoxReload(default_script=OrderScript.stall())
-    from foxpoll import SystemClock
+class ParkingClock(FakeClock):
+    """Virtual time whose async sleeps never end by themselves: a wait parks in its first."""
 
-    sim.clock = SystemClock()  # real sleeps, so the task is parked when we cancel it
-    async with sim.async_client(clock=SystemClock()) as client:
+    def __init__(self) -> None:
+        super().__init__()
+        self.parked = asyncio.Event()
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleep(seconds)
+        self.parked.set()
+        await asyncio.Event().wait()
+
+
+async def test_cancelling_the_wait_propagates_immediately() -> None:
+    clock = ParkingClock()
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.stall())
+    async with sim.async_client() as client:
         order = await client.orders.create(items=STEAM)
         await client.orders.pay(order.id)
         task = asyncio.ensure_future(client.wait_for_completion(order.id, backoff=Fixed(60)))
-        await asyncio.sleep(0.05)
+        await clock.parked.wait()  # in the sleep after its first poll
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, timeout=1)
+            await asyncio.wait_for(task, timeout=1)  # a guard: it ends at once, or fails
     assert sim.count("GET") == 1
+    assert clock.sleeps == [60]
 
 
 # -- wait_many -----------------------------------------------------------------------
@@ -503,14 +524,14 @@ async def test_async_wait_many_concurrent(sim: FakeFoxReload) -> None:
 async def test_async_wait_many_holds_ten_thousand_orders() -> None:
     """10,000 in-flight waits in one process, one loop."""
     clock = FakeClock()
-    sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=0))
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=0),
+                        balance=10**9)
     async with sim.async_client() as client:
         ids = []
         for _ in range(10_000):
             order = await client.orders.create(items=STEAM)
+            await client.orders.pay(order.id)
             ids.append(order.id)
-        for order_id in ids:
-            sim._orders[order_id].paid_at = 0.0  # paid at once, without 10,000 more requests
         count = 0
         async for result in client.wait_many(ids, max_in_flight=256):
             assert result.ok
@@ -599,8 +620,7 @@ def test_wait_many_and_wait_for_completion_retry_a_failed_poll_alike(clock: Fake
             client.orders.pay(order.id)
             sim.inject(Fault(FaultKind.SERVER_ERROR, method="GET", times=2))
             start = clock.monotonic()
-            client = client.with_options()
-            client._runtime = attrs.evolve(client._runtime, rng=random.Random(3))
+        with sim.client(rng=random.Random(3)) as client:
             if many:
                 assert all(r.ok for r in client.wait_many([order.id]))
             else:

@@ -76,5 +76,12 @@ def test_clients_take_their_own_kind_of_http_client() -> None:
         (foxpoll.FoxReload, foxpoll.AsyncFoxReload)
     }
     assert all(p.default is None and p.kind is p.KEYWORD_ONLY for p in hints.values())
-    with httpx.Client() as http:
-        assert foxpoll.FoxReload("k", http_client=http)._http.client is http
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json={"id": "o1", "status": "active", "items": []})
+
+    with httpx.Client(transport=httpx.MockTransport(answer)) as http:
+        foxpoll.FoxReload("k", http_client=http).orders.get("o1")
+    assert seen == ["/api/orders/o1"]  # sent through the caller's client

@@ -31,7 +31,8 @@ from foxpoll._core import (
     make_config,
     parse_retry_after,
 )
-from foxpoll._effects import Send, Sleep
+from foxpoll._effects import Feedback, Permit, Send, Sleep
+from foxpoll.ratelimit import Priority, RateLimit
 from foxpoll.testing import FakeClock
 
 from .conftest import API_KEY
@@ -296,3 +297,22 @@ def test_malformed_success_body_of_a_read_is_a_validation_error() -> None:
         driver.run(lambda r: httpx.Response(200, content=b"<html>", request=r))
     assert info.value.response is not None
     assert info.value.response.status_code == 200
+
+
+def test_a_call_takes_its_permit_in_the_fresh_lane_unless_it_names_one() -> None:
+    clock = FakeClock()
+    limit = RateLimit(60, clock=clock.monotonic)
+    for call, lane in [(GET, Priority.FRESH), (CREATE, Priority.FRESH),
+                       (Call("GET", "/api/orders/1", str, priority=Priority.POLL),
+                        Priority.POLL)]:
+        flow = call_flow(CONFIG, call, clock=clock, rng=random.Random(7), limit=limit)
+        permit = next(flow)
+        assert isinstance(permit, Permit)
+        assert permit.priority == lane
+        send = flow.send(0.0)  # taken
+        assert isinstance(send, Send)
+        assert send.priority == lane  # and it queues for a slot in the same lane
+        feedback = flow.send(respond(send.request, 200, {"id": "1"}))
+        assert isinstance(feedback, Feedback)
+        assert not feedback.throttled
+        flow.close()
