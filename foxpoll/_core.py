@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import email.utils
 import enum
-import functools
 import logging
 import math
 import os
@@ -101,10 +100,6 @@ class ClientConfig:
         init=False, repr=False, eq=False,
         default=attrs.Factory(lambda self: _base_headers(self), takes_self=True),
     )
-    #: Built URLs by path: a poller asks for the same few thousand paths again and again.
-    url_cache: dict[str, httpx.URL] = attrs.field(
-        init=False, repr=False, eq=False, factory=dict
-    )
 
     def user_agent(self) -> str:
         return (
@@ -114,17 +109,8 @@ class ClientConfig:
 
     def url(self, path: str) -> httpx.URL:
         """The absolute URL of ``path`` (already escaped) below the base URL."""
-        cached = self.url_cache.get(path)
-        if cached is None:
-            if len(self.url_cache) >= _URL_CACHE_SIZE:
-                self.url_cache.clear()
-            prefix = self.base_url.raw_path.split(b"?")[0].rstrip(b"/")
-            cached = self.base_url.copy_with(raw_path=prefix + path.encode("ascii"))
-            self.url_cache[path] = cached
-        return cached
-
-
-_URL_CACHE_SIZE = 50_000
+        prefix = self.base_url.raw_path.split(b"?")[0].rstrip(b"/")
+        return self.base_url.copy_with(raw_path=prefix + path.encode("ascii"))
 
 
 def _base_headers(config: ClientConfig) -> tuple[tuple[str, str], ...]:
@@ -249,20 +235,11 @@ def build_request(config: ClientConfig, call: Call[Any], timeout: float) -> http
         params=params or None,
         json=call.json if call.method != "GET" else None,
         headers=config.base_headers,
-        extensions={"timeout": _timeouts(timeout)},
+        extensions={"timeout": httpx.Timeout(timeout).as_dict()},
     )
     if call.method != "GET" and call.json is not None:
         request.headers["Content-Type"] = "application/json"
     return request
-
-
-@functools.lru_cache(maxsize=256)
-def _timeout_dict(seconds: float) -> dict[str, float | None]:
-    return httpx.Timeout(seconds).as_dict()
-
-
-def _timeouts(seconds: float) -> dict[str, float | None]:
-    return dict(_timeout_dict(seconds))  # a copy: transports may not, but could, mutate it
 
 
 def _query_value(value: object) -> Any:
