@@ -25,6 +25,8 @@ import hashlib
 import inspect
 import json
 import logging
+import math
+import queue
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -47,8 +49,10 @@ T = TypeVar("T")
 #: Backoff of the retries of a failed ``complete()``: 0.1 s, doubling, at most 2 s.
 COMPLETE_RETRY_FIRST, COMPLETE_RETRY_CAP = 0.1, 2.0
 
-#: How often a blocking delivery's renewer looks at the clock (see :func:`_wait`).
+#: How often a blocking delivery's renewer looks at the clock (see :func:`_deliver`).
 RENEWER_LOOKS_EVERY = 0.05
+#: How long an idle renewer thread waits for another delivery before it ends.
+RENEWER_IDLE_FOR = 60.0
 
 
 @attrs.frozen
@@ -243,19 +247,24 @@ def _record_delivery(held: Lease, payload: str, receipt: str | None,
         delay = min(delay * 2, COMPLETE_RETRY_CAP)
 
 
-def _renewals(lease: Lease, wait: Callable[[float], Flow[bool]]) -> Flow[None]:
-    """Renew ``lease`` every third of it, until ``wait`` says to stop or the claim is
-    lost. A store that cannot be reached is tried again a third of the lease later."""
-    while not (yield from wait(lease.seconds / 3)):
+def _renewals(lease: Lease, clock: Clock, wait_until: Callable[[float], Flow[bool]]
+              ) -> Flow[None]:
+    """Renew ``lease`` a third of it into the claim, then a third of it after each renewal
+    (or failure to renew), until ``wait_until(time)`` says to stop or the claim is lost."""
+    due = lease.expires - lease.seconds * 2 / 3
+    while not (yield from wait_until(due)):
         try:
             yield from call(lease.renew)
         except LeaseLost:
-            log.error("order %s: the claim was taken over while deliver ran; it may be "
-                      "delivered twice (use order.id as the idempotency key)", lease.order_id)
+            if not (yield from wait_until(-math.inf)):  # else deliver returned meanwhile
+                log.error("order %s: the claim was taken over while deliver ran; it may be "
+                          "delivered twice (use order.id as the idempotency key)",
+                          lease.order_id)
             return
         except StoreUnavailable as exc:
             log.warning("order %s: renewing the claim failed (%s); trying again",
                         lease.order_id, type(exc).__name__)
+        due = clock.monotonic() + lease.seconds / 3
 
 
 @contextlib.contextmanager
@@ -330,8 +339,8 @@ async def adeliver_once(
 
 
 def _deliver(clock: Clock, op: Op[Any]) -> Any:
-    """Perform :class:`Deliver` blocking: ``deliver`` runs in this thread while another
-    renews the claim.
+    """Perform :class:`Deliver` blocking: ``deliver`` runs in this thread while a
+    :class:`_Renewer` renews the claim.
 
     The renewer waits on ``clock``, so renewals follow an injected clock, but it never
     sleeps on it: on a :class:`~foxpoll.testing.FakeClock` sleeping moves time, and a
@@ -344,19 +353,14 @@ def _deliver(clock: Clock, op: Op[Any]) -> Any:
     if not isinstance(op, Deliver):
         raise TypeError(f"no driver performs {type(op).__name__}")
     stop = threading.Event()
-    renewer = None
     if op.lease is not None:
-        renewals = _renewals(op.lease, lambda seconds: call(_wait, clock, stop, seconds))
-        renewer = threading.Thread(target=run, args=(renewals,), daemon=True,
-                                   name=f"foxpoll-renew-{op.order.id[:24]}")
-        renewer.start()
+        _Renewer.take().renewals.put(
+            _renewals(op.lease, clock, lambda until: call(_wait_until, clock, stop, until)))
     try:
         with _interruptions():
             result = op.deliver(op.order)
     finally:
         stop.set()
-        if renewer is not None:
-            renewer.join()  # a renewal in flight ends before complete() is sent
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()
@@ -364,9 +368,57 @@ def _deliver(clock: Clock, op: Op[Any]) -> Any:
     return result
 
 
-def _wait(clock: Clock, stop: threading.Event, seconds: float) -> bool:
-    """Wait ``seconds`` on ``clock``; True as soon as ``stop`` is set."""
-    until = clock.monotonic() + seconds
+class _Renewer(threading.Thread):
+    """A daemon thread that runs the renewals of one blocking delivery at a time.
+
+    Between deliveries it waits in :data:`_IDLE` for the next one's, for
+    :data:`RENEWER_IDLE_FOR` seconds at most, then ends: a process keeps as many renewers
+    as it ran blocking deliveries at once, lately. A forked child finds its parent's
+    renewers there, not running, and starts its own. (Renewers are reused because a
+    thread started for every delivery put ``deliver_once`` over its cost budget: see
+    ``benchmarks/RESULTS.md``.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="foxpoll-renew")
+        self.renewals: queue.SimpleQueue[Flow[None]] = queue.SimpleQueue()
+
+    @classmethod
+    def take(cls) -> _Renewer:
+        """An idle renewer, or a new one."""
+        while _IDLE:
+            try:
+                renewer = _IDLE.pop()
+            except IndexError:  # another thread took the last one
+                break
+            if renewer.is_alive():
+                return renewer
+        renewer = cls()
+        renewer.start()
+        return renewer
+
+    def run(self) -> None:
+        while True:
+            try:
+                renewals = self.renewals.get(timeout=RENEWER_IDLE_FOR)
+            except queue.Empty:
+                try:
+                    _IDLE.remove(self)
+                except ValueError:  # taken meanwhile: its delivery's renewals are on the way
+                    continue
+                return
+            try:
+                run(renewals)
+            except Exception as exc:
+                log.error("renewing a claim stopped: %s", type(exc).__name__)
+            _IDLE.append(self)
+
+
+_IDLE: list[_Renewer] = []
+
+
+def _wait_until(clock: Clock, stop: threading.Event, until: float) -> bool:
+    """Wait until ``clock`` reads ``until``; True as soon as ``stop`` is set."""
     while (left := until - clock.monotonic()) > 0:
         if stop.wait(min(left, RENEWER_LOOKS_EVERY)):
             return True
@@ -380,7 +432,8 @@ async def _adeliver(clock: Clock, op: Op[Any]) -> Any:
         raise TypeError(f"no driver performs {type(op).__name__}")
     renewing = None
     if op.lease is not None:
-        renewing = asyncio.ensure_future(arun(_renewals(op.lease, _paused), clock=clock))
+        renewals = _renewals(op.lease, clock, functools.partial(_pause_until, clock))
+        renewing = asyncio.ensure_future(arun(renewals, clock=clock))
     try:
         with _interruptions():
             result = op.deliver(op.order)
@@ -390,6 +443,7 @@ async def _adeliver(clock: Clock, op: Op[Any]) -> Any:
             renewing.cancel()
 
 
-def _paused(seconds: float) -> Flow[bool]:
-    yield from pause(seconds)
+def _pause_until(clock: Clock, until: float) -> Flow[bool]:
+    if (left := until - clock.monotonic()) > 0:
+        yield from pause(left)
     return False

@@ -465,7 +465,7 @@ def test_a_failed_renewal_is_tried_again_a_third_of_the_lease_later(
         store.wait_for_renewal()  # fails: the claim lasts until 30 s all the same
         clock.sleep(11)
         store.wait_for_renewal()  # succeeds, at 22 s: now until 52 s
-        clock.sleep(20)
+        clock.sleep(9)  # past the first lease, before the next renewal is due
         with pytest.raises(DeliveryInProgress):
             deliver_once(o, lambda _: None, store, lease=30)
 
@@ -505,6 +505,72 @@ def test_a_renewal_that_finds_the_claim_taken_over_stops_and_says_so(
         deliver_once(order, stalls, store, lease=30, clock=clock)
     assert "taken over while deliver ran" in caplog.text
     assert store.get(order.id).token == "rival"  # type: ignore[union-attr]
+
+
+def slow_in_steps(clock: FakeClock, store: Renewals, steps: int) -> Any:
+    """A deliver that sleeps ``steps`` times 15 s on ``clock``, waiting for a renewal
+    after each, then checks that a rival still finds the claim live."""
+    def deliver(o: Order) -> str:
+        for _ in range(steps):
+            clock.sleep(15)
+            store.wait_for_renewal()
+        with pytest.raises(DeliveryInProgress):
+            deliver_once(o, lambda _: None, store, lease=30, renew=False)
+        return "sent"
+    return deliver
+
+
+def test_slow_deliveries_at_once_each_keep_their_claim() -> None:
+    # Each blocking delivery has a renewer of its own, whether it began before, after or
+    # inside another one.
+    results: dict[int, bool] = {}
+
+    def worker(number: int) -> None:
+        clock = FakeClock()
+        store = Renewals(clock)
+        results[number] = deliver_once(completed(), slow_in_steps(clock, store, 3 + number),
+                                       store, lease=30, clock=clock).delivered
+
+    outer_clock = FakeClock()
+    outer_store = Renewals(outer_clock)
+
+    def outer(o: Order) -> None:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        slow_in_steps(outer_clock, outer_store, 3)(o)  # still renewed after the others
+
+    assert deliver_once(completed(), outer, outer_store, lease=30, clock=outer_clock).delivered
+    assert results == dict.fromkeys(range(4), True)
+
+
+def test_a_forked_child_renews_its_own_slow_delivery() -> None:
+    import os
+
+    clock = FakeClock()
+    store = Renewals(clock)
+    # The parent's renewer goes back to wait for the next delivery, as the child forks:
+    # the child must not hand its delivery to that renewer, which does not run there.
+    deliver_once(completed(), slow_in_steps(clock, store, 1), store, lease=30, clock=clock)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            ours = Renewals(clock)
+            result = deliver_once(completed(), slow_in_steps(clock, ours, 2), ours, lease=30,
+                                  clock=clock)
+            os.write(write, f"{result.delivered} {ours.count}".encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        reported = pipe.read()
+    os.waitpid(child, 0)
+    assert reported == "True 2"
 
 
 class AsyncRenewals(AsyncMemoryDedupStore):
