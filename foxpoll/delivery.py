@@ -1,8 +1,8 @@
 """Exactly-once delivery: ``deliver_once`` and ``adeliver_once``.
 
 Claim the order in a dedup store, call your ``deliver(order)``, then mark it delivered;
-if ``deliver`` raises, give the claim back and re-raise. The flow is written once, as a
-generator of :class:`Invoke` effects, and driven by a blocking or an asyncio driver.
+if ``deliver`` raises, give the claim back and re-raise. The flow is written once, in
+:mod:`foxpoll._io`'s effects, and run by its blocking or its asyncio driver.
 
 The guarantee: codes are delivered once, except when a worker dies (or stalls past its
 lease) in the middle of ``deliver``. Its claim then expires, and the next attempt delivers
@@ -18,27 +18,24 @@ lease lasts: giving up at once would make a second delivery certain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import hashlib
 import inspect
-import itertools
 import json
 import logging
 import math
-import os
+import queue
 import threading
-import time
-import types
-from collections.abc import Awaitable, Callable, Generator
-from json.encoder import encode_basestring_ascii
-from typing import Any, NamedTuple, TypeGuard, TypeVar
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import attrs
 
 from ._clock import Clock, SystemClock
-from ._deadlines import WATCHDOG
-from ._effects import arun_flow, run_flow
+from ._io import Call, Flow, Op, arun, call, pause, run
 from .dedup.base import AsyncDedupStore, DedupStore, DeliveryRecord, DeliveryState
 from .errors import CodesMissing, DeliveryInProgress, LeaseLost, StoreUnavailable
 from .models import Order, OrderStatus
@@ -49,30 +46,13 @@ log = logging.getLogger("foxpoll.delivery")
 
 T = TypeVar("T")
 
-
-class Invoke(NamedTuple):
-    """Call ``fn(*args)`` (awaiting the result on asyncio); resume with its result, or have
-    its exception thrown in. With ``keep_alive``, renew that lease while the call runs.
-
-    A named tuple, not an attrs class: three are built per delivery, and a tuple is built
-    in a third of the time."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    keep_alive: Lease | None = None
-
-
-@attrs.frozen
-class Pause:
-    """Wait ``seconds`` on the flow's clock; resume with None."""
-
-    seconds: float
-
-
-Flow = Generator[Invoke | Pause, Any, T]
-
 #: Backoff of the retries of a failed ``complete()``: 0.1 s, doubling, at most 2 s.
 COMPLETE_RETRY_FIRST, COMPLETE_RETRY_CAP = 0.1, 2.0
+
+#: How often a blocking delivery's renewer looks at the clock (see :func:`_deliver`).
+RENEWER_LOOKS_EVERY = 0.05
+#: How long an idle renewer thread waits for another delivery before it ends.
+RENEWER_IDLE_FOR = 60.0
 
 
 @attrs.frozen
@@ -147,51 +127,13 @@ def current_lease() -> Lease:
     return lease
 
 
-# One encoder, built once: json.dumps builds a new one per call when given options.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
-
-
 def payload_hash(order: Order) -> str:
-    """SHA-256 of the order's codes, canonically encoded (never the codes themselves)."""
-    return _codes_hash(order.codes)
+    """SHA-256 of the order's codes as canonical JSON (never the codes themselves).
 
-
-def _codes_hash(codes: tuple[Any, ...]) -> str:
-    try:  # text codes, the usual case, encoded as _CANONICAL would
-        text = "[" + ",".join(map(encode_basestring_ascii, codes)) + "]"
-    except TypeError:  # not a str: the encoder's own rules (key order, default=str)
-        text = _CANONICAL.encode(list(codes))
+    Stores keep it, so its value never changes between releases.
+    """
+    text = json.dumps(list(order.codes), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-class _Tokens:
-    """Fencing tokens, unique across processes and calls: a random prefix drawn once per
-    process (again in a forked child, whose parent goes on counting) and a counter. A
-    token only has to differ from every other claim's; drawing 16 random bytes per
-    delivery costs a system call, where a counter's next value costs a tenth of it."""
-
-    def __init__(self) -> None:
-        self._draw()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._draw)
-
-    def _draw(self) -> None:
-        self._prefix = os.urandom(12).hex()
-        self._count = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._count):08x}"
-
-
-_TOKENS = _Tokens()
-
-
-def _awaitable(value: object) -> TypeGuard[Awaitable[Any]]:
-    """``inspect.isawaitable``, without its slow ``Awaitable`` ABC check for the plain
-    values (records, receipts) most calls return: only generator-based coroutines are
-    awaitable without an ``__await__``."""
-    return hasattr(type(value), "__await__") or (
-        type(value) is types.GeneratorType and inspect.isawaitable(value))
 
 
 def _receipt_text(receipt: object) -> str | None:
@@ -199,6 +141,29 @@ def _receipt_text(receipt: object) -> str | None:
         return None
     text = receipt if isinstance(receipt, str) else repr(receipt)
     return text[:1000]
+
+
+@attrs.frozen
+class Deliver(Op[Any]):
+    """Call ``deliver(order)``, renewing ``lease`` meanwhile unless it is None; resume
+    with what it returned.
+
+    An exception that is not an :class:`Exception` (``KeyboardInterrupt``, a task's
+    cancellation) comes back as :class:`Interrupted`, so the flow still gives the claim
+    back before it re-raises that exception.
+    """
+
+    deliver: Callable[[Order], Any]
+    order: Order
+    lease: Lease | None
+
+
+class Interrupted(Exception):
+    """``deliver`` was interrupted by ``interruption``, which the flow re-raises."""
+
+    def __init__(self, interruption: BaseException) -> None:
+        super().__init__(type(interruption).__name__)
+        self.interruption = interruption
 
 
 def delivery_flow(
@@ -217,8 +182,7 @@ def delivery_flow(
     if order.status is not OrderStatus.COMPLETED:
         raise ValueError(f"order {order.id} is {order.status.value}, not completed: "
                          "there are no codes to deliver")
-    codes = order.codes
-    if not codes:
+    if not order.codes:
         if require_codes:
             raise CodesMissing(order)  # nothing claimed: a later attempt may have codes
         log.warning("order %s is completed with no codes: delivering it empty", order.id)
@@ -226,9 +190,9 @@ def delivery_flow(
         raise ValueError("order id is empty")
     if not lease > 0:
         raise ValueError("lease must be positive")
-    token = _TOKENS.next()
+    token = uuid.uuid4().hex
     asked = clock.monotonic()
-    claim = yield Invoke(store.claim, (order.id, token, lease))
+    claim = yield from Call(store.claim, (order.id, token, lease))
     if not claim.acquired:
         if claim.record.state is DeliveryState.DELIVERED:
             log.info("order %s already delivered; skipping", order.id)
@@ -238,19 +202,21 @@ def delivery_flow(
                  expires=asked + lease)
     reset = _current.set(held)
     try:
-        receipt = yield Invoke(deliver, (order,), keep_alive=held if renew else None)
-    except BaseException:
+        receipt = yield from Deliver(deliver, order, held if renew else None)
+    except Exception as exc:
         # Nothing was confirmed delivered: give the claim back so a retry can deliver now
         # (if this fails too, the lease simply expires). Never delete: the record stays.
         try:
-            yield Invoke(store.release, (order.id, token))
-        except (LeaseLost, StoreUnavailable) as exc:
+            yield from Call(store.release, (order.id, token))
+        except (LeaseLost, StoreUnavailable) as failed:
             log.warning("order %s: could not release the claim (%s); it will expire",
-                        order.id, type(exc).__name__)
+                        order.id, type(failed).__name__)
+        if isinstance(exc, Interrupted):
+            raise exc.interruption from None
         raise
     finally:
         _current.reset(reset)
-    record = yield from _record_delivery(held, _codes_hash(codes), _receipt_text(receipt),
+    record = yield from _record_delivery(held, payload_hash(order), _receipt_text(receipt),
                                          store, clock)
     return DeliveryResult(delivered=True, record=record, receipt=receipt)
 
@@ -263,9 +229,8 @@ def _record_delivery(held: Lease, payload: str, receipt: str | None,
     delay = COMPLETE_RETRY_FIRST
     while True:
         try:
-            record: DeliveryRecord = yield Invoke(
-                store.complete, (held.order_id, held.token, payload, receipt))
-            return record
+            return (yield from Call(store.complete,
+                                    (held.order_id, held.token, payload, receipt)))
         except LeaseLost:
             log.error("order %s: delivered, but the lease had expired and another worker "
                       "took over; it may deliver again (use order.id as the idempotency "
@@ -278,8 +243,39 @@ def _record_delivery(held: Lease, payload: str, receipt: str | None,
                 raise
             log.warning("order %s: delivered, but recording it failed (%s); retrying in "
                         "%.1f s, within the lease", held.order_id, exc, delay)
-        yield Pause(delay)
+        yield from pause(delay)
         delay = min(delay * 2, COMPLETE_RETRY_CAP)
+
+
+def _renewals(lease: Lease, clock: Clock, wait_until: Callable[[float], Flow[bool]]
+              ) -> Flow[None]:
+    """Renew ``lease`` a third of it into the claim, then a third of it after each renewal
+    (or failure to renew), until ``wait_until(time)`` says to stop or the claim is lost."""
+    due = lease.expires - lease.seconds * 2 / 3
+    while not (yield from wait_until(due)):
+        try:
+            yield from call(lease.renew)
+        except LeaseLost:
+            if not (yield from wait_until(-math.inf)):  # else deliver returned meanwhile
+                log.error("order %s: the claim was taken over while deliver ran; it may be "
+                          "delivered twice (use order.id as the idempotency key)",
+                          lease.order_id)
+            return
+        except StoreUnavailable as exc:
+            log.warning("order %s: renewing the claim failed (%s); trying again",
+                        lease.order_id, type(exc).__name__)
+        due = clock.monotonic() + lease.seconds / 3
+
+
+@contextlib.contextmanager
+def _interruptions() -> Iterator[None]:
+    """Turn an exception that is not an :class:`Exception` into :class:`Interrupted`."""
+    try:
+        yield
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise Interrupted(exc) from exc
 
 
 def deliver_once(
@@ -302,7 +298,7 @@ def deliver_once(
         lease: Seconds the claim lasts; another worker may take over after that.
         renew: Renew the claim every third of ``lease`` while ``deliver`` runs, so a slow
             delivery keeps it (``current_lease().renew()`` also works, by hand).
-        clock: Time and sleep for the retries of ``complete()``; a
+        clock: Time and sleep for the renewals and the retries of ``complete()``; a
             :class:`foxpoll.testing.FakeClock` in tests.
         require_codes: Refuse an order without codes (:class:`CodesMissing`, nothing
             claimed) instead of delivering it empty, with a warning, as top-ups are.
@@ -320,10 +316,10 @@ def deliver_once(
         ValueError: the order is not completed.
         CodesMissing: ``require_codes`` and the order has none.
     """
-    perform = _CALL if clock is None else functools.partial(_call, clock)
-    flow = delivery_flow(order, deliver, store, lease, require_codes,
-                         clock=clock or _SYSTEM_CLOCK, renew=renew)
-    return run_flow(flow, perform, throw_errors=True)
+    clock = clock or SystemClock()
+    flow = delivery_flow(order, deliver, store, lease, require_codes, clock=clock, renew=renew)
+    return run(flow, functools.partial(_deliver, clock), clock=clock,
+               async_twin="adeliver_once")
 
 
 async def adeliver_once(
@@ -337,158 +333,117 @@ async def adeliver_once(
     clock: Clock | None = None,
 ) -> DeliveryResult:
     """See :func:`deliver_once`; ``deliver`` may be a coroutine function."""
-    clock = clock or _SYSTEM_CLOCK
+    clock = clock or SystemClock()
     flow = delivery_flow(order, deliver, store, lease, require_codes, clock=clock, renew=renew)
-    # Exceptions go back into the flow: it releases the claim, then re-raises.
-    return await arun_flow(flow, functools.partial(_acall, clock), throw_errors=True)
+    return await arun(flow, functools.partial(_adeliver, clock), clock=clock)
 
 
-def _call(clock: Clock, effect: Invoke | Pause) -> Any:
-    if isinstance(effect, Pause):
-        return clock.sleep(effect.seconds)
-    fn, args, keep_alive = effect
-    if keep_alive is None:
-        result = fn(*args)
-    else:
-        renewer = _Renewer(keep_alive)
-        try:
-            result = fn(*args)
-        finally:
-            renewer.stop()
-    if _awaitable(result):
+def _deliver(clock: Clock, op: Op[Any]) -> Any:
+    """Perform :class:`Deliver` blocking: ``deliver`` runs in this thread while a
+    :class:`_Renewer` renews the claim.
+
+    The renewer waits on ``clock``, so renewals follow an injected clock, but it never
+    sleeps on it: on a :class:`~foxpoll.testing.FakeClock` sleeping moves time, and a
+    renewer that did would move it under a delivery that took no time at all. The
+    :class:`Clock` has no wait that another thread can cut short, so the renewer waits on
+    an event that ``deliver`` returning sets, and reads the clock again every
+    :data:`RENEWER_LOOKS_EVERY` seconds (on the real clock, its renewals are that late at
+    most).
+    """
+    if not isinstance(op, Deliver):
+        raise TypeError(f"no driver performs {type(op).__name__}")
+    stop = threading.Event()
+    if op.lease is not None:
+        _Renewer.take().renewals.put(
+            _renewals(op.lease, clock, lambda until: call(_wait_until, clock, stop, until)))
+    try:
+        with _interruptions():
+            result = op.deliver(op.order)
+    finally:
+        stop.set()
+    if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()
-        raise TypeError(f"{fn!r} is async; use adeliver_once")
+        raise TypeError(f"{op.deliver!r} is async; use adeliver_once")
     return result
 
 
-_SYSTEM_CLOCK = SystemClock()
-_CALL = functools.partial(_call, _SYSTEM_CLOCK)  # deliver_once's, unless given a clock
+class _Renewer(threading.Thread):
+    """A daemon thread that runs the renewals of one blocking delivery at a time.
+
+    Between deliveries it waits in :data:`_IDLE` for the next one's, for
+    :data:`RENEWER_IDLE_FOR` seconds at most, then ends: a process keeps as many renewers
+    as it ran blocking deliveries at once, lately. A forked child finds its parent's
+    renewers there, not running, and starts its own. (Renewers are reused because a
+    thread started for every delivery put ``deliver_once`` over its cost budget: see
+    ``benchmarks/RESULTS.md``.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="foxpoll-renew")
+        self.renewals: queue.SimpleQueue[Flow[None]] = queue.SimpleQueue()
+
+    @classmethod
+    def take(cls) -> _Renewer:
+        """An idle renewer, or a new one."""
+        while _IDLE:
+            try:
+                renewer = _IDLE.pop()
+            except IndexError:  # another thread took the last one
+                break
+            if renewer.is_alive():
+                return renewer
+        renewer = cls()
+        renewer.start()
+        return renewer
+
+    def run(self) -> None:
+        while True:
+            try:
+                renewals = self.renewals.get(timeout=RENEWER_IDLE_FOR)
+            except queue.Empty:
+                try:
+                    _IDLE.remove(self)
+                except ValueError:  # taken meanwhile: its delivery's renewals are on the way
+                    continue
+                return
+            try:
+                run(renewals)
+            except Exception as exc:
+                log.error("renewing a claim stopped: %s", type(exc).__name__)
+            _IDLE.append(self)
 
 
-async def _acall(clock: Clock, effect: Invoke | Pause) -> Any:
-    if isinstance(effect, Pause):
-        return await clock.asleep(effect.seconds)
+_IDLE: list[_Renewer] = []
+
+
+def _wait_until(clock: Clock, stop: threading.Event, until: float) -> bool:
+    """Wait until ``clock`` reads ``until``; True as soon as ``stop`` is set."""
+    while (left := until - clock.monotonic()) > 0:
+        if stop.wait(min(left, RENEWER_LOOKS_EVERY)):
+            return True
+    return stop.is_set()
+
+
+async def _adeliver(clock: Clock, op: Op[Any]) -> Any:
+    """Perform :class:`Deliver` on asyncio: ``deliver`` is awaited while a task renews
+    the claim, pausing on ``clock``; the task is cancelled when ``deliver`` returns."""
+    if not isinstance(op, Deliver):
+        raise TypeError(f"no driver performs {type(op).__name__}")
     renewing = None
-    if effect.keep_alive is not None:
-        renewing = asyncio.ensure_future(_keep_renewing(effect.keep_alive))
+    if op.lease is not None:
+        renewals = _renewals(op.lease, clock, functools.partial(_pause_until, clock))
+        renewing = asyncio.ensure_future(arun(renewals, clock=clock))
     try:
-        result = effect.fn(*effect.args)
-        return (await result) if _awaitable(result) else result
+        with _interruptions():
+            result = op.deliver(op.order)
+            return (await result) if inspect.isawaitable(result) else result
     finally:
         if renewing is not None:
             renewing.cancel()
 
 
-def _renewed(lease: Lease, outcome: BaseException | None) -> bool:
-    """Log a renewal's failure; whether renewing should go on."""
-    if isinstance(outcome, LeaseLost):
-        log.error("order %s: the claim was taken over while deliver ran; it may be "
-                  "delivered twice (use order.id as the idempotency key)", lease.order_id)
-        return False
-    if outcome is not None:
-        log.warning("order %s: renewing the claim failed (%s); trying again",
-                    lease.order_id, type(outcome).__name__)
-    return True
-
-
-class _Renewer:
-    """Renews ``lease`` every third of it while a blocking ``deliver`` runs, from a thread
-    that starts only when the delivery outlasts its first third (see :class:`_Renewals`)."""
-
-    __slots__ = ("due", "lease", "stopped", "wake")
-
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
-        self.due = time.monotonic() + lease.seconds / 3
-        self.stopped = False
-        self.wake: threading.Event | None = None
-        _RENEWALS.add(self)
-
-    def start(self) -> None:
-        self.wake = threading.Event()
-        threading.Thread(target=self._run, args=(self.wake,), daemon=True,
-                         name=f"foxpoll-renew-{self.lease.order_id[:24]}").start()
-
-    def _run(self, wake: threading.Event) -> None:
-        while not self.stopped:
-            try:
-                self.lease.renew()
-                outcome = None
-            except (LeaseLost, StoreUnavailable) as exc:
-                outcome = exc
-            if not _renewed(self.lease, outcome) or wake.wait(self.lease.seconds / 3):
-                return
-
-    def stop(self) -> None:
-        self.stopped = True
-        _RENEWALS.discard(self)
-        if self.wake is not None:
-            self.wake.set()
-
-
-class _Renewals:
-    """The blocking deliveries in flight, and one watchdog alarm, at the earliest first
-    renewal among them, that starts the renewing threads of those then due.
-
-    Most deliveries end long before their first renewal, and thousands run a second: each
-    joins and leaves a set, where an alarm of its own would cost a heap entry and the
-    watchdog's lock twice. Under steady traffic one alarm fires per third of a lease.
-    """
-
-    def __init__(self) -> None:
-        self._forget()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        """Start empty; in a forked child too, whose parent's deliveries are not its own."""
-        self._lock = threading.Lock()
-        self._running: set[_Renewer] = set()
-        self._alarm_at = math.inf  # when the live alarm fires, inf for none
-        self._alarm = 0  # the live alarm's number: those it overtook do nothing
-
-    def add(self, renewer: _Renewer) -> None:
-        with self._lock:
-            self._running.add(renewer)
-            if renewer.due >= self._alarm_at:
-                return
-            self._alarm_at, self._alarm = renewer.due, self._alarm + 1
-            number = self._alarm
-        WATCHDOG.arm(renewer.due - time.monotonic(), functools.partial(self._check, number))
-
-    def discard(self, renewer: _Renewer) -> None:
-        with self._lock:
-            self._running.discard(renewer)
-
-    def _check(self, number: int) -> None:
-        """Start the threads of the deliveries due; arm for the next one due."""
-        now = time.monotonic()
-        with self._lock:
-            if number != self._alarm:  # an earlier alarm overtook this one, and re-arms
-                return
-            due = [renewer for renewer in self._running if renewer.due <= now]
-            self._running.difference_update(due)
-            self._alarm_at = min((r.due for r in self._running), default=math.inf)
-            if self._running:  # the watchdog's lock, held here, lets its action arm
-                self._alarm += 1
-                WATCHDOG.arm(self._alarm_at - now, functools.partial(self._check, self._alarm))
-        for renewer in due:
-            renewer.start()
-
-
-_RENEWALS = _Renewals()
-
-
-async def _keep_renewing(lease: Lease) -> None:
-    while True:
-        await asyncio.sleep(lease.seconds / 3)
-        try:
-            result = lease.renew()
-            if _awaitable(result):
-                await result
-            outcome = None
-        except (LeaseLost, StoreUnavailable) as exc:
-            outcome = exc
-        if not _renewed(lease, outcome):
-            return
+def _pause_until(clock: Clock, until: float) -> Flow[bool]:
+    if (left := until - clock.monotonic()) > 0:
+        yield from pause(left)
+    return False

@@ -24,9 +24,10 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
-from foxpoll._effects import arun_flow, run_flow
+from foxpoll._clock import SystemClock
+from foxpoll._io import Flow, Op, arun, pause, run
 
-from ._flows import Flow, FlowStore
+from ._flows import FlowStore
 from .base import (
     AsyncDedupStore,
     ClaimResult,
@@ -58,24 +59,13 @@ _UNAVAILABLE_CODES = frozenset({
 
 
 @attrs.frozen
-class Call:
-    """Call a DynamoDB client operation; resume with its response, or a
-    :class:`ConditionFailed` when its condition did not hold."""
+class Request(Op[dict[str, Any]]):
+    """Send a DynamoDB request (``operation`` is the client method, ``update_item`` say);
+    resume with its response. Its ``ClientError`` (a failed condition among them) is
+    thrown into the flow."""
 
     operation: str
     params: Mapping[str, Any]
-
-
-@attrs.frozen
-class ConditionFailed:
-    item: Mapping[str, Any] | None
-
-
-@attrs.frozen
-class Pause:
-    """Wait ``seconds`` (while a table is being created)."""
-
-    seconds: float
 
 
 def _values(**values: Any) -> dict[str, Any]:
@@ -96,20 +86,20 @@ class DynamoDBFlows:
     def setup(self) -> Flow[None]:
         """Create the table (unless it exists), wait until it is active, enable the TTL."""
         try:
-            yield Call("create_table", table_definition(self.table))
+            yield from Request("create_table", table_definition(self.table))
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
+            if _code(exc) != "ResourceInUseException":
                 raise
         for _ in range(120):
-            reply = yield Call("describe_table", {"TableName": self.table})
+            reply = yield from Request("describe_table", {"TableName": self.table})
             if reply["Table"]["TableStatus"] == "ACTIVE":
                 break
-            yield Pause(1.0)
+            yield from pause(1.0)
         else:
             raise TimeoutError(f"table {self.table} did not become active")
-        ttl = yield Call("describe_time_to_live", {"TableName": self.table})
+        ttl = yield from Request("describe_time_to_live", {"TableName": self.table})
         if ttl["TimeToLiveDescription"].get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
-            yield Call("update_time_to_live", {
+            yield from Request("update_time_to_live", {
                 "TableName": self.table,
                 "TimeToLiveSpecification": {"Enabled": True, "AttributeName": "expires_at"},
             })
@@ -117,10 +107,25 @@ class DynamoDBFlows:
     def _key(self, order_id: str) -> dict[str, Any]:
         return {"order_id": {"S": order_id}}
 
+    def _update(self, params: dict[str, Any]) -> Flow[tuple[bool, Mapping[str, Any] | None]]:
+        """An ``UpdateItem`` returning the item: ``(True, the item as updated)``, or, when
+        its condition failed, ``(False, the item in the way, or None)``."""
+        try:
+            reply = yield from Request("update_item", {
+                **params,
+                "TableName": self.table,
+                "ReturnValues": "ALL_NEW",
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            })
+        except ClientError as exc:
+            if _code(exc) != "ConditionalCheckFailedException":
+                raise
+            return False, exc.response.get("Item")
+        return True, reply["Attributes"]
+
     def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
         now = self.clock()
-        reply = yield Call("update_item", {
-            "TableName": self.table,
+        updated, item = yield from self._update({
             "Key": self._key(order_id),
             "UpdateExpression": (
                 "SET #state = :claimed, #token = :token, lease_until = :lease_until, "
@@ -133,32 +138,24 @@ class DynamoDBFlows:
                 claimed="claimed", released="released", token=token,
                 lease_until=now + lease, now=now, one=1,
             ),
-            "ReturnValues": "ALL_NEW",
-            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         })
-        if isinstance(reply, ConditionFailed):
-            if not reply.item:
-                raise lease_lost(order_id, None)
-            return ClaimResult(False, _record(reply.item), now)
-        return ClaimResult(True, _record(reply["Attributes"]), now)
+        if not item:
+            raise lease_lost(order_id, None)
+        return ClaimResult(updated, _record(item), now)
 
     def _owned(
         self, order_id: str, token: str, update: str, **values: Any
     ) -> Flow[tuple[DeliveryRecord | None, DeliveryRecord | None]]:
         """(the updated record, None) or (None, the record in the way)."""
-        reply = yield Call("update_item", {
-            "TableName": self.table,
+        updated, item = yield from self._update({
             "Key": self._key(order_id),
             "UpdateExpression": update,
             "ConditionExpression": _OWNED_CONDITION,
             "ExpressionAttributeNames": _NAMES,
             "ExpressionAttributeValues": _values(claimed="claimed", token=token, **values),
-            "ReturnValues": "ALL_NEW",
-            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         })
-        if isinstance(reply, ConditionFailed):
-            return None, _record(reply.item) if reply.item else None
-        return _record(reply["Attributes"]), None
+        record = _record(item) if item else None
+        return (record, None) if updated else (None, record)
 
     def complete(
         self, order_id: str, token: str, payload_hash: str, receipt: str | None
@@ -201,8 +198,9 @@ class DynamoDBFlows:
         return done
 
     def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
-        reply = yield Call("get_item", {"TableName": self.table, "Key": self._key(order_id),
-                                        "ConsistentRead": True})
+        reply = yield from Request("get_item", {"TableName": self.table,
+                                                "Key": self._key(order_id),
+                                                "ConsistentRead": True})
         item = reply.get("Item")
         return _record(item) if item else None
 
@@ -219,7 +217,7 @@ class DynamoDBFlows:
             }
             if start is not None:
                 params["ExclusiveStartKey"] = start
-            reply = yield Call("query", params)
+            reply = yield from Request("query", params)
             records.extend(_record(item) for item in reply.get("Items", []))
             start = reply.get("LastEvaluatedKey")
             if start is None:
@@ -247,17 +245,14 @@ def table_definition(table: str) -> dict[str, Any]:
     }
 
 
+def _code(exc: ClientError) -> object:
+    return exc.response.get("Error", {}).get("Code")
+
+
 def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, ClientError):
-        return exc.response.get("Error", {}).get("Code") in _UNAVAILABLE_CODES
+        return _code(exc) in _UNAVAILABLE_CODES
     return isinstance(exc, BotoCoreError)  # connection, timeout and endpoint errors
-
-
-def _condition_failed_or_raise(exc: ClientError) -> ConditionFailed:
-    """A failed condition is an answer (the record in the way), not an error."""
-    if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-        return ConditionFailed(exc.response.get("Item"))
-    raise exc
 
 
 def _mapped(exc: ClientError | BotoCoreError) -> Exception:
@@ -304,19 +299,14 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
         """Create the table and its index (idempotent), wait for it, and enable the TTL."""
         self._run(self._flows.setup())
 
-    def _perform(self, effect: Call | Pause) -> Any:
-        if isinstance(effect, Pause):
-            time.sleep(effect.seconds)
-            return None
-        try:
-            return getattr(self._client, effect.operation)(**effect.params)
-        except ClientError as exc:
-            return _condition_failed_or_raise(exc)
+    def _perform(self, request: Op[Any]) -> Any:
+        if not isinstance(request, Request):
+            raise TypeError(f"no driver performs {type(request).__name__}")
+        return getattr(self._client, request.operation)(**request.params)
 
     def _run(self, flow: Flow[Any]) -> Any:
         try:
-            # Errors go back into the flow: table setup expects "already exists".
-            return run_flow(flow, self._perform, throw_errors=True)
+            return run(flow, self._perform, clock=SystemClock())
         except (ClientError, BotoCoreError) as exc:
             raise _mapped(exc) from exc
 
@@ -365,19 +355,15 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
         """See :meth:`DynamoDBDedupStore.create_table`."""
         await self._run(self._flows.setup())
 
-    async def _perform(self, effect: Call | Pause) -> Any:
-        if isinstance(effect, Pause):
-            await asyncio.sleep(effect.seconds)
-            return None
+    async def _perform(self, request: Op[Any]) -> Any:
+        if not isinstance(request, Request):
+            raise TypeError(f"no driver performs {type(request).__name__}")
         client = await self._get_client()
-        try:
-            return await getattr(client, effect.operation)(**effect.params)
-        except ClientError as exc:
-            return _condition_failed_or_raise(exc)
+        return await getattr(client, request.operation)(**request.params)
 
     async def _run(self, flow: Flow[Any]) -> Any:
         try:
-            return await arun_flow(flow, self._perform, throw_errors=True)
+            return await arun(flow, self._perform, clock=SystemClock())
         except (ClientError, BotoCoreError) as exc:
             raise _mapped(exc) from exc
 
