@@ -5,15 +5,18 @@ it back. Given a connection string, a store owns a small pool, opened on first u
 (``pool.open`` is idempotent and locked, so racing first calls are safe) and closed by the
 store; given a pool, it uses it as is and never closes it.
 
-A call's bounds come from the driver first: the pool's wait (``connect_timeout``), and on
-the store's own pool libpq's ``connect_timeout`` and the server's ``statement_timeout``,
-which cancels a statement that runs too long (a lock held elsewhere) and leaves the
-connection in working order. What no driver setting covers is a network that freezes
-while TCP still acknowledges: see :mod:`foxpoll._deadlines`. A call still running a tenth
-past ``statement_timeout`` has its connection shut down, and fails.
+A call's bounds come from the driver where it has them: the pool's wait
+(``connect_timeout``), and libpq's ``connect_timeout`` for the store's own connections.
+Once a call has its connection, no driver setting bounds it (see :mod:`foxpoll._deadlines`):
+a call still running at ``statement_timeout`` has its connection shut down, and fails.
+
+The server's own ``statement_timeout`` is left alone: it would cancel a statement waiting
+on a lock and keep its connection, but it is a startup option that PgBouncer and other
+poolers refuse (or a session ``SET`` that leaks to other clients through a transaction
+pooler). A connection string or pool of the caller's may set it.
 
 Failures become :class:`~foxpoll.errors.StoreUnavailable`: a missing table, an
-unreachable server, an exhausted pool, a statement past its time.
+unreachable server, an exhausted pool, a call past its time.
 """
 
 from __future__ import annotations
@@ -42,8 +45,7 @@ class PostgresConnections:
         asynchronous: Make the store's own pool an ``AsyncConnectionPool``.
         timeout: Seconds to wait for a connection.
         size: The most connections the store's own pool opens.
-        statement_timeout: Seconds one statement may run on the server (the store's own
-            pool), and, a tenth more, one call may hold its connection (any pool).
+        statement_timeout: Seconds one call may hold its connection.
     """
 
     def __init__(self, conninfo_or_pool: Any, *, table: str, what: str, timeout: float,
@@ -56,12 +58,13 @@ class PostgresConnections:
         self.owned = isinstance(conninfo_or_pool, str)
         if isinstance(conninfo_or_pool, str):
             kind = psycopg_pool.AsyncConnectionPool if asynchronous else psycopg_pool.ConnectionPool
+            settings: dict[str, Any] = {"autocommit": True}
+            if "connect_timeout" not in conninfo_to_dict(conninfo_or_pool):
+                settings["connect_timeout"] = max(2, math.ceil(timeout))  # libpq: whole s, >= 2
             # min_size=0: the first call opens the first connection (the pool's own first
             # one would race it, and one call would leave two connections).
             self.pool: Any = kind(conninfo_or_pool, min_size=0, max_size=size, open=False,
-                                  timeout=timeout, name=f"foxpoll-{table}",
-                                  kwargs=_settings(conninfo_or_pool, statement_timeout,
-                                                   timeout))
+                                  timeout=timeout, name=f"foxpoll-{table}", kwargs=settings)
         else:
             self.pool = conninfo_or_pool
         found = self.pool.conninfo
@@ -91,9 +94,9 @@ class PostgresConnections:
     @contextlib.contextmanager
     def _deadline(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
                   ) -> Iterator[None]:
-        """Cut ``conn`` if the call is still running a tenth past ``statement_timeout``
-        (disarmed before the connection goes back to the pool)."""
-        alarm = WATCHDOG.arm(1.1 * self.statement_timeout,
+        """Cut ``conn`` if the call is still running at ``statement_timeout`` (disarmed
+        before the connection goes back to the pool)."""
+        alarm = WATCHDOG.arm(self.statement_timeout,
                              functools.partial(shut_down_fd, conn.fileno()))
         try:
             yield
@@ -111,8 +114,6 @@ class PostgresConnections:
         except psycopg.errors.UndefinedTable as exc:
             raise StoreUnavailable(f"the {self.what} table {self.table!r} does not exist: "
                                    "call create_schema() once") from exc
-        except psycopg.errors.QueryCanceled as exc:  # the server's statement_timeout
-            raise self._late() from exc
         except psycopg.OperationalError as exc:  # PoolTimeout and PoolClosed are ones
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
 
@@ -137,19 +138,3 @@ def _unit(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> Any:
     outside autocommit, a transaction, so that it ends (committed, or rolled back on an
     error) while the call's deadline still runs."""
     return contextlib.nullcontext() if conn.autocommit else conn.transaction()
-
-
-def _settings(conninfo: str, statement_timeout: float, connect_timeout: float
-              ) -> dict[str, Any]:
-    """The connection settings of a store's own pool: autocommit, libpq's
-    ``connect_timeout`` and the server's ``statement_timeout``, unless ``conninfo`` sets
-    them itself."""
-    given = conninfo_to_dict(conninfo)
-    settings: dict[str, Any] = {"autocommit": True}
-    if "connect_timeout" not in given:  # libpq counts whole seconds, at least 2
-        settings["connect_timeout"] = max(2, math.ceil(connect_timeout))
-    options = str(given.get("options") or "")
-    if "statement_timeout" not in options:
-        milliseconds = max(1, round(statement_timeout * 1000))
-        settings["options"] = f"{options} -c statement_timeout={milliseconds}".strip()
-    return settings

@@ -59,11 +59,11 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
         table: The table name (a plain identifier).
         connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
         max_connections: The size of the store's own pool.
-        statement_timeout: Seconds one call may take once it has its connection. The
-            store's own pool sets it as the server's ``statement_timeout`` (a statement
-            waiting on a lock is cancelled, its connection kept); on any pool, a call
-            still running a tenth later (a network that froze mid-statement) has its
-            connection cut. Either way the call raises :class:`StoreUnavailable`.
+        statement_timeout: Seconds one call may take once it has its connection; past
+            that (a network that froze mid-statement, a lock held elsewhere), its
+            connection is cut and the call raises :class:`StoreUnavailable`. The server's
+            own ``statement_timeout`` is yours to set, in the connection string
+            (``options=-c statement_timeout=...``) or your pool's settings.
 
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
