@@ -105,7 +105,10 @@ class PostgresConnections:
                 raise self._late() from exc
             raise
         finally:
-            WATCHDOG.disarm(alarm)
+            if WATCHDOG.disarm(alarm):
+                # Cut, if only as the call ended: closed, the pool replaces it rather
+                # than lend a dead connection to the next call.
+                conn.pgconn.finish()
 
     @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:
