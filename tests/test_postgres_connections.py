@@ -107,6 +107,16 @@ def test_a_closed_callers_pool_is_not_worked_around(make_store: Any, pool: Any) 
         store.get("o-2")
 
 
+@pytest.mark.parametrize("seconds", [0, -1, float("nan")])
+def test_the_statement_timeout_is_checked(seconds: float) -> None:
+    from foxpoll.dedup import AsyncPostgresDedupStore, PostgresDedupStore
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    for kind in (PostgresDedupStore, AsyncPostgresDedupStore, PostgresRecoveryQueue):
+        with pytest.raises(ValueError, match="statement_timeout"):
+            kind(POSTGRES_URL, statement_timeout=seconds)
+
+
 def test_an_exhausted_pool_is_store_unavailable_after_connect_timeout(table: str) -> None:
     from psycopg_pool import ConnectionPool
 
