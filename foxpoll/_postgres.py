@@ -1,31 +1,37 @@
 """Where foxpoll's PostgreSQL stores get connections, and what their failures become.
 
-Every call holds its connection for ``statement_timeout`` seconds at most: past that,
-the watchdog shuts the connection's socket, so a network that froze mid-statement fails
-the call instead of blocking it (and the delivery's lease) for good.
-
-Given a connection string, a store owns a small ``psycopg_pool`` pool, opened on first use
+Each call takes a connection from a ``psycopg_pool`` pool (``pool.connection()``) and gives
+it back. Given a connection string, a store owns a small pool, opened on first use
 (``pool.open`` is idempotent and locked, so racing first calls are safe) and closed by the
-store; given a pool, it uses it as is and never closes it. A missing table and an
-unreachable server become :class:`~foxpoll.errors.StoreUnavailable`.
+store; given a pool, it uses it as is and never closes it.
 
-A blocking call keeps its connection *warm* for the next call, for up to ``reuse_for``
-seconds (one by default) after it came out of the pool: see :mod:`foxpoll._warm`.
+A call's bounds come from the driver where it has them: the pool's wait
+(``connect_timeout``), and libpq's ``connect_timeout`` for the store's own connections.
+Once a call has its connection, no driver setting bounds it (see :mod:`foxpoll._deadlines`):
+a call still running at ``statement_timeout`` has its connection shut down, and fails.
+
+The server's own ``statement_timeout`` is left alone: it would cancel a statement waiting
+on a lock and keep its connection, but it is a startup option that PgBouncer and other
+poolers refuse (or a session ``SET`` that leaks to other clients through a transaction
+pooler). A connection string or pool of the caller's may set it.
+
+Failures become :class:`~foxpoll.errors.StoreUnavailable`: a missing table, an
+unreachable server, an exhausted pool, a call past its time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import time
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import psycopg
 import psycopg_pool
-from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
 
-from ._deadlines import WATCHDOG, Alarm, Guard, shut_down_fd
-from ._warm import WarmConnections
+from ._deadlines import WATCHDOG, shut_down_fd
 from .errors import StoreUnavailable
 
 __all__ = ["PostgresConnections"]
@@ -34,64 +40,92 @@ __all__ = ["PostgresConnections"]
 class PostgresConnections:
     """The connections of one store (its table named ``table``, holding ``what``).
 
-    Blocking calls reuse a connection that is still warm (see the module); the async
-    ones always go through the pool.
-
     Args:
         conninfo_or_pool: A libpq connection string, or a sync or async pool.
         asynchronous: Make the store's own pool an ``AsyncConnectionPool``.
         timeout: Seconds to wait for a connection.
         size: The most connections the store's own pool opens.
         statement_timeout: Seconds one call may hold its connection.
-        reuse_for: Seconds a connection may serve blocking calls after it left the pool
-            (0: back after every call).
     """
 
     def __init__(self, conninfo_or_pool: Any, *, table: str, what: str, timeout: float,
-                 size: int, statement_timeout: float = 5.0, asynchronous: bool = False,
-                 reuse_for: float = 1.0) -> None:
-        self._warm: WarmConnections[Checkout] = WarmConnections(reuse_for)
+                 size: int, statement_timeout: float = 5.0, asynchronous: bool = False
+                 ) -> None:
+        if not statement_timeout > 0:
+            raise ValueError("statement_timeout must be positive")
         self.table, self.what, self.timeout = table, what, timeout
         self.statement_timeout = statement_timeout
         self.owned = isinstance(conninfo_or_pool, str)
         if isinstance(conninfo_or_pool, str):
             kind = psycopg_pool.AsyncConnectionPool if asynchronous else psycopg_pool.ConnectionPool
-            self.pool: Any = kind(conninfo_or_pool, min_size=1, max_size=size, open=False,
-                                  timeout=timeout, kwargs={"autocommit": True},
-                                  name=f"foxpoll-{table}")
+            settings: dict[str, Any] = {"autocommit": True}
+            if "connect_timeout" not in conninfo_to_dict(conninfo_or_pool):
+                settings["connect_timeout"] = max(2, math.ceil(timeout))  # libpq: whole s, >= 2
+            # min_size=0: the first call opens the first connection (the pool's own first
+            # one would race it, and one call would leave two connections).
+            self.pool: Any = kind(conninfo_or_pool, min_size=0, max_size=size, open=False,
+                                  timeout=timeout, name=f"foxpoll-{table}", kwargs=settings)
         else:
             self.pool = conninfo_or_pool
         found = self.pool.conninfo
         self.conninfo: str | None = found if isinstance(found, str) else None
 
-    def _keep_warm(self, checkout: Checkout) -> bool:
-        """Keep ``checkout``'s connection for the next call, unless the pool is closing or
-        it is past ``reuse_for``; whether it was kept."""
-        return not self.pool.closed and self._warm.keep(checkout)
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection for one blocking call (``with``), back in the pool after it."""
+        with self._failures():
+            if self.owned and self.pool.closed:
+                self.pool.open()
+            with self.pool.connection(self.timeout) as conn, self._deadline(conn), \
+                    _unit(conn):
+                yield conn
 
-    def _failure(self, exc: psycopg.Error, deadline: Alarm | Guard | None
-                 ) -> StoreUnavailable:
-        if deadline is not None and deadline.fired:
-            return StoreUnavailable(f"PostgreSQL did not answer within statement_timeout "
-                                    f"({self.statement_timeout:g} s)")
-        if isinstance(exc, psycopg.errors.UndefinedTable):
-            return StoreUnavailable(f"the {self.what} table {self.table!r} does not exist: "
-                                    "call create_schema() once")
-        return StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}")
+    @contextlib.asynccontextmanager
+    async def aconnection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection from the async pool for one call (``async with``)."""
+        with self._failures():
+            if self.owned and self.pool.closed:
+                await self.pool.open()
+            async with self.pool.connection(self.timeout) as conn:
+                with self._deadline(conn):
+                    async with _unit(conn):
+                        yield conn
 
-    def connection(self) -> Checkout:
-        """A connection for one blocking call (``with``): a warm one, or from the pool."""
-        held = None if self.pool.closed else self._warm.take()
-        return held or Checkout(self)
+    @contextlib.contextmanager
+    def _deadline(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
+                  ) -> Iterator[None]:
+        """Cut ``conn`` if the call is still running at ``statement_timeout`` (disarmed
+        before the connection goes back to the pool)."""
+        alarm = WATCHDOG.arm(self.statement_timeout,
+                             functools.partial(shut_down_fd, conn.fileno()))
+        try:
+            yield
+        except psycopg.Error as exc:
+            if WATCHDOG.disarm(alarm):
+                raise self._late() from exc
+            raise
+        finally:
+            if WATCHDOG.disarm(alarm):
+                # Cut, if only as the call ended: closed, the pool replaces it rather
+                # than lend a dead connection to the next call.
+                conn.pgconn.finish()
 
-    def aconnection(self) -> Checkout:
-        """A connection from the async pool, for one call (``async with``)."""
-        return Checkout(self)
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.errors.UndefinedTable as exc:
+            raise StoreUnavailable(f"the {self.what} table {self.table!r} does not exist: "
+                                   "call create_schema() once") from exc
+        except psycopg.OperationalError as exc:  # PoolTimeout and PoolClosed are ones
+            raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
+
+    def _late(self) -> StoreUnavailable:
+        return StoreUnavailable(f"PostgreSQL did not answer within statement_timeout "
+                                f"({self.statement_timeout:g} s)")
 
     def close(self) -> None:
-        """Return the warm connections, and close the store's own sync pool (a pool it was
-        given stays open)."""
-        self._warm.flush(everything=True)
+        """Close the store's own sync pool (a pool it was given stays open)."""
         if self.owned and not self.pool.closed:
             self.pool.close()
 
@@ -101,122 +135,9 @@ class PostgresConnections:
             await self.pool.close()
 
 
-_OPEN = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
-_IDLE = pq.TransactionStatus.IDLE
-_FAILURES = (psycopg.errors.UndefinedTable, psycopg.OperationalError)  # PoolTimeout is one
-
-
-class Checkout:
-    """One call's connection: taken from the pool, cut by the watchdog past
-    ``statement_timeout``, given back; psycopg's failures become ``StoreUnavailable``.
-
-    A class, not a generator context manager, and ``getconn``/``putconn`` rather than
-    ``pool.connection()``: every delivery goes through here twice. A blocking checkout
-    stays warm after a call that went well (see the module), with its connection and its
-    cursor. A connection a caller's pool left outside autocommit is committed (or rolled
-    back) before it goes back.
-    """
-
-    __slots__ = ("_alarm", "_conn", "_cursor", "_guard", "_pg", "since")
-    _alarm: Alarm  # an async call's deadline
-
-    def __init__(self, pg: PostgresConnections) -> None:
-        self._pg = pg
-        self._conn: Any = None
-        self._cursor: Any = None
-        self._guard: Guard | None = None  # the blocking calls' deadlines, while out
-        self.since = 0.0  # when the connection left the pool
-
-    def rows(self, query: tuple[str, Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-        """Run ``(sql, params)``, a statement that returns rows; its rows. The cursor is
-        made once per time the connection is out of the pool."""
-        cursor = self._cursor
-        if cursor is None:
-            cursor = self._cursor = self._conn.cursor()
-        cursor.execute(*query)
-        rows: list[tuple[Any, ...]] = cursor.fetchall()
-        return rows
-
-    def _fresh(self, conn: Any) -> Any:
-        """Hold ``conn``, just out of the pool: its cursor is made on first use."""
-        self._conn, self._cursor, self.since = conn, None, time.monotonic()
-        return conn
-
-    def _cut(self) -> Callable[[], None]:
-        """What the watchdog runs on a call past its deadline."""
-        return functools.partial(shut_down_fd, self._conn.pgconn.socket)
-
-    def _raise(self, exc: BaseException | None, deadline: Alarm | Guard | None) -> None:
-        if isinstance(exc, _FAILURES):
-            raise self._pg._failure(exc, deadline) from exc
-
-    def put_back(self) -> None:
-        """Return the connection to the pool."""
-        if self._guard is not None:
-            self._guard.close()
-            self._guard = None
-        conn, self._conn, self._cursor = self._conn, None, None
-        self._pg.pool.putconn(conn)
-
-    def __enter__(self) -> psycopg.Connection[Any]:
-        guard = self._guard
-        if guard is None:  # not warm: take a connection from the pool
-            pool = self._pg.pool
-            try:
-                if self._pg.owned and pool.closed:
-                    pool.open(wait=True, timeout=self._pg.timeout)
-                self._fresh(pool.getconn(timeout=self._pg.timeout))
-            except _FAILURES as exc:
-                raise self._pg._failure(exc, None) from exc
-            guard = self._guard = WATCHDOG.guard(self._pg.statement_timeout, self._cut())
-        guard.start()
-        conn: psycopg.Connection[Any] = self._conn
-        return conn
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        status = None
-        try:
-            status = self._conn.pgconn.transaction_status
-            if status in _OPEN:
-                if exc is None:
-                    self._conn.commit()
-                    status = _IDLE
-                else:
-                    self._conn.rollback()
-        except _FAILURES as failure:
-            exc = exc or failure
-        finally:
-            guard = self._guard
-            assert guard is not None  # set by __enter__
-            fired = guard.stop()
-            if exc is not None or fired or status != _IDLE or not self._pg._keep_warm(self):
-                self.put_back()
-        if exc is not None:
-            self._raise(exc, guard)
-
-    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
-        pool = self._pg.pool
-        try:
-            if self._pg.owned and pool.closed:
-                await pool.open(wait=True, timeout=self._pg.timeout)
-            conn: psycopg.AsyncConnection[Any] = self._fresh(
-                await pool.getconn(timeout=self._pg.timeout))
-        except _FAILURES as exc:
-            raise self._pg._failure(exc, None) from exc
-        self._alarm = WATCHDOG.arm(self._pg.statement_timeout, self._cut())
-        return conn
-
-    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        try:
-            if self._conn.pgconn.transaction_status in _OPEN:
-                if exc is None:
-                    await self._conn.commit()
-                else:
-                    await self._conn.rollback()
-        except _FAILURES as failure:
-            exc = exc or failure
-        finally:
-            WATCHDOG.disarm(self._alarm)
-            await self._pg.pool.putconn(self._conn)
-            self._conn = None
-        self._raise(exc, self._alarm)
+def _unit(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> Any:
+    """The call's unit of work, a context manager (sync or async): nothing on an
+    autocommit connection, whose statements each stand alone; on a caller's pool left
+    outside autocommit, a transaction, so that it ends (committed, or rolled back on an
+    error) while the call's deadline still runs."""
+    return contextlib.nullcontext() if conn.autocommit else conn.transaction()

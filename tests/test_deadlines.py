@@ -1,9 +1,8 @@
-"""The watchdog that cuts blocking store calls: fires what is due, nothing disarmed, in
+"""The watchdog that cuts PostgreSQL store calls: fires what is due, nothing disarmed, in
 bounded memory, and in forked children too."""
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import threading
 import time
@@ -77,81 +76,3 @@ def test_alarms_fire_in_a_forked_child() -> None:
     finally:
         child.join(10)
         WATCHDOG.disarm(pending)
-
-
-def test_arming_calls_in_a_row_does_not_wake_the_thread_each_time() -> None:
-    # A thread switch per store call would cost more than the call's own Python.
-    watchdog = Watchdog()
-    watchdog.disarm(watchdog.arm(30, lambda: None))  # the thread starts, and settles
-    time.sleep(0.1)
-    woken = []
-    notify = watchdog._cond.notify
-    watchdog._cond.notify = lambda n=1: (woken.append(n), notify(n))  # type: ignore[method-assign]
-    for _ in range(1_000):
-        watchdog.disarm(watchdog.arm(30, lambda: None))
-        time.sleep(0.0001)  # between calls: the thread gets the GIL, if it is awake
-    assert len(woken) <= 1
-
-
-def test_a_guarded_call_that_overruns_is_cut_within_a_tenth_more() -> None:
-    watchdog = Watchdog()
-    cut = threading.Event()
-    guard = watchdog.guard(0.2, cut.set)
-    guard.start()
-    started = time.monotonic()
-    assert cut.wait(5)
-    assert 0.2 <= time.monotonic() - started < 0.2 * 1.1 + 0.5  # a tick, and scheduling
-    assert guard.stop() is True  # it was cut
-    guard.close()
-
-
-def test_guarded_calls_that_end_in_time_are_never_cut() -> None:
-    watchdog = Watchdog()
-    cuts: list[int] = []
-    guard = watchdog.guard(0.3, lambda: cuts.append(1))
-    deadline = time.monotonic() + 0.6  # a dozen looks, and twice the deadline
-    while time.monotonic() < deadline:
-        guard.start()
-        assert guard.stop() is False
-    time.sleep(0.4)  # idle, between calls: nothing to cut either
-    assert cuts == []
-    guard.start()  # the connection serves again, and overruns this time
-    time.sleep(0.5)
-    assert guard.stop() is True
-    assert cuts == [1]
-    guard.close()
-
-
-def test_closed_guards_are_forgotten_and_the_watching_stops() -> None:
-    watchdog = Watchdog()
-    guards = [watchdog.guard(0.05, lambda: None) for _ in range(100)]
-    for guard in guards:
-        guard.close()
-    assert watchdog._guards == set()
-    deadline = time.monotonic() + 5
-    while watchdog._look_at < math.inf and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert watchdog._look_at == math.inf  # the next look found none, and armed no other
-    assert watchdog.pending() == 0
-    cut = threading.Event()
-    guard = watchdog.guard(0.05, cut.set)  # watching starts again
-    guard.start()
-    assert cut.wait(5)
-    guard.close()
-
-
-def test_a_shorter_guard_is_looked_at_in_its_own_time() -> None:
-    # A guard of 3 s arms a look every 0.3 s; one of 0.1 s made after it must not wait for
-    # that look, nor leave two chains of looks behind.
-    watchdog = Watchdog()
-    slow = watchdog.guard(3, lambda: None)
-    cut = threading.Event()
-    quick = watchdog.guard(0.1, cut.set)
-    quick.start()
-    started = time.monotonic()
-    assert cut.wait(5)
-    assert time.monotonic() - started < 0.25  # not at the slow guard's first look
-    quick.close()
-    time.sleep(0.7)  # the overtaken look came and went, doing nothing
-    assert watchdog.pending() == 1  # one chain of looks, for the slow guard
-    slow.close()

@@ -202,33 +202,46 @@ async def test_a_missing_postgres_table_says_to_call_create_schema() -> None:
 async def test_a_connection_string_gives_the_store_one_lazy_pool_of_its_own() -> None:
     import uuid
 
+    import psycopg
+
     from foxpoll import Order, OrderStatus, adeliver_once, deliver_once
     from foxpoll.dedup import AsyncPostgresDedupStore, PostgresDedupStore
     from foxpoll.models import OrderItem
 
-    from .services import POSTGRES_URL, require
+    from .services import POSTGRES_URL, eventually, require
 
     require("PostgreSQL", "127.0.0.1", 5432)
     table = f"deliveries_{uuid.uuid4().hex[:8]}"
+    name = f"foxpoll-test-{uuid.uuid4().hex[:8]}"
+    url = f"{POSTGRES_URL}?application_name={name}"
 
     def order() -> Order:
         return Order(id=str(uuid.uuid4()), status=OrderStatus.COMPLETED,
                      items=(OrderItem("p", 1, external_data=("CODE",)),))
 
-    with PostgresDedupStore(POSTGRES_URL, table=table) as store:
-        assert store._pg.pool.closed  # nothing is opened before the first call
-        store.create_schema()
-        for _ in range(30):
-            assert deliver_once(order(), lambda o: None, store).delivered
-        assert store._pg.pool.get_stats()["connections_num"] == 1  # reused, not one per call
-    assert store._pg.pool.closed
-    async with AsyncPostgresDedupStore(POSTGRES_URL, table=table) as astore:
-        for _ in range(30):
-            assert (await adeliver_once(order(), lambda o: None, astore)).delivered
-        assert astore._pg.pool.get_stats()["connections_num"] == 1
-    assert astore._pg.pool.closed
-    with PostgresDedupStore(POSTGRES_URL) as cleanup, cleanup._connection() as conn:
-        conn.execute(f"DROP TABLE {table}")
+    def connections() -> int:
+        """The store's connections, as the server sees them."""
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity "
+                               "WHERE application_name = %s", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    try:
+        with PostgresDedupStore(url, table=table) as store:
+            assert connections() == 0  # nothing is opened before the first call
+            store.create_schema()
+            for _ in range(30):
+                assert deliver_once(order(), lambda o: None, store).delivered
+            assert connections() == 1  # reused, not one per call
+        assert eventually(lambda: connections() == 0)  # closed with the store
+        async with AsyncPostgresDedupStore(url, table=table) as astore:
+            assert connections() == 0
+            for _ in range(30):
+                assert (await adeliver_once(order(), lambda o: None, astore)).delivered
+            assert connections() == 1
+        assert eventually(lambda: connections() == 0)
+    finally:
+        drop_table(table)
 
 
 @pytest.mark.service

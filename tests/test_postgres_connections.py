@@ -1,20 +1,23 @@
-"""A PostgreSQL store keeps a connection warm between blocking calls, and gives it back to
-the pool when its time is up, when a call on it failed, when the store falls idle or is
-closed, and never to a forked child: against the real server, on a pool of the test's."""
+"""Where a PostgreSQL store's connections come from and go back to, and how long a call
+waits: against the real server, on a pool of the test's or the store's own."""
 
 from __future__ import annotations
 
 import os
+import select
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlparse
 
+import psycopg
 import pytest
 
 from foxpoll.errors import StoreUnavailable
 
-from .services import POSTGRES_URL, closing_stores, drop_table, eventually, require
+from .services import POSTGRES_URL, closing_stores, drop_table, require
 
 pytestmark = pytest.mark.service
 
@@ -31,118 +34,163 @@ def pool() -> Iterator[Any]:
 
 
 @pytest.fixture
-def make_store(pool: Any) -> Iterator[Any]:
-    """Stores on the test's pool, over one table, dropped (and the stores closed) after."""
+def table() -> Iterator[str]:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    name = f"foxpoll_conns_{uuid.uuid4().hex[:8]}"
+    yield name
+    drop_table(name)
+
+
+@pytest.fixture
+def make_store(pool: Any, table: str) -> Iterator[Any]:
+    """Stores on the test's pool, over one table (the stores closed after)."""
     from foxpoll.dedup import PostgresDedupStore
 
-    table = f"foxpoll_warm_{uuid.uuid4().hex[:8]}"
-
     def build(**options: Any) -> Any:
-        store = PostgresDedupStore(pool, table=table, **options)
+        store = PostgresDedupStore(options.pop("pool", pool), table=table, **options)
         store.create_schema()
         return store
 
     with closing_stores(build) as make:
         yield make
-    drop_table(table)
 
 
-@pytest.fixture
-def store(make_store: Any) -> Any:
-    return make_store()
+def read_within(fd: int, seconds: float) -> bytes:
+    """One byte from ``fd``, or b"" if none comes within ``seconds``."""
+    ready, _, _ = select.select([fd], [], [], seconds)
+    return os.read(fd, 1) if ready else b""
+
+
+def all_back(pool: Any) -> bool:
+    stats = pool.get_stats()
+    return bool(stats["pool_available"] == stats["pool_size"])
 
 
 def requests(pool: Any) -> int:
     return int(pool.get_stats().get("requests_num", 0))
 
 
-def all_back(pool: Any) -> bool:
-    """Every connection the pool opened is idle in it, soon (after the store's flush)."""
-    return eventually(lambda: pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"])
-
-
-@pytest.mark.parametrize(("reuse", "taken"), [(60, 0), (0, 20)])
-def test_reuse_sets_how_often_calls_take_a_connection_from_the_pool(
-        make_store: Any, pool: Any, reuse: float, taken: int) -> None:
-    store = make_store(reuse_connection_for=reuse)
-    store.get("o-0")  # takes one, or keeps create_schema's
+def test_every_call_takes_a_connection_and_gives_it_back(make_store: Any, pool: Any
+                                                         ) -> None:
+    store = make_store()
     before = requests(pool)
     for n in range(20):
         store.get(f"o-{n}")
-    assert requests(pool) - before == taken
-    if not reuse:
-        assert pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"]
+        assert all_back(pool)  # nothing is held between calls
+    assert requests(pool) - before == 20
 
 
-def test_the_reuse_time_is_checked(pool: Any) -> None:
-    from foxpoll.dedup import PostgresDedupStore
-
-    with pytest.raises(ValueError, match="reuse_connection_for"):
-        PostgresDedupStore(pool, reuse_connection_for=-1)
-
-
-def test_a_connection_goes_back_once_its_time_is_up(make_store: Any, pool: Any) -> None:
-    store = make_store(reuse_connection_for=0.05)
-    store.get("o-1")
-    time.sleep(0.06)
-    before = requests(pool)
-    store.get("o-2")  # past its time: this call gives it back, the next takes one anew
-    store.get("o-3")
-    assert requests(pool) - before == 1
-
-
-def test_an_idle_store_gives_its_connection_back(make_store: Any, pool: Any) -> None:
-    store = make_store(reuse_connection_for=0.05)
-    store.get("o-1")
-    assert pool.get_stats()["pool_available"] < pool.get_stats()["pool_size"]  # warm
-    assert all_back(pool)  # with no further call: the flush returned it
-
-
-def test_close_gives_the_warm_connection_back_to_a_callers_pool(store: Any, pool: Any
-                                                                ) -> None:
+def test_close_leaves_a_callers_pool_open(make_store: Any, pool: Any) -> None:
+    store = make_store()
     store.get("o-1")
     store.close()
-    assert pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"]
-    assert not pool.closed  # the caller's pool stays open
+    assert not pool.closed
+    with pool.connection() as conn:  # it still serves
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_a_failed_call_gives_its_connection_back(store: Any, pool: Any) -> None:
+def test_a_failed_call_gives_its_connection_back(pool: Any) -> None:
     from foxpoll.dedup import PostgresDedupStore
 
     missing = PostgresDedupStore(pool, table="never_created_here")
-    with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
-        missing.get("o-1")
-    assert len(missing._pg._warm) == 0
-    before = requests(pool)
-    with pytest.raises(StoreUnavailable):
-        missing.get("o-1")
-    assert requests(pool) - before == 1  # taken anew, not the failed one kept
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+            missing.get("o-1")
+        assert all_back(pool)
 
 
-def test_a_closed_callers_pool_is_not_worked_around(store: Any, pool: Any) -> None:
+def test_a_closed_callers_pool_is_not_worked_around(make_store: Any, pool: Any) -> None:
+    store = make_store()
     store.get("o-1")
     pool.close()
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailable, match="unavailable"):
         store.get("o-2")
 
 
-def test_a_forked_child_leaves_the_parents_warm_connection_alone(store: Any, pool: Any
-                                                                 ) -> None:
-    store.get("o-1")
-    parents = list(store._pg._warm._held)
-    assert parents
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
+@pytest.mark.parametrize("seconds", [0, -1, float("nan")])
+def test_the_statement_timeout_is_checked(seconds: float) -> None:
+    from foxpoll.dedup import AsyncPostgresDedupStore, PostgresDedupStore
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    for kind in (PostgresDedupStore, AsyncPostgresDedupStore, PostgresRecoveryQueue):
+        with pytest.raises(ValueError, match="statement_timeout"):
+            kind(POSTGRES_URL, statement_timeout=seconds)
+
+
+def test_an_exhausted_pool_is_store_unavailable_after_connect_timeout(table: str) -> None:
+    from psycopg_pool import ConnectionPool
+
+    from foxpoll.dedup import PostgresDedupStore
+
+    with ConnectionPool(POSTGRES_URL, min_size=1, max_size=1,
+                        kwargs={"autocommit": True}) as pool:
+        store = PostgresDedupStore(pool, table=table, connect_timeout=0.5)
+        store.create_schema()
+        with pool.connection():  # someone else holds the pool's one connection
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="PoolTimeout"):
+                store.get("o-1")
+            assert 0.4 < time.monotonic() - started < 0.5 + 2.0
+        assert store.get("o-1") is None  # given back: the store gets it
+
+
+def test_a_call_waiting_on_a_lock_ends_within_the_statement_timeout(table: str) -> None:
+    # A healthy network, a row lock held elsewhere: the call is cut like a frozen one,
+    # and the store serves the next call on a fresh connection.
+    from foxpoll.dedup import PostgresDedupStore
+
+    with PostgresDedupStore(POSTGRES_URL, table=table, statement_timeout=0.5) as store:
+        store.create_schema()
+        assert store.claim("o-1", "token-1", 0.01).acquired
+        time.sleep(0.02)  # its lease runs out: the next claim would take it over...
+        with psycopg.connect(POSTGRES_URL) as locker:
+            locker.execute(f"SELECT 1 FROM {table} WHERE order_id = 'o-1' "  # noqa: S608
+                           "FOR UPDATE")  # ...once it has the row, which this holds
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="within statement_timeout"):
+                store.claim("o-1", "token-2", 60)
+            assert 0.5 <= time.monotonic() - started < 0.5 + 2.0
+            assert store.claim("o-2", "token-3", 60).acquired  # while the lock is held
+            locker.rollback()
+
+
+def test_a_forked_worker_s_frozen_call_still_ends_in_time(make_store: Any, table: str
+                                                         ) -> None:
+    # The parent's store calls started the deadlines' watchdog; a forked child (a
+    # pre-forking server's worker) has no such thread, and its calls must be cut too.
+    from foxpoll.dedup import PostgresDedupStore
+    from foxpoll.testing import FreezingProxy
+
+    make_store().get("o-1")
+    parts = urlparse(POSTGRES_URL)
+    with FreezingProxy((parts.hostname or "127.0.0.1", parts.port or 5432)) as proxy:
+        via = parts._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl()
+        to_parent, from_child = os.pipe()
+        to_child, from_parent = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            outcome = b"?"
+            try:
+                store = PostgresDedupStore(via, table=table, statement_timeout=0.5)
+                store.get("o-2")  # connected, before the network freezes
+                os.write(from_child, b"r")
+                os.read(to_child, 1)  # frozen now
+                started = time.monotonic()
+                try:
+                    store.get("o-3")
+                except StoreUnavailable:
+                    outcome = b"1" if time.monotonic() - started < 0.5 + 2.0 else b"0"
+            finally:
+                os.write(from_child, outcome)
+                os._exit(0)  # no clean-up: the pool and its connections are the child's
         try:
-            ok = len(store._pg._warm) == 0 and store._pg.connection() not in parents
-            os.write(write, b"1" if ok else b"0")
+            assert read_within(to_parent, 10) == b"r"
+            proxy.freeze()
+            os.write(from_parent, b"f")
+            assert read_within(to_parent, 10) == b"1"
         finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        assert os.read(read, 1) == b"1"
-    finally:
-        os.close(read)
-        os.waitpid(child, 0)
-    store.get("o-2")  # the parent's own connection still serves it
+            proxy.thaw()
+            os.kill(child, signal.SIGKILL)  # done, or blocked for good
+            os.waitpid(child, 0)
+            for fd in (to_parent, from_child, to_child, from_parent):
+                os.close(fd)

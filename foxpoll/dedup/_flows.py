@@ -1,18 +1,20 @@
 """Store primitives as flows, so each backend's sync and async classes share every decision.
 
-A backend's flows yield backend-specific effects (a SQL :class:`Query`, a Redis script
-call...); its ``_run`` performs them, blocking or awaiting. :class:`FlowStore` turns
-flows into the six public primitives: with a blocking ``_run`` they return values, with an
-async one the very same methods return awaitables.
+A backend's flows are :mod:`foxpoll._io` flows: they yield the backend's
+:class:`~foxpoll._io.Op` s (a SQL :class:`Query`, a Redis script call...), and its
+``_run`` performs them with :func:`~foxpoll._io.run` or :func:`~foxpoll._io.arun`.
+:class:`FlowStore` turns flows into the six public primitives: with a blocking ``_run``
+they return values, with an async one the very same methods return awaitables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
-from typing import Any, NamedTuple, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import attrs
 
+from foxpoll._io import Flow, Op
 from foxpoll.errors import DedupError
 
 from ._sql import COLUMNS, Statements
@@ -26,10 +28,9 @@ from .base import (
     record_from_fields,
 )
 
-__all__ = ["FlowStore", "Query", "SQLFlows"]
+__all__ = ["Flow", "FlowStore", "Query", "Rows", "SQLFlows", "query"]
 
-T = TypeVar("T")
-Flow = Generator[Any, Any, T]
+Rows = list[tuple[Any, ...]]
 
 
 class Flows(Protocol):
@@ -75,15 +76,21 @@ class FlowStore:
         return self._run(self._flows.list(state, limit))
 
 
-class Query(NamedTuple):
+@attrs.frozen
+class Query(Op[Rows]):
     """Run ``sql`` with ``params``; resume with the rows, as tuples in the order of the
-    statement's columns. (A named tuple: one is built per store call.)"""
+    statement's columns."""
 
     sql: str
     params: Mapping[str, Any]
 
 
-Rows = list[tuple[Any, ...]]
+def query(op: Op[Any]) -> Query:
+    """``op``, which a SQL flow yields, as the :class:`Query` it must be."""
+    if not isinstance(op, Query):
+        raise TypeError(f"a SQL store performs no {type(op).__name__}")
+    return op
+
 
 #: What ``get`` returns: the record's columns, then the store's clock.
 _GOT = (*COLUMNS, "now")
@@ -112,7 +119,7 @@ class SQLFlows:
     def claim(self, order_id: str, token: str, lease: float) -> Flow[ClaimResult]:
         params = {"order_id": order_id, "token": token, "lease": lease}
         for _ in range(3):
-            rows: Rows = yield Query(self.sql.claim, params)
+            rows = yield from Query(self.sql.claim, params)
             if rows:
                 lease_until, attempts, created_at, now = rows[0]
                 now = float(now)
@@ -120,7 +127,7 @@ class SQLFlows:
                                                         created_at, now), now)
             # Who is in the way? Read separately (the claim itself is one statement), so the
             # row may have been released meanwhile: then it is worth claiming again.
-            rows = yield Query(self.sql.get, {"order_id": order_id})
+            rows = yield from Query(self.sql.get, {"order_id": order_id})
             if rows:
                 record, now = _record(rows[0], _GOT), float(rows[0][-1])
                 if not _claimable(record, now):
@@ -132,7 +139,7 @@ class SQLFlows:
     ) -> Flow[DeliveryRecord]:
         params = {"order_id": order_id, "token": token, "payload_hash": payload_hash,
                   "receipt": receipt}
-        rows: Rows = yield Query(self.sql.complete, params)
+        rows = yield from Query(self.sql.complete, params)
         if rows:  # attempts, created_at, delivered_at
             return delivered_record(order_id, token, payload_hash, receipt, *rows[0])
         current = yield from self.get(order_id)
@@ -151,16 +158,16 @@ class SQLFlows:
                                        {"order_id": order_id, "token": token, "lease": lease}))
 
     def _owned(self, sql: str, order_id: str, params: Mapping[str, Any]) -> Flow[DeliveryRecord]:
-        rows: Rows = yield Query(sql, params)
+        rows = yield from Query(sql, params)
         if rows:
             return _record(rows[0])
         current = yield from self.get(order_id)
         raise lease_lost(order_id, current)
 
     def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
-        rows: Rows = yield Query(self.sql.get, {"order_id": order_id})
+        rows = yield from Query(self.sql.get, {"order_id": order_id})
         return _record(rows[0], _GOT) if rows else None
 
     def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]:
-        rows: Rows = yield Query(self.sql.list, {"state": state.value, "limit": limit})
+        rows = yield from Query(self.sql.list, {"state": state.value, "limit": limit})
         return [_record(row) for row in rows]

@@ -9,24 +9,24 @@ store then opens its own small ``psycopg_pool`` pool on first use, closed by ``c
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
+
+from foxpoll import _io
 
 try:
-    import psycopg
+    from foxpoll._postgres import PostgresConnections
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("PostgresDedupStore needs psycopg: pip install 'foxpoll[postgres]'") from exc
 
-from foxpoll._effects import arun_flow, run_flow
-from foxpoll._postgres import Checkout, PostgresConnections
-
-from ._flows import Flow, FlowStore, Query, SQLFlows
+from ._flows import Flow, FlowStore, Rows, SQLFlows, query
 from ._sql import POSTGRES
 from .base import AsyncDedupStore, DedupStore
 
 __all__ = ["AsyncPostgresDedupStore", "PostgresDedupStore"]
 
 DEFAULT_TABLE = "foxpoll_deliveries"
+
+T = TypeVar("T")
 
 
 class _PostgresStore(FlowStore):
@@ -37,15 +37,13 @@ class _PostgresStore(FlowStore):
     def __init__(
         self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10,
         max_connections: int = 10, statement_timeout: float = 5.0,
-        reuse_connection_for: float = 1.0,
     ) -> None:
         self._sql = POSTGRES.statements(table)
         self._flows = SQLFlows(self._sql)
         self._pg = PostgresConnections(conninfo_or_pool, table=table, what="delivery",
                                        timeout=connect_timeout, size=max_connections,
                                        statement_timeout=statement_timeout,
-                                       asynchronous=self._asynchronous,
-                                       reuse_for=reuse_connection_for)
+                                       asynchronous=self._asynchronous)
 
 
 class PostgresDedupStore(_PostgresStore, DedupStore):
@@ -54,39 +52,36 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
     Args:
         conninfo_or_pool: A libpq connection string, for which the store opens its own
             pool on first use (``close()`` or ``with`` closes it); or your
-            ``psycopg_pool.ConnectionPool`` (never closed by the store) whose connections
-            are in autocommit mode (``kwargs={"autocommit": True}``). Each primitive is one
-            atomic statement.
+            ``psycopg_pool.ConnectionPool`` (never closed by the store), best with its
+            connections in autocommit mode (``kwargs={"autocommit": True}``): each
+            primitive is one atomic statement (outside autocommit, each call runs in a
+            transaction of its own).
         table: The table name (a plain identifier).
         connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
         max_connections: The size of the store's own pool.
-        statement_timeout: Seconds one store call may take once it has its connection;
-            past that, its connection is cut and the call raises
-            :class:`StoreUnavailable` (a network that froze mid-statement).
-        reuse_connection_for: Seconds a connection taken from the pool serves the next
-            calls before it goes back (it goes back at once after a failed call, and
-            when the store is idle or closed); 0 returns it after every call. Taking it
-            anew costs each call tens of microseconds; keeping it holds one connection
-            of a shared pool per busy thread that much longer.
+        statement_timeout: Seconds one call may take once it has its connection; past
+            that (a network that froze mid-statement, a lock held elsewhere), its
+            connection is cut and the call raises :class:`StoreUnavailable`. The server's
+            own ``statement_timeout`` is yours to set, in the connection string
+            (``options=-c statement_timeout=...``) or your pool's settings.
 
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
 
-    def _connection(self) -> Checkout:
-        return self._pg.connection()
-
     def create_schema(self) -> None:
         """Create the table and its index, if missing."""
-        with self._connection() as conn, conn.transaction():
+        with self._pg.connection() as conn, conn.transaction():
             conn.execute(self._sql.schema)
             conn.execute(self._sql.index)
 
-    def _run(self, flow: Flow[Any]) -> Any:
-        # Autocommit: every statement of a flow is atomic on its own (see SQLFlows), so an
-        # explicit transaction would only add BEGIN and COMMIT round trips.
-        checkout = self._pg.connection()
-        with checkout:
-            return run_flow(flow, checkout.rows)  # every statement returns rows
+    def _run(self, flow: Flow[T]) -> T:
+        with self._pg.connection() as conn:
+
+            def perform(op: _io.Op[Any]) -> Rows:
+                sql = query(op)
+                return conn.execute(sql.sql, sql.params).fetchall()  # each returns rows
+
+            return _io.run(flow, perform)
 
     def close(self) -> None:
         """Close the store's own pool (a pool you passed in stays open)."""
@@ -95,29 +90,25 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
 
 class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
     """:class:`PostgresDedupStore` on psycopg's asyncio connections
-    (a connection string, or a ``psycopg_pool.AsyncConnectionPool``). Each call takes its
-    connection from the pool and gives it back: ``reuse_connection_for`` is for
-    blocking stores."""
+    (a connection string, or a ``psycopg_pool.AsyncConnectionPool``)."""
 
     _asynchronous = True
 
-    def _connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
-        return self._pg.aconnection()
-
     async def create_schema(self) -> None:
         """See :meth:`PostgresDedupStore.create_schema`."""
-        async with self._connection() as conn, conn.transaction():
+        async with self._pg.aconnection() as conn, conn.transaction():
             await conn.execute(self._sql.schema)
             await conn.execute(self._sql.index)
 
-    async def _run(self, flow: Flow[Any]) -> Any:
-        async with self._connection() as conn:
+    async def _run(self, flow: Flow[T]) -> T:
+        async with self._pg.aconnection() as conn:
 
-            async def perform(query: Query) -> list[tuple[Any, ...]]:
-                cursor = await conn.execute(query.sql, query.params)
+            async def perform(op: _io.Op[Any]) -> Rows:
+                sql = query(op)
+                cursor = await conn.execute(sql.sql, sql.params)
                 return await cursor.fetchall()
 
-            return await arun_flow(flow, perform)
+            return await _io.arun(flow, perform)
 
     async def aclose(self) -> None:
         """Close the store's own pool (a pool you passed in stays open)."""

@@ -13,17 +13,19 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from foxpoll._effects import run_flow
+from foxpoll import _io
 
-from ._flows import Flow, FlowStore, Query, SQLFlows
+from ._flows import Flow, FlowStore, Rows, SQLFlows, query
 from ._sql import SQLITE
 from .base import AsyncDedupStore, DedupStore, unavailable
 
 __all__ = ["AsyncSQLiteDedupStore", "SQLiteDedupStore"]
 
 DEFAULT_TABLE = "foxpoll_deliveries"
+
+T = TypeVar("T")
 
 
 class SQLiteDedupStore(FlowStore, DedupStore):
@@ -66,11 +68,11 @@ class SQLiteDedupStore(FlowStore, DedupStore):
             except sqlite3.Error as exc:
                 raise unavailable("SQLite", exc) from exc
 
-    def _perform(self, query: Query) -> list[tuple[Any, ...]]:
-        params = {**query.params, "now": self._clock()}
-        return self._db.execute(query.sql, params).fetchall()
+    def _perform(self, op: _io.Op[Any]) -> Rows:
+        sql = query(op)
+        return self._db.execute(sql.sql, {**sql.params, "now": self._clock()}).fetchall()
 
-    def _run(self, flow: Flow[Any]) -> Any:
+    def _run(self, flow: Flow[T]) -> T:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -78,7 +80,7 @@ class SQLiteDedupStore(FlowStore, DedupStore):
                 flow.close()
                 raise unavailable("SQLite", exc) from exc
             try:
-                result = run_flow(flow, self._perform)
+                result = _io.run(flow, self._perform)
             except sqlite3.Error as exc:
                 self._db.execute("ROLLBACK")
                 raise unavailable("SQLite", exc) from exc
@@ -100,7 +102,7 @@ class AsyncSQLiteDedupStore(FlowStore, AsyncDedupStore):
         self.sync = SQLiteDedupStore(path, **kwargs)
         self._flows = self.sync._flows
 
-    async def _run(self, flow: Flow[Any]) -> Any:
+    async def _run(self, flow: Flow[T]) -> T:
         return await asyncio.to_thread(self.sync._run, flow)
 
     async def aclose(self) -> None:

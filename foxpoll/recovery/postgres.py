@@ -49,11 +49,10 @@ class PostgresRecoveryQueue(SQLJobQueue):
         policy: The re-check policy, for this queue and its workers.
         table: The table name (a plain identifier).
         connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
-        statement_timeout: Seconds one queue call may hold its connection; past that its
-            connection is cut (a network that froze) and the call fails.
+        statement_timeout: Seconds one queue call may take once it has its connection,
+            as for :class:`~foxpoll.dedup.PostgresDedupStore`; past it the call raises
+            :class:`StoreUnavailable`.
         max_connections: The size of the queue's own pool.
-        reuse_connection_for: Seconds a connection taken from the pool serves the next
-            calls before it goes back (see :class:`~foxpoll.dedup.PostgresDedupStore`).
 
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
@@ -61,14 +60,13 @@ class PostgresRecoveryQueue(SQLJobQueue):
     def __init__(self, conninfo_or_pool: str | psycopg_pool.ConnectionPool[Any], *,
                  policy: RecoveryPolicy | None = None, table: str = DEFAULT_TABLE,
                  connect_timeout: float = 10.0, max_connections: int = 4,
-                 statement_timeout: float = 5.0, reuse_connection_for: float = 1.0) -> None:
+                 statement_timeout: float = 5.0) -> None:
         self.policy = policy or RecoveryPolicy()
         self.table = table
         self._sql = JobStatements.render(POSTGRES, table)
         self._pg = PostgresConnections(conninfo_or_pool, table=table, what="recovery",
                                        timeout=connect_timeout, size=max_connections,
-                                       statement_timeout=statement_timeout,
-                                       reuse_for=reuse_connection_for)
+                                       statement_timeout=statement_timeout)
         self.conninfo = self._pg.conninfo
 
     # Due times are stored relative to the server's clock ({now} + :delay); a caller's
