@@ -48,12 +48,10 @@ __all__ = [
     "Sleep",
     "Start",
     "WaitAny",
-    "arun_flow",
     "drive",
     "drive_async",
     "drive_stream",
     "drive_stream_async",
-    "run_flow",
 ]
 
 T = TypeVar("T")
@@ -364,53 +362,3 @@ async def drive_stream_async(
     finally:
         flow.close()
         effects.cancel_all()
-
-
-# The untyped drivers of the stores, delivery and event streams, until each runs on
-# foxpoll._io (its typed Op, run and arun); then these two go.
-def run_flow(flow: Generator[Any, Any, T], perform: Callable[[Any], Any], *,
-             throw_errors: bool = False) -> T:
-    """Run any flow with a blocking ``perform(effect)``; return the flow's result.
-
-    With ``throw_errors``, an exception ``perform`` raises is thrown into the flow, which
-    may handle it (a store's "table exists"); otherwise it propagates at once.
-    """
-    try:
-        effect = next(flow)
-        while True:
-            try:
-                result = perform(effect)
-            except BaseException as exc:
-                if not throw_errors:
-                    raise
-                effect = flow.throw(exc)
-                continue
-            effect = flow.send(result)
-    except StopIteration as stop:
-        value: T = stop.value
-        return value
-    finally:
-        flow.close()
-
-
-async def arun_flow(flow: Generator[Any, Any, T], perform: Callable[[Any], Any], *,
-                    throw_errors: bool = False) -> T:
-    """:func:`run_flow` on asyncio: ``perform(effect)`` may return an awaitable."""
-    try:
-        effect = next(flow)
-        while True:
-            try:
-                result = perform(effect)
-                if inspect.isawaitable(result):
-                    result = await result
-            except BaseException as exc:
-                if not throw_errors:
-                    raise
-                effect = flow.throw(exc)
-                continue
-            effect = flow.send(result)
-    except StopIteration as stop:
-        value: T = stop.value
-        return value
-    finally:
-        flow.close()

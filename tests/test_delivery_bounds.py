@@ -1,10 +1,10 @@
-"""A delivery that happened is recorded if the store comes back within the lease, and a
-slow delivery keeps its claim: both close the window in which codes go out twice."""
+"""A delivery that happened is recorded if the store comes back within the lease, which
+closes the window in which codes go out twice. (A slow delivery keeping its claim is
+tested in test_delivery.py.)"""
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from typing import Any
 from urllib.parse import urlparse
@@ -12,20 +12,15 @@ from urllib.parse import urlparse
 import pytest
 
 from foxpoll import (
-    DeliveryInProgress,
-    LeaseLost,
     Order,
     OrderStatus,
     StoreUnavailable,
-    adeliver_once,
     deliver_once,
 )
 from foxpoll.dedup import (
-    AsyncSQLiteDedupStore,
     DeliveryState,
     MemoryDedupStore,
     PostgresDedupStore,
-    SQLiteDedupStore,
 )
 from foxpoll.models import OrderItem
 from foxpoll.testing import FakeClock, FreezingProxy
@@ -73,55 +68,6 @@ def test_a_store_down_for_the_whole_lease_gives_up_before_it_ends() -> None:
         deliver_once(completed(), lambda o: None, store, lease=10, clock=clock)
     assert clock.monotonic() < 10  # it stopped retrying before the claim could expire
     assert store.attempts > 5
-
-
-def test_the_claim_is_renewed_while_a_slow_delivery_runs(tmp_path: Any) -> None:
-    store = SQLiteDedupStore(tmp_path / "d.db")
-    order = completed()
-    rival: list[BaseException | None] = []
-
-    def slow(o: Order) -> None:
-        time.sleep(1.0)  # past the 0.4 s lease: only the renewals keep the claim
-        try:
-            deliver_once(o, lambda _: None, store, lease=0.4)
-            rival.append(None)
-        except DeliveryInProgress as exc:
-            rival.append(exc)
-
-    assert deliver_once(order, slow, store, lease=0.4).delivered
-    assert isinstance(rival[0], DeliveryInProgress)
-    assert store.get(order.id).state is DeliveryState.DELIVERED  # type: ignore[union-attr]
-
-
-def test_without_renewal_a_slow_delivery_loses_its_claim(tmp_path: Any) -> None:
-    store = SQLiteDedupStore(tmp_path / "d.db")
-    order = completed()
-    rival: list[bool] = []
-
-    def slow(o: Order) -> None:
-        time.sleep(1.0)
-        rival.append(deliver_once(o, lambda _: None, store, lease=0.4).delivered)
-
-    with pytest.raises(LeaseLost):
-        deliver_once(order, slow, store, lease=0.4, renew=False)
-    assert rival == [True]  # the second delivery that renewal prevents
-
-
-async def test_the_claim_is_renewed_while_an_async_delivery_runs(tmp_path: Any) -> None:
-    import asyncio
-
-    store = AsyncSQLiteDedupStore(tmp_path / "d.db")
-    order = completed()
-    rival: list[BaseException] = []
-
-    async def slow(o: Order) -> None:
-        await asyncio.sleep(1.0)
-        with pytest.raises(DeliveryInProgress) as taken:
-            await adeliver_once(o, lambda _: None, store, lease=0.4)
-        rival.append(taken.value)
-
-    assert (await adeliver_once(order, slow, store, lease=0.4)).delivered
-    assert len(rival) == 1
 
 
 def test_a_network_stall_while_recording_is_outlasted_on_real_postgres() -> None:
@@ -182,82 +128,3 @@ def test_a_network_stall_while_recording_is_outlasted_on_real_redis() -> None:
     finally:
         delete_keys(prefix)
 
-
-def test_a_later_slow_delivery_is_renewed_after_an_earlier_one(tmp_path: Any) -> None:
-    # Deliveries share one alarm, armed at the earliest first renewal among them: the second
-    # delivery's renewal is due after the first's, so only the re-arming after the first
-    # one's starts it.
-    store = SQLiteDedupStore(tmp_path / "d.db")
-    first, second = completed(), completed()
-    rivals: dict[str, BaseException | None] = {}
-
-    def slow(sleep: float) -> Any:
-        def deliver(o: Order) -> None:
-            time.sleep(sleep)  # past its lease: only renewals keep the claim
-            try:
-                deliver_once(o, lambda _: None, store, lease=10)
-                rivals[o.id] = None
-            except DeliveryInProgress as exc:
-                rivals[o.id] = exc
-        return deliver
-
-    thread = threading.Thread(target=deliver_once, args=(first, slow(0.8), store),
-                              kwargs={"lease": 0.3})
-    thread.start()
-    time.sleep(0.05)
-    assert deliver_once(second, slow(1.3), store, lease=0.9).delivered
-    thread.join()
-    assert isinstance(rivals[first.id], DeliveryInProgress)
-    assert isinstance(rivals[second.id], DeliveryInProgress)
-
-
-def test_quick_deliveries_arm_no_alarm_each(tmp_path: Any) -> None:
-    # One alarm serves every delivery's first renewal; one per delivery would put a heap
-    # entry and two lock round trips on each.
-    from foxpoll._deadlines import WATCHDOG
-
-    store = MemoryDedupStore()
-    deliver_once(completed(), lambda _: None, store)
-    before = WATCHDOG.pending()
-    for _ in range(200):
-        deliver_once(completed(), lambda _: None, store)
-    assert WATCHDOG.pending() - before <= 1
-
-
-def test_an_overtaken_renewal_alarm_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A delivery whose first renewal is due before the armed alarm arms an earlier one,
-    # which re-arms for the rest when it fires. The alarm it overtook must then do
-    # nothing: re-arming too, it would start one more alarm chain each time.
-    from foxpoll import delivery
-
-    fired: list[Any] = []
-
-    class Watchdog:
-        def arm(self, seconds: float, action: Any) -> None:
-            fired.append(action)
-
-    monkeypatch.setattr(delivery, "WATCHDOG", Watchdog())
-    renewals = delivery._Renewals()
-    started: list[Any] = []
-
-    class Renewer:
-        def __init__(self, due: float) -> None:
-            self.due = due
-
-        def start(self) -> None:
-            started.append(self)
-
-    now = time.monotonic()
-    slow, quick = Renewer(now + 600), Renewer(now - 1)  # quick is due already
-    renewals.add(slow)  # type: ignore[arg-type]
-    renewals.add(quick)  # type: ignore[arg-type]
-    assert len(fired) == 2
-    fired[1]()  # the earlier alarm: starts quick's renewals, re-arms for slow
-    assert started == [quick]
-    assert len(fired) == 3
-    fired[0]()  # the overtaken one
-    assert started == [quick]
-    assert len(fired) == 3
-    fired[2]()  # the re-armed one, early: nothing due yet, so it arms again
-    assert started == [quick]
-    assert len(fired) == 4
