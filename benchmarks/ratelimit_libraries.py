@@ -7,11 +7,13 @@ the median microseconds per call, its ratio to foxpoll's, and what each can expr
 (priorities inside one shared budget), a pause shared by every process after one 429,
 a learned rate, and one object serving sync and async callers.
 
-Needs Redis on localhost. Run: ``nox -s bench`` or ``python benchmarks/ratelimit_libraries.py``.
+Needs Redis on localhost. Run: ``nox -s bench`` or
+``python benchmarks/ratelimit_libraries.py [--calls 3000]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import time
@@ -87,16 +89,19 @@ CANDIDATES: dict[str, tuple[Callable[[], Callable[[], Any]], str]] = {
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=CALLS)
+    count = parser.parse_args().calls
     calls = {name: factory() for name, (factory, _) in CANDIDATES.items()}
     timings: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(CALLS):
+    for _ in range(count):
         for name, call in calls.items():
             start = time.perf_counter()
             call()
             timings[name].append(time.perf_counter() - start)
     base = {kind: statistics.median(timings[f"foxpoll {kind}"])
             for kind in ("RedisRateLimit", "RateLimit (memory)")}
-    print(f"median of {CALLS} non-blocking acquires each, interleaved\n")
+    print(f"median of {count} non-blocking acquires each, interleaved\n")
     print(f"{'limiter':<32}{'us/call':>9}{'vs foxpoll':>12}   lanes pause learned sync+async")
     for name, samples in timings.items():
         median = statistics.median(samples)

@@ -91,8 +91,10 @@ def main() -> None:
         try:
             measure("PostgresRecoveryQueue", pg_queue, args.orders)
         finally:
-            with pg_queue._transaction() as execute:
-                execute(f"DROP TABLE {table}", {})
+            import psycopg
+
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 if __name__ == "__main__":
