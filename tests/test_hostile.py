@@ -210,13 +210,10 @@ def unread(encoding: str, pieces: list[bytes] | None = None) -> httpx.Response:
                           request=httpx.Request("GET", "https://h/api/orders/x"))
 
 
-def read_all(reader: Any, streamed: httpx.Response, pieces: list[bytes]) -> None:
-    """What a sender does: let httpx read a plain body, feed an encoded one."""
-    if reader.direct:
-        streamed.read()
-        return
-    for piece in pieces:
-        reader.feed(piece)
+def read_all(reader: Any, streamed: httpx.Response) -> None:
+    """What a sender does: feed the reader the raw chunks."""
+    for chunk in streamed.iter_raw():
+        reader.feed(chunk)
 
 
 @given(data=st.binary(max_size=5000), cuts=st.lists(st.integers(0, 6000), max_size=8),
@@ -234,12 +231,12 @@ def test_body_reader_decodes_any_chunking_and_refuses_past_the_cap(
     reader = BodyReader(streamed, cap, deadline=time.monotonic() + 60)
     if len(data) > cap:
         with pytest.raises(UnreadableBody) as refused:
-            read_all(reader, streamed, pieces)
+            read_all(reader, streamed)
         assert refused.value.too_large
         if encoding != "identity":  # a raw chunk is in memory already; a decoded one is not
             assert reader.size <= cap + 1  # decoding stopped one byte past the cap
         return
-    read_all(reader, streamed, pieces)
+    read_all(reader, streamed)
     assert len(data) <= cap
     response = reader.response(streamed)
     assert response.content == data
