@@ -88,6 +88,16 @@ async def test_a_trickling_server_is_cut_off_at_the_request_deadline(
     assert len(server.requests) == 1
 
 
+async def test_trickling_headers_are_cut_at_the_deadline_not_per_read() -> None:
+    # The blocking client's deadline reaches the header reads only through its transport:
+    # without it, this takes the ~3 s the headers need, each byte inside the read timeout.
+    with HostileServer(Hostility.SLOW_HEADERS, interval=0.03) as server:
+        outcome, took = await run(sync_client, server, lambda c: c.orders.get("o1"),
+                                  timeout=0.3, max_retries=0)
+    assert isinstance(outcome, APITimeoutError)
+    assert took < 1.5
+
+
 @pytest.mark.parametrize("make", CLIENTS)
 async def test_a_wait_ends_at_its_own_deadline_on_a_trickling_server(
         make: Callable[..., Any], server: HostileServer) -> None:
