@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from foxpoll._senders import BoundedTransport
 from foxpoll.testing import HostileServer, Hostility
 
 from .services import free_port
+from .test_hostile import run
 
 KEY = "sk-live-proxy-31d7"
 UNREACHABLE = "http://foxreload.invalid"  # never resolves: only a proxy can answer for it
@@ -43,19 +44,10 @@ async def get_order(make: type[FoxReload] | type[AsyncFoxReload], base_url: str,
                     **options: Any) -> tuple[Any, float]:
     """``orders.get("o1")`` on a fresh default client: its result or exception, and the
     seconds taken."""
-    client = make(KEY, base_url=base_url, max_retries=0, **options)
-    started = time.monotonic()
-    try:
-        result: Any = client.orders.get("o1")
-        if isinstance(result, Awaitable):
-            result = await result
-    except Exception as exc:  # the outcome is what the test inspects
-        result = exc
-    finally:
-        closing = client.close()
-        if isinstance(closing, Awaitable):
-            await closing
-    return result, time.monotonic() - started
+    def client(_: Any, **options: Any) -> Any:
+        return make(KEY, base_url=base_url, max_retries=0, **options)
+
+    return await run(client, None, lambda c: c.orders.get("o1"), **options)
 
 
 CLIENTS = [FoxReload, AsyncFoxReload]

@@ -57,7 +57,7 @@ def aiohttp_client(server: HostileServer, **options: Any) -> AsyncFoxReload:
 CLIENTS = [sync_client, async_client, aiohttp_client]
 
 
-async def run(make: Callable[..., Any], server: HostileServer,
+async def run(make: Callable[..., Any], server: HostileServer | None,
               call: Callable[[Any], Any], **options: Any) -> tuple[Any, float]:
     """``call(client)`` on a fresh client; its result or exception, and the seconds taken."""
     client = make(server, **options)
