@@ -297,39 +297,24 @@ class BoundedTransport(httpx.BaseTransport):
     """
 
     def __init__(self, limits: httpx.Limits, proxy: httpx.Proxy | None = None) -> None:
-        ssl_context = httpx.create_ssl_context()
-        pool: httpcore.ConnectionPool
+        options: dict[str, Any] = {
+            "ssl_context": httpx.create_ssl_context(),
+            "max_connections": limits.max_connections,
+            "max_keepalive_connections": limits.max_keepalive_connections,
+            "keepalive_expiry": limits.keepalive_expiry,
+            "network_backend": DeadlineBackend(),
+        }
+        self.pool: httpcore.ConnectionPool
         if proxy is None:
-            pool = httpcore.ConnectionPool(
-                ssl_context=ssl_context,
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
-                network_backend=DeadlineBackend(),
-            )
+            self.pool = httpcore.ConnectionPool(**options)
         elif proxy.url.scheme in ("socks5", "socks5h"):
-            pool = httpcore.SOCKSProxy(
-                proxy_url=_core_url(proxy.url),
-                proxy_auth=proxy.raw_auth,
-                ssl_context=ssl_context,
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
-                network_backend=DeadlineBackend(),
-            )
+            self.pool = httpcore.SOCKSProxy(proxy_url=_core_url(proxy.url),
+                                            proxy_auth=proxy.raw_auth, **options)
         else:
-            pool = httpcore.HTTPProxy(
-                proxy_url=_core_url(proxy.url),
-                proxy_auth=proxy.raw_auth,
-                proxy_headers=proxy.headers.raw,
-                ssl_context=ssl_context,
-                proxy_ssl_context=proxy.ssl_context,
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
-                network_backend=DeadlineBackend(),
-            )
-        self.pool = pool
+            self.pool = httpcore.HTTPProxy(proxy_url=_core_url(proxy.url),
+                                           proxy_auth=proxy.raw_auth,
+                                           proxy_headers=proxy.headers.raw,
+                                           proxy_ssl_context=proxy.ssl_context, **options)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         sent = httpcore.Request(
