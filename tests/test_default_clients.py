@@ -5,6 +5,7 @@ forward proxy reads the same request, with the whole URL as its target)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from foxpoll import APITimeoutError, AsyncFoxReload, FoxReload
-from foxpoll._senders import BoundedTransport
+from foxpoll._senders import BoundedTransport, default_async_client, default_client
 from foxpoll.testing import HostileServer, Hostility
 
 from .services import free_port
@@ -114,3 +115,50 @@ def test_the_blocking_transport_keeps_its_pool_limit_and_raises_httpx_errors() -
         with pytest.raises(httpx.ConnectError):  # nothing listens: provably never sent
             http.get(f"http://127.0.0.1:{free_port()}", timeout=1.0)
 
+
+
+ENVIRONMENTS = [
+    {"HTTP_PROXY": "{proxy}"},
+    {"http_proxy": "{proxy_host}"},  # a bare host:port is an HTTP proxy
+    {"ALL_PROXY": "{proxy}"},
+    {"HTTPS_PROXY": "{proxy}"},  # not for http:// URLs
+    {"HTTP_PROXY": "{proxy}", "NO_PROXY": "127.0.0.1"},
+    {"HTTP_PROXY": "{proxy}", "NO_PROXY": "localhost"},
+    {"HTTP_PROXY": "{proxy}", "no_proxy": "example.com, .0.0.1"},
+    {"HTTP_PROXY": "{proxy}", "NO_PROXY": "http://127.0.0.1"},
+    {"HTTP_PROXY": "{proxy}", "NO_PROXY": "*"},
+]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_the_proxy_rule_is_the_one_httpx_applies_to_its_own_clients(
+        environment: dict[str, str], host: str, environ: pytest.MonkeyPatch,
+        proxy: HostileServer) -> None:
+    proxy_host = proxy.url.removeprefix("http://")
+    for name, value in environment.items():
+        environ.setenv(name, value.format(proxy=proxy.url, proxy_host=proxy_host))
+    with HostileServer() as target:
+        url = f"http://{host}:{target.url.rsplit(':', 1)[1]}/api/orders/o1"
+
+        def route(http: httpx.Client | httpx.AsyncClient) -> list[str]:
+            """Where a GET to ``url`` went: ``direct`` or ``proxied``."""
+            target.requests.clear()
+            proxy.requests.clear()
+            if isinstance(http, httpx.AsyncClient):
+                asyncio.run(get_async(http, url))
+            else:
+                with http:
+                    http.get(url, timeout=5.0).raise_for_status()
+            return ["direct" for _ in target.requests] + ["proxied" for _ in proxy.requests]
+
+        expected = route(httpx.Client())  # httpx reads the environment itself
+        assert len(expected) == 1
+        limits = httpx.Limits()
+        assert route(default_client(limits)) == expected
+        assert route(default_async_client(limits)) == expected
+
+
+async def get_async(http: httpx.AsyncClient, url: str) -> None:
+    async with http:
+        (await http.get(url, timeout=5.0)).raise_for_status()
