@@ -21,6 +21,8 @@ from foxpoll.testing import HostileServer, Hostility
 from .services import free_port
 from .test_hostile import run
 
+pytestmark = pytest.mark.slow
+
 KEY = "sk-live-proxy-31d7"
 UNREACHABLE = "http://foxreload.invalid"  # never resolves: only a proxy can answer for it
 
