@@ -4,24 +4,29 @@ server or the network does.
 httpx's timeouts bound each read, so a server that trickles a byte just inside the read
 timeout holds a request for hours, and httpx buffers any body whole, decoding unsolicited
 gzip on the way. Here every request has a whole-request deadline and its body is read
-chunk by chunk, decoded by :class:`BodyReader` with a bounded output, and refused past
-``max_bytes``.
+chunk by chunk (``iter_raw``), decoded by :class:`BodyReader` with a bounded output, and
+refused past ``max_bytes``.
 
 The deadline covers the status line and headers too: on asyncio with ``asyncio.timeout``,
-for any transport; with blocking I/O, by :class:`DeadlineBackend` under the default
-client's connection pool, which shortens every socket read, write and connect to what is
-left. A blocking ``http_client`` of your own bounds the headers per read only (its
-timeouts); the body is bounded either way.
+for any transport; with blocking I/O, by :class:`BoundedTransport`, the default client's
+transport, which shortens every socket read, write and connect to what is left. A
+blocking ``http_client`` of your own bounds the headers per read only (its timeouts); the
+body is bounded either way.
+
+The default clients, blocking and async, take their proxies from the environment by one
+rule, :func:`proxy_mounts`.
 """
 
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import time
+import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpcore
 import httpx
@@ -35,11 +40,16 @@ __all__ = [
     "AsyncSender",
     "AsyncTransportSender",
     "BodyReader",
+    "BoundedTransport",
     "ClientSender",
+    "DeadlineBackend",
     "Sender",
     "TransportSender",
     "UnreadableBody",
     "bounded_transport",
+    "default_async_client",
+    "default_client",
+    "proxy_mounts",
 ]
 
 DEFAULT_TIMEOUT = 30.0
@@ -77,7 +87,8 @@ class AsyncSender(Protocol):
 class BodyReader:
     """Collects a response body from raw chunks, decoding ``gzip`` or ``deflate`` with a
     bounded output, and refuses it past ``max_bytes`` (decoded) or past ``deadline`` (a
-    :func:`time.monotonic` instant). Sans-io: :meth:`feed` it, then :meth:`response`."""
+    :func:`time.monotonic` instant). Sans-io: :meth:`feed` it the raw chunks (unless
+    :attr:`in_memory`), then take :meth:`response`."""
 
     def __init__(self, response: httpx.Response, max_bytes: int, deadline: float) -> None:
         self.request = response.request
@@ -85,34 +96,29 @@ class BodyReader:
         self.deadline = deadline
         self.parts: list[bytes] = []
         self.size = 0
-        self.direct = True  # httpx reads the body itself, through _Checked
         self.decoder: Any = None
-        if response.is_stream_consumed:  # built in memory (a mock, a simulator): decoded
-            self.feed(response.content, keep=False)
+        self.in_memory = response.is_stream_consumed
+        """Built in memory (a mock, a simulator) and decoded already: nothing to feed."""
+        if self.in_memory:
+            self.size = len(response.content)
+            self._check()
             return
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip"):
             self.decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
         elif encoding == "deflate":
             self.decoder = _Deflate()
-        elif encoding in ("identity", ""):
-            response.stream = _Checked(response.stream, self)
-            return
-        else:
+        elif encoding not in ("identity", ""):
             raise UnreadableBody(f"body in Content-Encoding {encoding[:40]!r}, not asked for",
                                  request=self.request, too_large=False)
         self.encoding = encoding
-        self.direct = False  # the sender feeds the raw chunks, this decodes them
 
-    def feed(self, chunk: bytes, keep: bool = True) -> None:
+    def feed(self, chunk: bytes) -> None:
         if time.monotonic() > self.deadline:
             raise httpx.ReadTimeout("the request's deadline passed while reading the body",
                                     request=self.request)
         if self.decoder is None:
-            self.size += len(chunk)
-            self._check()
-            if keep and chunk:
-                self.parts.append(chunk)
+            self._keep(chunk)
             return
         try:
             data = self.decoder.decompress(chunk, self.max_bytes + 1 - self.size)
@@ -136,8 +142,8 @@ class BodyReader:
                                  request=self.request, too_large=True)
 
     def response(self, streamed: httpx.Response) -> httpx.Response:
-        """``streamed`` with its body; a decoded one without its encoding headers."""
-        if self.direct:
+        """``streamed`` with the body fed, decoded, without the headers of its encoding."""
+        if self.in_memory:
             return streamed
         headers = httpx.Headers([
             (name, value) for name, value in streamed.headers.multi_items()
@@ -150,27 +156,6 @@ class BodyReader:
             request=self.request,
             extensions=streamed.extensions,
         )
-
-
-class _Checked(httpx.SyncByteStream, httpx.AsyncByteStream):
-    def __init__(self, stream: Any, reader: BodyReader) -> None:
-        self.stream, self.reader = stream, reader
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self.stream:
-            self.reader.feed(chunk, keep=False)
-            yield chunk
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.stream:
-            self.reader.feed(chunk, keep=False)
-            yield chunk
-
-    def close(self) -> None:
-        self.stream.close()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 class _Deflate:
@@ -267,21 +252,165 @@ class DeadlineBackend(httpcore.NetworkBackend):
         self.backend.sleep(seconds)
 
 
-def bounded_transport(limits: httpx.Limits) -> httpx.HTTPTransport:
-    """An :class:`httpx.HTTPTransport` whose pool connects through :class:`DeadlineBackend`.
+# httpcore's errors as httpx's, the most specific first (as httpx's own transport maps them).
+_HTTPX_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
 
-    httpx takes no network backend, so the transport's pool is rebuilt with one; the pool
-    is the only state an ``HTTPTransport`` sends through.
+
+@contextmanager
+def _httpx_errors(request: httpx.Request) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for raised, mapped in _HTTPX_ERRORS:
+            if isinstance(exc, raised):
+                raise mapped(str(exc), request=request) from exc
+        raise
+
+
+class BoundedTransport(httpx.BaseTransport):
+    """The blocking transport of the client foxpoll builds: httpcore's connection pool
+    (or its proxy pool, for ``proxy``) on :class:`DeadlineBackend`, so that every connect,
+    read and write ends by the deadline of the request being sent, status line and headers
+    included. httpx's own transport takes no network backend; this one is built on
+    httpcore's public API with httpx's defaults (HTTP/1.1, certificates verified as
+    :func:`httpx.create_ssl_context` does) and ``limits``, and raises httpx's exceptions.
+
+    Args:
+        limits: The pool's ``max_connections``, ``max_keepalive_connections`` and
+            ``keepalive_expiry``.
+        proxy: An HTTP(S) or SOCKS5 proxy to send every request through.
     """
-    transport = httpx.HTTPTransport(limits=limits)
-    transport._pool = httpcore.ConnectionPool(
-        ssl_context=httpx.create_ssl_context(),
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=DeadlineBackend(),
+
+    def __init__(self, limits: httpx.Limits, proxy: httpx.Proxy | None = None) -> None:
+        options: dict[str, Any] = {
+            "ssl_context": httpx.create_ssl_context(),
+            "max_connections": limits.max_connections,
+            "max_keepalive_connections": limits.max_keepalive_connections,
+            "keepalive_expiry": limits.keepalive_expiry,
+            "network_backend": DeadlineBackend(),
+        }
+        self.pool: httpcore.ConnectionPool
+        if proxy is None:
+            self.pool = httpcore.ConnectionPool(**options)
+        elif proxy.url.scheme in ("socks5", "socks5h"):
+            self.pool = httpcore.SOCKSProxy(proxy_url=_core_url(proxy.url),
+                                            proxy_auth=proxy.raw_auth, **options)
+        else:
+            self.pool = httpcore.HTTPProxy(proxy_url=_core_url(proxy.url),
+                                           proxy_auth=proxy.raw_auth,
+                                           proxy_headers=proxy.headers.raw,
+                                           proxy_ssl_context=proxy.ssl_context, **options)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        sent = httpcore.Request(
+            request.method,
+            _core_url(request.url),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _httpx_errors(request):
+            answer = self.pool.handle_request(sent)
+        return httpx.Response(answer.status, headers=answer.headers,
+                              stream=_Body(answer, request), extensions=answer.extensions)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class _Body(httpx.SyncByteStream):
+    def __init__(self, answer: httpcore.Response, request: httpx.Request) -> None:
+        self.answer, self.request = answer, request
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _httpx_errors(self.request):
+            yield from self.answer.iter_stream()
+
+    def close(self) -> None:
+        self.answer.close()
+
+
+def _core_url(url: httpx.URL) -> httpcore.URL:
+    return httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
+                        target=url.raw_path)
+
+
+def bounded_transport(limits: httpx.Limits, proxy: httpx.Proxy | None = None
+                      ) -> BoundedTransport:
+    """A :class:`BoundedTransport`: the transport :func:`default_client` sends with."""
+    return BoundedTransport(limits, proxy)
+
+
+TransportT = TypeVar("TransportT")
+
+
+def proxy_mounts(transport: Callable[[httpx.Proxy], TransportT]
+                 ) -> dict[str, TransportT | None]:
+    """httpx ``mounts`` for the proxies the environment names, read as httpx reads them
+    for a client with ``trust_env`` (its documented rule): ``HTTP_PROXY``, ``HTTPS_PROXY``
+    and ``ALL_PROXY`` (in either case, or the system's settings on macOS and Windows) for
+    URLs of that scheme, each through ``transport(proxy)``; the hosts in ``NO_PROXY`` are
+    sent direct (``None``: the client's own transport), and ``NO_PROXY=*`` turns proxies
+    off."""
+    found = urllib.request.getproxies()
+    bypass = [host.strip() for host in found.get("no", "").split(",") if host.strip()]
+    if "*" in bypass:
+        return {}
+    mounts: dict[str, TransportT | None] = {}
+    for scheme in ("http", "https", "all"):
+        if url := found.get(scheme):
+            mounts[f"{scheme}://"] = transport(
+                httpx.Proxy(url if "://" in url else f"http://{url}"))
+    for host in bypass:
+        mounts[_direct_pattern(host)] = None
+    return mounts
+
+
+def _direct_pattern(host: str) -> str:
+    # The URL pattern httpx gives a NO_PROXY entry (after curl's rules for NO_PROXY).
+    if "://" in host:
+        return host
+    try:
+        address = ipaddress.ip_address(host.split("/")[0])
+    except ValueError:
+        return f"all://{host}" if host.lower() == "localhost" else f"all://*{host}"
+    return f"all://[{host}]" if address.version == 6 else f"all://{host}"
+
+
+def default_client(limits: httpx.Limits) -> httpx.Client:
+    """The blocking client a ``FoxReload`` builds when given none: every request within
+    its deadline (:class:`BoundedTransport`), through the proxy the environment names for
+    its URL (:func:`proxy_mounts`)."""
+    return httpx.Client(
+        transport=BoundedTransport(limits),
+        mounts=proxy_mounts(lambda proxy: BoundedTransport(limits, proxy)),
     )
-    return transport
+
+
+def default_async_client(limits: httpx.Limits) -> httpx.AsyncClient:
+    """The client an ``AsyncFoxReload`` builds when given none: httpx's own transport
+    (the async sender bounds each request as a whole), proxied as :func:`default_client`
+    is."""
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(limits=limits),
+        mounts=proxy_mounts(lambda proxy: httpx.AsyncHTTPTransport(limits=limits,
+                                                                   proxy=proxy)),
+    )
 
 
 class _BlockingSender:
@@ -294,10 +423,8 @@ class _BlockingSender:
             streamed = self._open(request)
             try:
                 reader = BodyReader(streamed, max_bytes, deadline)
-                if reader.direct:
-                    streamed.read()
-                else:
-                    for chunk in streamed.stream:  # type: ignore[union-attr]
+                if not reader.in_memory:
+                    for chunk in streamed.iter_raw():
                         reader.feed(chunk)
             finally:
                 streamed.close()
@@ -345,10 +472,8 @@ class _AsyncSender:
                 streamed = await self._open(request)
                 try:
                     reader = BodyReader(streamed, max_bytes, deadline)
-                    if reader.direct:
-                        await streamed.aread()
-                    else:
-                        async for chunk in streamed.stream:  # type: ignore[union-attr]
+                    if not reader.in_memory:
+                        async for chunk in streamed.aiter_raw():
                             reader.feed(chunk)
                 finally:
                     await streamed.aclose()

@@ -13,6 +13,8 @@ import pytest
 
 from foxpoll import APIStatusError, AsyncFoxReload, FoxReload
 
+pytestmark = pytest.mark.slow
+
 KEY = "sk-live-redirect-9f1c"
 
 

@@ -32,6 +32,7 @@ def served() -> Iterator[tuple[FakeFoxReload, str]]:
         yield sim, server.url
 
 
+@pytest.mark.slow
 async def test_full_flow_through_the_aiohttp_transport(served: tuple[FakeFoxReload, str]) -> None:
     sim, url = served
     async with AsyncFoxReload(sim.api_key, base_url=url, transport=AiohttpTransport()) as client:
@@ -48,6 +49,7 @@ async def test_full_flow_through_the_aiohttp_transport(served: tuple[FakeFoxRelo
     assert sent.json == {"items": [{"itemId": "product_steam_10", "quantity": 1}], "isMock": True}
 
 
+@pytest.mark.slow
 async def test_fast_http_client_is_an_httpx_client(served: tuple[FakeFoxReload, str]) -> None:
     sim, url = served
     http = fast_http_client()
@@ -78,6 +80,7 @@ async def test_refused_connection_is_a_connect_error_and_create_is_retried() -> 
     assert transport.calls == 3  # provably never sent, so safe to send again
 
 
+@pytest.mark.slow
 async def test_disconnect_after_create_is_ambiguous(served: tuple[FakeFoxReload, str]) -> None:
     sim, url = served
     sim.inject(Fault(FaultKind.DISCONNECT, method="POST", after_handling=True))
@@ -88,6 +91,7 @@ async def test_disconnect_after_create_is_ambiguous(served: tuple[FakeFoxReload,
     assert len(sim.order_ids()) == 1
 
 
+@pytest.mark.slow
 async def test_read_timeout_is_a_timeout_and_create_is_ambiguous(
     served: tuple[FakeFoxReload, str]
 ) -> None:
