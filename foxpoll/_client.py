@@ -44,7 +44,8 @@ from ._senders import (
     ClientSender,
     Sender,
     TransportSender,
-    bounded_transport,
+    default_async_client,
+    default_client,
 )
 from ._watches import Watcher, WatchQueue
 from .backoff import BackoffPolicy
@@ -142,7 +143,8 @@ class BaseClient(Generic[HttpT, TransportT]):
             max_retries: Retries of a failed request that is safe to resend (never a create
                 that may have reached the server).
             http_client: Your own :class:`httpx.Client` (or :class:`httpx.AsyncClient` for the
-                async client) for proxies, transports or event hooks; foxpoll does not close it.
+                async client) for a proxy given in code, transports or event hooks;
+                foxpoll does not close it.
             transport: An httpx transport to send to directly, with no :class:`httpx.Client`
                 around it (so no event hooks, cookies or proxies): the fastest path, such as
                 :class:`foxpoll.transports.AiohttpTransport`. foxpoll closes it. Not together
@@ -345,7 +347,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
 
     def _default_http_client(self) -> httpx.Client:
         # The deadline of each request reaches its socket reads only through this transport.
-        return httpx.Client(transport=bounded_transport(_LIMITS))
+        return default_client(_LIMITS)
 
     def _make_gate(self, size: int) -> Gate:
         return Gate(size)
@@ -500,7 +502,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     _runner: _AsyncRunner
 
     def _default_http_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(limits=_LIMITS)
+        return default_async_client(_LIMITS)
 
     def _make_gate(self, size: int) -> AsyncGate:
         return AsyncGate(size)

@@ -46,7 +46,6 @@ __all__ = [
     "Sender",
     "TransportSender",
     "UnreadableBody",
-    "bounded_transport",
     "default_async_client",
     "default_client",
     "proxy_mounts",
@@ -348,12 +347,6 @@ class _Body(httpx.SyncByteStream):
 def _core_url(url: httpx.URL) -> httpcore.URL:
     return httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
                         target=url.raw_path)
-
-
-def bounded_transport(limits: httpx.Limits, proxy: httpx.Proxy | None = None
-                      ) -> BoundedTransport:
-    """A :class:`BoundedTransport`: the transport :func:`default_client` sends with."""
-    return BoundedTransport(limits, proxy)
 
 
 TransportT = TypeVar("TransportT")
