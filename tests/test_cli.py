@@ -122,23 +122,27 @@ def test_recovery_list_shows_queued_and_running_jobs_too(
 
 @pytest.mark.service
 def test_recovery_list_on_postgresql() -> None:
+    import psycopg
+
     from foxpoll.recovery import PostgresRecoveryQueue
 
     from .services import POSTGRES_URL, require
 
     require("PostgreSQL", "127.0.0.1", 5432)
+
+    def forget_filled() -> None:  # the command reads the default table: leave only ours
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute("DELETE FROM foxpoll_recovery WHERE order_id = ANY(%s)",
+                         [sorted(FILLED)])
+
     with PostgresRecoveryQueue(POSTGRES_URL) as queue:
         queue.create_schema()
-        with queue._transaction() as execute:
-            execute("DELETE FROM foxpoll_recovery WHERE order_id IN "
-                    "('waiting', 'watched', 'running', 'dead', 'closed', 'done')", {})
+        forget_filled()
         fill(queue)
         try:
             check_recovery_list(POSTGRES_URL)
         finally:
-            with queue._transaction() as execute:
-                execute("DELETE FROM foxpoll_recovery WHERE order_id IN "
-                        "('waiting', 'watched', 'running', 'dead', 'closed', 'done')", {})
+            forget_filled()
 
 
 def test_errors_are_one_line_without_a_traceback(
@@ -331,10 +335,14 @@ def test_bad_rate_limits_are_one_line_errors(
 
 
 def _first_order_id(*argv: str) -> str:
-    from foxpoll.cli import _parser
-    from foxpoll.testing.__main__ import simulator
+    """The first order id of the simulator ``foxpoll simulate ARGV`` would serve."""
+    import argparse
 
-    sim = simulator(_parser().parse_args(["simulate", *argv]))
+    from foxpoll.testing.__main__ import add_arguments, simulator
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the options of ``foxpoll simulate``
+    sim = simulator(parser.parse_args(list(argv)))
     with sim.client() as client:
         return client.orders.create(items=[{"itemId": "product_steam_10", "quantity": 1}]).id
 
