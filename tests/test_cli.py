@@ -189,6 +189,7 @@ def test_catalog_lists_categories_then_product_ids_to_order(
     assert "no products in category 'stean'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_orders_create_pay_wait_get(api: FakeFoxReload) -> None:
     code, created = run("orders", "create", "--item", "product_pubg_660:2",
                         "--note", "player_id=77", "--mock")
@@ -223,6 +224,7 @@ def test_orders_with_a_bad_key_fail_in_one_line(
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_failed_order_exits_3_not_argparse_s_2(api: FakeFoxReload) -> None:
     api.script_next(OrderScript.fail(after=0.2))
     _, created = run("orders", "create", "--item", "product_steam_10")
@@ -233,6 +235,7 @@ def test_a_failed_order_exits_3_not_argparse_s_2(api: FakeFoxReload) -> None:
     assert "failed" in waited
 
 
+@pytest.mark.slow
 def test_waiting_on_an_unpaid_order_says_so_and_a_stall_exits_4(
     api: FakeFoxReload, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -273,6 +276,7 @@ def test_missing_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
     assert os.environ.get("FOXRELOAD_API_KEY") is None
 
 
+@pytest.mark.slow
 def test_simulate_serves_over_http() -> None:
     import time
 
@@ -304,6 +308,7 @@ def test_simulate_serves_over_http() -> None:
             server.wait(timeout=10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", [None, "sqlite"])
 def test_orders_take_permits_from_the_rate_limit_given(
     api: FakeFoxReload, tmp_path: Path, store: str | None

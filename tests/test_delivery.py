@@ -193,7 +193,8 @@ def test_a_dead_store_delivers_nothing() -> None:
     assert calls == []
 
 
-@pytest.mark.parametrize("backend", ["postgres", "redis"])
+@pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.slow),
+                                     "redis"])  # the pool waits out its connect_timeout
 def test_unreachable_servers_are_store_unavailable(backend: str) -> None:
     port = free_port()  # nothing listens there
     if backend == "postgres":
@@ -479,6 +480,7 @@ def test_a_failed_renewal_is_tried_again_a_third_of_the_lease_later(
     assert store.count == 2
 
 
+@pytest.mark.slow
 def test_a_renewal_that_finds_the_claim_taken_over_stops_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

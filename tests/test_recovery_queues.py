@@ -300,6 +300,7 @@ def test_a_missing_table_says_to_call_create_schema() -> None:
         q.enqueue("o1")
 
 
+@pytest.mark.slow
 @pytest.mark.service
 def test_a_dead_server_is_store_unavailable_within_the_timeout() -> None:
     from foxpoll.errors import StoreUnavailable

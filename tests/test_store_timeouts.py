@@ -117,6 +117,7 @@ async def frozen_then_thawed(store: Any, proxy: FreezingProxy) -> None:
     assert claim.acquired
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [pg_own, pg_callers_pool, pg_async])
 async def test_postgres_call_ends_within_the_statement_timeout(
         make: Callable[[FreezingProxy], tuple[Any, Any]], pg_proxy: FreezingProxy) -> None:
@@ -130,6 +131,7 @@ async def test_postgres_call_ends_within_the_statement_timeout(
             callers_pool.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [redis_own, redis_async_own, redis_async_callers_client])
 async def test_redis_call_ends_within_the_statement_timeout(
         make: Callable[[FreezingProxy], tuple[Any, Any]], redis_proxy: FreezingProxy) -> None:
@@ -142,6 +144,7 @@ async def test_redis_call_ends_within_the_statement_timeout(
             await callers_client.aclose()
 
 
+@pytest.mark.slow
 def test_a_callers_blocking_redis_client_is_bounded_by_its_own_socket_timeout(
         redis_proxy: FreezingProxy) -> None:
     # A client of the caller's is used as it is: its socket timeout, not the store's
