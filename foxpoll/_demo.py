@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from ._clock import SystemClock
+from ._clock import Clock, SystemClock
 from .backoff import ExponentialJitter
 from .dedup.sqlite import SQLiteDedupStore
 from .delivery import deliver_once
@@ -118,7 +118,7 @@ class Display:
 def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
              db: Path | None = None) -> dict[str, int]:
     """Run the demo; return its tallies."""
-    clock: Any = FakeClock(epoch=time.time()) if virtual else SystemClock()
+    clock: Clock = FakeClock(epoch=time.time()) if virtual else SystemClock()
     sim = FakeFoxReload(clock=clock)
     with tempfile.TemporaryDirectory() as tmp:
         path = db or Path(tmp) / "foxpoll.db"
@@ -192,7 +192,8 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
                               if job.note == "completed" else f"{job.state.value} after recovery")
                 display.say(f"  {stalled[:8]}: {row.result}")
 
-            again = sum(deliver_once(client.orders.get(oid), send_codes, store).delivered
+            again = sum(deliver_once(client.orders.get(oid), send_codes, store,
+                                     clock=clock).delivered
                         for oid in list(dict.fromkeys(delivered)))
             tallies = {
                 "orders": len(ids),
@@ -216,13 +217,13 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
 
 
 def _finish(result: WaitResult, row: Row, store: SQLiteDedupStore,
-            send: Callable[[Order], str], publisher: InMemoryPublisher, clock: Any) -> None:
+            send: Callable[[Order], str], publisher: InMemoryPublisher, clock: Clock) -> None:
     row.next_poll_at = None
     # Since payment, as the live count was; a stalled order's goes on through recovery.
     row.elapsed, row.done = clock.monotonic() - row.started_at, not result.stalled
     if result.ok:
         order = result.unwrap()
-        deliver_once(order, send, store)
+        deliver_once(order, send, store, clock=clock)
         row.status = "completed"
         row.result = f"delivered {', '.join(_mask(c) for c in order.codes)}"
     elif result.stalled:

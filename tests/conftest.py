@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -29,43 +30,34 @@ def rng() -> random.Random:
 
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
-    """moto in server mode on a free port: DynamoDB and SQS over real HTTP."""
-    from .services import AWS_ENV, free_port
+    """moto in server mode on a free port: DynamoDB and SQS over real HTTP.
 
-    port = free_port()
+    It answers one request at a time. DynamoDB applies each conditional write atomically;
+    moto's threaded server does not (two concurrent UpdateItems can both pass a condition,
+    or one can read the other's half-written item). Serving requests one by one gives moto
+    the atomicity of the real service, while the clients under test still send
+    concurrently.
+    """
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    from .services import AWS_ENV
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = _serial_moto_server()(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app),
+                         threaded=False)
+    serving = threading.Thread(target=server.serve_forever, name="moto", daemon=True)
+    serving.start()
     previous = {k: os.environ.get(k) for k in AWS_ENV}
     os.environ.update(AWS_ENV)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
-        server.stop()
+        server.shutdown()
+        serving.join()
+        server.server_close()
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _serial_moto_server() -> type:
-    """moto's server, answering one request at a time.
-
-    DynamoDB applies each conditional write atomically; moto's threaded server does not
-    (two concurrent UpdateItems can both pass a condition, or one can read the other's
-    half-written item). Serving requests one by one gives moto the atomicity of the real
-    service, while the clients under test still send concurrently.
-    """
-    from moto.server import DomainDispatcherApplication, ThreadedMotoServer, create_backend_app
-    from werkzeug.serving import make_server
-
-    class SerialMotoServer(ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            app = DomainDispatcherApplication(create_backend_app)
-            self._server = make_server(self._ip_address, self._port, app, threaded=False)
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    return SerialMotoServer
-

@@ -110,6 +110,7 @@ def mid_delivery_pid(db: str) -> int | None:
     return int(rows[0][0]) if rows else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["sqlite", "postgres"])
 def test_a_fleet_under_sigkill_loses_no_order_and_delivers_none_twice(
     engine: str, database: str, tmp_path: Path  # noqa: F811 - the fixture

@@ -122,23 +122,27 @@ def test_recovery_list_shows_queued_and_running_jobs_too(
 
 @pytest.mark.service
 def test_recovery_list_on_postgresql() -> None:
+    import psycopg
+
     from foxpoll.recovery import PostgresRecoveryQueue
 
     from .services import POSTGRES_URL, require
 
     require("PostgreSQL", "127.0.0.1", 5432)
+
+    def forget_filled() -> None:  # the command reads the default table: leave only ours
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute("DELETE FROM foxpoll_recovery WHERE order_id = ANY(%s)",
+                         [sorted(FILLED)])
+
     with PostgresRecoveryQueue(POSTGRES_URL) as queue:
         queue.create_schema()
-        with queue._transaction() as execute:
-            execute("DELETE FROM foxpoll_recovery WHERE order_id IN "
-                    "('waiting', 'watched', 'running', 'dead', 'closed', 'done')", {})
+        forget_filled()
         fill(queue)
         try:
             check_recovery_list(POSTGRES_URL)
         finally:
-            with queue._transaction() as execute:
-                execute("DELETE FROM foxpoll_recovery WHERE order_id IN "
-                        "('waiting', 'watched', 'running', 'dead', 'closed', 'done')", {})
+            forget_filled()
 
 
 def test_errors_are_one_line_without_a_traceback(
@@ -185,6 +189,7 @@ def test_catalog_lists_categories_then_product_ids_to_order(
     assert "no products in category 'stean'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_orders_create_pay_wait_get(api: FakeFoxReload) -> None:
     code, created = run("orders", "create", "--item", "product_pubg_660:2",
                         "--note", "player_id=77", "--mock")
@@ -219,6 +224,7 @@ def test_orders_with_a_bad_key_fail_in_one_line(
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_failed_order_exits_3_not_argparse_s_2(api: FakeFoxReload) -> None:
     api.script_next(OrderScript.fail(after=0.2))
     _, created = run("orders", "create", "--item", "product_steam_10")
@@ -229,6 +235,7 @@ def test_a_failed_order_exits_3_not_argparse_s_2(api: FakeFoxReload) -> None:
     assert "failed" in waited
 
 
+@pytest.mark.slow
 def test_waiting_on_an_unpaid_order_says_so_and_a_stall_exits_4(
     api: FakeFoxReload, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -269,6 +276,7 @@ def test_missing_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
     assert os.environ.get("FOXRELOAD_API_KEY") is None
 
 
+@pytest.mark.slow
 def test_simulate_serves_over_http() -> None:
     import time
 
@@ -300,6 +308,7 @@ def test_simulate_serves_over_http() -> None:
             server.wait(timeout=10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", [None, "sqlite"])
 def test_orders_take_permits_from_the_rate_limit_given(
     api: FakeFoxReload, tmp_path: Path, store: str | None
@@ -331,10 +340,14 @@ def test_bad_rate_limits_are_one_line_errors(
 
 
 def _first_order_id(*argv: str) -> str:
-    from foxpoll.cli import _parser
-    from foxpoll.testing.__main__ import simulator
+    """The first order id of the simulator ``foxpoll simulate ARGV`` would serve."""
+    import argparse
 
-    sim = simulator(_parser().parse_args(["simulate", *argv]))
+    from foxpoll.testing.__main__ import add_arguments, simulator
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the options of ``foxpoll simulate``
+    sim = simulator(parser.parse_args(list(argv)))
     with sim.client() as client:
         return client.orders.create(items=[{"itemId": "product_steam_10", "quantity": 1}]).id
 

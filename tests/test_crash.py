@@ -46,6 +46,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         yield backend, f"{moto_url}#{table}"
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_followed_by_exactly_one_delivery(target: tuple[str, str]) -> None:
     backend, where = target
     order_id = str(uuid.uuid4())

@@ -7,9 +7,12 @@ import multiprocessing
 import threading
 import time
 
+import pytest
+
 from foxpoll._deadlines import Watchdog
 
 
+@pytest.mark.slow
 def test_an_armed_alarm_fires_and_a_disarmed_one_does_not() -> None:
     watchdog = Watchdog()
     fired, spared = threading.Event(), threading.Event()
@@ -20,6 +23,7 @@ def test_an_armed_alarm_fires_and_a_disarmed_one_does_not() -> None:
     assert not spared.wait(0.2)
 
 
+@pytest.mark.slow
 def test_an_earlier_alarm_armed_after_a_later_one_still_fires_on_time() -> None:
     watchdog = Watchdog()
     late, early = threading.Event(), threading.Event()
@@ -42,6 +46,7 @@ def test_disarmed_alarms_do_not_pile_up() -> None:
     assert watchdog.disarm(live) is False
 
 
+@pytest.mark.slow
 def test_disarming_twice_is_harmless() -> None:
     watchdog = Watchdog()
     alarm = watchdog.arm(30, lambda: None)
@@ -60,6 +65,7 @@ def _fires_in_child(result: multiprocessing.Queue) -> None:  # type: ignore[type
     result.put(fired.wait(5))
 
 
+@pytest.mark.slow
 def test_alarms_fire_in_a_forked_child() -> None:
     from foxpoll._deadlines import WATCHDOG
 

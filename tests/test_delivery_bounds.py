@@ -70,6 +70,7 @@ def test_a_store_down_for_the_whole_lease_gives_up_before_it_ends() -> None:
     assert store.attempts > 5
 
 
+@pytest.mark.slow
 def test_a_network_stall_while_recording_is_outlasted_on_real_postgres() -> None:
     host, port = urlparse(POSTGRES_URL).hostname or "", urlparse(POSTGRES_URL).port or 5432
     require("PostgreSQL", host, port)
@@ -99,6 +100,7 @@ def _deliver_through_a_stall(host: str, port: int, table: str) -> None:
             assert record.state is DeliveryState.DELIVERED
 
 
+@pytest.mark.slow
 def test_a_network_stall_while_recording_is_outlasted_on_real_redis() -> None:
     # The store's client does not retry a command: deliver_once retries the completion.
     from foxpoll.dedup import RedisDedupStore

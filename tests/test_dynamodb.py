@@ -85,6 +85,7 @@ def test_a_missing_table_is_store_unavailable_and_delivers_nothing(client: Any) 
     assert calls == []
 
 
+@pytest.mark.slow
 def test_an_unreachable_endpoint_is_store_unavailable_within_the_timeout() -> None:
     import boto3
 
@@ -103,6 +104,7 @@ def test_an_unreachable_endpoint_is_store_unavailable_within_the_timeout() -> No
     assert str(port) not in str(info.value)  # no endpoint in the message
 
 
+@pytest.mark.slow
 async def test_an_unreachable_endpoint_is_store_unavailable_on_asyncio() -> None:
     port = free_port()
     store = AsyncDynamoDBDedupStore(new_table(), endpoint_url=f"http://127.0.0.1:{port}",

@@ -205,6 +205,7 @@ def test_poison_entries_go_to_the_dead_letter_stream(stream: str) -> None:
     client.close()
 
 
+@pytest.mark.slow
 @pytest.mark.service
 def test_the_group_is_recreated_after_a_redis_restart() -> None:
     server = shutil.which("redis-server")

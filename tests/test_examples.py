@@ -17,7 +17,12 @@ NEEDS = {  # examples that talk to a real server
 }
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+REAL_TIME = {"fleet_budget.py", "simulator_over_http.py", "survive_a_crash.py"}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(path, marks=pytest.mark.slow) if path.name in REAL_TIME else path
+    for path in EXAMPLES], ids=lambda p: p.name)
 def test_example_runs(path: Path) -> None:
     if path.name in NEEDS:
         require(*NEEDS[path.name])

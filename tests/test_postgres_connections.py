@@ -117,6 +117,7 @@ def test_the_statement_timeout_is_checked(seconds: float) -> None:
             kind(POSTGRES_URL, statement_timeout=seconds)
 
 
+@pytest.mark.slow
 def test_an_exhausted_pool_is_store_unavailable_after_connect_timeout(table: str) -> None:
     from psycopg_pool import ConnectionPool
 
@@ -134,6 +135,7 @@ def test_an_exhausted_pool_is_store_unavailable_after_connect_timeout(table: str
         assert store.get("o-1") is None  # given back: the store gets it
 
 
+@pytest.mark.slow
 def test_a_call_waiting_on_a_lock_ends_within_the_statement_timeout(table: str) -> None:
     # A healthy network, a row lock held elsewhere: the call is cut like a frozen one,
     # and the store serves the next call on a fresh connection.
@@ -154,6 +156,7 @@ def test_a_call_waiting_on_a_lock_ends_within_the_statement_timeout(table: str) 
             locker.rollback()
 
 
+@pytest.mark.slow
 def test_a_forked_worker_s_frozen_call_still_ends_in_time(make_store: Any, table: str
                                                          ) -> None:
     # The parent's store calls started the deadlines' watchdog; a forked child (a

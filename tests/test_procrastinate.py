@@ -194,6 +194,7 @@ def worker_process(database: str, sim_url: str, api_key: str, mode: str) -> Any:
     )
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_the_orders_each_handled_once(
     database: str, served: tuple[FakeFoxReload, FoxReload, str]
 ) -> None:
@@ -220,6 +221,7 @@ def test_two_worker_processes_share_the_orders_each_handled_once(
     assert len({pid for _, pid in rows}) == 2  # and both workers took part
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_order_is_rechecked_with_no_operator_step(
     database: str, served: tuple[FakeFoxReload, FoxReload, str]
 ) -> None:

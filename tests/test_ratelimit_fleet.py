@@ -67,6 +67,7 @@ def run_fleet(tmp: Path, backend: tuple[str, str], sim: FakeFoxReload, url: str,
     return [r.at for r in sim.requests if r.method == "GET"]
 
 
+@pytest.mark.slow
 def test_the_fleet_stays_within_the_budget(
     backend: tuple[str, str], served: tuple[FakeFoxReload, str, str], tmp_path: Path
 ) -> None:
@@ -82,6 +83,7 @@ def test_the_fleet_stays_within_the_budget(
     assert len(gets) >= 0.8 * rate * span  # and the budget is spent, not wasted
 
 
+@pytest.mark.slow
 def test_a_429_seen_by_one_process_pauses_them_all(
     backend: tuple[str, str], served: tuple[FakeFoxReload, str, str], tmp_path: Path
 ) -> None:
@@ -94,6 +96,7 @@ def test_a_429_seen_by_one_process_pauses_them_all(
     assert any(t >= throttled + 2.0 for t in gets)
 
 
+@pytest.mark.slow
 def test_a_process_killed_while_it_spends_the_budget_stalls_no_one(
     backend: tuple[str, str], served: tuple[FakeFoxReload, str, str], tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from foxpoll import Order, OrderStalled, OrderStatus
+from foxpoll import Order, OrderStalled, OrderStatus, SystemClock
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
 from foxpoll.events import InMemoryPublisher
 from foxpoll.metrics import PrometheusMetrics
@@ -243,6 +244,81 @@ def test_a_delivery_in_progress_elsewhere_is_retried_after_its_lease(
     assert [o.id for o in delivered] == [order_id]
 
 
+class CountedRenewals(MemoryDedupStore):
+    """A memory store on ``clock`` that lets a test wait for the next renewal."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock.time)
+        self.renewed = threading.Semaphore(0)
+
+    def renew(self, order_id: str, token: str, lease: float) -> Any:
+        try:
+            return super().renew(order_id, token, lease)
+        finally:
+            self.renewed.release()
+
+
+def test_the_workers_slow_delivery_keeps_its_claim_on_the_clients_clock(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    order_id = paid(sim, OrderScript.complete(after=0))
+    queue.enqueue(order_id)
+    store = CountedRenewals(clock)
+    rivals: list[bool] = []
+
+    def slow(order: Order) -> None:
+        for _ in range(3):  # 45 s in steps of 15: past the 30 s lease
+            clock.sleep(15)
+            assert store.renewed.acquire(timeout=5), "no renewal on the client's clock"
+            claim = store.claim(order.id, "rival", 30)
+            rivals.append(claim.acquired)
+
+    with sim.client() as client:
+        worker = RecoveryWorker(client, queue, store, on_completed=slow, lease=30)
+        assert worker.run_pending() == 1
+    assert rivals == [False] * 3  # the claim was renewed every third of the lease
+    assert store.get(order_id).state is DeliveryState.DELIVERED  # type: ignore[union-attr]
+    assert queue.get(order_id).state is JobState.DONE  # type: ignore[union-attr]
+
+
+def test_run_waits_for_due_jobs_on_the_clients_clock(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    order_id = paid(sim, OrderScript.complete(after=0))
+    queue.enqueue(order_id, due_at=clock.time() + 600)
+    stop = threading.Event()
+    delivered: list[str] = []
+
+    def deliver(order: Order) -> None:
+        delivered.append(order.id)
+        stop.set()
+
+    with sim.client() as client:
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(clock=clock.time),
+                                on_completed=deliver)
+        start = clock.monotonic()
+        worker.run(stop=stop, idle=5)  # ten virtual minutes, no real ones
+    assert delivered == [order_id]
+    assert 600 <= clock.monotonic() - start <= 605
+
+
+@pytest.mark.slow
+def test_run_ends_soon_after_stop_on_the_real_clock(tmp_path: Path) -> None:
+    sim = FakeFoxReload(clock=SystemClock())
+    stop = threading.Event()
+    with sim.client() as client, SQLiteRecoveryQueue(tmp_path / "q.db") as queue:
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
+        runner = threading.Thread(target=worker.run, kwargs={"stop": stop, "idle": 60})
+        runner.start()
+        time.sleep(0.2)  # let it start its minute of idling
+        stopped = time.monotonic()
+        stop.set()
+        runner.join(5)
+        assert not runner.is_alive()
+    assert time.monotonic() - stopped < 1.0  # not the rest of the idle minute
+
+
+@pytest.mark.slow
 def test_a_killed_worker_s_job_is_taken_again(tmp_path: Path) -> None:
     path = tmp_path / "recovery.db"
     with SQLiteRecoveryQueue(path) as setup:
@@ -283,8 +359,6 @@ def test_the_worker_sweeps_the_partners_pending_orders(
         assert job is not None
         assert job.reason == "sweep"
         assert queue.get(recent) is None  # not yet ten minutes old
-        import threading
-
         stop = threading.Event()
         calls = []
 

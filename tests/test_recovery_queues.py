@@ -7,25 +7,29 @@ clock is the server's, every stored time is moved back instead, which is the sam
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import pytest
 
 from foxpoll.recovery import JobState, RecoveryPolicy, SQLiteRecoveryQueue
-from foxpoll.recovery._sql import SQLJobQueue
 from foxpoll.testing import FakeClock
 
-from .services import POSTGRES_URL, require
+from .services import POSTGRES_URL, drop_table, require
+
+if TYPE_CHECKING:
+    from foxpoll.recovery import PostgresRecoveryQueue
 
 Advance = Callable[[float], None]
 
 
 @attrs.define
 class Engine:
-    queue: SQLJobQueue
+    queue: SQLiteRecoveryQueue | PostgresRecoveryQueue
     advance: Advance
     now: Callable[[], float]
 
@@ -44,11 +48,11 @@ def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None)
     pg.create_schema()  # idempotent
 
     def advance(seconds: float) -> None:
-        with pg._transaction() as execute:
-            execute(f"UPDATE {table} SET due_at = due_at - %(s)s, "  # noqa: S608
-                    "locked_until = locked_until - %(s)s", {"s": seconds})
+        import psycopg
 
-    import time
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"UPDATE {table} SET due_at = due_at - %(s)s, "  # noqa: S608
+                         "locked_until = locked_until - %(s)s", {"s": seconds})
 
     return Engine(pg, advance, time.time)
 
@@ -57,10 +61,9 @@ def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     made = make_engine(request.param, tmp_path)
     yield made
-    if request.param == "postgres":
-        with made.queue._transaction() as execute:
-            execute(f"DROP TABLE {made.queue.table}", {})  # type: ignore[attr-defined]
     made.queue.close_connections()
+    if request.param == "postgres":
+        drop_table(made.queue.table)  # type: ignore[union-attr]
 
 
 def due_in(engine: Engine, order_id: str) -> float:
@@ -297,6 +300,7 @@ def test_a_missing_table_says_to_call_create_schema() -> None:
         q.enqueue("o1")
 
 
+@pytest.mark.slow
 @pytest.mark.service
 def test_a_dead_server_is_store_unavailable_within_the_timeout() -> None:
     from foxpoll.errors import StoreUnavailable
@@ -308,6 +312,28 @@ def test_a_dead_server_is_store_unavailable_within_the_timeout() -> None:
     with PostgresRecoveryQueue(url, connect_timeout=1.0) as q, \
             pytest.raises(StoreUnavailable, match="unavailable"):
         q.enqueue("o1")
+
+
+@pytest.mark.service
+def test_a_callers_due_time_is_read_on_the_queue_s_clock() -> None:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    clock = FakeClock()  # its epoch is weeks away from the server's clock
+    table = f"recovery_{uuid.uuid4().hex[:10]}"
+    try:
+        with PostgresRecoveryQueue(POSTGRES_URL, table=table, clock=clock.time) as q:
+            q.create_schema()
+            q.enqueue("o1", due_at=clock.time() + 60)
+            q.watch("w1", due_at=clock.time() + 600)
+            assert q.take(lease=30) is None  # a minute from now, on the server too
+            job, watch = q.get("o1"), q.get("w1")
+            assert job is not None
+            assert watch is not None
+            assert 55 < job.due_at - time.time() <= 60  # stored on the server's clock
+            assert 595 < watch.due_at - time.time() <= 600
+    finally:
+        drop_table(table)
 
 
 @pytest.mark.service

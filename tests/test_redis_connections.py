@@ -42,6 +42,7 @@ def kill_clients(name: str) -> int:
     return len(ids)
 
 
+@pytest.mark.slow
 def test_a_connection_the_server_closed_is_replaced_before_it_serves(prefix: str) -> None:
     from foxpoll.dedup import RedisDedupStore
 
@@ -135,6 +136,7 @@ async def _call(result: Any) -> Any:
     return await result if isinstance(result, Awaitable) else result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["blocking", "async"])
 async def test_an_unreachable_server_is_store_unavailable(kind: str) -> None:
     from foxpoll.dedup import AsyncRedisDedupStore, RedisDedupStore

@@ -288,6 +288,7 @@ async def test_async_create_is_never_resent(sim: FakeFoxReload) -> None:
     assert sim.count("POST") == 1
 
 
+@pytest.mark.slow
 def test_served_over_real_http() -> None:
     sim = FakeFoxReload(clock=SystemClock(), default_script=OrderScript.complete(after=0.2))
     with SimulatorServer(sim) as server, FoxReload(sim.api_key, base_url=server.url) as client:
@@ -311,12 +312,13 @@ def test_disconnect_over_real_http_is_a_connection_error() -> None:
     sim = FakeFoxReload(clock=SystemClock())
     sim.inject(Fault(FaultKind.DISCONNECT, times=1))
     with SimulatorServer(sim) as server, \
-            FoxReload(sim.api_key, base_url=server.url, max_retries=1) as client:
+            FoxReload(sim.api_key, base_url=server.url, max_retries=1,
+                      clock=FakeClock()) as client:  # the retry's backoff: virtual
         assert client.products.get("product_steam_10").id == "product_steam_10"
     assert sim.count() == 2
 
 
-@pytest.mark.parametrize("real_clock", [False, True])
+@pytest.mark.parametrize("real_clock", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_settle_finishes_a_stalled_order_relative_to_now(real_clock: bool) -> None:
     clock: Any = SystemClock() if real_clock else FakeClock(start=5000)
     sim = FakeFoxReload(clock=clock, default_script=OrderScript.stall(paid_for=0))

@@ -67,19 +67,20 @@ def _via(url: str, proxy: FreezingProxy) -> str:
                                  f"127.0.0.1:{proxy.port}").geturl()
 
 
-def pg_own(proxy: FreezingProxy) -> Any:
-    return PostgresDedupStore(_via(POSTGRES_URL, proxy), table=TABLE, statement_timeout=LIMIT)
+def pg_own(proxy: FreezingProxy) -> tuple[Any, None]:
+    return PostgresDedupStore(_via(POSTGRES_URL, proxy), table=TABLE,
+                              statement_timeout=LIMIT), None
 
 
-def pg_callers_pool(proxy: FreezingProxy) -> Any:
+def pg_callers_pool(proxy: FreezingProxy) -> tuple[Any, Any]:
     pool = psycopg_pool.ConnectionPool(_via(POSTGRES_URL, proxy), min_size=1, max_size=2,
                                        kwargs={"autocommit": True}, open=True)
-    return PostgresDedupStore(pool, table=TABLE, statement_timeout=LIMIT)
+    return PostgresDedupStore(pool, table=TABLE, statement_timeout=LIMIT), pool
 
 
-def pg_async(proxy: FreezingProxy) -> Any:
+def pg_async(proxy: FreezingProxy) -> tuple[Any, None]:
     return AsyncPostgresDedupStore(_via(POSTGRES_URL, proxy), table=TABLE,
-                                   statement_timeout=LIMIT)
+                                   statement_timeout=LIMIT), None
 
 
 def redis_own(proxy: FreezingProxy) -> tuple[Any, None]:
@@ -116,19 +117,21 @@ async def frozen_then_thawed(store: Any, proxy: FreezingProxy) -> None:
     assert claim.acquired
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [pg_own, pg_callers_pool, pg_async])
 async def test_postgres_call_ends_within_the_statement_timeout(
-        make: Callable[[FreezingProxy], Any], pg_proxy: FreezingProxy) -> None:
-    store = make(pg_proxy)
+        make: Callable[[FreezingProxy], tuple[Any, Any]], pg_proxy: FreezingProxy) -> None:
+    store, callers_pool = make(pg_proxy)
     try:
         await frozen_then_thawed(store, pg_proxy)
     finally:
-        pool = getattr(store._pg, "pool", None)
         await _call(store.aclose() if hasattr(store, "aclose") else store.close())
-        if not store._pg.owned and pool is not None:
-            pool.close()
+        if callers_pool is not None:  # the store leaves a caller's pool open
+            assert not callers_pool.closed
+            callers_pool.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [redis_own, redis_async_own, redis_async_callers_client])
 async def test_redis_call_ends_within_the_statement_timeout(
         make: Callable[[FreezingProxy], tuple[Any, Any]], redis_proxy: FreezingProxy) -> None:
@@ -141,6 +144,7 @@ async def test_redis_call_ends_within_the_statement_timeout(
             await callers_client.aclose()
 
 
+@pytest.mark.slow
 def test_a_callers_blocking_redis_client_is_bounded_by_its_own_socket_timeout(
         redis_proxy: FreezingProxy) -> None:
     # A client of the caller's is used as it is: its socket timeout, not the store's

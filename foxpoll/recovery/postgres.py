@@ -16,7 +16,7 @@ same table with procrastinate running the workers.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,6 +53,9 @@ class PostgresRecoveryQueue(SQLJobQueue):
             as for :class:`~foxpoll.dedup.PostgresDedupStore`; past it the call raises
             :class:`StoreUnavailable`.
         max_connections: The size of the queue's own pool.
+        clock: Seconds since the epoch: the clock of the ``due_at`` times callers give (a
+            fake clock's ``time`` when the client runs on virtual time). Stored times are
+            the server's; a ``due_at`` is turned into a delay against this clock.
 
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
@@ -60,18 +63,16 @@ class PostgresRecoveryQueue(SQLJobQueue):
     def __init__(self, conninfo_or_pool: str | psycopg_pool.ConnectionPool[Any], *,
                  policy: RecoveryPolicy | None = None, table: str = DEFAULT_TABLE,
                  connect_timeout: float = 10.0, max_connections: int = 4,
-                 statement_timeout: float = 5.0) -> None:
+                 statement_timeout: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.policy = policy or RecoveryPolicy()
         self.table = table
+        self._clock = clock
         self._sql = JobStatements.render(POSTGRES, table)
         self._pg = PostgresConnections(conninfo_or_pool, table=table, what="recovery",
                                        timeout=connect_timeout, size=max_connections,
                                        statement_timeout=statement_timeout)
         self.conninfo = self._pg.conninfo
-
-    # Due times are stored relative to the server's clock ({now} + :delay); a caller's
-    # absolute time is read against this machine's clock, which is all that needs.
-    _clock = staticmethod(time.time)
 
     def create_schema(self) -> None:
         """Create the table and its index, if missing."""

@@ -163,6 +163,8 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
             log.debug("recovery dispatcher: %d rescued, %d woken", rescued, woken)
 
     async def _maintain_forever(self, lease: float) -> None:
+        # Real time, not the client's clock: the rounds keep pace with procrastinate's own
+        # worker and with leases on the server's clock, which no fake clock moves.
         while True:
             await asyncio.sleep(self.dispatch_every)
             try:

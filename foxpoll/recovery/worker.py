@@ -33,6 +33,10 @@ __all__ = ["Action", "Checked", "RecoveryPolicy", "RecoveryWorker", "decide"]
 
 log = logging.getLogger("foxpoll.recovery")
 
+#: How often an idle :meth:`RecoveryWorker.run` looks whether it was told to stop, in
+#: seconds.
+STOP_LOOKS_EVERY = 0.1
+
 
 @attrs.frozen
 class Action:
@@ -128,7 +132,8 @@ class RecoveryWorker:
         if action.kind == "deliver":
             assert order is not None
             try:
-                deliver_once(order, self._deliver_and_publish, self.store, lease=self.lease)
+                deliver_once(order, self._deliver_and_publish, self.store, lease=self.lease,
+                             clock=self.client.clock)
             except DeliveryInProgress as busy:  # another worker is on it: look again soon
                 delay = max(1.0, busy.lease_until - self.client.clock.time())
                 return Checked(Action("retry", delay), status, "delivery in progress")
@@ -225,7 +230,12 @@ class RecoveryWorker:
         sweep_every: float = 300.0,
     ) -> None:
         """Process jobs as they come due, and sweep ``pending_orders`` every
-        ``sweep_every`` seconds, until ``stop`` is set."""
+        ``sweep_every`` seconds, until ``stop`` is set.
+
+        With nothing due it waits ``idle`` seconds on the client's clock (a ``FakeClock``
+        runs the loop on virtual time), and ends within :data:`STOP_LOOKS_EVERY` seconds
+        of ``stop`` being set.
+        """
         stop = stop or threading.Event()
         last_sweep: float | None = None
         while not stop.is_set():
@@ -235,4 +245,15 @@ class RecoveryWorker:
                 self.sweep(pending_orders)
                 last_sweep = now
             if self.run_pending() == 0:
-                stop.wait(idle)
+                self._idle(stop, idle)
+
+    def _idle(self, stop: threading.Event, seconds: float) -> None:
+        """Sleep ``seconds`` on the client's clock, or until ``stop`` is set.
+
+        A :class:`~foxpoll.Clock` has no sleep that another thread can cut short, so this
+        sleeps in slices and looks at ``stop`` between them.
+        """
+        clock = self.client.clock
+        until = clock.monotonic() + seconds
+        while not stop.is_set() and (left := until - clock.monotonic()) > 0:
+            clock.sleep(min(left, STOP_LOOKS_EVERY))
