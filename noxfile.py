@@ -1,5 +1,8 @@
-"""Sessions. ``nox`` runs tests, lint, typecheck, docs, examples and package; ``nox -s bench``
-runs the benchmarks."""
+"""Sessions. ``nox`` runs tests, lowest, newest, lint, typecheck, docs, examples and package;
+``nox -s bench`` runs the benchmarks.
+
+``lowest`` and ``newest`` need Python 3.10 and 3.13 beside the default one; with pyenv, enable
+them first, e.g. ``pyenv global 3.11 3.10 3.13`` (``.ci/run`` enables them for its run)."""
 
 from __future__ import annotations
 
@@ -9,18 +12,44 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["tests", "lint", "typecheck", "docs", "examples", "package"]
+nox.options.sessions = [
+    "tests", "lowest", "newest", "lint", "typecheck", "docs", "examples", "package",
+]
 nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 CI_ENV = {"CI": os.environ.get("CI", "")}
 
 
+def _suite(session: nox.Session, *install_options: str) -> None:
+    session.install(*install_options, "-e", ".[all]",
+                    *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", "--ignore=tests/test_examples.py", *session.posargs, env=CI_ENV)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite, against the machine's PostgreSQL, Redis and MariaDB where needed."""
-    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
-    session.run("pytest", "--ignore=tests/test_examples.py", *session.posargs, env=CI_ENV)
+    _suite(session)
+
+
+# A fresh virtualenv each run: reusing one would keep versions installed under older floors.
+@nox.session(python="3.10", reuse_venv=False)
+def lowest(session: nox.Session) -> None:
+    """The test suite on Python 3.10 with every dependency at its floor.
+
+    Every direct dependency (core, extras and the test group) is installed at the lowest
+    version pyproject.toml allows, so each declared floor is a version the suite passes on.
+    """
+    if session.venv_backend != "uv":
+        session.error("lowest needs uv (for --resolution lowest-direct)")
+    _suite(session, "--resolution", "lowest-direct")
+
+
+@nox.session(python="3.13")
+def newest(session: nox.Session) -> None:
+    """The test suite on Python 3.13 with every dependency at its newest release."""
+    _suite(session, "--upgrade")
 
 
 @nox.session
@@ -86,19 +115,19 @@ def package(session: nox.Session) -> None:
 
 @nox.session(python=["3.10", "3.12", "3.13"])
 def compat(session: nox.Session) -> None:
-    """The test suite on the other supported Pythons (not in the default run: a machine
-    may not have them all). With pyenv, enable them first, e.g. ``pyenv global 3.11 3.10
-    3.12 3.13``."""
-    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "test"))
-    session.run("pytest", "--ignore=tests/test_examples.py", *session.posargs, env=CI_ENV)
+    """The test suite on the other supported Pythons, with the dependencies ``tests`` gets.
+
+    Not in the default run, where ``lowest`` and ``newest`` cover 3.10 and 3.13. With pyenv,
+    enable them first, e.g. ``pyenv global 3.11 3.10 3.12 3.13``.
+    """
+    _suite(session)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: poll schedules, polling throughput, dedup-store overhead, the cost of
     watches, a fleet on one rate limit, rate-limit libraries (not in the default run)."""
-    session.install("-e", ".[all]", "httpx-aiohttp>=0.1.8", "aiohttp>=3.9",
-                    "limits>=4", "pyrate-limiter>=4", "aiolimiter>=1.1")
+    session.install("-e", ".[all]", "limits>=4", "pyrate-limiter>=4", "aiolimiter>=1.1")
     session.run("python", "benchmarks/schedules.py", *session.posargs)
     session.run("python", "benchmarks/throughput.py")
     session.run("python", "benchmarks/dedup.py")

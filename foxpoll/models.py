@@ -11,13 +11,13 @@ Codes and notes are secrets: they never appear in a ``repr``.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Generic, TypeVar
 
 import attrs
 import cattrs
+from cattrs.errors import AttributeValidationNote, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .errors import APIResponseValidationError
@@ -251,9 +251,6 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-_RAW_KEY = "\x00raw"  # cannot collide with a JSON field the server sends us
-
-
 def _structure_decimal(value: object, _: type) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
@@ -303,14 +300,14 @@ def _structure_tuple_of(element: Any) -> Any:
             try:
                 result.append(converter.structure(item, element))
             except Exception as exc:
-                _add_note(exc, f"@ index {index}")
+                _add_note(exc, IterableValidationNote(f"@ index {index}", index, element))
                 raise
         return tuple(result)
 
     return structure
 
 
-def _add_note(exc: BaseException, note: str) -> None:
+def _add_note(exc: BaseException, note: IterableValidationNote) -> None:
     # BaseException.add_note arrived in 3.11; cattrs reads __notes__ the same way on 3.10.
     notes = getattr(exc, "__notes__", None)
     if notes is None:
@@ -351,8 +348,9 @@ def _make_converter() -> cattrs.Converter:
         renames = {
             a.name: override(rename=_camel(a.name)) for a in attrs.fields(cls) if a.name != "raw"
         }
+        # raw is not read from the payload: a server field named "raw" stays in raw.
         fn = make_dict_structure_fn(
-            cls, conv, raw=override(rename=_RAW_KEY), **renames  # type: ignore[arg-type]
+            cls, conv, raw=override(omit=True), **renames  # type: ignore[arg-type]
         )
         conv.register_structure_hook(cls, _with_raw(fn))
 
@@ -370,7 +368,7 @@ def _with_raw(fn: Any) -> Any:
     def structure(value: object, cls: type) -> Any:
         if not isinstance(value, Mapping):
             raise TypeError(f"expected an object, got {type(value).__name__}")
-        return fn({**value, _RAW_KEY: dict(value)}, cls)
+        return attrs.evolve(fn(value, cls), raw=dict(value))
 
     return structure
 
@@ -430,11 +428,10 @@ def _first_failure(exc: BaseException, path: str = "$") -> tuple[str, str]:
     return path, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-_ATTR_NOTE = re.compile(r"attribute '?(\w+)'?")
-
-
-def _path_step(notes: Sequence[str]) -> str:
+def _path_step(notes: Sequence[object]) -> str:
     """The JSON path step a failed child adds: its attribute, then its index in an array."""
-    attribute = next((m.group(1) for n in notes if (m := _ATTR_NOTE.search(n))), None)
-    index = next((n[len("@ index ") :] for n in notes if n.startswith("@ index ")), None)
-    return (f".{_camel(attribute)}" if attribute else "") + (f"[{index}]" if index else "")
+    attribute = next((n.name for n in notes if isinstance(n, AttributeValidationNote)), None)
+    index = next((n.index for n in notes if isinstance(n, IterableValidationNote)), None)
+    return (f".{_camel(attribute)}" if attribute else "") + (
+        f"[{index}]" if index is not None else ""
+    )

@@ -59,6 +59,25 @@ def test_unknown_fields_are_kept_in_raw() -> None:
     assert order.raw == COMPLETED
 
 
+@pytest.mark.parametrize("raw_value", ["server's own", {"nested": 1}, None, ["a"]])
+def test_a_server_field_named_raw_stays_a_field_of_raw(raw_value: Any) -> None:
+    item = {"itemId": "p", "raw": raw_value, "\x00raw": 5}
+    payload = {"id": "x", "status": "active", "items": [item], "raw": raw_value, "\x00raw": 5}
+    order = parse(payload, Order)
+    assert order.raw == payload
+    assert order.raw["raw"] == raw_value
+    assert order.items[0].raw == item
+    assert parse({"id": "p", "raw": raw_value}, Product).raw == {"id": "p", "raw": raw_value}
+    assert parse({"id": "c", "raw": raw_value}, Category).raw == {"id": "c", "raw": raw_value}
+
+
+def test_raw_is_a_copy_of_the_payload() -> None:
+    payload = {"id": "x", "status": "active", "extra": 1}
+    order = parse(payload, Order)
+    payload["extra"] = 2
+    assert order.raw["extra"] == 1
+
+
 @pytest.mark.parametrize("value", ["on_hold", "REVIEW", "pending-kyc"])
 def test_unknown_status_parses_and_is_not_terminal(value: str) -> None:
     order = parse({"id": "x", "status": value}, Order)
