@@ -18,6 +18,8 @@ import attrs
 from ._clock import Clock
 from ._core import Call, ClientConfig, RetryMode, call_flow
 from ._effects import Flow
+from ._parse import parse as parse_model
+from ._parse import parse_page
 from .errors import AmbiguousOrderError
 from .models import (
     Category,
@@ -27,9 +29,7 @@ from .models import (
     Page,
     Product,
     converter,
-    parse_page,
 )
-from .models import parse as parse_model
 from .ratelimit import BaseRateLimit, Priority
 
 __all__ = ["Runtime"]

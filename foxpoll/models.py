@@ -2,7 +2,8 @@
 
 The API is only partly documented, so reading is tolerant: unknown fields are kept in
 ``raw``, an unknown status parses (as a non-terminal :class:`OrderStatus`), and delivered
-codes may be strings or objects. Anything that cannot be read raises
+codes may be strings or objects. :mod:`foxpoll._parse` reads a response's JSON with
+this module's converter, and turns anything it cannot read into
 :class:`~foxpoll.errors.APIResponseValidationError` and nothing else.
 
 Codes and notes are secrets: they never appear in a ``repr``.
@@ -17,10 +18,8 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 import cattrs
-from cattrs.errors import AttributeValidationNote, IterableValidationNote
+from cattrs.errors import IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
-
-from .errors import APIResponseValidationError
 
 __all__ = [
     "CancelReason",
@@ -33,7 +32,6 @@ __all__ = [
     "Page",
     "Product",
     "converter",
-    "parse",
 ]
 
 T = TypeVar("T")
@@ -376,62 +374,3 @@ def _with_raw(fn: Any) -> Any:
 #: The converter for every model: camelCase JSON in, snake_case attributes out (and back
 #: for request bodies).
 converter = _make_converter()
-
-
-def parse(data: object, kind: type[T], *, what: str | None = None) -> T:
-    """Read decoded JSON as ``kind``, or raise :class:`APIResponseValidationError`.
-
-    The message names the path of the first bad field and what was wrong with it, never
-    the field's value (it may be a code).
-    """
-    try:
-        return converter.structure(data, kind)
-    except Exception as exc:  # cattrs wraps everything a hook raises; report the first leaf
-        where, reason = _first_failure(exc)
-        label = what or getattr(kind, "__name__", str(kind))
-        raise APIResponseValidationError(f"unexpected {label} shape at {where}: {reason}") from exc
-
-
-def parse_page(data: object, kind: type[T]) -> Page[T]:
-    """Read a listing page: ``{items, limit, offset, total}`` or ``{items, limit, nextCursor}``.
-
-    A bare JSON array is accepted too, as a single page.
-    """
-    if isinstance(data, list):
-        return Page(items=parse(data, tuple[kind, ...], what=f"{kind.__name__} list"))  # type: ignore[valid-type]
-    if not isinstance(data, Mapping):
-        raise APIResponseValidationError(f"expected a page object, got {type(data).__name__}")
-    if "items" not in data:
-        raise APIResponseValidationError("unexpected page shape at $.items: field missing")
-    items: tuple[T, ...] = parse(data["items"], tuple[kind, ...], what=f"{kind.__name__} list")  # type: ignore[valid-type]
-    fields = {
-        "limit": data.get("limit"),
-        "offset": data.get("offset"),
-        "total": data.get("total"),
-        "next_cursor": data.get("nextCursor"),
-    }
-    for name, value in fields.items():
-        expected = str if name == "next_cursor" else int
-        if value is not None and (type(value) is not expected):
-            raise APIResponseValidationError(
-                f"unexpected page shape at $.{_camel(name)}: expected {expected.__name__}"
-            )
-    return Page(items=items, raw=dict(data), **fields)
-
-
-def _first_failure(exc: BaseException, path: str = "$") -> tuple[str, str]:
-    if isinstance(exc, cattrs.BaseValidationError) and exc.exceptions:
-        child = exc.exceptions[0]
-        return _first_failure(child, path + _path_step(getattr(child, "__notes__", [])))
-    if isinstance(exc, KeyError):
-        return path, "required field missing"
-    return path, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _path_step(notes: Sequence[object]) -> str:
-    """The JSON path step a failed child adds: its attribute, then its index in an array."""
-    attribute = next((n.name for n in notes if isinstance(n, AttributeValidationNote)), None)
-    index = next((n.index for n in notes if isinstance(n, IterableValidationNote)), None)
-    return (f".{_camel(attribute)}" if attribute else "") + (
-        f"[{index}]" if index is not None else ""
-    )

@@ -82,7 +82,8 @@ def test_the_tree_in_the_docstring_names_every_class() -> None:
 
 
 def test_order_errors_carry_the_order() -> None:
-    from foxpoll.models import Order, parse
+    from foxpoll._parse import parse
+    from foxpoll.models import Order
 
     cancelled = parse({"id": "o1", "status": "cancelled", "cancelReason": "user_request"}, Order)
     error = errors.OrderCancelled(cancelled)
@@ -97,7 +98,8 @@ def test_order_errors_carry_the_order() -> None:
 
 
 def test_a_failed_order_s_message_says_why() -> None:
-    from foxpoll.models import Order, parse
+    from foxpoll._parse import parse
+    from foxpoll.models import Order
 
     failed = parse({"id": "o3", "status": "failed", "items": [
         {"itemId": "a", "quantity": 1, "error": "supplier out of stock"},

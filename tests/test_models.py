@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from foxpoll import APIResponseValidationError, CancelReason, Order, OrderStatus, Product
-from foxpoll.models import Category, converter, parse, parse_page
+from foxpoll._parse import parse, parse_page
+from foxpoll.models import Category, converter
 
 COMPLETED = {
     "id": "2b1e0b5c-6f0e-4a53-9d70-3f4a3f4a1c2d",
