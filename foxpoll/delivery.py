@@ -253,6 +253,9 @@ def _renewals(lease: Lease, clock: Clock, wait_until: Callable[[float], Flow[boo
     (or failure to renew), until ``wait_until(time)`` says to stop or the claim is lost."""
     due = lease.expires - lease.seconds * 2 / 3
     while not (yield from wait_until(due)):
+        # The next renewal is due a third of the lease after this one was asked for: read
+        # now, before the store answers, so time that passes meanwhile is not counted twice.
+        asked = clock.monotonic()
         try:
             yield from call(lease.renew)
         except LeaseLost:
@@ -264,7 +267,7 @@ def _renewals(lease: Lease, clock: Clock, wait_until: Callable[[float], Flow[boo
         except StoreUnavailable as exc:
             log.warning("order %s: renewing the claim failed (%s); trying again",
                         lease.order_id, type(exc).__name__)
-        due = clock.monotonic() + lease.seconds / 3
+        due = asked + lease.seconds / 3
 
 
 @contextlib.contextmanager
@@ -434,6 +437,7 @@ async def _adeliver(clock: Clock, op: Op[Any]) -> Any:
     if op.lease is not None:
         renewals = _renewals(op.lease, clock, functools.partial(_pause_until, clock))
         renewing = asyncio.ensure_future(arun(renewals, clock=clock))
+        renewing.add_done_callback(_renewing_ended)
     try:
         with _interruptions():
             result = op.deliver(op.order)
@@ -441,6 +445,13 @@ async def _adeliver(clock: Clock, op: Op[Any]) -> Any:
     finally:
         if renewing is not None:
             renewing.cancel()
+
+
+def _renewing_ended(task: asyncio.Future[None]) -> None:
+    """Log what stopped a renewing task, as the blocking renewer does, rather than leave
+    it as an exception no one retrieves."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("renewing a claim stopped: %s", type(error).__name__)
 
 
 def _pause_until(clock: Clock, until: float) -> Flow[bool]:

@@ -610,6 +610,26 @@ async def test_a_slow_async_delivery_keeps_its_claim() -> None:
     assert store.count >= 3
 
 
+async def test_an_async_renewal_that_breaks_is_logged_not_left_unretrieved(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+
+    class Broken(MemoryDedupStore):
+        def renew(self, order_id: str, token: str, lease: float) -> Any:
+            raise RuntimeError("a bug in a store of one's own")
+
+    async def slow(o: Order) -> str:
+        for _ in range(4):  # 40 s of a 30 s lease: the renewal at 10 s breaks
+            await clock.asleep(10)
+        return "sent"
+
+    result = await adeliver_once(completed(), slow, Broken(clock=clock.time), lease=30,
+                                 clock=clock)
+    assert result.receipt == "sent"
+    await asyncio.sleep(0)  # the renewing task's done-callback runs on the loop
+    assert "renewing a claim stopped: RuntimeError" in caplog.text
+
+
 async def test_quick_async_deliveries_neither_renew_nor_move_the_clock() -> None:
     clock = FakeClock()
     store = AsyncRenewals(clock)
