@@ -70,6 +70,40 @@ def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool:
 
 
 @contextlib.contextmanager
+def own_redis_server() -> Iterator[str]:
+    """A Redis server of the test's own, on a free port, for what must not touch the
+    shared one (``SCRIPT FLUSH``, a restart); its URL. Fails under CI, skips elsewhere,
+    when ``redis-server`` is missing."""
+    import shutil
+    import subprocess
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + "; CI must run every service-backed test", pytrace=False)
+        pytest.skip(message)
+    port = free_port()
+    server = subprocess.Popen(  # noqa: S603 - a fixed binary and options of our own
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the test's own redis-server did not start") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@contextlib.contextmanager
 def closing_stores(build: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
     """A factory of stores, ``build(**options)``, that closes every store it made on exit:
     for a fixture whose tests make stores with options of their own."""

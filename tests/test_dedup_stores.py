@@ -301,20 +301,15 @@ async def test_redis_stores_run_on_after_the_server_forgets_their_scripts() -> N
 
     from foxpoll.dedup import AsyncRedisDedupStore, RedisDedupStore
 
-    from .services import REDIS_URL, delete_keys, require
+    from .services import own_redis_server
 
-    require("Redis", "127.0.0.1", 6379)
-    prefix = f"foxpoll-test-{uuid.uuid4().hex[:8]}:"
-    raw = redis.Redis.from_url(REDIS_URL)
-    try:
-        with RedisDedupStore(REDIS_URL, key_prefix=prefix) as store:
+    # SCRIPT FLUSH empties every client's scripts: on a server of the test's own.
+    with own_redis_server() as url, redis.Redis.from_url(url) as raw:
+        with RedisDedupStore(url) as store:
             assert store.claim("o1", "token-1", 60).acquired
             raw.script_flush()
             assert store.complete("o1", "token-1", "h", None).token == "token-1"
-        async with AsyncRedisDedupStore(REDIS_URL, key_prefix=prefix) as astore:
+        async with AsyncRedisDedupStore(url) as astore:
             assert (await astore.claim("o2", "token-2", 60)).acquired
             raw.script_flush()
             assert (await astore.complete("o2", "token-2", "h", None)).token == "token-2"
-    finally:
-        delete_keys(prefix)
-        raw.close()

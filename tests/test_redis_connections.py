@@ -18,7 +18,7 @@ import pytest
 
 from foxpoll.errors import DedupError, StoreUnavailable
 
-from .services import REDIS_URL, delete_keys, free_port, require
+from .services import REDIS_URL, delete_keys, free_port, own_redis_server, require
 
 pytestmark = pytest.mark.service
 
@@ -55,24 +55,42 @@ def test_a_connection_the_server_closed_is_replaced_before_it_serves(prefix: str
         assert store.complete("o-1", "t-1", "h", None).state.value == "delivered"
 
 
-def test_a_pool_of_one_serves_the_store_and_its_caller_in_turn(prefix: str) -> None:
+def test_a_pool_of_one_serves_the_store_and_its_caller_in_turn() -> None:
     # The store holds no connection between calls, and loads a script the server forgot
     # again through a pool whose one connection it gives back after every command.
+    # (SCRIPT FLUSH empties every client's scripts: on a server of the test's own.)
     from foxpoll.dedup import RedisDedupStore
 
-    pool = redis.BlockingConnectionPool.from_url(REDIS_URL, max_connections=1, timeout=1)
-    client = redis.Redis(connection_pool=pool)
-    try:
-        with RedisDedupStore(client, key_prefix=prefix) as store:
-            assert store.claim("o-1", "t-1", 30).acquired
-            assert client.ping()  # would wait for the pool's connection, then fail
-            with redis.Redis.from_url(REDIS_URL) as admin:
-                admin.script_flush()
-            assert store.complete("o-1", "t-1", "h", None).state.value == "delivered"
-            assert store.claim("o-2", "t-2", 30).acquired  # and the next script too
-        assert client.ping()  # closing the store left the caller's client open
-    finally:
-        pool.disconnect()
+    with own_redis_server() as url:
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=1,
+                                                     socket_timeout=5)
+        client = redis.Redis(connection_pool=pool)
+        try:
+            with RedisDedupStore(client) as store:
+                assert store.claim("o-1", "t-1", 30).acquired
+                assert client.ping()  # would wait for the pool's connection, then fail
+                with redis.Redis.from_url(url) as admin:
+                    admin.script_flush()
+                assert store.complete("o-1", "t-1", "h", None).state.value == "delivered"
+                assert store.claim("o-2", "t-2", 30).acquired  # and the next script too
+            assert client.ping()  # closing the store left the caller's client open
+        finally:
+            pool.disconnect()
+
+
+def test_a_callers_blocking_client_without_a_socket_timeout_is_refused() -> None:
+    # Nothing else could end its calls on a frozen network.
+    from foxpoll.dedup import AsyncRedisDedupStore, RedisDedupStore
+
+    unbounded = redis.Redis.from_url(REDIS_URL, socket_timeout=None)
+    with pytest.raises(ValueError, match="needs a socket_timeout"):
+        RedisDedupStore(unbounded)
+    bounded = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    assert RedisDedupStore(bounded).statement_timeout == 5.0
+    # The async store bounds every call by its statement_timeout, whatever the client.
+    AsyncRedisDedupStore(redis.asyncio.Redis.from_url(REDIS_URL, socket_timeout=None))
+    unbounded.close()
+    bounded.close()
 
 
 def test_an_error_reply_or_a_corrupt_record_leaves_the_store_serving(prefix: str) -> None:

@@ -15,6 +15,7 @@ client's pool lends for that command.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -255,12 +256,19 @@ class _RedisStore(FlowStore):
 
     _client_class: Any
     _retry_class: Any
+    _blocking: bool
 
     def __init__(
         self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS,
         statement_timeout: float = 5.0, connect_timeout: float = 5.0,
     ) -> None:
         self._owns = isinstance(url_or_client, str)
+        if not self._owns and self._blocking and _socket_timeout(url_or_client) is None:
+            # Only the socket timeout can end a blocking call on a frozen network: without
+            # it, a call (and a delivery's lease) could wait for good.
+            raise ValueError("a redis.Redis client of your own needs a socket_timeout "
+                             "(redis.Redis(..., socket_timeout=5)): the store's blocking "
+                             "calls are bounded by it")
         # No retries: a command retried after a timeout would wait out socket_timeout
         # again, past statement_timeout; delivery retries what needs retrying itself.
         self._client = (
@@ -300,6 +308,16 @@ class _RedisStore(FlowStore):
         return unavailable("Redis", exc)
 
 
+def _socket_timeout(client: Any) -> float | None:
+    """The socket timeout a client's connections get (None: they wait for good); a client
+    that does not say (a cluster client, say) counts as bounded."""
+    settings = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if not isinstance(settings, dict):
+        return math.inf
+    timeout: float | None = settings.get("socket_timeout")
+    return timeout
+
+
 class RedisDedupStore(_RedisStore, DedupStore):
     """A dedup store in Redis.
 
@@ -311,14 +329,16 @@ class RedisDedupStore(_RedisStore, DedupStore):
         statement_timeout: Seconds one command may wait for its reply before the call
             raises :class:`StoreUnavailable` (a network that froze mid-command): the
             ``socket_timeout`` of the client the store builds from a URL. A client of
-            your own is bounded by its own ``socket_timeout`` and retry policy instead:
-            set its ``socket_timeout`` (redis-py's default differs across versions).
+            your own is bounded by its own ``socket_timeout`` and retry policy instead;
+            one without a ``socket_timeout`` is refused (:class:`ValueError`), since
+            nothing would end a call on a frozen network.
         connect_timeout: Seconds to connect, for a client built from a URL
             (``socket_connect_timeout``).
     """
 
     _client_class = redis.Redis
     _retry_class = redis.retry.Retry
+    _blocking = True
 
     def _run(self, flow: Flow[T]) -> T:
         try:
@@ -340,6 +360,7 @@ class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
 
     _client_class = aredis.Redis
     _retry_class = redis.asyncio.retry.Retry
+    _blocking = False  # every call runs under statement_timeout, whatever the client
 
     async def _perform(self, op: Op[Any]) -> Any:
         return await self._send(op)
