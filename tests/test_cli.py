@@ -80,7 +80,7 @@ def fill(queue: Any) -> None:
     for order_id in ("dead", "closed"):
         queue.enqueue(order_id)
         queue.bury(order_id, last_status="processing", last_error="timeout")
-    queue.close("closed", "refunded")
+    queue.resolve("closed", "refunded")
     queue.enqueue("done")
     queue.finish("done", final_status="completed")
 
