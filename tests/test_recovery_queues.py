@@ -373,3 +373,46 @@ def test_the_queue_uses_a_callers_pool_and_leaves_it_open() -> None:
         assert not pool.closed
         with pool.connection() as conn:
             conn.execute(f"DROP TABLE {table}")
+
+
+@pytest.mark.service
+async def test_close_and_async_with_release_the_queues_own_connections() -> None:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    from .services import eventually
+
+    table = f"recovery_{uuid.uuid4().hex[:10]}"
+    name = f"foxpoll-test-{uuid.uuid4().hex[:8]}"
+    url = f"{POSTGRES_URL}?application_name={name}"
+
+    def connections() -> int:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity "
+                               "WHERE application_name = %s", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    try:
+        with PostgresRecoveryQueue(url, table=table) as queue:
+            queue.create_schema()
+            assert queue.enqueue("o1")
+            assert connections() == 1
+        assert eventually(lambda: connections() == 0)
+        async with PostgresRecoveryQueue(url, table=table) as aqueue:
+            assert aqueue.get("o1") is not None
+            assert connections() == 1
+        assert eventually(lambda: connections() == 0)
+    finally:
+        drop_table(table)
+
+
+def test_a_closed_sqlite_queue_holds_no_connection(tmp_path: Path) -> None:
+    import sqlite3
+
+    queue = SQLiteRecoveryQueue(tmp_path / "q.db")
+    queue.enqueue("o1")
+    queue.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        queue.get("o1")
