@@ -150,21 +150,12 @@ def pg_schema_table() -> Iterator[str]:
 
 
 @pytest.mark.service
-class TestPostgresStoreInASchema(DedupStoreConformance):
-    @pytest.fixture
-    def make_store(self, pg_schema_table: str) -> Any:
-        from foxpoll.dedup import PostgresDedupStore
+class TestPostgresStoresInASchema(DedupStoreConformance):
+    @pytest.fixture(params=["PostgresDedupStore", "AsyncPostgresDedupStore"])
+    def make_store(self, request: pytest.FixtureRequest, pg_schema_table: str) -> Any:
+        import foxpoll.dedup
 
-        return PostgresDedupStore(POSTGRES_URL, table=pg_schema_table)
-
-
-@pytest.mark.service
-class TestAsyncPostgresStoreInASchema(DedupStoreConformance):
-    @pytest.fixture
-    def make_store(self, pg_schema_table: str) -> Any:
-        from foxpoll.dedup import AsyncPostgresDedupStore
-
-        return AsyncPostgresDedupStore(POSTGRES_URL, table=pg_schema_table)
+        return getattr(foxpoll.dedup, request.param)(POSTGRES_URL, table=pg_schema_table)
 
 
 @pytest.mark.service
