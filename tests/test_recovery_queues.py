@@ -35,9 +35,11 @@ class Engine:
 
 
 def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None) -> Engine:
-    if kind == "sqlite":
+    if kind.startswith("sqlite"):
         clock = FakeClock()
-        queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, clock=clock.time)
+        table = 'main."Recovery ""Jobs"""' if kind == "sqlite-schema" else "foxpoll_recovery"
+        queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, table=table,
+                                    clock=clock.time)
         return Engine(queue, clock.advance, clock.time)
     require("PostgreSQL", "127.0.0.1", 5432)
     import psycopg
@@ -77,7 +79,8 @@ def drop_engine(kind: str, queue: SQLiteRecoveryQueue | PostgresRecoveryQueue) -
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.service),
+@pytest.fixture(params=["sqlite", "sqlite-schema",
+                        pytest.param("postgres", marks=pytest.mark.service),
                         pytest.param("postgres-schema", marks=pytest.mark.service)])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     made = make_engine(request.param, tmp_path)
@@ -416,3 +419,20 @@ def test_a_closed_sqlite_queue_holds_no_connection(tmp_path: Path) -> None:
     queue.close()
     with pytest.raises(sqlite3.ProgrammingError):
         queue.get("o1")
+
+
+def test_a_table_made_by_foxpoll_0_1_gets_its_token_column_under_a_quoted_name(
+    tmp_path: Path
+) -> None:
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "q.db") as db:  # 0.1's table: no token column
+        db.execute('CREATE TABLE "Old Jobs" (order_id TEXT PRIMARY KEY, state TEXT NOT NULL, '
+                   "attempts INTEGER NOT NULL DEFAULT 0, due_at DOUBLE PRECISION NOT NULL, "
+                   "locked_until DOUBLE PRECISION, reason TEXT NOT NULL DEFAULT '', "
+                   "last_status TEXT, last_error TEXT, note TEXT, "
+                   "created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)")
+    db.close()
+    with SQLiteRecoveryQueue(tmp_path / "q.db", table='"Old Jobs"') as queue:
+        assert queue.enqueue("o1")
+        assert queue.take(lease=60) is not None  # the take writes the token column
