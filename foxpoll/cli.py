@@ -10,12 +10,12 @@
     foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
     foxpoll dlq list|requeue|resolve      the recovery queue's dead letters
         --queue sqlite:///PATH|postgresql://...|"host=... dbname=..." [--table NAME]
+    foxpoll simulate --port 8080          serve the simulator over HTTP
+    foxpoll --version
 
 The queue's location comes from ``--queue`` or else ``FOXPOLL_QUEUE``, and the shared
 budget's from ``--rate-limit-store`` or else ``FOXPOLL_RATE_LIMIT_STORE``: a flag wins over
 its variable. With neither, a queue command stops (exit 2) rather than guess.
-    foxpoll simulate --port 8080          serve the simulator over HTTP
-    foxpoll --version
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback instead. Exit
 codes: 0 done, 1 an error, 2 a usage error, 3 the order failed or was cancelled, 4 the

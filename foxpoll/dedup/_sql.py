@@ -86,6 +86,8 @@ def _unquote(part: str) -> str:
     return part.lower()
 
 
+# Not psycopg.sql.Identifier: statements are rendered once, before any connection exists,
+# and Identifier needs a connection to render before psycopg 3.2 (the floor is 3.1).
 def quote(name: str) -> str:
     """``name`` as a quoted SQL identifier: in double quotes, each quote doubled (what
     libpq's ``PQescapeIdentifier`` and ``psycopg.sql.Identifier`` produce)."""
