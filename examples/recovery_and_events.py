@@ -102,7 +102,7 @@ def main() -> None:
         client_redis.delete(stream, f"{stream}:dead")
         client_redis.close()
         store.close()
-        queue.close_connections()
+        queue.close()
 
 
 if __name__ == "__main__":

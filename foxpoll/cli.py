@@ -8,9 +8,14 @@
         [--rate-limit PER_MINUTE|auto [--rate-limit-store sqlite:///PATH|redis://...]]
     foxpoll catalog [--category ID]       the categories, or a category's products
     foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
-    foxpoll dlq list|requeue|close        the recovery queue's dead letters
+    foxpoll dlq list|requeue|resolve      the recovery queue's dead letters
+        --queue sqlite:///PATH|postgresql://...|"host=... dbname=..." [--table NAME]
     foxpoll simulate --port 8080          serve the simulator over HTTP
     foxpoll --version
+
+The queue's location comes from ``--queue`` or else ``FOXPOLL_QUEUE``, and the shared
+budget's from ``--rate-limit-store`` or else ``FOXPOLL_RATE_LIMIT_STORE``: a flag wins over
+its variable. With neither, a queue command stops (exit 2) rather than guess.
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback instead. Exit
 codes: 0 done, 1 an error, 2 a usage error, 3 the order failed or was cancelled, 4 the
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +46,14 @@ EXIT_CODES = """exit codes:
   3    the order failed or was cancelled
   4    the wait stalled: the order may still complete (re-check it, or let recovery)
   130  interrupted"""
-EXIT_FAILED, EXIT_STALLED = 3, 4
+EXIT_USAGE, EXIT_FAILED, EXIT_STALLED = 2, 3, 4
+
+QUEUE_ENV = "FOXPOLL_QUEUE"
+RATE_LIMIT_STORE_ENV = "FOXPOLL_RATE_LIMIT_STORE"
+
+
+class UsageError(Exception):
+    """A command that cannot run as given: said in one line, exit status 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                              "(100 on the standard tier), or auto to learn it from 429s")
     budget.add_argument("--rate-limit-store", metavar="URL", default=argparse.SUPPRESS,
                         help="share the budget with your other processes: sqlite:///PATH "
-                             "(one host) or redis://... (a fleet)")
+                             "(one host) or redis://... (a fleet); default "
+                             f"${RATE_LIMIT_STORE_ENV}")
     orders = commands.add_parser(
         "orders", parents=[budget], help="orders on the real API",
         description="Orders on the real API. The key is read from FOXRELOAD_API_KEY and "
@@ -99,9 +114,13 @@ def _parser() -> argparse.ArgumentParser:
 
     # --queue goes before or after the action: a parent parser on each level.
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--queue", default=argparse.SUPPRESS,
-                       help="sqlite:///PATH (default sqlite:///foxpoll.db) or a "
-                            "postgresql:// URL (the PostgreSQL and procrastinate queues)")
+    where.add_argument("--queue", metavar="LOCATION", default=argparse.SUPPRESS,
+                       help="sqlite:///PATH (an existing file), or a postgresql:// URL or "
+                            "libpq keyword string (the PostgreSQL and procrastinate "
+                            f"queues); default ${QUEUE_ENV}, else an error")
+    where.add_argument("--table", metavar="NAME", default=argparse.SUPPRESS,
+                       help="the queue's table, schema-qualified if need be "
+                            "(billing.foxpoll_recovery); default foxpoll_recovery")
     recovery = commands.add_parser("recovery", parents=[where],
                                    help="the recovery queue's jobs, in every state")
     recovery_actions = recovery.add_subparsers(dest="action", required=True)
@@ -117,10 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     requeue = actions.add_parser("requeue", parents=[where],
                                  help="give an order a fresh set of re-checks")
     requeue.add_argument("order_id")
-    close = actions.add_parser("close", parents=[where],
-                               help="settle an order by hand, with a reason")
-    close.add_argument("order_id")
-    close.add_argument("reason")
+    resolve = actions.add_parser("resolve", parents=[where],
+                                 help="settle a dead order by hand (refunded...), with a "
+                                      "reason kept on record")
+    resolve.add_argument("order_id")
+    resolve.add_argument("reason")
 
     from .testing.__main__ import add_arguments
 
@@ -137,6 +157,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"foxpoll: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (FoxPollError, ValueError, KeyError, OSError) as exc:
         if args.debug:
             raise
@@ -238,6 +261,8 @@ def _rate_limit(args: argparse.Namespace) -> Any:
         if store is not None:
             raise ValueError("--rate-limit-store needs --rate-limit")
         return None
+    if store is None:  # the variable is the fleet's setting; only a budget asks for it
+        store = os.environ.get(RATE_LIMIT_STORE_ENV) or None
     if spec == "auto":
         per_minute = None
     else:
@@ -251,7 +276,7 @@ def _rate_limit(args: argparse.Namespace) -> Any:
         return SQLiteRateLimit(store[len("sqlite:///"):], per_minute)
     if store.startswith(("redis://", "rediss://", "unix://")):
         return RedisRateLimit(store, per_minute)
-    raise ValueError(f"--rate-limit-store {store!r}: use sqlite:///PATH or redis://...")
+    raise ValueError(f"rate-limit store {_shown(store)!r}: use sqlite:///PATH or redis://...")
 
 
 def _item(spec: str, note: dict[str, str] | None) -> dict[str, Any]:
@@ -324,7 +349,7 @@ def _recovery(args: argparse.Namespace, out: TextIO) -> int:
     from .recovery.base import JobState
 
     states, running = STATE_FILTERS[args.state]
-    queue = _queue(getattr(args, "queue", DEFAULT_QUEUE))
+    queue = _queue(args)
     try:
         now = time.time()
         shown, reasons = 0, set[str]()
@@ -343,12 +368,12 @@ def _recovery(args: argparse.Namespace, out: TextIO) -> int:
         for reason in sorted(reasons & REASONS.keys()):
             print(f"reason={reason}: {REASONS[reason]}", file=sys.stderr)
     finally:
-        queue.close_connections()
+        queue.close()
     return 0
 
 
 def _dlq(args: argparse.Namespace, out: TextIO) -> int:
-    queue = _queue(getattr(args, "queue", DEFAULT_QUEUE))
+    queue = _queue(args)
     try:
         if args.action == "list":
             jobs = queue.list_dead()
@@ -360,26 +385,52 @@ def _dlq(args: argparse.Namespace, out: TextIO) -> int:
             queue.requeue(args.order_id)
             print(f"{args.order_id}: requeued", file=out)
         else:
-            queue.close(args.order_id, args.reason)
-            print(f"{args.order_id}: closed ({args.reason})", file=out)
+            queue.resolve(args.order_id, args.reason)
+            print(f"{args.order_id}: resolved ({args.reason})", file=out)
+    except KeyError:
+        if args.debug:
+            raise
+        print(f"foxpoll: error: no order {args.order_id} in the queue", file=sys.stderr)
+        return 1
     finally:
-        queue.close_connections()
+        queue.close()
     return 0
 
 
-DEFAULT_QUEUE = "sqlite:///foxpoll.db"
+DEFAULT_TABLE = "foxpoll_recovery"
+# A libpq keyword string ("host=db dbname=shop"), which the PostgreSQL queues accept too.
+_KEYWORDS = re.compile(r"\s*[A-Za-z_]+\s*=")
 
 
-def _queue(url: str) -> Any:
-    if url.startswith("sqlite:///"):
+def _queue(args: argparse.Namespace) -> Any:
+    """The queue the command names: ``--queue``, else ``$FOXPOLL_QUEUE``; never a guess."""
+    location = getattr(args, "queue", None) or os.environ.get(QUEUE_ENV)
+    if not location:
+        raise UsageError(f"which recovery queue? Give --queue sqlite:///PATH or "
+                         f"postgresql://..., or set {QUEUE_ENV}")
+    table = getattr(args, "table", DEFAULT_TABLE)
+    if location.startswith("sqlite:///"):
         from .recovery.sqlite import SQLiteRecoveryQueue
 
-        return SQLiteRecoveryQueue(url[len("sqlite:///"):])
-    if url.startswith(("postgresql://", "postgres://")):
+        path = Path(location[len("sqlite:///"):])
+        if not path.is_file():  # opening it would make a new, empty queue
+            raise ValueError(f"no queue at {location}: the file does not exist")
+        return SQLiteRecoveryQueue(path, table=table)
+    if location.startswith(("postgresql://", "postgres://")) or _KEYWORDS.match(location):
         from .recovery.postgres import PostgresRecoveryQueue
 
-        return PostgresRecoveryQueue(url)
-    raise ValueError(f"--queue {url!r}: use sqlite:///PATH or postgresql://...")
+        return PostgresRecoveryQueue(location, table=table)
+    raise ValueError(f"queue {_shown(location)!r}: use sqlite:///PATH, postgresql://... or "
+                     "a libpq keyword string (host=... dbname=...)")
+
+
+def _shown(location: str) -> str:
+    """``location`` without its password, for an error message."""
+    scheme, sep, rest = location.partition("://")
+    if sep and "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        return f"{scheme}://{credentials.partition(':')[0]}:***@{host}"
+    return "<connection string>" if "password" in location.lower() else location
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def test_demo_on_virtual_time(tmp_path: Path) -> None:
     assert (code, listing.strip()) == (0, "0 dead letter(s)")
 
 
-def test_dlq_list_requeue_close(tmp_path: Path) -> None:
+def test_dlq_list_requeue_resolve(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     with SQLiteRecoveryQueue(path) as queue:
         for order_id in ("o-1", "o-2"):
@@ -56,8 +57,10 @@ def test_dlq_list_requeue_close(tmp_path: Path) -> None:
     assert "o-1  attempts=1  last_status=processing  last_error=timeout" in listing
     assert "2 dead letter(s)" in listing
     assert run("dlq", "--queue", url, "requeue", "o-1") == (0, "o-1: requeued\n")
-    assert run("dlq", "--queue", url, "close", "o-2", "refunded") == (0,
-                                                                      "o-2: closed (refunded)\n")
+    assert run("dlq", "--queue", url, "resolve", "o-2", "refunded") == (
+        0, "o-2: resolved (refunded)\n")
+    with SQLiteRecoveryQueue(path) as queue:
+        assert queue.get("o-2").note == "refunded"  # type: ignore[union-attr]
     assert run("dlq", "--queue", url, "list")[1].strip() == "0 dead letter(s)"
 
 
@@ -80,7 +83,7 @@ def fill(queue: Any) -> None:
     for order_id in ("dead", "closed"):
         queue.enqueue(order_id)
         queue.bury(order_id, last_status="processing", last_error="timeout")
-    queue.close("closed", "refunded")
+    queue.resolve("closed", "refunded")
     queue.enqueue("done")
     queue.finish("done", final_status="completed")
 
@@ -148,10 +151,11 @@ def test_recovery_list_on_postgresql() -> None:
 def test_errors_are_one_line_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    SQLiteRecoveryQueue(tmp_path / "q.db").close()
     code, _ = run("dlq", "--queue", f"sqlite:///{tmp_path / 'q.db'}", "requeue", "nope")
     assert code == 1
     err = capsys.readouterr().err
-    assert err.strip() == "foxpoll: error: KeyError: nope"
+    assert err.strip() == "foxpoll: error: no order nope in the queue"
     assert "Traceback" not in err
     code, _ = run("dlq", "--queue", "mysql://x", "list")
     assert code == 1
@@ -159,8 +163,91 @@ def test_errors_are_one_line_without_a_traceback(
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    SQLiteRecoveryQueue(tmp_path / "q.db").close()
     with pytest.raises(KeyError):
         main(["--debug", "dlq", "--queue", f"sqlite:///{tmp_path / 'q.db'}", "requeue", "nope"])
+
+
+@pytest.mark.parametrize("argv", [["dlq", "list"], ["recovery", "list"],
+                                  ["dlq", "requeue", "o-1"], ["dlq", "resolve", "o-1", "x"]])
+def test_without_a_queue_the_command_stops_rather_than_guess(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FOXPOLL_QUEUE", raising=False)
+    assert run(*argv) == (2, "")
+    err = capsys.readouterr().err
+    assert "--queue" in err
+    assert "FOXPOLL_QUEUE" in err
+    assert list(tmp_path.iterdir()) == []  # no new, empty foxpoll.db
+
+
+def test_a_missing_sqlite_file_is_an_error_not_a_new_queue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "typo.db"
+    assert run("dlq", "list", "--queue", f"sqlite:///{missing}") == (1, "")
+    assert "does not exist" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_the_queue_comes_from_the_flag_else_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("env", "flag"):
+        with SQLiteRecoveryQueue(tmp_path / f"{name}.db") as queue:
+            queue.enqueue(f"{name}-order")
+            queue.bury(f"{name}-order", last_status=None, last_error=None)
+    monkeypatch.setenv("FOXPOLL_QUEUE", f"sqlite:///{tmp_path / 'env.db'}")
+    assert run("dlq", "list")[1].split()[0] == "env-order"
+    assert run("dlq", "list", "--queue", f"sqlite:///{tmp_path / 'flag.db'}"
+               )[1].split()[0] == "flag-order"  # the flag wins
+
+
+def test_table_names_the_queue_s_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with SQLiteRecoveryQueue(tmp_path / "q.db", table="partner_recovery") as queue:
+        queue.enqueue("o-1")
+        queue.bury("o-1", last_status=None, last_error=None)
+    monkeypatch.setenv("FOXPOLL_QUEUE", f"sqlite:///{tmp_path / 'q.db'}")
+    assert run("dlq", "list", "--table", "partner_recovery")[1].split()[0] == "o-1"
+    assert run("dlq", "list")[1].strip() == "0 dead letter(s)"  # the default table
+    assert run("dlq", "--table", "partner_recovery", "requeue", "o-1") == (0,
+                                                                        "o-1: requeued\n")
+    assert run("recovery", "list", "--table", "partner_recovery")[1].split()[:2] == [
+        "o-1", "queued"]
+
+
+@pytest.mark.service
+def test_a_schema_qualified_table_and_a_keyword_string_on_postgresql() -> None:
+    import psycopg
+    from psycopg import sql
+
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    from .services import POSTGRES_URL, require
+
+    require("PostgreSQL", "127.0.0.1", 5432)
+    schema = f"billing_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        table = f"{schema}.foxpoll_recovery"
+        with PostgresRecoveryQueue(POSTGRES_URL, table=table) as queue:
+            queue.create_schema()
+            queue.enqueue("o-1")
+            queue.bury("o-1", last_status="processing", last_error="timeout")
+        keywords = psycopg.conninfo.make_conninfo(  # host=... dbname=...
+            "", **psycopg.conninfo.conninfo_to_dict(POSTGRES_URL))
+        assert "://" not in keywords
+        code, listing = run("dlq", "list", "--queue", keywords, "--table", table)
+        assert (code, listing.splitlines()[-1]) == (0, "1 dead letter(s)")
+        assert listing.split()[0] == "o-1"
+        assert run("dlq", "resolve", "o-1", "refunded", "--queue", POSTGRES_URL,
+                   "--table", table) == (0, "o-1: resolved (refunded)\n")
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 @pytest.fixture
@@ -260,6 +347,21 @@ def test_help_names_the_environment_the_item_format_and_the_exit_codes(
     assert "foxpoll catalog --category ID" in shown  # where --item's ids come from
     assert "3    the order failed or was cancelled" in shown
     assert "2    a usage error" in shown
+    assert "FOXPOLL_RATE_LIMIT_STORE" in shown
+
+
+def test_queue_help_names_the_flag_the_variable_and_the_table(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (["dlq", "list", "--help"], ["recovery", "list", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        shown = capsys.readouterr().out
+        assert "FOXPOLL_QUEUE" in shown
+        assert "--table" in shown
+    with pytest.raises(SystemExit):
+        main(["dlq", "--help"])
+    assert "resolve" in capsys.readouterr().out
 
 
 def test_bad_item_spec_is_a_clear_error(api: FakeFoxReload,
@@ -337,6 +439,23 @@ def test_bad_rate_limits_are_one_line_errors(
     assert "per_minute" in capsys.readouterr().err
     assert run("orders", "get", "x", "--rate-limit-store", "redis://x")[0] == 1
     assert "needs --rate-limit" in capsys.readouterr().err
+
+
+def test_the_budget_store_comes_from_the_flag_else_the_environment(
+    api: FakeFoxReload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from_env, from_flag = tmp_path / "env.db", tmp_path / "flag.db"
+    monkeypatch.setenv("FOXPOLL_RATE_LIMIT_STORE", f"sqlite:///{from_env}")
+    buy = ("orders", "create", "--item", "product_steam_10")
+    assert run(*buy)[0] == 0
+    assert not from_env.exists()  # no budget asked for: the variable alone starts none
+    assert run(*buy, "--rate-limit", "100")[0] == 0
+    assert from_env.exists()
+    from_env.unlink()
+    assert run(*buy, "--rate-limit", "100", "--rate-limit-store", f"sqlite:///{from_flag}"
+               )[0] == 0
+    assert from_flag.exists()
+    assert not from_env.exists()  # the flag wins
 
 
 def _first_order_id(*argv: str) -> str:

@@ -121,6 +121,100 @@ class TestAsyncPostgresStore(DedupStoreConformance):
         return AsyncPostgresDedupStore(POSTGRES_URL, table=pg_table)
 
 
+class TestSQLiteStoreWithAQuotedName(DedupStoreConformance):
+    @pytest.fixture
+    def make_store(self, tmp_path: Path) -> Any:
+        return SQLiteDedupStore(tmp_path / "deliveries.db", table='main."Partner\'s ""Codes"""')
+
+
+@pytest.fixture(scope="module")
+def pg_schema_table() -> Iterator[str]:
+    """A table in a schema of its own, under a name that only works quoted."""
+    require("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+    from psycopg import sql
+
+    from foxpoll.dedup import PostgresDedupStore
+
+    schema = f"billing_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    table = f'{schema}."Deliveries; DROP TABLE x"'
+    try:
+        PostgresDedupStore(POSTGRES_URL, table=table).create_schema()
+        PostgresDedupStore(POSTGRES_URL, table=table).create_schema()  # idempotent
+        yield table
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.mark.service
+class TestPostgresStoresInASchema(DedupStoreConformance):
+    @pytest.fixture(params=["PostgresDedupStore", "AsyncPostgresDedupStore"])
+    def make_store(self, request: pytest.FixtureRequest, pg_schema_table: str) -> Any:
+        import foxpoll.dedup
+
+        return getattr(foxpoll.dedup, request.param)(POSTGRES_URL, table=pg_schema_table)
+
+
+@pytest.mark.service
+def test_a_schema_qualified_table_is_where_the_server_says(pg_schema_table: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    from foxpoll import deliver_once
+    from foxpoll.dedup import PostgresDedupStore
+
+    schema = pg_schema_table.partition(".")[0]
+    order = DedupStoreConformance.completed_order(f"schema-{uuid.uuid4()}")
+    with PostgresDedupStore(POSTGRES_URL, table=pg_schema_table) as store:
+        assert deliver_once(order, lambda o: "sent", store).delivered
+    where = sql.Identifier(schema, "Deliveries; DROP TABLE x")  # psycopg's own quoting
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        row = conn.execute(sql.SQL("SELECT state FROM {} WHERE order_id = %s").format(where),
+                           (order.id,)).fetchone()
+        indexes = conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s",
+                               (schema,)).fetchall()
+    assert row == ("delivered",)
+    assert ("Deliveries; DROP TABLE x_state_updated",) in indexes  # beside its table
+
+
+@pytest.mark.service
+def test_plain_names_fold_to_lower_case_and_long_names_keep_their_own_index() -> None:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+
+    from foxpoll.dedup import PostgresDedupStore
+
+    stem = f"foxpoll_test_{uuid.uuid4().hex[:8]}_"
+    long_names = [stem + letter * (63 - len(stem)) for letter in "ab"]  # 63 bytes each
+    mixed = f"Foxpoll_Test_{uuid.uuid4().hex[:8]}"
+    try:
+        for table in [*long_names, mixed]:
+            PostgresDedupStore(POSTGRES_URL, table=table).create_schema()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            tables = {row[0]: row[1] for row in conn.execute(
+                "SELECT tablename, indexname FROM pg_indexes WHERE tablename = ANY(%s) "
+                "AND indexname NOT LIKE '%%pkey'", ([*long_names, mixed.lower()],))}
+        # An unquoted name means what it means to PostgreSQL: the table of foxpoll < 1.0.
+        assert set(tables) == {*long_names, mixed.lower()}
+        assert len(set(tables.values())) == 3  # no index name cut short onto another's
+        assert all(len(index) <= 63 for index in tables.values())
+    finally:
+        for table in [*long_names, mixed.lower()]:
+            drop_table(table)
+
+
+@pytest.mark.parametrize("table", ["a.b.c", "deliveries; DROP TABLE x", '"50%"', "",
+                                   '"unterminated', "x" * 64, "1table", 'a."b"c'])
+def test_table_names_that_are_not_one_or_two_identifiers_are_refused(
+    tmp_path: Path, table: str
+) -> None:
+    with pytest.raises(ValueError, match="table name"):
+        SQLiteDedupStore(tmp_path / "deliveries.db", table=table)
+
+
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     require("Redis", "127.0.0.1", 6379)

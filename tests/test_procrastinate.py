@@ -155,20 +155,20 @@ def test_close_settles_a_dead_letter(
         queue.enqueue(order_id)
         worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
         queue.run_worker(worker, wait=False, **QUIET)
-        closed = queue.close(order_id, "refunded by support")
+        closed = queue.resolve(order_id, "refunded by support")
         assert (closed.state, closed.note) == (JobState.CLOSED, "refunded by support")
         assert queue.list_dead() == []
         with pytest.raises(ValueError, match="closed"):
-            queue.close(order_id, "again")
+            queue.resolve(order_id, "again")
 
 
-def test_a_worker_with_another_policy_is_refused(database: str,
-                                                 served: tuple[Any, FoxReload, str]) -> None:
+def test_the_worker_takes_its_policy_from_its_queue(database: str,
+                                                    served: tuple[Any, FoxReload, str]) -> None:
     _, client, _ = served
     with make_queue(database, policy=RecoveryPolicy(max_attempts=2)) as queue:
-        with pytest.raises(ValueError, match="policy"):
+        with pytest.raises(TypeError, match="policy"):  # one policy, given to the queue
             RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print,
-                           policy=RecoveryPolicy(max_attempts=9))
+                           policy=RecoveryPolicy(max_attempts=9))  # type: ignore[call-arg]
         worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
         assert worker.policy.max_attempts == 2  # read from the queue
 
@@ -207,7 +207,7 @@ def test_two_worker_processes_share_the_orders_each_handled_once(
     ids = [paid(sim, client, OrderScript.complete(after=0)) for _ in range(20)]
     for order_id in ids:
         queue.enqueue(order_id)
-    queue.close_connections()
+    queue.close()
     workers = [worker_process(database, sim_url, sim.api_key, "share") for _ in range(2)]
     try:
         for process in workers:
@@ -234,7 +234,7 @@ def test_a_killed_worker_s_order_is_rechecked_with_no_operator_step(
     sql(database, "CREATE TABLE handled (order_id TEXT, pid INTEGER)")
     order_id = paid(sim, client, OrderScript.complete(after=0))
     queue.enqueue(order_id)
-    queue.close_connections()
+    queue.close()
     hung = worker_process(database, sim_url, sim.api_key, "hang")
     try:
         assert hung.stdout.readline().strip() == "delivering"

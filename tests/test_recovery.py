@@ -91,15 +91,15 @@ def test_dead_letters_requeue_and_close(queue: SQLiteRecoveryQueue) -> None:
     assert (requeued.state, requeued.attempts, requeued.reason) == (JobState.QUEUED, 0,
                                                                     "requeued")
     queue.bury("o1", last_status="processing", last_error="timeout")
-    closed = queue.close("o1", "refunded by support, ticket 4411")
+    closed = queue.resolve("o1", "refunded by support, ticket 4411")
     assert (closed.state, closed.note) == (JobState.CLOSED, "refunded by support, ticket 4411")
     assert queue.list_dead() == []
     with pytest.raises(ValueError, match="closed"):
-        queue.close("o1", "again")
+        queue.resolve("o1", "again")
     with pytest.raises(KeyError):
         queue.requeue("unknown")
     with pytest.raises(ValueError, match="reason"):
-        queue.close("o1", "")
+        queue.resolve("o1", "")
 
 
 def test_bad_order_ids_are_rejected(queue: SQLiteRecoveryQueue) -> None:

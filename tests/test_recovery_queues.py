@@ -35,35 +35,58 @@ class Engine:
 
 
 def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None) -> Engine:
-    if kind == "sqlite":
+    if kind.startswith("sqlite"):
         clock = FakeClock()
-        queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, clock=clock.time)
+        table = 'main."Recovery ""Jobs"""' if kind == "sqlite-schema" else "foxpoll_recovery"
+        queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, table=table,
+                                    clock=clock.time)
         return Engine(queue, clock.advance, clock.time)
     require("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+    from psycopg import sql
+
     from foxpoll.recovery import PostgresRecoveryQueue
 
-    table = f"recovery_{uuid.uuid4().hex[:10]}"
+    name = f"recovery_{uuid.uuid4().hex[:10]}"
+    if kind == "postgres-schema":  # another schema, and a name that needs its quotes
+        table, where = f'{name}."Recovery Jobs"', sql.Identifier(name, "Recovery Jobs")
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    else:
+        table, where = name, sql.Identifier(name)
     pg = PostgresRecoveryQueue(POSTGRES_URL, policy=policy, table=table)
     pg.create_schema()
     pg.create_schema()  # idempotent
 
     def advance(seconds: float) -> None:
-        import psycopg
-
         with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"UPDATE {table} SET due_at = due_at - %(s)s, "  # noqa: S608
-                         "locked_until = locked_until - %(s)s", {"s": seconds})
+            conn.execute(sql.SQL("UPDATE {} SET due_at = due_at - %(s)s, "
+                                 "locked_until = locked_until - %(s)s").format(where),
+                         {"s": seconds})
 
     return Engine(pg, advance, time.time)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.service)])
+def drop_engine(kind: str, queue: SQLiteRecoveryQueue | PostgresRecoveryQueue) -> None:
+    if kind == "postgres":
+        drop_table(queue.table)  # type: ignore[union-attr]
+    elif kind == "postgres-schema":
+        import psycopg
+        from psycopg import sql
+
+        schema = queue.table.partition(".")[0]  # type: ignore[union-attr]
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(params=["sqlite", "sqlite-schema",
+                        pytest.param("postgres", marks=pytest.mark.service),
+                        pytest.param("postgres-schema", marks=pytest.mark.service)])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     made = make_engine(request.param, tmp_path)
     yield made
-    made.queue.close_connections()
-    if request.param == "postgres":
-        drop_table(made.queue.table)  # type: ignore[union-attr]
+    made.queue.close()
+    drop_engine(request.param, made.queue)
 
 
 def due_in(engine: Engine, order_id: str) -> float:
@@ -112,7 +135,7 @@ def test_enqueueing_a_finished_job_changes_nothing(engine: Engine, end: str) -> 
     else:
         q.bury("o1", last_status="processing", last_error=None)
         if end == "closed":
-            q.close("o1", "refunded")
+            q.resolve("o1", "refunded")
     assert not q.enqueue("o1")
     assert not q.watch("o1", due_at=engine.now() + 10)
     assert q.get("o1").state is JobState(end)  # type: ignore[union-attr]
@@ -126,10 +149,10 @@ def test_dead_letters_requeue_and_close_report_bad_states(engine: Engine) -> Non
     with pytest.raises(KeyError):
         q.requeue("never-seen")
     with pytest.raises(KeyError):
-        q.close("never-seen", "x")
+        q.resolve("never-seen", "x")
     q.enqueue("o1")
     with pytest.raises(ValueError, match="queued"):
-        q.close("o1", "not dead yet")
+        q.resolve("o1", "not dead yet")
     with pytest.raises(ValueError, match="queued"):
         q.requeue("o1")
     q.bury("o1", last_status=None, last_error="boom")
@@ -137,7 +160,7 @@ def test_dead_letters_requeue_and_close_report_bad_states(engine: Engine) -> Non
         q.retry("o1", due_at=engine.now(), last_status=None, last_error=None)
     assert [(j.order_id, j.attempts, j.last_error) for j in q.list_dead()] == [("o1", 1, "boom")]
     with pytest.raises(ValueError, match="reason"):
-        q.close("o1", " ")
+        q.resolve("o1", " ")
 
 
 # -- watches ------------------------------------------------------------------------------
@@ -264,7 +287,7 @@ def test_jobs_and_get_show_every_state(engine: Engine) -> None:
     q.finish("b", final_status="completed")
     q.bury("c", last_status="processing", last_error=None)
     q.bury("d", last_status=None, last_error=None)
-    q.close("d", "refunded")
+    q.resolve("d", "refunded")
     now = engine.now()
     queued = q.jobs(JobState.QUEUED)
     assert [(j.order_id, j.running(now)) for j in queued] == [("a", True)]
@@ -349,7 +372,67 @@ def test_the_queue_uses_a_callers_pool_and_leaves_it_open() -> None:
         q = PostgresRecoveryQueue(pool, table=table)
         q.create_schema()
         assert q.enqueue("o1")
-        q.close_connections()
+        q.close()
         assert not pool.closed
         with pool.connection() as conn:
             conn.execute(f"DROP TABLE {table}")
+
+
+@pytest.mark.service
+async def test_close_and_async_with_release_the_queues_own_connections() -> None:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    from .services import eventually
+
+    table = f"recovery_{uuid.uuid4().hex[:10]}"
+    name = f"foxpoll-test-{uuid.uuid4().hex[:8]}"
+    url = f"{POSTGRES_URL}?application_name={name}"
+
+    def connections() -> int:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity "
+                               "WHERE application_name = %s", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    try:
+        with PostgresRecoveryQueue(url, table=table) as queue:
+            queue.create_schema()
+            assert queue.enqueue("o1")
+            assert connections() == 1
+        assert eventually(lambda: connections() == 0)
+        async with PostgresRecoveryQueue(url, table=table) as aqueue:
+            assert aqueue.get("o1") is not None
+            assert connections() == 1
+        assert eventually(lambda: connections() == 0)
+    finally:
+        drop_table(table)
+
+
+def test_a_closed_sqlite_queue_holds_no_connection(tmp_path: Path) -> None:
+    import sqlite3
+
+    queue = SQLiteRecoveryQueue(tmp_path / "q.db")
+    queue.enqueue("o1")
+    queue.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        queue.get("o1")
+
+
+def test_a_table_made_by_foxpoll_0_1_gets_its_token_column_under_a_quoted_name(
+    tmp_path: Path
+) -> None:
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "q.db") as db:  # 0.1's table: no token column
+        db.execute('CREATE TABLE "Old Jobs" (order_id TEXT PRIMARY KEY, state TEXT NOT NULL, '
+                   "attempts INTEGER NOT NULL DEFAULT 0, due_at DOUBLE PRECISION NOT NULL, "
+                   "locked_until DOUBLE PRECISION, reason TEXT NOT NULL DEFAULT '', "
+                   "last_status TEXT, last_error TEXT, note TEXT, "
+                   "created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)")
+    db.close()
+    with SQLiteRecoveryQueue(tmp_path / "q.db", table='"Old Jobs"') as queue:
+        assert queue.enqueue("o1")
+        assert queue.take(lease=60) is not None  # the take writes the token column

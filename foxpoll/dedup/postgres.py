@@ -56,7 +56,9 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
             connections in autocommit mode (``kwargs={"autocommit": True}``): each
             primitive is one atomic statement (outside autocommit, each call runs in a
             transaction of its own).
-        table: The table name (a plain identifier).
+        table: The table name, or ``schema.name`` for a schema other than the connection's
+            ``search_path``; each part a plain identifier (folded to lower case, as
+            PostgreSQL does) or a double-quoted one. Names are quoted in every statement.
         connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
         max_connections: The size of the store's own pool.
         statement_timeout: Seconds one call may take once it has its connection; past

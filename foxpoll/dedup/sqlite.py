@@ -33,7 +33,8 @@ class SQLiteDedupStore(FlowStore, DedupStore):
 
     Args:
         path: The database file (created if missing).
-        table: The table name.
+        table: The table name; each part a plain identifier or a double-quoted one.
+            ``main.name`` names the file's own schema.
         timeout: Seconds to wait for another writer's lock before giving up
             (:class:`StoreUnavailable`).
         clock: Seconds since the epoch.

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from foxpoll.dedup._sql import Dialect
+from foxpoll.dedup._sql import Dialect, TableName
 
 from .base import JobQueue, JobState, RecoveryJob, require_text
 
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     created_at   DOUBLE PRECISION NOT NULL,
     updated_at   DOUBLE PRECISION NOT NULL
 )"""
-_INDEX = "CREATE INDEX IF NOT EXISTS {table}_due ON {table} (state, due_at)"
+_INDEX = "CREATE INDEX IF NOT EXISTS {index} ON {index_on} (state, due_at)"
 
 _INSERT = """
 INSERT INTO {table} (order_id, state, due_at, reason, created_at, updated_at)
@@ -69,7 +69,7 @@ INSERT INTO {table} (order_id, state, due_at, reason, created_at, updated_at)
 VALUES (:order_id, 'queued', {now} + :delay, 'watch', {now}, {now})
 ON CONFLICT (order_id) DO UPDATE SET
     due_at = excluded.due_at, updated_at = excluded.updated_at
-WHERE {table}.state = 'queued' AND {table}.reason = 'watch'
+WHERE {name}.state = 'queued' AND {name}.reason = 'watch'
 RETURNING order_id"""
 
 # A payment's watch is a guess at the wait to come: it never overrides a watch a wait set.
@@ -152,7 +152,7 @@ UPDATE {table} SET state = 'queued', attempts = 0, due_at = {now}, reason = 'req
 WHERE order_id = :order_id AND state IN ('dead', 'closed')
 RETURNING {columns}"""
 
-_CLOSE = """
+_RESOLVE = """
 UPDATE {table} SET state = 'closed', note = :note, updated_at = {now}
 WHERE order_id = :order_id AND state = 'dead'
 RETURNING {columns}"""
@@ -184,21 +184,21 @@ class JobStatements:
     finish: str
     bury: str
     requeue: str
-    close: str
+    resolve: str
     get: str
     jobs: str
 
     @classmethod
-    def render(cls, dialect: Dialect, table: str) -> JobStatements:
+    def render(cls, dialect: Dialect, table: str | TableName) -> JobStatements:
         templates = {
             "schema": _SCHEMA, "index": _INDEX, "insert": _INSERT, "hasten": _HASTEN,
             "watch": _WATCH, "watch_new": _WATCH_NEW, "settle_done": _SETTLE_DONE,
             "settle_delivery": _SETTLE_DELIVERY,
             "unwatch": _UNWATCH, "take": _TAKE, "take_dispatched": _TAKE_DISPATCHED,
             "dispatch": _DISPATCH, "next_due": _NEXT_DUE, "retry": _RETRY, "finish": _FINISH,
-            "bury": _BURY, "requeue": _REQUEUE, "close": _CLOSE, "get": _GET, "jobs": _JOBS,
+            "bury": _BURY, "requeue": _REQUEUE, "resolve": _RESOLVE, "get": _GET, "jobs": _JOBS,
         }
-        return cls(**{name: dialect.render(sql, table, COLUMNS)
+        return cls(**{name: dialect.render(sql, table, COLUMNS, index_suffix="due")
                       for name, sql in templates.items()})
 
 
@@ -288,9 +288,9 @@ class SQLJobQueue(JobQueue):
     def requeue(self, order_id: str) -> RecoveryJob:
         return self._update(self._sql.requeue, order_id)
 
-    def close(self, order_id: str, reason: str) -> RecoveryJob:
+    def resolve(self, order_id: str, reason: str) -> RecoveryJob:
         require_text(reason, "reason")
-        return self._update(self._sql.close, order_id, note=reason)
+        return self._update(self._sql.resolve, order_id, note=reason)
 
     def get(self, order_id: str) -> RecoveryJob | None:
         row = self._one(self._sql.get, order_id=order_id)

@@ -11,7 +11,7 @@
                   │                          ├──> QUEUED, later     handed over)
                requeue                       │    (still pending: attempts + 1)
                   │                          └──> DEAD            (attempts used up)
-                DEAD ──close(reason)──> CLOSED
+                DEAD ──resolve(reason)──> CLOSED
 
 A job is leased while a worker handles it; a worker that dies leaves the lease to expire
 and the job is taken again. There is one row per order, so enqueueing is idempotent in
@@ -28,6 +28,7 @@ the worker's); a wait that dies with its process leaves the watch to fire, and a
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import itertools
 import random
@@ -153,8 +154,9 @@ class RecoveryQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    def close(self, order_id: str, reason: str) -> RecoveryJob:
-        """Settle a dead order by hand (refunded, delivered another way...): CLOSED.
+    def resolve(self, order_id: str, reason: str) -> RecoveryJob:
+        """Settle a dead order by hand (refunded, delivered another way...): CLOSED, with
+        ``reason`` on record.
 
         Raises:
             KeyError: no such job.
@@ -210,14 +212,24 @@ class RecoveryQueue(abc.ABC):
     def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
         """Jobs in ``state``, oldest change first."""
 
-    def close_connections(self) -> None:  # noqa: B027 - optional
-        """Release what the queue holds open."""
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release what the queue holds open (a pool you passed in stays open)."""
+
+    async def aclose(self) -> None:
+        """:meth:`close`, in a worker thread so the event loop never waits on it."""
+        await asyncio.to_thread(self.close)
 
     def __enter__(self: Q) -> Q:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close_connections()
+        self.close()
+
+    async def __aenter__(self: Q) -> Q:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 class JobQueue(RecoveryQueue):

@@ -44,10 +44,13 @@ class PostgresRecoveryQueue(SQLJobQueue):
 
     Args:
         conninfo_or_pool: A libpq connection string, for which the queue opens its own
-            small pool on first use (closed by :meth:`close_connections` or ``with``); or
+            small pool on first use (closed by :meth:`close` or ``with``); or
             your ``psycopg_pool.ConnectionPool``, which it uses and never closes.
         policy: The re-check policy, for this queue and its workers.
-        table: The table name (a plain identifier).
+        table: The table name, or ``schema.name`` for a schema other than the connection's
+            ``search_path``; each part a plain identifier (folded to lower case, as
+            PostgreSQL does) or a double-quoted one (``'billing."Recovery"'``). Names are
+            quoted in every statement, and the index's name is derived from the table's.
         connect_timeout: Seconds to wait for a connection before :class:`StoreUnavailable`.
         statement_timeout: Seconds one queue call may take once it has its connection,
             as for :class:`~foxpoll.dedup.PostgresDedupStore`; past it the call raises
@@ -92,6 +95,6 @@ class PostgresRecoveryQueue(SQLJobQueue):
 
             yield execute
 
-    def close_connections(self) -> None:
+    def close(self) -> None:
         """Close the queue's own pool (a pool you passed in stays open)."""
         self._pg.close()

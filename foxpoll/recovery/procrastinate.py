@@ -61,7 +61,8 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
         conninfo_or_pool: As for :class:`PostgresRecoveryQueue`.
         queue: The procrastinate queue the wake-ups go to.
         policy: The re-check policy, for this queue and its workers.
-        table: foxpoll's job table.
+        table: foxpoll's job table, schema-qualified if need be (as for
+            :class:`PostgresRecoveryQueue`).
         dispatch_every: Seconds between two rounds of the dispatcher (wake due jobs,
             rescue the jobs of dead procrastinate workers).
         stalled_after: Seconds without a heartbeat after which a procrastinate worker

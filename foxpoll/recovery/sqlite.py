@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from foxpoll.dedup._sql import SQLITE
+from foxpoll.dedup._sql import SQLITE, TableName
 
 from ._sql import Execute, JobStatements, SQLJobQueue
 from .base import RecoveryPolicy
@@ -25,7 +25,8 @@ class SQLiteRecoveryQueue(SQLJobQueue):
     Args:
         path: The database file (it may be the dedup store's file).
         policy: The re-check policy, for this queue and its workers.
-        table: The table name.
+        table: The table name; each part a plain identifier or a double-quoted one.
+            ``main.name`` names the file's own schema.
         clock: Seconds since the epoch; a fake clock's ``time`` for virtual time.
     """
 
@@ -33,7 +34,8 @@ class SQLiteRecoveryQueue(SQLJobQueue):
                  table: str = "foxpoll_recovery",
                  clock: Callable[[], float] = time.time) -> None:
         self.policy = policy or RecoveryPolicy()
-        self._sql = JobStatements.render(SQLITE, table)
+        name = TableName.parse(table)
+        self._sql = JobStatements.render(SQLITE, name)
         self._clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(os.fspath(path), timeout=30, isolation_level=None,
@@ -42,9 +44,11 @@ class SQLiteRecoveryQueue(SQLJobQueue):
         self._db.execute("PRAGMA journal_mode=WAL")
         with self._transaction() as execute:
             execute(self._sql.schema, {})
-            columns = {row["name"] for row in execute(f"PRAGMA table_info({table})", {})}
+            info = "SELECT name FROM pragma_table_info(:table, :schema)"
+            columns = {row["name"] for row in execute(info, {"table": name.table,
+                                                             "schema": name.schema or "main"})}
             if "token" not in columns:  # a table made by foxpoll 0.1
-                execute(f"ALTER TABLE {table} ADD COLUMN token TEXT", {})
+                execute(f"ALTER TABLE {name.qualified} ADD COLUMN token TEXT", {})
             execute(self._sql.index, {})
 
     @contextmanager
@@ -61,6 +65,7 @@ class SQLiteRecoveryQueue(SQLJobQueue):
     def _execute(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         return [dict(row) for row in self._db.execute(sql, {**params, "now": self._clock()})]
 
-    def close_connections(self) -> None:
+    def close(self) -> None:
+        """Close the database connection."""
         with self._lock:
             self._db.close()

@@ -70,7 +70,7 @@ def decide(order: Order | None, attempts: int, policy: RecoveryPolicy,
 
 
 class RecoveryWorker:
-    """Works a recovery queue.
+    """Works a recovery queue, on the queue's :class:`RecoveryPolicy`.
 
     Args:
         client: The FoxReload client that re-reads orders.
@@ -80,8 +80,6 @@ class RecoveryWorker:
         on_terminal: Called with a failed or cancelled order (refund, notify...).
         publisher: Publishes an :class:`OrderEvent` for every order that finishes.
         metrics: A ``foxpoll.metrics`` object: recovered completions count as completed.
-        policy: Need not be given: the worker uses its queue's policy. If given, it must
-            equal the queue's.
         lease: Seconds a taken job stays with this worker if it dies.
         rng: Random source for the jitter.
     """
@@ -96,19 +94,19 @@ class RecoveryWorker:
         on_terminal: Callable[[Order], Any] | None = None,
         publisher: Publisher | None = None,
         metrics: Any = None,
-        policy: RecoveryPolicy | None = None,
         lease: float = 300.0,
         rng: random.Random | None = None,
     ) -> None:
         self.client, self.queue, self.store = client, queue, store
         self.on_completed, self.on_terminal = on_completed, on_terminal
         self.publisher, self.metrics = publisher, metrics
-        if policy is not None and policy != queue.policy:
-            raise ValueError("the worker's policy differs from its queue's: give the "
-                             "RecoveryPolicy to the queue only; the worker reads it there")
-        self.policy = queue.policy
         self.lease = lease
         self.rng = rng or random.Random()
+
+    @property
+    def policy(self) -> RecoveryPolicy:
+        """The re-check policy: its queue's, the one policy of the queue and its workers."""
+        return self.queue.policy
 
     def recheck(self, order_id: str, attempts: int, *, since: float | None = None
                 ) -> Checked:
