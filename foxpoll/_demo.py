@@ -212,7 +212,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
             f"{tallies['dead_letters']} dead letters, {tallies['requests']} API requests."
         )
         store.close()
-        queue.close_connections()
+        queue.close()
     return tallies
 
 

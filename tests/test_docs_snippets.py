@@ -58,7 +58,7 @@ def test_the_quickstart_runs_as_written(page: str, api: FakeFoxReload,
         names["client"].close()
         names["store"].close()
         for queue in opened:
-            queue.close_connections()
+            queue.close()
     assert len(opened) == 1
     shown = capsys.readouterr().out
     assert "1 code(s)" in shown
