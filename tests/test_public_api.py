@@ -189,13 +189,17 @@ def _resolve(target: str) -> object:
 
 
 def _rendered() -> dict[str, list[object]]:
-    """What the reference renders, by directive target: a module's listed members (else
-    its ``__all__``), or the one object a target names."""
+    """What the reference renders, by directive target: a module's listed members (else,
+    as mkdocstrings does, its ``__all__`` and every public class and function it
+    defines), or the one object a target names."""
     rendered: dict[str, list[object]] = {}
     for target, members in _directives():
         obj = _resolve(target)
         if inspect.ismodule(obj):
-            names = members if members is not None else obj.__all__
+            names = members if members is not None else [*getattr(obj, "__all__", ()), *(
+                name for name, member in vars(obj).items()
+                if not name.startswith("_") and getattr(member, "__module__", None) == target
+                and (inspect.isclass(member) or inspect.isfunction(member)))]
             rendered.setdefault(target, []).extend(getattr(obj, n) for n in names)
         else:
             rendered.setdefault(target, []).append(obj)

@@ -94,7 +94,8 @@ class OrderEvent:
 
 @runtime_checkable
 class Publisher(Protocol):
-    """Publishes events, blocking; returns the broker's message id."""
+    """Publishes events, blocking; returns the broker's message id. A broker that cannot
+    be reached raises :class:`~foxpoll.errors.StoreUnavailable`."""
 
     def publish(self, event: OrderEvent) -> str: ...
 
