@@ -29,7 +29,8 @@ def _dead_redis() -> str:
 
 def _says_nothing_of(url: str, error: BaseException) -> None:
     message = str(error)
-    assert "hunter2" not in message and url.rsplit(":", 1)[1] not in message
+    assert "hunter2" not in message
+    assert url.rsplit(":", 1)[1].split("/")[0] not in message  # the port
 
 
 @pytest.mark.parametrize("call", ["acquire", "aacquire", "throttled", "athrottled"])
@@ -171,3 +172,14 @@ def test_every_store_error_is_one_kind() -> None:
 
     for error in (StoreUnavailable("x"), DedupError("x"), LeaseLost("x"), EventError("x")):
         assert isinstance(error, StoreError)
+
+
+@pytest.mark.xfail(strict=True, reason="SQLiteRecoveryQueue still raises sqlite3's errors; "
+                   "its owner maps them (foxpoll.errors.unavailable_on), then drop this mark")
+def test_a_sqlite_queue_whose_file_cannot_be_opened_is_store_unavailable(
+    tmp_path: Path,
+) -> None:
+    from foxpoll.recovery import SQLiteRecoveryQueue
+
+    with pytest.raises(StoreUnavailable, match="SQLite is unavailable"):
+        SQLiteRecoveryQueue(tmp_path / "no-such-dir" / "queue.db")
