@@ -4,8 +4,27 @@ import logging as _logging
 
 from ._client import AsyncFoxReload, FoxReload
 from ._clock import Clock, SystemClock
+from ._resources import (
+    AsyncCategories,
+    AsyncOrders,
+    AsyncProducts,
+    Categories,
+    Orders,
+    Products,
+)
 from ._version import __version__
-from .delivery import DeliveryResult, adeliver_once, current_lease, deliver_once
+from .backoff import (
+    Adaptive,
+    BackoffPolicy,
+    DecorrelatedJitter,
+    ExponentialJitter,
+    Fixed,
+    FullJitter,
+    Schedule,
+    Step,
+    from_backoff,
+)
+from .delivery import DeliveryResult, Lease, adeliver_once, current_lease, deliver_once
 from .errors import (
     AmbiguousOrderError,
     APIConnectionError,
@@ -19,6 +38,7 @@ from .errors import (
     ConflictError,
     DedupError,
     DeliveryInProgress,
+    EventError,
     FoxPollError,
     InternalServerError,
     LeaseLost,
@@ -30,6 +50,7 @@ from .errors import (
     PermissionDeniedError,
     RateLimitError,
     ResponseTooLarge,
+    StoreError,
     StoreUnavailable,
     UnprocessableEntityError,
 )
@@ -44,7 +65,7 @@ from .models import (
     Page,
     Product,
 )
-from .polling import PollAttempt, StatusChange, WaitResult
+from .polling import PollAttempt, StatusChange, WaitResult, WaitStart
 
 __all__ = [
     "APIConnectionError",
@@ -52,22 +73,34 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "Adaptive",
     "AmbiguousOrderError",
+    "AsyncCategories",
     "AsyncFoxReload",
+    "AsyncOrders",
+    "AsyncProducts",
     "AuthenticationError",
+    "BackoffPolicy",
     "BadRequestError",
     "CancelReason",
+    "Categories",
     "Category",
     "Clock",
     "Code",
     "CodesMissing",
     "ConflictError",
+    "DecorrelatedJitter",
     "DedupError",
     "DeliveryInProgress",
     "DeliveryResult",
+    "EventError",
+    "ExponentialJitter",
+    "Fixed",
     "FoxPollError",
     "FoxReload",
+    "FullJitter",
     "InternalServerError",
+    "Lease",
     "LeaseLost",
     "NotFoundError",
     "Order",
@@ -78,21 +111,28 @@ __all__ = [
     "OrderItemRequest",
     "OrderStalled",
     "OrderStatus",
+    "Orders",
     "Page",
     "PermissionDeniedError",
     "PollAttempt",
     "Product",
+    "Products",
     "RateLimitError",
     "ResponseTooLarge",
+    "Schedule",
     "StatusChange",
+    "Step",
+    "StoreError",
     "StoreUnavailable",
     "SystemClock",
     "UnprocessableEntityError",
     "WaitResult",
+    "WaitStart",
     "__version__",
     "adeliver_once",
     "current_lease",
     "deliver_once",
+    "from_backoff",
 ]
 
 # A library logs, the application decides where it goes (and nothing reaches stderr unasked).

@@ -23,10 +23,17 @@
     │   ├── OrderCancelled                (.cancel_reason)
     │   ├── OrderStalled                  (.attempts, .elapsed)
     │   └── CodesMissing                  completed, but no codes yet (require_codes)
-    └── DedupError
-        ├── LeaseLost
-        ├── DeliveryInProgress            (.lease_until)
-        └── StoreUnavailable
+    └── StoreError                        a store, queue, budget or event stream failed
+        ├── StoreUnavailable              its server not reached, or not in time
+        ├── DedupError                    a dedup store refused a step, or a record is corrupt
+        │   ├── LeaseLost
+        │   └── DeliveryInProgress        (.lease_until)
+        └── EventError                    a message on a stream is not an OrderEvent
+
+``DedupError`` and ``EventError`` sit under ``StoreError`` because a store raises every one
+of them: ``except StoreError`` is the one handler for "the data layer said no, the order
+itself is fine", and ``except StoreUnavailable`` the one for "try again when the server is
+back", whichever store, queue, budget or stream it was.
 
 Messages never contain the API key or delivered codes: status errors quote only the
 ``detail`` and ``code`` fields of an error body, validation errors name the offending
@@ -35,13 +42,13 @@ field and type but not its value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
-if TYPE_CHECKING:
-    from .models import CancelReason, Order
+from .models import CancelReason, Order
 
 __all__ = [
     "APIConnectionError",
@@ -56,6 +63,7 @@ __all__ = [
     "ConflictError",
     "DedupError",
     "DeliveryInProgress",
+    "EventError",
     "FoxPollError",
     "InternalServerError",
     "LeaseLost",
@@ -67,9 +75,9 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "ResponseTooLarge",
+    "StoreError",
     "StoreUnavailable",
     "UnprocessableEntityError",
-    "status_error_for",
 ]
 
 
@@ -300,8 +308,18 @@ class OrderStalled(OrderError):
         self.elapsed = elapsed
 
 
-class DedupError(FoxPollError):
-    """A dedup store could not record a delivery step."""
+class StoreError(FoxPollError):
+    """A dedup store, recovery queue, request budget or event stream failed."""
+
+
+class StoreUnavailable(StoreError):
+    """A store, queue, budget or stream could not be reached, or did not answer within its
+    timeouts. Try again when its server is back; what a call left undone is said where
+    the call is documented (``deliver_once``: nothing was delivered)."""
+
+
+class DedupError(StoreError):
+    """A dedup store refused a delivery step, or holds a record it cannot read."""
 
 
 class LeaseLost(DedupError):
@@ -321,8 +339,20 @@ class DeliveryInProgress(DedupError):
         self.lease_until = lease_until
 
 
-class StoreUnavailable(DedupError):
-    """The dedup store could not be reached; nothing was delivered."""
+class EventError(StoreError):
+    """A message read from an event stream is not an :class:`~foxpoll.events.OrderEvent`
+    (its text is never quoted: it may hold codes)."""
+
+
+@contextmanager
+def unavailable_on(what: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """Turn a driver's errors of ``kinds`` (a server not reached, or not in time), raised
+    inside, into :class:`StoreUnavailable`. The message names ``what`` and the error's
+    type, never its text, which may quote a connection string."""
+    try:
+        yield
+    except kinds as exc:
+        raise StoreUnavailable(f"{what} is unavailable: {type(exc).__name__}") from exc
 
 
 _STATUS_ERRORS: dict[int, type[APIStatusError]] = {

@@ -24,7 +24,9 @@ signal); each success wins back 1/400 of the ceiling. Backends:
 
 Each has ``acquire`` / ``aacquire`` (take a permit or say how long to wait) and
 ``throttled`` / ``athrottled`` (a 429 was seen); one object may serve sync and async
-clients alike, where its backend allows.
+clients alike, where its backend allows. A budget whose server (the SQLite file, Redis)
+cannot be reached, or does not answer in time, raises
+:class:`~foxpoll.errors.StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import attrs
+
+from .errors import unavailable_on
 
 __all__ = [
     "BaseRateLimit",
@@ -187,7 +192,14 @@ class BaseRateLimit(abc.ABC):
         burst: Permits that may go at once; half a second's worth by default.
         adaptive: Learn below ``per_minute`` from 429s (implied when it is None).
         max_pause: The longest pause a ``Retry-After`` can impose, in seconds.
+
+    Raises:
+        StoreUnavailable: from each call, when the backend's server cannot be reached or
+            does not answer in time.
     """
+
+    #: The backend's errors that mean its server was not reached, or not in time.
+    _unreached: tuple[type[BaseException], ...] = ()
 
     def __init__(self, per_minute: float | None = None, *, burst: int | None = None,
                  adaptive: bool = False, max_pause: float = MAX_PAUSE) -> None:
@@ -233,13 +245,18 @@ class BaseRateLimit(abc.ABC):
             self.waits += 1
         return wait
 
+    def _reaching(self) -> AbstractContextManager[None]:
+        return unavailable_on(type(self).__name__, *self._unreached)
+
     def acquire(self, priority: Priority = Priority.FRESH) -> float:
         """Take a permit: 0.0 when taken, else the seconds to wait before asking again."""
-        return self._record(*self._take(int(priority), self._pending_successes()))
+        with self._reaching():
+            return self._record(*self._take(int(priority), self._pending_successes()))
 
     async def aacquire(self, priority: Priority = Priority.FRESH) -> float:
         """:meth:`acquire`, for asyncio."""
-        return self._record(*await self._atake(int(priority), self._pending_successes()))
+        with self._reaching():
+            return self._record(*await self._atake(int(priority), self._pending_successes()))
 
     def succeeded(self) -> None:
         """An answer that was not 429: a learned rate grows a little (told with the next
@@ -255,11 +272,13 @@ class BaseRateLimit(abc.ABC):
 
     def throttled(self, retry_after: float | None) -> None:
         """A 429: pause every holder of this budget (and halve a learned rate)."""
-        self.last_state = self._throttle(self._pause(retry_after))
+        with self._reaching():
+            self.last_state = self._throttle(self._pause(retry_after))
 
     async def athrottled(self, retry_after: float | None) -> None:
         """:meth:`throttled`, for asyncio."""
-        self.last_state = await self._athrottle(self._pause(retry_after))
+        with self._reaching():
+            self.last_state = await self._athrottle(self._pause(retry_after))
 
     def close(self) -> None:  # noqa: B027 - only some backends hold connections
         """Release what the budget holds open (its state stays where it is)."""
@@ -332,6 +351,8 @@ class SQLiteRateLimit(BaseRateLimit):
         clock: Seconds since the epoch.
     """
 
+    _unreached = (sqlite3.Error,)
+
     def __init__(self, path: str | os.PathLike[str], per_minute: float | None = None, *,
                  burst: int | None = None, adaptive: bool = False,
                  max_pause: float = MAX_PAUSE, key: str = "default",
@@ -340,11 +361,12 @@ class SQLiteRateLimit(BaseRateLimit):
         self.key = key
         self._clock = clock
         self._db_lock = threading.Lock()
-        self._db = sqlite3.connect(os.fspath(path), timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute(_SQLITE_SCHEMA)
+        with self._reaching():
+            self._db = sqlite3.connect(os.fspath(path), timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.execute(_SQLITE_SCHEMA)
 
     def _update(self, change: Callable[[BudgetState, float], tuple[BudgetState, float]]
                 ) -> tuple[BudgetState, float]:
@@ -452,6 +474,7 @@ class RedisRateLimit(BaseRateLimit):
         except ImportError as exc:  # pragma: no cover - only without the extra
             raise ImportError("RedisRateLimit needs redis: pip install 'foxpoll[redis]'") from exc
         self.key = key
+        self._unreached = (redis.ConnectionError, redis.TimeoutError)
         clients: dict[str, Any] = {}
         if isinstance(url_or_client, str):
             # A permit must not wait on a frozen network: 5 s per call, as the stores.

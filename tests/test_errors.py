@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -63,9 +64,30 @@ def test_tree_shape() -> None:
     assert issubclass(errors.APIResponseValidationError, errors.APIError)
     for cls in (errors.OrderFailed, errors.OrderCancelled, errors.OrderStalled):
         assert issubclass(cls, errors.OrderError)
-    for cls in (errors.LeaseLost, errors.DeliveryInProgress, errors.StoreUnavailable):
+    for cls in (errors.LeaseLost, errors.DeliveryInProgress):
         assert issubclass(cls, errors.DedupError)
+    for cls in (errors.StoreUnavailable, errors.DedupError, errors.EventError):
+        assert issubclass(cls, errors.StoreError)
+    # Neutral: a queue, budget or stream that cannot reach its server is not a dedup error.
+    assert not issubclass(errors.StoreUnavailable, errors.DedupError)
     assert not issubclass(errors.OrderError, errors.APIError)
+
+
+def test_the_tree_in_the_docstring_is_the_class_tree() -> None:
+    drawn: dict[str, str] = {}
+    parents: list[str] = []
+    for line in (errors.__doc__ or "").splitlines():
+        found = re.match(r"^    ([│├└─ ]*)([A-Z]\w+)", line)
+        if found is None:
+            continue
+        depth = len(found.group(1)) // 4
+        del parents[depth:]
+        if parents:
+            drawn[found.group(2)] = parents[-1]
+        parents.append(found.group(2))
+    real = {name: getattr(errors, name).__bases__[0].__name__ for name in errors.__all__
+            if name[0].isupper() and name != "FoxPollError"}
+    assert drawn == real
 
 
 def test_every_error_class_is_exported_from_the_package() -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
+import typing
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +89,142 @@ def test_clients_take_their_own_kind_of_http_client() -> None:
     with httpx.Client(transport=httpx.MockTransport(answer)) as http:
         foxpoll.FoxReload("k", http_client=http).orders.get("o1")
     assert seen == ["/api/orders/o1"]  # sent through the caller's client
+
+
+# -- every public type is importable where users look -------------------------------------
+
+#: Where users import from: the package, and the subpackages the docs name.
+PLACES = ["foxpoll", "foxpoll.dedup", "foxpoll.events", "foxpoll.ratelimit",
+          "foxpoll.recovery", "foxpoll.testing"]
+REFERENCE = Path(__file__).parent.parent / "docs" / "reference"
+
+
+def _exports() -> dict[str, object]:
+    """Every name of every place's ``__all__`` (``place.name``) and its object."""
+    found = {}
+    for place in PLACES:
+        module = importlib.import_module(place)
+        for name in module.__all__:
+            found[f"{place}.{name}"] = getattr(module, name)
+    return found
+
+
+def _types_in(hint: object) -> Iterator[type]:
+    """The classes a (resolved) annotation names, at any depth."""
+    if isinstance(hint, list):  # Callable's parameters
+        for part in hint:
+            yield from _types_in(part)
+        return
+    origin = typing.get_origin(hint)
+    if isinstance(origin, type):
+        yield origin
+    if origin is not None:
+        for arg in typing.get_args(hint):
+            yield from _types_in(arg)
+    elif isinstance(hint, type):
+        yield hint
+
+
+#: Reached as ``client.orders`` and the like, never built by users: their constructors
+#: take the client's internals.
+BUILT_BY_THE_CLIENT = {"Orders", "AsyncOrders", "Products", "AsyncProducts", "Categories",
+                       "AsyncCategories"}
+
+
+def _annotated(obj: object) -> Iterator[tuple[str, object]]:
+    """(where, annotation) for a public function, or each public member of a class."""
+    if inspect.isclass(obj):
+        seen: set[str] = {"__init__"} if obj.__name__ in BUILT_BY_THE_CLIENT else set()
+        for klass in obj.__mro__:
+            if not klass.__module__.startswith("foxpoll"):
+                continue
+            for name, hint in typing.get_type_hints(klass).items():
+                if not name.startswith("_"):
+                    yield f"{obj.__qualname__}.{name}", hint
+            for name, member in vars(klass).items():
+                if name in seen or (name.startswith("_") and name != "__init__"):
+                    continue
+                seen.add(name)
+                if isinstance(member, property):
+                    member = member.fget
+                if isinstance(member, (classmethod, staticmethod)):
+                    member = member.__func__
+                if inspect.isfunction(member):
+                    for hint in typing.get_type_hints(member).values():
+                        yield f"{obj.__qualname__}.{name}", hint
+    elif inspect.isfunction(obj):
+        for hint in typing.get_type_hints(obj).values():
+            yield obj.__qualname__, hint
+
+
+def test_every_type_in_a_public_signature_imports_from_a_documented_place() -> None:
+    exported = {id(obj) for obj in _exports().values()}
+    assert exported
+    missing: dict[str, set[str]] = {}
+    for obj in {id(o): o for o in _exports().values()}.values():
+        for where, hint in _annotated(obj):
+            for cls in _types_in(hint):
+                if cls.__module__.startswith("foxpoll") and id(cls) not in exported:
+                    missing.setdefault(f"{cls.__module__}.{cls.__qualname__}", set()).add(where)
+    assert missing == {}, f"not importable from {PLACES}: {missing}"
+
+
+def _directives() -> Iterator[tuple[str, list[str] | None]]:
+    """Each ``::: target`` of the API reference, with its ``members:`` list when it has one."""
+    for page in sorted(REFERENCE.glob("*.md")):
+        for block in re.split(r"^(?=::: )", page.read_text(), flags=re.M):
+            if not block.startswith("::: "):
+                continue
+            target = block.split()[1]
+            listed = re.search(r"members:\s*\[([^\]]*)\]", block)
+            yield target, None if listed is None else re.findall(r"\w+", listed.group(1))
+
+
+def _resolve(target: str) -> object:
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError:
+        parent, _, name = target.rpartition(".")
+        return getattr(importlib.import_module(parent), name)
+
+
+def _rendered() -> dict[str, list[object]]:
+    """What the reference renders, by directive target: a module's listed members (else,
+    as mkdocstrings does, its ``__all__`` and every public class and function it
+    defines), or the one object a target names."""
+    rendered: dict[str, list[object]] = {}
+    for target, members in _directives():
+        obj = _resolve(target)
+        if inspect.ismodule(obj):
+            names = members if members is not None else [*getattr(obj, "__all__", ()), *(
+                name for name, member in vars(obj).items()
+                if not name.startswith("_") and getattr(member, "__module__", None) == target
+                and (inspect.isclass(member) or inspect.isfunction(member)))]
+            rendered.setdefault(target, []).extend(getattr(obj, n) for n in names)
+        else:
+            rendered.setdefault(target, []).append(obj)
+    return rendered
+
+
+def test_the_reference_renders_every_export() -> None:
+    shown = {id(obj) for objs in _rendered().values() for obj in objs}
+    hidden = sorted(where for where, obj in _exports().items()
+                    if id(obj) not in shown and not where.endswith("__version__"))
+    assert hidden == [], " ".join(hidden)
+
+
+def test_the_package_exports_what_the_reference_renders_from_its_modules() -> None:
+    """``foxpoll.__all__`` matches the reference: what the reference renders as
+    ``foxpoll.X``, or from a module the package re-exports from, is in it."""
+    top = {id(getattr(foxpoll, n)) for n in foxpoll.__all__}
+    sources = {getattr(getattr(foxpoll, n), "__module__", None) for n in foxpoll.__all__}
+
+    def reexported(target: str) -> bool:
+        named_at_top = target.count(".") == 1 and not inspect.ismodule(_resolve(target))
+        return target in sources or named_at_top
+
+    stray = sorted(
+        f"{target}: {getattr(obj, '__name__', obj)}"
+        for target, objs in _rendered().items() if reexported(target) for obj in objs
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and id(obj) not in top)
+    assert stray == [], " ".join(stray)

@@ -14,6 +14,8 @@ from .base import (
     DedupStore,
     DeliveryRecord,
     DeliveryState,
+    lease_lost,
+    record_from_fields,
 )
 from .memory import AsyncMemoryDedupStore, MemoryDedupStore
 from .sqlite import AsyncSQLiteDedupStore, SQLiteDedupStore
@@ -34,6 +36,8 @@ __all__ = [
     "PostgresDedupStore",
     "RedisDedupStore",
     "SQLiteDedupStore",
+    "lease_lost",
+    "record_from_fields",
 ]
 
 __getattr__ = lazy_attributes(__name__, {

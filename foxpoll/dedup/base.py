@@ -44,6 +44,7 @@ __all__ = [
     "StoreUnavailable",
     "check_claim_args",
     "check_list_args",
+    "lease_lost",
     "record_from_fields",
 ]
 

@@ -17,16 +17,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from foxpoll.errors import FoxPollError
+from foxpoll.errors import EventError
 from foxpoll.models import Code, Order, OrderStatus
 
 __all__ = ["AsyncPublisher", "EventError", "OrderEvent", "Publisher", "event_id_for"]
 
 _NAMESPACE = uuid.UUID("6f1c8a52-3a8e-4c4e-9b71-2f0d4e6c5a10")
-
-
-class EventError(FoxPollError):
-    """An event could not be published, or a message is not an OrderEvent."""
 
 
 def event_id_for(order_id: str, status: str) -> str:
@@ -98,7 +94,8 @@ class OrderEvent:
 
 @runtime_checkable
 class Publisher(Protocol):
-    """Publishes events, blocking; returns the broker's message id."""
+    """Publishes events, blocking; returns the broker's message id. A broker that cannot
+    be reached raises :class:`~foxpoll.errors.StoreUnavailable`."""
 
     def publish(self, event: OrderEvent) -> str: ...
 

@@ -13,25 +13,31 @@ service reads through its own consumer group, so one stream fans out to every gr
 - re-creates its group (reading from the start of the stream) when Redis has lost it,
   after a restart.
 
-Handlers see each event at least once: use ``event.event_id`` to drop repeats.
+Handlers see each event at least once: use ``event.event_id`` to drop repeats. A Redis
+that cannot be reached, or does not answer within the client's timeouts, raises
+:class:`~foxpoll.errors.StoreUnavailable`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 try:
     import redis
     import redis.asyncio as aredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("Redis streams need redis: pip install 'foxpoll[redis]'") from exc
 
 import attrs
 
 from foxpoll._io import Flow, Op, arun, call, run
+from foxpoll.errors import unavailable_on
 
 from .base import EventError, OrderEvent
 
@@ -56,6 +62,13 @@ class Command(Op[T]):
     method: str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+def _reaching_redis() -> AbstractContextManager[None]:
+    """Redis's connection and timeout errors, raised inside, as
+    :class:`~foxpoll.errors.StoreUnavailable` (a handler's own errors never get here: the
+    consumer's flow catches them)."""
+    return unavailable_on("Redis", RedisConnectionError, RedisTimeoutError)
 
 
 def _text(value: Any) -> str:
@@ -179,7 +192,8 @@ class RedisStreamPublisher:
 
     def publish(self, event: OrderEvent) -> str:
         command = _xadd(self.stream, self.maxlen, {"event": event.to_json()})
-        return _text(self._client.xadd(*command.args, **command.kwargs))
+        with _reaching_redis():
+            return _text(self._client.xadd(*command.args, **command.kwargs))
 
 
 class AsyncRedisStreamPublisher:
@@ -200,7 +214,8 @@ class AsyncRedisStreamPublisher:
 
     async def publish(self, event: OrderEvent) -> str:
         command = _xadd(self.stream, self.maxlen, {"event": event.to_json()})
-        return _text(await self._client.xadd(*command.args, **command.kwargs))
+        with _reaching_redis():
+            return _text(await self._client.xadd(*command.args, **command.kwargs))
 
 
 class _ConsumerBase:
@@ -270,7 +285,8 @@ class RedisStreamConsumer(_ConsumerBase):
     def _run(self, flow: Flow[T]) -> T:
         # A failed command or handler is thrown into the flow, which decides: a failed
         # handler leaves its entry pending there.
-        return run(flow, self._send, async_twin="AsyncRedisStreamConsumer")
+        with _reaching_redis():
+            return run(flow, self._send, async_twin="AsyncRedisStreamConsumer")
 
 
 class AsyncRedisStreamConsumer(_ConsumerBase):
@@ -295,4 +311,5 @@ class AsyncRedisStreamConsumer(_ConsumerBase):
         return await self._send(op)
 
     async def _run(self, flow: Flow[T]) -> T:
-        return await arun(flow, self._perform)
+        with _reaching_redis():
+            return await arun(flow, self._perform)

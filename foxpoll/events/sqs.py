@@ -2,14 +2,23 @@
 
 On a FIFO queue (its URL ends in ``.fifo``), the event id is the deduplication id and the
 order id the message group, so SQS itself drops a repeat within its 5-minute window and
-keeps each order's events in order.
+keeps each order's events in order. An SQS endpoint that cannot be reached, or does not
+answer within the client's timeouts, raises :class:`~foxpoll.errors.StoreUnavailable`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+try:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise ImportError("SQS publishers need boto3: pip install 'foxpoll[dynamodb]'") from exc
+
 import attrs
+
+from foxpoll.errors import unavailable_on
 
 from .base import OrderEvent
 
@@ -35,6 +44,11 @@ class _Message:
         return params
 
 
+#: botocore's connection, endpoint and timeout errors; an answer from SQS (a
+#: ``ClientError``) stays what it is.
+_UNREACHED = (BotoConnectionError, HTTPClientError)
+
+
 class SQSPublisher:
     """Publish events to an SQS queue.
 
@@ -52,7 +66,8 @@ class SQSPublisher:
         self._message = _Message(queue_url)
 
     def publish(self, event: OrderEvent) -> str:
-        reply = self._client.send_message(**self._message.params(event))
+        with unavailable_on("SQS", *_UNREACHED):
+            reply = self._client.send_message(**self._message.params(event))
         return str(reply["MessageId"])
 
 
@@ -64,5 +79,6 @@ class AsyncSQSPublisher:
         self._message = _Message(queue_url)
 
     async def publish(self, event: OrderEvent) -> str:
-        reply = await self._client.send_message(**self._message.params(event))
+        with unavailable_on("SQS", *_UNREACHED):
+            reply = await self._client.send_message(**self._message.params(event))
         return str(reply["MessageId"])

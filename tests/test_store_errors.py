@@ -1,0 +1,185 @@
+"""One error for every store: a budget, an event stream or a queue whose server cannot be
+reached raises ``StoreUnavailable`` (a ``StoreError``), never its driver's own exception,
+and the message carries no connection details."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from foxpoll import StoreError, StoreUnavailable
+from foxpoll.events import OrderEvent, event_id_for
+
+from .services import AWS_ENV, REDIS_URL, delete_keys, free_port, require
+
+EVENT = OrderEvent(event_id_for("o1", "completed"), "o1", "completed", ("CODE-1",), 0.0)
+
+
+async def _settle(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
+
+
+def _dead_redis() -> str:
+    return f"redis://user:hunter2@127.0.0.1:{free_port()}/0"  # nothing listens there
+
+
+def _says_nothing_of(url: str, error: BaseException) -> None:
+    message = str(error)
+    assert "hunter2" not in message
+    assert url.rsplit(":", 1)[1].split("/")[0] not in message  # the port
+
+
+@pytest.mark.parametrize("call", ["acquire", "aacquire", "throttled", "athrottled"])
+async def test_a_redis_budget_that_cannot_reach_redis_is_store_unavailable(call: str) -> None:
+    import redis
+
+    from foxpoll.ratelimit import RedisRateLimit
+
+    url = _dead_redis()
+    budget = RedisRateLimit(url, per_minute=100)
+    try:
+        args: tuple[Any, ...] = (None,) if "throttled" in call else ()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as info:
+            await _settle(getattr(budget, call)(*args))
+        assert time.monotonic() - started < 5.0 + 2.0  # the budget's connect timeout
+    finally:
+        await budget.aclose()
+    _says_nothing_of(url, info.value)
+    assert isinstance(info.value.__cause__, redis.ConnectionError)  # chained, for debugging
+
+
+def test_a_sqlite_budget_whose_file_cannot_be_opened_is_store_unavailable(
+    tmp_path: Path,
+) -> None:
+    from foxpoll.ratelimit import SQLiteRateLimit
+
+    with pytest.raises(StoreUnavailable, match="SQLiteRateLimit is unavailable"):
+        SQLiteRateLimit(tmp_path / "no-such-dir" / "budget.db", per_minute=100)
+
+
+async def test_a_sqlite_budget_whose_connection_is_gone_is_store_unavailable(
+    tmp_path: Path,
+) -> None:
+    from foxpoll.ratelimit import SQLiteRateLimit
+
+    budget = SQLiteRateLimit(tmp_path / "budget.db", per_minute=100)
+    assert budget.acquire() == 0.0
+    budget.close()  # its connection is gone: every call fails, and says so in foxpoll's terms
+    with pytest.raises(StoreUnavailable):
+        budget.acquire()
+    with pytest.raises(StoreUnavailable):
+        await budget.athrottled(1.0)
+
+
+@pytest.mark.parametrize("kind", ["blocking", "async"])
+async def test_a_redis_stream_publisher_that_cannot_reach_redis_is_store_unavailable(
+    kind: str,
+) -> None:
+    from foxpoll.events import AsyncRedisStreamPublisher, RedisStreamPublisher
+
+    url = _dead_redis()
+    publisher: Any = (RedisStreamPublisher if kind == "blocking"
+                      else AsyncRedisStreamPublisher)(url)
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await _settle(publisher.publish(EVENT))
+    finally:
+        await _settle(publisher.close() if kind == "blocking" else publisher.aclose())
+    _says_nothing_of(url, info.value)
+    assert "CODE-1" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["blocking", "async"])
+async def test_a_redis_stream_consumer_that_cannot_reach_redis_is_store_unavailable(
+    kind: str,
+) -> None:
+    from foxpoll.events import AsyncRedisStreamConsumer, RedisStreamConsumer
+
+    handled: list[OrderEvent] = []
+    url = _dead_redis()
+    consumer: Any = (RedisStreamConsumer if kind == "blocking" else AsyncRedisStreamConsumer)(
+        url, group="g", consumer="c", handler=handled.append, block=None)
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await _settle(consumer.consume())
+    finally:
+        await _settle(consumer.close() if kind == "blocking" else consumer.aclose())
+    _says_nothing_of(url, info.value)
+    assert handled == []
+
+
+@pytest.mark.service
+async def test_a_failing_handler_is_not_mistaken_for_an_unreachable_redis() -> None:
+    """The handler's own ConnectionError (it may use Redis too) leaves its entry pending;
+    it is not turned into StoreUnavailable."""
+    require("Redis", "127.0.0.1", 6379)
+    import redis
+
+    from foxpoll.events import RedisStreamConsumer, RedisStreamPublisher
+
+    stream = f"test-store-errors:{time.monotonic_ns()}"
+
+    def handler(event: OrderEvent) -> None:
+        raise redis.ConnectionError("the handler's own Redis is down")
+
+    publisher = RedisStreamPublisher(REDIS_URL, stream=stream)
+    consumer = RedisStreamConsumer(REDIS_URL, group="g", consumer="c", handler=handler,
+                                   stream=stream, block=None)
+    try:
+        consumer.ensure_group()
+        publisher.publish(EVENT)
+        assert consumer.consume() == 0  # not acknowledged, and no exception
+    finally:
+        publisher.close()
+        consumer.close()
+        delete_keys(stream)
+
+
+@pytest.mark.parametrize("kind", ["blocking", "async"])
+async def test_an_sqs_publisher_that_cannot_reach_sqs_is_store_unavailable(
+    kind: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from botocore.config import Config
+
+    from foxpoll.events import AsyncSQSPublisher, SQSPublisher
+
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    queue = f"{endpoint}/123456789012/events"
+    config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=2)
+    if kind == "blocking":
+        import boto3
+
+        with pytest.raises(StoreUnavailable, match="SQS is unavailable"):
+            SQSPublisher(queue, boto3.client("sqs", endpoint_url=endpoint, config=config)
+                         ).publish(EVENT)
+        return
+    import aioboto3
+
+    async with aioboto3.Session().client("sqs", endpoint_url=endpoint, config=config) as sqs:
+        with pytest.raises(StoreUnavailable, match="SQS is unavailable"):
+            await AsyncSQSPublisher(queue, sqs).publish(EVENT)
+
+
+def test_every_store_error_is_one_kind() -> None:
+    from foxpoll import DedupError, EventError, LeaseLost
+
+    for error in (StoreUnavailable("x"), DedupError("x"), LeaseLost("x"), EventError("x")):
+        assert isinstance(error, StoreError)
+
+
+@pytest.mark.xfail(strict=True, reason="SQLiteRecoveryQueue still raises sqlite3's errors; "
+                   "its owner maps them (foxpoll.errors.unavailable_on), then drop this mark")
+def test_a_sqlite_queue_whose_file_cannot_be_opened_is_store_unavailable(
+    tmp_path: Path,
+) -> None:
+    from foxpoll.recovery import SQLiteRecoveryQueue
+
+    with pytest.raises(StoreUnavailable, match="SQLite is unavailable"):
+        SQLiteRecoveryQueue(tmp_path / "no-such-dir" / "queue.db")
