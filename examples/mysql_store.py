@@ -28,10 +28,15 @@ from typing import Any, TypeVar
 import pymysql
 import pymysql.cursors
 
-from foxpoll import Order, OrderStatus, StoreUnavailable, deliver_once
-from foxpoll.dedup import ClaimResult, DedupStore, DeliveryRecord, DeliveryState
-from foxpoll.dedup.base import lease_lost, record_from_fields
-from foxpoll.models import OrderItem
+from foxpoll import Order, OrderItem, OrderStatus, StoreUnavailable, deliver_once
+from foxpoll.dedup import (
+    ClaimResult,
+    DedupStore,
+    DeliveryRecord,
+    DeliveryState,
+    lease_lost,
+    record_from_fields,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {table} (

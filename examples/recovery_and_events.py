@@ -19,8 +19,7 @@ from pathlib import Path
 
 import redis
 
-from foxpoll import Order, deliver_once
-from foxpoll.backoff import ExponentialJitter
+from foxpoll import ExponentialJitter, Order, deliver_once
 from foxpoll.dedup import SQLiteDedupStore
 from foxpoll.events import OrderEvent, RedisStreamConsumer, RedisStreamPublisher
 from foxpoll.recovery import RecoveryWorker, SQLiteRecoveryQueue

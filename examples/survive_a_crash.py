@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from foxpoll import FoxReload, Order, SystemClock
-from foxpoll.backoff import Fixed
+from foxpoll import Fixed, FoxReload, Order, SystemClock
 from foxpoll.dedup import SQLiteDedupStore
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRecoveryQueue
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer

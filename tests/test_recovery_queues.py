@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import attrs
 import pytest
 
+from foxpoll.errors import StoreUnavailable
 from foxpoll.recovery import JobState, RecoveryPolicy, SQLiteRecoveryQueue
 from foxpoll.testing import FakeClock
 
@@ -417,8 +418,9 @@ def test_a_closed_sqlite_queue_holds_no_connection(tmp_path: Path) -> None:
     queue = SQLiteRecoveryQueue(tmp_path / "q.db")
     queue.enqueue("o1")
     queue.close()
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(StoreUnavailable) as closed:
         queue.get("o1")
+    assert isinstance(closed.value.__cause__, sqlite3.ProgrammingError)  # a closed database
 
 
 def test_a_table_made_by_foxpoll_0_1_gets_its_token_column_under_a_quoted_name(

@@ -174,8 +174,6 @@ def test_every_store_error_is_one_kind() -> None:
         assert isinstance(error, StoreError)
 
 
-@pytest.mark.xfail(strict=True, reason="SQLiteRecoveryQueue still raises sqlite3's errors; "
-                   "its owner maps them (foxpoll.errors.unavailable_on), then drop this mark")
 def test_a_sqlite_queue_whose_file_cannot_be_opened_is_store_unavailable(
     tmp_path: Path,
 ) -> None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from foxpoll.dedup._sql import SQLITE, TableName
+from foxpoll.errors import unavailable_on
 
 from ._sql import Execute, JobStatements, SQLJobQueue
 from .base import RecoveryPolicy
@@ -38,10 +39,11 @@ class SQLiteRecoveryQueue(SQLJobQueue):
         self._sql = JobStatements.render(SQLITE, name)
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(os.fspath(path), timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        with unavailable_on("SQLite", sqlite3.Error):
+            self._db = sqlite3.connect(os.fspath(path), timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
         with self._transaction() as execute:
             execute(self._sql.schema, {})
             info = "SELECT name FROM pragma_table_info(:table, :schema)"
@@ -53,7 +55,7 @@ class SQLiteRecoveryQueue(SQLJobQueue):
 
     @contextmanager
     def _transaction(self) -> Iterator[Execute]:
-        with self._lock:
+        with self._lock, unavailable_on("SQLite", sqlite3.Error):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._execute
