@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://public-api.foxreload.com"
 DEFAULT_MAX_RETRIES = 3
+DEFAULT_MAX_RETRY_AFTER = 60.0
 #: A call's lane in the request budget unless it names one: ``Priority.FRESH`` of
 #: :mod:`foxpoll.ratelimit`, which sits above this core and numbers its lanes, lower first.
 DEFAULT_LANE = 1
@@ -91,7 +92,7 @@ class ClientConfig:
     max_retries: int = DEFAULT_MAX_RETRIES
     retry_base: float = 0.5
     retry_cap: float = 8.0
-    max_retry_after: float = 60.0
+    max_retry_after: float = DEFAULT_MAX_RETRY_AFTER
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     headers: Mapping[str, str] = attrs.field(factory=dict)
 
@@ -134,6 +135,7 @@ def make_config(
     language: str | None = None,
     currency: str | None = None,
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
 ) -> ClientConfig:
     """Resolve arguments and the ``FOXRELOAD_*`` environment into a :class:`ClientConfig`."""
     key = api_key if api_key is not None else os.environ.get("FOXRELOAD_API_KEY")
@@ -161,6 +163,7 @@ def make_config(
     check_timeout(timeout)
     check_retries(max_retries)
     check_response_bytes(max_response_bytes)
+    check_timeout(max_retry_after, "max_retry_after")
     extra = dict(headers or {})
     if language is not None:
         extra["X-Language"] = language
@@ -168,7 +171,7 @@ def make_config(
         extra["X-Currency"] = currency
     return ClientConfig(
         api_key=key, base_url=url, timeout=timeout, max_retries=max_retries, headers=extra,
-        max_response_bytes=max_response_bytes,
+        max_response_bytes=max_response_bytes, max_retry_after=max_retry_after,
     )
 
 
