@@ -79,8 +79,9 @@ class ClientConfig:
         max_retries: Retries after the first attempt of a request that is safe to retry.
         retry_base: The first retry's backoff ceiling, in seconds (full jitter below it).
         retry_cap: The largest backoff ceiling, in seconds.
-        max_retry_after: The longest ``Retry-After`` foxpoll will wait out by itself; a
-            longer one raises :class:`RateLimitError` at once.
+        max_retry_after: The longest ``Retry-After`` foxpoll obeys: a request asked to
+            wait longer raises :class:`RateLimitError` at once, a wait polls again after at
+            most this long, and a request budget is asked to pause no longer.
         max_response_bytes: The largest response body foxpoll reads, once decoded; a
             larger one raises :class:`ResponseTooLarge`.
         headers: Extra headers for every request (``X-Language``, ``X-Currency``...).
@@ -453,6 +454,8 @@ def call_flow(
         if limit is not None and isinstance(outcome, httpx.Response):
             throttled = outcome.status_code == 429
             retry_after = parse_retry_after(outcome.headers, clock.time()) if throttled else None
+            if retry_after is not None:  # the budget pauses no longer than the client obeys
+                retry_after = min(retry_after, config.max_retry_after)
             yield from Feedback(limit, throttled, retry_after)
         if isinstance(outcome, httpx.Response) and outcome.is_success:
             log.debug(
