@@ -155,10 +155,12 @@ class BaseClient(Generic[HttpT, TransportT]):
             currency: ``X-Currency`` (``usd``, ``rub``).
             clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
             rng: Random source for jitter.
-            max_in_flight: Requests this client sends at once; the others queue in foxpoll,
-                buys first, never inside the HTTP client's pool (where they would time out).
-                The default, 100, is the size of the client's own connection pool; with your
-                ``http_client``, match it to that client's pool.
+            max_in_flight: Requests this client has in flight at once, from every thread or
+                task; the others queue in foxpoll, buys first, never inside the HTTP
+                client's pool (where they would time out). The default, 100, is the size of
+                the client's own connection pool; with your ``http_client``, match it to
+                that client's pool. ``wait_many(max_in_flight=...)`` lowers it for one
+                call.
             max_response_bytes: The largest response body read, once decoded (10 MiB by
                 default); a larger one raises :class:`foxpoll.ResponseTooLarge`.
             max_retry_after: The longest ``Retry-After`` foxpoll obeys, in seconds (60 by

@@ -607,7 +607,7 @@ def wait_many_flow(
     *,
     listeners: Listeners = NO_LISTENERS,
     max_requests_per_minute: float | None = None,
-    max_in_flight: int = 8,
+    max_in_flight: int,
 ) -> Flow[None]:
     """Poll many orders in one loop, each on its own schedule; emit a :class:`WaitResult`
     for each as it finishes.
@@ -617,7 +617,8 @@ def wait_many_flow(
     call its own :class:`~foxpoll.ratelimit.RateLimit`; with neither, polls are not
     metered, but a 429 still pauses them all. A poll retries a transient failure
     within itself, as :func:`wait_flow`'s do (each attempt takes its own permit); a
-    poll that still fails counts against the order's error budget.
+    poll that still fails counts against the order's error budget. At most
+    ``max_in_flight`` polls are started and not yet finished at once.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")

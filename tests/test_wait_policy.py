@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import pytest
 
-from foxpoll import FoxReload, OrderStalled, PollAttempt, WaitResult
+from foxpoll import AsyncFoxReload, FoxReload, OrderStalled, PollAttempt, WaitResult
 from foxpoll.backoff import ExponentialJitter, Fixed
 from foxpoll.polling import Listener, Stall, StatusChange, WaitPolicy, WaitStart
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
@@ -152,3 +155,37 @@ def test_the_sync_wait_many_refuses_a_concurrency_it_cannot_give(sim: FakeFoxRel
         with pytest.raises(ValueError, match="one order at a time"):
             list(client.wait_many(["o1"], max_in_flight=8))
         assert list(client.wait_many([], max_in_flight=1)) == []
+
+
+class Counting(httpx.AsyncBaseTransport):
+    """Answers from the simulator, after letting the loop run: counts requests at once."""
+
+    def __init__(self, sim: FakeFoxReload) -> None:
+        self.sim, self.in_flight, self.most = sim, 0, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        for _ in range(5):  # let every other ready poll start first
+            await asyncio.sleep(0)
+        self.in_flight -= 1
+        return self.sim.handle(request)
+
+
+@pytest.mark.parametrize(("client_slots", "call_slots", "most"),
+                         [(20, None, 20), (20, 3, 3), (4, None, 4), (4, 10, 4)])
+async def test_max_in_flight_means_requests_at_once_for_the_client_and_wait_many(
+    client_slots: int, call_slots: int | None, most: int,
+) -> None:
+    sim = FakeFoxReload(default_script=OrderScript.complete(after=0))
+    counting = Counting(sim)
+    async with AsyncFoxReload(sim.api_key, base_url=sim.base_url, transport=counting,
+                              clock=sim.clock, max_in_flight=client_slots) as client:
+        ids = []
+        for _ in range(20):
+            order = await client.orders.create(items=STEAM)
+            ids.append((await client.orders.pay(order.id)).id)
+        counting.most = 0
+        results = [r async for r in client.wait_many(ids, max_in_flight=call_slots)]
+    assert all(r.ok for r in results)
+    assert counting.most == most  # the call's own bound, within the client's
