@@ -23,9 +23,9 @@ import tempfile
 from pathlib import Path
 
 from foxpoll import AsyncFoxReload, OrderFailed, OrderStalled, adeliver_once
-from foxpoll.backoff import ExponentialJitter
 from foxpoll.dedup import AsyncSQLiteDedupStore
 from foxpoll.models import Order
+from foxpoll.polling import WaitPolicy
 from foxpoll.testing import FakeFoxReload, OrderScript
 
 inbox: dict[str, list[str]] = {}  # what each buyer has received
@@ -40,8 +40,7 @@ async def wait_and_deliver(client: AsyncFoxReload, store: AsyncSQLiteDedupStore,
                            order_id: str) -> None:
     """The background task: never raises into the web framework, always records an outcome."""
     try:
-        order = await client.wait_for_completion(
-            order_id, backoff=ExponentialJitter(poll_at_start=False))
+        order = await client.wait_for_completion(order_id)
         await adeliver_once(order, deliver_to_buyer, store)
         print(f"  background: {order_id[:8]} delivered")
     except OrderFailed as exc:
@@ -68,7 +67,8 @@ async def main() -> None:
     background: set[asyncio.Task[None]] = set()
     with tempfile.TemporaryDirectory() as tmp:
         store = AsyncSQLiteDedupStore(Path(tmp) / "deliveries.db")
-        async with sim.async_client() as client:
+        # Every wait starts right after a payment: the schedule for that, as the default.
+        async with sim.async_client(wait_policy=WaitPolicy.after_payment()) as client:
             answers = [await buy(client, store, item, background)
                        for item in ("product_steam_10", "product_esim_eu_5gb",
                                     "product_steam_50")]

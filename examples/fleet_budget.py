@@ -19,6 +19,7 @@ from pathlib import Path
 
 from foxpoll import FoxReload, SystemClock
 from foxpoll.backoff import ExponentialJitter
+from foxpoll.polling import WaitPolicy
 from foxpoll.ratelimit import SQLiteRateLimit
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 
@@ -30,14 +31,14 @@ WORKERS, ORDERS_EACH = 3, 4
 def worker(sim_url: str, api_key: str, budget_file: str) -> None:
     """One process of the fleet: buy, wait, report what the budget saw."""
     budget = SQLiteRateLimit(budget_file, per_minute=BUDGET)
-    backoff = ExponentialJitter(base=0.5, factor=1.5, cap=2.0, poll_at_start=False)
-    with FoxReload(api_key, base_url=sim_url, rate_limit=budget) as client:
+    policy = WaitPolicy(ExponentialJitter(base=0.5, factor=1.5, cap=2.0, poll_at_start=False))
+    with FoxReload(api_key, base_url=sim_url, rate_limit=budget, wait_policy=policy) as client:
         ids = []
         for _ in range(ORDERS_EACH):
             order = client.orders.create(items=[{"itemId": "product_steam_10"}])
             client.orders.pay(order.id)
             ids.append(order.id)
-        done = sum(result.ok for result in client.wait_many(ids, backoff=backoff))
+        done = sum(result.ok for result in client.wait_many(ids))
     print(json.dumps({"completed": done, "429s": budget.throttles, "waits": budget.waits}))
 
 

@@ -6,14 +6,23 @@ Run: python examples/quickstart_sync.py
 from __future__ import annotations
 
 from foxpoll import AmbiguousOrderError, OrderStatus
-from foxpoll.backoff import ExponentialJitter
+from foxpoll.polling import Listener, StatusChange, WaitPolicy
 from foxpoll.testing import FakeFoxReload, OrderScript
+
+
+class ShowProgress(Listener):
+    """Told of every wait's events; this one prints each status change."""
+
+    def on_status_change(self, change: StatusChange) -> None:
+        print(f"  {change.previous} -> {change.order.status} after {change.elapsed:.0f}s")
 
 
 def main() -> None:
     sim = FakeFoxReload()  # virtual time: nothing here really sleeps
     sim.script_next(OrderScript.complete(after=12))
-    with sim.client() as client:
+    # Every wait of this client: just paid, so nothing to see at once; at most 10 minutes.
+    with sim.client(wait_policy=WaitPolicy.after_payment(timeout=600),
+                    listeners=[ShowProgress()]) as client:
         product = client.products.list(category="steam", limit=1).items[0]
         print(f"buying {product.name} for {product.price} {product.currency}")
         try:
@@ -23,12 +32,7 @@ def main() -> None:
             print("outcome unknown; reconcile", exc.request_body)
             raise
         client.orders.pay(order.id)
-        order = client.wait_for_completion(
-            order.id,
-            backoff=ExponentialJitter(poll_at_start=False),  # just paid: nothing to see yet
-            on_status_change=lambda change: print(f"  {change.previous} -> {change.order.status}"
-                                                  f" after {change.elapsed:.0f}s"),
-        )
+        order = client.wait_for_completion(order.id)
         assert order.status is OrderStatus.COMPLETED
         print(f"order {order.id}: {len(order.codes)} code(s) delivered")
 

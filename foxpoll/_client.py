@@ -8,7 +8,7 @@ their resources reach through a runner (:class:`foxpoll._resources.Runner`).
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -20,6 +20,7 @@ from ._api import Runtime
 from ._clock import Clock, SystemClock
 from ._core import (
     DEFAULT_MAX_RETRIES,
+    DEFAULT_MAX_RETRY_AFTER,
     check_response_bytes,
     check_retries,
     check_timeout,
@@ -48,16 +49,13 @@ from ._senders import (
     default_client,
 )
 from ._watches import Watcher, WatchQueue
-from .backoff import BackoffPolicy
 from .models import Order
 from .polling import (
-    OnStall,
-    PollAttempt,
-    StatusChange,
-    WaitOptions,
+    DEFAULT_POLICY,
+    NO_LISTENERS,
+    Listeners,
+    WaitPolicy,
     WaitResult,
-    WaitStart,
-    chain_hooks,
     wait_flow,
     wait_many_flow,
 )
@@ -129,6 +127,9 @@ class BaseClient(Generic[HttpT, TransportT]):
         rate_limit: BaseRateLimit | None = None,
         max_in_flight: int = _LIMITS.max_connections or 100,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        wait_policy: WaitPolicy | None = None,
+        listeners: Iterable[object] = (),
     ) -> None:
         """A client for one API key.
 
@@ -139,7 +140,7 @@ class BaseClient(Generic[HttpT, TransportT]):
             public API.
             timeout: Seconds allowed for one HTTP request, from connecting to the last byte
                 of its body: a deadline, not a per-read timeout (see the bounds in
-                ``docs/bounds.md``).
+                ``docs/bounds.md``). A wait's deadline is its policy's ``timeout``.
             max_retries: Retries of a failed request that is safe to resend (never a create
                 that may have reached the server).
             http_client: Your own :class:`httpx.Client` (or :class:`httpx.AsyncClient` for the
@@ -154,12 +155,23 @@ class BaseClient(Generic[HttpT, TransportT]):
             currency: ``X-Currency`` (``usd``, ``rub``).
             clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
             rng: Random source for jitter.
-            max_in_flight: Requests this client sends at once; the others queue in foxpoll,
-                buys first, never inside the HTTP client's pool (where they would time out).
-                The default, 100, is the size of the client's own connection pool; with your
-                ``http_client``, match it to that client's pool.
+            max_in_flight: Requests this client has in flight at once, from every thread or
+                task; the others queue in foxpoll, buys first, never inside the HTTP
+                client's pool (where they would time out). The default, 100, is the size of
+                the client's own connection pool; with your ``http_client``, match it to
+                that client's pool. ``wait_many(max_in_flight=...)`` lowers it for one
+                call.
             max_response_bytes: The largest response body read, once decoded (10 MiB by
                 default); a larger one raises :class:`foxpoll.ResponseTooLarge`.
+            max_retry_after: The longest ``Retry-After`` foxpoll obeys, in seconds (60 by
+                default): a request asked to wait longer is not retried (its
+                :class:`foxpoll.RateLimitError` is raised), a wait polls again after at
+                most this long, and the pause a 429 asks of the ``rate_limit`` is cut to it.
+            wait_policy: How :meth:`wait_for_completion` and :meth:`wait_many` wait when a
+                call names no ``policy`` (:class:`foxpoll.WaitPolicy`; the vendor's schedule
+                by default). A watch written by ``orders.pay`` covers its horizon.
+            listeners: Objects told of every wait's events (:class:`foxpoll.Listener`):
+                metrics, logging. A call's own ``listener`` is told after these.
             rate_limit: The API key's request budget (:mod:`foxpoll.ratelimit`), shared with
                 every process that uses the key: each request takes a permit first, buys
                 before first polls before later polls, and a 429 pauses every holder.
@@ -180,14 +192,22 @@ class BaseClient(Generic[HttpT, TransportT]):
             language=language,
             currency=currency,
             max_response_bytes=max_response_bytes,
+            max_retry_after=max_retry_after,
         )
+        if wait_policy is not None and not isinstance(wait_policy, WaitPolicy):
+            raise TypeError("wait_policy must be a foxpoll.WaitPolicy")
+        self._wait_policy = DEFAULT_POLICY if wait_policy is None else wait_policy
         if rate_limit is not None and not isinstance(rate_limit, BaseRateLimit):
             raise TypeError("rate_limit must be a foxpoll.ratelimit budget, such as "
                             "RateLimit(per_minute=100)")
         self._runtime = Runtime(config, clock or SystemClock(), rng or random.Random(),
                                 rate_limit)
         self._watcher = (None if recovery_queue is None else Watcher(
-            recovery_queue, self._runtime.clock, in_thread=self._watches_in_thread))
+            recovery_queue, self._runtime.clock, self._wait_policy,
+            in_thread=self._watches_in_thread))
+        # The watcher is told first: a watch is recorded before any other listener runs.
+        self._listeners = Listeners.of(
+            ([] if self._watcher is None else [self._watcher]) + list(listeners))
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
         self._owns_http = http_client is None
@@ -237,6 +257,16 @@ class BaseClient(Generic[HttpT, TransportT]):
         """The clock used for sleeps, backoff and deadlines."""
         return self._runtime.clock
 
+    @property
+    def wait_policy(self) -> WaitPolicy:
+        """How a wait that names no policy waits."""
+        return self._wait_policy
+
+    @property
+    def max_retry_after(self) -> float:
+        """The longest ``Retry-After`` foxpoll obeys, in seconds."""
+        return self._runtime.config.max_retry_after
+
     def with_options(
         self: Self,
         *,
@@ -274,6 +304,8 @@ class BaseClient(Generic[HttpT, TransportT]):
         clone._http = self._http
         clone._owns_http = False
         clone._watcher = self._watcher
+        clone._wait_policy = self._wait_policy
+        clone._listeners = self._listeners
         clone._gate = self._gate  # the same pool: the same slots
         clone._bind_resources()
         return clone
@@ -285,30 +317,41 @@ class BaseClient(Generic[HttpT, TransportT]):
             url = url.replace(userinfo + "@", "<redacted>@", 1)
         return f"{type(self).__name__}(base_url={url!r}, api_key='<redacted>')"
 
-    def _options(self, options: dict[str, Any]) -> WaitOptions:
-        if self._watcher is not None:
-            options["on_start"] = chain_hooks(self._watcher.on_start, options.get("on_start"))
-            options["on_finish"] = chain_hooks(self._watcher.on_finish,
-                                               options.get("on_finish"))
-        return WaitOptions(**options)
+    def _wait_args(self, policy: WaitPolicy | None, timeout: float | None,
+                   listener: object | None) -> tuple[WaitPolicy, Listeners]:
+        """The policy and listeners of one wait: the call's, over the client's."""
+        if policy is not None and not isinstance(policy, WaitPolicy):
+            raise TypeError("policy must be a foxpoll.WaitPolicy")
+        chosen = (self._wait_policy if policy is None else policy).deadline(timeout)
+        extra = NO_LISTENERS if listener is None else Listeners.of([listener])
+        return chosen, self._listeners + extra
 
-    def _wait_for_completion_flow(self, order: str | Order, **options: Any) -> Flow[Order]:
-        return wait_flow(self._runtime, _order_id(order), self._options(options))
+    def _wait_for_completion_flow(
+        self, order: str | Order, policy: WaitPolicy | None, timeout: float | None,
+        raise_on_failure: bool, listener: object | None,
+    ) -> Flow[Order]:
+        chosen, listeners = self._wait_args(policy, timeout, listener)
+        return wait_flow(self._runtime, _order_id(order), chosen, listeners=listeners,
+                         raise_on_failure=raise_on_failure)
 
     def _wait_many_flow(
         self,
         orders: Iterable[str | Order],
+        policy: WaitPolicy | None,
+        timeout: float | None,
+        listener: object | None,
         *,
         max_requests_per_minute: float | None,
-        max_in_flight: int,
-        **options: Any,
+        max_in_flight: int | None,
     ) -> Flow[None]:
+        chosen, listeners = self._wait_args(policy, timeout, listener)
         return wait_many_flow(
             self._runtime,
             _order_ids(orders),
-            self._options(options),
+            chosen,
+            listeners=listeners,
             max_requests_per_minute=max_requests_per_minute,
-            max_in_flight=max_in_flight,
+            max_in_flight=self._gate.size if max_in_flight is None else max_in_flight,
         )
 
 
@@ -368,47 +411,23 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         self,
         order: str | Order,
         *,
-        backoff: BackoffPolicy | None = None,
-        max_attempts: int = 40,
+        policy: WaitPolicy | None = None,
         timeout: float | None = None,
-        stall_after: float | None = None,
-        on_poll: Callable[[PollAttempt], Any] | None = None,
-        on_status_change: Callable[[StatusChange], Any] | None = None,
-        on_stall: OnStall | None = None,
-        on_finish: Callable[[WaitResult], Any] | None = None,
         raise_on_failure: bool = True,
-        not_found_grace: float = 30.0,
-        max_errors: int | None = None,
-        on_start: Callable[[WaitStart], Any] | None = None,
-        require_codes: int | None = None,
+        listener: object | None = None,
     ) -> Order:
         """Poll an order until it is completed, failed or cancelled.
 
         Args:
             order: The order or its id.
-            backoff: The wait between polls (:mod:`foxpoll.backoff`); the vendor's
-                ``ExponentialJitter()`` by default.
-            max_attempts: Successful polls before the order counts as stalled.
-            timeout: One deadline, in seconds, over every poll, sleep and HTTP retry.
-            stall_after: Call ``on_stall`` early when the status has not changed for this
-                long, and keep polling.
-            on_poll: Called with a :class:`PollAttempt` after every poll.
-            on_status_change: Called with a :class:`StatusChange` when the status moves.
-            on_stall: Called as ``on_stall(order, attempts, elapsed)`` before
-                :class:`OrderStalled` is raised (``order`` is the last seen, or None).
-            on_finish: Called once with a :class:`WaitResult` when the wait ends, however
-                it ends (metrics and recovery queues hook in here).
+            policy: How to wait (:class:`foxpoll.WaitPolicy`); the client's
+                ``wait_policy`` when None.
+            timeout: The wait's deadline, in seconds, over every poll, sleep and HTTP
+                retry, in place of the policy's ``timeout`` for this call.
             raise_on_failure: Raise :class:`OrderFailed` / :class:`OrderCancelled`; when
                 False, return the failed or cancelled order instead.
-            not_found_grace: Seconds during which a 404 means "not visible yet".
-            max_errors: Transient poll errors (5xx, 429, timeouts, unreadable bodies)
-                tolerated before the order counts as stalled; ``max_attempts`` if None.
-            on_start: Called once with a :class:`WaitStart` before the first poll
-                (recovery queues record their watch here).
-            require_codes: A completed order with no codes is a top-up credited to its
-                note (a player id), or a supplier whose codes are late. None (the
-                default) returns it, with a warning; a number polls it that many more
-                times for its codes, then raises :class:`CodesMissing`.
+            listener: An object told of this wait's events (:class:`foxpoll.Listener`),
+                after the client's ``listeners``.
 
         Returns:
             The completed order (or, with ``raise_on_failure=False``, the failed or
@@ -418,52 +437,41 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             OrderFailed, OrderCancelled: the order ended without codes.
             OrderStalled: attempts, errors or the deadline ran out first; it may still
                 complete, so hand it to a recovery queue.
+            CodesMissing: the policy's ``require_codes`` polls found no codes.
             APIStatusError: a non-transient error, such as 401.
         """
         return self._runner.run(self._wait_for_completion_flow(
-            order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
-            stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
-            on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
-            not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
-            require_codes=require_codes,
-        ))
+            order, policy, timeout, raise_on_failure, listener))
 
     def wait_many(
         self,
         orders: Iterable[str | Order],
         *,
-        max_requests_per_minute: float | None = None,
-        max_in_flight: int = 8,
-        backoff: BackoffPolicy | None = None,
-        max_attempts: int = 40,
+        policy: WaitPolicy | None = None,
         timeout: float | None = None,
-        stall_after: float | None = None,
-        on_poll: Callable[[PollAttempt], Any] | None = None,
-        on_status_change: Callable[[StatusChange], Any] | None = None,
-        on_stall: OnStall | None = None,
-        on_finish: Callable[[WaitResult], Any] | None = None,
-        not_found_grace: float = 30.0,
-        max_errors: int | None = None,
-        on_start: Callable[[WaitStart], Any] | None = None,
-        require_codes: int | None = None,
+        listener: object | None = None,
+        max_in_flight: int | None = None,
+        max_requests_per_minute: float | None = None,
     ) -> Iterator[WaitResult]:
         """Poll many orders in one loop and yield a :class:`WaitResult` as each finishes.
 
         Each order keeps its own schedule; all polls share one request budget: the
         client's ``rate_limit``, else one of ``max_requests_per_minute`` for this call
         (else a learned one), and a 429 slows the whole budget. Failures are
-        results (``result.error``), never raised. The other arguments are those of
-        :meth:`wait_for_completion`, applied to every order. Polls are sequential here;
-        :meth:`AsyncFoxReload.wait_many` runs up to ``max_in_flight`` at once.
+        results (``result.error``), never raised. ``policy``, ``timeout`` (each order's
+        deadline) and ``listener`` are those of :meth:`wait_for_completion`.
+
+        ``max_in_flight`` is the most requests this call has in flight at once, within
+        the client's own ``max_in_flight`` (its default). This client's requests block,
+        so its polls go one at a time: any ``max_in_flight`` but 1 raises
+        :class:`ValueError`; :meth:`AsyncFoxReload.wait_many` runs several at once.
         """
-        flow = self._wait_many_flow(
-            orders, max_requests_per_minute=max_requests_per_minute,
-            max_in_flight=max_in_flight, backoff=backoff, max_attempts=max_attempts,
-            timeout=timeout, stall_after=stall_after, on_poll=on_poll,
-            on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
-            not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
-            require_codes=require_codes,
-        )
+        if max_in_flight is not None and max_in_flight != 1:
+            raise ValueError("the sync client polls one order at a time (max_in_flight=1); "
+                             "AsyncFoxReload.wait_many runs polls concurrently")
+        flow = self._wait_many_flow(orders, policy, timeout, listener,
+                                    max_requests_per_minute=max_requests_per_minute,
+                                    max_in_flight=1)
         return drive_stream(flow, self._http, self._runtime.clock, gate=self._gate)
 
     def close(self) -> None:
@@ -525,58 +533,33 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         self,
         order: str | Order,
         *,
-        backoff: BackoffPolicy | None = None,
-        max_attempts: int = 40,
+        policy: WaitPolicy | None = None,
         timeout: float | None = None,
-        stall_after: float | None = None,
-        on_poll: Callable[[PollAttempt], Any] | None = None,
-        on_status_change: Callable[[StatusChange], Any] | None = None,
-        on_stall: OnStall | None = None,
-        on_finish: Callable[[WaitResult], Any] | None = None,
         raise_on_failure: bool = True,
-        not_found_grace: float = 30.0,
-        max_errors: int | None = None,
-        on_start: Callable[[WaitStart], Any] | None = None,
-        require_codes: int | None = None,
+        listener: object | None = None,
     ) -> Order:
-        """See :meth:`FoxReload.wait_for_completion`; hooks may be sync or async."""
+        """See :meth:`FoxReload.wait_for_completion`; listener methods may be sync or
+        async."""
         return await self._runner.run(self._wait_for_completion_flow(
-            order, backoff=backoff, max_attempts=max_attempts, timeout=timeout,
-            stall_after=stall_after, on_poll=on_poll, on_status_change=on_status_change,
-            on_stall=on_stall, on_finish=on_finish, raise_on_failure=raise_on_failure,
-            not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
-            require_codes=require_codes,
-        ))
+            order, policy, timeout, raise_on_failure, listener))
 
     def wait_many(
         self,
         orders: Iterable[str | Order],
         *,
-        max_requests_per_minute: float | None = None,
-        max_in_flight: int = 8,
-        backoff: BackoffPolicy | None = None,
-        max_attempts: int = 40,
+        policy: WaitPolicy | None = None,
         timeout: float | None = None,
-        stall_after: float | None = None,
-        on_poll: Callable[[PollAttempt], Any] | None = None,
-        on_status_change: Callable[[StatusChange], Any] | None = None,
-        on_stall: OnStall | None = None,
-        on_finish: Callable[[WaitResult], Any] | None = None,
-        not_found_grace: float = 30.0,
-        max_errors: int | None = None,
-        on_start: Callable[[WaitStart], Any] | None = None,
-        require_codes: int | None = None,
+        listener: object | None = None,
+        max_in_flight: int | None = None,
+        max_requests_per_minute: float | None = None,
     ) -> AsyncIterator[WaitResult]:
-        """See :meth:`FoxReload.wait_many`; use with ``async for``. Up to ``max_in_flight``
-        polls run at once; hooks may be sync or async."""
-        flow = self._wait_many_flow(
-            orders, max_requests_per_minute=max_requests_per_minute,
-            max_in_flight=max_in_flight, backoff=backoff, max_attempts=max_attempts,
-            timeout=timeout, stall_after=stall_after, on_poll=on_poll,
-            on_status_change=on_status_change, on_stall=on_stall, on_finish=on_finish,
-            not_found_grace=not_found_grace, max_errors=max_errors, on_start=on_start,
-            require_codes=require_codes,
-        )
+        """See :meth:`FoxReload.wait_many`; use with ``async for``. Up to
+        ``max_in_flight`` polls run at once (the client's ``max_in_flight`` when None,
+        whose slots every request of the client shares); listener methods may be sync
+        or async."""
+        flow = self._wait_many_flow(orders, policy, timeout, listener,
+                                    max_requests_per_minute=max_requests_per_minute,
+                                    max_in_flight=max_in_flight)
         return drive_stream_async(flow, self._http, self._runtime.clock, gate=self._gate)
 
     async def close(self) -> None:

@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://public-api.foxreload.com"
 DEFAULT_MAX_RETRIES = 3
+DEFAULT_MAX_RETRY_AFTER = 60.0
 #: A call's lane in the request budget unless it names one: ``Priority.FRESH`` of
 #: :mod:`foxpoll.ratelimit`, which sits above this core and numbers its lanes, lower first.
 DEFAULT_LANE = 1
@@ -78,8 +79,9 @@ class ClientConfig:
         max_retries: Retries after the first attempt of a request that is safe to retry.
         retry_base: The first retry's backoff ceiling, in seconds (full jitter below it).
         retry_cap: The largest backoff ceiling, in seconds.
-        max_retry_after: The longest ``Retry-After`` foxpoll will wait out by itself; a
-            longer one raises :class:`RateLimitError` at once.
+        max_retry_after: The longest ``Retry-After`` foxpoll obeys: a request asked to
+            wait longer raises :class:`RateLimitError` at once, a wait polls again after at
+            most this long, and a request budget is asked to pause no longer.
         max_response_bytes: The largest response body foxpoll reads, once decoded; a
             larger one raises :class:`ResponseTooLarge`.
         headers: Extra headers for every request (``X-Language``, ``X-Currency``...).
@@ -91,7 +93,7 @@ class ClientConfig:
     max_retries: int = DEFAULT_MAX_RETRIES
     retry_base: float = 0.5
     retry_cap: float = 8.0
-    max_retry_after: float = 60.0
+    max_retry_after: float = DEFAULT_MAX_RETRY_AFTER
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     headers: Mapping[str, str] = attrs.field(factory=dict)
 
@@ -134,6 +136,7 @@ def make_config(
     language: str | None = None,
     currency: str | None = None,
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
 ) -> ClientConfig:
     """Resolve arguments and the ``FOXRELOAD_*`` environment into a :class:`ClientConfig`."""
     key = api_key if api_key is not None else os.environ.get("FOXRELOAD_API_KEY")
@@ -161,6 +164,7 @@ def make_config(
     check_timeout(timeout)
     check_retries(max_retries)
     check_response_bytes(max_response_bytes)
+    check_timeout(max_retry_after, "max_retry_after")
     extra = dict(headers or {})
     if language is not None:
         extra["X-Language"] = language
@@ -168,7 +172,7 @@ def make_config(
         extra["X-Currency"] = currency
     return ClientConfig(
         api_key=key, base_url=url, timeout=timeout, max_retries=max_retries, headers=extra,
-        max_response_bytes=max_response_bytes,
+        max_response_bytes=max_response_bytes, max_retry_after=max_retry_after,
     )
 
 
@@ -450,6 +454,8 @@ def call_flow(
         if limit is not None and isinstance(outcome, httpx.Response):
             throttled = outcome.status_code == 429
             retry_after = parse_retry_after(outcome.headers, clock.time()) if throttled else None
+            if retry_after is not None:  # the budget pauses no longer than the client obeys
+                retry_after = min(retry_after, config.max_retry_after)
             yield from Feedback(limit, throttled, retry_after)
         if isinstance(outcome, httpx.Response) and outcome.is_success:
             log.debug(

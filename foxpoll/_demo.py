@@ -25,7 +25,7 @@ from .delivery import deliver_once
 from .events.base import OrderEvent
 from .events.memory import InMemoryPublisher
 from .models import Order
-from .polling import PollAttempt, StatusChange, WaitResult
+from .polling import Listener, PollAttempt, StatusChange, WaitPolicy, WaitResult
 from .ratelimit import RateLimit
 from .recovery.base import RecoveryPolicy
 from .recovery.sqlite import SQLiteRecoveryQueue
@@ -43,6 +43,7 @@ PLAN = (  # product, note, script
 )
 BUDGET = 60  # requests a minute: the demo's key is on a small tier
 BACKOFF = ExponentialJitter(base=1.0, factor=1.5, cap=4.0, jitter=0.3, poll_at_start=False)
+WAIT = WaitPolicy(backoff=BACKOFF, max_attempts=6)
 RECOVERY = RecoveryPolicy(max_attempts=6,
                           backoff=ExponentialJitter(base=1.0, factor=2.0, cap=4.0, jitter=0.2))
 
@@ -133,17 +134,20 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
             publisher.publish(OrderEvent.from_order(order, now=clock.time()))
             return f"sent {len(order.codes)} code(s)"
 
-        def on_poll(attempt: PollAttempt) -> None:
-            row = rows[attempt.order_id]
-            row.attempt = attempt.attempt
-            row.next_poll_at = (None if attempt.next_poll_in is None
-                                else clock.monotonic() + attempt.next_poll_in)
+        class Progress(Listener):
+            """Moves each order's row as its wait goes."""
 
-        def on_change(change: StatusChange) -> None:
-            rows[change.order_id].status = change.order.status.value
-            if display._live is None:
-                display.say(f"  {change.order_id[:8]} {change.previous or 'new'} -> "
-                            f"{change.order.status} after {change.elapsed:.1f}s")
+            def on_poll(self, attempt: PollAttempt) -> None:
+                row = rows[attempt.order_id]
+                row.attempt = attempt.attempt
+                row.next_poll_at = (None if attempt.next_poll_in is None
+                                    else clock.monotonic() + attempt.next_poll_in)
+
+            def on_status_change(self, change: StatusChange) -> None:
+                rows[change.order_id].status = change.order.status.value
+                if display._live is None:
+                    display.say(f"  {change.order_id[:8]} {change.previous or 'new'} -> "
+                                f"{change.order.status} after {change.elapsed:.1f}s")
 
         limit = RateLimit(per_minute=BUDGET, clock=clock.monotonic)
 
@@ -155,7 +159,8 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
 
         # One 429 while polling: the whole budget pauses for its Retry-After.
         sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=2))
-        with sim.client(recovery_queue=queue, rate_limit=limit) as client, \
+        with sim.client(recovery_queue=queue, rate_limit=limit, wait_policy=WAIT,
+                        listeners=[Progress()]) as client, \
                 Display(rows, clock.monotonic, out, live and not virtual, budget) as display:
             display.say("buying 5 orders from the FoxReload simulator...")
             sim.script_next(*(script for _, _, script in PLAN))
@@ -166,8 +171,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
                 rows[order.id] = Row(order.id, product, "paid", started_at=clock.monotonic())
                 ids.append(order.id)
 
-            for result in client.wait_many(ids, backoff=BACKOFF, max_attempts=6,
-                                           on_poll=on_poll, on_status_change=on_change):
+            for result in client.wait_many(ids):
                 _finish(result, rows[result.order_id], store, send_codes, publisher, clock)
                 display.say(f"  {result.order_id[:8]}: {rows[result.order_id].result}")
 

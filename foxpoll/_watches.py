@@ -24,18 +24,14 @@ from typing import Any, Protocol
 from . import _api
 from ._clock import Clock
 from ._effects import Flow, Notify
-from .backoff import ExponentialJitter
 from .errors import APIStatusError, ConflictError
 from .models import Order
-from .polling import WaitOptions, WaitResult, WaitStart
+from .polling import WaitPolicy, WaitResult, WaitStart
 
 __all__ = ["WatchQueue", "Watcher"]
 
 log = logging.getLogger("foxpoll.recovery")
 
-# What a watch written at pay covers: the default schedule, and the one recommended after
-# paying (no poll at once), whichever runs longer.
-PAY_HORIZON = WaitOptions(backoff=ExponentialJitter(poll_at_start=False)).horizon()
 REMEMBERED = 10_000  # orders remembered between pay and wait, per client
 
 
@@ -59,15 +55,20 @@ class WatchQueue(Protocol):
 
 
 class Watcher:
-    """Records and settles a client's watches in its recovery queue.
+    """Records and settles a client's watches in its recovery queue: a listener of every
+    wait of the client.
 
     Args:
+        policy: The client's wait policy. A watch written at pay covers its horizon,
+            counting a wait before the first poll (the schedule recommended after paying).
         in_thread: Run each queue call in a worker thread and return an awaitable of it:
             the async client's watches, which must not block the event loop.
     """
 
-    def __init__(self, queue: WatchQueue, clock: Clock, *, in_thread: bool = False) -> None:
+    def __init__(self, queue: WatchQueue, clock: Clock, policy: WaitPolicy, *,
+                 in_thread: bool = False) -> None:
         self.queue, self.clock, self.in_thread = queue, clock, in_thread
+        self.pay_horizon = policy.horizon(first_poll_waits=True)
         self._paid: OrderedDict[str, float] = OrderedDict()  # order id -> its watch's due
         self._lock = threading.Lock()
 
@@ -98,7 +99,7 @@ class Watcher:
         return start.started_at + start.horizon + self.queue.policy.watch_margin
 
     def _watch_payment(self, order_id: str) -> None:
-        due_at = self._due(WaitStart(order_id, self.clock.time(), PAY_HORIZON))
+        due_at = self._due(WaitStart(order_id, self.clock.time(), self.pay_horizon))
         if self.queue.watch(order_id, due_at=due_at, replace=False):
             with self._lock:
                 self._paid[order_id] = due_at
@@ -115,11 +116,11 @@ class Watcher:
         self.queue.unwatch(order_id)
 
     def on_start(self, start: WaitStart) -> Any:
-        """The wait's ``on_start``: watch the order, unless the payment's watch fits."""
+        """A wait began: watch the order, unless the payment's watch fits."""
         return self._call(self._on_start, start)
 
     def on_finish(self, result: WaitResult) -> Any:
-        """The wait's ``on_finish``: settle the watch, or enqueue a stalled order."""
+        """A wait ended: settle the watch, or enqueue a stalled order."""
         return self._call(self._on_finish, result)
 
     def _on_start(self, start: WaitStart) -> None:

@@ -1,12 +1,12 @@
-"""Metrics for alerting, driven by the poller's hooks: Prometheus or OpenTelemetry.
+"""Metrics for alerting, fed as a listener of the client's waits: Prometheus or
+OpenTelemetry.
 
 Nothing is created at import time and no global state is kept: a metrics object owns its
-instruments, in the registry (or meter) you give it, and feeds on the hooks::
+instruments, in the registry (or meter) you give it, and is told of every wait of the
+client it is given to::
 
     metrics = PrometheusMetrics(registry=my_registry)
-    client.wait_for_completion(order_id, **metrics.hooks())
-    async for result in aclient.wait_many(ids, **metrics.hooks(on_poll=my_own_hook)):
-        ...
+    client = FoxReload(listeners=[metrics])
 
 Instruments (no order ids as labels, so their number stays bounded):
 
@@ -30,12 +30,11 @@ The alert on the completion rate, completed / (completed + stalled) over 10 minu
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from .errors import OrderCancelled, OrderFailed
 from .models import OrderStatus
-from .polling import PollAttempt, WaitResult, chain_hooks
+from .polling import Listener, PollAttempt, WaitResult
 from .ratelimit import BaseRateLimit
 
 __all__ = ["COMPLETION_BUCKETS", "OpenTelemetryMetrics", "PrometheusMetrics"]
@@ -44,8 +43,8 @@ __all__ = ["COMPLETION_BUCKETS", "OpenTelemetryMetrics", "PrometheusMetrics"]
 COMPLETION_BUCKETS = (1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600, 1200, 1800, 3600)
 
 
-class _HookMetrics:
-    """What both backends share: which hook event moves which instrument."""
+class _ListenerMetrics(Listener):
+    """What both backends share: which wait event moves which instrument."""
 
     def _started(self) -> None:
         raise NotImplementedError
@@ -60,13 +59,13 @@ class _HookMetrics:
         raise NotImplementedError
 
     def on_poll(self, attempt: PollAttempt) -> None:
-        """The ``on_poll`` hook."""
+        """Count the poll (and, at the first, the wait)."""
         if attempt.attempt == 1:
             self._started()
         self._polled(attempt.outcome)
 
     def on_finish(self, result: WaitResult) -> None:
-        """The ``on_finish`` hook."""
+        """Count how the wait ended."""
         if result.order is not None and result.order.status is OrderStatus.COMPLETED \
                 and not result.order.codes:
             self._without_codes()
@@ -79,21 +78,8 @@ class _HookMetrics:
         ):
             self._finished("failed", None)
 
-    def hooks(
-        self,
-        *,
-        on_poll: Callable[[PollAttempt], Any] | None = None,
-        on_finish: Callable[[WaitResult], Any] | None = None,
-    ) -> dict[str, Callable[..., Any]]:
-        """Keyword arguments for ``wait_for_completion`` / ``wait_many``, chaining your own
-        ``on_poll`` / ``on_finish`` after the metrics (yours may be async)."""
-        return {
-            "on_poll": chain_hooks(self.on_poll, on_poll),
-            "on_finish": chain_hooks(self.on_finish, on_finish),
-        }
 
-
-class PrometheusMetrics(_HookMetrics):
+class PrometheusMetrics(_ListenerMetrics):
     """The instruments in a Prometheus registry (``prometheus-client``, the ``prometheus``
     extra).
 
@@ -174,7 +160,7 @@ class _BudgetCollector:
         return [waits, throttled, rate]
 
 
-class OpenTelemetryMetrics(_HookMetrics):
+class OpenTelemetryMetrics(_ListenerMetrics):
     """The instruments on an OpenTelemetry meter (the API package only, the ``otel`` extra;
     your SDK decides where they go).
 

@@ -10,12 +10,11 @@ The clients run both flows with their sync or async driver.
 from __future__ import annotations
 
 import heapq
-import inspect
 import itertools
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -42,9 +41,12 @@ from .models import Order, OrderStatus
 from .ratelimit import Priority, RateLimit
 
 __all__ = [
+    "DEFAULT_POLICY",
+    "Listener",
     "PollAttempt",
+    "Stall",
     "StatusChange",
-    "WaitOptions",
+    "WaitPolicy",
     "WaitResult",
     "WaitStart",
     "wait_flow",
@@ -61,7 +63,7 @@ _MIN_WAIT = 1e-3
 
 @attrs.frozen
 class PollAttempt:
-    """What one poll saw; passed to ``on_poll``.
+    """What one poll saw; passed to :meth:`Listener.on_poll`.
 
     Attributes:
         order_id: The order polled.
@@ -154,7 +156,101 @@ class WaitStart:
     horizon: float
 
 
-OnStall = Callable[[Order | None, int, float], Any]
+@attrs.frozen
+class Stall:
+    """An order stalled; passed to ``on_stall``.
+
+    Attributes:
+        order_id: The order waited for.
+        order: The order as last seen, or None when no poll has read it.
+        attempts: Polls made.
+        elapsed: Seconds since the wait began.
+        final: True when the wait gives up (:class:`OrderStalled` follows); False for the
+            early warning of ``stall_after``, after which polling goes on.
+    """
+
+    order_id: str
+    order: Order | None
+    attempts: int
+    elapsed: float
+    final: bool
+
+
+class Listener:
+    """What a wait tells the code that watches it: subclass it and override the events
+    you need (the others do nothing).
+
+    A listener is given to a client (``FoxReload(listeners=[...])``, for every wait) or
+    to one call (``wait_for_completion(..., listener=...)``). Any object with some of
+    these methods will do; on :class:`~foxpoll.AsyncFoxReload` a method may be a
+    coroutine function, which is awaited before the wait goes on. What a method raises
+    ends the wait with that exception.
+    """
+
+    def on_start(self, start: WaitStart) -> Any:
+        """A wait began, before its first poll (recovery queues record a watch here)."""
+
+    def on_poll(self, attempt: PollAttempt) -> Any:
+        """A poll was answered, or failed."""
+
+    def on_status_change(self, change: StatusChange) -> Any:
+        """The order's status moved (or was first seen)."""
+
+    def on_stall(self, stall: Stall) -> Any:
+        """The status has not moved for ``stall_after`` seconds, or the wait gives up."""
+
+    def on_finish(self, result: WaitResult) -> Any:
+        """The wait ended, however it ended (metrics and recovery queues count here)."""
+
+
+EVENTS = ("on_start", "on_poll", "on_status_change", "on_stall", "on_finish")
+
+
+@attrs.frozen
+class Listeners:
+    """The methods of a wait's listeners, by event, in the order the listeners came."""
+
+    on_start: tuple[Callable[[WaitStart], Any], ...] = ()
+    on_poll: tuple[Callable[[PollAttempt], Any], ...] = ()
+    on_status_change: tuple[Callable[[StatusChange], Any], ...] = ()
+    on_stall: tuple[Callable[[Stall], Any], ...] = ()
+    on_finish: tuple[Callable[[WaitResult], Any], ...] = ()
+
+    @classmethod
+    def of(cls, listeners: Iterable[object]) -> Listeners:
+        """Collect the event methods of ``listeners``.
+
+        Raises:
+            TypeError: a listener has none of the five methods (a function passed where
+                an object was expected, say).
+        """
+        hooks: dict[str, list[Callable[[Any], Any]]] = {name: [] for name in EVENTS}
+        for listener in listeners:
+            found = False
+            for name in EVENTS:
+                method = getattr(listener, name, None)
+                if method is None:
+                    continue
+                if not callable(method):
+                    raise TypeError(f"{type(listener).__name__}.{name} is not callable")
+                found = True
+                if getattr(type(listener), name, None) is not getattr(Listener, name):
+                    hooks[name].append(method)  # the base class's no-ops are skipped
+            if not found:
+                raise TypeError(f"{type(listener).__name__} is not a listener: it has none "
+                                f"of {', '.join(EVENTS)}")
+        return cls(**{name: tuple(found) for name, found in hooks.items()})
+
+    def __add__(self, other: Listeners) -> Listeners:
+        return Listeners(*(getattr(self, name) + getattr(other, name) for name in EVENTS))
+
+
+NO_LISTENERS = Listeners()
+
+
+def _notes(hooks: tuple[Callable[[Any], Any], ...], event: object) -> Iterator[Notify]:
+    for hook in hooks:
+        yield Notify(hook, (event,))
 
 
 def _default_backoff(policy: BackoffPolicy | None) -> BackoffPolicy:
@@ -162,8 +258,26 @@ def _default_backoff(policy: BackoffPolicy | None) -> BackoffPolicy:
 
 
 @attrs.frozen
-class WaitOptions:
-    """How to wait for an order. See :meth:`foxpoll.FoxReload.wait_for_completion`."""
+class WaitPolicy:
+    """How long and how often to wait for an order: a client's default
+    (``FoxReload(wait_policy=...)``) or one call's (``wait_for_completion(policy=...)``).
+
+    Attributes:
+        backoff: The wait between polls (:mod:`foxpoll.backoff`); the vendor's
+            ``ExponentialJitter()``, which polls at once, by default.
+        max_attempts: Successful polls before the order counts as stalled.
+        timeout: The wait's deadline, in seconds, over every poll, sleep and HTTP retry;
+            None: only ``max_attempts`` bounds it. A call's ``timeout=`` replaces it.
+        stall_after: Tell ``on_stall`` early when the status has not changed for this
+            long, and keep polling.
+        not_found_grace: Seconds during which a 404 means "not visible yet".
+        max_errors: Transient poll errors (5xx, 429, timeouts, unreadable bodies)
+            tolerated before the order counts as stalled; ``max_attempts`` if None.
+        require_codes: A completed order with no codes is a top-up credited to its note
+            (a player id), or a supplier whose codes are late. None (the default)
+            returns it, with a warning; a number polls it that many more times for its
+            codes, then raises :class:`CodesMissing`.
+    """
 
     backoff: BackoffPolicy = attrs.field(default=DEFAULT_BACKOFF, converter=_default_backoff)
     max_attempts: int = 40
@@ -171,17 +285,12 @@ class WaitOptions:
     stall_after: float | None = None
     not_found_grace: float = 30.0
     max_errors: int | None = None
-    on_poll: Callable[[PollAttempt], Any] | None = None
-    on_status_change: Callable[[StatusChange], Any] | None = None
-    on_stall: OnStall | None = None
-    on_finish: Callable[[WaitResult], Any] | None = None
-    raise_on_failure: bool = True
-    on_start: Callable[[WaitStart], Any] | None = None
     require_codes: int | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
+                or self.max_attempts < 1:
+            raise ValueError("max_attempts must be a whole number, at least 1")
         if self.timeout is not None:
             check_timeout(self.timeout)
         if self.stall_after is not None and not self.stall_after > 0:
@@ -193,26 +302,59 @@ class WaitOptions:
         if not isinstance(self.backoff, BackoffPolicy):
             raise TypeError("backoff must have a delays(rng) method (see foxpoll.backoff)")
 
+    @classmethod
+    def after_payment(
+        cls,
+        *,
+        max_attempts: int = 40,
+        timeout: float | None = None,
+        stall_after: float | None = None,
+        not_found_grace: float = 30.0,
+        max_errors: int | None = None,
+        require_codes: int | None = None,
+    ) -> WaitPolicy:
+        """The schedule for an order just paid: the vendor's, with its first wait before
+        the first poll (nothing is done yet, so a poll at once is wasted)."""
+        return cls(ExponentialJitter(poll_at_start=False), max_attempts, timeout, stall_after,
+                   not_found_grace, max_errors, require_codes)
+
     @property
     def error_budget(self) -> int:
+        """Transient errors tolerated: ``max_errors``, else ``max_attempts``."""
         return self.max_errors if self.max_errors is not None else self.max_attempts
 
-    def horizon(self) -> float:
-        """The longest a wait with these options polls before it gives up (see
-        :class:`WaitStart`)."""
+    def horizon(self, *, first_poll_waits: bool = False) -> float:
+        """The longest a wait with this policy polls before it gives up (see
+        :class:`WaitStart`).
+
+        Args:
+            first_poll_waits: Count a wait before the first poll even when the schedule
+                polls at once: the horizon of any wait on this policy, with or without
+                that first wait (what a watch written at pay must cover).
+        """
         waits = self.max_attempts
-        if getattr(self.backoff, "polls_immediately", True):
+        if not first_poll_waits and getattr(self.backoff, "polls_immediately", True):
             waits -= 1  # the first poll comes at once
         longest = math.fsum(itertools.islice(self.backoff.delays(UpperRandom()), waits))
         return longest if self.timeout is None else min(longest, self.timeout)
 
-    def start_note(self, order_ids: Iterable[str], now: float) -> Iterator[Notify]:
-        """The ``on_start`` calls for waits on ``order_ids`` beginning at ``now`` (epoch)."""
-        if self.on_start is None:
-            return
-        horizon = self.horizon()
-        for order_id in order_ids:
-            yield Notify(self.on_start, (WaitStart(order_id, now, horizon),))
+    def deadline(self, timeout: float | None) -> WaitPolicy:
+        """This policy, with the wait's deadline ``timeout`` instead, when one is given."""
+        return self if timeout is None else attrs.evolve(self, timeout=check_timeout(timeout))
+
+
+#: The default policy: the vendor's schedule, polling at once.
+DEFAULT_POLICY = WaitPolicy()
+
+
+def start_notes(policy: WaitPolicy, listeners: Listeners, order_ids: Iterable[str],
+                now: float) -> Iterator[Notify]:
+    """The ``on_start`` calls for waits on ``order_ids`` beginning at ``now`` (epoch)."""
+    if not listeners.on_start:
+        return
+    horizon = policy.horizon()
+    for order_id in order_ids:
+        yield from _notes(listeners.on_start, WaitStart(order_id, now, horizon))
 
 
 @attrs.frozen
@@ -230,18 +372,21 @@ class OrderWatch:
     """The state of one wait, fed with each poll's outcome. Pure: no I/O, no clock."""
 
     __slots__ = (
-        "_code_polls", "_delays", "_errors", "_final", "_last_change", "_max_retry_after",
-        "_options", "_pending_at", "_started", "_warned", "attempts", "first_delay",
-        "last_order", "order_id",
+        "_code_polls", "_delays", "_errors", "_final", "_last_change", "_listeners",
+        "_max_retry_after", "_pending_at", "_policy", "_raise_on_failure", "_started",
+        "_warned", "attempts", "first_delay", "last_order", "order_id",
     )
 
     def __init__(
-        self, order_id: str, options: WaitOptions, started: float, rng: random.Random,
-        *, max_retry_after: float = 60.0,
+        self, order_id: str, policy: WaitPolicy, started: float, rng: random.Random,
+        *, listeners: Listeners = NO_LISTENERS, raise_on_failure: bool = True,
+        max_retry_after: float = 60.0,
     ) -> None:
         self.order_id = order_id
         self._max_retry_after = max_retry_after
-        self._options = options
+        self._policy = options = policy
+        self._listeners = listeners
+        self._raise_on_failure = raise_on_failure
         self._started = started
         self._delays: Iterator[float] = options.backoff.delays(rng)
         self.attempts = 0
@@ -272,18 +417,18 @@ class OrderWatch:
 
     @property
     def deadline(self) -> float | None:
-        timeout = self._options.timeout
+        timeout = self._policy.timeout
         return None if timeout is None else self._started + timeout
 
     def record(self, outcome: Order | Exception, now: float) -> Decision:
         """Take one poll's outcome (the order, or the exception the poll raised)."""
-        opts = self._options
+        opts = self._policy
+        hooks = self._listeners
         self.attempts += 1
         elapsed = now - self._started
         notes: list[Notify] = []
         attempt = self._attempt(outcome, elapsed)
-        if opts.on_poll is not None:
-            notes.append(Notify(opts.on_poll, (attempt,)))
+        notes.extend(_notes(hooks.on_poll, attempt))
         if isinstance(outcome, Exception):
             if not self._is_transient(outcome, elapsed):
                 # An account or programming error (401, 400, ...): polling again won't help.
@@ -296,9 +441,9 @@ class OrderWatch:
             if outcome.status != previous:
                 self._last_change = now
                 self._warned = False
-                if opts.on_status_change is not None:
+                if hooks.on_status_change:
                     change = StatusChange(self.order_id, outcome, previous, elapsed)
-                    notes.append(Notify(opts.on_status_change, (change,)))
+                    notes.extend(_notes(hooks.on_status_change, change))
             if outcome.status is OrderStatus.COMPLETED and not outcome.codes:
                 decision = self._without_codes(outcome, notes, elapsed)
                 if decision is not None:
@@ -319,8 +464,7 @@ class OrderWatch:
         ):
             self._warned = True
             log.warning("order %s unchanged for %.0fs", self.order_id, now - self._last_change)
-            if opts.on_stall is not None:
-                notes.append(Notify(opts.on_stall, (self.last_order, self.attempts, elapsed)))
+            notes.extend(_notes(hooks.on_stall, self._stall_event(elapsed, final=False)))
 
         delay = next(self._delays)
         if isinstance(outcome, RateLimitError) and outcome.retry_after is not None:
@@ -337,15 +481,19 @@ class OrderWatch:
                 return self._stall(notes, elapsed, outcome)
             self._final = True
             delay = last
-        if opts.on_poll is not None:  # now that it is known, tell on_poll the next wait too
-            notes[0] = Notify(opts.on_poll, (attrs.evolve(attempt, next_poll_in=delay),))
+        if hooks.on_poll:  # now that it is known, tell on_poll the next wait too
+            told = attrs.evolve(attempt, next_poll_in=delay)
+            notes[:len(hooks.on_poll)] = _notes(hooks.on_poll, told)
         return Decision(tuple(notes), delay=delay)
+
+    def _stall_event(self, elapsed: float, *, final: bool) -> Stall:
+        return Stall(self.order_id, self.last_order, self.attempts, elapsed, final)
 
     def _without_codes(self, order: Order, notes: list[Notify], elapsed: float
                        ) -> Decision | None:
         """A completed order with no codes: done (a top-up), or, when codes are required,
         polled again up to ``require_codes`` times (None) before :class:`CodesMissing`."""
-        required = self._options.require_codes
+        required = self._policy.require_codes
         if required is None:
             log.warning("order %s completed with no codes", self.order_id)
             self._learn(elapsed)
@@ -367,7 +515,7 @@ class OrderWatch:
     def _is_transient(self, error: Exception, elapsed: float) -> bool:
         if isinstance(error, NotFoundError):
             # Right after create the order may not be readable yet.
-            return self.last_order is None and elapsed <= self._options.not_found_grace
+            return self.last_order is None and elapsed <= self._policy.not_found_grace
         if isinstance(error, APIStatusError):
             return isinstance(error, (InternalServerError, RateLimitError)) or (
                 error.status_code == 408
@@ -375,7 +523,7 @@ class OrderWatch:
         return isinstance(error, (APIConnectionError, APIResponseValidationError))
 
     def _learn(self, elapsed: float) -> None:
-        backoff = self._options.backoff
+        backoff = self._policy.backoff
         if self._pending_at is not None and isinstance(backoff, LearningPolicy):
             backoff.observe(self._pending_at, elapsed)
 
@@ -396,10 +544,10 @@ class OrderWatch:
         error: BaseException | None = None,
     ) -> Decision:
         """End the wait: tell ``on_finish`` how, and decide what the caller gets."""
-        if self._options.on_finish is not None:
+        if self._listeners.on_finish:
             result = WaitResult(self.order_id, order, error, self.attempts, elapsed)
-            notes.append(Notify(self._options.on_finish, (result,)))
-        if isinstance(error, (OrderFailed, OrderCancelled)) and not self._options.raise_on_failure:
+            notes.extend(_notes(self._listeners.on_finish, result))
+        if isinstance(error, (OrderFailed, OrderCancelled)) and not self._raise_on_failure:
             error = None  # the caller asked for the failed order back instead
         return Decision(tuple(notes), finished=True, order=order, error=error)
 
@@ -412,35 +560,8 @@ class OrderWatch:
         if isinstance(outcome, Exception):
             stalled.__cause__ = outcome
         log.warning("%s", stalled)
-        if self._options.on_stall is not None:
-            notes.append(Notify(self._options.on_stall, (self.last_order, self.attempts, elapsed)))
+        notes.extend(_notes(self._listeners.on_stall, self._stall_event(elapsed, final=True)))
         return self._done(notes, elapsed, order=self.last_order, error=stalled)
-
-
-def chain_hooks(
-    first: Callable[[Any], Any], then: Callable[[Any], Any] | None
-) -> Callable[[Any], Any]:
-    """A hook calling ``first``, then ``then``, each after the other has finished: when
-    ``first`` returns an awaitable (on the async client), so does the chain, and ``then``
-    runs once it is done; otherwise ``then``'s result (an awaitable, for an async hook) is
-    returned, so the async client awaits it."""
-    if then is None:
-        return first
-
-    def both(event: Any) -> Any:
-        started = first(event)
-        if inspect.isawaitable(started):
-            return _then(started, then, event)
-        return then(event)
-
-    return both
-
-
-async def _then(first: Awaitable[Any], then: Callable[[Any], Any], event: Any) -> None:
-    await first
-    result = then(event)
-    if inspect.isawaitable(result):
-        await result
 
 
 def _outcome_label(error: Exception) -> str:
@@ -451,11 +572,14 @@ def _outcome_label(error: Exception) -> str:
     return "error"
 
 
-def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Order]:
+def wait_flow(rt: _api.Runtime, order_id: str, policy: WaitPolicy, *,
+              listeners: Listeners = NO_LISTENERS, raise_on_failure: bool = True
+              ) -> Flow[Order]:
     """Poll one order until it finishes; return it, or raise what ended the wait."""
     _api.resource_path("/api/orders/", order_id, kind="order")  # fail fast on a bad id
-    yield from options.start_note((order_id,), rt.clock.time())
-    watch = OrderWatch(order_id, options, rt.clock.monotonic(), rt.rng,
+    yield from start_notes(policy, listeners, (order_id,), rt.clock.time())
+    watch = OrderWatch(order_id, policy, rt.clock.monotonic(), rt.rng, listeners=listeners,
+                       raise_on_failure=raise_on_failure,
                        max_retry_after=rt.config.max_retry_after)
     if watch.first_delay > 0:
         yield from Sleep(watch.first_delay)
@@ -479,10 +603,11 @@ def wait_flow(rt: _api.Runtime, order_id: str, options: WaitOptions) -> Flow[Ord
 def wait_many_flow(
     rt: _api.Runtime,
     order_ids: Iterable[str],
-    options: WaitOptions,
+    policy: WaitPolicy,
     *,
+    listeners: Listeners = NO_LISTENERS,
     max_requests_per_minute: float | None = None,
-    max_in_flight: int = 8,
+    max_in_flight: int,
 ) -> Flow[None]:
     """Poll many orders in one loop, each on its own schedule; emit a :class:`WaitResult`
     for each as it finishes.
@@ -492,7 +617,8 @@ def wait_many_flow(
     call its own :class:`~foxpoll.ratelimit.RateLimit`; with neither, polls are not
     metered, but a 429 still pauses them all. A poll retries a transient failure
     within itself, as :func:`wait_flow`'s do (each attempt takes its own permit); a
-    poll that still fails counts against the order's error budget.
+    poll that still fails counts against the order's error budget. At most
+    ``max_in_flight`` polls are started and not yet finished at once.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
@@ -509,11 +635,12 @@ def wait_many_flow(
     order = itertools.count()
     for order_id in dict.fromkeys(order_ids):  # each order once, in the order given
         _api.resource_path("/api/orders/", order_id, kind="order")
-        watch = watches[order_id] = OrderWatch(order_id, options, now, rt.rng,
+        watch = watches[order_id] = OrderWatch(order_id, policy, now, rt.rng,
+                                               listeners=listeners,
                                                max_retry_after=rt.config.max_retry_after)
         due.append((now + watch.first_delay, next(order), order_id))
     heapq.heapify(due)
-    yield from options.start_note(watches, rt.clock.time())
+    yield from start_notes(policy, listeners, watches, rt.clock.time())
     in_flight = 0
     while due or in_flight:
         now = rt.clock.monotonic()

@@ -1,4 +1,4 @@
-"""Metrics fed by the hooks, and the completion-rate alert checked with promtool."""
+"""Metrics fed as listeners of the waits, and the completion-rate alert checked with promtool."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from foxpoll import PollAttempt, WaitResult
 from foxpoll.metrics import OpenTelemetryMetrics, PrometheusMetrics
+from foxpoll.polling import Listener, WaitPolicy
 from foxpoll.testing import FakeFoxReload, Fault, FaultKind, OrderScript
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -23,10 +24,11 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-def run_mixed_waits(sim: FakeFoxReload, hooks: dict[str, Any]) -> None:
+def run_mixed_waits(sim: FakeFoxReload, *listeners: Any) -> None:
     sim.script_next(OrderScript.complete(after=30), OrderScript.complete(after=90),
                     OrderScript.fail(after=10), OrderScript.cancel(after=5), OrderScript.stall())
-    with sim.client(max_retries=0) as client:  # each failed request is a failed poll
+    # each failed request is a failed poll
+    with sim.client(max_retries=0, listeners=listeners) as client:
         ids = []
         for _ in range(5):
             order = client.orders.create(items=STEAM)
@@ -34,14 +36,14 @@ def run_mixed_waits(sim: FakeFoxReload, hooks: dict[str, Any]) -> None:
             ids.append(order.id)
         sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=1),
                    Fault(FaultKind.SERVER_ERROR, method="GET"))
-        results = list(client.wait_many(ids, max_attempts=10, **hooks))
+        results = list(client.wait_many(ids, policy=WaitPolicy(max_attempts=10)))
     assert len(results) == 5
 
 
 def test_prometheus_counts_what_the_waits_did(sim: FakeFoxReload) -> None:
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry=registry)
-    run_mixed_waits(sim, metrics.hooks())
+    run_mixed_waits(sim, metrics)
     assert value(registry, "foxpoll_orders_started_total") == 5
     assert value(registry, "foxpoll_orders_completed_total") == 2
     assert value(registry, "foxpoll_orders_failed_total") == 2
@@ -58,7 +60,7 @@ def test_prometheus_counts_what_the_waits_did(sim: FakeFoxReload) -> None:
 
 def test_no_order_ids_in_labels(sim: FakeFoxReload) -> None:
     registry = CollectorRegistry()
-    run_mixed_waits(sim, PrometheusMetrics(registry=registry).hooks())
+    run_mixed_waits(sim, PrometheusMetrics(registry=registry))
     for family in registry.collect():
         for sample in family.samples:
             assert set(sample.labels) <= {"outcome", "le"}
@@ -73,32 +75,50 @@ def test_importing_registers_nothing_globally() -> None:
     assert not any(name.startswith("foxpoll") for name in names)
 
 
-def test_user_hooks_are_chained_after_the_metrics(sim: FakeFoxReload) -> None:
+class Mine(Listener):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.polls: list[PollAttempt] = []
+        self.finished: list[WaitResult] = []
+        self.started_when_told: list[float] = []
+
+    def on_poll(self, attempt: PollAttempt) -> None:
+        self.polls.append(attempt)
+        if attempt.attempt == 1:
+            self.started_when_told.append(value(self.registry, "foxpoll_orders_started_total"))
+
+    def on_finish(self, result: WaitResult) -> None:
+        self.finished.append(result)
+
+
+def test_listeners_are_told_in_the_order_the_client_was_given_them(
+    sim: FakeFoxReload,
+) -> None:
     registry = CollectorRegistry()
-    mine_polls: list[PollAttempt] = []
-    mine_finish: list[WaitResult] = []
-    hooks = PrometheusMetrics(registry=registry).hooks(on_poll=mine_polls.append,
-                                                      on_finish=mine_finish.append)
-    run_mixed_waits(sim, hooks)
-    assert len(mine_polls) == sim.count("GET")
-    assert len(mine_finish) == 5
+    mine = Mine(registry)
+    run_mixed_waits(sim, PrometheusMetrics(registry=registry), mine)
+    assert len(mine.polls) == sim.count("GET")
+    assert len(mine.finished) == 5
+    assert mine.started_when_told == [1, 2, 3, 4, 5]  # the metrics had counted it first
     assert value(registry, "foxpoll_orders_started_total") == 5
 
 
-async def test_async_user_hooks_are_awaited(sim: FakeFoxReload) -> None:
+async def test_async_listener_methods_are_awaited_after_the_metrics(
+    sim: FakeFoxReload,
+) -> None:
     registry = CollectorRegistry()
-    seen: list[WaitResult] = []
+    seen: list[tuple[bool, float]] = []
 
-    async def finished(result: WaitResult) -> None:
-        seen.append(result)
+    class Finished(Listener):
+        async def on_finish(self, result: WaitResult) -> None:
+            seen.append((result.ok, value(registry, "foxpoll_orders_completed_total")))
 
-    hooks = PrometheusMetrics(registry=registry).hooks(on_finish=finished)
-    async with sim.async_client() as client:
+    metrics = PrometheusMetrics(registry=registry)
+    async with sim.async_client(listeners=[metrics]) as client:
         order = await client.orders.create(items=STEAM)
         await client.orders.pay(order.id)
-        await client.wait_for_completion(order.id, **hooks)
-    assert [r.ok for r in seen] == [True]
-    assert value(registry, "foxpoll_orders_completed_total") == 1
+        await client.wait_for_completion(order.id, listener=Finished())
+    assert seen == [(True, 1)]  # the client's listener was told first, then the call's
 
 
 class FakeInstrument:
@@ -125,7 +145,7 @@ class FakeMeter:
 
 def test_opentelemetry_uses_the_api_meter(sim: FakeFoxReload) -> None:
     meter = FakeMeter()
-    run_mixed_waits(sim, OpenTelemetryMetrics(meter=meter).hooks())
+    run_mixed_waits(sim, OpenTelemetryMetrics(meter=meter))
     counts = {name: sum(a for a, _ in i.calls) for name, i in meter.instruments.items()
               if name != "foxpoll.order.completion"}
     assert counts["foxpoll.orders.started"] == 5
@@ -151,7 +171,8 @@ def throttled_budget(sim: FakeFoxReload) -> Any:
         client.orders.pay(order.id)
         sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=5))
         sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=5))
-        client.wait_for_completion(order.id, backoff=Fixed(0.2), max_attempts=1000)
+        client.wait_for_completion(order.id,
+                                   policy=WaitPolicy(backoff=Fixed(0.2), max_attempts=1000))
     return limit
 
 

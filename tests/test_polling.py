@@ -22,10 +22,15 @@ from foxpoll import (
 )
 from foxpoll._effects import Notify, Send, Sleep
 from foxpoll.backoff import Adaptive, ExponentialJitter, Fixed, Schedule, Step
-from foxpoll.polling import WaitOptions, wait_flow
+from foxpoll.polling import Listeners, Stall, WaitPolicy, wait_flow
 from foxpoll.testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
 
 STEAM = [{"itemId": "product_steam_10"}]
+
+
+def listen(**hooks: Any) -> Any:
+    """A listener made of functions, by event name (any object with the methods will do)."""
+    return type("Hooks", (), {name: staticmethod(hook) for name, hook in hooks.items()})()
 
 
 def paid_order(client: FoxReload) -> Order:
@@ -60,8 +65,9 @@ def test_hooks_see_every_poll_and_status_change(sim: FakeFoxReload) -> None:
     changes: list[StatusChange] = []
     with sim.client() as client:
         order = paid_order(client)
-        client.wait_for_completion(order.id, backoff=Fixed(2), on_poll=polls.append,
-                                   on_status_change=changes.append)
+        client.wait_for_completion(order.id, policy=WaitPolicy(backoff=Fixed(2)),
+                                   listener=listen(on_poll=polls.append,
+                                                   on_status_change=changes.append))
     assert [(c.previous, c.order.status) for c in changes] == [
         (None, OrderStatus.PAID), (OrderStatus.PAID, OrderStatus.PROCESSING),
         (OrderStatus.PROCESSING, OrderStatus.COMPLETED),
@@ -103,12 +109,12 @@ def test_exhausted_attempts_call_on_stall_once_then_raise(
     sim: FakeFoxReload, clock: FakeClock
 ) -> None:
     sim.script_next(OrderScript.stall())
-    stalls: list[tuple[Any, ...]] = []
+    stalls: list[Stall] = []
     with sim.client() as client:
         order = paid_order(client)
         start = clock.monotonic()
         with pytest.raises(OrderStalled) as info:
-            client.wait_for_completion(order.id, on_stall=lambda *a: stalls.append(a))
+            client.wait_for_completion(order.id, listener=listen(on_stall=stalls.append))
     error = info.value
     assert error.attempts == 40
     assert sim.count("GET", "/api/orders/*") == 40
@@ -116,7 +122,7 @@ def test_exhausted_attempts_call_on_stall_once_then_raise(
     assert error.order.status is OrderStatus.PROCESSING
     assert error.elapsed == pytest.approx(clock.monotonic() - start)
     assert 1000 < error.elapsed < 1400  # the vendor's "~15 minutes", really 18-21
-    assert stalls == [(error.order, 40, error.elapsed)]
+    assert stalls == [Stall(order.id, error.order, 40, error.elapsed, final=True)]
 
 
 def test_timeout_is_one_deadline_and_never_overshot(sim: FakeFoxReload, clock: FakeClock) -> None:
@@ -126,7 +132,7 @@ def test_timeout_is_one_deadline_and_never_overshot(sim: FakeFoxReload, clock: F
         order = paid_order(client)
         start = clock.monotonic()
         with pytest.raises(OrderStalled):
-            client.wait_for_completion(order.id, timeout=100, max_attempts=1000)
+            client.wait_for_completion(order.id, policy=WaitPolicy(max_attempts=1000), timeout=100)
     assert clock.monotonic() - start <= 100
 
 
@@ -144,17 +150,19 @@ def test_a_deadline_shorter_than_a_request_timeout_cuts_the_request(
 
 def test_stall_after_warns_early_and_keeps_polling(sim: FakeFoxReload) -> None:
     sim.script_next(OrderScript(paid_for=1, processing_for=200))
-    stalls: list[tuple[Any, ...]] = []
+    stalls: list[Stall] = []
     with sim.client() as client:
         order = paid_order(client)
-        done = client.wait_for_completion(order.id, stall_after=60,
-                                          on_stall=lambda *a: stalls.append(a))
+        done = client.wait_for_completion(order.id, policy=WaitPolicy(stall_after=60),
+                                          listener=listen(on_stall=stalls.append))
     assert done.status is OrderStatus.COMPLETED
     assert len(stalls) == 1
-    last_seen, attempts, elapsed = stalls[0]
-    assert last_seen.status is OrderStatus.PROCESSING
-    assert elapsed >= 60
-    assert attempts < 40
+    [stall] = stalls
+    assert stall.order is not None
+    assert stall.order.status is OrderStatus.PROCESSING
+    assert stall.elapsed >= 60
+    assert stall.attempts < 40
+    assert not stall.final  # a warning: the wait went on
 
 
 @pytest.mark.parametrize(
@@ -173,8 +181,9 @@ def test_transient_poll_errors_never_end_the_wait(
     with sim.client(max_retries=1, timeout=5) as client:
         order = paid_order(client)
         sim.inject(fault)
-        done = client.wait_for_completion(order.id, max_attempts=5, max_errors=failed_polls,
-                                          on_poll=lambda p: outcomes.append(p.outcome))
+        policy = WaitPolicy(max_attempts=5, max_errors=failed_polls)
+        done = client.wait_for_completion(
+            order.id, policy=policy, listener=listen(on_poll=lambda p: outcomes.append(p.outcome)))
     assert done.status is OrderStatus.COMPLETED
     assert outcomes.count("ok") >= 1
     assert len([o for o in outcomes if o != "ok"]) == failed_polls
@@ -195,14 +204,15 @@ def test_not_found_right_after_create_is_not_visible_yet(sim: FakeFoxReload) -> 
         order = paid_order(client) if False else client.orders.create(items=STEAM)
         sim.script(order.id, OrderScript(visible_after=8, paid_for=0, processing_for=0))
         client.wait_for_completion(order.id, raise_on_failure=False,
-                                   on_poll=lambda p: outcomes.append(p.outcome))
+                                   listener=listen(on_poll=lambda p: outcomes.append(p.outcome)))
     assert outcomes[0] == "not_found"
     assert outcomes[-1] == "ok"
 
 
 def test_not_found_beyond_the_grace_raises(sim: FakeFoxReload) -> None:
     with sim.client() as client, pytest.raises(NotFoundError):
-        client.wait_for_completion("00000000-0000-4000-8000-000000000000", not_found_grace=20)
+        client.wait_for_completion("00000000-0000-4000-8000-000000000000",
+                                   policy=WaitPolicy(not_found_grace=20))
 
 
 def test_not_found_after_having_seen_the_order_raises(sim: FakeFoxReload) -> None:
@@ -220,7 +230,7 @@ def test_not_found_after_having_seen_the_order_raises(sim: FakeFoxReload) -> Non
                 sim.inject(Fault(FaultKind.NOT_FOUND, method="GET"))
 
         with pytest.raises(NotFoundError):
-            client.wait_for_completion(order.id, on_poll=then_vanish)
+            client.wait_for_completion(order.id, listener=listen(on_poll=then_vanish))
     assert [p.outcome for p in polls] == ["ok", "ok", "not_found"]
 
 
@@ -237,7 +247,7 @@ def test_error_budget_exhaustion_stalls_with_the_cause(sim: FakeFoxReload) -> No
     with sim.client(max_retries=0) as client:
         order = paid_order(client)
         with pytest.raises(OrderStalled) as info:
-            client.wait_for_completion(order.id, max_errors=5)
+            client.wait_for_completion(order.id, policy=WaitPolicy(max_errors=5))
     assert info.value.order is None
     assert info.value.attempts == 6  # five tolerated, the sixth ends it
     assert info.value.__cause__ is not None
@@ -245,10 +255,16 @@ def test_error_budget_exhaustion_stalls_with_the_cause(sim: FakeFoxReload) -> No
 
 def test_bad_options_are_rejected(sim: FakeFoxReload) -> None:
     with sim.client() as client:
-        for kwargs in ({"max_attempts": 0}, {"timeout": 0}, {"stall_after": -1},
-                       {"backoff": object()}):
+        for kwargs in ({"max_attempts": 0}, {"max_attempts": True}, {"timeout": 0},
+                       {"stall_after": -1}, {"backoff": object()}):
             with pytest.raises((ValueError, TypeError)):
-                client.wait_for_completion("x", **kwargs)  # type: ignore[arg-type]
+                WaitPolicy(**kwargs)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            client.wait_for_completion("x", timeout=0)
+        with pytest.raises(TypeError, match="WaitPolicy"):
+            client.wait_for_completion("x", policy={"max_attempts": 3})  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="not a listener"):
+            client.wait_for_completion("x", listener=print)
         with pytest.raises(ValueError, match="order id"):
             client.wait_for_completion("")
 
@@ -260,7 +276,7 @@ def test_sync_client_rejects_async_hooks(sim: FakeFoxReload) -> None:
     with sim.client() as client:
         order = paid_order(client)
         with pytest.raises(TypeError, match="async"):
-            client.wait_for_completion(order.id, on_poll=hook)
+            client.wait_for_completion(order.id, listener=listen(on_poll=hook))
 
 
 def test_keyboard_interrupt_in_a_hook_propagates_at_once(sim: FakeFoxReload) -> None:
@@ -273,7 +289,7 @@ def test_keyboard_interrupt_in_a_hook_propagates_at_once(sim: FakeFoxReload) -> 
     with sim.client() as client:
         order = paid_order(client)
         with pytest.raises(KeyboardInterrupt):
-            client.wait_for_completion(order.id, on_poll=hook)
+            client.wait_for_completion(order.id, listener=listen(on_poll=hook))
     assert len(calls) == 1
 
 
@@ -296,7 +312,8 @@ def test_adaptive_policy_learns_from_waits(sim: FakeFoxReload) -> None:
             sim.script_next(OrderScript.complete(after=20))
             order = paid_order(client)
             seen: list[PollAttempt] = []
-            client.wait_for_completion(order, backoff=adaptive, on_poll=seen.append)
+            client.wait_for_completion(order, policy=WaitPolicy(backoff=adaptive),
+                                       listener=listen(on_poll=seen.append))
             polls.append(len(seen))
             delays.append(seen[-1].elapsed - 20)
     assert adaptive.plan() is not None
@@ -314,8 +331,9 @@ def test_poll_at_start_false_skips_the_immediate_poll(
         order = paid_order(client)
         start = clock.monotonic()
         seen: list[PollAttempt] = []
-        client.wait_for_completion(order.id, backoff=ExponentialJitter(poll_at_start=False),
-                                   on_poll=seen.append)
+        client.wait_for_completion(order.id,
+                                   policy=WaitPolicy(backoff=ExponentialJitter(poll_at_start=False)),
+                                   listener=listen(on_poll=seen.append))
     assert seen[0].elapsed >= 5  # waited before the first poll
     assert clock.sleeps[0] == pytest.approx(seen[0].elapsed)
     assert len(seen) == sim.count("GET")
@@ -333,7 +351,8 @@ def test_the_flow_is_sans_io() -> None:
     rt = Runtime(make_config(api_key="k", base_url="https://x.test", timeout=5, max_retries=0),
                  clock, random.Random(0))
     seen: list[PollAttempt] = []
-    flow = wait_flow(rt, "o1", WaitOptions(backoff=Fixed(10), on_poll=seen.append))
+    flow = wait_flow(rt, "o1", WaitPolicy(backoff=Fixed(10)),
+                     listeners=Listeners.of([listen(on_poll=seen.append)]))
     statuses = iter(["paid", "processing", "completed"])
     effect = next(flow)
     effects = []
@@ -372,8 +391,8 @@ async def test_async_wait_with_sync_and_async_hooks(sim: FakeFoxReload) -> None:
     async with sim.async_client() as client:
         order = await client.orders.create(items=STEAM)
         await client.orders.pay(order.id)
-        done = await client.wait_for_completion(order.id, on_poll=sync_polls.append,
-                                                on_status_change=on_change)
+        done = await client.wait_for_completion(
+            order.id, listener=listen(on_poll=sync_polls.append, on_status_change=on_change))
     assert done.status is OrderStatus.COMPLETED
     assert len(sync_polls) == sim.count("GET")
     assert async_changes[-1].order.status is OrderStatus.COMPLETED
@@ -387,7 +406,7 @@ async def test_async_stall_and_failure(sim: FakeFoxReload) -> None:
         for order in (stalled, failed):
             await client.orders.pay(order.id)
         with pytest.raises(OrderStalled):
-            await client.wait_for_completion(stalled.id, max_attempts=5)
+            await client.wait_for_completion(stalled.id, policy=WaitPolicy(max_attempts=5))
         with pytest.raises(OrderFailed):
             await client.wait_for_completion(failed.id)
 
@@ -411,7 +430,8 @@ async def test_cancelling_the_wait_propagates_immediately() -> None:
     async with sim.async_client() as client:
         order = await client.orders.create(items=STEAM)
         await client.orders.pay(order.id)
-        task = asyncio.ensure_future(client.wait_for_completion(order.id, backoff=Fixed(60)))
+        task = asyncio.ensure_future(client.wait_for_completion(order.id,
+                                                                policy=WaitPolicy(backoff=Fixed(60))))
         await clock.parked.wait()  # in the sleep after its first poll
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -435,7 +455,7 @@ def test_wait_many_yields_results_as_they_finish(sim: FakeFoxReload) -> None:
             OrderScript.complete(after=40), OrderScript.stall(),
             OrderScript.cancel(after=100),
         ])
-        results = list(client.wait_many(ids, max_attempts=30))
+        results = list(client.wait_many(ids, policy=WaitPolicy(max_attempts=30)))
     finished = [r.order_id for r in results]
     assert finished == [ids[1], ids[2], ids[4], ids[0], ids[3]]
     by_id = {r.order_id: r for r in results}
@@ -515,7 +535,7 @@ async def test_async_wait_many_concurrent(sim: FakeFoxReload) -> None:
             ids.append(order.id)
         results = [r async for r in client.wait_many(ids, max_requests_per_minute=6000,
                                                      max_in_flight=32,
-                                                     on_status_change=count_change)]
+                                                     listener=listen(on_status_change=count_change))]
     assert sorted(r.order_id for r in results) == sorted(ids)
     assert all(r.ok for r in results)
     assert changes >= 300
@@ -552,13 +572,14 @@ def test_schedule_policy_in_a_wait(sim: FakeFoxReload, clock: FakeClock) -> None
     sim.script_next(OrderScript.complete(after=100))
     with sim.client() as client:
         order = paid_order(client)
-        client.wait_for_completion(order.id, backoff=Schedule([Step(5, times=12), Step(20)]))
+        schedule = Schedule([Step(5, times=12), Step(20)])
+        client.wait_for_completion(order.id, policy=WaitPolicy(backoff=schedule))
     assert clock.sleeps[:12] == [5.0] * 12
     assert set(clock.sleeps[12:]) == {20.0}
 
 
 def test_default_attempts_match_the_vendor_guidance() -> None:
-    options = WaitOptions()
+    options = WaitPolicy()
     assert options.max_attempts == 40
     assert isinstance(options.backoff, ExponentialJitter)
     assert next(options.backoff.delays(random.Random(0))) >= 5
@@ -570,13 +591,14 @@ def test_on_finish_is_called_once_however_a_wait_ends(sim: FakeFoxReload) -> Non
     finished: list[Any] = []
     with sim.client() as client:
         ids = [paid_order(client).id for _ in range(3)]
-        assert client.wait_for_completion(ids[0], on_finish=finished.append).codes
+        assert client.wait_for_completion(ids[0], listener=listen(on_finish=finished.append)).codes
         with pytest.raises(OrderFailed):
-            client.wait_for_completion(ids[1], on_finish=finished.append)
+            client.wait_for_completion(ids[1], listener=listen(on_finish=finished.append))
         with pytest.raises(OrderStalled):
-            client.wait_for_completion(ids[2], max_attempts=3, on_finish=finished.append)
+            client.wait_for_completion(ids[2], policy=WaitPolicy(max_attempts=3),
+                                       listener=listen(on_finish=finished.append))
         with sim.client(api_key="revoked") as bad, pytest.raises(AuthenticationError):
-            bad.wait_for_completion(ids[0], on_finish=finished.append)
+            bad.wait_for_completion(ids[0], listener=listen(on_finish=finished.append))
     assert [r.order_id for r in finished] == [ids[0], ids[1], ids[2], ids[0]]
     assert [(r.ok, r.stalled) for r in finished] == [
         (True, False), (False, False), (False, True), (False, False)
@@ -591,7 +613,7 @@ def test_on_poll_is_told_when_the_next_poll_comes(sim: FakeFoxReload, clock: Fak
     sim.script_next(OrderScript.complete(after=30))
     seen: list[PollAttempt] = []
     with sim.client() as client:
-        client.wait_for_completion(paid_order(client), on_poll=seen.append)
+        client.wait_for_completion(paid_order(client), listener=listen(on_poll=seen.append))
     assert [p.next_poll_in for p in seen[:-1]] == pytest.approx(clock.sleeps)
     assert seen[-1].next_poll_in is None  # the poll that saw it completed ended the wait
 

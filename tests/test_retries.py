@@ -19,6 +19,7 @@ from foxpoll import (
     APIStatusError,
     APITimeoutError,
     BadRequestError,
+    FoxReload,
     InternalServerError,
     RateLimitError,
 )
@@ -32,8 +33,10 @@ from foxpoll._core import (
     parse_retry_after,
 )
 from foxpoll._effects import Feedback, Permit, Send, Sleep
+from foxpoll.backoff import Fixed
+from foxpoll.polling import WaitPolicy
 from foxpoll.ratelimit import Priority, RateLimit
-from foxpoll.testing import FakeClock
+from foxpoll.testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
 
 from .conftest import API_KEY
 
@@ -316,3 +319,27 @@ def test_a_call_takes_its_permit_in_the_fresh_lane_unless_it_names_one() -> None
         assert isinstance(feedback, Feedback)
         assert not feedback.throttled
         flow.close()
+
+
+# -- max_retry_after: one cap on every Retry-After ---------------------------------------
+
+
+@pytest.mark.parametrize("asked", ["30", "999999"])
+def test_the_client_max_retry_after_caps_the_pause_it_asks_of_its_budget(asked: str) -> None:
+    clock = FakeClock()
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=20))
+    limit = RateLimit(6000, clock=clock.monotonic, max_pause=3600)
+    with sim.client(rate_limit=limit, max_retry_after=5) as client:
+        assert client.max_retry_after == 5
+        order = client.orders.create(items=[{"itemId": "product_steam_10"}])
+        client.orders.pay(order.id)
+        sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=asked))
+        client.wait_for_completion(order.id, policy=WaitPolicy(backoff=Fixed(1)))
+        assert limit.throttles == 1
+    gets = [r.at for r in sim.requests if r.method == "GET"]
+    assert 5 - 1e-6 <= gets[1] - gets[0] <= 5 + 1e-6  # the cap, not what the server asked
+
+
+def test_max_retry_after_is_checked_by_the_constructor() -> None:
+    with pytest.raises(ValueError, match="max_retry_after"):
+        FoxReload("key", base_url="https://api.test", max_retry_after=0)

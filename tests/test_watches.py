@@ -22,12 +22,19 @@ from foxpoll.backoff import ExponentialJitter, Fixed, FullJitter
 from foxpoll.dedup import MemoryDedupStore
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import StoreUnavailable
-from foxpoll.polling import WaitOptions, WaitResult, WaitStart
+from foxpoll.polling import WaitPolicy, WaitResult, WaitStart
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRecoveryQueue
 from foxpoll.testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
 
 STEAM = [{"itemId": "product_steam_10"}]
 PAY = ("POST", "/api/orders/*/pay")
+
+
+class Hooks:
+    """A listener made of functions, by event name."""
+
+    def __init__(self, **hooks: Any) -> None:
+        self.__dict__.update(hooks)
 
 
 class CountingQueue(SQLiteRecoveryQueue):
@@ -94,7 +101,7 @@ def test_pay_records_the_watch_before_the_payment_is_sent(
     assert queue.pays_seen_at_watch == [0]
     watched = job(queue, order_id)
     assert (watched.state, watched.reason, watched.attempts) == (JobState.QUEUED, "watch", 0)
-    horizon = WaitOptions(backoff=ExponentialJitter(poll_at_start=False)).horizon()
+    horizon = WaitPolicy.after_payment().horizon()
     assert watched.due_at == pytest.approx(clock.time() + horizon + 60.0)
 
 
@@ -153,8 +160,7 @@ def test_pay_then_wait_costs_one_write_at_pay_and_one_at_finish(
     order_id = new_order(sim, OrderScript.complete(after=20))
     with sim.client(recovery_queue=queue) as client:
         client.orders.pay(order_id)
-        order = client.wait_for_completion(order_id,
-                                           backoff=ExponentialJitter(poll_at_start=False))
+        order = client.wait_for_completion(order_id, policy=WaitPolicy.after_payment())
     assert order.status == "completed"
     assert queue.writes == Counter(watch=1, settle=1)
     settled = job(queue, order_id)
@@ -175,7 +181,8 @@ def test_a_wait_the_pay_watch_does_not_fit_sets_its_own_due_time(
         client.orders.pay(order_id)
         at_pay = job(queue, order_id).due_at
         with pytest.raises(OrderStalled):
-            client.wait_for_completion(order_id, max_attempts=attempts, on_start=started)
+            client.wait_for_completion(order_id, policy=WaitPolicy(max_attempts=attempts),
+                                       listener=Hooks(on_start=started))
     assert queue.writes["watch"] == 2
     [(start, due_at)] = seen
     assert due_at == pytest.approx(start.started_at + start.horizon + 60.0)
@@ -196,7 +203,8 @@ def test_each_way_a_wait_ends_settles_its_watch(
     with sim.client(recovery_queue=queue) as client:
         client.orders.pay(order_id)
         try:
-            client.wait_for_completion(order_id, max_attempts=8, raise_on_failure=False)
+            client.wait_for_completion(order_id, policy=WaitPolicy(max_attempts=8),
+                                       raise_on_failure=False)
         except OrderStalled:
             assert reason == "stalled"
     ended = job(queue, order_id)
@@ -253,7 +261,7 @@ def test_a_failed_enqueue_of_a_stalled_order_is_not_hidden(
     with sim.client(recovery_queue=queue) as client:
         client.orders.pay(order_id)
         with pytest.raises(StoreUnavailable):
-            client.wait_for_completion(order_id, max_attempts=3)
+            client.wait_for_completion(order_id, policy=WaitPolicy(max_attempts=3))
 
 
 # -- the worker finishes what a dead process left ----------------------------------------
@@ -361,7 +369,8 @@ def test_a_wait_never_outlives_its_horizon(backoff: Any, attempts: int, seed: in
         order_id = client.orders.create(items=STEAM).id
         client.orders.pay(order_id)
         with pytest.raises(OrderStalled):
-            client.wait_for_completion(order_id, backoff=backoff, max_attempts=attempts,
-                                       timeout=timeout, on_finish=results.append)
-    options = WaitOptions(backoff=backoff, max_attempts=attempts, timeout=timeout)
+            client.wait_for_completion(order_id,
+                                       policy=WaitPolicy(backoff=backoff, max_attempts=attempts),
+                                       timeout=timeout, listener=Hooks(on_finish=results.append))
+    options = WaitPolicy(backoff=backoff, max_attempts=attempts, timeout=timeout)
     assert results[0].elapsed <= options.horizon() + 1e-6
