@@ -40,6 +40,7 @@ import httpx
 
 from foxpoll import AsyncFoxReload, SystemClock
 from foxpoll.backoff import ExponentialJitter
+from foxpoll.polling import WaitPolicy
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -99,7 +100,8 @@ async def spend(config: dict[str, Any]) -> None:
 
         async def wait(order_id: str) -> None:
             try:
-                await client.wait_for_completion(order_id, backoff=BACKOFF, timeout=GIVE_UP)
+                await client.wait_for_completion(order_id, policy=WaitPolicy(backoff=BACKOFF),
+                                                 timeout=GIVE_UP)
                 waits.append({"id": order_id, "at": time.monotonic(), "ok": True})
             except Exception as exc:
                 waits.append({"id": order_id, "at": time.monotonic(), "ok": False,

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 from foxpoll import OrderStalled
 from foxpoll.backoff import Adaptive, BackoffPolicy, ExponentialJitter, Fixed, Schedule, Step
+from foxpoll.polling import WaitPolicy
 from foxpoll.testing import FakeFoxReload, OrderScript
 
 Workload = Callable[[random.Random], float]  # seconds to finish; inf for a stall
@@ -92,7 +93,7 @@ def run(workload: Workload, make_policy: Callable[[], BackoffPolicy], orders: in
             client.orders.pay(order.id)
             paid_at = sim.clock.monotonic()
             try:
-                client.wait_for_completion(order.id, backoff=policy)
+                client.wait_for_completion(order.id, policy=WaitPolicy(backoff=policy))
             except OrderStalled:
                 if not math.isinf(settle):
                     gave_up += 1

@@ -48,9 +48,21 @@ import httpx
 
 from foxpoll import AsyncFoxReload, OrderStalled, PollAttempt
 from foxpoll.backoff import Fixed
+from foxpoll.polling import Listener, WaitPolicy
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
 
 API_KEY = "test-key"
+NEVER_DONE = WaitPolicy(backoff=Fixed(0), max_attempts=10**9)
+
+
+class OnPoll(Listener):
+    """Calls ``fn`` with each poll."""
+
+    def __init__(self, fn: Callable[[PollAttempt], None]) -> None:
+        self.fn = fn
+
+    def on_poll(self, attempt: PollAttempt) -> None:
+        self.fn(attempt)
 
 
 class Server:
@@ -121,9 +133,8 @@ async def foxpoll_wait_many(url: str, ids: list[str], seconds: float, concurrenc
 
     async with AsyncFoxReload(API_KEY, base_url=url, http_client=http,
                               transport=transport) as client:
-        async for _ in client.wait_many(ids, backoff=Fixed(0), max_attempts=10**9,
-                                        timeout=seconds, max_in_flight=concurrency,
-                                        on_poll=count):
+        async for _ in client.wait_many(ids, policy=NEVER_DONE, timeout=seconds,
+                                        max_in_flight=concurrency, listener=OnPoll(count)):
             pass
     if http is not None:
         await http.aclose()
@@ -144,9 +155,8 @@ async def foxpoll_tasks(url: str, ids: list[str], seconds: float, concurrency: i
 
         async def wait(order_id: str) -> None:
             with contextlib.suppress(OrderStalled):
-                await client.wait_for_completion(order_id, backoff=Fixed(0),
-                                                 max_attempts=10**9, timeout=seconds,
-                                                 on_poll=count)
+                await client.wait_for_completion(order_id, policy=NEVER_DONE, timeout=seconds,
+                                                 listener=OnPoll(count))
 
         await asyncio.gather(*(wait(order_id) for order_id in ids))
     return polls
@@ -239,8 +249,8 @@ def memory_per_waiting_order(n: int) -> float:
             tracemalloc.start()
             before, _ = tracemalloc.get_traced_memory()
             try:
-                async for _ in client.wait_many(ids, backoff=Fixed(3600), on_poll=probe,
-                                                max_in_flight=64):
+                async for _ in client.wait_many(ids, policy=WaitPolicy(backoff=Fixed(3600)),
+                                                max_in_flight=64, listener=OnPoll(probe)):
                     pass
             except AllWaiting:
                 pass

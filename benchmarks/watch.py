@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from foxpoll.backoff import ExponentialJitter
+from foxpoll.polling import WaitPolicy
 from foxpoll.recovery import SQLiteRecoveryQueue
 from foxpoll.testing import FakeFoxReload, OrderScript
 
@@ -49,7 +50,7 @@ def one_order(sim: FakeFoxReload, client: Any) -> float:
     order_id = client.orders.create(items=[{"itemId": "product_steam_10"}]).id
     start = time.perf_counter()
     client.orders.pay(order_id)
-    client.wait_for_completion(order_id, backoff=BACKOFF)
+    client.wait_for_completion(order_id, policy=WaitPolicy(backoff=BACKOFF))
     return time.perf_counter() - start
 
 

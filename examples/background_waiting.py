@@ -22,10 +22,9 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from foxpoll import AsyncFoxReload, OrderFailed, OrderStalled, adeliver_once
+from foxpoll import AsyncFoxReload, OrderFailed, OrderStalled, WaitPolicy, adeliver_once
 from foxpoll.dedup import AsyncSQLiteDedupStore
 from foxpoll.models import Order
-from foxpoll.polling import WaitPolicy
 from foxpoll.testing import FakeFoxReload, OrderScript
 
 inbox: dict[str, list[str]] = {}  # what each buyer has received

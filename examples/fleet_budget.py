@@ -17,9 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from foxpoll import FoxReload, SystemClock
-from foxpoll.backoff import ExponentialJitter
-from foxpoll.polling import WaitPolicy
+from foxpoll import ExponentialJitter, FoxReload, SystemClock, WaitPolicy
 from foxpoll.ratelimit import SQLiteRateLimit
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 

@@ -5,8 +5,7 @@ Run: python examples/quickstart_sync.py
 
 from __future__ import annotations
 
-from foxpoll import AmbiguousOrderError, OrderStatus
-from foxpoll.polling import Listener, StatusChange, WaitPolicy
+from foxpoll import AmbiguousOrderError, Listener, OrderStatus, StatusChange, WaitPolicy
 from foxpoll.testing import FakeFoxReload, OrderScript
 
 

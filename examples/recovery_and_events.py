@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from foxpoll import ExponentialJitter, Order, deliver_once
+from foxpoll import Order, WaitPolicy, deliver_once
 from foxpoll.dedup import SQLiteDedupStore
 from foxpoll.events import OrderEvent, RedisStreamConsumer, RedisStreamPublisher
 from foxpoll.recovery import RecoveryWorker, SQLiteRecoveryQueue
@@ -66,8 +66,7 @@ def main() -> None:
                 ids.append(order.id)
 
             print("waiting for 4 orders...")
-            for result in client.wait_many(ids, backoff=ExponentialJitter(poll_at_start=False),
-                                           max_attempts=15):
+            for result in client.wait_many(ids, policy=WaitPolicy.after_payment(max_attempts=15)):
                 if result.ok:
                     deliver_once(result.unwrap(), send_codes, store)
                     print(f"  {result.order_id[:8]} completed after {result.elapsed:.0f}s")

@@ -20,24 +20,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from foxpoll import Fixed, FoxReload, Order, SystemClock
+from foxpoll import Fixed, FoxReload, Order, SystemClock, WaitPolicy
 from foxpoll.dedup import SQLiteDedupStore
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRecoveryQueue
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 
 # Short times so the example runs in seconds; the defaults are minutes.
 POLICY = RecoveryPolicy(max_attempts=5, backoff=Fixed(1.0), watch_margin=1.0)
-WAIT = {"backoff": Fixed(0.5), "max_attempts": 8}  # gives up after about 4 s
+WAIT = WaitPolicy(backoff=Fixed(0.5), max_attempts=8)  # gives up after about 4 s
 
 
 def buyer(sim_url: str, api_key: str, db: str) -> None:
     """The process that dies: buy, pay (the watch is written first), wait."""
     queue = SQLiteRecoveryQueue(db, policy=POLICY)
-    with FoxReload(api_key, base_url=sim_url, recovery_queue=queue) as client:
+    with FoxReload(api_key, base_url=sim_url, recovery_queue=queue, wait_policy=WAIT) as client:
         order = client.orders.create(items=[{"itemId": "product_steam_10"}])
         client.orders.pay(order.id)
         print(order.id, flush=True)
-        client.wait_for_completion(order.id, **WAIT)  # killed in here
+        client.wait_for_completion(order.id)  # killed in here
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ from .models import (
     Page,
     Product,
 )
-from .polling import PollAttempt, StatusChange, WaitResult, WaitStart
+from .polling import Listener, PollAttempt, Stall, StatusChange, WaitPolicy, WaitResult, WaitStart
 
 __all__ = [
     "APIConnectionError",
@@ -102,6 +102,7 @@ __all__ = [
     "InternalServerError",
     "Lease",
     "LeaseLost",
+    "Listener",
     "NotFoundError",
     "Order",
     "OrderCancelled",
@@ -120,12 +121,14 @@ __all__ = [
     "RateLimitError",
     "ResponseTooLarge",
     "Schedule",
+    "Stall",
     "StatusChange",
     "Step",
     "StoreError",
     "StoreUnavailable",
     "SystemClock",
     "UnprocessableEntityError",
+    "WaitPolicy",
     "WaitResult",
     "WaitStart",
     "__version__",

@@ -203,17 +203,20 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
         elif args.action == "pay":
             order = client.orders.pay(args.order_id, payment_provider=args.provider)
         else:
-            def progress(attempt: Any) -> None:
-                status = attempt.order.status.value if attempt.order else attempt.outcome
-                print(f"  poll {attempt.attempt}: {status} ({attempt.elapsed:.0f}s)",
-                      file=sys.stderr)
-                if attempt.attempt == 1 and status == "active":
-                    print(f"  order {args.order_id} is not paid yet: it will stay active "
-                          f"(foxpoll orders pay {args.order_id})", file=sys.stderr)
+            class Progress:
+                """Prints each poll of the wait (a listener, see foxpoll.polling)."""
+
+                def on_poll(self, attempt: Any) -> None:
+                    status = attempt.order.status.value if attempt.order else attempt.outcome
+                    print(f"  poll {attempt.attempt}: {status} ({attempt.elapsed:.0f}s)",
+                          file=sys.stderr)
+                    if attempt.attempt == 1 and status == "active":
+                        print(f"  order {args.order_id} is not paid yet: it will stay active "
+                              f"(foxpoll orders pay {args.order_id})", file=sys.stderr)
 
             try:
                 order = client.wait_for_completion(args.order_id, timeout=args.timeout,
-                                                   on_poll=progress, raise_on_failure=False)
+                                                   listener=Progress(), raise_on_failure=False)
             except OrderStalled as stalled:
                 print(f"foxpoll: the wait stalled: {stalled}", file=sys.stderr)
                 return EXIT_STALLED

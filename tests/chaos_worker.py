@@ -23,6 +23,7 @@ from foxpoll.backoff import Fixed
 from foxpoll.dedup import PostgresDedupStore
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import DeliveryInProgress
+from foxpoll.polling import WaitPolicy
 from foxpoll.recovery import RecoveryPolicy, RecoveryWorker
 
 POLICY = RecoveryPolicy(max_attempts=8, backoff=Fixed(1.0), watch_margin=1.0,
@@ -59,7 +60,8 @@ def waiter(config: dict[str, Any]) -> None:
         for order_id in config["pay"]:
             client.orders.pay(order_id)
         Path(config["marker"]).touch()  # paid: now waiting
-        for result in client.wait_many(config["wait"], backoff=Fixed(0.5), max_attempts=14):
+        policy = WaitPolicy(backoff=Fixed(0.5), max_attempts=14)
+        for result in client.wait_many(config["wait"], policy=policy):
             if result.ok:
                 # DeliveryInProgress: the other owner is delivering it; if that one dies,
                 # its claim expires and the settled watch has a worker deliver it.

@@ -13,6 +13,7 @@ from foxpoll import CodesMissing, deliver_once
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import MemoryDedupStore
 from foxpoll.metrics import PrometheusMetrics
+from foxpoll.polling import WaitPolicy
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
 
 from .test_recovery import paid
@@ -24,8 +25,8 @@ def test_by_default_a_codeless_order_is_returned_with_a_warning_and_counted(
     order_id = paid(sim, OrderScript.complete(after=5, codes_after=math.inf))
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry=registry)
-    with sim.client() as client, caplog.at_level(logging.WARNING):
-        order = client.wait_for_completion(order_id, **metrics.hooks())
+    with sim.client(listeners=[metrics]) as client, caplog.at_level(logging.WARNING):
+        order = client.wait_for_completion(order_id)
     assert (order.status, order.codes) == ("completed", ())
     assert "completed with no codes" in caplog.text
     assert registry.get_sample_value("foxpoll_orders_without_codes_total") == 1
@@ -36,7 +37,8 @@ def test_required_codes_that_come_late_are_waited_for(sim: FakeFoxReload,
                                                       clock: FakeClock) -> None:
     order_id = paid(sim, OrderScript.complete(after=5, codes_after=12))
     with sim.client() as client:
-        order = client.wait_for_completion(order_id, backoff=Fixed(5), require_codes=5)
+        order = client.wait_for_completion(order_id,
+                                           policy=WaitPolicy(backoff=Fixed(5), require_codes=5))
     assert len(order.codes) == 1
     gets = [r.at for r in sim.requests if r.method == "GET"]
     assert len(gets) >= 4  # completed at 5 s, codes at 17 s: polled on until they came
@@ -45,7 +47,8 @@ def test_required_codes_that_come_late_are_waited_for(sim: FakeFoxReload,
 def test_required_codes_that_never_come_raise_codes_missing(sim: FakeFoxReload) -> None:
     order_id = paid(sim, OrderScript.complete(after=5, codes_after=math.inf))
     with sim.client() as client, pytest.raises(CodesMissing) as info:
-        client.wait_for_completion(order_id, backoff=Fixed(5), require_codes=2)
+        client.wait_for_completion(order_id,
+                                   policy=WaitPolicy(backoff=Fixed(5), require_codes=2))
     assert info.value.order.id == order_id
     gets = [r for r in sim.requests if r.method == "GET"]
     # The first poll saw it processing; then the one that saw it completed, and two more.
@@ -56,7 +59,8 @@ def test_wait_many_reports_codes_missing_as_a_result(sim: FakeFoxReload) -> None
     missing = paid(sim, OrderScript.complete(after=5, codes_after=math.inf))
     fine = paid(sim, OrderScript.complete(after=5))
     with sim.client() as client:
-        results = {r.order_id: r for r in client.wait_many([missing, fine], require_codes=1)}
+        results = {r.order_id: r for r in client.wait_many([missing, fine],
+                                                          policy=WaitPolicy(require_codes=1))}
     assert isinstance(results[missing].error, CodesMissing)
     assert results[fine].ok
 
@@ -77,5 +81,5 @@ def test_deliver_once_can_refuse_a_codeless_order_without_claiming_it(
 
 
 def test_require_codes_is_a_whole_number(sim: FakeFoxReload) -> None:
-    with sim.client() as client, pytest.raises(ValueError, match="require_codes"):
-        client.wait_for_completion("o1", require_codes=-1)
+    with pytest.raises(ValueError, match="require_codes"):
+        WaitPolicy(require_codes=-1)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from foxpoll import APITimeoutError, OrderStalled
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import MemoryDedupStore
+from foxpoll.polling import WaitPolicy
 from foxpoll.ratelimit import (
     BaseRateLimit,
     BudgetState,
@@ -270,7 +271,7 @@ def test_every_request_takes_a_permit_in_its_lane(clock: FakeClock, tmp_path: Pa
     with sim.client(rate_limit=limit) as client, queue:
         order = client.orders.create(items=STEAM)
         client.orders.pay(order.id)
-        client.wait_for_completion(order.id, backoff=Fixed(5))
+        client.wait_for_completion(order.id, policy=WaitPolicy(backoff=Fixed(5)))
         client.orders.get(order.id)
         client.orders.list()
         client.products.list(category="steam")
@@ -279,7 +280,7 @@ def test_every_request_takes_a_permit_in_its_lane(clock: FakeClock, tmp_path: Pa
         for _ in range(2):
             ids.append(client.orders.create(items=STEAM).id)
             client.orders.pay(ids[-1])
-        assert all(r.ok for r in client.wait_many(ids, backoff=Fixed(5)))
+        assert all(r.ok for r in client.wait_many(ids, policy=WaitPolicy(backoff=Fixed(5))))
         queue.enqueue(order.id)
         RecoveryWorker(client, queue, MemoryDedupStore(clock=clock.time),
                        on_completed=print).run_pending()
@@ -298,7 +299,7 @@ async def test_the_async_client_takes_permits_too(clock: FakeClock) -> None:
     async with sim.async_client(rate_limit=limit) as client:
         order = await client.orders.create(items=STEAM)
         await client.orders.pay(order.id)
-        await client.wait_for_completion(order.id, backoff=Fixed(5))
+        await client.wait_for_completion(order.id, policy=WaitPolicy(backoff=Fixed(5)))
         results = [r async for r in client.wait_many([order.id])]
     assert results[0].ok
     assert len(limit.lanes) == len(sim.requests)

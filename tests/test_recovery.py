@@ -20,6 +20,7 @@ from foxpoll import Order, OrderStalled, OrderStatus, SystemClock
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
 from foxpoll.events import InMemoryPublisher
 from foxpoll.metrics import PrometheusMetrics
+from foxpoll.polling import WaitPolicy
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRecoveryQueue
 from foxpoll.testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
 
@@ -127,7 +128,7 @@ def test_a_stalled_wait_is_recovered_delivered_once_and_published(
     order_id = paid(sim, OrderScript.stall())
     with sim.client(recovery_queue=queue) as client:
         with pytest.raises(OrderStalled):
-            client.wait_for_completion(order_id, max_attempts=5)
+            client.wait_for_completion(order_id, policy=WaitPolicy(max_attempts=5))
         job = queue.get(order_id)
         assert job is not None
         assert (job.state, job.reason) == (JobState.QUEUED, "stalled")  # enqueued by itself

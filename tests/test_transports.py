@@ -17,6 +17,7 @@ from foxpoll import (
     SystemClock,
 )
 from foxpoll.backoff import Fixed
+from foxpoll.polling import WaitPolicy
 from foxpoll.testing import FakeFoxReload, Fault, FaultKind, OrderScript, SimulatorServer
 from foxpoll.transports import AiohttpTransport, fast_http_client
 
@@ -38,7 +39,7 @@ async def test_full_flow_through_the_aiohttp_transport(served: tuple[FakeFoxRelo
     async with AsyncFoxReload(sim.api_key, base_url=url, transport=AiohttpTransport()) as client:
         order = await client.orders.create(items=STEAM, is_mock=True)
         await client.orders.pay(order.id)
-        done = await client.wait_for_completion(order.id, backoff=Fixed(0.1))
+        done = await client.wait_for_completion(order.id, policy=WaitPolicy(backoff=Fixed(0.1)))
         products = await client.products.list(category="steam")
     assert done.status is OrderStatus.COMPLETED
     assert len(done.codes) == 1
