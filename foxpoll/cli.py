@@ -25,6 +25,7 @@ wait stalled (the order may still complete), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -193,7 +194,11 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 def _orders(args: argparse.Namespace, out: TextIO) -> int:
     from ._client import FoxReload
 
-    with FoxReload(rate_limit=_rate_limit(args)) as client:
+    budget = _rate_limit(args)
+    with contextlib.ExitStack() as owned:
+        if budget is not None:
+            owned.callback(budget.close)  # the budget is the command's own: it closes it
+        client = owned.enter_context(FoxReload(rate_limit=budget))
         if args.action == "create":
             note = dict(_pair(n) for n in args.note) or None
             items = [_item(spec, note) for spec in args.item]

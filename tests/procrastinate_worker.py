@@ -34,8 +34,9 @@ def main() -> None:
         time.sleep(3600)
 
     queue = ProcrastinateRecoveryQueue(db_url, dispatch_every=0.3, stalled_after=1.0)
-    with FoxReload(api_key, base_url=sim_url) as client, queue:
-        worker = RecoveryWorker(client, queue, PostgresDedupStore(db_url),
+    with FoxReload(api_key, base_url=sim_url) as client, queue, \
+            PostgresDedupStore(db_url) as store:
+        worker = RecoveryWorker(client, queue, store,
                                 on_completed=hang if mode == "hang" else record, lease=2.0)
         queue.run_worker(worker, wait=mode == "serve", concurrency=2,
                          update_heartbeat_interval=0.2, fetch_job_polling_interval=0.3,

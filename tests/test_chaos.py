@@ -218,9 +218,10 @@ def settle(fleet: Fleet, db: str, sim: FakeFoxReload, ids: list[str]) -> None:
 
 def jobs(engine: str, db: str, tmp: Path) -> dict[str, str]:
     if engine == "sqlite":
+        import contextlib
         import sqlite3
 
-        with sqlite3.connect(tmp / "queue.db") as conn:
+        with contextlib.closing(sqlite3.connect(tmp / "queue.db")) as conn:
             rows = conn.execute("SELECT order_id, state FROM foxpoll_recovery").fetchall()
     else:
         rows = sql(db, "SELECT order_id, state FROM foxpoll_recovery")

@@ -423,9 +423,10 @@ def test_orders_take_permits_from_the_rate_limit_given(
     assert api.count("POST", "/api/orders/") == 2
     assert len(api.order_ids()) == 1
     if store is not None:
+        import contextlib
         import sqlite3
 
-        with sqlite3.connect(tmp_path / "b.db") as db:
+        with contextlib.closing(sqlite3.connect(tmp_path / "b.db")) as db:
             paused = db.execute("SELECT paused_until FROM foxpoll_rate_limit").fetchone()[0]
         assert paused > 0  # the shared budget recorded the 429
 

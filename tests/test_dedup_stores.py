@@ -286,10 +286,12 @@ async def test_a_missing_postgres_table_says_to_call_create_schema() -> None:
     from .services import POSTGRES_URL, require
 
     require("PostgreSQL", "127.0.0.1", 5432)
-    with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
-        PostgresDedupStore(POSTGRES_URL, table="never_created_here").get("o1")
-    with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
-        await AsyncPostgresDedupStore(POSTGRES_URL, table="never_created_here").get("o1")
+    with PostgresDedupStore(POSTGRES_URL, table="never_created_here") as store, \
+            pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+        store.get("o1")
+    async with AsyncPostgresDedupStore(POSTGRES_URL, table="never_created_here") as astore:
+        with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+            await astore.get("o1")
 
 
 @pytest.mark.service
