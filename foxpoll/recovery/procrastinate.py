@@ -58,7 +58,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
     """A recovery queue in PostgreSQL whose workers are procrastinate workers.
 
     Args:
-        conninfo_or_pool: As for :class:`PostgresRecoveryQueue`.
+        where: As for :class:`PostgresRecoveryQueue`.
         queue: The procrastinate queue the wake-ups go to.
         policy: The re-check policy, for this queue and its workers.
         table: foxpoll's job table, schema-qualified if need be (as for
@@ -69,11 +69,11 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
             counts as dead and its jobs are retried.
     """
 
-    def __init__(self, conninfo_or_pool: str | psycopg_pool.ConnectionPool[Any], *,
+    def __init__(self, where: str | psycopg_pool.ConnectionPool[Any], *,
                  queue: str = "foxpoll-recovery", policy: RecoveryPolicy | None = None,
                  table: str = DEFAULT_TABLE, dispatch_every: float = 5.0,
                  stalled_after: float = 30.0, **options: Any) -> None:
-        super().__init__(conninfo_or_pool, policy=policy, table=table, **options)
+        super().__init__(where, policy=policy, table=table, **options)
         if not dispatch_every > 0 or not stalled_after > 0:
             raise ValueError("dispatch_every and stalled_after must be positive")
         self.queue = queue
