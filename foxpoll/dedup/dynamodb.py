@@ -332,7 +332,8 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
             never closed by the store; when None, one is opened on first use with
             ``client_kwargs`` (``config`` defaults to :func:`bounded_config`) and closed
             by :meth:`aclose`.
-        connect_timeout, statement_timeout: As for :class:`DynamoDBDedupStore`.
+        connect_timeout: As for :class:`DynamoDBDedupStore`.
+        statement_timeout: As for :class:`DynamoDBDedupStore`.
     """
 
     def __init__(
