@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import attrs
 
 from ._clock import Clock, SystemClock
+from .dedup._sql import TableName
 from .errors import unavailable_on
 
 __all__ = [
@@ -346,7 +347,7 @@ class RateLimit(BaseRateLimit):
 
 
 _SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS foxpoll_rate_limit (
+CREATE TABLE IF NOT EXISTS {table} (
     key TEXT PRIMARY KEY, tat REAL NOT NULL, rate REAL NOT NULL, paused_until REAL NOT NULL,
     cut_until REAL NOT NULL
 )"""
@@ -363,7 +364,9 @@ class SQLiteRateLimit(BaseRateLimit):
 
     Args:
         where: The database file (its own, or the dedup store's).
-        key: Which budget: one per API key (a row of the file's budget table).
+        table: The budget table's name; each part a plain identifier or a double-quoted
+            one.
+        key: Which budget: one per API key (a row of the table).
         busy_timeout: Seconds to wait for another process's lock before
             :class:`StoreUnavailable`.
         clock: The budget's time, read with ``clock.time()`` (wall clock: the file is
@@ -374,9 +377,19 @@ class SQLiteRateLimit(BaseRateLimit):
 
     def __init__(self, where: str | os.PathLike[str], per_minute: float | None = None, *,
                  burst: int | None = None, adaptive: bool = False,
-                 max_pause: float = MAX_PAUSE, key: str = "default",
-                 busy_timeout: float = 30.0, clock: Clock | None = None) -> None:
+                 max_pause: float = MAX_PAUSE, table: str = "foxpoll_rate_limit",
+                 key: str = "default", busy_timeout: float = 30.0,
+                 clock: Clock | None = None) -> None:
         super().__init__(per_minute, burst=burst, adaptive=adaptive, max_pause=max_pause)
+        name = TableName.parse(table).qualified  # checked and quoted: safe in statements
+        self._schema = _SQLITE_SCHEMA.format(table=name)
+        self._select = (f"SELECT tat, rate, paused_until, cut_until FROM {name} "  # noqa: S608
+                        "WHERE key = ?")
+        self._upsert = (
+            f"INSERT INTO {name} (key, tat, rate, paused_until, cut_until) "  # noqa: S608
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET tat = excluded.tat, "
+            "rate = excluded.rate, paused_until = excluded.paused_until, "
+            "cut_until = excluded.cut_until")
         self.key = key
         self._clock = (clock or SystemClock()).time
         self._db_lock = threading.Lock()
@@ -386,25 +399,19 @@ class SQLiteRateLimit(BaseRateLimit):
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute(_SQLITE_SCHEMA)
+            self._db.execute(self._schema)
 
     def _update(self, change: Callable[[BudgetState, float], tuple[BudgetState, float]]
                 ) -> tuple[BudgetState, float]:
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute(
-                    "SELECT tat, rate, paused_until, cut_until FROM foxpoll_rate_limit "
-                    "WHERE key = ?", (self.key,)).fetchone()
+                row = self._db.execute(self._select, (self.key,)).fetchone()
                 state = BudgetState(*row) if row else self.settings.fresh()
                 new, wait = change(state, self._clock())
                 if new != state:
-                    self._db.execute(
-                        "INSERT INTO foxpoll_rate_limit (key, tat, rate, paused_until, "
-                        "cut_until) VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-                        "tat = excluded.tat, rate = excluded.rate, "
-                        "paused_until = excluded.paused_until, cut_until = excluded.cut_until",
-                        (self.key, new.tat, new.rate, new.paused_until, new.cut_until))
+                    self._db.execute(self._upsert, (self.key, new.tat, new.rate,
+                                                    new.paused_until, new.cut_until))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

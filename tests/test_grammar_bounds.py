@@ -127,3 +127,15 @@ def test_a_client_you_pass_in_outlives_with() -> None:
     finally:
         delete_keys(PREFIX)
         client.close()
+
+
+def test_sqlite_budgets_in_tables_of_their_own_are_apart(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    with SQLiteRateLimit(path, 60, burst=1, table='main."Budget ""A"""') as first, \
+            SQLiteRateLimit(path, 60, burst=1) as second:
+        assert first.acquire() == 0.0
+        assert first.acquire() > 0  # the one permit is gone...
+        assert second.acquire() == 0.0  # ...from its own table only
+    tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = "
+                                           "'table' ORDER BY name").fetchall()
+    assert tables == [('Budget "A"',), ("foxpoll_rate_limit",)]
