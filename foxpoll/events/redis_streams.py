@@ -8,7 +8,7 @@ service reads through its own consumer group, so one stream fans out to every gr
 - reclaims entries left pending longer than ``claim_idle`` seconds (their consumer died)
   with ``XAUTOCLAIM``;
 - moves an entry delivered more than ``max_deliveries`` times, or one that is not an
-  event at all, to a dead-letter stream (``{stream}:dead``) and acknowledges it, so one
+  event at all, to a dead-letter stream (``{key_prefix}orders:dead``) and acknowledges it, so one
   poison entry cannot block the group;
 - re-creates its group (reading from the start of the stream) when Redis has lost it,
   after a restart.
