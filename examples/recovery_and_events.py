@@ -29,13 +29,13 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def main() -> None:
-    stream = f"foxpoll-example-{uuid.uuid4().hex[:8]}"
+    prefix = f"foxpoll-example-{uuid.uuid4().hex[:8]}:"
     sim = FakeFoxReload()  # virtual time: the recovery's minutes pass at once
     clock = sim.clock
     with tempfile.TemporaryDirectory() as tmp:
-        store = SQLiteDedupStore(Path(tmp) / "foxpoll.db", clock=clock.time)
-        queue = SQLiteRecoveryQueue(Path(tmp) / "foxpoll.db", clock=clock.time)
-        publisher = RedisStreamPublisher(REDIS_URL, stream=stream)
+        store = SQLiteDedupStore(Path(tmp) / "foxpoll.db", clock=clock)
+        queue = SQLiteRecoveryQueue(Path(tmp) / "foxpoll.db", clock=clock)
+        publisher = RedisStreamPublisher(REDIS_URL, key_prefix=prefix)
         sent: list[str] = []
 
         def send_codes(order: Order) -> str:
@@ -46,7 +46,7 @@ def main() -> None:
 
         consumers = {
             group: RedisStreamConsumer(
-                REDIS_URL, stream=stream, group=group, consumer=f"{group}-1", block=None,
+                REDIS_URL, key_prefix=prefix, group=group, consumer=f"{group}-1", block=None,
                 handler=lambda event, g=group: print(
                     f"  [{g}] order {event.order_id[:8]} {event.status}, "
                     f"{len(event.codes)} code(s)"),
@@ -97,7 +97,7 @@ def main() -> None:
             consumer.close()
         publisher.close()
         client_redis = redis.Redis.from_url(REDIS_URL)
-        client_redis.delete(stream, f"{stream}:dead")
+        client_redis.delete(f"{prefix}orders", f"{prefix}orders:dead")
         client_redis.close()
         store.close()
         queue.close()

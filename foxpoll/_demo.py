@@ -123,8 +123,8 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
     sim = FakeFoxReload(clock=clock)
     with tempfile.TemporaryDirectory() as tmp:
         path = db or Path(tmp) / "foxpoll.db"
-        store = SQLiteDedupStore(path, clock=clock.time)
-        queue = SQLiteRecoveryQueue(path, policy=RECOVERY, clock=clock.time)
+        store = SQLiteDedupStore(path, clock=clock)
+        queue = SQLiteRecoveryQueue(path, policy=RECOVERY, clock=clock)
         publisher = InMemoryPublisher()
         rows: dict[str, Row] = {}
         delivered: list[str] = []

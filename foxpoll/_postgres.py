@@ -41,32 +41,32 @@ class PostgresConnections:
     """The connections of one store (its table named ``table``, holding ``what``).
 
     Args:
-        conninfo_or_pool: A libpq connection string, or a sync or async pool.
+        where: A libpq connection string, or a sync or async pool.
         asynchronous: Make the store's own pool an ``AsyncConnectionPool``.
         timeout: Seconds to wait for a connection.
         size: The most connections the store's own pool opens.
         statement_timeout: Seconds one call may hold its connection.
     """
 
-    def __init__(self, conninfo_or_pool: Any, *, table: str, what: str, timeout: float,
+    def __init__(self, where: Any, *, table: str, what: str, timeout: float,
                  size: int, statement_timeout: float = 5.0, asynchronous: bool = False
                  ) -> None:
         if not statement_timeout > 0:
             raise ValueError("statement_timeout must be positive")
         self.table, self.what, self.timeout = table, what, timeout
         self.statement_timeout = statement_timeout
-        self.owned = isinstance(conninfo_or_pool, str)
-        if isinstance(conninfo_or_pool, str):
+        self.owned = isinstance(where, str)
+        if isinstance(where, str):
             kind = psycopg_pool.AsyncConnectionPool if asynchronous else psycopg_pool.ConnectionPool
             settings: dict[str, Any] = {"autocommit": True}
-            if "connect_timeout" not in conninfo_to_dict(conninfo_or_pool):
+            if "connect_timeout" not in conninfo_to_dict(where):
                 settings["connect_timeout"] = max(2, math.ceil(timeout))  # libpq: whole s, >= 2
             # min_size=0: the first call opens the first connection (the pool's own first
             # one would race it, and one call would leave two connections).
-            self.pool: Any = kind(conninfo_or_pool, min_size=0, max_size=size, open=False,
+            self.pool: Any = kind(where, min_size=0, max_size=size, open=False,
                                   timeout=timeout, name=f"foxpoll-{table}", kwargs=settings)
         else:
-            self.pool = conninfo_or_pool
+            self.pool = where
         found = self.pool.conninfo
         self.conninfo: str | None = found if isinstance(found, str) else None
 

@@ -41,10 +41,12 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
+from ._clock import Clock, SystemClock
+from .dedup._sql import TableName
 from .errors import unavailable_on
 
 __all__ = [
@@ -184,6 +186,9 @@ class Settings:
         return BudgetState(tat=0.0, rate=self.ceiling, paused_until=0.0, cut_until=0.0)
 
 
+_B = TypeVar("_B", bound="BaseRateLimit")
+
+
 class BaseRateLimit(abc.ABC):
     """A request budget. Subclasses keep the state; this class holds the rules.
 
@@ -287,6 +292,18 @@ class BaseRateLimit(abc.ABC):
         """:meth:`close`, for what asyncio callers opened."""
         self.close()
 
+    def __enter__(self: _B) -> _B:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self: _B) -> _B:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     def __repr__(self) -> str:
         limit = self.settings.per_minute
         kind = "learned" if self.settings.learns else "fixed"
@@ -330,7 +347,7 @@ class RateLimit(BaseRateLimit):
 
 
 _SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS foxpoll_rate_limit (
+CREATE TABLE IF NOT EXISTS {table} (
     key TEXT PRIMARY KEY, tat REAL NOT NULL, rate REAL NOT NULL, paused_until REAL NOT NULL,
     cut_until REAL NOT NULL
 )"""
@@ -346,45 +363,55 @@ class SQLiteRateLimit(BaseRateLimit):
     Takes :class:`BaseRateLimit`'s arguments, and:
 
     Args:
-        path: The database file (its own, or the dedup store's).
-        key: Which budget: one per API key.
-        clock: Seconds since the epoch.
+        where: The database file (its own, or the dedup store's).
+        table: The budget table's name; each part a plain identifier or a double-quoted
+            one.
+        key: Which budget: one per API key (a row of the table).
+        busy_timeout: Seconds to wait for another process's lock before
+            :class:`StoreUnavailable`.
+        clock: The budget's time, read with ``clock.time()`` (wall clock: the file is
+            shared by processes).
     """
 
     _unreached = (sqlite3.Error,)
 
-    def __init__(self, path: str | os.PathLike[str], per_minute: float | None = None, *,
+    def __init__(self, where: str | os.PathLike[str], per_minute: float | None = None, *,
                  burst: int | None = None, adaptive: bool = False,
-                 max_pause: float = MAX_PAUSE, key: str = "default",
-                 clock: Callable[[], float] = time.time) -> None:
+                 max_pause: float = MAX_PAUSE, table: str = "foxpoll_rate_limit",
+                 key: str = "default", busy_timeout: float = 30.0,
+                 clock: Clock | None = None) -> None:
         super().__init__(per_minute, burst=burst, adaptive=adaptive, max_pause=max_pause)
+        name = TableName.parse(table).qualified  # checked and quoted: safe in statements
+        self._schema = _SQLITE_SCHEMA.format(table=name)
+        self._select = (f"SELECT tat, rate, paused_until, cut_until FROM {name} "  # noqa: S608
+                        "WHERE key = ?")
+        self._upsert = (
+            f"INSERT INTO {name} (key, tat, rate, paused_until, cut_until) "  # noqa: S608
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET tat = excluded.tat, "
+            "rate = excluded.rate, paused_until = excluded.paused_until, "
+            "cut_until = excluded.cut_until")
         self.key = key
-        self._clock = clock
+        self._clock = (clock or SystemClock()).time
         self._db_lock = threading.Lock()
         with self._reaching():
-            self._db = sqlite3.connect(os.fspath(path), timeout=30, isolation_level=None,
+            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
+                                       isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute(_SQLITE_SCHEMA)
+            self._db.execute(self._schema)
 
     def _update(self, change: Callable[[BudgetState, float], tuple[BudgetState, float]]
                 ) -> tuple[BudgetState, float]:
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute(
-                    "SELECT tat, rate, paused_until, cut_until FROM foxpoll_rate_limit "
-                    "WHERE key = ?", (self.key,)).fetchone()
+                row = self._db.execute(self._select, (self.key,)).fetchone()
                 state = BudgetState(*row) if row else self.settings.fresh()
                 new, wait = change(state, self._clock())
                 if new != state:
-                    self._db.execute(
-                        "INSERT INTO foxpoll_rate_limit (key, tat, rate, paused_until, "
-                        "cut_until) VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-                        "tat = excluded.tat, rate = excluded.rate, "
-                        "paused_until = excluded.paused_until, cut_until = excluded.cut_until",
-                        (self.key, new.tat, new.rate, new.paused_until, new.cut_until))
+                    self._db.execute(self._upsert, (self.key, new.tat, new.rate,
+                                                    new.paused_until, new.cut_until))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -458,34 +485,40 @@ class RedisRateLimit(BaseRateLimit):
     Takes :class:`BaseRateLimit`'s arguments, and:
 
     Args:
-        url_or_client: A ``redis://`` URL (sync and async clients are made from it, so
-            one object serves ``FoxReload`` and ``AsyncFoxReload``), or a
-            ``redis.Redis`` / ``redis.asyncio.Redis`` (then only that kind of client).
-        key: The hash's key: one per API key.
+        where: A ``redis://`` URL (sync and async clients are made from it, so one object
+            serves ``FoxReload`` and ``AsyncFoxReload``, and :meth:`close` /
+            :meth:`aclose` close them), or your ``redis.Redis`` / ``redis.asyncio.Redis``
+            (then only that kind of client), never closed by the budget.
+        key_prefix: The budget's hash is ``{key_prefix}rate-limit``: one prefix per API key.
+        connect_timeout: Seconds to connect, for clients made from a URL.
+        statement_timeout: Seconds one call may wait for Redis's reply, for clients made
+            from a URL (a client of yours is bounded by its own ``socket_timeout``).
     """
 
-    def __init__(self, url_or_client: Any, per_minute: float | None = None, *,
+    def __init__(self, where: Any, per_minute: float | None = None, *,
                  burst: int | None = None, adaptive: bool = False,
-                 max_pause: float = MAX_PAUSE, key: str = "foxpoll:rate-limit") -> None:
+                 max_pause: float = MAX_PAUSE, key_prefix: str = "foxpoll:",
+                 connect_timeout: float = 5.0, statement_timeout: float = 5.0) -> None:
         super().__init__(per_minute, burst=burst, adaptive=adaptive, max_pause=max_pause)
         try:
             import redis
             import redis.asyncio
         except ImportError as exc:  # pragma: no cover - only without the extra
             raise ImportError("RedisRateLimit needs redis: pip install 'foxpoll[redis]'") from exc
-        self.key = key
+        self.key = f"{key_prefix}rate-limit"
         self._unreached = (redis.ConnectionError, redis.TimeoutError)
         clients: dict[str, Any] = {}
-        if isinstance(url_or_client, str):
-            # A permit must not wait on a frozen network: 5 s per call, as the stores.
-            clients = {"sync": redis.Redis.from_url(url_or_client, socket_timeout=5.0,
-                                                    socket_connect_timeout=5.0),
-                       "async": redis.asyncio.Redis.from_url(url_or_client, socket_timeout=5.0,
-                                                             socket_connect_timeout=5.0)}
-        elif isinstance(url_or_client, redis.asyncio.Redis):
-            clients = {"async": url_or_client}
+        self._owns = isinstance(where, str)
+        if isinstance(where, str):
+            # A permit must not wait on a frozen network.
+            clients = {kind: factory.from_url(where, socket_timeout=statement_timeout,
+                                              socket_connect_timeout=connect_timeout)
+                       for kind, factory in (("sync", redis.Redis),
+                                             ("async", redis.asyncio.Redis))}
+        elif isinstance(where, redis.asyncio.Redis):
+            clients = {"async": where}
         else:
-            clients = {"sync": url_or_client}
+            clients = {"sync": where}
         self._clients = clients
         # EVALSHA, falling back to EVAL once per connection's script cache.
         self._scripts = {(kind, name): client.register_script(source)
@@ -494,11 +527,11 @@ class RedisRateLimit(BaseRateLimit):
                                               ("throttle", _REDIS_THROTTLE))}
 
     def close(self) -> None:
-        if "sync" in self._clients:
+        if self._owns:
             self._clients["sync"].close()
 
     async def aclose(self) -> None:
-        if "async" in self._clients:
+        if self._owns:
             await self._clients["async"].aclose()
         self.close()
 

@@ -35,7 +35,7 @@ def make_store(backend: str, target: str) -> Any:
         from foxpoll.dedup import DynamoDBDedupStore
 
         url, table = target.split("#")
-        return DynamoDBDedupStore(table, boto3.client("dynamodb", endpoint_url=url))
+        return DynamoDBDedupStore(table, client=boto3.client("dynamodb", endpoint_url=url))
     raise SystemExit(f"unknown backend {backend}")
 
 

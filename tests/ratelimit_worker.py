@@ -17,9 +17,13 @@ from foxpoll.ratelimit import RedisRateLimit, SQLiteRateLimit
 
 
 def main(config: dict[str, Any]) -> None:
-    kind = SQLiteRateLimit if config["backend"] == "sqlite" else RedisRateLimit
-    limit = kind(config["target"], config["per_minute"], burst=config["burst"],
-                 key=config["key"])
+    limit: SQLiteRateLimit | RedisRateLimit
+    if config["backend"] == "sqlite":
+        limit = SQLiteRateLimit(config["target"], config["per_minute"], burst=config["burst"],
+                                key=config["key"])
+    else:
+        limit = RedisRateLimit(config["target"], config["per_minute"], burst=config["burst"],
+                               key_prefix=f"{config['key']}:")
     with FoxReload(config["api_key"], base_url=config["sim_url"], rate_limit=limit,
                    max_retries=0) as client:
         deadline = time.monotonic() + config["duration"]

@@ -255,8 +255,8 @@ def dynamodb_table(moto_url: str) -> str:
 
     table = f"foxpoll-test-{uuid.uuid4().hex[:8]}"
     client = boto3.client("dynamodb", endpoint_url=moto_url)
-    DynamoDBDedupStore(table, client).create_table()
-    DynamoDBDedupStore(table, client).create_table()  # idempotent
+    DynamoDBDedupStore(table, client=client).create_table()
+    DynamoDBDedupStore(table, client=client).create_table()  # idempotent
     return table
 
 
@@ -267,7 +267,8 @@ class TestDynamoDBStore(DedupStoreConformance):
 
         from foxpoll.dedup import DynamoDBDedupStore
 
-        return DynamoDBDedupStore(dynamodb_table, boto3.client("dynamodb", endpoint_url=moto_url))
+        client = boto3.client("dynamodb", endpoint_url=moto_url)
+        return DynamoDBDedupStore(dynamodb_table, client=client)
 
 
 class TestAsyncDynamoDBStore(DedupStoreConformance):

@@ -39,10 +39,12 @@ from .services import free_port
 
 
 class Clock:
+    """A store's wall clock, moved by hand (``.now``)."""
+
     def __init__(self) -> None:
         self.now = 1_800_000_000.0
 
-    def __call__(self) -> float:
+    def time(self) -> float:
         return self.now
 
 
@@ -393,7 +395,7 @@ class Renewals(MemoryDedupStore):
     first, as a store whose network hiccups."""
 
     def __init__(self, clock: FakeClock, failures: int = 0) -> None:
-        super().__init__(clock=clock.time)
+        super().__init__(clock=clock)
         self.count, self.failures = 0, failures
         self.tried = threading.Semaphore(0)
 
@@ -581,7 +583,7 @@ def test_a_forked_child_renews_its_own_slow_delivery() -> None:
 
 class AsyncRenewals(AsyncMemoryDedupStore):
     def __init__(self, clock: FakeClock) -> None:
-        super().__init__(clock=clock.time)
+        super().__init__(clock=clock)
         self.count = 0
 
     async def renew(self, order_id: str, token: str, lease: float) -> Any:
@@ -623,7 +625,7 @@ async def test_an_async_renewal_that_breaks_is_logged_not_left_unretrieved(
             await clock.asleep(10)
         return "sent"
 
-    result = await adeliver_once(completed(), slow, Broken(clock=clock.time), lease=30,
+    result = await adeliver_once(completed(), slow, Broken(clock=clock), lease=30,
                                  clock=clock)
     assert result.receipt == "sent"
     await asyncio.sleep(0)  # the renewing task's done-callback runs on the loop

@@ -50,7 +50,7 @@ class FlakyComplete(MemoryDedupStore):
 
 def test_a_failed_complete_is_retried_with_backoff_within_the_lease() -> None:
     clock = FakeClock()
-    store = FlakyComplete(3, clock=clock.time)
+    store = FlakyComplete(3, clock=clock)
     sent: list[str] = []
     result = deliver_once(completed(), lambda o: sent.append(o.id), store, lease=60,
                           clock=clock)
@@ -63,7 +63,7 @@ def test_a_failed_complete_is_retried_with_backoff_within_the_lease() -> None:
 
 def test_a_store_down_for_the_whole_lease_gives_up_before_it_ends() -> None:
     clock = FakeClock()
-    store = FlakyComplete(10_000, clock=clock.time)
+    store = FlakyComplete(10_000, clock=clock)
     with pytest.raises(StoreUnavailable):
         deliver_once(completed(), lambda o: None, store, lease=10, clock=clock)
     assert clock.monotonic() < 10  # it stopped retrying before the claim could expire

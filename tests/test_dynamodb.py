@@ -34,8 +34,8 @@ def new_table() -> str:
 
 def test_create_table_makes_the_table_its_index_and_the_ttl(client: Any) -> None:
     table = new_table()
-    DynamoDBDedupStore(table, client).create_table()
-    DynamoDBDedupStore(table, client).create_table()  # idempotent
+    DynamoDBDedupStore(table, client=client).create_table()
+    DynamoDBDedupStore(table, client=client).create_table()  # idempotent
     described = client.describe_table(TableName=table)["Table"]
     assert described["TableStatus"] == "ACTIVE"
     assert [i["IndexName"] for i in described["GlobalSecondaryIndexes"]] == ["state-updated_at"]
@@ -64,7 +64,7 @@ async def test_the_async_store_creates_its_table_and_delivers_once(moto_url: str
 def test_delivered_records_carry_a_ttl_only_with_a_retention(client: Any,
                                                              retention: int) -> None:
     table = new_table()
-    store = DynamoDBDedupStore(table, client, retention=retention)
+    store = DynamoDBDedupStore(table, client=client, retention=retention)
     store.create_table()
     order = completed()
     deliver_once(order, lambda o: None, store)
@@ -78,7 +78,7 @@ def test_delivered_records_carry_a_ttl_only_with_a_retention(client: Any,
 
 
 def test_a_missing_table_is_store_unavailable_and_delivers_nothing(client: Any) -> None:
-    store = DynamoDBDedupStore(new_table(), client)  # create_table() never called
+    store = DynamoDBDedupStore(new_table(), client=client)  # create_table() never called
     calls: list[Order] = []
     with pytest.raises(StoreUnavailable):
         deliver_once(completed(), calls.append, store)
@@ -94,7 +94,7 @@ def test_an_unreachable_endpoint_is_store_unavailable_within_the_timeout() -> No
     port = free_port()  # nothing listens there
     client = boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{port}",
                           config=bounded_config(1.0))
-    store = DynamoDBDedupStore(new_table(), client)
+    store = DynamoDBDedupStore(new_table(), client=client)
     calls: list[Order] = []
     started = time.monotonic()
     with pytest.raises(StoreUnavailable) as info:
@@ -126,7 +126,7 @@ def test_a_refusal_that_is_not_a_failed_condition_propagates(client: Any) -> Non
     client.create_table(TableName=table, BillingMode="PAY_PER_REQUEST",
                         KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
                         AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
-    store = DynamoDBDedupStore(table, client)
+    store = DynamoDBDedupStore(table, client=client)
     calls: list[Order] = []
     with pytest.raises(ClientError) as info:
         deliver_once(completed(), calls.append, store)

@@ -72,7 +72,7 @@ async def test_a_locked_sqlite_queue_holds_the_payment_not_the_event_loop(
 ) -> None:
     path = tmp_path / "queue.db"
     order_id = new_order(sim, OrderScript.complete(after=5))
-    with SQLiteRecoveryQueue(path, clock=sim.clock.time) as queue:
+    with SQLiteRecoveryQueue(path, clock=sim.clock) as queue:
         locker = sqlite3.connect(path, isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")  # another process's write transaction
         paid_while_locked: list[int] = []

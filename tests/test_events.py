@@ -86,17 +86,22 @@ def stream() -> Iterator[str]:
     require("Redis", "127.0.0.1", 6379)
     import redis
 
-    name = f"foxpoll-test-events-{uuid.uuid4().hex[:8]}"
+    name = f"foxpoll-test-events-{uuid.uuid4().hex[:8]}:orders"
     yield name
     client = redis.Redis.from_url(REDIS_URL)
     client.delete(name, f"{name}:dead")
     client.close()
 
 
+def prefix(stream: str) -> str:
+    """The ``key_prefix`` under which publishers and consumers use ``stream``."""
+    return stream.removesuffix("orders")
+
+
 def consumer(stream: str, group: str, name: str, handler: Any, **kwargs: Any) -> Any:
     from foxpoll.events import RedisStreamConsumer
 
-    return RedisStreamConsumer(REDIS_URL, stream=stream, group=group, consumer=name,
+    return RedisStreamConsumer(REDIS_URL, key_prefix=prefix(stream), group=group, consumer=name,
                                handler=handler, block=None, **kwargs)
 
 
@@ -110,7 +115,7 @@ def test_one_stream_fans_out_to_every_group(stream: str) -> None:
                  consumer(stream, "email", "e1", email.append)]
     for c in consumers:
         c.ensure_group()
-    publisher = RedisStreamPublisher(REDIS_URL, stream=stream, maxlen=1000)
+    publisher = RedisStreamPublisher(REDIS_URL, key_prefix=prefix(stream), maxlen=1000)
     events = [OrderEvent.from_order(order()) for _ in range(3)]
     ids = [publisher.publish(e) for e in events]
     assert len(set(ids)) == 3
@@ -128,7 +133,7 @@ def test_consumers_of_one_group_share_its_entries(stream: str) -> None:
     first = consumer(stream, "email", "e1", lambda e: seen.append(("e1", e.event_id)))
     second = consumer(stream, "email", "e2", lambda e: seen.append(("e2", e.event_id)))
     first.ensure_group()
-    publisher = RedisStreamPublisher(REDIS_URL, stream=stream)
+    publisher = RedisStreamPublisher(REDIS_URL, key_prefix=prefix(stream))
     for _ in range(4):
         publisher.publish(OrderEvent.from_order(order()))
     assert first.consume(count=2) + second.consume(count=2) == 4
@@ -148,7 +153,7 @@ def test_a_failed_handler_leaves_the_entry_for_another_consumer(stream: str) -> 
     healthy = consumer(stream, "telegram", "t2", done.append, claim_idle=0)
     broken.ensure_group()
     event = OrderEvent.from_order(order())
-    RedisStreamPublisher(REDIS_URL, stream=stream).publish(event)
+    RedisStreamPublisher(REDIS_URL, key_prefix=prefix(stream)).publish(event)
     assert broken.consume() == 0  # not acknowledged...
     assert healthy.consume() == 1  # ...so it is reclaimed and handled
     assert done == [event]
@@ -168,7 +173,8 @@ def test_a_blocking_consumer_never_acknowledges_for_an_async_handler(
 
     c = consumer(stream, "email", "e1", handle)
     c.ensure_group()
-    RedisStreamPublisher(REDIS_URL, stream=stream).publish(OrderEvent.from_order(order()))
+    publisher = RedisStreamPublisher(REDIS_URL, key_prefix=prefix(stream))
+    publisher.publish(OrderEvent.from_order(order()))
     assert c.consume() == 0
     assert "TypeError" in caplog.text
     with redis.Redis.from_url(REDIS_URL) as client:
@@ -190,7 +196,7 @@ def test_poison_entries_go_to_the_dead_letter_stream(stream: str) -> None:
     c = consumer(stream, "email", "e1", always_fails, claim_idle=0, max_deliveries=3)
     c.ensure_group()
     event = OrderEvent.from_order(order())
-    RedisStreamPublisher(REDIS_URL, stream=stream).publish(event)
+    RedisStreamPublisher(REDIS_URL, key_prefix=prefix(stream)).publish(event)
     client = redis.Redis.from_url(REDIS_URL)
     client.xadd(stream, {"event": "not json"})  # and one that is not an event at all
     for _ in range(6):
@@ -233,16 +239,16 @@ def test_the_group_is_recreated_after_a_redis_restart() -> None:
     process = start()
     try:
         seen: list[OrderEvent] = []
-        c = RedisStreamConsumer(url, stream="orders", group="telegram", consumer="t1",
+        c = RedisStreamConsumer(url, key_prefix="", group="telegram", consumer="t1",
                                 handler=seen.append, block=None)
         c.ensure_group()
-        RedisStreamPublisher(url, stream="orders").publish(OrderEvent.from_order(order()))
+        RedisStreamPublisher(url, key_prefix="").publish(OrderEvent.from_order(order()))
         assert c.consume() == 1
         process.send_signal(signal.SIGKILL)
         process.wait()
         process = start()  # a new, empty Redis: no stream, no group
         after = OrderEvent.from_order(order())
-        RedisStreamPublisher(url, stream="orders").publish(after)
+        RedisStreamPublisher(url, key_prefix="").publish(after)
         handled = 0
         for _ in range(5):  # the first call may meet the dead connection
             try:
@@ -267,9 +273,9 @@ async def test_async_publisher_and_consumer_with_an_async_handler(stream: str) -
     async def handle(event: OrderEvent) -> None:
         seen.append(event)
 
-    c = AsyncRedisStreamConsumer(REDIS_URL, stream=stream, group="email", consumer="a1",
+    c = AsyncRedisStreamConsumer(REDIS_URL, key_prefix=prefix(stream), group="email", consumer="a1",
                                  handler=handle, block=None)
-    publisher = AsyncRedisStreamPublisher(REDIS_URL, stream=stream)
+    publisher = AsyncRedisStreamPublisher(REDIS_URL, key_prefix=prefix(stream))
     try:
         await c.ensure_group()
         event = OrderEvent.from_order(order())
@@ -294,12 +300,12 @@ def test_sqs_publisher_standard_and_fifo(moto_url: str) -> None:
     fifo = sqs.create_queue(QueueName=f"events-{uuid.uuid4().hex[:8]}.fifo",
                             Attributes={"FifoQueue": "true"})["QueueUrl"]
     event = OrderEvent.from_order(order())
-    SQSPublisher(standard, sqs).publish(event)
+    SQSPublisher(standard, client=sqs).publish(event)
     received = sqs.receive_message(QueueUrl=standard, MessageAttributeNames=["All"],
                                    MaxNumberOfMessages=10)["Messages"]
     assert OrderEvent.from_json(received[0]["Body"]) == event
     assert received[0]["MessageAttributes"]["eventId"]["StringValue"] == event.event_id
-    publisher = SQSPublisher(fifo, sqs)
+    publisher = SQSPublisher(fifo, client=sqs)
     publisher.publish(event)
     publisher.publish(event)  # the same outcome again: SQS drops it by deduplication id
     messages = sqs.receive_message(QueueUrl=fifo, MaxNumberOfMessages=10,
@@ -316,6 +322,6 @@ async def test_async_sqs_publisher(moto_url: str) -> None:
     async with aioboto3.Session().client("sqs", endpoint_url=moto_url) as sqs:
         queue = (await sqs.create_queue(QueueName=f"events-{uuid.uuid4().hex[:8]}"))["QueueUrl"]
         event = OrderEvent.from_order(order("cancelled"))
-        await AsyncSQSPublisher(queue, sqs).publish(event)
+        await AsyncSQSPublisher(queue, client=sqs).publish(event)
         received = await sqs.receive_message(QueueUrl=queue)
         assert OrderEvent.from_json(received["Messages"][0]["Body"]) == event

@@ -192,7 +192,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         opened: list[RedisRateLimit] = []
 
         def redis(**kwargs: Any) -> BaseRateLimit:
-            opened.append(RedisRateLimit(REDIS_URL, key=key, **kwargs))
+            opened.append(RedisRateLimit(REDIS_URL, key_prefix=f"{key}:", **kwargs))
             return opened[-1]
 
         yield redis
@@ -267,7 +267,7 @@ class Recording(RateLimit):
 def test_every_request_takes_a_permit_in_its_lane(clock: FakeClock, tmp_path: Path) -> None:
     sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=20))
     limit = Recording(6000, clock=clock.monotonic)
-    queue = SQLiteRecoveryQueue(tmp_path / "q.db", clock=clock.time)
+    queue = SQLiteRecoveryQueue(tmp_path / "q.db", clock=clock)
     with sim.client(rate_limit=limit) as client, queue:
         order = client.orders.create(items=STEAM)
         client.orders.pay(order.id)
@@ -282,7 +282,7 @@ def test_every_request_takes_a_permit_in_its_lane(clock: FakeClock, tmp_path: Pa
             client.orders.pay(ids[-1])
         assert all(r.ok for r in client.wait_many(ids, policy=WaitPolicy(backoff=Fixed(5))))
         queue.enqueue(order.id)
-        RecoveryWorker(client, queue, MemoryDedupStore(clock=clock.time),
+        RecoveryWorker(client, queue, MemoryDedupStore(clock=clock),
                        on_completed=print).run_pending()
     assert len(limit.lanes) == len(sim.requests)  # one permit per request, no more
     buys = [r for r in sim.requests if r.method == "POST"]

@@ -29,7 +29,7 @@ STEAM = [{"itemId": "product_steam_10"}]
 
 @pytest.fixture
 def queue(tmp_path: Path, clock: FakeClock) -> Iterator[SQLiteRecoveryQueue]:
-    with SQLiteRecoveryQueue(tmp_path / "recovery.db", clock=clock.time) as opened:
+    with SQLiteRecoveryQueue(tmp_path / "recovery.db", clock=clock) as opened:
         yield opened
 
 
@@ -135,7 +135,7 @@ def test_a_stalled_wait_is_recovered_delivered_once_and_published(
         sim.script(order_id, OrderScript.complete(after=clock.monotonic() + 200))
         delivered: list[Order] = []
         publisher = InMemoryPublisher()
-        store = MemoryDedupStore(clock=clock.time)
+        store = MemoryDedupStore(clock=clock)
         registry = CollectorRegistry()
         worker = RecoveryWorker(client, queue, store, on_completed=delivered.append,
                                 publisher=publisher, metrics=PrometheusMetrics(registry))
@@ -213,7 +213,7 @@ def test_api_errors_count_as_attempts_with_their_error(
 ) -> None:
     order_id = paid(sim, OrderScript.stall())
     queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=RecoveryPolicy(max_attempts=3),
-                                clock=clock.time)
+                                clock=clock)
     queue.enqueue(order_id)
     sim.inject(Fault(FaultKind.SERVER_ERROR, method="GET", times=100))
     with sim.client(max_retries=0) as client, queue:
@@ -230,7 +230,7 @@ def test_a_delivery_in_progress_elsewhere_is_retried_after_its_lease(
     sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
 ) -> None:
     order_id = paid(sim, OrderScript.complete(after=0))
-    store = MemoryDedupStore(clock=clock.time)
+    store = MemoryDedupStore(clock=clock)
     store.claim(order_id, "another-worker", 120)  # someone else is delivering it
     queue.enqueue(order_id)
     delivered: list[Order] = []
@@ -249,7 +249,7 @@ class CountedRenewals(MemoryDedupStore):
     """A memory store on ``clock`` that lets a test wait for the next renewal."""
 
     def __init__(self, clock: FakeClock) -> None:
-        super().__init__(clock=clock.time)
+        super().__init__(clock=clock)
         self.renewed = threading.Semaphore(0)
 
     def renew(self, order_id: str, token: str, lease: float) -> Any:
@@ -295,7 +295,7 @@ def test_run_waits_for_due_jobs_on_the_clients_clock(
         stop.set()
 
     with sim.client() as client:
-        worker = RecoveryWorker(client, queue, MemoryDedupStore(clock=clock.time),
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(clock=clock),
                                 on_completed=deliver)
         start = clock.monotonic()
         worker.run(stop=stop, idle=5)  # ten virtual minutes, no real ones

@@ -40,7 +40,7 @@ def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None)
         clock = FakeClock()
         table = 'main."Recovery ""Jobs"""' if kind == "sqlite-schema" else "foxpoll_recovery"
         queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, table=table,
-                                    clock=clock.time)
+                                    clock=clock)
         return Engine(queue, clock.advance, clock.time)
     require("PostgreSQL", "127.0.0.1", 5432)
     import psycopg
@@ -346,7 +346,7 @@ def test_a_callers_due_time_is_read_on_the_queue_s_clock() -> None:
     clock = FakeClock()  # its epoch is weeks away from the server's clock
     table = f"recovery_{uuid.uuid4().hex[:10]}"
     try:
-        with PostgresRecoveryQueue(POSTGRES_URL, table=table, clock=clock.time) as q:
+        with PostgresRecoveryQueue(POSTGRES_URL, table=table, clock=clock) as q:
             q.create_schema()
             q.enqueue("o1", due_at=clock.time() + 60)
             q.watch("w1", due_at=clock.time() + 600)

@@ -122,14 +122,14 @@ async def test_a_failing_handler_is_not_mistaken_for_an_unreachable_redis() -> N
 
     from foxpoll.events import RedisStreamConsumer, RedisStreamPublisher
 
-    stream = f"test-store-errors:{time.monotonic_ns()}"
+    prefix = f"test-store-errors:{time.monotonic_ns()}:"
 
     def handler(event: OrderEvent) -> None:
         raise redis.ConnectionError("the handler's own Redis is down")
 
-    publisher = RedisStreamPublisher(REDIS_URL, stream=stream)
+    publisher = RedisStreamPublisher(REDIS_URL, key_prefix=prefix)
     consumer = RedisStreamConsumer(REDIS_URL, group="g", consumer="c", handler=handler,
-                                   stream=stream, block=None)
+                                   key_prefix=prefix, block=None)
     try:
         consumer.ensure_group()
         publisher.publish(EVENT)
@@ -137,7 +137,7 @@ async def test_a_failing_handler_is_not_mistaken_for_an_unreachable_redis() -> N
     finally:
         publisher.close()
         consumer.close()
-        delete_keys(stream)
+        delete_keys(f"{prefix}orders")
 
 
 @pytest.mark.parametrize("kind", ["blocking", "async"])
@@ -157,14 +157,14 @@ async def test_an_sqs_publisher_that_cannot_reach_sqs_is_store_unavailable(
         import boto3
 
         with pytest.raises(StoreUnavailable, match="SQS is unavailable"):
-            SQSPublisher(queue, boto3.client("sqs", endpoint_url=endpoint, config=config)
+            SQSPublisher(queue, client=boto3.client("sqs", endpoint_url=endpoint, config=config)
                          ).publish(EVENT)
         return
     import aioboto3
 
     async with aioboto3.Session().client("sqs", endpoint_url=endpoint, config=config) as sqs:
         with pytest.raises(StoreUnavailable, match="SQS is unavailable"):
-            await AsyncSQSPublisher(queue, sqs).publish(EVENT)
+            await AsyncSQSPublisher(queue, client=sqs).publish(EVENT)
 
 
 def test_every_store_error_is_one_kind() -> None:

@@ -73,7 +73,7 @@ class CountingQueue(SQLiteRecoveryQueue):
 @pytest.fixture
 def queue(tmp_path: Path, clock: FakeClock, sim: FakeFoxReload) -> Iterator[CountingQueue]:
     policy = RecoveryPolicy(max_attempts=4, watch_margin=60.0, delivery_grace=300.0)
-    with CountingQueue(tmp_path / "q.db", policy=policy, clock=clock.time, sim=sim) as opened:
+    with CountingQueue(tmp_path / "q.db", policy=policy, clock=clock, sim=sim) as opened:
         yield opened
 
 
@@ -285,7 +285,7 @@ def test_a_process_that_dies_after_paying_loses_no_order(
         client.orders.pay(order_id)
         # ...and the process dies here: no wait, no pending-orders table, no sweep.
         delivered: list[str] = []
-        worker = RecoveryWorker(client, queue, MemoryDedupStore(clock=clock.time),
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(clock=clock),
                                 on_completed=lambda o: delivered.append(o.id))
         assert worker.run_pending() == 0  # not before the wait would have given up
         drain(worker, queue, clock)
@@ -296,7 +296,7 @@ def test_a_process_that_dies_after_paying_loses_no_order(
 def test_a_delivered_order_is_confirmed_from_the_store_without_a_request(
     sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue
 ) -> None:
-    store = MemoryDedupStore(clock=clock.time)
+    store = MemoryDedupStore(clock=clock)
     order_id = new_order(sim, OrderScript.complete(after=5))
     with sim.client(recovery_queue=queue) as client:
         client.orders.pay(order_id)
@@ -313,7 +313,7 @@ def test_a_delivered_order_is_confirmed_from_the_store_without_a_request(
 def test_codes_not_delivered_before_a_crash_are_delivered_once_by_the_worker(
     sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue
 ) -> None:
-    store = MemoryDedupStore(clock=clock.time)
+    store = MemoryDedupStore(clock=clock)
     order_id = new_order(sim, OrderScript.complete(after=5))
     delivered: list[str] = []
     with sim.client(recovery_queue=queue) as client:

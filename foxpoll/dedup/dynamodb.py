@@ -10,7 +10,6 @@ tolerate skew of a few seconds). ``expires_at`` is a TTL attribute, for clean-up
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -24,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
-from foxpoll._clock import SystemClock
+from foxpoll._clock import Clock, SystemClock
 from foxpoll._io import Flow, Op, arun, pause, run
 
 from ._flows import FlowStore
@@ -259,12 +258,14 @@ def _mapped(exc: ClientError | BotoCoreError) -> Exception:
     return unavailable("DynamoDB", exc) if _is_unavailable(exc) else exc
 
 
-def bounded_config(statement_timeout: float) -> Any:
-    """A botocore config whose connects and reads end within ``statement_timeout``, with
-    one retry: a store call then ends within about twice that, not minutes."""
+def bounded_config(statement_timeout: float, connect_timeout: float | None = None) -> Any:
+    """A botocore config whose reads end within ``statement_timeout`` and connects within
+    ``connect_timeout`` (``statement_timeout`` when None), with one retry: a store call
+    then ends within about twice that, not minutes."""
     from botocore.config import Config
 
-    return Config(connect_timeout=statement_timeout, read_timeout=statement_timeout,
+    connect = statement_timeout if connect_timeout is None else connect_timeout
+    return Config(connect_timeout=connect, read_timeout=statement_timeout,
                   retries={"max_attempts": 2, "mode": "standard"})
 
 
@@ -272,28 +273,39 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
     """A dedup store in a DynamoDB table.
 
     Args:
-        table_name: The table (see :meth:`create_table`).
-        client: A boto3 DynamoDB client (its own timeouts apply); when None,
-            ``boto3.client("dynamodb")`` with :func:`bounded_config`.
+        where: The table's name (see :meth:`create_table`): in DynamoDB a table is the
+            place, and the client only the way there.
+        client: Your boto3 DynamoDB client (its own timeouts apply), never closed by the
+            store; when None, the store makes ``boto3.client("dynamodb")`` with
+            :func:`bounded_config` and :meth:`close` closes it.
         retention: Seconds before a DELIVERED record's TTL (0: no TTL attribute).
-        clock: Seconds since the epoch.
-        statement_timeout: Seconds each connect and read of the store's own client may
-            take (botocore's default is 60, retried up to four times).
+        clock: The store's time, read with ``clock.time()``.
+        connect_timeout: Seconds each connect of the store's own client may take.
+        statement_timeout: Seconds each read of the store's own client may take
+            (botocore's default is 60, retried up to four times).
     """
 
     def __init__(
         self,
-        table_name: str,
-        client: Any = None,
+        where: str,
         *,
+        client: Any = None,
         retention: int = THIRTY_DAYS,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
+        connect_timeout: float = 5.0,
         statement_timeout: float = 5.0,
     ) -> None:
-        self.table_name = table_name
+        self.table_name = where
+        self._owns = client is None
         self._client = client if client is not None else boto3.client(
-            "dynamodb", config=bounded_config(statement_timeout))
-        self._flows: DynamoDBFlows = DynamoDBFlows(table_name, int(retention), clock)
+            "dynamodb", config=bounded_config(statement_timeout, connect_timeout))
+        self._flows: DynamoDBFlows = DynamoDBFlows(where, int(retention),
+                                                   (clock or SystemClock()).time)
+
+    def close(self) -> None:
+        """Close the store's own client (a client you passed in stays open)."""
+        if self._owns:
+            self._client.close()
 
     def create_table(self) -> None:
         """Create the table and its index (idempotent), wait for it, and enable the TTL."""
@@ -315,30 +327,34 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
     """:class:`DynamoDBDedupStore` on aioboto3.
 
     Args:
-        table_name: The table.
+        where: The table's name.
         client: An entered aioboto3 DynamoDB client (``async with session.client(...)``),
-            not closed by the store; when None, one is opened on first use with
+            never closed by the store; when None, one is opened on first use with
             ``client_kwargs`` (``config`` defaults to :func:`bounded_config`) and closed
             by :meth:`aclose`.
+        connect_timeout: As for :class:`DynamoDBDedupStore`.
         statement_timeout: As for :class:`DynamoDBDedupStore`.
     """
 
     def __init__(
         self,
-        table_name: str,
-        client: Any = None,
+        where: str,
         *,
+        client: Any = None,
         retention: int = THIRTY_DAYS,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
+        connect_timeout: float = 5.0,
         statement_timeout: float = 5.0,
         **client_kwargs: Any,
     ) -> None:
-        self.table_name = table_name
+        self.table_name = where
         self._client = client
-        self._client_kwargs = {"config": bounded_config(statement_timeout), **client_kwargs}
+        self._client_kwargs = {"config": bounded_config(statement_timeout, connect_timeout),
+                               **client_kwargs}
         self._context: Any = None
         self._opening = asyncio.Lock()
-        self._flows: DynamoDBFlows = DynamoDBFlows(table_name, int(retention), clock)
+        self._flows: DynamoDBFlows = DynamoDBFlows(where, int(retention),
+                                                   (clock or SystemClock()).time)
 
     async def _get_client(self) -> Any:
         if self._client is None:
@@ -368,6 +384,7 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
             raise _mapped(exc) from exc
 
     async def aclose(self) -> None:
+        """Close the store's own client (a client you passed in stays open)."""
         if self._context is not None:
             await self._context.__aexit__(None, None, None)
             self._context = None

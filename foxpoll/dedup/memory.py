@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 import attrs
+
+from foxpoll._clock import Clock, SystemClock
 
 from .base import (
     AsyncDedupStore,
@@ -24,11 +24,12 @@ class MemoryDedupStore(DedupStore):
     """An in-process store, thread-safe. Nothing survives the process.
 
     Args:
-        clock: Seconds since the epoch; a fake clock makes lease expiry testable.
+        clock: The store's time, read with ``clock.time()``; a ``FakeClock`` makes lease
+            expiry testable.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._clock = (clock or SystemClock()).time
         self._records: dict[str, DeliveryRecord] = {}
         self._lock = threading.Lock()
 
@@ -96,7 +97,7 @@ class MemoryDedupStore(DedupStore):
 class AsyncMemoryDedupStore(AsyncDedupStore):
     """:class:`MemoryDedupStore` behind the async interface (nothing here blocks)."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, clock: Clock | None = None) -> None:
         self.sync = MemoryDedupStore(clock=clock)
 
     async def _claim(self, order_id: str, token: str, lease: float) -> ClaimResult:

@@ -35,12 +35,12 @@ class _PostgresStore(FlowStore):
     _asynchronous = False
 
     def __init__(
-        self, conninfo_or_pool: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10,
+        self, where: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10,
         max_connections: int = 10, statement_timeout: float = 5.0,
     ) -> None:
         self._sql = POSTGRES.statements(table)
         self._flows = SQLFlows(self._sql)
-        self._pg = PostgresConnections(conninfo_or_pool, table=table, what="delivery",
+        self._pg = PostgresConnections(where, table=table, what="delivery",
                                        timeout=connect_timeout, size=max_connections,
                                        statement_timeout=statement_timeout,
                                        asynchronous=self._asynchronous)
@@ -50,7 +50,7 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
     """A dedup store in a PostgreSQL table.
 
     Args:
-        conninfo_or_pool: A libpq connection string, for which the store opens its own
+        where: A libpq connection string, for which the store opens its own
             pool on first use (``close()`` or ``with`` closes it); or your
             ``psycopg_pool.ConnectionPool`` (never closed by the store), best with its
             connections in autocommit mode (``kwargs={"autocommit": True}``): each

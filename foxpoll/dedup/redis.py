@@ -259,11 +259,11 @@ class _RedisStore(FlowStore):
     _blocking: bool
 
     def __init__(
-        self, url_or_client: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS,
+        self, where: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS,
         statement_timeout: float = 5.0, connect_timeout: float = 5.0,
     ) -> None:
-        self._owns = isinstance(url_or_client, str)
-        if not self._owns and self._blocking and _socket_timeout(url_or_client) is None:
+        self._owns = isinstance(where, str)
+        if not self._owns and self._blocking and _socket_timeout(where) is None:
             # Only the socket timeout can end a blocking call on a frozen network: without
             # it, a call (and a delivery's lease) could wait for good.
             raise ValueError("a redis.Redis client of your own needs a socket_timeout "
@@ -273,10 +273,10 @@ class _RedisStore(FlowStore):
         # again, past statement_timeout; delivery retries what needs retrying itself.
         self._client = (
             self._client_class.from_url(
-                url_or_client, socket_timeout=statement_timeout,
+                where, socket_timeout=statement_timeout,
                 socket_connect_timeout=connect_timeout,
                 retry=self._retry_class(NoBackoff(), 0))
-            if self._owns else url_or_client
+            if self._owns else where
         )
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout
@@ -322,8 +322,8 @@ class RedisDedupStore(_RedisStore, DedupStore):
     """A dedup store in Redis.
 
     Args:
-        url_or_client: A ``redis://`` URL, or a ``redis.Redis`` client, used as it is
-            and not closed by the store.
+        where: A ``redis://`` URL (the store's own client, closed by :meth:`close`), or
+            your ``redis.Redis`` client, used as it is and never closed by the store.
         key_prefix: Prefix of every key the store writes.
         retention: Seconds a DELIVERED record is kept (0: forever).
         statement_timeout: Seconds one command may wait for its reply before the call
@@ -347,6 +347,7 @@ class RedisDedupStore(_RedisStore, DedupStore):
             raise self._failure(exc) from exc
 
     def close(self) -> None:
+        """Close the store's own client (a client you passed in stays open)."""
         if self._owns:
             self._client.close()
 
@@ -373,5 +374,6 @@ class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
             raise self._failure(exc) from exc
 
     async def aclose(self) -> None:
+        """Close the store's own client (a client you passed in stays open)."""
         if self._owns:
             await self._client.aclose()

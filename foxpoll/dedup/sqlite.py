@@ -11,11 +11,10 @@ import asyncio
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from foxpoll import _io
+from foxpoll._clock import Clock, SystemClock
 
 from ._flows import Flow, FlowStore, Rows, SQLFlows, query
 from ._sql import SQLITE
@@ -32,28 +31,28 @@ class SQLiteDedupStore(FlowStore, DedupStore):
     """A dedup store in a SQLite file.
 
     Args:
-        path: The database file (created if missing).
+        where: The database file (created if missing).
         table: The table name; each part a plain identifier or a double-quoted one.
             ``main.name`` names the file's own schema.
-        timeout: Seconds to wait for another writer's lock before giving up
+        busy_timeout: Seconds to wait for another writer's lock before giving up
             (:class:`StoreUnavailable`).
-        clock: Seconds since the epoch.
+        clock: The store's time, read with ``clock.time()``.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        where: str | os.PathLike[str],
         *,
         table: str = DEFAULT_TABLE,
-        timeout: float = 30.0,
-        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 30.0,
+        clock: Clock | None = None,
     ) -> None:
         self._sql = SQLITE.statements(table)
         self._flows = SQLFlows(self._sql)
-        self._clock = clock
+        self._clock = (clock or SystemClock()).time
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(os.fspath(path), timeout=timeout,
+            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
                                        isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
@@ -92,6 +91,7 @@ class SQLiteDedupStore(FlowStore, DedupStore):
             return result
 
     def close(self) -> None:
+        """Close the database connection."""
         with self._lock:
             self._db.close()
 
@@ -99,8 +99,10 @@ class SQLiteDedupStore(FlowStore, DedupStore):
 class AsyncSQLiteDedupStore(FlowStore, AsyncDedupStore):
     """:class:`SQLiteDedupStore` for asyncio: each primitive runs in a worker thread."""
 
-    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
-        self.sync = SQLiteDedupStore(path, **kwargs)
+    def __init__(self, where: str | os.PathLike[str], *, table: str = DEFAULT_TABLE,
+                 busy_timeout: float = 30.0, clock: Clock | None = None) -> None:
+        self.sync = SQLiteDedupStore(where, table=table, busy_timeout=busy_timeout,
+                                     clock=clock)
         self._flows = self.sync._flows
 
     async def _run(self, flow: Flow[T]) -> T:

@@ -21,6 +21,24 @@ class InMemoryPublisher:
             self.events.append(event)
             return str(len(self.events))
 
+    def close(self) -> None:
+        """Nothing to release: the events stay readable."""
+
+    async def aclose(self) -> None:
+        """Nothing to release: the events stay readable."""
+
+    def __enter__(self) -> InMemoryPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> InMemoryPublisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     @property
     def unique(self) -> list[OrderEvent]:
         """The events with repeats (same ``event_id``) dropped, first one kept."""

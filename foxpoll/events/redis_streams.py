@@ -8,7 +8,7 @@ service reads through its own consumer group, so one stream fans out to every gr
 - reclaims entries left pending longer than ``claim_idle`` seconds (their consumer died)
   with ``XAUTOCLAIM``;
 - moves an entry delivered more than ``max_deliveries`` times, or one that is not an
-  event at all, to a dead-letter stream (``{stream}:dead``) and acknowledges it, so one
+  event at all, to a dead-letter stream (``{key_prefix}orders:dead``) and acknowledges it, so one
   poison entry cannot block the group;
 - re-creates its group (reading from the start of the stream) when Redis has lost it,
   after a restart.
@@ -50,7 +50,7 @@ __all__ = [
 
 log = logging.getLogger("foxpoll.events")
 
-DEFAULT_STREAM = "foxpoll:orders"
+DEFAULT_PREFIX = "foxpoll:"
 
 T = TypeVar("T")
 
@@ -168,27 +168,83 @@ class ConsumerFlows:
         yield from Command[int]("xack", (self.stream, self.group, entry_id))
 
 
-class RedisStreamPublisher:
+class _RedisClientOwner:
+    """Where a publisher's or consumer's client comes from, and who closes it.
+
+    Args:
+        where: A ``redis://`` URL, for which it makes its own client (closed by ``close()``,
+            ``aclose()`` or ``with``); or your client, never closed by it.
+        key_prefix: The stream's key is ``{key_prefix}orders``; its dead letters go to
+            ``{key_prefix}orders:dead``.
+        connect_timeout: Seconds to connect, for a client made from a URL.
+        statement_timeout: Seconds a command may wait for Redis's reply (beyond a
+            consumer's ``block``), for a client made from a URL; a client of yours is
+            bounded by its own ``socket_timeout``.
+    """
+
+    _client_class: Any
+
+    def __init__(self, where: Any, key_prefix: str, connect_timeout: float,
+                 statement_timeout: float) -> None:
+        self.stream = f"{key_prefix}orders"
+        self._owns = isinstance(where, str)
+        self._client = (self._client_class.from_url(
+            where, socket_connect_timeout=connect_timeout, socket_timeout=statement_timeout)
+            if self._owns else where)
+
+
+class _SyncOwner(_RedisClientOwner):
+    _client_class = redis.Redis
+
+    def close(self) -> None:
+        """Close the client, if it was made from a URL (a client you passed in stays open)."""
+        if self._owns:
+            self._client.close()
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _AsyncOwner(_RedisClientOwner):
+    _client_class = aredis.Redis
+
+    async def aclose(self) -> None:
+        """Close the client, if it was made from a URL (a client you passed in stays open)."""
+        if self._owns:
+            await self._client.aclose()
+
+    async def __aenter__(self: _A) -> _A:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+_S = TypeVar("_S", bound=_SyncOwner)
+_A = TypeVar("_A", bound=_AsyncOwner)
+
+
+class RedisStreamPublisher(_SyncOwner):
     """Publish events to a Redis stream.
 
     Args:
-        url_or_client: A ``redis://`` URL, or a ``redis.Redis`` client.
-        stream: The stream's key.
+        where: A ``redis://`` URL, or your ``redis.Redis`` client (never closed by the
+            publisher).
+        key_prefix: The stream's key is ``{key_prefix}orders``.
         maxlen: Keep about this many entries (``MAXLEN ~``); 0 keeps everything.
+        connect_timeout: Seconds to connect, for a client made from a URL.
+        statement_timeout: Seconds a command may wait for Redis's reply, for a client made
+            from a URL.
     """
 
-    def __init__(self, url_or_client: Any, *, stream: str = DEFAULT_STREAM,
-                 maxlen: int = 100_000) -> None:
-        self.stream, self.maxlen = stream, maxlen
-        self._owns = isinstance(url_or_client, str)
-        self._client: redis.Redis = (
-            redis.Redis.from_url(url_or_client) if self._owns else url_or_client
-        )
-
-    def close(self) -> None:
-        """Close the client, if the publisher created it from a URL."""
-        if self._owns:
-            self._client.close()
+    def __init__(self, where: Any, *, key_prefix: str = DEFAULT_PREFIX,
+                 maxlen: int = 100_000, connect_timeout: float = 5.0,
+                 statement_timeout: float = 5.0) -> None:
+        super().__init__(where, key_prefix, connect_timeout, statement_timeout)
+        self.maxlen = maxlen
 
     def publish(self, event: OrderEvent) -> str:
         command = _xadd(self.stream, self.maxlen, {"event": event.to_json()})
@@ -196,21 +252,14 @@ class RedisStreamPublisher:
             return _text(self._client.xadd(*command.args, **command.kwargs))
 
 
-class AsyncRedisStreamPublisher:
+class AsyncRedisStreamPublisher(_AsyncOwner):
     """:class:`RedisStreamPublisher` on ``redis.asyncio``."""
 
-    def __init__(self, url_or_client: Any, *, stream: str = DEFAULT_STREAM,
-                 maxlen: int = 100_000) -> None:
-        self.stream, self.maxlen = stream, maxlen
-        self._owns = isinstance(url_or_client, str)
-        self._client: aredis.Redis = (
-            aredis.Redis.from_url(url_or_client) if self._owns else url_or_client
-        )
-
-    async def aclose(self) -> None:
-        """Close the client, if the publisher created it from a URL."""
-        if self._owns:
-            await self._client.aclose()
+    def __init__(self, where: Any, *, key_prefix: str = DEFAULT_PREFIX,
+                 maxlen: int = 100_000, connect_timeout: float = 5.0,
+                 statement_timeout: float = 5.0) -> None:
+        super().__init__(where, key_prefix, connect_timeout, statement_timeout)
+        self.maxlen = maxlen
 
     async def publish(self, event: OrderEvent) -> str:
         command = _xadd(self.stream, self.maxlen, {"event": event.to_json()})
@@ -218,23 +267,21 @@ class AsyncRedisStreamPublisher:
             return _text(await self._client.xadd(*command.args, **command.kwargs))
 
 
-class _ConsumerBase:
+class _ConsumerBase(_RedisClientOwner):
     """Configuration shared by both consumers; each names its Redis client class."""
 
-    _client_class: Any
-
-    def __init__(self, url_or_client: Any, *, group: str, consumer: str,
-                 handler: Callable[[OrderEvent], Any], stream: str = DEFAULT_STREAM,
+    def __init__(self, where: Any, *, group: str, consumer: str,
+                 handler: Callable[[OrderEvent], Any], key_prefix: str = DEFAULT_PREFIX,
                  claim_idle: float = 60.0, max_deliveries: int = 5,
-                 block: float | None = 1.0, maxlen: int = 100_000) -> None:
+                 block: float | None = 1.0, maxlen: int = 100_000,
+                 connect_timeout: float = 5.0, statement_timeout: float = 5.0) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
-        self._owns = isinstance(url_or_client, str)
-        self._client = (self._client_class.from_url(url_or_client) if self._owns
-                        else url_or_client)
+        # A read may wait ``block`` for new entries before Redis answers.
+        super().__init__(where, key_prefix, connect_timeout, statement_timeout + (block or 0))
         self.flows = ConsumerFlows(
-            handler, stream, group, consumer, int(claim_idle * 1000), max_deliveries,
-            None if block is None else int(block * 1000), f"{stream}:dead", maxlen,
+            handler, self.stream, group, consumer, int(claim_idle * 1000), max_deliveries,
+            None if block is None else int(block * 1000), f"{self.stream}:dead", maxlen,
         )
 
     @property
@@ -250,28 +297,26 @@ class _ConsumerBase:
         return getattr(self._client, op.method)(*op.args, **op.kwargs)
 
 
-class RedisStreamConsumer(_ConsumerBase):
+class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
     """Consume events through a consumer group, blocking.
 
     Args:
-        url_or_client: A ``redis://`` URL, or a ``redis.Redis`` client.
+        where: A ``redis://`` URL, or your ``redis.Redis`` client (never closed by the
+            consumer).
         group: The consumer group: one per downstream service.
         consumer: This consumer's name, unique within the group (host and pid, say).
         handler: Called with each :class:`OrderEvent`; return to acknowledge it, raise to
             have it delivered again later.
-        stream: The stream's key.
+        key_prefix: The stream's key is ``{key_prefix}orders``, its dead letters'
+            ``{key_prefix}orders:dead``.
         claim_idle: Seconds an entry may stay pending before another consumer reclaims it.
         max_deliveries: Deliveries before an entry goes to the dead-letter stream.
         block: Seconds to wait for new entries in each :meth:`consume` (None: don't wait).
         maxlen: ``MAXLEN ~`` of the dead-letter stream.
+        connect_timeout: Seconds to connect, for a client made from a URL.
+        statement_timeout: Seconds a command may wait for Redis's reply beyond ``block``,
+            for a client made from a URL.
     """
-
-    _client_class = redis.Redis
-
-    def close(self) -> None:
-        """Close the client, if the consumer created it from a URL."""
-        if self._owns:
-            self._client.close()
 
     def ensure_group(self) -> None:
         """Create the group if it does not exist yet (consuming does this too)."""
@@ -289,15 +334,8 @@ class RedisStreamConsumer(_ConsumerBase):
             return run(flow, self._send, async_twin="AsyncRedisStreamConsumer")
 
 
-class AsyncRedisStreamConsumer(_ConsumerBase):
+class AsyncRedisStreamConsumer(_ConsumerBase, _AsyncOwner):
     """:class:`RedisStreamConsumer` on ``redis.asyncio``; the handler may be async."""
-
-    _client_class = aredis.Redis
-
-    async def aclose(self) -> None:
-        """Close the client, if the consumer created it from a URL."""
-        if self._owns:
-            await self._client.aclose()
 
     async def ensure_group(self) -> None:
         """See :meth:`RedisStreamConsumer.ensure_group`."""

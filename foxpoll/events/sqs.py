@@ -53,32 +53,63 @@ class SQSPublisher:
     """Publish events to an SQS queue.
 
     Args:
-        queue_url: The queue's URL.
-        client: A boto3 SQS client; ``boto3.client("sqs")`` when None.
+        where: The queue's URL.
+        client: Your boto3 SQS client (its own timeouts apply), never closed by the
+            publisher; when None, the publisher makes ``boto3.client("sqs")`` with the
+            timeouts below and :meth:`close` closes it.
+        connect_timeout: Seconds each connect of the publisher's own client may take.
+        statement_timeout: Seconds each read of the publisher's own client may take.
     """
 
-    def __init__(self, queue_url: str, client: Any = None) -> None:
+    def __init__(self, where: str, *, client: Any = None, connect_timeout: float = 5.0,
+                 statement_timeout: float = 5.0) -> None:
+        self._owns = client is None
         if client is None:
             import boto3
+            from botocore.config import Config
 
-            client = boto3.client("sqs")
+            client = boto3.client("sqs", config=Config(
+                connect_timeout=connect_timeout, read_timeout=statement_timeout,
+                retries={"max_attempts": 2, "mode": "standard"}))
         self._client = client
-        self._message = _Message(queue_url)
+        self._message = _Message(where)
 
     def publish(self, event: OrderEvent) -> str:
         with unavailable_on("SQS", *_UNREACHED):
             reply = self._client.send_message(**self._message.params(event))
         return str(reply["MessageId"])
 
+    def close(self) -> None:
+        """Close the publisher's own client (a client you passed in stays open)."""
+        if self._owns:
+            self._client.close()
+
+    def __enter__(self) -> SQSPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class AsyncSQSPublisher:
-    """:class:`SQSPublisher` on an entered aioboto3 SQS client."""
+    """:class:`SQSPublisher` on your entered aioboto3 SQS client (``client=``), which
+    it never closes: an aioboto3 client is opened and closed with ``async with``, so
+    :meth:`aclose` has nothing of its own to close."""
 
-    def __init__(self, queue_url: str, client: Any) -> None:
+    def __init__(self, where: str, *, client: Any) -> None:
         self._client = client
-        self._message = _Message(queue_url)
+        self._message = _Message(where)
 
     async def publish(self, event: OrderEvent) -> str:
         with unavailable_on("SQS", *_UNREACHED):
             reply = await self._client.send_message(**self._message.params(event))
         return str(reply["MessageId"])
+
+    async def aclose(self) -> None:
+        """Nothing to release: the client is yours."""
+
+    async def __aenter__(self) -> AsyncSQSPublisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

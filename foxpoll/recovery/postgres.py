@@ -15,8 +15,7 @@ same table with procrastinate running the workers.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
         "PostgresRecoveryQueue needs psycopg: pip install 'foxpoll[postgres]'"
     ) from exc
 
+from foxpoll._clock import Clock, SystemClock
 from foxpoll._postgres import PostgresConnections
 from foxpoll.dedup._sql import POSTGRES
 
@@ -43,7 +43,7 @@ class PostgresRecoveryQueue(SQLJobQueue):
     """A recovery queue in a PostgreSQL table.
 
     Args:
-        conninfo_or_pool: A libpq connection string, for which the queue opens its own
+        where: A libpq connection string, for which the queue opens its own
             small pool on first use (closed by :meth:`close` or ``with``); or
             your ``psycopg_pool.ConnectionPool``, which it uses and never closes.
         policy: The re-check policy, for this queue and its workers.
@@ -56,23 +56,23 @@ class PostgresRecoveryQueue(SQLJobQueue):
             as for :class:`~foxpoll.dedup.PostgresDedupStore`; past it the call raises
             :class:`StoreUnavailable`.
         max_connections: The size of the queue's own pool.
-        clock: Seconds since the epoch: the clock of the ``due_at`` times callers give (a
-            fake clock's ``time`` when the client runs on virtual time). Stored times are
+        clock: Read with ``clock.time()``: the clock of the ``due_at`` times callers give (a
+            ``FakeClock`` when the client runs on virtual time). Stored times are
             the server's; a ``due_at`` is turned into a delay against this clock.
 
     Call :meth:`create_schema` once (it is idempotent) before use.
     """
 
-    def __init__(self, conninfo_or_pool: str | psycopg_pool.ConnectionPool[Any], *,
+    def __init__(self, where: str | psycopg_pool.ConnectionPool[Any], *,
                  policy: RecoveryPolicy | None = None, table: str = DEFAULT_TABLE,
                  connect_timeout: float = 10.0, max_connections: int = 4,
                  statement_timeout: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Clock | None = None) -> None:
         self.policy = policy or RecoveryPolicy()
         self.table = table
-        self._clock = clock
+        self._clock = (clock or SystemClock()).time
         self._sql = JobStatements.render(POSTGRES, table)
-        self._pg = PostgresConnections(conninfo_or_pool, table=table, what="recovery",
+        self._pg = PostgresConnections(where, table=table, what="recovery",
                                        timeout=connect_timeout, size=max_connections,
                                        statement_timeout=statement_timeout)
         self.conninfo = self._pg.conninfo

@@ -42,6 +42,8 @@ except ImportError as exc:  # pragma: no cover - only without the extra
         "ProcrastinateRecoveryQueue needs procrastinate: pip install 'foxpoll[procrastinate]'"
     ) from exc
 
+from foxpoll._clock import Clock
+
 from ._sql import job_from_row
 from .base import RecoveryJob, RecoveryPolicy
 from .postgres import DEFAULT_TABLE, PostgresRecoveryQueue
@@ -58,7 +60,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
     """A recovery queue in PostgreSQL whose workers are procrastinate workers.
 
     Args:
-        conninfo_or_pool: As for :class:`PostgresRecoveryQueue`.
+        where: As for :class:`PostgresRecoveryQueue`.
         queue: The procrastinate queue the wake-ups go to.
         policy: The re-check policy, for this queue and its workers.
         table: foxpoll's job table, schema-qualified if need be (as for
@@ -67,13 +69,21 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
             rescue the jobs of dead procrastinate workers).
         stalled_after: Seconds without a heartbeat after which a procrastinate worker
             counts as dead and its jobs are retried.
+        connect_timeout: As for :class:`PostgresRecoveryQueue`.
+        max_connections: As for :class:`PostgresRecoveryQueue`.
+        statement_timeout: As for :class:`PostgresRecoveryQueue`.
+        clock: As for :class:`PostgresRecoveryQueue`.
     """
 
-    def __init__(self, conninfo_or_pool: str | psycopg_pool.ConnectionPool[Any], *,
+    def __init__(self, where: str | psycopg_pool.ConnectionPool[Any], *,
                  queue: str = "foxpoll-recovery", policy: RecoveryPolicy | None = None,
                  table: str = DEFAULT_TABLE, dispatch_every: float = 5.0,
-                 stalled_after: float = 30.0, **options: Any) -> None:
-        super().__init__(conninfo_or_pool, policy=policy, table=table, **options)
+                 stalled_after: float = 30.0, connect_timeout: float = 10.0,
+                 max_connections: int = 4, statement_timeout: float = 5.0,
+                 clock: Clock | None = None) -> None:
+        super().__init__(where, policy=policy, table=table, connect_timeout=connect_timeout,
+                         max_connections=max_connections,
+                         statement_timeout=statement_timeout, clock=clock)
         if not dispatch_every > 0 or not stalled_after > 0:
             raise ValueError("dispatch_every and stalled_after must be positive")
         self.queue = queue

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from foxpoll._clock import Clock, SystemClock
 from foxpoll.dedup._sql import SQLITE, TableName
 from foxpoll.errors import unavailable_on
 
@@ -24,23 +24,26 @@ class SQLiteRecoveryQueue(SQLJobQueue):
     so the processes of a host take turns.
 
     Args:
-        path: The database file (it may be the dedup store's file).
+        where: The database file (it may be the dedup store's file).
         policy: The re-check policy, for this queue and its workers.
         table: The table name; each part a plain identifier or a double-quoted one.
             ``main.name`` names the file's own schema.
-        clock: Seconds since the epoch; a fake clock's ``time`` for virtual time.
+        busy_timeout: Seconds to wait for another process's lock before
+            :class:`StoreUnavailable`.
+        clock: The queue's time, read with ``clock.time()`` (a ``FakeClock`` for virtual
+            time).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, policy: RecoveryPolicy | None = None,
-                 table: str = "foxpoll_recovery",
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, where: str | os.PathLike[str], *, policy: RecoveryPolicy | None = None,
+                 table: str = "foxpoll_recovery", busy_timeout: float = 30.0,
+                 clock: Clock | None = None) -> None:
         self.policy = policy or RecoveryPolicy()
         name = TableName.parse(table)
         self._sql = JobStatements.render(SQLITE, name)
-        self._clock = clock
+        self._clock = (clock or SystemClock()).time
         self._lock = threading.Lock()
         with unavailable_on("SQLite", sqlite3.Error):
-            self._db = sqlite3.connect(os.fspath(path), timeout=30, isolation_level=None,
+            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
