@@ -89,9 +89,9 @@ async def spend(config: dict[str, Any]) -> None:
     elif variant == "SQLiteRateLimit":
         limit = SQLiteRateLimit(config["sqlite"], per_minute, key=config["key"])
     elif variant == "RedisRateLimit":
-        limit = RedisRateLimit(REDIS_URL, per_minute, key=config["key"])
+        limit = RedisRateLimit(REDIS_URL, per_minute, key_prefix=f"{config['key']}:")
     elif variant == "RedisRateLimit, learned":
-        limit = RedisRateLimit(REDIS_URL, None, key=config["key"])
+        limit = RedisRateLimit(REDIS_URL, None, key_prefix=f"{config['key']}:")
     buys: list[float] = []
     buy_errors = 0
     waits: list[dict[str, Any]] = []

@@ -69,7 +69,7 @@ CANDIDATES: dict[str, tuple[Callable[[], Callable[[], Any]], str]] = {
     # name: (factory, what it can express: lanes, shared pause, learned rate, sync+async)
     "foxpoll RedisRateLimit": (
         lambda: (lambda limit: lambda: limit.acquire(Priority.POLL))(
-            RedisRateLimit(REDIS_URL, PER_MINUTE, key=f"bench:{uuid.uuid4().hex}")),
+            RedisRateLimit(REDIS_URL, PER_MINUTE, key_prefix=f"bench:{uuid.uuid4().hex}:")),
         "yes yes yes yes"),
     "limits, Redis moving window": (
         lambda: limits_hit("MovingWindowRateLimiter", "redis://127.0.0.1:6379/0"),

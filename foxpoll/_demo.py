@@ -149,7 +149,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
                     display.say(f"  {change.order_id[:8]} {change.previous or 'new'} -> "
                                 f"{change.order.status} after {change.elapsed:.1f}s")
 
-        limit = RateLimit(per_minute=BUDGET, clock=clock.monotonic)
+        limit = RateLimit(per_minute=BUDGET, clock=clock)
 
         def budget() -> str:
             now = clock.monotonic()

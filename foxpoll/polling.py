@@ -627,7 +627,7 @@ def wait_many_flow(
         raise ValueError("this client has a rate_limit: max_requests_per_minute would be "
                          "a second budget; leave it out")
     if limit is None:
-        limit = RateLimit(max_requests_per_minute or UNMETERED, clock=rt.clock.monotonic)
+        limit = RateLimit(max_requests_per_minute or UNMETERED, clock=rt.clock)
     metered = attrs.evolve(rt, limit=limit)
     now = rt.clock.monotonic()
     watches: dict[str, OrderWatch] = {}

@@ -38,7 +38,6 @@ import math
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -316,15 +315,15 @@ class RateLimit(BaseRateLimit):
     Takes :class:`BaseRateLimit`'s arguments, and:
 
     Args:
-        clock: Seconds, monotonic; the client's clock (a ``FakeClock`` in tests) must
-            be the same one.
+        clock: The budget's time, read with ``clock.monotonic()``; the client's clock (a
+            ``FakeClock`` in tests) must be the same one.
     """
 
     def __init__(self, per_minute: float | None = None, *, burst: int | None = None,
                  adaptive: bool = False, max_pause: float = MAX_PAUSE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Clock | None = None) -> None:
         super().__init__(per_minute, burst=burst, adaptive=adaptive, max_pause=max_pause)
-        self._clock = clock
+        self._clock = (clock or SystemClock()).monotonic
         self._state = self.settings.fresh()
         self._state_lock = threading.Lock()
 

@@ -164,7 +164,7 @@ def throttled_budget(sim: FakeFoxReload) -> Any:
     from foxpoll.backoff import Fixed
     from foxpoll.ratelimit import RateLimit
 
-    limit = RateLimit(60, adaptive=True, clock=sim.clock.monotonic)
+    limit = RateLimit(60, adaptive=True, clock=sim.clock)
     sim.script_next(OrderScript.complete(after=60))
     with sim.client(rate_limit=limit) as client:
         order = client.orders.create(items=STEAM)

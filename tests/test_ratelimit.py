@@ -57,7 +57,7 @@ def grants(limit: BaseRateLimit, clock: FakeClock, demand: dict[Priority, int],
 def test_no_window_gets_more_than_the_rate_plus_the_burst(per_minute: int, burst: int,
                                                         window: float) -> None:
     clock = FakeClock()
-    limit = RateLimit(per_minute, burst=burst, clock=clock.monotonic)
+    limit = RateLimit(per_minute, burst=burst, clock=clock)
     times: list[float] = []
     while clock.monotonic() < 150:
         wait = limit.acquire(Priority.BUY)
@@ -76,7 +76,7 @@ def test_no_window_gets_more_than_the_rate_plus_the_burst(per_minute: int, burst
 
 def test_buys_go_first_then_first_polls_then_later_polls() -> None:
     clock = FakeClock()
-    limit = RateLimit(120, clock=clock.monotonic)  # 2 a second
+    limit = RateLimit(120, clock=clock)  # 2 a second
     got = grants(limit, clock, {Priority.BUY: 1, Priority.FRESH: 5, Priority.POLL: 50},
                  seconds=60, step=1.0)
     assert got[Priority.BUY] == 60  # every buy, at once
@@ -87,7 +87,7 @@ def test_buys_go_first_then_first_polls_then_later_polls() -> None:
 
 def test_a_buy_finds_a_permit_while_polls_saturate_the_budget() -> None:
     clock = FakeClock()
-    limit = RateLimit(60, burst=5, clock=clock.monotonic)
+    limit = RateLimit(60, burst=5, clock=clock)
     grants(limit, clock, {Priority.POLL: 100}, seconds=30)
     while limit.acquire(Priority.POLL) == 0:  # polls take all they may...
         pass
@@ -106,7 +106,7 @@ def test_a_lane_below_a_small_burst_still_gets_permits_when_the_budget_is_idle()
 
 def test_a_429_pauses_every_lane_for_its_retry_after_capped() -> None:
     clock = FakeClock()
-    limit = RateLimit(600, clock=clock.monotonic, max_pause=60)
+    limit = RateLimit(600, clock=clock, max_pause=60)
     limit.throttled(30)
     assert limit.acquire(Priority.BUY) == pytest.approx(30)
     clock.advance(30)
@@ -121,7 +121,7 @@ def test_a_429_pauses_every_lane_for_its_retry_after_capped() -> None:
 
 def test_a_learned_rate_halves_once_per_storm_and_wins_back_slowly() -> None:
     clock = FakeClock()
-    limit = RateLimit(clock=clock.monotonic)  # per_minute=None: learned, from 1,200/min
+    limit = RateLimit(clock=clock)  # per_minute=None: learned, from 1,200/min
     assert limit.per_minute == pytest.approx(1200)
     for _ in range(10):  # ten in-flight requests all answered 429
         limit.throttled(1)
@@ -149,7 +149,7 @@ def test_a_learned_rate_halves_once_per_storm_and_wins_back_slowly() -> None:
 
 def test_a_fixed_rate_is_never_halved_but_still_pauses() -> None:
     clock = FakeClock()
-    limit = RateLimit(100, clock=clock.monotonic)
+    limit = RateLimit(100, clock=clock)
     limit.throttled(5)
     assert limit.per_minute == pytest.approx(100)
     assert limit.acquire() == pytest.approx(5)
@@ -266,7 +266,7 @@ class Recording(RateLimit):
 
 def test_every_request_takes_a_permit_in_its_lane(clock: FakeClock, tmp_path: Path) -> None:
     sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=20))
-    limit = Recording(6000, clock=clock.monotonic)
+    limit = Recording(6000, clock=clock)
     queue = SQLiteRecoveryQueue(tmp_path / "q.db", clock=clock)
     with sim.client(rate_limit=limit) as client, queue:
         order = client.orders.create(items=STEAM)
@@ -295,7 +295,7 @@ def test_every_request_takes_a_permit_in_its_lane(clock: FakeClock, tmp_path: Pa
 
 async def test_the_async_client_takes_permits_too(clock: FakeClock) -> None:
     sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=20))
-    limit = Recording(6000, clock=clock.monotonic)
+    limit = Recording(6000, clock=clock)
     async with sim.async_client(rate_limit=limit) as client:
         order = await client.orders.create(items=STEAM)
         await client.orders.pay(order.id)
@@ -307,7 +307,7 @@ async def test_the_async_client_takes_permits_too(clock: FakeClock) -> None:
 
 def test_a_429_seen_by_one_client_pauses_another_sharing_the_budget(clock: FakeClock) -> None:
     sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=20))
-    limit = RateLimit(600, clock=clock.monotonic)
+    limit = RateLimit(600, clock=clock)
     with sim.client(rate_limit=limit) as one, sim.client(rate_limit=limit) as other:
         order = one.orders.create(items=STEAM)
         sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=30))
@@ -322,7 +322,7 @@ def test_a_429_seen_by_one_client_pauses_another_sharing_the_budget(clock: FakeC
 def test_a_429_on_create_waits_and_buys_once(clock: FakeClock) -> None:
     sim = FakeFoxReload(clock=clock)
     sim.inject(Fault(FaultKind.RATE_LIMIT, method="POST", path="/api/orders/", retry_after=4))
-    with sim.client(rate_limit=RateLimit(600, clock=clock.monotonic)) as client:
+    with sim.client(rate_limit=RateLimit(600, clock=clock)) as client:
         order = client.orders.create(items=STEAM)
     assert order.status == "active"
     assert len(sim.order_ids()) == 1
@@ -331,7 +331,7 @@ def test_a_429_on_create_waits_and_buys_once(clock: FakeClock) -> None:
 
 def test_no_permit_before_the_deadline_ends_the_wait_in_time(clock: FakeClock) -> None:
     sim = FakeFoxReload(clock=clock, default_script=OrderScript.stall())
-    limit = RateLimit(600, clock=clock.monotonic)
+    limit = RateLimit(600, clock=clock)
     with sim.client(rate_limit=limit) as client:
         order = client.orders.create(items=STEAM)
         client.orders.pay(order.id)
@@ -344,7 +344,7 @@ def test_no_permit_before_the_deadline_ends_the_wait_in_time(clock: FakeClock) -
 
 def test_wait_many_refuses_a_second_budget(clock: FakeClock) -> None:
     sim = FakeFoxReload(clock=clock)
-    with sim.client(rate_limit=RateLimit(100, clock=clock.monotonic)) as client, \
+    with sim.client(rate_limit=RateLimit(100, clock=clock)) as client, \
             pytest.raises(ValueError, match="rate_limit"):
         list(client.wait_many(["o1"], max_requests_per_minute=50))
 

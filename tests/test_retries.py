@@ -304,7 +304,7 @@ def test_malformed_success_body_of_a_read_is_a_validation_error() -> None:
 
 def test_a_call_takes_its_permit_in_the_fresh_lane_unless_it_names_one() -> None:
     clock = FakeClock()
-    limit = RateLimit(60, clock=clock.monotonic)
+    limit = RateLimit(60, clock=clock)
     for call, lane in [(GET, Priority.FRESH), (CREATE, Priority.FRESH),
                        (Call("GET", "/api/orders/1", str, priority=Priority.POLL),
                         Priority.POLL)]:
@@ -328,7 +328,7 @@ def test_a_call_takes_its_permit_in_the_fresh_lane_unless_it_names_one() -> None
 def test_the_client_max_retry_after_caps_the_pause_it_asks_of_its_budget(asked: str) -> None:
     clock = FakeClock()
     sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=20))
-    limit = RateLimit(6000, clock=clock.monotonic, max_pause=3600)
+    limit = RateLimit(6000, clock=clock, max_pause=3600)
     with sim.client(rate_limit=limit, max_retry_after=5) as client:
         assert client.max_retry_after == 5
         order = client.orders.create(items=[{"itemId": "product_steam_10"}])
