@@ -369,6 +369,9 @@ def _order_ids(orders: Iterable[str | Order]) -> Iterator[str]:
 class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
     """The FoxReload API, with blocking I/O. Its arguments are on ``__init__``.
 
+    Build one per process and share it with all its threads; after a fork, build a new
+    one (see the docs' "Sharing across threads and tasks").
+
     ::
 
         with FoxReload() as client:               # FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL
@@ -494,6 +497,9 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
 class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     """The FoxReload API on asyncio: :class:`FoxReload` with ``await``. Its arguments are
     on ``__init__``.
+
+    Build one inside each event loop and share it with all that loop's tasks: it belongs
+    to the loop that first uses it.
 
     Attributes:
         orders: Create, pay, read and list orders.

@@ -92,7 +92,8 @@ class PostgresDedupStore(_PostgresStore, DedupStore):
 
 class AsyncPostgresDedupStore(_PostgresStore, AsyncDedupStore):
     """:class:`PostgresDedupStore` on psycopg's asyncio connections
-    (a connection string, or a ``psycopg_pool.AsyncConnectionPool``)."""
+    (a connection string, or a ``psycopg_pool.AsyncConnectionPool``). Its pool belongs to
+    one event loop: build one store per loop, shared by that loop's tasks."""
 
     _asynchronous = True
 

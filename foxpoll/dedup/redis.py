@@ -354,6 +354,8 @@ class RedisDedupStore(_RedisStore, DedupStore):
 
 class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
     """:class:`RedisDedupStore` on ``redis.asyncio`` (a URL, or a ``redis.asyncio.Redis``).
+    Its connections belong to one event loop: build one store per loop, shared by that
+    loop's tasks.
 
     ``statement_timeout`` bounds every call, whatever the client: past it, the call is
     cancelled (redis-py then drops its connection) and raises :class:`StoreUnavailable`.
