@@ -19,7 +19,9 @@ Run the demo against a local MariaDB: ``python examples/mysql_store.py``
 from __future__ import annotations
 
 import os
+import random
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +57,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 
 NOW = "SELECT UNIX_TIMESTAMP(NOW(6)) AS now"
 RETRYABLE = (1213, 1205)  # deadlock, lock wait timeout: InnoDB asks the client to retry
+ATTEMPTS = 10
 T = TypeVar("T")
 LOCK = "SELECT * FROM {table} WHERE order_id = %s FOR UPDATE"
 
@@ -88,14 +91,16 @@ class MySQLDedupStore(DedupStore):
             conn.close()
 
     def _retrying(self, work: Callable[[Any], T]) -> T:
-        """Run ``work`` in a transaction, again if InnoDB chose it as a deadlock victim."""
-        for attempt in range(1, 6):
+        """Run ``work`` in a transaction, again if InnoDB chose it as a deadlock victim,
+        after a short random pause so that the contenders do not collide again."""
+        for attempt in range(1, ATTEMPTS + 1):
             try:
                 with self._transaction() as cur:
                     return work(cur)
             except pymysql.err.OperationalError as exc:
-                if exc.args[0] not in RETRYABLE or attempt == 5:
+                if exc.args[0] not in RETRYABLE or attempt == ATTEMPTS:
                     raise
+                time.sleep(random.uniform(0, 0.01 * attempt))
         raise AssertionError("unreachable")
 
     def _locked(self, cur: Any, order_id: str) -> tuple[dict[str, Any] | None, float]:
