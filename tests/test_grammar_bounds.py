@@ -4,6 +4,7 @@ another process's SQLite lock, and a client you pass in outlives ``with``."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -136,6 +137,7 @@ def test_sqlite_budgets_in_tables_of_their_own_are_apart(tmp_path: Path) -> None
         assert first.acquire() == 0.0
         assert first.acquire() > 0  # the one permit is gone...
         assert second.acquire() == 0.0  # ...from its own table only
-    tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = "
-                                           "'table' ORDER BY name").fetchall()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                            "ORDER BY name").fetchall()
     assert tables == [('Budget "A"',), ("foxpoll_rate_limit",)]

@@ -438,3 +438,22 @@ def test_a_table_made_by_foxpoll_0_1_gets_its_token_column_under_a_quoted_name(
     with SQLiteRecoveryQueue(tmp_path / "q.db", table='"Old Jobs"') as queue:
         assert queue.enqueue("o1")
         assert queue.take(lease=60) is not None  # the take writes the token column
+
+
+def test_a_queue_that_cannot_open_its_file_holds_nothing_open(tmp_path: Path) -> None:
+    # Another writer holds the file through the queue's busy timeout: the constructor
+    # fails, and leaves no connection behind (Python 3.13 reports one as a ResourceWarning,
+    # which the suite makes an error, when the collector finds it).
+    import contextlib
+    import gc
+    import sqlite3
+
+    path = tmp_path / "q.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreUnavailable):
+            SQLiteRecoveryQueue(path, busy_timeout=0.1)
+        other.execute("ROLLBACK")
+    gc.collect()
+    with SQLiteRecoveryQueue(path) as queue:  # the file is usable once the writer is done
+        assert queue.enqueue("o1")

@@ -43,18 +43,23 @@ class SQLiteRecoveryQueue(SQLJobQueue):
         self._clock = (clock or SystemClock()).time
         self._lock = threading.Lock()
         with unavailable_on("SQLite", sqlite3.Error):
-            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-        with self._transaction() as execute:
-            execute(self._sql.schema, {})
-            info = "SELECT name FROM pragma_table_info(:table, :schema)"
-            columns = {row["name"] for row in execute(info, {"table": name.table,
-                                                             "schema": name.schema or "main"})}
-            if "token" not in columns:  # a table made by foxpoll 0.1
-                execute(f"ALTER TABLE {name.qualified} ADD COLUMN token TEXT", {})
-            execute(self._sql.index, {})
+            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
+                                       isolation_level=None, check_same_thread=False)
+        try:
+            with unavailable_on("SQLite", sqlite3.Error):
+                self._db.row_factory = sqlite3.Row
+                self._db.execute("PRAGMA journal_mode=WAL")
+            with self._transaction() as execute:
+                execute(self._sql.schema, {})
+                info = "SELECT name FROM pragma_table_info(:table, :schema)"
+                columns = {row["name"] for row in execute(
+                    info, {"table": name.table, "schema": name.schema or "main"})}
+                if "token" not in columns:  # a table made by foxpoll 0.1
+                    execute(f"ALTER TABLE {name.qualified} ADD COLUMN token TEXT", {})
+                execute(self._sql.index, {})
+        except BaseException:
+            self._db.close()  # a queue that failed to open holds nothing open
+            raise
 
     @contextmanager
     def _transaction(self) -> Iterator[Execute]:
