@@ -396,9 +396,13 @@ class SQLiteRateLimit(BaseRateLimit):
             self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
                                        isolation_level=None,
                                        check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute(self._schema)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=OFF")
+                self._db.execute(self._schema)
+            except BaseException:
+                self._db.close()  # a budget that failed to open holds nothing open
+                raise
 
     def _update(self, change: Callable[[BudgetState, float], tuple[BudgetState, float]]
                 ) -> tuple[BudgetState, float]:

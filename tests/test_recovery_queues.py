@@ -448,11 +448,18 @@ def test_a_queue_that_cannot_open_its_file_holds_nothing_open(tmp_path: Path) ->
     import gc
     import sqlite3
 
+    from foxpoll.dedup import SQLiteDedupStore
+    from foxpoll.ratelimit import SQLiteRateLimit
+
     path = tmp_path / "q.db"
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
         other.execute("BEGIN EXCLUSIVE")
         with pytest.raises(StoreUnavailable):
             SQLiteRecoveryQueue(path, busy_timeout=0.1)
+        with pytest.raises(StoreUnavailable):  # the dedup store and the budget alike
+            SQLiteDedupStore(path, busy_timeout=0.1)
+        with pytest.raises(StoreUnavailable):
+            SQLiteRateLimit(path, 60, busy_timeout=0.1)
         other.execute("ROLLBACK")
     gc.collect()
     with SQLiteRecoveryQueue(path) as queue:  # the file is usable once the writer is done

@@ -54,10 +54,17 @@ class SQLiteDedupStore(FlowStore, DedupStore):
         try:
             self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
                                        isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
             raise unavailable("SQLite", exc) from exc
-        self.create_schema()
+        try:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error as exc:
+                raise unavailable("SQLite", exc) from exc
+            self.create_schema()
+        except BaseException:
+            self._db.close()  # a store that failed to open holds nothing open
+            raise
 
     def create_schema(self) -> None:
         """Create the table and its index, if missing."""
