@@ -34,7 +34,7 @@ import httpx
 
 from ._clock import Clock
 from ._gate import AsyncGate, Gate
-from ._io import Flow, Op
+from ._io import Flow, Op, call_blocking
 from ._senders import AsyncSender, Sender
 
 __all__ = [
@@ -175,11 +175,7 @@ class _SyncEffects:
             else:
                 effect.limit.succeeded()
         elif isinstance(effect, Notify):
-            result = effect.hook(*effect.args)
-            if inspect.isawaitable(result):
-                if inspect.iscoroutine(result):
-                    result.close()
-                raise TypeError(f"hook {effect.hook!r} is async; use it with AsyncFoxReload")
+            call_blocking(effect.hook, effect.args, "use it with AsyncFoxReload")
         elif isinstance(effect, Start):
             self.started.append((effect.key, effect.flow))
         elif isinstance(effect, WaitAny):

@@ -31,7 +31,7 @@ import attrs
 
 from ._clock import Clock
 
-__all__ = ["Call", "Flow", "Op", "Pause", "arun", "call", "pause", "run"]
+__all__ = ["Call", "Flow", "Op", "Pause", "arun", "call", "call_blocking", "pause", "run"]
 
 T = TypeVar("T")
 
@@ -87,6 +87,18 @@ def pause(seconds: float) -> Flow[None]:
     yield from Pause(seconds)
 
 
+def call_blocking(fn: Callable[..., Any], args: tuple[Any, ...], remedy: str) -> Any:
+    """``fn(*args)`` from blocking code, which cannot await: an awaitable result is
+    refused with a :class:`TypeError` saying ``remedy`` (a coroutine is closed first, so
+    that it is not reported as never awaited)."""
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(f"{fn!r} is async; {remedy}")
+    return result
+
+
 def run(flow: Flow[T], perform: Callable[[Op[Any]], Any] | None = None, *,
         clock: Clock | None = None, async_twin: str = "the async API") -> T:
     """Run ``flow`` with blocking I/O and return its result.
@@ -100,11 +112,7 @@ def run(flow: Flow[T], perform: Callable[[Op[Any]], Any] | None = None, *,
         while True:
             try:
                 if isinstance(effect, Call):
-                    result = effect.fn(*effect.args)
-                    if inspect.isawaitable(result):
-                        if inspect.iscoroutine(result):
-                            result.close()
-                        raise TypeError(f"{effect.fn!r} is async; use {async_twin}")
+                    result = call_blocking(effect.fn, effect.args, f"use {async_twin}")
                 elif isinstance(effect, Pause):
                     if clock is None:
                         raise TypeError("this flow pauses: run it with a clock")

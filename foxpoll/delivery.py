@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import attrs
 
 from ._clock import Clock, SystemClock
-from ._io import Call, Flow, Op, arun, call, pause, run
+from ._io import Call, Flow, Op, arun, call, call_blocking, pause, run
 from .dedup.base import AsyncDedupStore, DedupStore, DeliveryRecord, DeliveryState
 from .errors import CodesMissing, DeliveryInProgress, LeaseLost, StoreUnavailable
 from .models import Order, OrderStatus
@@ -361,14 +361,9 @@ def _deliver(clock: Clock, op: Op[Any]) -> Any:
             _renewals(op.lease, clock, lambda until: call(_wait_until, clock, stop, until)))
     try:
         with _interruptions():
-            result = op.deliver(op.order)
+            return call_blocking(op.deliver, (op.order,), "use adeliver_once")
     finally:
         stop.set()
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise TypeError(f"{op.deliver!r} is async; use adeliver_once")
-    return result
 
 
 class _Renewer(threading.Thread):

@@ -49,6 +49,17 @@ def drop_table(table: str) -> None:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
 
 
+def postgres_connections(application_name: str) -> int:
+    """How many connections PostgreSQL has open under ``application_name``, as the server
+    sees them."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity "
+                           "WHERE application_name = %s", (application_name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def delete_keys(prefix: str) -> None:
     """Delete a test's own Redis keys, all under ``prefix``."""
     import redis

@@ -299,13 +299,11 @@ async def test_a_missing_postgres_table_says_to_call_create_schema() -> None:
 async def test_a_connection_string_gives_the_store_one_lazy_pool_of_its_own() -> None:
     import uuid
 
-    import psycopg
-
     from foxpoll import Order, OrderStatus, adeliver_once, deliver_once
     from foxpoll.dedup import AsyncPostgresDedupStore, PostgresDedupStore
     from foxpoll.models import OrderItem
 
-    from .services import POSTGRES_URL, eventually, require
+    from .services import POSTGRES_URL, eventually, postgres_connections, require
 
     require("PostgreSQL", "127.0.0.1", 5432)
     table = f"deliveries_{uuid.uuid4().hex[:8]}"
@@ -317,11 +315,7 @@ async def test_a_connection_string_gives_the_store_one_lazy_pool_of_its_own() ->
                      items=(OrderItem("p", 1, external_data=("CODE",)),))
 
     def connections() -> int:
-        """The store's connections, as the server sees them."""
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            row = conn.execute("SELECT count(*) FROM pg_stat_activity "
-                               "WHERE application_name = %s", (name,)).fetchone()
-        return int(row[0]) if row else 0
+        return postgres_connections(name)
 
     try:
         with PostgresDedupStore(url, table=table) as store:

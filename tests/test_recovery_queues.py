@@ -382,21 +382,17 @@ def test_the_queue_uses_a_callers_pool_and_leaves_it_open() -> None:
 @pytest.mark.service
 async def test_close_and_async_with_release_the_queues_own_connections() -> None:
     require("PostgreSQL", "127.0.0.1", 5432)
-    import psycopg
 
     from foxpoll.recovery import PostgresRecoveryQueue
 
-    from .services import eventually
+    from .services import eventually, postgres_connections
 
     table = f"recovery_{uuid.uuid4().hex[:10]}"
     name = f"foxpoll-test-{uuid.uuid4().hex[:8]}"
     url = f"{POSTGRES_URL}?application_name={name}"
 
     def connections() -> int:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            row = conn.execute("SELECT count(*) FROM pg_stat_activity "
-                               "WHERE application_name = %s", (name,)).fetchone()
-        return int(row[0]) if row else 0
+        return postgres_connections(name)
 
     try:
         with PostgresRecoveryQueue(url, table=table) as queue:
