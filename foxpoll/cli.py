@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     listing = recovery_actions.add_parser("list", parents=[where], help="list jobs")
     listing.add_argument("--state", choices=[*STATE_FILTERS], default="active",
                          help="active (queued and running, the default), queued, running, "
-                              "dead, done, closed")
+                              "dead, done, resolved")
     listing.add_argument("--limit", type=int, default=100)
 
     dlq = commands.add_parser("dlq", parents=[where], help="the recovery queue's dead letters")
@@ -338,7 +338,7 @@ STATE_FILTERS: dict[str, tuple[tuple[str, ...], bool | None]] = {
     "running": (("queued",), True),
     "dead": (("dead",), None),
     "done": (("done",), None),
-    "closed": (("closed",), None),
+    "resolved": (("resolved",), None),
 }
 
 

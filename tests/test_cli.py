@@ -75,20 +75,20 @@ def test_queue_goes_before_or_after_the_action(tmp_path: Path) -> None:
 
 
 def fill(queue: Any) -> None:
-    """One job in each state: waiting, running, dead, done and closed."""
+    """One job in each state: waiting, running, dead, done and resolved."""
     queue.enqueue("waiting", due_at=time.time() + 60)
     queue.watch("watched", due_at=time.time() + 600)
     queue.enqueue("running")
     assert queue.take(lease=300).order_id == "running"
-    for order_id in ("dead", "closed"):
+    for order_id in ("dead", "resolved"):
         queue.enqueue(order_id)
         queue.bury(order_id, last_status="processing", last_error="timeout")
-    queue.resolve("closed", "refunded")
+    queue.resolve("resolved", "refunded")
     queue.enqueue("done")
     queue.finish("done", final_status="completed")
 
 
-FILLED = {"waiting", "watched", "running", "dead", "closed", "done"}
+FILLED = {"waiting", "watched", "running", "dead", "resolved", "done"}
 
 
 def listed(output: str) -> dict[str, str]:
@@ -106,7 +106,7 @@ def check_recovery_list(url: str) -> None:
     assert active.splitlines()[-1].endswith(" job(s) active")
     for state, expected in (("queued", {"waiting": "queued", "watched": "queued"}),
                             ("running", {"running": "running"}), ("dead", {"dead": "dead"}),
-                            ("done", {"done": "done"}), ("closed", {"closed": "closed"})):
+                            ("done", {"done": "done"}), ("resolved", {"resolved": "resolved"})):
         assert listed(run("recovery", "list", "--state", state, "--queue", url)[1]) == expected
 
 

@@ -155,10 +155,10 @@ def test_close_settles_a_dead_letter(
         queue.enqueue(order_id)
         worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
         queue.run_worker(worker, wait=False, **QUIET)
-        closed = queue.resolve(order_id, "refunded by support")
-        assert (closed.state, closed.note) == (JobState.CLOSED, "refunded by support")
+        resolved = queue.resolve(order_id, "refunded by support")
+        assert (resolved.state, resolved.note) == (JobState.RESOLVED, "refunded by support")
         assert queue.list_dead() == []
-        with pytest.raises(ValueError, match="closed"):
+        with pytest.raises(ValueError, match="resolved"):
             queue.resolve(order_id, "again")
 
 

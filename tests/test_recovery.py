@@ -92,10 +92,10 @@ def test_dead_letters_requeue_and_close(queue: SQLiteRecoveryQueue) -> None:
     assert (requeued.state, requeued.attempts, requeued.reason) == (JobState.QUEUED, 0,
                                                                     "requeued")
     queue.bury("o1", last_status="processing", last_error="timeout")
-    closed = queue.resolve("o1", "refunded by support, ticket 4411")
-    assert (closed.state, closed.note) == (JobState.CLOSED, "refunded by support, ticket 4411")
+    resolved = queue.resolve("o1", "refunded by support, ticket 4411")
+    assert (resolved.state, resolved.note) == (JobState.RESOLVED, "refunded by support, ticket 4411")
     assert queue.list_dead() == []
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(ValueError, match="resolved"):
         queue.resolve("o1", "again")
     with pytest.raises(KeyError):
         queue.requeue("unknown")

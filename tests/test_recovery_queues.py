@@ -126,7 +126,7 @@ def test_enqueueing_a_running_job_leaves_its_lease_alone(engine: Engine) -> None
     assert q.take(lease=60) is not None
 
 
-@pytest.mark.parametrize("end", ["dead", "closed", "done"])
+@pytest.mark.parametrize("end", ["dead", "resolved", "done"])
 def test_enqueueing_a_finished_job_changes_nothing(engine: Engine, end: str) -> None:
     q = engine.queue
     q.enqueue("o1")
@@ -135,7 +135,7 @@ def test_enqueueing_a_finished_job_changes_nothing(engine: Engine, end: str) -> 
         q.finish("o1", final_status="completed")
     else:
         q.bury("o1", last_status="processing", last_error=None)
-        if end == "closed":
+        if end == "resolved":
             q.resolve("o1", "refunded")
     assert not q.enqueue("o1")
     assert not q.watch("o1", due_at=engine.now() + 10)

@@ -149,11 +149,11 @@ RETURNING {columns}"""
 _REQUEUE = """
 UPDATE {table} SET state = 'queued', attempts = 0, due_at = {now}, reason = 'requeued',
                    note = NULL, locked_until = NULL, token = NULL, updated_at = {now}
-WHERE order_id = :order_id AND state IN ('dead', 'closed')
+WHERE order_id = :order_id AND state IN ('dead', 'resolved')
 RETURNING {columns}"""
 
 _RESOLVE = """
-UPDATE {table} SET state = 'closed', note = :note, updated_at = {now}
+UPDATE {table} SET state = 'resolved', note = :note, updated_at = {now}
 WHERE order_id = :order_id AND state = 'dead'
 RETURNING {columns}"""
 

@@ -11,12 +11,12 @@
                   │                          ├──> QUEUED, later     handed over)
                requeue                       │    (still pending: attempts + 1)
                   │                          └──> DEAD            (attempts used up)
-                DEAD ──resolve(reason)──> CLOSED
+                DEAD ──resolve(reason)──> RESOLVED
 
 A job is leased while a worker handles it; a worker that dies leaves the lease to expire
 and the job is taken again. There is one row per order, so enqueueing is idempotent in
 every state: a queued order keeps the earlier of the two due times, a running one keeps
-its lease, and a dead or closed one comes back only through :meth:`RecoveryQueue.requeue`.
+its lease, and a dead or resolved one comes back only through :meth:`RecoveryQueue.requeue`.
 
 A *watch* is how a paid order outlives the process waiting for it: the client records it
 before paying and when a wait starts, due a margin after the wait would have given up. A
@@ -92,7 +92,7 @@ class JobState(str, enum.Enum):
     QUEUED = "queued"
     DONE = "done"
     DEAD = "dead"
-    CLOSED = "closed"
+    RESOLVED = "resolved"
 
 
 @attrs.frozen
@@ -107,7 +107,7 @@ class RecoveryJob:
         reason: Why it was enqueued (``stalled``, ``sweep``, ``requeued``...).
         last_status: The order's status at the last re-check.
         last_error: The last re-check's error, if it failed.
-        note: The final status (DONE) or the reason it was closed (CLOSED).
+        note: The final status (DONE) or the reason it was resolved (RESOLVED).
         locked_until: While a worker holds the job, when its lease ends.
     """
 
@@ -147,7 +147,7 @@ class RecoveryQueue(abc.ABC):
 
     @abc.abstractmethod
     def requeue(self, order_id: str) -> RecoveryJob:
-        """Give a dead (or closed) order a fresh set of attempts, due now.
+        """Give a dead (or resolved) order a fresh set of attempts, due now.
 
         Raises:
             KeyError: no such dead letter.
@@ -155,7 +155,7 @@ class RecoveryQueue(abc.ABC):
 
     @abc.abstractmethod
     def resolve(self, order_id: str, reason: str) -> RecoveryJob:
-        """Settle a dead order by hand (refunded, delivered another way...): CLOSED, with
+        """Settle a dead order by hand (refunded, delivered another way...): RESOLVED, with
         ``reason`` on record.
 
         Raises:
