@@ -53,6 +53,7 @@ from .models import Order
 from .polling import (
     DEFAULT_POLICY,
     NO_LISTENERS,
+    Listener,
     Listeners,
     WaitPolicy,
     WaitResult,
@@ -129,7 +130,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
         wait_policy: WaitPolicy | None = None,
-        listeners: Iterable[object] = (),
+        listeners: Iterable[Listener] = (),
     ) -> None:
         """A client for one API key.
 
@@ -417,7 +418,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         policy: WaitPolicy | None = None,
         timeout: float | None = None,
         raise_on_failure: bool = True,
-        listener: object | None = None,
+        listener: Listener | None = None,
     ) -> Order:
         """Poll an order until it is completed, failed or cancelled.
 
@@ -452,7 +453,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         *,
         policy: WaitPolicy | None = None,
         timeout: float | None = None,
-        listener: object | None = None,
+        listener: Listener | None = None,
         max_in_flight: int | None = None,
         max_requests_per_minute: float | None = None,
     ) -> Iterator[WaitResult]:
@@ -542,7 +543,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         policy: WaitPolicy | None = None,
         timeout: float | None = None,
         raise_on_failure: bool = True,
-        listener: object | None = None,
+        listener: Listener | None = None,
     ) -> Order:
         """See :meth:`FoxReload.wait_for_completion`; listener methods may be sync or
         async."""
@@ -555,7 +556,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         *,
         policy: WaitPolicy | None = None,
         timeout: float | None = None,
-        listener: object | None = None,
+        listener: Listener | None = None,
         max_in_flight: int | None = None,
         max_requests_per_minute: float | None = None,
     ) -> AsyncIterator[WaitResult]:

@@ -193,6 +193,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 
 def _orders(args: argparse.Namespace, out: TextIO) -> int:
     from ._client import FoxReload
+    from .polling import Listener
 
     budget = _rate_limit(args)
     with contextlib.ExitStack() as owned:
@@ -208,8 +209,8 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
         elif args.action == "pay":
             order = client.orders.pay(args.order_id, payment_provider=args.provider)
         else:
-            class Progress:
-                """Prints each poll of the wait (a listener, see foxpoll.polling)."""
+            class Progress(Listener):
+                """Prints each poll of the wait."""
 
                 def on_poll(self, attempt: Any) -> None:
                     status = attempt.order.status.value if attempt.order else attempt.outcome

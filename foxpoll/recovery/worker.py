@@ -24,7 +24,7 @@ from foxpoll.delivery import deliver_once
 from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundError
 from foxpoll.events.base import OrderEvent, Publisher
 from foxpoll.models import Order, OrderStatus
-from foxpoll.polling import WaitResult
+from foxpoll.polling import Listener, WaitResult
 from foxpoll.ratelimit import Priority
 
 from .base import DELIVERY, JobQueue, RecoveryJob, RecoveryPolicy, RecoveryQueue
@@ -79,7 +79,8 @@ class RecoveryWorker:
         on_completed: Delivers a completed order's codes (as for ``deliver_once``).
         on_terminal: Called with a failed or cancelled order (refund, notify...).
         publisher: Publishes an :class:`OrderEvent` for every order that finishes.
-        metrics: A ``foxpoll.metrics`` object: recovered completions count as completed.
+        metrics: A ``foxpoll.metrics`` object (a :class:`foxpoll.Listener`): recovered
+            completions count as completed.
         lease: Seconds a taken job stays with this worker if it dies.
         rng: Random source for the jitter.
     """
@@ -93,7 +94,7 @@ class RecoveryWorker:
         on_completed: Callable[[Order], Any],
         on_terminal: Callable[[Order], Any] | None = None,
         publisher: Publisher | None = None,
-        metrics: Any = None,
+        metrics: Listener | None = None,
         lease: float = 300.0,
         rng: random.Random | None = None,
     ) -> None:
