@@ -18,7 +18,8 @@ from foxpoll import _resources
 @pytest.mark.parametrize("module", ["foxpoll", "foxpoll.backoff", "foxpoll.dedup",
                                     "foxpoll.delivery", "foxpoll.errors", "foxpoll.events",
                                     "foxpoll.metrics", "foxpoll.models", "foxpoll.recovery",
-                                    "foxpoll.polling", "foxpoll.ratelimit", "foxpoll.testing"])
+                                    "foxpoll.polling", "foxpoll.ratelimit", "foxpoll.testing",
+                                    "foxpoll.transports"])
 def test_all_is_sorted_and_resolves(module: str) -> None:
     mod = importlib.import_module(module)
     assert list(mod.__all__) == sorted(mod.__all__)
@@ -93,9 +94,11 @@ def test_clients_take_their_own_kind_of_http_client() -> None:
 
 # -- every public type is importable where users look -------------------------------------
 
-#: Where users import from: the package, and the subpackages the docs name.
-PLACES = ["foxpoll", "foxpoll.dedup", "foxpoll.events", "foxpoll.ratelimit",
-          "foxpoll.recovery", "foxpoll.testing"]
+#: Where users import from: the package, the subpackages the docs name, and the two
+#: modules of optional backends (whose dependencies only their extras install), each
+#: with a page of the reference.
+PLACES = ["foxpoll", "foxpoll.dedup", "foxpoll.events", "foxpoll.metrics", "foxpoll.ratelimit",
+          "foxpoll.recovery", "foxpoll.testing", "foxpoll.transports"]
 REFERENCE = Path(__file__).parent.parent / "docs" / "reference"
 
 
@@ -211,6 +214,16 @@ def test_the_reference_renders_every_export() -> None:
     hidden = sorted(where for where, obj in _exports().items()
                     if id(obj) not in shown and not where.endswith("__version__"))
     assert hidden == [], " ".join(hidden)
+
+
+def test_the_reference_renders_nothing_but_exports() -> None:
+    """A helper the reference shows is public API: it is exported where users look, or
+    left out of the page."""
+    exported = {id(obj) for obj in _exports().values()}
+    extra = sorted(f"{target}: {getattr(obj, '__name__', obj)}"
+                   for target, objs in _rendered().items() for obj in objs
+                   if id(obj) not in exported)
+    assert extra == [], " ".join(extra)
 
 
 def test_the_package_exports_what_the_reference_renders_from_its_modules() -> None:
