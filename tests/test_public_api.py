@@ -172,6 +172,32 @@ def test_every_type_in_a_public_signature_imports_from_a_documented_place() -> N
     assert missing == {}, f"not importable from {PLACES}: {missing}"
 
 
+#: Parameters typed ``object`` on purpose: an error's JSON body, of any shape.
+ANY_OBJECT = {"body"}
+
+
+def test_no_public_parameter_is_typed_object() -> None:
+    """``object`` tells a user nothing: a listener is a :class:`foxpoll.Listener`, and so
+    on. (Unpacked ``**kwargs: object`` pass through to a typed constructor.)"""
+    loose = set()
+    for obj in _exports().values():
+        functions = [obj] if inspect.isfunction(obj) else [
+            member for klass in getattr(obj, "__mro__", ())
+            if klass.__module__.startswith("foxpoll")
+            for name, member in vars(klass).items()
+            if inspect.isfunction(member) and (not name.startswith("_") or name == "__init__")]
+        for function in functions:
+            parameters = inspect.signature(function).parameters
+            for name, hint in typing.get_type_hints(function).items():
+                if name == "return" or name in ANY_OBJECT or name.startswith("_") \
+                        or parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL,
+                                                     inspect.Parameter.VAR_KEYWORD):
+                    continue
+                if hint is object or object in typing.get_args(hint):
+                    loose.add(f"{function.__qualname__}({name})")
+    assert sorted(loose) == []
+
+
 def _directives() -> Iterator[tuple[str, list[str] | None]]:
     """Each ``::: target`` of the API reference, with its ``members:`` list when it has one."""
     for page in sorted(REFERENCE.glob("*.md")):
