@@ -569,8 +569,8 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
                                     max_in_flight=max_in_flight)
         return drive_stream_async(flow, self._http, self._runtime.clock, gate=self._gate)
 
-    async def close(self) -> None:
-        """Close the connection pool, if this client created it."""
+    async def aclose(self) -> None:
+        """:meth:`FoxReload.close`, for asyncio."""
         if self._owns_http:
             await self._http.aclose()
 
@@ -583,4 +583,4 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()

@@ -78,7 +78,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
     def __init__(self, where: str | psycopg_pool.ConnectionPool[Any], *,
                  queue: str = "foxpoll-recovery", policy: RecoveryPolicy | None = None,
                  table: str = DEFAULT_TABLE, dispatch_every: float = 5.0,
-                 stalled_after: float = 30.0, connect_timeout: float = 10.0,
+                 stalled_after: float = 30.0, connect_timeout: float = 5.0,
                  max_connections: int = 4, statement_timeout: float = 5.0,
                  clock: Clock | None = None) -> None:
         super().__init__(where, policy=policy, table=table, connect_timeout=connect_timeout,
