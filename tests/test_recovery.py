@@ -92,8 +92,9 @@ def test_dead_letters_requeue_and_close(queue: SQLiteRecoveryQueue) -> None:
     assert (requeued.state, requeued.attempts, requeued.reason) == (JobState.QUEUED, 0,
                                                                     "requeued")
     queue.bury("o1", last_status="processing", last_error="timeout")
-    resolved = queue.resolve("o1", "refunded by support, ticket 4411")
-    assert (resolved.state, resolved.note) == (JobState.RESOLVED, "refunded by support, ticket 4411")
+    reason = "refunded by support, ticket 4411"
+    resolved = queue.resolve("o1", reason)
+    assert (resolved.state, resolved.note) == (JobState.RESOLVED, reason)
     assert queue.list_dead() == []
     with pytest.raises(ValueError, match="resolved"):
         queue.resolve("o1", "again")
