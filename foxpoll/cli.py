@@ -561,7 +561,9 @@ def _sqlite_queue(location: str, table: str) -> Any:
                 row[0] for row in db.execute("SELECT name FROM pragma_table_info(?, ?)",
                                              (name.table, name.schema or "main"))}
     except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB":
+        # sqlite_errorname from Python 3.11; SQLite's own words before it.
+        if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB" or (
+                str(exc) == "file is not a database"):
             raise CommandError(f"{location} is not a SQLite database") from exc
         raise CommandError(f"cannot read {location}: {exc}") from exc
     _check_columns(columns, location, table)
