@@ -21,7 +21,7 @@ import attrs
 
 from foxpoll.dedup._sql import Dialect, TableName
 
-from .base import JobQueue, JobState, RecoveryJob, require_text
+from .base import JobQueue, JobState, RecoveryJob, UnreadableJobs, require_text
 
 __all__ = ["COLUMNS", "Execute", "JobStatements", "SQLJobQueue", "job_from_row"]
 
@@ -299,11 +299,48 @@ class SQLJobQueue(JobQueue):
     def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
         with self._transaction() as execute:
             rows = execute(self._sql.jobs, {"state": JobState(state).value, "limit": limit})
-        return [job_from_row(row) for row in rows]
+        jobs: list[RecoveryJob] = []
+        unreadable: dict[str, str] = {}
+        for row in rows:
+            try:
+                jobs.append(job_from_row(row))
+            except UnreadableJobs as exc:
+                unreadable.update(exc.unreadable)
+        if unreadable:
+            raise UnreadableJobs(unreadable, jobs=jobs)
+        return jobs
+
+
+# Text columns, and those that must not be NULL; the others hold numbers. Checked here
+# because the database's types do not say: SQLite stores any value in any column, and
+# PostgreSQL's double precision holds NaN.
+_TEXTS = ("order_id", "reason", "last_status", "last_error", "note")
+_REQUIRED = ("order_id", "attempts", "due_at", "reason")
+
+
+def _wrong(name: str, value: Any) -> bool:
+    if value is None:
+        return name in _REQUIRED
+    if name in _TEXTS:
+        return not isinstance(value, str)
+    number = int if name == "attempts" else (int, float)
+    return isinstance(value, bool) or not isinstance(value, number) or value != value  # NaN
 
 
 def job_from_row(row: Mapping[str, Any]) -> RecoveryJob:
+    """The job a row holds.
+
+    Raises:
+        UnreadableJobs: a value of the wrong type, named with the row's order id.
+    """
     data = {name: row[name] for name in COLUMNS}
+    states = {state.value for state in JobState}
+    wrong = [name for name in COLUMNS if name != "state" and _wrong(name, data[name])]
+    if data["state"] not in states:
+        wrong.insert(0, "state")
+    if wrong:
+        what = ", ".join(f"{name}={data[name]!r}"[:80] for name in wrong)
+        raise UnreadableJobs({str(data["order_id"]): what})
     data["state"] = JobState(data["state"])
     return RecoveryJob(**data)
 

@@ -32,16 +32,18 @@ import asyncio
 import enum
 import itertools
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
 
 from foxpoll.backoff import BackoffPolicy, ExponentialJitter, _non_negative
+from foxpoll.errors import StoreError
 from foxpoll.models import OrderStatus
 from foxpoll.polling import WaitResult
 
-__all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryPolicy", "RecoveryQueue"]
+__all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryPolicy", "RecoveryQueue",
+           "UnreadableJobs"]
 
 DEFAULT_RECOVERY_BACKOFF = ExponentialJitter(base=30.0, factor=2.0, cap=3600.0, jitter=0.3)
 DELIVERY = "delivery"  # the reason of a watch whose wait saw the order completed
@@ -128,6 +130,27 @@ class RecoveryJob:
         return self.state is JobState.QUEUED and (self.locked_until or 0.0) > now
 
 
+class UnreadableJobs(StoreError):
+    """Queue rows that cannot be read as jobs: a value of the wrong type, such as a
+    ``locked_until`` that is not a number (a row written by hand or by another program).
+
+    Attributes:
+        unreadable: Each such row's order id, and the value that is wrong
+            (``{"o7": "locked_until='soon'"}``).
+        jobs: The rows of the same call that could be read: one bad row hides no other.
+    """
+
+    def __init__(self, unreadable: Mapping[str, str], *,
+                 jobs: Sequence[RecoveryJob] = ()) -> None:
+        self.unreadable = dict(unreadable)
+        self.jobs = list(jobs)
+        said = [f"order {order_id}: unreadable row ({what})"
+                for order_id, what in list(self.unreadable.items())[:3]]
+        if len(self.unreadable) > 3:
+            said.append(f"and {len(self.unreadable) - 3} more")
+        super().__init__("; ".join(said))
+
+
 class RecoveryQueue(abc.ABC):
     """Where stalled orders wait for their next re-check: what every engine offers.
 
@@ -143,7 +166,11 @@ class RecoveryQueue(abc.ABC):
 
     @abc.abstractmethod
     def list_dead(self, *, limit: int = 100) -> list[RecoveryJob]:
-        """The dead letters: orders whose re-checks ran out, for on-call to act on."""
+        """The dead letters: orders whose re-checks ran out, for on-call to act on.
+
+        Raises:
+            UnreadableJobs: some rows could not be read; it carries the ones that could.
+        """
 
     @abc.abstractmethod
     def requeue(self, order_id: str) -> RecoveryJob:
@@ -206,11 +233,19 @@ class RecoveryQueue(abc.ABC):
 
     @abc.abstractmethod
     def get(self, order_id: str) -> RecoveryJob | None:
-        """The job, or None."""
+        """The job, or None.
+
+        Raises:
+            UnreadableJobs: its row cannot be read.
+        """
 
     @abc.abstractmethod
     def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
-        """Jobs in ``state``, oldest change first."""
+        """Jobs in ``state``, oldest change first.
+
+        Raises:
+            UnreadableJobs: some rows could not be read; it carries the ones that could.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release what the queue holds open (a pool you passed in stays open)."""
