@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -320,8 +321,11 @@ class Restartable:
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            require("redis-server (not installed)", "127.0.0.1", 0)
-        self.binary = binary or "redis-server"
+            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+                pytest.fail("redis-server is not installed; CI must run every "
+                            "service-backed test", pytrace=False)
+            pytest.skip("redis-server is not installed")
+        self.binary = binary
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
