@@ -294,7 +294,7 @@ def test_jobs_and_get_show_every_state(engine: Engine) -> None:
     assert [(j.order_id, j.running(now)) for j in queued] == [("a", True)]
     assert [j.order_id for j in q.jobs(JobState.DONE)] == ["b"]
     assert [j.order_id for j in q.jobs(JobState.DEAD)] == ["c"]
-    assert [(j.order_id, j.note) for j in q.jobs(JobState.CLOSED)] == [("d", "refunded")]
+    assert [(j.order_id, j.note) for j in q.jobs(JobState.RESOLVED)] == [("d", "refunded")]
     assert q.get("nope") is None
 
 
