@@ -93,7 +93,8 @@ def test_dead_letters_requeue_and_close(queue: SQLiteRecoveryQueue) -> None:
                                                                     "requeued")
     queue.bury("o1", last_status="processing", last_error="timeout")
     resolved = queue.resolve("o1", "refunded by support, ticket 4411")
-    assert (resolved.state, resolved.note) == (JobState.RESOLVED, "refunded by support, ticket 4411")
+    assert (resolved.state, resolved.note) == (JobState.RESOLVED,
+                                               "refunded by support, ticket 4411")
     assert queue.list_dead() == []
     with pytest.raises(ValueError, match="resolved"):
         queue.resolve("o1", "again")
