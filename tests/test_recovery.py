@@ -457,8 +457,9 @@ def test_a_callback_that_cannot_take_an_order_ends_the_worker_not_the_job(
 
     store = MemoryDedupStore(clock=clock)
     with sim.client() as client:
-        for callback, message in ((no_arguments, "cannot be called with an order"),
-                                  (asynchronous, "is async")):
+        miswired: list[tuple[Any, str]] = [(no_arguments, "cannot be called with an order"),
+                                           (asynchronous, "is async")]
+        for callback, message in miswired:
             worker = RecoveryWorker(client, queue, store, on_completed=callback)
             with pytest.raises(TypeError, match=message):
                 worker.run_pending()
