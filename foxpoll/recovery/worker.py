@@ -144,7 +144,8 @@ class RecoveryWorker:
 
     @property
     def policy(self) -> RecoveryPolicy:
-        """The re-check policy: its queue's, the one policy of the queue and its workers."""
+        """The re-check policy: its queue's (``max_attempts`` and ``backoff`` govern this
+        worker's re-checks; a job's due time and attempts are on its row)."""
         return self.queue.policy
 
     def recheck(self, order_id: str, attempt: int, *, since: float | None = None
