@@ -67,6 +67,7 @@ def test_dlq_list_requeue_resolve(tmp_path: Path) -> None:
     with SQLiteRecoveryQueue(path) as queue:
         for order_id in ("o-1", "o-2"):
             queue.enqueue(order_id)
+            assert queue.take() is not None  # the one re-check, counted as it is taken
             queue.bury(order_id, last_status="processing", last_error="timeout")
     url = f"sqlite:///{path}"
     code, listing = run("dlq", "--queue", url, "list")

@@ -97,9 +97,11 @@ WHERE order_id = :order_id AND state = 'queued' AND reason = 'watch' AND attempt
   AND locked_until IS NULL
 RETURNING order_id"""
 
-# Due and not held by anyone: a lease that ran out is a dead worker's.
+# Due and not held by anyone: a lease that ran out is a dead worker's. Taking a job
+# begins a re-check, so it counts one here and nowhere else: a re-check that dies with
+# its worker, or never records its end, has been counted all the same.
 _TAKE = """
-UPDATE {table} SET locked_until = {now} + :lease, token = NULL
+UPDATE {table} SET locked_until = {now} + :lease, token = NULL, attempts = attempts + 1
 WHERE order_id = (
     SELECT order_id FROM {table}
     WHERE state = 'queued' AND due_at <= {now}
@@ -109,7 +111,7 @@ RETURNING {columns}"""
 
 # A dispatched wake-up takes its job only with the token it was dispatched with.
 _TAKE_DISPATCHED = """
-UPDATE {table} SET locked_until = {now} + :lease, token = NULL
+UPDATE {table} SET locked_until = {now} + :lease, token = NULL, attempts = attempts + 1
 WHERE order_id = :order_id AND token = :token AND state = 'queued'
 RETURNING {columns}"""
 
@@ -127,7 +129,7 @@ SELECT MIN(CASE WHEN locked_until > due_at THEN locked_until ELSE due_at END) AS
 FROM {table} WHERE state = 'queued'"""
 
 _RETRY = """
-UPDATE {table} SET attempts = attempts + 1, due_at = {now} + :delay,
+UPDATE {table} SET due_at = {now} + :delay,
                    last_status = :last_status, last_error = :last_error,
                    locked_until = NULL, token = NULL, updated_at = {now}
 WHERE order_id = :order_id AND state = 'queued'
@@ -140,7 +142,7 @@ WHERE order_id = :order_id
 RETURNING {columns}"""
 
 _BURY = """
-UPDATE {table} SET state = 'dead', attempts = attempts + 1, last_status = :last_status,
+UPDATE {table} SET state = 'dead', last_status = :last_status,
                    last_error = :last_error, locked_until = NULL, token = NULL,
                    updated_at = {now}
 WHERE order_id = :order_id AND state = 'queued'

@@ -7,11 +7,16 @@
                   │                 completed ──> QUEUED (reason "delivery", due after
                   │                               the policy's delivery_grace)
     enqueue ──> QUEUED ──take (leased)──> re-check ──> DONE        (completed: delivered;
-                  ^                          │                      failed / cancelled:
+                  ^      attempts + 1        │                      failed / cancelled:
                   │                          ├──> QUEUED, later     handed over)
-               requeue                       │    (still pending: attempts + 1)
+               requeue                       │    (still pending, or the re-check failed)
                   │                          └──> DEAD            (attempts used up)
                 DEAD ──resolve(reason)──> RESOLVED
+
+Taking a job counts an attempt, so a re-check that never ends (its worker killed, its
+lease run out) is counted too, and a job taken with its attempts already used up is
+dead-lettered instead of re-checked: no job, however it fails, is re-checked more than
+``max_attempts`` times.
 
 A job is leased while a worker handles it; a worker that dies leaves the lease to expire
 and the job is taken again. There is one row per order, so enqueueing is idempotent in
@@ -64,7 +69,8 @@ class RecoveryPolicy:
     plus up to 30 %, about two hours in all before the order is dead-lettered.
 
     Attributes:
-        max_attempts: Re-checks before the order is dead-lettered.
+        max_attempts: Re-checks a job may begin (each take counts one) before the order
+            is dead-lettered.
         backoff: The waits between re-checks.
         watch_margin: Seconds a watch fires after its wait would have given up: room for
             the wait's last HTTP request and its ``on_finish``.
@@ -104,7 +110,7 @@ class RecoveryJob:
     Attributes:
         order_id: The order.
         state: See :class:`JobState`.
-        attempts: Re-checks made so far.
+        attempts: Re-checks begun so far: one per take, finished or not.
         due_at: When it is next due (seconds since the epoch).
         reason: Why it was enqueued (``stalled``, ``sweep``, ``requeued``...).
         last_status: The order's status at the last re-check.
@@ -154,7 +160,11 @@ class UnreadableJobs(StoreError):
 class RecoveryQueue(abc.ABC):
     """Where stalled orders wait for their next re-check: what every engine offers.
 
-    ``policy`` is the one :class:`RecoveryPolicy` of the queue and its workers.
+    ``policy`` is this queue object's :class:`RecoveryPolicy`. The processes sharing one
+    table need not agree on it: a row carries what its job needs (its due time, written by
+    whoever wrote the row, and its attempts), so a buyer's policy shapes only the due
+    times it writes (``watch_margin``, ``delivery_grace``), and a worker's only the
+    re-checks it runs (``max_attempts``, ``backoff``).
     """
 
     policy: RecoveryPolicy = RecoveryPolicy()
@@ -272,12 +282,20 @@ class JobQueue(RecoveryQueue):
 
     @abc.abstractmethod
     def take(self, *, lease: float = 300.0) -> RecoveryJob | None:
-        """The next due job, leased to the caller for ``lease`` seconds; None if none is due."""
+        """The next due job, leased to the caller for ``lease`` seconds, with its attempts
+        counted (the returned job's ``attempts`` includes this re-check); None if none is
+        due."""
 
     @abc.abstractmethod
     def retry(self, order_id: str, *, due_at: float, last_status: str | None,
               last_error: str | None) -> RecoveryJob:
-        """Count a re-check and queue the job again for ``due_at``."""
+        """Record a re-check's outcome and queue the job again for ``due_at`` (its take
+        counted the attempt).
+
+        Raises:
+            KeyError: no such job.
+            ValueError: the job is no longer queued (its wait settled it meanwhile).
+        """
 
     @abc.abstractmethod
     def finish(self, order_id: str, *, final_status: str) -> RecoveryJob:
@@ -286,7 +304,12 @@ class JobQueue(RecoveryQueue):
     @abc.abstractmethod
     def bury(self, order_id: str, *, last_status: str | None, last_error: str | None
              ) -> RecoveryJob:
-        """Attempts used up: move to the dead letters."""
+        """Attempts used up: move to the dead letters, with the last status and error.
+
+        Raises:
+            KeyError: no such job.
+            ValueError: the job is no longer queued.
+        """
 
     def list_dead(self, *, limit: int = 100) -> list[RecoveryJob]:
         return self.jobs(JobState.DEAD, limit=limit)

@@ -3,13 +3,15 @@
 Each job re-reads its order. Completed: its codes go out through ``deliver_once`` (the
 event is published inside the same claim, so it is not lost to a crash between the two).
 Failed or cancelled: ``on_terminal`` gets the order, and the event is published. Still
-pending, or unreadable: the job comes back after the policy's next wait, until its
-attempts run out and it moves to the dead letters. The decision is a pure function,
-:func:`decide`; the worker only does its I/O.
+pending, unreadable, or failed along the way (``on_completed`` raised, the dedup store
+was down...): the job comes back after the policy's next wait, with the error on record,
+until its attempts run out and it moves to the dead letters. The decision is a pure
+function, :func:`decide`; the worker only does its I/O.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import threading
@@ -33,6 +35,10 @@ __all__ = ["Action", "Checked", "RecoveryPolicy", "RecoveryWorker", "decide"]
 
 log = logging.getLogger("foxpoll.recovery")
 
+#: How much of a foreign exception's message ``last_error`` keeps, in characters: the
+#: exception may be the partner's own, whose messages foxpoll cannot vouch for.
+ERROR_TEXT_LIMIT = 200
+
 #: How often an idle :meth:`RecoveryWorker.run` looks whether it was told to stop, in
 #: seconds.
 STOP_LOOKS_EVERY = 0.1
@@ -55,18 +61,51 @@ class Checked:
     error: str | None
 
 
-def decide(order: Order | None, attempts: int, policy: RecoveryPolicy,
+def decide(order: Order | None, attempt: int, policy: RecoveryPolicy,
            rng: random.Random) -> Action:
-    """Pure: given the order as re-checked now (None if it could not be read) and the
-    re-checks made before this one."""
+    """Pure: what re-check number ``attempt`` (from 1) does, given the order as it read it
+    (None if it could not be read)."""
     if order is not None and order.status is OrderStatus.COMPLETED:
         return Action("deliver")
     if order is not None and order.status.is_terminal:
         return Action("terminal")
-    done = attempts + 1
-    if done >= policy.max_attempts:
+    return _unfinished(attempt, policy, rng)
+
+
+def _unfinished(attempt: int, policy: RecoveryPolicy, rng: random.Random) -> Action:
+    """Pure: after re-check number ``attempt`` left the order unfinished (still pending,
+    unreadable, or its handling failed), look again on the schedule, or dead-letter it
+    when that was the last attempt."""
+    if attempt >= policy.max_attempts:
         return Action("dead")
-    return Action("retry", policy.delay(done, rng))
+    return Action("retry", policy.delay(attempt, rng))
+
+
+def _error_text(exc: BaseException) -> str:
+    """``TypeName: message`` on one line, for ``last_error``. foxpoll's own messages are
+    kept whole (they never hold the API key or codes); any other exception's is cut to
+    :data:`ERROR_TEXT_LIMIT` characters."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, FoxPollError) and len(text) > ERROR_TEXT_LIMIT:
+        text = text[:ERROR_TEXT_LIMIT - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Miswired(TypeError):
+    """A callback the worker cannot call with an order (wrong signature, or async): the
+    worker's wiring is wrong, not the job, so it ends the worker instead of being recorded
+    on every job."""
+
+
+def _used_up(job: RecoveryJob, policy: RecoveryPolicy) -> str:
+    """The ``last_error`` of a job taken with its attempts already used up."""
+    begun, allowed = job.attempts - 1, policy.max_attempts
+    if begun == allowed:  # the last re-check would have recorded its end, had it reached it
+        text = (f"re-check {begun} of {allowed} never ended (its worker stopped, or its "
+                "lease ran out first): dead-lettered when taken again")
+    else:  # a policy with fewer attempts than the job's
+        text = f"attempts used up: {begun} re-checks begun, the policy allows {allowed}"
+    return f"{text}; before it: {job.last_error}" if job.last_error else text
 
 
 class RecoveryWorker:
@@ -106,17 +145,26 @@ class RecoveryWorker:
 
     @property
     def policy(self) -> RecoveryPolicy:
-        """The re-check policy: its queue's, the one policy of the queue and its workers."""
+        """The re-check policy: its queue's (``max_attempts`` and ``backoff`` govern this
+        worker's re-checks; a job's due time and attempts are on its row)."""
         return self.queue.policy
 
-    def recheck(self, order_id: str, attempts: int, *, since: float | None = None
+    def recheck(self, order_id: str, attempt: int, *, since: float | None = None
                 ) -> Checked:
         """Re-read the order and act on it: deliver, hand over, or say when to look again.
 
+        Whatever fails along the way (the API or its answer, ``on_completed``,
+        ``on_terminal``, the publisher, the dedup store) is caught and returned as the
+        error (``TypeName: message``), with the next step on the policy's schedule.
+
         Args:
             order_id: The order.
-            attempts: Re-checks made before this one.
+            attempt: This re-check's number, from 1 (the taken job's ``attempts``).
             since: When recovery began (for the metrics' completion time).
+
+        Raises:
+            TypeError: ``on_completed`` or ``on_terminal`` cannot be called with an order
+                (its signature, or it is async): the worker's wiring, not this order.
         """
         order: Order | None = None
         error: str | None = None
@@ -125,41 +173,67 @@ class RecoveryWorker:
         except NotFoundError:
             error = "order not found"
         except APIError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = _error_text(exc)
+        except Exception as exc:  # an answer the client could not take, an id it refused
+            error = _error_text(exc)
+            log.warning("order %s: re-check %d could not read the order: %s", order_id,
+                        attempt, error, exc_info=True)
         status = order.status.value if order is not None else None
-        action = decide(order, attempts, self.policy, self.rng)
-        if action.kind == "deliver":
-            assert order is not None
-            try:
+        action = decide(order, attempt, self.policy, self.rng)
+        try:
+            if action.kind == "deliver":
+                assert order is not None
                 deliver_once(order, self._deliver_and_publish, self.store, lease=self.lease,
                              clock=self.client.clock)
-            except DeliveryInProgress as busy:  # another worker is on it: look again soon
-                delay = max(1.0, busy.lease_until - self.client.clock.time())
-                return Checked(Action("retry", delay), status, "delivery in progress")
-            self._count(order, attempts, since)
-        elif action.kind == "terminal":
-            assert order is not None
-            if self.on_terminal is not None:
-                self.on_terminal(order)
-            self._publish(order)
-            self._count(order, attempts, since)
-        elif action.kind == "dead":
-            log.error("order %s: recovery attempts used up (last status %s); dead-lettered",
-                      order_id, status)
+            elif action.kind == "terminal":
+                assert order is not None
+                if self.on_terminal is not None:
+                    self._call("on_terminal", self.on_terminal, order)
+                self._publish(order)
+        except _Miswired:
+            raise
+        except DeliveryInProgress as busy:  # another worker is on it: look again soon
+            error = _error_text(busy)
+            action = _unfinished(attempt, self.policy, self.rng)
+            if action.kind == "retry":
+                action = Action("retry", max(1.0, busy.lease_until - self.client.clock.time()))
+        except Exception as exc:
+            error = _error_text(exc)
+            action = _unfinished(attempt, self.policy, self.rng)
+            log.warning("order %s: re-check %d failed: %s", order_id, attempt, error,
+                        exc_info=True)
+        else:
+            if action.kind in ("deliver", "terminal"):
+                assert order is not None
+                self._count(order, attempt, since)
+        if action.kind == "dead":
+            log.error("order %s: recovery attempts used up (last status %s, last error %s); "
+                      "dead-lettered", order_id, status, error)
         return Checked(action, status, error)
 
     def process(self, job: RecoveryJob) -> RecoveryJob:
-        """Re-check one taken job of a :class:`JobQueue` and move it on.
+        """Re-check one taken job of a :class:`JobQueue` and move it on: done, retried
+        with its status and error on record, or dead-lettered.
 
-        A job whose wait saw the order completed (reason ``delivery``) is first looked up
-        in the dedup store: delivered there means done, with no request to the API.
+        A job taken with more attempts than the policy allows (its last re-check never
+        ended: the worker died, or the lease ran out first) is dead-lettered without a
+        re-check. A job whose wait saw the order completed (reason ``delivery``) is first
+        looked up in the dedup store: delivered there means done, with no request to the
+        API.
+
+        Raises:
+            StoreUnavailable: the queue could not record the outcome; the job comes back
+                when its lease runs out.
+            TypeError: a callback cannot be called with an order (see :meth:`recheck`).
         """
         queue = self._job_queue()
-        if job.reason == DELIVERY:
-            record = self.store.get(job.order_id)
-            if record is not None and record.state is DeliveryState.DELIVERED:
-                return queue.finish(job.order_id, final_status="completed")
-        checked = self.recheck(job.order_id, job.attempts, since=job.created_at)
+        if job.attempts > self.policy.max_attempts:
+            checked = Checked(Action("dead"), job.last_status, _used_up(job, self.policy))
+            log.error("order %s: %s; dead-lettered", job.order_id, checked.error)
+        elif job.reason == DELIVERY and self._delivered(job.order_id):
+            return queue.finish(job.order_id, final_status="completed")
+        else:
+            checked = self.recheck(job.order_id, job.attempts, since=job.created_at)
         kind = checked.action.kind
         if kind in ("deliver", "terminal"):
             return queue.finish(job.order_id, final_status=checked.status or kind)
@@ -176,13 +250,40 @@ class RecoveryWorker:
             log.info("order %s: settled by its wait during the re-check", job.order_id)
             return queue.get(job.order_id) or job
 
+    def _delivered(self, order_id: str) -> bool:
+        """The dedup store says the order was delivered. A store that cannot say is only
+        logged: the re-check that follows goes through the store again, and records it."""
+        try:
+            record = self.store.get(order_id)
+        except Exception as exc:
+            log.warning("order %s: the dedup store could not be read (%s); re-checking",
+                        order_id, _error_text(exc))
+            return False
+        return record is not None and record.state is DeliveryState.DELIVERED
+
+    def _call(self, name: str, callback: Callable[[Order], Any], order: Order) -> Any:
+        """``callback(order)``, telling a callback that cannot take the call (a
+        :class:`TypeError` raised by the call itself, before any of its code ran; an
+        awaitable result) from one that failed inside."""
+        try:
+            result = callback(order)
+        except TypeError as exc:
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                raise _Miswired(f"{name} cannot be called with an order: {exc}") from exc
+            raise
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # not reported as never awaited
+            raise _Miswired(f"{name} is async; RecoveryWorker calls it in blocking code")
+        return result
+
     def _job_queue(self) -> JobQueue:
         if not isinstance(self.queue, JobQueue):
             raise TypeError(f"{type(self.queue).__name__} runs its own workers; see its docs")
         return self.queue
 
     def _deliver_and_publish(self, order: Order) -> Any:
-        receipt = self.on_completed(order)
+        receipt = self._call("on_completed", self.on_completed, order)
         self._publish(order)  # inside the claim: a crash before it means a retry, not a loss
         return receipt
 
@@ -190,25 +291,31 @@ class RecoveryWorker:
         if self.publisher is not None:
             self.publisher.publish(OrderEvent.from_order(order, now=self.client.clock.time()))
 
-    def _count(self, order: Order, attempts: int, since: float | None) -> None:
+    def _count(self, order: Order, attempt: int, since: float | None) -> None:
         if self.metrics is not None:
             error = None if order.status is OrderStatus.COMPLETED else FoxPollError(order.id)
             now = self.client.clock.time()
             elapsed = now - (since if since is not None else now)
-            self.metrics.on_finish(WaitResult(order.id, order, error, attempts + 1, elapsed))
+            self.metrics.on_finish(WaitResult(order.id, order, error, attempt, elapsed))
 
     def run_pending(self, *, limit: int | None = None) -> int:
-        """Process every job due now (up to ``limit``); return how many were processed."""
+        """Process every job due now (up to ``limit``); return how many were processed.
+
+        A job's own failure is recorded on the job (see :meth:`process`) and the next job
+        is taken.
+
+        Raises:
+            StoreUnavailable: the queue could not be reached; a job taken meanwhile comes
+                back when its lease runs out (counted as an attempt).
+            TypeError: a callback cannot be called with an order.
+        """
         processed = 0
         queue = self._job_queue()
         while limit is None or processed < limit:
             job = queue.take(lease=self.lease)
             if job is None:
                 return processed
-            try:
-                self.process(job)
-            except Exception:  # a broken job must not stop the others; it will be re-taken
-                log.exception("order %s: recovery check failed", job.order_id)
+            self.process(job)
             processed += 1
         return processed
 
