@@ -164,6 +164,17 @@ _GET = "SELECT {columns} FROM {table} WHERE order_id = :order_id"
 _JOBS = """
 SELECT {columns} FROM {table} WHERE state = :state ORDER BY updated_at, order_id LIMIT :limit"""
 
+# Retention: a bounded batch of old done rows, walked along the (state, due_at) index. A
+# done row's due time is near its last change (a settled watch's is later by at most its
+# wait's horizon), so the oldest rows come first and the scan stops early. Workers that
+# delete at once skip each other's rows on PostgreSQL.
+_DELETE_DONE = """
+DELETE FROM {table} WHERE order_id IN (
+    SELECT order_id FROM {table}
+    WHERE state = 'done' AND updated_at < {now} - :older_than
+    ORDER BY due_at LIMIT :limit {skip_locked})
+RETURNING order_id"""
+
 
 @attrs.frozen
 class JobStatements:
@@ -189,6 +200,7 @@ class JobStatements:
     resolve: str
     get: str
     jobs: str
+    delete_done: str
 
     @classmethod
     def render(cls, dialect: Dialect, table: str | TableName) -> JobStatements:
@@ -199,6 +211,7 @@ class JobStatements:
             "unwatch": _UNWATCH, "take": _TAKE, "take_dispatched": _TAKE_DISPATCHED,
             "dispatch": _DISPATCH, "next_due": _NEXT_DUE, "retry": _RETRY, "finish": _FINISH,
             "bury": _BURY, "requeue": _REQUEUE, "resolve": _RESOLVE, "get": _GET, "jobs": _JOBS,
+            "delete_done": _DELETE_DONE,
         }
         return cls(**{name: dialect.render(sql, table, COLUMNS, index_suffix="due")
                       for name, sql in templates.items()})
@@ -311,6 +324,13 @@ class SQLJobQueue(JobQueue):
         if unreadable:
             raise UnreadableJobs(unreadable, jobs=jobs)
         return jobs
+
+    def delete_done(self, *, older_than: float, limit: int = 500) -> int:
+        if not (older_than >= 0 and math.isfinite(older_than)):
+            raise ValueError(f"older_than must be a finite number >= 0, not {older_than!r}")
+        with self._transaction() as execute:
+            rows = execute(self._sql.delete_done, {"older_than": older_than, "limit": limit})
+        return len(rows)
 
 
 # Text columns, and those that must not be NULL; the others hold numbers. Checked here

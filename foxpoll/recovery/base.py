@@ -276,6 +276,16 @@ class RecoveryQueue(abc.ABC):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    def delete_done(self, *, older_than: float, limit: int = 500) -> int:
+        """Delete up to ``limit`` DONE jobs whose last change is more than ``older_than``
+        seconds old; return how many. Queued, dead and resolved jobs are never deleted.
+
+        The retention primitive, run by :meth:`RecoveryWorker.purge_done`. This default
+        keeps everything (it deletes nothing and returns 0): an engine that stores its
+        jobs overrides it, as the SQL engines do.
+        """
+        return 0
+
 
 class JobQueue(RecoveryQueue):
     """A recovery queue that workers pull from (:meth:`RecoveryWorker.run_pending`)."""

@@ -7,20 +7,27 @@ pending, unreadable, or failed along the way (``on_completed`` raised, the dedup
 was down...): the job comes back after the policy's next wait, with the error on record,
 until its attempts run out and it moves to the dead letters. The decision is a pure
 function, :func:`decide`; the worker only does its I/O.
+
+:meth:`RecoveryWorker.run` outlives outages. A round (sweep, retention, the due jobs)
+that fails for any reason but a programming error (:data:`PROGRAMMING_ERRORS`) is an
+outage of the queue, a store or the API: it is counted, logged once per outage, and the
+round is tried again after a capped, jittered wait (:class:`Outages`).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
 
 from foxpoll._client import FoxReload
+from foxpoll.backoff import BackoffPolicy, FullJitter
 from foxpoll.dedup.base import DedupStore, DeliveryState
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundError
@@ -43,6 +50,29 @@ ERROR_TEXT_LIMIT = 200
 #: seconds.
 STOP_LOOKS_EVERY = 0.1
 
+#: The wait before a failed round is tried again: up to 1 s, then up to 2 s, 4 s... never
+#: more than a minute, drawn uniformly ("full jitter") so a fleet does not retry in step.
+OUTAGE_BACKOFF = FullJitter(base=1.0, cap=60.0, factor=2.0)
+
+#: Errors that say the code or its wiring is wrong, not that a service is down: waiting
+#: cannot cure them, so they end :meth:`RecoveryWorker.run` (and the procrastinate worker)
+#: at once. Everything else that escapes a round is taken for an outage and retried.
+#: (``BaseException`` outside ``Exception``, such as ``KeyboardInterrupt``, is never
+#: caught.)
+PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (
+    TypeError, AttributeError, NameError, ImportError, AssertionError, NotImplementedError,
+    SyntaxError,
+)
+
+#: Done jobs are kept this long (30 days) before the worker deletes them.
+KEEP_DONE = 30 * 86400.0
+#: Seconds between two retention rounds of a worker (or a procrastinate dispatcher).
+PURGE_EVERY = 300.0
+#: Rows one retention statement deletes, and statements one retention round runs at most:
+#: short statements that never hold many locks, and a backlog cleared over a few rounds.
+PURGE_BATCH = 500
+PURGE_BATCHES = 10
+
 
 @attrs.frozen
 class Action:
@@ -59,6 +89,68 @@ class Checked:
     action: Action
     status: str | None
     error: str | None
+
+
+class Outages:
+    """The outages of one loop: how long to wait after each failed round, and what to log
+    and count. Pure bookkeeping (the loop does the waiting), shared by sync and async loops.
+
+    The first failure of an outage is logged at WARNING, the rounds that follow only at
+    DEBUG, and the first success after it at INFO; every failure is counted on
+    ``metrics.on_worker_error(component, error)``. The waits come from ``backoff``, afresh
+    for each outage.
+
+    Args:
+        component: The metric's ``component`` label (``recovery``, ``dispatcher``...).
+        label: How log lines name the loop (``recovery worker``).
+        backoff: The waits between failed rounds.
+        rng: Random source for their jitter.
+        metrics: Told of every failure through its ``on_worker_error``, if it has one
+            (``foxpoll.metrics`` objects do); None counts nothing.
+        clock: Seconds on a monotonic clock, for the outage's length in the log.
+    """
+
+    def __init__(self, component: str, label: str, *, backoff: BackoffPolicy,
+                 rng: random.Random, metrics: Any, clock: Callable[[], float]) -> None:
+        self.component, self.label = component, label
+        self.backoff, self.rng, self.metrics, self.clock = backoff, rng, metrics, clock
+        self.failures = 0
+        self._delays: Iterator[float] | None = None  # None: no outage under way
+        self._since = 0.0
+
+    @property
+    def ongoing(self) -> bool:
+        """An outage is under way: the last round failed."""
+        return self._delays is not None
+
+    def failed(self, error: Exception) -> float:
+        """Record a failed round; return the seconds to wait before the next one."""
+        if self._delays is None:
+            self._delays = self.backoff.delays(self.rng)
+            self._since, self.failures = self.clock(), 0
+            log.warning("%s: round failed (%s); retrying until it succeeds", self.label,
+                        describe(error))
+        self.failures += 1
+        log.debug("%s: round %d of the outage failed", self.label, self.failures,
+                  exc_info=error)
+        hook = getattr(self.metrics, "on_worker_error", None)
+        if hook is not None:
+            hook(self.component, error)
+        return next(self._delays)
+
+    def succeeded(self) -> None:
+        """Record a round that worked: the end of the outage, if one was under way."""
+        if self._delays is not None:
+            log.info("%s: recovered after %d failed round(s) in %.1f s", self.label,
+                     self.failures, self.clock() - self._since)
+            self._delays = None
+
+
+def describe(error: BaseException) -> str:
+    """An error for a log line: foxpoll's own with its message (written to be safe to
+    show), any other by its type only (a driver's text may quote a connection string)."""
+    name = type(error).__name__
+    return f"{name}: {error}" if isinstance(error, FoxPollError) else name
 
 
 def decide(order: Order | None, attempt: int, policy: RecoveryPolicy,
@@ -119,9 +211,18 @@ class RecoveryWorker:
         on_terminal: Called with a failed or cancelled order (refund, notify...).
         publisher: Publishes an :class:`OrderEvent` for every order that finishes.
         metrics: A ``foxpoll.metrics`` object (a :class:`foxpoll.Listener`): recovered
-            completions count as completed.
+            completions count as completed, and the failed rounds of :meth:`run` on its
+            ``on_worker_error``, if it has one (``foxpoll.metrics`` objects do).
         lease: Seconds a taken job stays with this worker if it dies.
         rng: Random source for the jitter.
+        outage_backoff: The waits between failed rounds of :meth:`run` during an outage
+            (:data:`OUTAGE_BACKOFF`: up to 1 s, 2 s, 4 s... capped at a minute).
+        keep_done: Seconds a done job is kept (by its last change) before :meth:`run`
+            deletes it: 30 days by default, None to keep done jobs forever. Dead and
+            resolved jobs are always kept.
+
+    Raises:
+        ValueError: ``keep_done`` is negative or not finite.
     """
 
     def __init__(
@@ -136,12 +237,18 @@ class RecoveryWorker:
         metrics: Listener | None = None,
         lease: float = 300.0,
         rng: random.Random | None = None,
+        outage_backoff: BackoffPolicy = OUTAGE_BACKOFF,
+        keep_done: float | None = KEEP_DONE,
     ) -> None:
+        if keep_done is not None and not (keep_done >= 0 and math.isfinite(keep_done)):
+            raise ValueError(f"keep_done must be a finite number >= 0 or None, not {keep_done!r}")
         self.client, self.queue, self.store = client, queue, store
         self.on_completed, self.on_terminal = on_completed, on_terminal
         self.publisher, self.metrics = publisher, metrics
         self.lease = lease
         self.rng = rng or random.Random()
+        self.outage_backoff = outage_backoff
+        self.keep_done = keep_done
 
     @property
     def policy(self) -> RecoveryPolicy:
@@ -327,6 +434,33 @@ class RecoveryWorker:
         return self.queue.sweep(pending_orders(), now=self.client.clock.time(),
                                 older_than=older_than)
 
+    def purge_done(self) -> int:
+        """Delete the queue's done jobs older than ``keep_done``: up to
+        :data:`PURGE_BATCHES` statements of :data:`PURGE_BATCH` rows, fewer once a batch
+        comes back short. Return how many were deleted (0 with ``keep_done=None``).
+
+        :meth:`run` calls it every :data:`PURGE_EVERY` seconds.
+        """
+        if self.keep_done is None:
+            return 0
+        deleted = 0
+        for _ in range(PURGE_BATCHES):
+            batch = self.queue.delete_done(older_than=self.keep_done, limit=PURGE_BATCH)
+            deleted += batch
+            if batch < PURGE_BATCH:
+                break
+        if deleted:
+            log.info("recovery: deleted %d done job(s) older than %g s", deleted,
+                     self.keep_done)
+        return deleted
+
+    def outages(self, component: str, label: str, *, clock: Callable[[], float] | None = None
+                ) -> Outages:
+        """The :class:`Outages` of one of this worker's loops: its ``outage_backoff``,
+        ``rng`` and ``metrics``, on ``clock`` (the client's monotonic clock by default)."""
+        return Outages(component, label, backoff=self.outage_backoff, rng=self.rng,
+                       metrics=self.metrics, clock=clock or self.client.clock.monotonic)
+
     def run(
         self,
         *,
@@ -335,22 +469,58 @@ class RecoveryWorker:
         pending_orders: Callable[[], Iterable[tuple[str, float]]] | None = None,
         sweep_every: float = 300.0,
     ) -> None:
-        """Process jobs as they come due, and sweep ``pending_orders`` every
-        ``sweep_every`` seconds, until ``stop`` is set.
+        """Process jobs as they come due, sweep ``pending_orders`` every ``sweep_every``
+        seconds and delete old done jobs every :data:`PURGE_EVERY` seconds (see
+        ``keep_done``), until ``stop`` is set.
 
         With nothing due it waits ``idle`` seconds on the client's clock (a ``FakeClock``
         runs the loop on virtual time), and ends within :data:`STOP_LOOKS_EVERY` seconds
         of ``stop`` being set.
+
+        It outlives outages. A round that raises anything but a programming error (a
+        queue, store or API outage: :class:`~foxpoll.errors.StoreUnavailable`,
+        :class:`~foxpoll.errors.APIConnectionError`...) is counted on the metrics'
+        ``on_worker_error("recovery", error)``, logged at WARNING once per outage (and at
+        INFO when a round works again), and tried again after ``outage_backoff``, waited
+        on the client's clock like ``idle``. A sweep or a retention round that fails
+        waits for its next turn, so it never holds the due jobs back.
+
+        A job's own failure (its ``on_completed`` raising, say) never reaches this loop:
+        it is recorded on the job (see :meth:`process`). A queue table that does not
+        exist, or a row that cannot be read, fails its round like an outage: logged and
+        counted, and waited out, so a worker started before ``create_schema()`` ran starts
+        working once it has.
+
+        Raises:
+            TypeError: and the other :data:`PROGRAMMING_ERRORS` escaping a round: a
+                callback that cannot be called with an order (see :meth:`recheck`), a
+                ``pending_orders`` that takes arguments, a queue that runs its own
+                workers... No wait can cure them.
         """
         stop = stop or threading.Event()
+        clock = self.client.clock
+        outages = self.outages("recovery", "recovery worker")
         last_sweep: float | None = None
+        last_purge: float | None = None
         while not stop.is_set():
-            now = self.client.clock.monotonic()
-            if pending_orders is not None and (last_sweep is None
-                                               or now - last_sweep >= sweep_every):
-                self.sweep(pending_orders)
-                last_sweep = now
-            if self.run_pending() == 0:
+            now = clock.monotonic()
+            try:
+                if pending_orders is not None and (last_sweep is None
+                                                   or now - last_sweep >= sweep_every):
+                    last_sweep = now
+                    self.sweep(pending_orders)
+                if self.keep_done is not None and (last_purge is None
+                                                   or now - last_purge >= PURGE_EVERY):
+                    last_purge = now
+                    self.purge_done()
+                processed = self.run_pending()
+            except PROGRAMMING_ERRORS:
+                raise
+            except Exception as exc:  # an outage: wait, then try the round again
+                self._idle(stop, outages.failed(exc))
+                continue
+            outages.succeeded()
+            if processed == 0:
                 self._idle(stop, idle)
 
     def _idle(self, stop: threading.Event, seconds: float) -> None:
