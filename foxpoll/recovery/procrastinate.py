@@ -57,7 +57,7 @@ from foxpoll.errors import StoreUnavailable
 from ._sql import job_from_row
 from .base import RecoveryJob, RecoveryPolicy
 from .postgres import DEFAULT_TABLE, PostgresRecoveryQueue
-from .worker import PROGRAMMING_ERRORS, PURGE_EVERY, Outages, RecoveryWorker
+from .worker import PROGRAMMING_ERRORS, PURGE_EVERY, RecoveryWorker, _Outages
 
 __all__ = ["ProcrastinateRecoveryQueue"]
 
@@ -187,7 +187,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
         if purge:
             await asyncio.to_thread(worker.purge_done)
 
-    async def _maintain_forever(self, worker: RecoveryWorker, outages: Outages) -> None:
+    async def _maintain_forever(self, worker: RecoveryWorker, outages: _Outages) -> None:
         # Real time, not the client's clock: the rounds keep pace with procrastinate's own
         # worker and with leases on the server's clock, which no fake clock moves.
         last_purge = time.monotonic()  # the round before this loop purged
@@ -237,8 +237,8 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
         handle_signals = options.pop("install_signal_handlers", True)
         options["install_signal_handlers"] = False  # so this loop tells a stop from a crash
         stop = asyncio.Event()
-        restarts = worker.outages("recovery", "procrastinate worker", clock=time.monotonic)
-        rounds = worker.outages("dispatcher", "recovery dispatcher", clock=time.monotonic)
+        restarts = worker._outages("recovery", "procrastinate worker", clock=time.monotonic)
+        rounds = worker._outages("dispatcher", "recovery dispatcher", clock=time.monotonic)
         with _stop_on_signals(stop.set, enabled=handle_signals):
             while True:
                 try:
@@ -259,7 +259,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
                     return
 
     async def _run_once(self, worker: RecoveryWorker, options: dict[str, Any],
-                        stop: asyncio.Event, restarts: Outages, rounds: Outages) -> None:
+                        stop: asyncio.Event, restarts: _Outages, rounds: _Outages) -> None:
         """procrastinate's worker and the dispatcher, from opening the app until the worker
         ends, the dispatcher fails for good, or ``stop`` is set."""
         async with self.app.open_async():

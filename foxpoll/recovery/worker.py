@@ -11,7 +11,7 @@ function, :func:`decide`; the worker only does its I/O.
 :meth:`RecoveryWorker.run` outlives outages. A round (sweep, retention, the due jobs)
 that fails for any reason but a programming error (:data:`PROGRAMMING_ERRORS`) is an
 outage of the queue, a store or the API: it is counted, logged once per outage, and the
-round is tried again after a capped, jittered wait (:class:`Outages`).
+round is tried again after a capped, jittered wait (``outage_backoff``).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Checked:
     error: str | None
 
 
-class Outages:
+class _Outages:
     """The outages of one loop: how long to wait after each failed round, and what to log
     and count. Pure bookkeeping (the loop does the waiting), shared by sync and async loops.
 
@@ -129,7 +129,7 @@ class Outages:
             self._delays = self.backoff.delays(self.rng)
             self._since, self.failures = self.clock(), 0
             log.warning("%s: round failed (%s); retrying until it succeeds", self.label,
-                        describe(error))
+                        _describe(error))
         self.failures += 1
         log.debug("%s: round %d of the outage failed", self.label, self.failures,
                   exc_info=error)
@@ -146,7 +146,7 @@ class Outages:
             self._delays = None
 
 
-def describe(error: BaseException) -> str:
+def _describe(error: BaseException) -> str:
     """An error for a log line: foxpoll's own with its message (written to be safe to
     show), any other by its type only (a driver's text may quote a connection string)."""
     name = type(error).__name__
@@ -454,11 +454,11 @@ class RecoveryWorker:
                      self.keep_done)
         return deleted
 
-    def outages(self, component: str, label: str, *, clock: Callable[[], float] | None = None
-                ) -> Outages:
-        """The :class:`Outages` of one of this worker's loops: its ``outage_backoff``,
+    def _outages(self, component: str, label: str, *, clock: Callable[[], float] | None = None
+                ) -> _Outages:
+        """The :class:`_Outages` of one of this worker's loops: its ``outage_backoff``,
         ``rng`` and ``metrics``, on ``clock`` (the client's monotonic clock by default)."""
-        return Outages(component, label, backoff=self.outage_backoff, rng=self.rng,
+        return _Outages(component, label, backoff=self.outage_backoff, rng=self.rng,
                        metrics=self.metrics, clock=clock or self.client.clock.monotonic)
 
     def run(
@@ -499,7 +499,7 @@ class RecoveryWorker:
         """
         stop = stop or threading.Event()
         clock = self.client.clock
-        outages = self.outages("recovery", "recovery worker")
+        outages = self._outages("recovery", "recovery worker")
         last_sweep: float | None = None
         last_purge: float | None = None
         while not stop.is_set():
