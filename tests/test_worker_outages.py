@@ -674,3 +674,26 @@ async def test_the_procrastinate_worker_outlives_a_5_s_database_outage_then_deli
     # nothing fails, and everything resumes.
     for label in ("procrastinate worker", "recovery dispatcher"):  # once per outage at most
         assert len(messages(caplog, logging.WARNING, f"{label}: round failed")) <= 1
+
+
+def test_the_worker_alert_uses_the_metric_foxpoll_exports() -> None:
+    from foxpoll.metrics import OpenTelemetryMetrics
+
+    added: list[tuple[str, float, Any]] = []
+
+    class Meter:  # records what the instruments are given
+        def create_counter(self, name: str, **_: Any) -> Any:
+            class Counter:
+                def add(self, value: float, attributes: Any = None) -> None:
+                    added.append((name, value, attributes))
+            return Counter()
+
+        create_histogram = create_counter
+
+    rules = (Path(__file__).parent.parent / "docs" / "alerts.yml").read_text()
+    registry = CollectorRegistry()
+    PrometheusMetrics(registry).on_worker_error("events", StoreUnavailable("down"))
+    assert "foxpoll_worker_errors_total" in rules
+    assert errors(registry, "events") == 1
+    OpenTelemetryMetrics(Meter()).on_worker_error("dispatcher", RuntimeError())
+    assert added == [("foxpoll.worker.errors", 1, {"component": "dispatcher"})]
