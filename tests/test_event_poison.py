@@ -429,10 +429,13 @@ def test_run_waits_out_a_redis_that_goes_away_and_comes_back(
         [("events", StoreUnavailable)] * 5
     messages = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [m for m in messages if "retrying" in m[1]] == [
-        ("WARNING", "stream consumer c of group g: Redis is unavailable: ConnectionError; "
-                    "retrying until it answers")]
-    assert [m for m in messages if "answers again" in m[1]] == [
-        ("INFO", "stream consumer c of group g: Redis answers again, after 5 failed round(s)")]
+        ("WARNING", "stream consumer c of group g: round failed (StoreUnavailable: Redis is "
+                    "unavailable: ConnectionError); retrying until it succeeds")]
+    recovered = [m for m in messages if "recovered" in m[1]]
+    assert len(recovered) == 1
+    assert recovered[0][0] == "INFO"
+    assert recovered[0][1].startswith(
+        "stream consumer c of group g: recovered after 5 failed round(s) in ")
     # five jittered waits, each below its doubling ceiling (1, 2, 4, 8, 16 s)
     assert 0 < clock.monotonic() - down_since < 1 + 1 + 2 + 4 + 8 + 16
 
@@ -498,10 +501,14 @@ async def test_cancelling_an_async_run_ends_it() -> None:
 def test_a_programming_error_ends_run() -> None:
     from foxpoll.events import RedisStreamConsumer
 
+    class WrongHook:
+        def on_worker_error(self) -> None:  # takes no component, no error
+            raise AssertionError("never called this way")
+
     with no_retries(f"redis://127.0.0.1:{free_port()}/0") as client:
         consumer = RedisStreamConsumer(client, group="g", consumer="c", handler=print,
-                                       block=None, clock=FakeClock(), metrics=object())
-        with pytest.raises(AttributeError, match="on_worker_error"):
+                                       block=None, clock=FakeClock(), metrics=WrongHook())
+        with pytest.raises(TypeError, match="on_worker_error"):
             consumer.run()
 
 

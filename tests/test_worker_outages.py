@@ -18,12 +18,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from foxpoll import FoxReload, Order, SystemClock
+from foxpoll._outages import OUTAGE_BACKOFF, STOP_LOOKS_EVERY, Outages
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import MemoryDedupStore
 from foxpoll.errors import StoreUnavailable
 from foxpoll.metrics import PrometheusMetrics
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRecoveryQueue
-from foxpoll.recovery.worker import OUTAGE_BACKOFF, STOP_LOOKS_EVERY, _Outages
 from foxpoll.testing import (
     FakeClock,
     FakeFoxReload,
@@ -57,6 +57,9 @@ class FlakyQueue(SQLiteRecoveryQueue):
         return super().take(lease=lease)
 
 
+RECOVERY_LOG = logging.getLogger("foxpoll.recovery")
+
+
 def paid(sim: FakeFoxReload, client: FoxReload, script: OrderScript) -> str:
     sim.script_next(script)
     order = client.orders.create(items=STEAM)
@@ -82,7 +85,8 @@ def test_outages_back_off_capped_with_full_jitter_and_log_once(
 ) -> None:
     clock = FakeClock()
     registry = CollectorRegistry()
-    outages = _Outages("recovery", "recovery worker", backoff=OUTAGE_BACKOFF,
+    outages = Outages("recovery", "recovery worker", log=RECOVERY_LOG,
+                      backoff=OUTAGE_BACKOFF,
                       rng=random.Random(7), metrics=PrometheusMetrics(registry),
                       clock=clock.monotonic)
     caplog.set_level(logging.DEBUG, logger="foxpoll.recovery")
@@ -105,7 +109,8 @@ def test_outages_back_off_capped_with_full_jitter_and_log_once(
 
 
 def test_a_foreign_error_is_logged_by_its_type_only(caplog: pytest.LogCaptureFixture) -> None:
-    outages = _Outages("recovery", "recovery worker", backoff=Fixed(1), rng=random.Random(),
+    outages = Outages("recovery", "recovery worker", log=RECOVERY_LOG,
+                      backoff=Fixed(1), rng=random.Random(),
                       metrics=None, clock=time.monotonic)
     outages.failed(sqlite3.OperationalError("unable to open /secret/path?password=hunter2"))
     assert messages(caplog, logging.WARNING, OUTAGE_LOG) == [

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
@@ -45,7 +45,8 @@ import attrs
 
 from foxpoll._clock import Clock, SystemClock
 from foxpoll._io import Flow, Op, arun, call, pause, run
-from foxpoll.backoff import BackoffPolicy, FullJitter
+from foxpoll._outages import OUTAGE_BACKOFF, STOP_LOOKS_EVERY, Outages
+from foxpoll.backoff import BackoffPolicy
 from foxpoll.errors import StoreUnavailable, unavailable_on
 
 from .base import EventError, OrderEvent
@@ -60,14 +61,6 @@ __all__ = [
 log = logging.getLogger("foxpoll.events")
 
 DEFAULT_PREFIX = "foxpoll:"
-
-#: The waits of a consumer's ``run`` between rounds that found Redis unreachable: 1 s
-#: doubling to 60 s, each drawn uniformly below that ("full jitter"), so a fleet of
-#: consumers does not come back in step.
-OUTAGE_BACKOFF = FullJitter(base=1.0, cap=60.0, factor=2.0)
-
-#: How often a waiting ``run`` looks whether it was told to stop, in seconds.
-STOP_LOOKS_EVERY = 0.1
 
 #: The fields foxpoll adds to a dead letter, after the original entry's own: why it was
 #: moved, its id in the stream, and the group that moved it. An original field of the
@@ -173,7 +166,7 @@ class ConsumerFlows:
         return handled
 
     def serve(self, stop: Stop, count: int, idle: float, backoff: BackoffPolicy,
-              rng: random.Random, metrics: Any) -> Flow[None]:
+              rng: random.Random, metrics: Any, clock: Clock) -> Flow[None]:
         """Run :meth:`step` until ``stop`` is set, waiting out Redis outages.
 
         A round that finds Redis unreachable is logged (once per outage), counted by
@@ -181,27 +174,16 @@ class ConsumerFlows:
         ``backoff``'s waits; the first round that succeeds is logged and starts the
         waits afresh for the next outage. Anything else a round raises ends the flow.
         """
-        failed = 0
-        delays: Iterator[float] = iter(())
-        delay = 0.0
+        outages = Outages("events", f"stream consumer {self.consumer} of group {self.group}",
+                          log=log, backoff=backoff, rng=rng, metrics=metrics,
+                          clock=clock.monotonic)
         while not stop.is_set():
             try:
                 handled = yield from self.step(count)
             except StoreUnavailable as exc:
-                if failed == 0:
-                    log.warning("stream consumer %s of group %s: %s; retrying until it "
-                                "answers", self.consumer, self.group, exc)
-                    delays = backoff.delays(rng)
-                failed += 1
-                if metrics is not None:
-                    yield from call(metrics.on_worker_error, "events", exc)
-                delay = next(delays, delay)  # a finite schedule keeps its last wait
-                yield from _pause_unless(stop, delay)
+                yield from _pause_unless(stop, outages.failed(exc))
                 continue
-            if failed:
-                log.info("stream consumer %s of group %s: Redis answers again, after %d "
-                         "failed round(s)", self.consumer, self.group, failed)
-                failed = 0
+            outages.succeeded()
             if handled == 0 and self.block_ms is None:  # a blocking read paced the round
                 yield from _pause_unless(stop, idle)
 
@@ -461,7 +443,7 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
         pending.
         """
         self._run(self.flows.serve(stop or threading.Event(), count, idle, backoff,
-                                   self.rng, self.metrics))
+                                   self.rng, self.metrics, self.clock))
 
     def _perform(self, op: Op[Any]) -> Any:
         # Only Redis's own replies are mapped: a handler's errors (it may use Redis too)
@@ -489,7 +471,7 @@ class AsyncRedisStreamConsumer(_ConsumerBase, _AsyncOwner):
                   idle: float = 1.0, backoff: BackoffPolicy = OUTAGE_BACKOFF) -> None:
         """See :meth:`RedisStreamConsumer.run`; cancelling it ends it too."""
         await self._run(self.flows.serve(stop or asyncio.Event(), count, idle, backoff,
-                                         self.rng, self.metrics))
+                                         self.rng, self.metrics, self.clock))
 
     async def _perform(self, op: Op[Any]) -> Any:
         with _reaching_redis():

@@ -52,12 +52,13 @@ except ImportError as exc:  # pragma: no cover - only without the extra
     ) from exc
 
 from foxpoll._clock import Clock
+from foxpoll._outages import PROGRAMMING_ERRORS, Outages
 from foxpoll.errors import StoreUnavailable
 
 from ._sql import job_from_row
 from .base import RecoveryJob, RecoveryPolicy
 from .postgres import DEFAULT_TABLE, PostgresRecoveryQueue
-from .worker import PROGRAMMING_ERRORS, PURGE_EVERY, RecoveryWorker, _Outages
+from .worker import PURGE_EVERY, RecoveryWorker
 
 __all__ = ["ProcrastinateRecoveryQueue"]
 
@@ -187,7 +188,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
         if purge:
             await asyncio.to_thread(worker.purge_done)
 
-    async def _maintain_forever(self, worker: RecoveryWorker, outages: _Outages) -> None:
+    async def _maintain_forever(self, worker: RecoveryWorker, outages: Outages) -> None:
         # Real time, not the client's clock: the rounds keep pace with procrastinate's own
         # worker and with leases on the server's clock, which no fake clock moves.
         last_purge = time.monotonic()  # the round before this loop purged
@@ -229,7 +230,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
 
         Raises:
             TypeError: and the other programming errors (see
-                :data:`~foxpoll.recovery.worker.PROGRAMMING_ERRORS`).
+                :data:`~foxpoll._outages.PROGRAMMING_ERRORS`).
         """
         self.bind(worker)
         options.setdefault("delete_jobs", "successful")
@@ -259,7 +260,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
                     return
 
     async def _run_once(self, worker: RecoveryWorker, options: dict[str, Any],
-                        stop: asyncio.Event, restarts: _Outages, rounds: _Outages) -> None:
+                        stop: asyncio.Event, restarts: Outages, rounds: Outages) -> None:
         """procrastinate's worker and the dispatcher, from opening the app until the worker
         ends, the dispatcher fails for good, or ``stop`` is set."""
         async with self.app.open_async():

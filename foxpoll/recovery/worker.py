@@ -21,13 +21,14 @@ import logging
 import math
 import random
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 
 from foxpoll._client import FoxReload
-from foxpoll.backoff import BackoffPolicy, FullJitter
+from foxpoll._outages import OUTAGE_BACKOFF, PROGRAMMING_ERRORS, STOP_LOOKS_EVERY, Outages
+from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.base import DedupStore, DeliveryState
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundError
@@ -45,24 +46,6 @@ log = logging.getLogger("foxpoll.recovery")
 #: How much of a foreign exception's message ``last_error`` keeps, in characters: the
 #: exception may be the partner's own, whose messages foxpoll cannot vouch for.
 ERROR_TEXT_LIMIT = 200
-
-#: How often an idle :meth:`RecoveryWorker.run` looks whether it was told to stop, in
-#: seconds.
-STOP_LOOKS_EVERY = 0.1
-
-#: The wait before a failed round is tried again: up to 1 s, then up to 2 s, 4 s... never
-#: more than a minute, drawn uniformly ("full jitter") so a fleet does not retry in step.
-OUTAGE_BACKOFF = FullJitter(base=1.0, cap=60.0, factor=2.0)
-
-#: Errors that say the code or its wiring is wrong, not that a service is down: waiting
-#: cannot cure them, so they end :meth:`RecoveryWorker.run` (and the procrastinate worker)
-#: at once. Everything else that escapes a round is taken for an outage and retried.
-#: (``BaseException`` outside ``Exception``, such as ``KeyboardInterrupt``, is never
-#: caught.)
-PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (
-    TypeError, AttributeError, NameError, ImportError, AssertionError, NotImplementedError,
-    SyntaxError,
-)
 
 #: Done jobs are kept this long (30 days) before the worker deletes them.
 KEEP_DONE = 30 * 86400.0
@@ -89,68 +72,6 @@ class Checked:
     action: Action
     status: str | None
     error: str | None
-
-
-class _Outages:
-    """The outages of one loop: how long to wait after each failed round, and what to log
-    and count. Pure bookkeeping (the loop does the waiting), shared by sync and async loops.
-
-    The first failure of an outage is logged at WARNING, the rounds that follow only at
-    DEBUG, and the first success after it at INFO; every failure is counted on
-    ``metrics.on_worker_error(component, error)``. The waits come from ``backoff``, afresh
-    for each outage.
-
-    Args:
-        component: The metric's ``component`` label (``recovery``, ``dispatcher``...).
-        label: How log lines name the loop (``recovery worker``).
-        backoff: The waits between failed rounds.
-        rng: Random source for their jitter.
-        metrics: Told of every failure through its ``on_worker_error``, if it has one
-            (``foxpoll.metrics`` objects do); None counts nothing.
-        clock: Seconds on a monotonic clock, for the outage's length in the log.
-    """
-
-    def __init__(self, component: str, label: str, *, backoff: BackoffPolicy,
-                 rng: random.Random, metrics: Any, clock: Callable[[], float]) -> None:
-        self.component, self.label = component, label
-        self.backoff, self.rng, self.metrics, self.clock = backoff, rng, metrics, clock
-        self.failures = 0
-        self._delays: Iterator[float] | None = None  # None: no outage under way
-        self._since = 0.0
-
-    @property
-    def ongoing(self) -> bool:
-        """An outage is under way: the last round failed."""
-        return self._delays is not None
-
-    def failed(self, error: Exception) -> float:
-        """Record a failed round; return the seconds to wait before the next one."""
-        if self._delays is None:
-            self._delays = self.backoff.delays(self.rng)
-            self._since, self.failures = self.clock(), 0
-            log.warning("%s: round failed (%s); retrying until it succeeds", self.label,
-                        _describe(error))
-        self.failures += 1
-        log.debug("%s: round %d of the outage failed", self.label, self.failures,
-                  exc_info=error)
-        hook = getattr(self.metrics, "on_worker_error", None)
-        if hook is not None:
-            hook(self.component, error)
-        return next(self._delays)
-
-    def succeeded(self) -> None:
-        """Record a round that worked: the end of the outage, if one was under way."""
-        if self._delays is not None:
-            log.info("%s: recovered after %d failed round(s) in %.1f s", self.label,
-                     self.failures, self.clock() - self._since)
-            self._delays = None
-
-
-def _describe(error: BaseException) -> str:
-    """An error for a log line: foxpoll's own with its message (written to be safe to
-    show), any other by its type only (a driver's text may quote a connection string)."""
-    name = type(error).__name__
-    return f"{name}: {error}" if isinstance(error, FoxPollError) else name
 
 
 def decide(order: Order | None, attempt: int, policy: RecoveryPolicy,
@@ -455,10 +376,10 @@ class RecoveryWorker:
         return deleted
 
     def _outages(self, component: str, label: str, *, clock: Callable[[], float] | None = None
-                ) -> _Outages:
-        """The :class:`_Outages` of one of this worker's loops: its ``outage_backoff``,
+                ) -> Outages:
+        """The outage bookkeeping of one of this worker's loops: its ``outage_backoff``,
         ``rng`` and ``metrics``, on ``clock`` (the client's monotonic clock by default)."""
-        return _Outages(component, label, backoff=self.outage_backoff, rng=self.rng,
+        return Outages(component, label, log=log, backoff=self.outage_backoff, rng=self.rng,
                        metrics=self.metrics, clock=clock or self.client.clock.monotonic)
 
     def run(
