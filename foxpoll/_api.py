@@ -7,8 +7,9 @@ single resources do not.
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -20,7 +21,7 @@ from ._core import Call, ClientConfig, RetryMode, call_flow
 from ._effects import Flow
 from ._parse import parse as parse_model
 from ._parse import parse_page
-from .errors import AmbiguousOrderError
+from .errors import AmbiguousOrderError, APIError, OrderMismatch
 from .models import (
     Category,
     Order,
@@ -33,6 +34,8 @@ from .models import (
 from .ratelimit import BaseRateLimit, Priority
 
 __all__ = ["Runtime"]
+
+log = logging.getLogger("foxpoll")
 
 T = TypeVar("T")
 
@@ -78,6 +81,20 @@ def _order_parser(data: Any) -> Order:
     return parse_model(data, Order)
 
 
+def _order_about(order_id: str) -> Callable[[Any], Order]:
+    """The parser of a response about ``order_id``: one whose ``id`` is not exactly that
+    (no case folding, no trimming) raises :class:`OrderMismatch`. Every read and payment
+    of a known order goes through it, so no caller sees, or delivers, another order."""
+
+    def parse(data: Any) -> Order:
+        order = parse_model(data, Order)
+        if order.id != order_id:
+            raise OrderMismatch(requested=order_id, received=order.id)
+        return order
+
+    return parse
+
+
 def _page_parser(kind: type[T]) -> Any:
     return lambda data: parse_page(data, kind)
 
@@ -86,7 +103,8 @@ def get_order(rt: Runtime, order_id: str, *, deadline: float | None = None,
               priority: Priority = Priority.FRESH) -> Flow[Order]:
     """GET one order."""
     path = resource_path("/api/orders/", order_id, kind="order")
-    return rt.flow(Call("GET", path, _order_parser, priority=priority), deadline=deadline)
+    call = Call("GET", path, _order_about(order_id), priority=priority)
+    return rt.flow(call, deadline=deadline)
 
 
 def list_orders(rt: Runtime, params: Mapping[str, Any]) -> Flow[Page[Order]]:
@@ -172,21 +190,29 @@ def pay_order(
 ) -> Flow[Order]:
     """POST a payment, then, if its outcome is unknown, look at the order to find out.
 
-    Paying is not resent either. When the attempt ends ambiguously, the order itself tells:
-    anything but ``active`` means the payment went through, so that order is returned;
-    still ``active`` re-raises the :class:`AmbiguousOrderError`, since an external payment
-    may still be in flight.
+    Paying is not resent either. When the attempt ends ambiguously (a success body about
+    another order, :class:`OrderMismatch`, is one way), the order itself tells: anything
+    but ``active`` means the payment went through, so that order is returned; still
+    ``active``, or not readable, re-raises the :class:`AmbiguousOrderError`, since an
+    external payment may still be in flight.
     """
     path = resource_path("/api/orders/", order_id, kind="order", suffix="/pay")
     body: dict[str, Any] = {"paymentProvider": payment_provider}
     if payment_return_url is not None:
         body["paymentReturnUrl"] = payment_return_url
-    call = Call("POST", path, _order_parser, json=body, retry_mode=RetryMode.UNSENT_ONLY,
-                priority=Priority.BUY)
+    call = Call("POST", path, _order_about(order_id), json=body,
+                retry_mode=RetryMode.UNSENT_ONLY, priority=Priority.BUY)
     try:
         return (yield from rt.flow(call))
     except AmbiguousOrderError as ambiguous:
-        order = yield from get_order(rt, order_id, priority=Priority.BUY)
+        try:
+            order = yield from get_order(rt, order_id, priority=Priority.BUY)
+        except APIError as unread:
+            # The payment's outcome is still unknown: that, not the failed look, is the
+            # answer (the look's error stays attached as the context).
+            log.info("order %s: the payment's outcome is unknown and the order could not "
+                     "be read (%s)", order_id, type(unread).__name__)
+            raise ambiguous from ambiguous.cause
         if order.status is OrderStatus.ACTIVE:
             raise ambiguous from ambiguous.cause
         return order

@@ -100,8 +100,9 @@ class Orders:
         (see :class:`foxpoll.recovery.RecoveryQueue`); if that write fails, nothing is paid.
 
         Raises:
-            AmbiguousOrderError: the payment's outcome is unknown and the order is still
-                ``active``; it was not resent.
+            AmbiguousOrderError: the payment's outcome is unknown, and the order read
+                again is still ``active`` or could not be read; it was not resent. An
+                answer about another order (:class:`OrderMismatch`) is such an outcome.
         """
         flow = self._runner.pay(
             order_id, payment_provider=payment_provider, payment_return_url=payment_return_url
@@ -114,6 +115,10 @@ class Orders:
         Args:
             priority: Its lane in the client's rate limit; recovery re-checks use
                 ``Priority.POLL``, behind buys and first polls.
+
+        Raises:
+            OrderMismatch: the response is about another order (its ``id`` is not
+                exactly ``order_id``); nothing of it is returned.
         """
         flow = _api.get_order(self._runner.runtime, order_id, priority=priority)
         return self._runner.run(flow)

@@ -293,6 +293,11 @@ def deliver_once(
 ) -> DeliveryResult:
     """Deliver a completed order's codes exactly once across workers.
 
+    The dedup key is ``order.id``. An order read by foxpoll (``orders.get``, a wait, a
+    recovery re-check) always carries the id that was asked for: an answer about another
+    order raises :class:`~foxpoll.errors.OrderMismatch` and never gets here. An order
+    built or received elsewhere is claimed under whatever id it carries.
+
     Args:
         order: A completed order.
         deliver: Sends the codes to your customer; its return value is kept as the

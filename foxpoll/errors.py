@@ -16,7 +16,8 @@
     │   │   ├── RateLimitError            429 (.retry_after)
     │   │   └── InternalServerError       5xx
     │   ├── APIResponseValidationError    body not JSON, or not the expected shape
-    │   │   └── ResponseTooLarge          body past max_response_bytes (decoded)
+    │   │   ├── ResponseTooLarge          body past max_response_bytes (decoded)
+    │   │   └── OrderMismatch             an order other than the one asked for
     │   └── AmbiguousOrderError           a create that may or may not have happened
     ├── OrderError                        (.order)
     │   ├── OrderFailed
@@ -38,7 +39,8 @@ back", whichever store, queue, budget or stream it was.
 
 Messages never contain the API key or delivered codes: status errors quote only the
 ``detail`` and ``code`` fields of an error body, validation errors name the offending
-field and type but not its value.
+field and type but not its value (an ``OrderMismatch`` quotes the two order ids, cut
+short).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ __all__ = [
     "OrderCancelled",
     "OrderError",
     "OrderFailed",
+    "OrderMismatch",
     "OrderStalled",
     "PermissionDeniedError",
     "RateLimitError",
@@ -130,6 +133,36 @@ class APIResponseValidationError(APIError):
 class ResponseTooLarge(APIResponseValidationError):
     """The response body (decoded) passed the client's ``max_response_bytes``; foxpoll
     stopped reading it. Not retried: the same server would send the same body."""
+
+
+class OrderMismatch(APIResponseValidationError):
+    """The response to a read or payment of one order is about another: its ``id`` is not,
+    exactly, the id asked for (a buggy server, a cache or a proxy in between).
+
+    The order in it is dropped, never returned: its codes would go out under the wrong
+    dedup key. A wait counts it as a passing poll error, a recovery re-check as a failed
+    one; a payment answered so is reconciled as an :class:`AmbiguousOrderError`.
+
+    Attributes:
+        requested: The order id asked for.
+        received: The ``id`` the response carried.
+    """
+
+    def __init__(
+        self,
+        *,
+        requested: str,
+        received: str,
+        response: httpx.Response | None = None,
+        request: httpx.Request | None = None,
+    ) -> None:
+        super().__init__(
+            f"asked for order {_short_id(requested)}, the response is about order "
+            f"{_short_id(received)}; it was dropped",
+            response=response, request=request,
+        )
+        self.requested = requested
+        self.received = received
 
 
 class APIStatusError(APIError):
@@ -384,6 +417,12 @@ def _request_of(response: httpx.Response) -> httpx.Request | None:
         return response.request
     except RuntimeError:  # a Response built by hand has no request
         return None
+
+
+def _short_id(value: str) -> str:
+    """An id for a message: quoted, so that ``"o1 "`` shows its space, its control
+    characters escaped, and bounded (the server chose it)."""
+    return repr(value if len(value) <= 80 else value[:77] + "...")
 
 
 def _short_text(value: object) -> str | None:

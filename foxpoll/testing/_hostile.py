@@ -22,8 +22,9 @@ import socket
 import socketserver
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import attrs
 
@@ -57,6 +58,13 @@ class Hostility(enum.Enum):
     """``307`` to the same path on a second port, which records what reaches it."""
     FREEZE = "freeze"
     """Read the request, then send nothing, holding the connection open."""
+    WRONG_ID = "wrong-id"
+    """The body, about another order: its ``id`` is ``wrong_id``, whatever was asked."""
+    WRONG_ID_CASE = "wrong-id-case"
+    """The body with its ``id`` the order asked for in another case (``o1`` -> ``O1``;
+    an id without letters gets a trailing ``X``)."""
+    WRONG_ID_SPACE = "wrong-id-space"
+    """The body with its ``id`` the order asked for and a trailing space (``"o1 "``)."""
 
 
 @attrs.frozen
@@ -77,6 +85,7 @@ class HostileServer:
         retry_after: The ``Retry-After`` value sent by :attr:`Hostility.RETRY_AFTER`.
         bomb_size: Bytes a :attr:`Hostility.GZIP_BOMB` body expands to.
         body: The JSON document the well-behaved and slow modes send.
+        wrong_id: The order id :attr:`Hostility.WRONG_ID` answers with.
     """
 
     def __init__(
@@ -88,8 +97,10 @@ class HostileServer:
         bomb_size: int = 1 << 30,
         body: Any = None,
         host: str = "127.0.0.1",
+        wrong_id: str = "SOMEONE-ELSES-ORDER",
     ) -> None:
         self.hostility = hostility
+        self.wrong_id = wrong_id
         self.interval = interval
         self.retry_after = retry_after
         self.bomb_size = bomb_size
@@ -155,8 +166,15 @@ class HostileServer:
         elif mode is Hostility.REDIRECT:
             location = self.redirect_url + request.path
             out.sendall(_head(307, {"Location": location, "Content-Length": "0"}))
+        elif mode in _WRONG_IDS:
+            body = self._about(_WRONG_IDS[mode](self, _asked_order(request.path)))
+            out.sendall(_head(200, {"Content-Length": str(len(body))}) + body)
         else:
             out.sendall(_head(200, {"Content-Length": str(len(self.body))}) + self.body)
+
+    def _about(self, order_id: str) -> bytes:
+        """The body with its ``id`` replaced by ``order_id``."""
+        return json.dumps({**json.loads(self.body), "id": order_id}).encode()
 
     def _serve_redirected(self, request: ReceivedRequest, out: socket.socket) -> None:
         self.redirected.append(request)
@@ -172,6 +190,24 @@ class HostileServer:
         if self._bomb is None:
             self._bomb = b"".join(_zeros_gzip(self.bomb_size))
         return self._bomb
+
+
+def _asked_order(path: str) -> str:
+    """The order id in ``/api/orders/<id>[/pay]`` (``o1`` for any other path)."""
+    parts = [unquote(part) for part in path.split("?")[0].split("/") if part]
+    return parts[2] if parts[:2] == ["api", "orders"] and len(parts) > 2 else "o1"
+
+
+def _other_case(order_id: str) -> str:
+    other = order_id.swapcase()
+    return other if other != order_id else order_id + "X"  # it has no letter to swap
+
+
+_WRONG_IDS: dict[Hostility, Callable[[HostileServer, str], str]] = {
+    Hostility.WRONG_ID: lambda server, _: server.wrong_id,
+    Hostility.WRONG_ID_CASE: lambda _, asked: _other_case(asked),
+    Hostility.WRONG_ID_SPACE: lambda _, asked: asked + " ",
+}
 
 
 def _zeros_gzip(size: int) -> Iterator[bytes]:
