@@ -4,7 +4,9 @@ Everything here is sans-io. :class:`OrderWatch` is the state of one wait and mak
 decision (is this poll's error transient? did the status change? is the order stalled?
 how long until the next poll?). :func:`wait_flow` drives one watch with one request at a
 time; :func:`wait_many_flow` drives thousands of them under a shared :class:`RequestBudget`.
-The clients run both flows with their sync or async driver.
+The clients run both flows with their sync or async driver. A client with a recovery
+queue gives them a :class:`Heartbeat`: they then wake at least once per its period, and
+let it renew the process's watches, so a long wait keeps them fresh without a thread.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -42,6 +44,7 @@ from .ratelimit import Priority, RateLimit
 
 __all__ = [
     "DEFAULT_POLICY",
+    "Heartbeat",
     "Listener",
     "PollAttempt",
     "Stall",
@@ -251,6 +254,46 @@ NO_LISTENERS = Listeners()
 def _notes(hooks: tuple[Callable[[Any], Any], ...], event: object) -> Iterator[Notify]:
     for hook in hooks:
         yield Notify(hook, (event,))
+
+
+class Heartbeat(Protocol):
+    """What keeps a process's watches fresh while its waits run: the client's watcher
+    (:mod:`foxpoll._watches`), given to the wait flows.
+
+    A flow wakes at least every :attr:`period` seconds, whether it polls or not, and calls
+    :meth:`beat`; the heartbeat decides whether a renewal is due (one write for every
+    wait of the process, whichever wakes first). Waking costs no API request.
+    """
+
+    @property
+    def period(self) -> float:
+        """The longest a wait sleeps between two beats, in seconds."""
+        ...
+
+    def beat(self) -> Any:
+        """Renew the process's live watches if one period has passed since the last
+        renewal; None, or an awaitable of the renewal on the async client."""
+        ...
+
+    def release(self, order_ids: Iterable[str]) -> None:
+        """A wait on ``order_ids`` is over, however it ended: stop renewing their watches.
+        In memory only, so a flow may call it as it is closed."""
+        ...
+
+
+def _sleep(seconds: float, heartbeat: Heartbeat | None) -> Flow[None]:
+    """Sleep ``seconds``; with a heartbeat, in steps of at most its period, beating after
+    each."""
+    if heartbeat is None:
+        yield from Sleep(seconds)
+        return
+    while True:
+        step = min(seconds, heartbeat.period)
+        yield from Sleep(step)
+        yield from Notify(heartbeat.beat, ())
+        seconds -= step
+        if seconds <= 0:
+            return
 
 
 def _default_backoff(policy: BackoffPolicy | None) -> BackoffPolicy:
@@ -573,31 +616,40 @@ def _outcome_label(error: Exception) -> str:
 
 
 def wait_flow(rt: _api.Runtime, order_id: str, policy: WaitPolicy, *,
-              listeners: Listeners = NO_LISTENERS, raise_on_failure: bool = True
-              ) -> Flow[Order]:
-    """Poll one order until it finishes; return it, or raise what ended the wait."""
+              listeners: Listeners = NO_LISTENERS, raise_on_failure: bool = True,
+              heartbeat: Heartbeat | None = None) -> Flow[Order]:
+    """Poll one order until it finishes; return it, or raise what ended the wait.
+
+    With a ``heartbeat``, no sleep is longer than its period, and it beats after each.
+    """
     _api.resource_path("/api/orders/", order_id, kind="order")  # fail fast on a bad id
-    yield from start_notes(policy, listeners, (order_id,), rt.clock.time())
-    watch = OrderWatch(order_id, policy, rt.clock.monotonic(), rt.rng, listeners=listeners,
-                       raise_on_failure=raise_on_failure,
-                       max_retry_after=rt.config.max_retry_after)
-    if watch.first_delay > 0:
-        yield from Sleep(watch.first_delay)
-    while True:
-        outcome: Order | Exception
-        try:
-            outcome = yield from _api.get_order(rt, order_id, deadline=watch.deadline,
-                                                priority=watch.priority)
-        except APIError as exc:
-            outcome = exc
-        decision = watch.record(outcome, rt.clock.monotonic())
-        yield from decision.notes
-        if decision.finished:
-            if decision.error is not None:
-                raise decision.error
-            assert decision.order is not None
-            return decision.order
-        yield from Sleep(decision.delay)
+    try:
+        yield from start_notes(policy, listeners, (order_id,), rt.clock.time())
+        watch = OrderWatch(order_id, policy, rt.clock.monotonic(), rt.rng,
+                           listeners=listeners, raise_on_failure=raise_on_failure,
+                           max_retry_after=rt.config.max_retry_after)
+        if watch.first_delay > 0:
+            yield from _sleep(watch.first_delay, heartbeat)
+        while True:
+            outcome: Order | Exception
+            try:
+                outcome = yield from _api.get_order(rt, order_id, deadline=watch.deadline,
+                                                    priority=watch.priority)
+            except APIError as exc:
+                outcome = exc
+            decision = watch.record(outcome, rt.clock.monotonic())
+            yield from decision.notes
+            if decision.finished:
+                if decision.error is not None:
+                    raise decision.error
+                assert decision.order is not None
+                return decision.order
+            yield from _sleep(decision.delay, heartbeat)
+    finally:
+        # However the wait ended (a listener raised, the task was cancelled): a watch
+        # nobody waits on must fire, not be renewed by the process's other waits.
+        if heartbeat is not None:
+            heartbeat.release((order_id,))
 
 
 def wait_many_flow(
@@ -608,6 +660,7 @@ def wait_many_flow(
     listeners: Listeners = NO_LISTENERS,
     max_requests_per_minute: float | None = None,
     max_in_flight: int,
+    heartbeat: Heartbeat | None = None,
 ) -> Flow[None]:
     """Poll many orders in one loop, each on its own schedule; emit a :class:`WaitResult`
     for each as it finishes.
@@ -618,7 +671,8 @@ def wait_many_flow(
     metered, but a 429 still pauses them all. A poll retries a transient failure
     within itself, as :func:`wait_flow`'s do (each attempt takes its own permit); a
     poll that still fails counts against the order's error budget. At most
-    ``max_in_flight`` polls are started and not yet finished at once.
+    ``max_in_flight`` polls are started and not yet finished at once. With a
+    ``heartbeat``, the loop wakes at least once per its period and beats.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
@@ -640,21 +694,37 @@ def wait_many_flow(
                                                max_retry_after=rt.config.max_retry_after)
         due.append((now + watch.first_delay, next(order), order_id))
     heapq.heapify(due)
-    yield from start_notes(policy, listeners, watches, rt.clock.time())
+    try:
+        yield from start_notes(policy, listeners, watches, rt.clock.time())
+        yield from _poll_due(metered, watches, due, order, max_in_flight, heartbeat)
+    finally:
+        if heartbeat is not None:  # the waits still open when the consumer left
+            heartbeat.release(list(watches))
+
+
+def _poll_due(rt: _api.Runtime, watches: dict[str, OrderWatch],
+              due: list[tuple[float, int, str]], order: Iterator[int], max_in_flight: int,
+              heartbeat: Heartbeat | None) -> Flow[None]:
+    """:func:`wait_many_flow`'s loop: poll each order as it comes due, until every wait has
+    ended; ``watches`` keeps the waits not yet ended."""
     in_flight = 0
     while due or in_flight:
         now = rt.clock.monotonic()
         while due and due[0][0] <= now and in_flight < max_in_flight:
             _, _, order_id = heapq.heappop(due)
             watch = watches[order_id]
-            flow = _api.get_order(metered, order_id, deadline=watch.deadline,
+            flow = _api.get_order(rt, order_id, deadline=watch.deadline,
                                   priority=watch.priority)
             yield from Start(order_id, flow)
             in_flight += 1
         wake = None
         if due and in_flight < max_in_flight:
             wake = max(0.0, due[0][0] - now)
+        if heartbeat is not None:
+            wake = heartbeat.period if wake is None else min(wake, heartbeat.period)
         finished = yield from WaitAny(wake)
+        if heartbeat is not None:
+            yield from Notify(heartbeat.beat, ())
         now = rt.clock.monotonic()
         for order_id, outcome in finished:
             assert isinstance(outcome, (Order, Exception))  # a poll's order, or its error

@@ -9,7 +9,7 @@ the PostgreSQL engines are imported on first use.
 from __future__ import annotations
 
 from foxpoll._lazy import lazy_attributes
-from foxpoll._watches import WatchPolicy, WatchQueue
+from foxpoll._watches import WatchQueue, WatchTerms
 
 from .base import JobQueue, JobState, RecoveryJob, RecoveryPolicy, RecoveryQueue
 from .sqlite import SQLiteRecoveryQueue
@@ -27,8 +27,8 @@ __all__ = [
     "RecoveryQueue",
     "RecoveryWorker",
     "SQLiteRecoveryQueue",
-    "WatchPolicy",
     "WatchQueue",
+    "WatchTerms",
     "decide",
 ]
 
