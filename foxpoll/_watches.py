@@ -8,7 +8,7 @@ wait ends. The queue side (what a watch is, how it fires) is :mod:`foxpoll.recov
 Renewal is the process's heartbeat: a watch is due one ``watch_lease`` after it was
 written or renewed, and the watcher renews every live one in a single write each third of
 a lease, so a crashed process's orders fire within a lease of its death. The wait flows
-drive it (they wake at least once per period and call :meth:`Watcher.beat`), rather than
+drive it (they wake when a renewal is due and call :meth:`Watcher.beat`), rather than
 a thread or task per client: the renewal then runs on the client's own clock and driver,
 so a ``FakeClock`` test sees it on virtual time, and the async client needs no task of
 its own to start and stop with the loop. A process that pays without waiting renews at
@@ -41,9 +41,12 @@ __all__ = ["WatchQueue", "WatchTerms", "Watcher"]
 
 log = logging.getLogger("foxpoll.recovery")
 
-#: Renewals per lease: two may fail (the queue is briefly down, a wait oversleeps) before
-#: a live process's watch fires.
+#: Renewals per lease: one may fail (the queue is briefly down) and the next still comes
+#: a period before the watch would fire.
 RENEWALS_PER_LEASE = 3
+#: A beat this close to its due time renews: a sleep of exactly ``due_in()`` may wake a
+#: hair early on a float clock.
+EARLY = 1e-3
 
 
 class WatchTerms(Protocol):
@@ -154,13 +157,22 @@ class Watcher:
         self.release((order_id,))
         self.queue.unwatch(order_id)
 
+    def due_in(self) -> float:
+        """Seconds until the next renewal is due: a period after the last one began (a
+        whole period while nothing is live)."""
+        now = self.clock.monotonic()
+        with self._lock:
+            if not self._live:
+                return self.period
+            return max(0.0, self._renewed + self.period - now)
+
     def beat(self) -> Any:
         """Renew every live watch, in one write, if a period has passed since the last
         renewal; else do nothing. Returns None, or (``in_thread``) an awaitable of the
         write."""
         now = self.clock.monotonic()
         with self._lock:
-            if not self._live or now - self._renewed < self.period:
+            if not self._live or now - self._renewed < self.period - EARLY:
                 return None
             self._renewed = now  # the other waits skip it, even while this one writes
             for order_id in [i for i, until in self._live.items() if until <= now]:

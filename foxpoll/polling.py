@@ -5,8 +5,8 @@ decision (is this poll's error transient? did the status change? is the order st
 how long until the next poll?). :func:`wait_flow` drives one watch with one request at a
 time; :func:`wait_many_flow` drives thousands of them under a shared :class:`RequestBudget`.
 The clients run both flows with their sync or async driver. A client with a recovery
-queue gives them a :class:`Heartbeat`: they then wake at least once per its period, and
-let it renew the process's watches, so a long wait keeps them fresh without a thread.
+queue gives them a :class:`Heartbeat`: they then also wake whenever its renewal is due
+and let it renew the process's watches, so a long wait keeps them fresh without a thread.
 """
 
 from __future__ import annotations
@@ -260,19 +260,19 @@ class Heartbeat(Protocol):
     """What keeps a process's watches fresh while its waits run: the client's watcher
     (:mod:`foxpoll._watches`), given to the wait flows.
 
-    A flow wakes at least every :attr:`period` seconds, whether it polls or not, and calls
-    :meth:`beat`; the heartbeat decides whether a renewal is due (one write for every
-    wait of the process, whichever wakes first). Waking costs no API request.
+    A flow sleeps no longer than :meth:`due_in` at a time and calls :meth:`beat` when it
+    wakes, whether it polls or not; the heartbeat renews when a renewal is due (one write
+    for every wait of the process, whichever wakes first). Waking costs no API request.
     """
 
-    @property
-    def period(self) -> float:
-        """The longest a wait sleeps between two beats, in seconds."""
+    def due_in(self) -> float:
+        """Seconds until the next renewal is due (0 when it is), from the heartbeat's
+        clock: the longest a wait may sleep before it beats."""
         ...
 
     def beat(self) -> Any:
-        """Renew the process's live watches if one period has passed since the last
-        renewal; None, or an awaitable of the renewal on the async client."""
+        """Renew the process's live watches if a renewal is due; None, or an awaitable of
+        the renewal on the async client."""
         ...
 
     def release(self, order_ids: Iterable[str]) -> None:
@@ -282,18 +282,16 @@ class Heartbeat(Protocol):
 
 
 def _sleep(seconds: float, heartbeat: Heartbeat | None) -> Flow[None]:
-    """Sleep ``seconds``; with a heartbeat, in steps of at most its period, beating after
-    each."""
-    if heartbeat is None:
+    """Sleep ``seconds``; with a heartbeat, waking to beat whenever a renewal is due."""
+    if heartbeat is None or seconds <= 0:
         yield from Sleep(seconds)
         return
-    while True:
-        step = min(seconds, heartbeat.period)
-        yield from Sleep(step)
+    while seconds > 0:
+        step = min(seconds, heartbeat.due_in())
+        if step > 0:
+            yield from Sleep(step)
+            seconds -= step
         yield from Notify(heartbeat.beat, ())
-        seconds -= step
-        if seconds <= 0:
-            return
 
 
 def _default_backoff(policy: BackoffPolicy | None) -> BackoffPolicy:
@@ -620,7 +618,7 @@ def wait_flow(rt: _api.Runtime, order_id: str, policy: WaitPolicy, *,
               heartbeat: Heartbeat | None = None) -> Flow[Order]:
     """Poll one order until it finishes; return it, or raise what ended the wait.
 
-    With a ``heartbeat``, no sleep is longer than its period, and it beats after each.
+    With a ``heartbeat``, a sleep also wakes, and beats, whenever a renewal is due.
     """
     _api.resource_path("/api/orders/", order_id, kind="order")  # fail fast on a bad id
     try:
@@ -672,7 +670,7 @@ def wait_many_flow(
     within itself, as :func:`wait_flow`'s do (each attempt takes its own permit); a
     poll that still fails counts against the order's error budget. At most
     ``max_in_flight`` polls are started and not yet finished at once. With a
-    ``heartbeat``, the loop wakes at least once per its period and beats.
+    ``heartbeat``, the loop also wakes, and beats, whenever a renewal is due.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
@@ -721,7 +719,7 @@ def _poll_due(rt: _api.Runtime, watches: dict[str, OrderWatch],
         if due and in_flight < max_in_flight:
             wake = max(0.0, due[0][0] - now)
         if heartbeat is not None:
-            wake = heartbeat.period if wake is None else min(wake, heartbeat.period)
+            wake = heartbeat.due_in() if wake is None else min(wake, heartbeat.due_in())
         finished = yield from WaitAny(wake)
         if heartbeat is not None:
             yield from Notify(heartbeat.beat, ())
