@@ -295,9 +295,10 @@ def test_a_killed_process_s_orders_are_delivered_within_a_lease_of_its_death(
     engine_kind: str, tmp_path: Path
 ) -> None:
     """Three buyers on the default schedule (20 minutes) and the default 60 s lease; one
-    is SIGKILLed while its orders are pending, the others wait on orders that never
-    finish. A recovery worker delivers the dead buyer's orders within lease + 30 s of the
-    kill, and never touches the live buyers' watches."""
+    is SIGKILLed while its orders are pending, once it has renewed their watches; the
+    others wait on orders that never finish. A recovery worker delivers the dead buyer's
+    orders within lease + 30 s of the kill, and never touches the live buyers' watches.
+    About 85 s per engine."""
     config: dict[str, Any] = {"engine": engine_kind}
     if engine_kind == "sqlite":
         config["sqlite_path"] = str(tmp_path / "queue.db")
@@ -328,9 +329,10 @@ def run_fleet(config: dict[str, Any], tmp: Path) -> None:
     with SimulatorServer(sim) as server, FoxReload(sim.api_key, base_url=server.url) as plain:
         orders: list[list[str]] = []
         for buyer in range(BUYERS):
-            # The victim's orders complete once it is dead; the others' never do, so
-            # their buyers wait (and renew) to the end of the test.
-            script = OrderScript.complete(after=15.0) if buyer == victim else \
+            # The victim's orders complete once it is dead (killed after its first
+            # renewal, a period in); the others' never do, so their buyers wait (and
+            # renew) to the end of the test.
+            script = OrderScript.complete(after=PERIOD + 10) if buyer == victim else \
                 OrderScript.stall()
             sim.script_next(*[script] * ORDERS_EACH)
             orders.append([plain.orders.create(items=STEAM).id for _ in range(ORDERS_EACH)])
@@ -350,7 +352,8 @@ def run_fleet(config: dict[str, Any], tmp: Path) -> None:
                 assert time.monotonic() < deadline, "the buyers never started waiting"
                 assert all(b.poll() is None for b in buyers), "a buyer exited early"
                 time.sleep(0.1)
-            time.sleep(2.0)  # well into its wait: polled, not yet completed
+            waiting_at = time.time()
+            renewed_once(config, orders[victim], waiting_at)  # mid-wait, and renewed
             buyers[victim].send_signal(signal.SIGKILL)
             assert buyers[victim].wait(timeout=10) == -signal.SIGKILL
             killed_at = time.time()
@@ -379,6 +382,19 @@ def run_fleet(config: dict[str, Any], tmp: Path) -> None:
     print(f"{config['engine']}: delivered {len(delivered)} orders "
           f"{min(delivered.values()) - killed_at:.1f}-"
           f"{max(delivered.values()) - killed_at:.1f}s after the kill")
+
+
+def renewed_once(config: dict[str, Any], order_ids: list[str], paid_by: float) -> None:
+    """Return once every one of ``order_ids`` has had its watch renewed: due more than a
+    lease after the payments (``paid_by``)."""
+    deadline = time.monotonic() + PERIOD + 15
+    with queue_for(config) as queue:
+        while True:
+            dues = [job(queue, order_id).due_at for order_id in order_ids]
+            if min(dues) > paid_by + POLICY.watch_lease + PERIOD / 2:
+                return
+            assert time.monotonic() < deadline, f"never renewed: due {dues}, paid {paid_by}"
+            time.sleep(0.2)
 
 
 def recover(sim_url: str, api_key: str, config: dict[str, Any], expected: list[str],
