@@ -236,7 +236,7 @@ def test_a_renewal_that_fails_is_logged_and_tried_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     [order_id] = new_orders(sim, OrderScript.complete(after=150))
-    queue.fail_renewals = 2  # two in a row still leave the watch a period of its lease
+    queue.fail_renewals = 1  # the next renewal still comes a period before it is due
     due_in: list[float] = []
     with sim.client(recovery_queue=queue) as client, caplog.at_level(logging.ERROR):
         client.orders.pay(order_id)
@@ -244,9 +244,9 @@ def test_a_renewal_that_fails_is_logged_and_tried_again(
                                            listener=Hooks(on_poll=lambda a: due_in.append(
                                                job(queue, order_id).due_at - clock.time())))
     assert order.status == "completed"
-    assert caplog.text.count("could not renew the watches of 1 orders") == 2
+    assert caplog.text.count("could not renew the watches of 1 orders") == 1
     assert len(queue.renewals) > 3
-    assert min(due_in) > 0  # it never fell due
+    assert min(due_in) >= PERIOD - 1e-3  # it never came near to falling due
 
 
 def test_a_watch_lease_must_be_a_positive_time() -> None:
