@@ -86,8 +86,9 @@ class Watcher:
     lease, as it would had the process died.
 
     Args:
-        policy: The client's wait policy: the horizon of a payment's watch, counting a
-            wait before the first poll (the schedule recommended after paying).
+        policy: The client's wait policy: a payment's watch is renewed, while no wait is
+            on it, for the horizon of a wait on it, counting a wait before the first poll
+            (the schedule recommended after paying).
         in_thread: Run each queue call in a worker thread and return an awaitable of it:
             the async client's watches, which must not block the event loop.
     """
@@ -183,7 +184,7 @@ class Watcher:
     def _renew(self, order_ids: list[str]) -> None:
         try:
             self.queue.renew(order_ids, due_at=self._due())
-        except Exception:  # the next period tries again; the lease leaves room for two
+        except Exception:  # tried again a period later, still a period before it is due
             log.exception("could not renew the watches of %d orders", len(order_ids))
 
     def on_start(self, start: WaitStart) -> Any:
