@@ -22,9 +22,15 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from foxpoll import AsyncFoxReload, OrderFailed, OrderStalled, WaitPolicy, adeliver_once
+from foxpoll import (
+    AsyncFoxReload,
+    Order,
+    OrderFailed,
+    OrderStalled,
+    WaitPolicy,
+    adeliver_once,
+)
 from foxpoll.dedup import AsyncSQLiteDedupStore
-from foxpoll.models import Order
 from foxpoll.testing import FakeFoxReload, OrderScript
 
 inbox: dict[str, list[str]] = {}  # what each buyer has received

@@ -23,10 +23,15 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from foxpoll import ExponentialJitter, FoxReload, SystemClock, WaitPolicy
+from foxpoll import (
+    ExponentialJitter,
+    FoxReload,
+    Order,
+    SystemClock,
+    WaitPolicy,
+    deliver_once,
+)
 from foxpoll.dedup import SQLiteDedupStore
-from foxpoll.delivery import deliver_once
-from foxpoll.models import Order
 from foxpoll.ratelimit import SQLiteRateLimit
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 

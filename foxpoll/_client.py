@@ -53,6 +53,7 @@ from .models import Order
 from .polling import (
     DEFAULT_POLICY,
     NO_LISTENERS,
+    Listener,
     Listeners,
     WaitPolicy,
     WaitResult,
@@ -129,7 +130,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
         wait_policy: WaitPolicy | None = None,
-        listeners: Iterable[object] = (),
+        listeners: Iterable[Listener] = (),
     ) -> None:
         """A client for one API key.
 
@@ -418,7 +419,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         policy: WaitPolicy | None = None,
         timeout: float | None = None,
         raise_on_failure: bool = True,
-        listener: object | None = None,
+        listener: Listener | None = None,
     ) -> Order:
         """Poll an order until it is completed, failed or cancelled.
 
@@ -453,7 +454,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         *,
         policy: WaitPolicy | None = None,
         timeout: float | None = None,
-        listener: object | None = None,
+        listener: Listener | None = None,
         max_in_flight: int | None = None,
         max_requests_per_minute: float | None = None,
     ) -> Iterator[WaitResult]:
@@ -543,7 +544,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         policy: WaitPolicy | None = None,
         timeout: float | None = None,
         raise_on_failure: bool = True,
-        listener: object | None = None,
+        listener: Listener | None = None,
     ) -> Order:
         """See :meth:`FoxReload.wait_for_completion`; listener methods may be sync or
         async."""
@@ -556,7 +557,7 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         *,
         policy: WaitPolicy | None = None,
         timeout: float | None = None,
-        listener: object | None = None,
+        listener: Listener | None = None,
         max_in_flight: int | None = None,
         max_requests_per_minute: float | None = None,
     ) -> AsyncIterator[WaitResult]:
@@ -569,8 +570,8 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
                                     max_in_flight=max_in_flight)
         return drive_stream_async(flow, self._http, self._runtime.clock, gate=self._gate)
 
-    async def close(self) -> None:
-        """Close the connection pool, if this client created it."""
+    async def aclose(self) -> None:
+        """:meth:`FoxReload.close`, for asyncio."""
         if self._owns_http:
             await self._http.aclose()
 
@@ -583,4 +584,4 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()

@@ -192,7 +192,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
                 assert job is not None
                 row.status, row.next_poll_at = job.note or job.state.value, None
                 row.elapsed, row.done = clock.monotonic() - row.started_at, True
-                row.result = (f"recovered after {job.attempts + 1} re-checks, delivered"
+                row.result = (f"recovered after {job.attempts} re-checks, delivered"
                               if job.note == "completed" else f"{job.state.value} after recovery")
                 display.say(f"  {stalled[:8]}: {row.result}")
 

@@ -32,7 +32,7 @@ import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
 from ._deadlines import WATCHDOG, shut_down_fd
-from .errors import StoreUnavailable
+from .errors import StoreError, StoreUnavailable
 
 __all__ = ["PostgresConnections"]
 
@@ -115,8 +115,9 @@ class PostgresConnections:
         try:
             yield
         except psycopg.errors.UndefinedTable as exc:
-            raise StoreUnavailable(f"the {self.what} table {self.table!r} does not exist: "
-                                   "call create_schema() once") from exc
+            # Not an outage: waiting for the server would not make the table appear.
+            raise StoreError(f"the {self.what} table {self.table!r} does not exist: "
+                             "call create_schema() once") from exc
         except psycopg.OperationalError as exc:  # PoolTimeout and PoolClosed are ones
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
 

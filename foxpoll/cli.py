@@ -5,7 +5,8 @@
     foxpoll demo                          the whole job against the simulator, no key needed
     foxpoll orders get|pay|wait ORDER_ID  the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL)
     foxpoll orders create --item ID[:QTY] [--note KEY=VALUE] [--mock]
-        [--rate-limit PER_MINUTE|auto [--rate-limit-store sqlite:///PATH|redis://...]]
+        [--rate-limit PER_MINUTE|auto [--rate-limit-store sqlite:///PATH|redis://...]
+         [--rate-limit-table NAME | --rate-limit-key-prefix PREFIX]]
     foxpoll catalog [--category ID]       the categories, or a category's products
     foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
     foxpoll dlq list|requeue|resolve      the recovery queue's dead letters
@@ -13,9 +14,13 @@
     foxpoll simulate --port 8080          serve the simulator over HTTP
     foxpoll --version
 
-The queue's location comes from ``--queue`` or else ``FOXPOLL_QUEUE``, and the shared
-budget's from ``--rate-limit-store`` or else ``FOXPOLL_RATE_LIMIT_STORE``: a flag wins over
-its variable. With neither, a queue command stops (exit 2) rather than guess.
+The queue's location comes from ``--queue`` or else ``FOXPOLL_QUEUE`` (its table from
+``--table`` or ``FOXPOLL_QUEUE_TABLE``), and the shared budget's from
+``--rate-limit-store`` or else ``FOXPOLL_RATE_LIMIT_STORE`` (its SQLite table from
+``--rate-limit-table`` or ``FOXPOLL_RATE_LIMIT_TABLE``, its Redis key prefix from
+``--rate-limit-key-prefix`` or ``FOXPOLL_RATE_LIMIT_KEY_PREFIX``): a flag wins over its
+variable. With no queue, a queue command stops (exit 2) rather than guess; a queue command
+only reads what exists, and never creates a database file or a table.
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback instead. Exit
 codes: 0 done, 1 an error, 2 a usage error, 3 the order failed or was cancelled, 4 the
@@ -26,11 +31,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,11 +56,19 @@ EXIT_CODES = """exit codes:
 EXIT_USAGE, EXIT_FAILED, EXIT_STALLED = 2, 3, 4
 
 QUEUE_ENV = "FOXPOLL_QUEUE"
+QUEUE_TABLE_ENV = "FOXPOLL_QUEUE_TABLE"
 RATE_LIMIT_STORE_ENV = "FOXPOLL_RATE_LIMIT_STORE"
+RATE_LIMIT_TABLE_ENV = "FOXPOLL_RATE_LIMIT_TABLE"
+RATE_LIMIT_KEY_PREFIX_ENV = "FOXPOLL_RATE_LIMIT_KEY_PREFIX"
 
 
 class UsageError(Exception):
     """A command that cannot run as given: said in one line, exit status 2."""
+
+
+class CommandError(Exception):
+    """A command that ran and failed for a reason its message says in full (a missing
+    file, table or order): one line, exit status 1."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="share the budget with your other processes: sqlite:///PATH "
                              "(one host) or redis://... (a fleet); default "
                              f"${RATE_LIMIT_STORE_ENV}")
+    budget.add_argument("--rate-limit-table", metavar="NAME", default=argparse.SUPPRESS,
+                        help="the SQLite budget's table, as its table= (default "
+                             f"foxpoll_rate_limit); default ${RATE_LIMIT_TABLE_ENV}")
+    budget.add_argument("--rate-limit-key-prefix", metavar="PREFIX",
+                        default=argparse.SUPPRESS,
+                        help="the Redis budget's key prefix, as its key_prefix= (default "
+                             f"foxpoll:); default ${RATE_LIMIT_KEY_PREFIX_ENV}")
     orders = commands.add_parser(
         "orders", parents=[budget], help="orders on the real API",
         description="Orders on the real API. The key is read from FOXRELOAD_API_KEY and "
@@ -121,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                             f"queues); default ${QUEUE_ENV}, else an error")
     where.add_argument("--table", metavar="NAME", default=argparse.SUPPRESS,
                        help="the queue's table, schema-qualified if need be "
-                            "(billing.foxpoll_recovery); default foxpoll_recovery")
+                            f"(billing.foxpoll_recovery); default ${QUEUE_TABLE_ENV}, "
+                            "else foxpoll_recovery")
     recovery = commands.add_parser("recovery", parents=[where],
                                    help="the recovery queue's jobs, in every state")
     recovery_actions = recovery.add_subparsers(dest="action", required=True)
@@ -161,7 +183,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     except UsageError as exc:
         print(f"foxpoll: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FoxPollError, ValueError, KeyError, OSError) as exc:
+    except CommandError as exc:
+        if args.debug:
+            raise
+        print(f"foxpoll: error: {exc}", file=sys.stderr)
+        return 1
+    except (FoxPollError, ValueError, KeyError, OSError, ImportError) as exc:
         if args.debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -193,6 +220,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
 
 def _orders(args: argparse.Namespace, out: TextIO) -> int:
     from ._client import FoxReload
+    from .polling import Listener
 
     budget = _rate_limit(args)
     with contextlib.ExitStack() as owned:
@@ -208,8 +236,8 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
         elif args.action == "pay":
             order = client.orders.pay(args.order_id, payment_provider=args.provider)
         else:
-            class Progress:
-                """Prints each poll of the wait (a listener, see foxpoll.polling)."""
+            class Progress(Listener):
+                """Prints each poll of the wait."""
 
                 def on_poll(self, attempt: Any) -> None:
                     status = attempt.order.status.value if attempt.order else attempt.outcome
@@ -260,17 +288,24 @@ def _catalog(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _setting(args: argparse.Namespace, flag: str, variable: str | None = None
+             ) -> tuple[str | None, str]:
+    """The value of ``--flag``, else of ``$variable``, and which of the two gave it."""
+    value = getattr(args, flag[2:].replace("-", "_"), None)
+    if value is not None or variable is None:
+        return value, flag
+    return os.environ.get(variable) or None, f"${variable}"
+
+
 def _rate_limit(args: argparse.Namespace) -> Any:
     from .ratelimit import RateLimit, RedisRateLimit, SQLiteRateLimit
 
     spec = getattr(args, "rate_limit", None)
-    store = getattr(args, "rate_limit_store", None)
     if spec is None:
-        if store is not None:
-            raise ValueError("--rate-limit-store needs --rate-limit")
-        return None
-    if store is None:  # the variable is the fleet's setting; only a budget asks for it
-        store = os.environ.get(RATE_LIMIT_STORE_ENV) or None
+        for flag in ("--rate-limit-store", "--rate-limit-table", "--rate-limit-key-prefix"):
+            if _setting(args, flag)[0] is not None:
+                raise UsageError(f"{flag} needs --rate-limit")
+        return None  # the variables are the fleet's settings; only a budget asks for them
     if spec == "auto":
         per_minute = None
     else:
@@ -278,13 +313,51 @@ def _rate_limit(args: argparse.Namespace) -> Any:
             per_minute = float(spec)
         except ValueError:
             raise ValueError(f"--rate-limit {spec!r}: requests a minute, or auto") from None
+    store, _ = _setting(args, "--rate-limit-store", RATE_LIMIT_STORE_ENV)
+    table, table_from = _setting(args, "--rate-limit-table", RATE_LIMIT_TABLE_ENV)
+    prefix, prefix_from = _setting(args, "--rate-limit-key-prefix", RATE_LIMIT_KEY_PREFIX_ENV)
+    if store is None:
+        kind = "in-process"
+    elif store.startswith("sqlite:///"):
+        kind = "SQLite"
+    elif store.startswith(("redis://", "rediss://", "unix://")):
+        kind = "Redis"
+    else:
+        raise ValueError(f"rate-limit store {_shown(store)!r}: use sqlite:///PATH or "
+                         "redis://...")
+    # A name meant for another kind of budget would share nothing with the budget the
+    # partner meant: refused, never dropped.
+    if table is not None and kind != "SQLite":
+        raise UsageError(f"{table_from} names a SQLite budget's table, but the budget is "
+                         f"{kind}" + (" (a Redis budget takes --rate-limit-key-prefix)"
+                                      if kind == "Redis" else
+                                      ": give --rate-limit-store sqlite:///PATH"))
+    if prefix is not None and kind != "Redis":
+        raise UsageError(f"{prefix_from} names a Redis budget's key prefix, but the budget "
+                         f"is {kind}" + (" (a SQLite budget takes --rate-limit-table)"
+                                         if kind == "SQLite" else
+                                         ": give --rate-limit-store redis://..."))
     if store is None:
         return RateLimit(per_minute)
-    if store.startswith("sqlite:///"):
-        return SQLiteRateLimit(store[len("sqlite:///"):], per_minute)
-    if store.startswith(("redis://", "rediss://", "unix://")):
+    if kind == "SQLite":
+        path = store[len("sqlite:///"):]
+        if table is None:
+            return SQLiteRateLimit(path, per_minute)
+        return SQLiteRateLimit(path, per_minute, table=_table(table, table_from))
+    if prefix is None:
         return RedisRateLimit(store, per_minute)
-    raise ValueError(f"rate-limit store {_shown(store)!r}: use sqlite:///PATH or redis://...")
+    return RedisRateLimit(store, per_minute, key_prefix=prefix)
+
+
+def _table(text: str, given_by: str) -> str:
+    """``text``, a table name checked as the stores check it: a bad one is a usage error."""
+    from .dedup._sql import TableName
+
+    try:
+        TableName.parse(text)
+    except ValueError as exc:
+        raise UsageError(f"{given_by}: {exc}") from None
+    return text
 
 
 def _item(spec: str, note: dict[str, str] | None) -> dict[str, Any]:
@@ -360,9 +433,10 @@ def _recovery(args: argparse.Namespace, out: TextIO) -> int:
     queue = _queue(args)
     try:
         now = time.time()
-        shown, reasons = 0, set[str]()
+        shown, reasons, unreadable = 0, set[str](), dict[str, str]()
         for state in states:
-            for job in queue.jobs(JobState(state), limit=args.limit):
+            read = functools.partial(queue.jobs, JobState(state), limit=args.limit)
+            for job in _readable(read, unreadable):
                 if running is not None and job.running(now) != running:
                     continue
                 label = "running" if job.running(now) else job.state.value
@@ -372,34 +446,70 @@ def _recovery(args: argparse.Namespace, out: TextIO) -> int:
                       f"  last_error={job.last_error or '-'}", file=out)
                 shown += 1
                 reasons.add(job.reason or "")
-        print(f"{shown} job(s) {args.state}", file=out)
+        print(f"{shown} job(s) {args.state}" + _and_unreadable(unreadable), file=out)
         for reason in sorted(reasons & REASONS.keys()):
             print(f"reason={reason}: {REASONS[reason]}", file=sys.stderr)
     finally:
         queue.close()
-    return 0
+    return _say_unreadable(unreadable)
+
+
+def _readable(read: Callable[[], list[Any]], unreadable: dict[str, str]) -> list[Any]:
+    """The jobs ``read()`` returns; the rows it could not read go into ``unreadable``
+    (order id: what is wrong), and the ones it could are still returned."""
+    from .recovery.base import UnreadableJobs
+
+    try:
+        return read()
+    except UnreadableJobs as exc:
+        unreadable.update(exc.unreadable)
+        return exc.jobs
+
+
+def _and_unreadable(unreadable: dict[str, str]) -> str:
+    return f", {len(unreadable)} unreadable" if unreadable else ""
+
+
+def _say_unreadable(unreadable: dict[str, str]) -> int:
+    """Name each unreadable row on stderr; the exit status: 1 if there was one."""
+    for order_id, what in unreadable.items():
+        print(f"foxpoll: error: order {order_id}: unreadable row ({what})", file=sys.stderr)
+    return 1 if unreadable else 0
+
+
+# What each dead-letter action accepts a job in, and what it says of one in another state.
+_ACTIONS = {"requeue": (("dead", "resolved"), "only a dead or resolved order is requeued"),
+            "resolve": (("dead",), "only a dead letter is resolved")}
 
 
 def _dlq(args: argparse.Namespace, out: TextIO) -> int:
+    import time
+
     queue = _queue(args)
     try:
         if args.action == "list":
-            jobs = queue.list_dead()
+            unreadable: dict[str, str] = {}
+            jobs = _readable(queue.list_dead, unreadable)
             for job in jobs:
                 print(f"{job.order_id}  attempts={job.attempts}  last_status={job.last_status}"
                       f"  last_error={job.last_error or '-'}", file=out)
-            print(f"{len(jobs)} dead letter(s)", file=out)
-        elif args.action == "requeue":
+            print(f"{len(jobs)} dead letter(s)" + _and_unreadable(unreadable), file=out)
+            return _say_unreadable(unreadable)
+        # Checked first so that each refusal says why; the action itself checks again,
+        # atomically, against a worker or operator acting at the same moment.
+        job = queue.get(args.order_id)
+        if job is None:
+            raise CommandError(f"no order {args.order_id} in the queue")
+        states, rule = _ACTIONS[args.action]
+        if job.state.value not in states:
+            label = "running" if job.running(time.time()) else job.state.value
+            raise CommandError(f"order {args.order_id} is {label}, not dead: {rule}")
+        if args.action == "requeue":
             queue.requeue(args.order_id)
             print(f"{args.order_id}: requeued", file=out)
         else:
             queue.resolve(args.order_id, args.reason)
             print(f"{args.order_id}: resolved ({args.reason})", file=out)
-    except KeyError:
-        if args.debug:
-            raise
-        print(f"foxpoll: error: no order {args.order_id} in the queue", file=sys.stderr)
-        return 1
     finally:
         queue.close()
     return 0
@@ -408,28 +518,120 @@ def _dlq(args: argparse.Namespace, out: TextIO) -> int:
 DEFAULT_TABLE = "foxpoll_recovery"
 # A libpq keyword string ("host=db dbname=shop"), which the PostgreSQL queues accept too.
 _KEYWORDS = re.compile(r"\s*[A-Za-z_]+\s*=")
+# The columns that make a table a recovery queue's: a table without them is another one.
+_QUEUE_COLUMNS = ("order_id", "state", "attempts", "due_at")
+_CONNECT_TIMEOUT = 5  # seconds, for the check that the queue's table exists
 
 
 def _queue(args: argparse.Namespace) -> Any:
-    """The queue the command names: ``--queue``, else ``$FOXPOLL_QUEUE``; never a guess."""
-    location = getattr(args, "queue", None) or os.environ.get(QUEUE_ENV)
+    """The queue the command names: ``--queue``, else ``$FOXPOLL_QUEUE``; never a guess,
+    and never a new database or table (what a typo would otherwise open)."""
+    location, _ = _setting(args, "--queue", QUEUE_ENV)
     if not location:
         raise UsageError(f"which recovery queue? Give --queue sqlite:///PATH or "
                          f"postgresql://..., or set {QUEUE_ENV}")
-    table = getattr(args, "table", DEFAULT_TABLE)
+    table, table_from = _setting(args, "--table", QUEUE_TABLE_ENV)
+    table = _table(table or DEFAULT_TABLE, table_from)
     if location.startswith("sqlite:///"):
-        from .recovery.sqlite import SQLiteRecoveryQueue
-
-        path = Path(location[len("sqlite:///"):])
-        if not path.is_file():  # opening it would make a new, empty queue
-            raise ValueError(f"no queue at {location}: the file does not exist")
-        return SQLiteRecoveryQueue(path, table=table)
+        return _sqlite_queue(location, table)
     if location.startswith(("postgresql://", "postgres://")) or _KEYWORDS.match(location):
-        from .recovery.postgres import PostgresRecoveryQueue
-
-        return PostgresRecoveryQueue(location, table=table)
+        return _postgres_queue(location, table)
     raise ValueError(f"queue {_shown(location)!r}: use sqlite:///PATH, postgresql://... or "
                      "a libpq keyword string (host=... dbname=...)")
+
+
+def _sqlite_queue(location: str, table: str) -> Any:
+    import sqlite3
+
+    from .dedup._sql import TableName
+    from .errors import StoreUnavailable
+    from .recovery.sqlite import SQLiteRecoveryQueue
+
+    path = Path(location[len("sqlite:///"):])
+    if path.is_dir():
+        raise CommandError(f"{location} is a directory, not a SQLite database")
+    if not path.is_file():  # opening it would make a new, empty queue
+        raise CommandError(f"no queue at {location}: the file does not exist")
+    name = TableName.parse(table)
+    # Read-only, so that looking cannot create the table (the queue's constructor would).
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True, timeout=_CONNECT_TIMEOUT)) as db:
+            schemas = {row[1] for row in db.execute("PRAGMA database_list")}
+            columns = set() if (name.schema or "main") not in schemas else {
+                row[0] for row in db.execute("SELECT name FROM pragma_table_info(?, ?)",
+                                             (name.table, name.schema or "main"))}
+    except sqlite3.DatabaseError as exc:
+        # sqlite_errorname from Python 3.11; SQLite's own words before it.
+        if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB" or (
+                str(exc) == "file is not a database"):
+            raise CommandError(f"{location} is not a SQLite database") from exc
+        raise CommandError(f"cannot read {location}: {exc}") from exc
+    _check_columns(columns, location, table)
+    try:
+        return SQLiteRecoveryQueue(path, table=table)
+    except StoreUnavailable as exc:  # after the check, a file it may read but not write
+        raise CommandError(f"cannot open the queue in {location}: "
+                           f"{exc.__cause__ or exc}") from exc
+
+
+def _postgres_queue(location: str, table: str) -> Any:
+    from .recovery.postgres import PostgresRecoveryQueue  # says which extra is missing
+
+    _check_columns(*_postgres_columns(location, table), table)
+    return PostgresRecoveryQueue(location, table=table)
+
+
+def _postgres_columns(location: str, table: str) -> tuple[set[str], str]:
+    """The columns of ``table`` (none: no such table), and where it was looked for."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from .dedup._sql import TableName
+
+    try:
+        params = conninfo_to_dict(location)
+    except psycopg.Error:  # its message quotes the string, password and all
+        raise CommandError(f"queue {_shown(location)!r}: not a valid PostgreSQL connection "
+                           "string") from None
+    where = (f"PostgreSQL at {params.get('host') or os.environ.get('PGHOST') or 'localhost'}"
+             f":{params.get('port') or os.environ.get('PGPORT') or 5432}")
+    database = (params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user")
+                or os.environ.get("PGUSER"))  # libpq's default database is the user's
+    timeout = params.get("connect_timeout") or _CONNECT_TIMEOUT
+    # A read-only look in the catalog: the queue's own first statement would fail on a
+    # missing table only as an outage (StoreUnavailable), and name no table.
+    try:
+        with psycopg.connect(location, autocommit=True, connect_timeout=timeout) as conn:
+            found = conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                "AND attnum > 0 AND NOT attisdropped", [TableName.parse(table).qualified]
+            ).fetchall()
+    except psycopg.OperationalError as exc:
+        # libpq's own words, which never quote a password: what the server said (after
+        # "FATAL:"), or why no server answered ("Connection refused", "timeout expired").
+        first = (str(exc).strip().splitlines() or [""])[0]
+        said = first.partition("FATAL:")[2].strip()
+        if said:
+            raise CommandError(f"{where} refused the connection: {said}") from exc
+        reason = first.rpartition(": ")[2].strip()
+        raise CommandError(f"{where} is unreachable" + (f": {reason}" if reason else "")
+                           ) from exc
+    except psycopg.Error as exc:
+        raise CommandError(f"{where} could not look up table {table}: "
+                           f"{type(exc).__name__}") from exc
+    return {row[0] for row in found}, (f"database {database} on {where}" if database
+                                       else where)
+
+
+def _check_columns(columns: set[str], where: str, table: str) -> None:
+    if not columns:
+        raise CommandError(f"no table {table} in {where} (--table or {QUEUE_TABLE_ENV} names "
+                           f"the queue's table; the default is {DEFAULT_TABLE})")
+    missing = [name for name in _QUEUE_COLUMNS if name not in columns]
+    if missing:
+        raise CommandError(f"table {table} in {where} is not a recovery queue's (no column "
+                           f"{missing[0]})")
 
 
 def _shown(location: str) -> str:

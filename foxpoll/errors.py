@@ -28,7 +28,8 @@
         ├── DedupError                    a dedup store refused a step, or a record is corrupt
         │   ├── LeaseLost
         │   └── DeliveryInProgress        (.lease_until)
-        └── EventError                    a message on a stream is not an OrderEvent
+        ├── EventError                    a message on a stream is not an OrderEvent
+        └── recovery.UnreadableJobs       queue rows that cannot be read (.unreadable, .jobs)
 
 ``DedupError`` and ``EventError`` sit under ``StoreError`` because a store raises every one
 of them: ``except StoreError`` is the one handler for "the data layer said no, the order

@@ -22,10 +22,13 @@ Instruments (no order ids as labels, so their number stays bounded):
                                       short), by ``budget``; with :meth:`track`
 ``foxpoll_rate_limit_throttled_total``  429s received, by ``budget``
 ``foxpoll_rate_limit_per_minute``     the budget's rate now (the learned one, if adaptive)
+``foxpoll_worker_errors_total``       failed rounds of a long-running loop, by ``component``
+                                      (:meth:`~PrometheusMetrics.on_worker_error`)
 ====================================  ========================================================
 
-The alert on the completion rate, completed / (completed + stalled) over 10 minutes below
-99 %, is in ``docs/alerts.yml``.
+The alerts are in ``docs/alerts.yml``: the completion rate, completed / (completed +
+stalled) over 10 minutes, below 99 %; and a worker whose rounds keep failing (an outage
+of its queue, store or of the API) for 10 minutes.
 """
 
 from __future__ import annotations
@@ -57,6 +60,23 @@ class _ListenerMetrics(Listener):
 
     def _without_codes(self) -> None:
         raise NotImplementedError
+
+    def _worker_error(self, component: str) -> None:
+        raise NotImplementedError
+
+    def on_worker_error(self, component: str, error: BaseException) -> None:
+        """Count one failed round of a long-running loop that backs off and tries again.
+
+        foxpoll's loops call it: the recovery worker (``component="recovery"``), the
+        procrastinate dispatcher (``"dispatcher"``) and the event consumers (``"events"``).
+        Your own loops may call it too, with a component name of their own: a fixed word,
+        never an order id, so the number of series stays bounded.
+
+        Args:
+            component: Which loop failed.
+            error: What it failed with; only its presence is counted.
+        """
+        self._worker_error(component)
 
     def on_poll(self, attempt: PollAttempt) -> None:
         """Count the poll (and, at the first, the wait)."""
@@ -112,6 +132,10 @@ class PrometheusMetrics(_ListenerMetrics):
             "Seconds from the start of a wait to the completed order being seen.",
             buckets=COMPLETION_BUCKETS, registry=registry,
         )
+        self.worker_errors = Counter(
+            "foxpoll_worker_errors",
+            "Failed rounds of foxpoll's long-running loops (each backs off and tries again).",
+            ["component"], registry=registry)
         self._registry = registry
         self._budgets: dict[str, BaseRateLimit] = {}
 
@@ -129,6 +153,9 @@ class PrometheusMetrics(_ListenerMetrics):
 
     def _without_codes(self) -> None:
         self.without_codes.inc()
+
+    def _worker_error(self, component: str) -> None:
+        self.worker_errors.labels(component=component).inc()
 
     def _finished(self, kind: str, seconds: float | None) -> None:
         getattr(self, kind).inc()
@@ -190,6 +217,9 @@ class OpenTelemetryMetrics(_ListenerMetrics):
             "foxpoll.order.completion", unit="s",
             description="Seconds from the start of a wait to the completed order being seen.",
         )
+        self.worker_errors = meter.create_counter(
+            "foxpoll.worker.errors", unit="{round}",
+            description="Failed rounds of foxpoll's long-running loops.")
         self._meter = meter
 
     def track(self, limit: BaseRateLimit, *, budget: str = "default") -> None:
@@ -218,6 +248,9 @@ class OpenTelemetryMetrics(_ListenerMetrics):
 
     def _without_codes(self) -> None:
         self.without_codes.add(1)
+
+    def _worker_error(self, component: str) -> None:
+        self.worker_errors.add(1, {"component": component})
 
     def _finished(self, kind: str, seconds: float | None) -> None:
         getattr(self, kind).add(1)

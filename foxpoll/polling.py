@@ -179,31 +179,41 @@ class Stall:
     final: bool
 
 
-class Listener:
+class Listener(Protocol):
     """What a wait tells the code that watches it: subclass it and override the events
     you need (the others do nothing).
 
     A listener is given to a client (``FoxReload(listeners=[...])``, for every wait) or
-    to one call (``wait_for_completion(..., listener=...)``). Any object with some of
-    these methods will do; on :class:`~foxpoll.AsyncFoxReload` a method may be a
-    coroutine function, which is awaited before the wait goes on. What a method raises
-    ends the wait with that exception.
+    to one call (``wait_for_completion(..., listener=...)``). It is a protocol: a class
+    with all five methods needs no base class, and at run time any object with some of
+    them will do (a type checker wants the subclass for that). On
+    :class:`~foxpoll.AsyncFoxReload` a method may be a coroutine function, which is
+    awaited before the wait goes on. What a method raises ends the wait with that
+    exception.
     """
+
+    # Each method returns explicitly: a type checker takes an empty protocol method for an
+    # abstract one, and a subclass must be free to leave any event out.
 
     def on_start(self, start: WaitStart) -> Any:
         """A wait began, before its first poll (recovery queues record a watch here)."""
+        return None
 
     def on_poll(self, attempt: PollAttempt) -> Any:
         """A poll was answered, or failed."""
+        return None
 
     def on_status_change(self, change: StatusChange) -> Any:
         """The order's status moved (or was first seen)."""
+        return None
 
     def on_stall(self, stall: Stall) -> Any:
         """The status has not moved for ``stall_after`` seconds, or the wait gives up."""
+        return None
 
     def on_finish(self, result: WaitResult) -> Any:
         """The wait ended, however it ended (metrics and recovery queues count here)."""
+        return None
 
 
 EVENTS = ("on_start", "on_poll", "on_status_change", "on_stall", "on_finish")

@@ -12,9 +12,10 @@ less; later polls two less. So when permits are short, polls wait while a buy st
 one: the order holds across processes, because they share one ``tat``.
 
 With ``per_minute=None`` (or ``adaptive=True``) the rate is learned (AIMD): it starts at
-the ceiling; a 429 pauses every holder of the budget for the ``Retry-After`` (at most
-``max_pause``) and halves the rate, at most once per two seconds (one storm of 429s is one
-signal); each success wins back 1/400 of the ceiling. Backends:
+the ceiling; a 429 pauses every holder of the budget for the ``Retry-After`` and halves
+the rate, at most once per two seconds (one storm of 429s is one signal); each success
+wins back 1/400 of the ceiling. The client caps the ``Retry-After`` it reports with its
+``max_retry_after``; a budget called directly caps it at :data:`MAX_PAUSE`. Backends:
 
 =====================  ============================================  =====================
 ``RateLimit``          one process (threads and tasks)               a lock
@@ -62,7 +63,10 @@ __all__ = [
 ADAPTIVE_CEILING = 1200.0
 GROWTH = 1 / 400  # of the ceiling, per success, for a learned rate
 CUT_WINDOW = 2.0  # seconds: the 429s within one window after a cut are one signal
-MAX_PAUSE = 60.0
+#: The longest pause, in seconds, one ``throttled`` call imposes. Only a sanity bound, for
+#: a budget called directly: a client caps what it reports with its ``max_retry_after``
+#: first, so a ``max_retry_after`` above this still pauses the budget for this at most.
+MAX_PAUSE = 3600.0
 
 
 class Priority(enum.IntEnum):
@@ -135,7 +139,6 @@ class Settings:
     per_minute: float | None = attrs.field(default=None, validator=_positive)
     burst: int | None = None
     adaptive: bool = False
-    max_pause: float = attrs.field(default=MAX_PAUSE, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.burst is not None and (isinstance(self.burst, bool) or self.burst < 1):
@@ -195,7 +198,6 @@ class BaseRateLimit(abc.ABC):
         per_minute: The key's limit; None learns it (see the module docs).
         burst: Permits that may go at once; half a second's worth by default.
         adaptive: Learn below ``per_minute`` from 429s (implied when it is None).
-        max_pause: The longest pause a ``Retry-After`` can impose, in seconds.
 
     Raises:
         StoreUnavailable: from each call, when the backend's server cannot be reached or
@@ -206,8 +208,8 @@ class BaseRateLimit(abc.ABC):
     _unreached: tuple[type[BaseException], ...] = ()
 
     def __init__(self, per_minute: float | None = None, *, burst: int | None = None,
-                 adaptive: bool = False, max_pause: float = MAX_PAUSE) -> None:
-        self.settings = Settings(per_minute, burst, adaptive, max_pause)
+                 adaptive: bool = False) -> None:
+        self.settings = Settings(per_minute, burst, adaptive)
         self._lock = threading.Lock()
         self._successes = 0  # not yet told to a shared backend (learned rates only)
         self.waits = 0  #: acquire calls answered "not yet"
@@ -272,10 +274,16 @@ class BaseRateLimit(abc.ABC):
     def _pause(self, retry_after: float | None) -> float:
         self.throttles += 1
         asked = 1.0 if retry_after is None or not math.isfinite(retry_after) else retry_after
-        return min(max(asked, 0.0), self.settings.max_pause)
+        return min(max(asked, 0.0), MAX_PAUSE)
 
     def throttled(self, retry_after: float | None) -> None:
-        """A 429: pause every holder of this budget (and halve a learned rate)."""
+        """A 429: pause every holder of this budget (and halve a learned rate).
+
+        Args:
+            retry_after: The pause in seconds, as the server asked (a client caps it with
+                its ``max_retry_after`` first); 1 when None or not finite, at most
+                :data:`MAX_PAUSE`.
+        """
         with self._reaching():
             self.last_state = self._throttle(self._pause(retry_after))
 
@@ -320,9 +328,8 @@ class RateLimit(BaseRateLimit):
     """
 
     def __init__(self, per_minute: float | None = None, *, burst: int | None = None,
-                 adaptive: bool = False, max_pause: float = MAX_PAUSE,
-                 clock: Clock | None = None) -> None:
-        super().__init__(per_minute, burst=burst, adaptive=adaptive, max_pause=max_pause)
+                 adaptive: bool = False, clock: Clock | None = None) -> None:
+        super().__init__(per_minute, burst=burst, adaptive=adaptive)
         self._clock = (clock or SystemClock()).monotonic
         self._state = self.settings.fresh()
         self._state_lock = threading.Lock()
@@ -376,10 +383,9 @@ class SQLiteRateLimit(BaseRateLimit):
 
     def __init__(self, where: str | os.PathLike[str], per_minute: float | None = None, *,
                  burst: int | None = None, adaptive: bool = False,
-                 max_pause: float = MAX_PAUSE, table: str = "foxpoll_rate_limit",
-                 key: str = "default", busy_timeout: float = 30.0,
-                 clock: Clock | None = None) -> None:
-        super().__init__(per_minute, burst=burst, adaptive=adaptive, max_pause=max_pause)
+                 table: str = "foxpoll_rate_limit", key: str = "default",
+                 busy_timeout: float = 30.0, clock: Clock | None = None) -> None:
+        super().__init__(per_minute, burst=burst, adaptive=adaptive)
         name = TableName.parse(table).qualified  # checked and quoted: safe in statements
         self._schema = _SQLITE_SCHEMA.format(table=name)
         self._select = (f"SELECT tat, rate, paused_until, cut_until FROM {name} "  # noqa: S608
@@ -500,9 +506,9 @@ class RedisRateLimit(BaseRateLimit):
 
     def __init__(self, where: Any, per_minute: float | None = None, *,
                  burst: int | None = None, adaptive: bool = False,
-                 max_pause: float = MAX_PAUSE, key_prefix: str = "foxpoll:",
-                 connect_timeout: float = 5.0, statement_timeout: float = 5.0) -> None:
-        super().__init__(per_minute, burst=burst, adaptive=adaptive, max_pause=max_pause)
+                 key_prefix: str = "foxpoll:", connect_timeout: float = 5.0,
+                 statement_timeout: float = 5.0) -> None:
+        super().__init__(per_minute, burst=burst, adaptive=adaptive)
         try:
             import redis
             import redis.asyncio

@@ -1,6 +1,7 @@
 """A process that pays an order and is killed with SIGKILL before it waits.
 
-Usage: python pay_worker.py QUEUE_PATH WAIT_TIMEOUT
+Usage: python pay_worker.py QUEUE_PATH WAIT_TIMEOUT, with FOXRELOAD_BASE_URL and
+FOXRELOAD_API_KEY naming a simulator served over HTTP (it outlives this process).
 Prints the paid order's id (flushed), then sleeps until killed.
 """
 
@@ -9,16 +10,13 @@ from __future__ import annotations
 import sys
 import time
 
-from foxpoll import SystemClock
-from foxpoll.polling import WaitPolicy
+from foxpoll import FoxReload, WaitPolicy
 from foxpoll.recovery import SQLiteRecoveryQueue
-from foxpoll.testing import FakeFoxReload
 
 if __name__ == "__main__":
     path, timeout = sys.argv[1], float(sys.argv[2])
-    sim = FakeFoxReload(clock=SystemClock())
-    with sim.client(recovery_queue=SQLiteRecoveryQueue(path),
-                    wait_policy=WaitPolicy(timeout=timeout)) as client:
+    with FoxReload(recovery_queue=SQLiteRecoveryQueue(path),
+                   wait_policy=WaitPolicy(timeout=timeout)) as client:
         order = client.orders.create(items=[{"itemId": "product_steam_10"}])
         client.orders.pay(order.id)
         print(order.id, flush=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from foxpoll import SystemClock, __version__
-from foxpoll.cli import main
+from foxpoll.cli import CommandError, main
 from foxpoll.recovery import SQLiteRecoveryQueue
 from foxpoll.testing import FakeFoxReload, Fault, FaultKind, OrderScript, SimulatorServer
 
@@ -23,6 +25,21 @@ from foxpoll.testing import FakeFoxReload, Fault, FaultKind, OrderScript, Simula
 def run(*argv: str) -> tuple[int, str]:
     out = io.StringIO()
     return main(list(argv), out=out), out.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _no_foxpoll_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sets the FOXPOLL_* variables it means to: none leak in from the shell."""
+    for name in list(os.environ):
+        if name.startswith("FOXPOLL_") and not name.startswith("FOXPOLL_TEST_"):
+            monkeypatch.delenv(name)
+
+
+def tables(path: Path) -> set[str]:
+    """The tables of a SQLite file, read without changing it."""
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master "
+                                             "WHERE type = 'table'")}
 
 
 def test_version() -> None:
@@ -50,6 +67,7 @@ def test_dlq_list_requeue_resolve(tmp_path: Path) -> None:
     with SQLiteRecoveryQueue(path) as queue:
         for order_id in ("o-1", "o-2"):
             queue.enqueue(order_id)
+            assert queue.take() is not None  # the one re-check, counted as it is taken
             queue.bury(order_id, last_status="processing", last_error="timeout")
     url = f"sqlite:///{path}"
     code, listing = run("dlq", "--queue", url, "list")
@@ -164,7 +182,7 @@ def test_errors_are_one_line_without_a_traceback(
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     SQLiteRecoveryQueue(tmp_path / "q.db").close()
-    with pytest.raises(KeyError):
+    with pytest.raises(CommandError, match="no order nope"):
         main(["--debug", "dlq", "--queue", f"sqlite:///{tmp_path / 'q.db'}", "requeue", "nope"])
 
 
@@ -192,6 +210,132 @@ def test_a_missing_sqlite_file_is_an_error_not_a_new_queue(
     assert not missing.exists()
 
 
+def test_a_directory_or_a_file_that_is_no_database_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("dlq", "list", "--queue", f"sqlite:///{tmp_path}") == (1, "")
+    assert capsys.readouterr().err == (f"foxpoll: error: sqlite:///{tmp_path} is a directory, "
+                                       "not a SQLite database\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("dear diary, " * 100)
+    assert run("recovery", "list", "--queue", f"sqlite:///{notes}") == (1, "")
+    err = capsys.readouterr().err
+    assert err == f"foxpoll: error: sqlite:///{notes} is not a SQLite database\n"
+    assert "StoreUnavailable" not in err  # a configuration error, not an outage
+    assert notes.read_text() == "dear diary, " * 100
+
+
+@pytest.mark.parametrize("table", ["foxpoll_recovry", "billing.foxpoll_recovery",
+                                   "main.foxpoll_recovry"])
+def test_a_mistyped_table_is_an_error_not_a_new_table_on_sqlite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str
+) -> None:
+    path = tmp_path / "q.db"
+    SQLiteRecoveryQueue(path).close()
+    before = tables(path)
+    for argv in (["dlq", "list"], ["recovery", "list"], ["dlq", "requeue", "o-1"]):
+        assert run(*argv, "--queue", f"sqlite:///{path}", "--table", table) == (1, "")
+        assert capsys.readouterr().err.startswith(
+            f"foxpoll: error: no table {table} in sqlite:///{path} (--table or "
+            "FOXPOLL_QUEUE_TABLE names the queue's table")
+    assert tables(path) == before
+
+
+def test_a_table_that_is_not_a_queue_s_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    assert run("dlq", "list", "--queue", f"sqlite:///{path}", "--table", "customers")[0] == 1
+    assert "table customers in sqlite:///" in capsys.readouterr().err
+    with contextlib.closing(sqlite3.connect(path)) as db:  # nothing added to it
+        assert [row[1] for row in db.execute("PRAGMA table_info(customers)")] == ["id", "name"]
+
+
+def dead_and_queued(queue: Any) -> None:
+    """o-dead is a dead letter, o-queued waits for its next re-check."""
+    queue.enqueue("o-dead")
+    queue.bury("o-dead", last_status="processing", last_error="timeout")
+    queue.enqueue("o-queued", due_at=time.time() + 60)
+
+
+def check_dlq_refusals(url: str, capsys: pytest.CaptureFixture[str], *table: str) -> None:
+    for argv, said in (
+        (["requeue", "no-such-order"], "no order no-such-order in the queue"),
+        (["resolve", "no-such-order", "refunded"], "no order no-such-order in the queue"),
+        (["resolve", "o-queued", "refunded"],
+         "order o-queued is queued, not dead: only a dead letter is resolved"),
+        (["requeue", "o-queued"],
+         "order o-queued is queued, not dead: only a dead or resolved order is requeued"),
+    ):
+        assert run("dlq", *argv, "--queue", url, *table) == (1, "")
+        assert capsys.readouterr().err == f"foxpoll: error: {said}\n"
+    assert run("dlq", "resolve", "o-dead", "refunded", "--queue", url, *table) == (
+        0, "o-dead: resolved (refunded)\n")
+    code, _ = run("dlq", "resolve", "o-dead", "again", "--queue", url, *table)
+    assert code == 1
+    assert capsys.readouterr().err.endswith("order o-dead is resolved, not dead: only a dead "
+                                            "letter is resolved\n")
+
+
+def test_a_missing_or_live_order_is_a_one_line_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with SQLiteRecoveryQueue(tmp_path / "q.db") as queue:
+        dead_and_queued(queue)
+    check_dlq_refusals(f"sqlite:///{tmp_path / 'q.db'}", capsys)
+    with SQLiteRecoveryQueue(tmp_path / "q.db") as queue:
+        assert queue.get("o-queued").state.value == "queued"  # type: ignore[union-attr]
+        assert queue.get("no-such-order") is None
+
+
+def spoil(queue: Any, execute: Any) -> None:
+    """Three jobs, each in the active and dead listings; o7's lease time is no number."""
+    for order_id in ("o1", "o7", "o9"):
+        queue.enqueue(order_id, due_at=time.time() + 60)
+    for order_id in ("d1", "d7", "d9"):
+        queue.enqueue(order_id)
+        queue.bury(order_id, last_status="processing", last_error="timeout")
+    execute("o7")
+    execute("d7")
+
+
+def check_bad_rows(url: str, capsys: pytest.CaptureFixture[str], value: str,
+                   *table: str) -> None:
+    code, listing = run("recovery", "list", "--queue", url, *table)
+    assert code == 1
+    assert [line.split()[0] for line in listing.splitlines()[:-1]] == ["o1", "o9"]
+    assert listing.splitlines()[-1] == "2 job(s) active, 1 unreadable"
+    err = capsys.readouterr().err
+    assert f"foxpoll: error: order o7: unreadable row (locked_until={value})\n" in err
+    assert "Traceback" not in err
+    code, listing = run("dlq", "list", "--queue", url, *table)
+    assert code == 1
+    assert [line.split()[0] for line in listing.splitlines()[:-1]] == ["d1", "d9"]
+    assert listing.splitlines()[-1] == "2 dead letter(s), 1 unreadable"
+    assert capsys.readouterr().err == (f"foxpoll: error: order d7: unreadable row "
+                                       f"(locked_until={value})\n")
+    assert run("dlq", "requeue", "d7", "--queue", url, *table)[0] == 1
+    assert "order d7: unreadable row" in capsys.readouterr().err
+    assert run("dlq", "requeue", "d9", "--queue", url, *table) == (0, "d9: requeued\n")
+
+
+def test_a_bad_row_hides_no_other_on_sqlite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "q.db"
+
+    def bad(order_id: str) -> None:  # SQLite keeps a text that is no number as text
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE foxpoll_recovery SET locked_until = 'soon' "
+                       "WHERE order_id = ?", (order_id,))
+
+    with SQLiteRecoveryQueue(path) as queue:
+        spoil(queue, bad)
+    check_bad_rows(f"sqlite:///{path}", capsys, "'soon'")
+
+
 def test_the_queue_comes_from_the_flag_else_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -211,11 +355,13 @@ def test_table_names_the_queue_s_table(tmp_path: Path, monkeypatch: pytest.Monke
         queue.bury("o-1", last_status=None, last_error=None)
     monkeypatch.setenv("FOXPOLL_QUEUE", f"sqlite:///{tmp_path / 'q.db'}")
     assert run("dlq", "list", "--table", "partner_recovery")[1].split()[0] == "o-1"
-    assert run("dlq", "list")[1].strip() == "0 dead letter(s)"  # the default table
     assert run("dlq", "--table", "partner_recovery", "requeue", "o-1") == (0,
                                                                         "o-1: requeued\n")
     assert run("recovery", "list", "--table", "partner_recovery")[1].split()[:2] == [
         "o-1", "queued"]
+    monkeypatch.setenv("FOXPOLL_QUEUE_TABLE", "partner_recovery")  # or from the variable
+    assert run("recovery", "list")[1].split()[:2] == ["o-1", "queued"]
+    assert run("recovery", "list", "--table", "foxpoll_recovery")[0] == 1  # the flag wins
 
 
 @pytest.mark.service
@@ -248,6 +394,105 @@ def test_a_schema_qualified_table_and_a_keyword_string_on_postgresql() -> None:
     finally:
         with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def pg_table() -> Iterator[str]:
+    """A queue table of this test's own on PostgreSQL, dropped after it."""
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    from .services import POSTGRES_URL, drop_table, require
+
+    require("PostgreSQL", "127.0.0.1", 5432)
+    table = f"cli_{uuid.uuid4().hex[:10]}"
+    with PostgresRecoveryQueue(POSTGRES_URL, table=table) as queue:
+        queue.create_schema()
+    try:
+        yield table
+    finally:
+        drop_table(table)
+
+
+def pg_relation(name: str) -> str | None:
+    import psycopg
+
+    from .services import POSTGRES_URL
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        row = conn.execute("SELECT to_regclass(%s)::text", [name]).fetchone()
+    return row[0] if row else None
+
+
+@pytest.mark.service
+def test_a_mistyped_table_is_an_error_not_a_new_table_on_postgresql(
+    pg_table: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .services import POSTGRES_URL
+
+    schema = f"nobilling_{uuid.uuid4().hex[:8]}"
+    for table in (pg_table + "x", f"{schema}.{pg_table}"):
+        for argv in (["dlq", "list"], ["recovery", "list"], ["dlq", "resolve", "o-1", "x"]):
+            assert run(*argv, "--queue", POSTGRES_URL, "--table", table) == (1, "")
+            err = capsys.readouterr().err
+            assert err.startswith(f"foxpoll: error: no table {table} in database test on "
+                                  "PostgreSQL at 127.0.0.1:5432 (--table")
+            assert "StoreUnavailable" not in err
+        assert pg_relation(table) is None
+    assert pg_relation(f"{schema}.x") is None  # nor a new schema
+
+
+@pytest.mark.service
+def test_a_missing_or_live_order_is_a_one_line_refusal_on_postgresql(
+    pg_table: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    from .services import POSTGRES_URL
+
+    with PostgresRecoveryQueue(POSTGRES_URL, table=pg_table) as queue:
+        dead_and_queued(queue)
+    check_dlq_refusals(POSTGRES_URL, capsys, "--table", pg_table)
+
+
+@pytest.mark.service
+def test_a_bad_row_hides_no_other_on_postgresql(
+    pg_table: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import psycopg
+    from psycopg import sql
+
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    from .services import POSTGRES_URL
+
+    def bad(order_id: str) -> None:  # double precision holds one value that is no number
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("UPDATE {} SET locked_until = 'NaN' WHERE order_id = %s")
+                         .format(sql.Identifier(pg_table)), [order_id])
+
+    with PostgresRecoveryQueue(POSTGRES_URL, table=pg_table) as queue:
+        spoil(queue, bad)
+    check_bad_rows(POSTGRES_URL, capsys, "nan", "--table", pg_table)
+
+
+def test_an_unreachable_postgresql_says_unreachable(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .services import free_port
+
+    port = free_port()  # nothing listens there
+    for where in (f"postgresql://postgres:hunter2@127.0.0.1:{port}/test",
+                  f"host=127.0.0.1 port={port} dbname=test user=postgres password=hunter2"):
+        assert run("dlq", "list", "--queue", where) == (1, "")
+        err = capsys.readouterr().err
+        assert err.startswith(f"foxpoll: error: PostgreSQL at 127.0.0.1:{port} is "
+                              "unreachable")
+        assert len(err.splitlines()) == 1
+        assert "hunter2" not in err
+    assert run("dlq", "list", "--queue", "host=127.0.0.1 password=hunter2 oops") == (1, "")
+    err = capsys.readouterr().err
+    assert "not a valid PostgreSQL connection string" in err
+    assert "hunter2" not in err
 
 
 @pytest.fixture
@@ -438,7 +683,7 @@ def test_bad_rate_limits_are_one_line_errors(
     assert "requests a minute, or auto" in capsys.readouterr().err
     assert run("orders", "get", "x", "--rate-limit", "0")[0] == 1
     assert "per_minute" in capsys.readouterr().err
-    assert run("orders", "get", "x", "--rate-limit-store", "redis://x")[0] == 1
+    assert run("orders", "get", "x", "--rate-limit-store", "redis://x")[0] == 2
     assert "needs --rate-limit" in capsys.readouterr().err
 
 
@@ -457,6 +702,89 @@ def test_the_budget_store_comes_from_the_flag_else_the_environment(
                )[0] == 0
     assert from_flag.exists()
     assert not from_env.exists()  # the flag wins
+
+
+BUY = ("orders", "create", "--item", "product_steam_10", "--rate-limit", "100")
+
+
+def test_the_cli_shares_a_sqlite_budget_in_the_table_it_names(
+    api: FakeFoxReload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "b.db"
+    store = f"sqlite:///{path}"
+    assert run(*BUY, "--rate-limit-store", store, "--rate-limit-table", "partner_budget"
+               )[0] == 0
+    assert tables(path) == {"partner_budget"}  # the named table, not the default one
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT key FROM partner_budget").fetchall() == [("default",)]
+    monkeypatch.setenv("FOXPOLL_RATE_LIMIT_STORE", store)
+    monkeypatch.setenv("FOXPOLL_RATE_LIMIT_TABLE", "main.env_budget")
+    assert run(*BUY)[0] == 0
+    assert tables(path) == {"partner_budget", "env_budget"}
+    assert run(*BUY, "--rate-limit-table", "flag_budget")[0] == 0  # the flag wins
+    assert tables(path) == {"partner_budget", "env_budget", "flag_budget"}
+
+
+@pytest.mark.service
+def test_the_cli_shares_a_redis_budget_under_the_key_prefix_it_names(
+    api: FakeFoxReload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from .services import REDIS_URL, delete_keys, require
+
+    require("Redis", "127.0.0.1", 6379)
+    prefix = f"cli-{uuid.uuid4().hex[:8]}:"
+    try:
+        with redis.Redis.from_url(REDIS_URL) as client:
+            assert run(*BUY, "--rate-limit-store", REDIS_URL,
+                       "--rate-limit-key-prefix", f"{prefix}flag:")[0] == 0
+            assert client.exists(f"{prefix}flag:rate-limit")
+            monkeypatch.setenv("FOXPOLL_RATE_LIMIT_STORE", REDIS_URL)
+            monkeypatch.setenv("FOXPOLL_RATE_LIMIT_KEY_PREFIX", f"{prefix}env:")
+            assert run(*BUY)[0] == 0
+            assert client.exists(f"{prefix}env:rate-limit")
+    finally:
+        delete_keys(prefix)
+
+
+@pytest.mark.parametrize(("argv", "env", "said"), [
+    (["--rate-limit-store", "sqlite:///b.db", "--rate-limit-key-prefix", "acme:"], {},
+     "--rate-limit-key-prefix names a Redis budget's key prefix, but the budget is SQLite "
+     "(a SQLite budget takes --rate-limit-table)"),
+    (["--rate-limit-store", "redis://127.0.0.1:1", "--rate-limit-table", "acme"], {},
+     "--rate-limit-table names a SQLite budget's table, but the budget is Redis (a Redis "
+     "budget takes --rate-limit-key-prefix)"),
+    (["--rate-limit-table", "acme"], {},
+     "--rate-limit-table names a SQLite budget's table, but the budget is in-process: "
+     "give --rate-limit-store sqlite:///PATH"),
+    (["--rate-limit-store", "redis://127.0.0.1:1"], {"FOXPOLL_RATE_LIMIT_TABLE": "acme"},
+     "$FOXPOLL_RATE_LIMIT_TABLE names a SQLite budget's table, but the budget is Redis"),
+    ([], {"FOXPOLL_RATE_LIMIT_KEY_PREFIX": "acme:"},
+     "$FOXPOLL_RATE_LIMIT_KEY_PREFIX names a Redis budget's key prefix, but the budget is "
+     "in-process: give --rate-limit-store redis://..."),
+    (["--rate-limit-table", "bad name"], {"FOXPOLL_RATE_LIMIT_STORE": "sqlite:///b.db"},
+     "--rate-limit-table: table name 'bad name'"),
+])
+def test_a_budget_name_that_does_not_fit_the_store_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str], env: dict[str, str], said: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FOXRELOAD_API_KEY", raising=False)  # refused before any request
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert run("orders", "get", "o-1", "--rate-limit", "100", *argv) == (2, "")
+    err = capsys.readouterr().err
+    assert err.startswith(f"foxpoll: error: {said}")
+    assert len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no budget file made
+
+
+@pytest.mark.parametrize("flag", ["--rate-limit-table", "--rate-limit-key-prefix"])
+def test_a_budget_name_needs_a_budget(capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    assert run("orders", "get", "o-1", flag, "x") == (2, "")
+    assert capsys.readouterr().err == f"foxpoll: error: {flag} needs --rate-limit\n"
 
 
 def _first_order_id(*argv: str) -> str:

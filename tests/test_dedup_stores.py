@@ -273,10 +273,12 @@ class TestDynamoDBStore(DedupStoreConformance):
 
 class TestAsyncDynamoDBStore(DedupStoreConformance):
     @pytest.fixture
-    def make_store(self, dynamodb_table: str, moto_url: str) -> Any:
+    def make_store(self, dynamodb_table: str, moto_url: str,
+                   monkeypatch: pytest.MonkeyPatch) -> Any:
         from foxpoll.dedup import AsyncDynamoDBDedupStore
 
-        return AsyncDynamoDBDedupStore(dynamodb_table, endpoint_url=moto_url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)  # for the client the store opens
+        return AsyncDynamoDBDedupStore(dynamodb_table)
 
 
 @pytest.mark.service

@@ -43,10 +43,11 @@ def test_create_table_makes_the_table_its_index_and_the_ttl(client: Any) -> None
     assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "expires_at")
 
 
-async def test_the_async_store_creates_its_table_and_delivers_once(moto_url: str,
-                                                                   client: Any) -> None:
+async def test_the_async_store_creates_its_table_and_delivers_once(
+        moto_url: str, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     table = new_table()
-    store = AsyncDynamoDBDedupStore(table, endpoint_url=moto_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)  # for the client the store opens
+    store = AsyncDynamoDBDedupStore(table)
     try:
         await store.create_table()
         await store.create_table()
@@ -105,10 +106,11 @@ def test_an_unreachable_endpoint_is_store_unavailable_within_the_timeout() -> No
 
 
 @pytest.mark.slow
-async def test_an_unreachable_endpoint_is_store_unavailable_on_asyncio() -> None:
+async def test_an_unreachable_endpoint_is_store_unavailable_on_asyncio(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
-    store = AsyncDynamoDBDedupStore(new_table(), endpoint_url=f"http://127.0.0.1:{port}",
-                                    statement_timeout=1.0)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    store = AsyncDynamoDBDedupStore(new_table(), statement_timeout=1.0)
     try:
         with pytest.raises(StoreUnavailable) as info:
             await store.get("some-order")

@@ -1,9 +1,11 @@
 """The constructor grammar's promises, through public behaviour: ``statement_timeout`` ends
 a budget's or a stream's call on a frozen network, ``busy_timeout`` ends a wait for
-another process's SQLite lock, and a client you pass in outlives ``with``."""
+another process's SQLite lock, a client you pass in outlives ``with``, and one the object
+opens itself is bounded by its timeouts and closed with it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
@@ -141,3 +143,67 @@ def test_sqlite_budgets_in_tables_of_their_own_are_apart(tmp_path: Path) -> None
         tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
                             "ORDER BY name").fetchall()
     assert tables == [('Budget "A"',), ("foxpoll_rate_limit",)]
+
+
+async def aws_object(kind: str, moto_url: str, client: Any) -> tuple[Any, Callable[[], Any]]:
+    """An async AWS object on ``client`` (None: its own), and one call of it."""
+    import boto3
+
+    if kind == "sqs":
+        from foxpoll.events import AsyncSQSPublisher
+
+        queue = boto3.client("sqs", endpoint_url=moto_url).create_queue(
+            QueueName=f"foxpoll-grammar-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+        publisher = AsyncSQSPublisher(queue, client=client, connect_timeout=2.0,
+                                      statement_timeout=3.0)
+        return publisher, lambda: publisher.publish(event())
+    from foxpoll.dedup import AsyncDynamoDBDedupStore, DynamoDBDedupStore
+
+    table = f"foxpoll-grammar-{uuid.uuid4().hex[:8]}"
+    DynamoDBDedupStore(table, client=boto3.client("dynamodb", endpoint_url=moto_url)
+                       ).create_table()
+    store = AsyncDynamoDBDedupStore(table, client=client, connect_timeout=2.0,
+                                    statement_timeout=3.0)
+    return store, lambda: store.get("order-1")
+
+
+@pytest.mark.parametrize("kind", ["sqs", "dynamodb"])
+async def test_an_async_aws_object_closes_the_client_it_opened_and_never_yours(
+        kind: str, moto_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aioboto3
+
+    configs: list[Any] = []  # of every aioboto3 client opened, in order
+    closed: list[int] = []  # which of them were closed, in order
+    opening = aioboto3.Session.client
+
+    def spied(session: Any, service_name: str, **kwargs: Any) -> Any:
+        context = opening(session, service_name, **kwargs)
+
+        class Spy:
+            async def __aenter__(self) -> Any:
+                self.number = len(configs)
+                configs.append(kwargs.get("config"))
+                return await context.__aenter__()
+
+            async def __aexit__(self, *exc: Any) -> Any:
+                closed.append(self.number)
+                return await context.__aexit__(*exc)
+
+        return Spy()
+
+    monkeypatch.setattr(aioboto3.Session, "client", spied)
+    async with aioboto3.Session().client(kind, endpoint_url=moto_url) as yours:
+        made, call = await aws_object(kind, moto_url, yours)
+        async with made:
+            await call()
+        assert (len(configs), closed) == (1, [])  # yours, used and left open
+    assert closed == [0]
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)  # for the client the object opens
+    made, call = await aws_object(kind, moto_url, None)
+    async with made:
+        await asyncio.gather(call(), call())  # concurrent first calls: one client
+        assert len(configs) == 2
+        assert closed == [0]
+    assert closed == [0, 1]
+    assert (configs[1].connect_timeout, configs[1].read_timeout) == (2.0, 3.0)

@@ -68,9 +68,10 @@ async def run(make: Callable[..., Any], server: HostileServer | None,
     except Exception as exc:  # the outcome is what the test inspects
         result = exc
     finally:
-        closing = client.close()
-        if isinstance(closing, Awaitable):
-            await closing
+        if isinstance(client, AsyncFoxReload):
+            await client.aclose()
+        else:
+            client.close()
     return result, time.monotonic() - started
 
 

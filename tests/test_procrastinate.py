@@ -146,6 +146,55 @@ def test_pending_orders_retry_then_dead_letter_requeue_and_deliver(
         assert queue.list_dead() == []
 
 
+def test_a_job_whose_delivery_always_raises_is_dead_lettered_after_max_attempts(
+    database: str, served: tuple[FakeFoxReload, FoxReload, str]
+) -> None:
+    sim, client, _ = served
+    policy = RecoveryPolicy(max_attempts=3, backoff=Fixed(7200))
+    with make_queue(database, policy=policy) as queue:
+        order_id = paid(sim, client, OrderScript.complete(after=0))
+        assert queue.enqueue(order_id)
+        calls: list[str] = []
+
+        def refused(order: Order) -> None:
+            calls.append(order.id)
+            raise ConnectionRefusedError("the customer's mailbox refused the message")
+
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=refused)
+        for _ in range(5):
+            queue.run_worker(worker, wait=False, **QUIET)
+            fast_forward(database)
+        assert calls == [order_id] * 3
+        assert [(j.order_id, j.attempts, j.last_status, j.last_error)
+                for j in queue.list_dead()] == [
+            (order_id, 3, "completed",
+             "ConnectionRefusedError: the customer's mailbox refused the message")]
+        # Every wake-up ran to its end, the failing ones too: recorded, not raised.
+        assert sql(database, "SELECT status, count(*) FROM procrastinate_jobs GROUP BY 1") == []
+
+
+def test_a_wake_up_taken_and_abandoned_until_its_attempts_are_used_up_is_buried(
+    database: str, served: tuple[FakeFoxReload, FoxReload, str]
+) -> None:
+    sim, client, _ = served
+    with make_queue(database, policy=RecoveryPolicy(max_attempts=2)) as queue:
+        order_id = paid(sim, client, OrderScript.complete(after=0))
+        queue.enqueue(order_id)
+        for attempt in (1, 2):  # each worker dies holding it
+            token, reserved = queue.reserve_due(lease=60)
+            assert reserved == [order_id]
+            assert queue.take_dispatched(order_id, token, lease=60).attempts == attempt
+            fast_forward(database)
+        delivered: list[Order] = []
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append)
+        queue.run_worker(worker, wait=False, **QUIET)
+        job = queue.get(order_id)
+        assert job is not None
+        assert (job.state, job.attempts, delivered) == (JobState.DEAD, 3, [])
+        assert job.last_error is not None
+        assert job.last_error.startswith("re-check 2 of 2 never ended")
+
+
 def test_close_settles_a_dead_letter(
     database: str, served: tuple[FakeFoxReload, FoxReload, str]
 ) -> None:

@@ -18,7 +18,8 @@ from foxpoll import _resources
 @pytest.mark.parametrize("module", ["foxpoll", "foxpoll.backoff", "foxpoll.dedup",
                                     "foxpoll.delivery", "foxpoll.errors", "foxpoll.events",
                                     "foxpoll.metrics", "foxpoll.models", "foxpoll.recovery",
-                                    "foxpoll.polling", "foxpoll.ratelimit", "foxpoll.testing"])
+                                    "foxpoll.polling", "foxpoll.ratelimit", "foxpoll.testing",
+                                    "foxpoll.transports"])
 def test_all_is_sorted_and_resolves(module: str) -> None:
     mod = importlib.import_module(module)
     assert list(mod.__all__) == sorted(mod.__all__)
@@ -56,9 +57,12 @@ def test_sync_and_async_signatures_match(sync: type, async_: type) -> None:
             if not name.startswith("_") or name == "__init__"
         }
 
+    # An async twin's name when it is not the sync one's (httpx's AsyncClient.aclose).
+    async_name = {"close": "aclose"}
     sync_methods, async_methods = public(sync), public(async_)
-    assert sync_methods.keys() - {"close"} == async_methods.keys() - {"close"}
-    for name, signature in sync_methods.items():
+    assert {async_name.get(name, name) for name in sync_methods} == async_methods.keys()
+    for sync_name, signature in sync_methods.items():
+        name = async_name.get(sync_name, sync_name)
         other = async_methods[name]
         sync_params = [(p.name, p.kind, p.default) for p in signature.parameters.values()]
         async_params = [(p.name, p.kind, p.default) for p in other.parameters.values()]
@@ -93,9 +97,11 @@ def test_clients_take_their_own_kind_of_http_client() -> None:
 
 # -- every public type is importable where users look -------------------------------------
 
-#: Where users import from: the package, and the subpackages the docs name.
-PLACES = ["foxpoll", "foxpoll.dedup", "foxpoll.events", "foxpoll.ratelimit",
-          "foxpoll.recovery", "foxpoll.testing"]
+#: Where users import from: the package, the subpackages the docs name, and the two
+#: modules of optional backends (whose dependencies only their extras install), each
+#: with a page of the reference.
+PLACES = ["foxpoll", "foxpoll.dedup", "foxpoll.events", "foxpoll.metrics", "foxpoll.ratelimit",
+          "foxpoll.recovery", "foxpoll.testing", "foxpoll.transports"]
 REFERENCE = Path(__file__).parent.parent / "docs" / "reference"
 
 
@@ -169,6 +175,32 @@ def test_every_type_in_a_public_signature_imports_from_a_documented_place() -> N
     assert missing == {}, f"not importable from {PLACES}: {missing}"
 
 
+#: Parameters typed ``object`` on purpose: an error's JSON body, of any shape.
+ANY_OBJECT = {"body"}
+
+
+def test_no_public_parameter_is_typed_object() -> None:
+    """``object`` tells a user nothing: a listener is a :class:`foxpoll.Listener`, and so
+    on. (Unpacked ``**kwargs: object`` pass through to a typed constructor.)"""
+    loose = set()
+    for obj in _exports().values():
+        functions = [obj] if inspect.isfunction(obj) else [
+            member for klass in getattr(obj, "__mro__", ())
+            if klass.__module__.startswith("foxpoll")
+            for name, member in vars(klass).items()
+            if inspect.isfunction(member) and (not name.startswith("_") or name == "__init__")]
+        for function in functions:
+            parameters = inspect.signature(function).parameters
+            for name, hint in typing.get_type_hints(function).items():
+                if name == "return" or name in ANY_OBJECT or name.startswith("_") \
+                        or parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL,
+                                                     inspect.Parameter.VAR_KEYWORD):
+                    continue
+                if hint is object or object in typing.get_args(hint):
+                    loose.add(f"{function.__qualname__}({name})")
+    assert sorted(loose) == []
+
+
 def _directives() -> Iterator[tuple[str, list[str] | None]]:
     """Each ``::: target`` of the API reference, with its ``members:`` list when it has one."""
     for page in sorted(REFERENCE.glob("*.md")):
@@ -211,6 +243,16 @@ def test_the_reference_renders_every_export() -> None:
     hidden = sorted(where for where, obj in _exports().items()
                     if id(obj) not in shown and not where.endswith("__version__"))
     assert hidden == [], " ".join(hidden)
+
+
+def test_the_reference_renders_nothing_but_exports() -> None:
+    """A helper the reference shows is public API: it is exported where users look, or
+    left out of the page."""
+    exported = {id(obj) for obj in _exports().values()}
+    extra = sorted(f"{target}: {getattr(obj, '__name__', obj)}"
+                   for target, objs in _rendered().items() for obj in objs
+                   if id(obj) not in exported)
+    assert extra == [], " ".join(extra)
 
 
 def test_the_package_exports_what_the_reference_renders_from_its_modules() -> None:

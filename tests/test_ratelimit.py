@@ -13,11 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from foxpoll import APITimeoutError, OrderStalled
+from foxpoll import APITimeoutError, OrderStalled, RateLimitError
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import MemoryDedupStore
 from foxpoll.polling import WaitPolicy
 from foxpoll.ratelimit import (
+    MAX_PAUSE,
     BaseRateLimit,
     BudgetState,
     Priority,
@@ -106,16 +107,17 @@ def test_a_lane_below_a_small_burst_still_gets_permits_when_the_budget_is_idle()
 
 def test_a_429_pauses_every_lane_for_its_retry_after_capped() -> None:
     clock = FakeClock()
-    limit = RateLimit(600, clock=clock, max_pause=60)
+    limit = RateLimit(600, clock=clock)
     limit.throttled(30)
     assert limit.acquire(Priority.BUY) == pytest.approx(30)
     clock.advance(30)
     assert limit.acquire(Priority.BUY) == 0
-    limit.throttled(999_999)  # a hostile Retry-After
-    assert limit.acquire(Priority.BUY) == pytest.approx(60)
+    limit.throttled(999_999)  # a hostile Retry-After, told by a caller that did not cap it
+    assert limit.acquire(Priority.BUY) == pytest.approx(MAX_PAUSE)
+    clock.advance(MAX_PAUSE)
     limit.throttled(float("inf"))
     limit.throttled(None)
-    assert limit.acquire(Priority.BUY) == pytest.approx(60)
+    assert limit.acquire(Priority.BUY) == pytest.approx(1)  # neither is a number: 1 s
     assert limit.throttles == 4
 
 
@@ -317,6 +319,24 @@ def test_a_429_seen_by_one_client_pauses_another_sharing_the_budget(clock: FakeC
     gets = [r.at for r in sim.requests if r.method == "GET"]
     assert all(t >= first_429 + 30 for t in gets[1:])
     assert limit.throttles == 1
+
+
+@pytest.mark.parametrize("asked", [30, 999_999])
+async def test_a_client_pauses_a_shared_budget_for_its_max_retry_after_at_most(
+        clock: FakeClock, asked: int) -> None:
+    sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=20))
+    limit = RateLimit(600, clock=clock)
+    async with sim.async_client(rate_limit=limit, max_retry_after=5) as capped:
+        with sim.client(rate_limit=limit) as other:  # the default max_retry_after, 60 s
+            order = other.orders.create(items=STEAM)
+            sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", retry_after=asked))
+            with pytest.raises(RateLimitError):  # asked to wait longer than it obeys
+                await capped.orders.get(order.id)
+            assert limit.throttles == 1
+            assert limit.last_state.paused_until == pytest.approx(clock.monotonic() + 5)
+            other.orders.get(order.id)  # waits out the pause: 5 s, not what was asked
+    gets = [r.at for r in sim.requests if r.method == "GET"]
+    assert gets[1] - gets[0] == pytest.approx(5)
 
 
 def test_a_429_on_create_waits_and_buys_once(clock: FakeClock) -> None:

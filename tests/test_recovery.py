@@ -17,7 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from foxpoll import Order, OrderStalled, OrderStatus, SystemClock
+from foxpoll.backoff import Fixed
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
+from foxpoll.errors import StoreUnavailable
 from foxpoll.events import InMemoryPublisher
 from foxpoll.metrics import PrometheusMetrics
 from foxpoll.polling import WaitPolicy
@@ -92,8 +94,9 @@ def test_dead_letters_requeue_and_close(queue: SQLiteRecoveryQueue) -> None:
     assert (requeued.state, requeued.attempts, requeued.reason) == (JobState.QUEUED, 0,
                                                                     "requeued")
     queue.bury("o1", last_status="processing", last_error="timeout")
-    resolved = queue.resolve("o1", "refunded by support, ticket 4411")
-    assert (resolved.state, resolved.note) == (JobState.RESOLVED, "refunded by support, ticket 4411")
+    reason = "refunded by support, ticket 4411"
+    resolved = queue.resolve("o1", reason)
+    assert (resolved.state, resolved.note) == (JobState.RESOLVED, reason)
     assert queue.list_dead() == []
     with pytest.raises(ValueError, match="resolved"):
         queue.resolve("o1", "again")
@@ -371,3 +374,143 @@ def test_the_worker_sweeps_the_partners_pending_orders(
         worker.run(stop=stop, idle=0, pending_orders=pending)
     assert calls == [1]
     assert [o.id for o in delivered] == [old]
+
+
+# -- a re-check's failure is recorded on its job ------------------------------------------
+
+
+def test_a_failure_inside_on_completed_is_recorded_and_retried_then_delivered(
+    sim: FakeFoxReload, clock: FakeClock, tmp_path: Path
+) -> None:
+    order_id = paid(sim, OrderScript.complete(after=0))
+    calls: list[str] = []
+
+    def flaky(order: Order) -> None:
+        calls.append(order.id)
+        if len(calls) == 1:
+            _ = order.codes[99]  # a bug in the partner's code: IndexError
+        if len(calls) == 2:
+            raise RuntimeError("smtp: " + "x" * 1000)
+
+    policy = RecoveryPolicy(max_attempts=3, backoff=Fixed(60.0))
+    with SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, clock=clock) as queue, \
+            sim.client() as client:
+        queue.enqueue(order_id)
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(clock=clock),
+                                on_completed=flaky)
+        worker.run_pending()
+        first = queue.get(order_id)
+        assert first is not None
+        assert (first.state, first.attempts, first.last_status) == (
+            JobState.QUEUED, 1, "completed")
+        assert first.last_error == "IndexError: tuple index out of range"
+        assert 59 < first.due_at - clock.time() <= 60  # the policy's wait
+        clock.advance(60)
+        worker.run_pending()
+        second = queue.get(order_id)
+        assert second is not None
+        assert second.last_error is not None
+        assert second.last_error.startswith("RuntimeError: smtp: xxx")
+        assert len(second.last_error) <= len("RuntimeError: ") + 200  # a foreign message, cut
+        clock.advance(60)
+        worker.run_pending()
+        done = queue.get(order_id)
+    assert calls == [order_id] * 3
+    assert done is not None
+    assert (done.state, done.attempts, done.note) == (JobState.DONE, 3, "completed")
+
+
+def test_a_failing_on_terminal_is_dead_lettered_with_its_error(
+    sim: FakeFoxReload, clock: FakeClock, tmp_path: Path
+) -> None:
+    order_id = paid(sim, OrderScript.fail(after=0))
+    refunds: list[str] = []
+
+    def refund(order: Order) -> None:
+        refunds.append(order.id)
+        raise LookupError("no payment on record")
+
+    policy = RecoveryPolicy(max_attempts=2, backoff=Fixed(60.0))
+    with SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, clock=clock) as queue, \
+            sim.client() as client:
+        queue.enqueue(order_id)
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print,
+                                on_terminal=refund)
+        assert drain(worker, queue, clock) == 2
+        dead = queue.list_dead()
+    assert refunds == [order_id] * 2
+    assert [(j.attempts, j.last_status, j.last_error) for j in dead] == [
+        (2, "failed", "LookupError: no payment on record")]
+
+
+def test_a_callback_that_cannot_take_an_order_ends_the_worker_not_the_job(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    order_id = paid(sim, OrderScript.complete(after=0))
+    queue.enqueue(order_id)
+
+    def no_arguments() -> None:
+        raise AssertionError("never called")
+
+    async def asynchronous(order: Order) -> None:
+        raise AssertionError("never awaited")
+
+    store = MemoryDedupStore(clock=clock)
+    with sim.client() as client:
+        miswired: list[tuple[Any, str]] = [(no_arguments, "cannot be called with an order"),
+                                           (asynchronous, "is async")]
+        for callback, message in miswired:
+            worker = RecoveryWorker(client, queue, store, on_completed=callback)
+            with pytest.raises(TypeError, match=message):
+                worker.run_pending()
+            job = queue.get(order_id)
+            assert job is not None
+            assert job.last_error is None  # nothing recorded on the order: it is not at fault
+            assert store.get(order_id).state is not DeliveryState.DELIVERED  # type: ignore[union-attr]
+            clock.advance(queue.next_due() - clock.time())  # type: ignore[operator]
+        delivered: list[str] = []
+        RecoveryWorker(client, queue, store,
+                       on_completed=lambda o: delivered.append(o.id)).run_pending()
+    assert delivered == [order_id]  # the wiring fixed, the order goes out
+
+
+def test_a_dedup_store_that_fails_is_recorded_on_the_job(
+    sim: FakeFoxReload, clock: FakeClock, queue: SQLiteRecoveryQueue
+) -> None:
+    order_id = paid(sim, OrderScript.complete(after=0))
+
+    class Down(MemoryDedupStore):
+        def get(self, order_id: str) -> Any:
+            raise StoreUnavailable("dedup store: Redis unavailable (ConnectionError)")
+
+        def claim(self, order_id: str, token: str, lease: float) -> Any:
+            raise StoreUnavailable("dedup store: Redis unavailable (ConnectionError)")
+
+    queue.watch(order_id, due_at=clock.time())
+    assert queue.settle(order_id, status="completed")  # reason "delivery": the store first
+    clock.advance(queue.policy.delivery_grace or 0)
+    delivered: list[Order] = []
+    with sim.client() as client:
+        worker = RecoveryWorker(client, queue, Down(), on_completed=delivered.append)
+        assert worker.run_pending() == 1
+    job = queue.get(order_id)
+    assert job is not None
+    assert (job.state, job.attempts, job.last_status) == (JobState.QUEUED, 1, "completed")
+    assert job.last_error == "StoreUnavailable: dedup store: Redis unavailable (ConnectionError)"
+    assert delivered == []
+
+
+def test_a_delivery_in_progress_on_the_last_attempt_is_dead_lettered(
+    sim: FakeFoxReload, clock: FakeClock, tmp_path: Path
+) -> None:
+    order_id = paid(sim, OrderScript.complete(after=0))
+    store = MemoryDedupStore(clock=clock)
+    store.claim(order_id, "another-worker", 3600)
+    with SQLiteRecoveryQueue(tmp_path / "q.db", policy=RecoveryPolicy(max_attempts=1),
+                             clock=clock) as queue, sim.client() as client:
+        queue.enqueue(order_id)
+        RecoveryWorker(client, queue, store, on_completed=print).run_pending()
+        dead = queue.list_dead()
+    assert [(j.attempts, j.last_status) for j in dead] == [(1, "completed")]
+    assert dead[0].last_error == (f"DeliveryInProgress: order {order_id} is being delivered "
+                                  "by another worker")

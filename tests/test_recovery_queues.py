@@ -6,6 +6,7 @@ clock is the server's, every stored time is moved back instead, which is the sam
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -14,11 +15,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
+import httpx
 import pytest
 
+from foxpoll import Clock, FoxReload, Order, SystemClock
+from foxpoll.backoff import Fixed
+from foxpoll.dedup import DeliveryState, MemoryDedupStore
 from foxpoll.errors import StoreUnavailable
-from foxpoll.recovery import JobState, RecoveryPolicy, SQLiteRecoveryQueue
-from foxpoll.testing import FakeClock
+from foxpoll.recovery import (
+    JobState,
+    RecoveryJob,
+    RecoveryPolicy,
+    RecoveryWorker,
+    SQLiteRecoveryQueue,
+)
+from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
 
 from .services import POSTGRES_URL, drop_table, require
 
@@ -26,6 +37,7 @@ if TYPE_CHECKING:
     from foxpoll.recovery import PostgresRecoveryQueue
 
 Advance = Callable[[float], None]
+STEAM = [{"itemId": "product_steam_10"}]
 
 
 @attrs.define
@@ -33,6 +45,7 @@ class Engine:
     queue: SQLiteRecoveryQueue | PostgresRecoveryQueue
     advance: Advance
     now: Callable[[], float]
+    clock: Clock  # the queue's: a worker's client runs on it, so due times agree
 
 
 def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None) -> Engine:
@@ -41,7 +54,7 @@ def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None)
         table = 'main."Recovery ""Jobs"""' if kind == "sqlite-schema" else "foxpoll_recovery"
         queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=policy, table=table,
                                     clock=clock)
-        return Engine(queue, clock.advance, clock.time)
+        return Engine(queue, clock.advance, clock.time, clock)
     require("PostgreSQL", "127.0.0.1", 5432)
     import psycopg
     from psycopg import sql
@@ -65,7 +78,7 @@ def make_engine(kind: str, tmp_path: Path, policy: RecoveryPolicy | None = None)
                                  "locked_until = locked_until - %(s)s").format(where),
                          {"s": seconds})
 
-    return Engine(pg, advance, time.time)
+    return Engine(pg, advance, time.time, SystemClock())
 
 
 def drop_engine(kind: str, queue: SQLiteRecoveryQueue | PostgresRecoveryQueue) -> None:
@@ -156,6 +169,7 @@ def test_dead_letters_requeue_and_close_report_bad_states(engine: Engine) -> Non
         q.resolve("o1", "not dead yet")
     with pytest.raises(ValueError, match="queued"):
         q.requeue("o1")
+    assert q.take(lease=60) is not None
     q.bury("o1", last_status=None, last_error="boom")
     with pytest.raises(ValueError, match="dead"):
         q.retry("o1", due_at=engine.now(), last_status=None, last_error=None)
@@ -294,7 +308,7 @@ def test_jobs_and_get_show_every_state(engine: Engine) -> None:
     assert [(j.order_id, j.running(now)) for j in queued] == [("a", True)]
     assert [j.order_id for j in q.jobs(JobState.DONE)] == ["b"]
     assert [j.order_id for j in q.jobs(JobState.DEAD)] == ["c"]
-    assert [(j.order_id, j.note) for j in q.jobs(JobState.CLOSED)] == [("d", "refunded")]
+    assert [(j.order_id, j.note) for j in q.jobs(JobState.RESOLVED)] == [("d", "refunded")]
     assert q.get("nope") is None
 
 
@@ -316,12 +330,13 @@ def test_bad_order_ids_and_times_are_rejected(engine: Engine) -> None:
 @pytest.mark.service
 def test_a_missing_table_says_to_call_create_schema() -> None:
     require("PostgreSQL", "127.0.0.1", 5432)
-    from foxpoll.errors import StoreUnavailable
+    from foxpoll.errors import StoreError, StoreUnavailable
     from foxpoll.recovery import PostgresRecoveryQueue
 
     with PostgresRecoveryQueue(POSTGRES_URL, table="never_created_here") as q, \
-            pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+            pytest.raises(StoreError, match=r"create_schema\(\)") as missing:
         q.enqueue("o1")
+    assert not isinstance(missing.value, StoreUnavailable)  # not an outage to wait out
 
 
 @pytest.mark.slow
@@ -460,3 +475,142 @@ def test_a_queue_that_cannot_open_its_file_holds_nothing_open(tmp_path: Path) ->
     gc.collect()
     with SQLiteRecoveryQueue(path) as queue:  # the file is usable once the writer is done
         assert queue.enqueue("o1")
+
+
+# -- attempts: counted when a job is taken; a poison job is dead-lettered ----------------
+
+
+def test_taking_a_job_counts_its_attempt_and_retry_and_bury_do_not(engine: Engine) -> None:
+    q = engine.queue
+    q.enqueue("o1")
+    assert q.take(lease=60).attempts == 1  # type: ignore[union-attr]
+    retried = q.retry("o1", due_at=engine.now(), last_status="processing", last_error=None)
+    assert retried.attempts == 1
+    assert q.take(lease=60).attempts == 2  # type: ignore[union-attr]
+    assert q.bury("o1", last_status="processing", last_error="x").attempts == 2
+    assert q.requeue("o1").attempts == 0
+
+
+def test_a_take_that_never_ends_counts_when_its_lease_runs_out(engine: Engine) -> None:
+    q = engine.queue
+    q.enqueue("o1")
+    assert q.take(lease=30).attempts == 1  # type: ignore[union-attr]  # its worker dies
+    engine.advance(31)
+    again = q.take(lease=30)
+    assert again is not None
+    assert (again.attempts, again.last_error) == (2, None)
+
+
+POISON = RecoveryPolicy(max_attempts=3, backoff=Fixed(60.0), delivery_grace=None)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.service)])
+def poison(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine whose queue dead-letters after 3 re-checks, a minute apart."""
+    made = make_engine(request.param, tmp_path, POISON)
+    yield made
+    made.queue.close()
+    drop_engine(request.param, made.queue)
+
+
+def run_until_dead(engine: Engine, worker: RecoveryWorker, order_id: str) -> RecoveryJob:
+    """Run ``worker`` a pass at a time, a minute apart, until the job is dead."""
+    for _ in range(10):
+        worker.run_pending()
+        job = engine.queue.get(order_id)
+        assert job is not None
+        if job.state is not JobState.QUEUED:
+            assert worker.run_pending() == 0  # a dead letter is never taken
+            return job
+        engine.advance(61)
+    raise AssertionError("the job was never dead-lettered")
+
+
+def test_a_job_whose_delivery_always_raises_is_dead_lettered_after_max_attempts(
+    poison: Engine
+) -> None:
+    sim = FakeFoxReload(clock=poison.clock, default_script=OrderScript.complete(after=0))
+    calls: list[str] = []
+
+    def refused(order: Order) -> None:
+        calls.append(order.id)
+        raise ConnectionRefusedError("the customer's mailbox refused the message")
+
+    store = MemoryDedupStore(clock=poison.clock)
+    with sim.client() as client:
+        order_id = client.orders.create(items=STEAM).id
+        client.orders.pay(order_id)
+        poison.queue.enqueue(order_id)
+        worker = RecoveryWorker(client, poison.queue, store, on_completed=refused)
+        dead = run_until_dead(poison, worker, order_id)
+    assert calls == [order_id] * 3
+    assert (dead.state, dead.attempts, dead.last_status, dead.last_error) == (
+        JobState.DEAD, 3, "completed",
+        "ConnectionRefusedError: the customer's mailbox refused the message")
+    assert [j.order_id for j in poison.queue.list_dead()] == [order_id]
+    assert store.get(order_id).state is not DeliveryState.DELIVERED  # type: ignore[union-attr]
+
+
+class NestedBody(httpx.BaseTransport):
+    """Every answer is JSON nested too deep for the parser."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        return httpx.Response(200, content=b"[" * 100_000 + b"]" * 100_000,
+                              headers={"content-type": "application/json"})
+
+
+def test_a_body_the_client_cannot_parse_is_dead_lettered_after_max_attempts(
+    poison: Engine
+) -> None:
+    transport = NestedBody()
+    calls: list[Order] = []
+    with FoxReload("k" * 32, base_url="https://foxreload.test", clock=poison.clock,
+                   http_client=httpx.Client(transport=transport), max_retries=0) as client:
+        poison.queue.enqueue("o-deep")
+        worker = RecoveryWorker(client, poison.queue, MemoryDedupStore(),
+                                on_completed=calls.append)
+        dead = run_until_dead(poison, worker, "o-deep")
+    assert (transport.requests, dead.attempts, dead.last_status, calls) == (3, 3, None, [])
+    assert dead.last_error is not None
+    assert re.fullmatch(r"\w+Error: .+", dead.last_error)
+
+
+def test_an_id_the_client_refuses_is_dead_lettered_after_max_attempts(
+    poison: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_id = "o" * 300
+    with monkeypatch.context() as m:  # a row written before ids were checked
+        m.setattr("foxpoll.recovery._sql.require_text", lambda value, what: value)
+        poison.queue.enqueue(long_id)
+    sim = FakeFoxReload(clock=poison.clock)
+    with sim.client() as client:
+        worker = RecoveryWorker(client, poison.queue, MemoryDedupStore(), on_completed=print)
+        dead = run_until_dead(poison, worker, long_id)
+    assert (dead.attempts, sim.count()) == (3, 0)
+    assert dead.last_error == "ValueError: order id is 300 characters (at most 256)"
+
+
+def test_a_job_taken_and_abandoned_until_its_attempts_are_used_up_is_buried(
+    poison: Engine
+) -> None:
+    q = poison.queue
+    q.enqueue("o1")
+    for attempt in (1, 2, 3):  # each taker dies holding it
+        taken = q.take(lease=30)
+        assert taken is not None
+        assert taken.attempts == attempt
+        poison.advance(31)
+    sim = FakeFoxReload(clock=poison.clock)
+    delivered: list[Order] = []
+    with sim.client() as client:
+        worker = RecoveryWorker(client, q, MemoryDedupStore(), on_completed=delivered.append)
+        assert worker.run_pending() == 1
+    dead = q.get("o1")
+    assert dead is not None
+    assert (dead.state, dead.attempts, sim.count(), delivered) == (JobState.DEAD, 4, 0, [])
+    assert dead.last_error == ("re-check 3 of 3 never ended (its worker stopped, or its lease "
+                               "ran out first): dead-lettered when taken again")

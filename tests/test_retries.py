@@ -328,7 +328,7 @@ def test_a_call_takes_its_permit_in_the_fresh_lane_unless_it_names_one() -> None
 def test_the_client_max_retry_after_caps_the_pause_it_asks_of_its_budget(asked: str) -> None:
     clock = FakeClock()
     sim = FakeFoxReload(clock=clock, default_script=OrderScript.complete(after=20))
-    limit = RateLimit(6000, clock=clock, max_pause=3600)
+    limit = RateLimit(6000, clock=clock)
     with sim.client(rate_limit=limit, max_retry_after=5) as client:
         assert client.max_retry_after == 5
         order = client.orders.create(items=[{"itemId": "product_steam_10"}])

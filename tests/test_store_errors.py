@@ -14,7 +14,7 @@ import pytest
 from foxpoll import StoreError, StoreUnavailable
 from foxpoll.events import OrderEvent, event_id_for
 
-from .services import AWS_ENV, REDIS_URL, delete_keys, free_port, require
+from .services import AWS_ENV, POSTGRES_URL, REDIS_URL, delete_keys, free_port, require
 
 EVENT = OrderEvent(event_id_for("o1", "completed"), "o1", "completed", ("CODE-1",), 0.0)
 
@@ -181,3 +181,15 @@ def test_a_sqlite_queue_whose_file_cannot_be_opened_is_store_unavailable(
 
     with pytest.raises(StoreUnavailable, match="SQLite is unavailable"):
         SQLiteRecoveryQueue(tmp_path / "no-such-dir" / "queue.db")
+
+
+def test_a_postgres_table_never_created_is_a_store_error_not_an_outage() -> None:
+    """Waiting for the server would not make the table appear: a worker that retries
+    through outages must not retry this one forever."""
+    from foxpoll.dedup import PostgresDedupStore
+
+    require("PostgreSQL", "127.0.0.1", 5432)
+    with (PostgresDedupStore(POSTGRES_URL, table="foxpoll_never_created_here") as store,
+          pytest.raises(StoreError, match="does not exist") as info):
+        store.get("o1")
+    assert not isinstance(info.value, StoreUnavailable)

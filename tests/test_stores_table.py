@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,35 @@ def test_each_row_says_how_it_closes(name: str) -> None:
                           ("`async with`", ("__aenter__", "__aexit__"))):
         said_here = re.search(re.escape(said) + r"(,|$)", closes) is not None
         assert all(hasattr(kind, m) for m in methods) == said_here, f"{name}: {said}"
+
+
+#: Each class that has an asyncio twin, and the twin, by their exported names.
+TWINS = sorted(
+    (name[len("Async"):], name) for package in PACKAGES for name in package.__all__
+    if name.startswith("Async") and name[len("Async"):] in package.__all__
+    and inspect.isclass(getattr(package, name))
+)
+
+
+def test_the_twins_are_found() -> None:
+    assert {sync for sync, _ in TWINS} >= {
+        "MemoryDedupStore", "SQLiteDedupStore", "PostgresDedupStore", "RedisDedupStore",
+        "DynamoDBDedupStore", "SQSPublisher", "RedisStreamPublisher", "RedisStreamConsumer"}
+
+
+@pytest.mark.parametrize(("sync", "async_"), TWINS)
+def test_a_class_and_its_async_twin_take_the_same_arguments(sync: str, async_: str) -> None:
+    def arguments(name: str) -> list[tuple[str, Any, Any]]:
+        parameters = inspect.signature(cls(name)).parameters.values()
+        return [(p.name, p.kind, p.default) for p in parameters]
+
+    assert arguments(sync) == arguments(async_)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_every_timeout_defaults_as_the_page_says(name: str) -> None:
+    defaults = {"connect_timeout": 5.0, "statement_timeout": 5.0, "busy_timeout": 30.0}
+    parameters = inspect.signature(cls(name)).parameters
+    for timeout, default in defaults.items():
+        if timeout in parameters:
+            assert parameters[timeout].default == default, f"{name}: {timeout}"

@@ -9,7 +9,6 @@ tolerate skew of a few seconds). ``expires_at`` is a TTL attribute, for clean-up
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -23,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
+from foxpoll._aws import AsyncClient, bounded_config
 from foxpoll._clock import Clock, SystemClock
 from foxpoll._io import Flow, Op, arun, pause, run
 
@@ -258,17 +258,6 @@ def _mapped(exc: ClientError | BotoCoreError) -> Exception:
     return unavailable("DynamoDB", exc) if _is_unavailable(exc) else exc
 
 
-def bounded_config(statement_timeout: float, connect_timeout: float | None = None) -> Any:
-    """A botocore config whose reads end within ``statement_timeout`` and connects within
-    ``connect_timeout`` (``statement_timeout`` when None), with one retry: a store call
-    then ends within about twice that, not minutes."""
-    from botocore.config import Config
-
-    connect = statement_timeout if connect_timeout is None else connect_timeout
-    return Config(connect_timeout=connect, read_timeout=statement_timeout,
-                  retries={"max_attempts": 2, "mode": "standard"})
-
-
 class DynamoDBDedupStore(FlowStore, DedupStore):
     """A dedup store in a DynamoDB table.
 
@@ -276,8 +265,9 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
         where: The table's name (see :meth:`create_table`): in DynamoDB a table is the
             place, and the client only the way there.
         client: Your boto3 DynamoDB client (its own timeouts apply), never closed by the
-            store; when None, the store makes ``boto3.client("dynamodb")`` with
-            :func:`bounded_config` and :meth:`close` closes it.
+            store; when None, the store makes ``boto3.client("dynamodb")`` (configured
+            by the environment, as boto3 does) bounded by the timeouts below, and
+            :meth:`close` closes it.
         retention: Seconds before a DELIVERED record's TTL (0: no TTL attribute).
         clock: The store's time, read with ``clock.time()``.
         connect_timeout: Seconds each connect of the store's own client may take.
@@ -329,9 +319,11 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
     Args:
         where: The table's name.
         client: An entered aioboto3 DynamoDB client (``async with session.client(...)``),
-            never closed by the store; when None, one is opened on first use with
-            ``client_kwargs`` (``config`` defaults to :func:`bounded_config`) and closed
-            by :meth:`aclose`.
+            never closed by the store; when None, one is opened on first use (configured
+            by the environment, bounded by the timeouts below) and closed by
+            :meth:`aclose`.
+        retention: As for :class:`DynamoDBDedupStore`.
+        clock: As for :class:`DynamoDBDedupStore`.
         connect_timeout: As for :class:`DynamoDBDedupStore`.
         statement_timeout: As for :class:`DynamoDBDedupStore`.
     """
@@ -345,27 +337,12 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
         clock: Clock | None = None,
         connect_timeout: float = 5.0,
         statement_timeout: float = 5.0,
-        **client_kwargs: Any,
     ) -> None:
         self.table_name = where
-        self._client = client
-        self._client_kwargs = {"config": bounded_config(statement_timeout, connect_timeout),
-                               **client_kwargs}
-        self._context: Any = None
-        self._opening = asyncio.Lock()
+        self._client = AsyncClient("dynamodb", client, connect_timeout=connect_timeout,
+                                   statement_timeout=statement_timeout)
         self._flows: DynamoDBFlows = DynamoDBFlows(where, int(retention),
                                                    (clock or SystemClock()).time)
-
-    async def _get_client(self) -> Any:
-        if self._client is None:
-            async with self._opening:  # concurrent first calls share one client
-                if self._client is None:
-                    import aioboto3
-
-                    context = aioboto3.Session().client("dynamodb", **self._client_kwargs)
-                    self._client = await context.__aenter__()
-                    self._context = context
-        return self._client
 
     async def create_table(self) -> None:
         """See :meth:`DynamoDBDedupStore.create_table`."""
@@ -374,7 +351,7 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
     async def _perform(self, request: Op[Any]) -> Any:
         if not isinstance(request, Request):
             raise TypeError(f"no driver performs {type(request).__name__}")
-        client = await self._get_client()
+        client = await self._client.get()
         return await getattr(client, request.operation)(**request.params)
 
     async def _run(self, flow: Flow[Any]) -> Any:
@@ -385,7 +362,4 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
 
     async def aclose(self) -> None:
         """Close the store's own client (a client you passed in stays open)."""
-        if self._context is not None:
-            await self._context.__aexit__(None, None, None)
-            self._context = None
-            self._client = None
+        await self._client.aclose()

@@ -35,7 +35,7 @@ class _PostgresStore(FlowStore):
     _asynchronous = False
 
     def __init__(
-        self, where: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 10,
+        self, where: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 5.0,
         max_connections: int = 10, statement_timeout: float = 5.0,
     ) -> None:
         self._sql = POSTGRES.statements(table)

@@ -257,9 +257,11 @@ class _RedisStore(FlowStore):
     _client_class: Any
     _retry_class: Any
     _blocking: bool
+    _client: Any  # a redis.Redis or a redis.asyncio.Redis, by subclass
 
     def __init__(
-        self, where: Any, *, key_prefix: str = "foxpoll:", retention: int = THIRTY_DAYS,
+        self, where: str | redis.Redis | aredis.Redis, *, key_prefix: str = "foxpoll:",
+        retention: int = THIRTY_DAYS,
         statement_timeout: float = 5.0, connect_timeout: float = 5.0,
     ) -> None:
         self._owns = isinstance(where, str)
@@ -276,7 +278,7 @@ class _RedisStore(FlowStore):
                 where, socket_timeout=statement_timeout,
                 socket_connect_timeout=connect_timeout,
                 retry=self._retry_class(NoBackoff(), 0))
-            if self._owns else where
+            if isinstance(where, str) else where
         )
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout

@@ -22,6 +22,15 @@ from foxpoll.models import Code, Order, OrderStatus
 
 __all__ = ["AsyncPublisher", "EventError", "OrderEvent", "Publisher", "event_id_for"]
 
+#: The largest event :meth:`OrderEvent.from_json` reads, in bytes (or characters): an
+#: order's codes fit many times over; more is not an event.
+MAX_EVENT_SIZE = 1 << 20
+
+#: How deep :meth:`OrderEvent.from_json` lets arrays and objects nest (an event nests 4
+#: deep: the event, its codes, a code object, a value in it), so that nothing that walks
+#: an event's codes later (``to_json``, a handler) can run out of stack.
+MAX_EVENT_DEPTH = 32
+
 _NAMESPACE = uuid.UUID("6f1c8a52-3a8e-4c4e-9b71-2f0d4e6c5a10")
 
 
@@ -77,9 +86,28 @@ class OrderEvent:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> OrderEvent:
-        """Read an event back, or raise :class:`EventError` (never quoting its codes)."""
+        """Read an event back.
+
+        Raises:
+            EventError: ``text`` is not an event: not JSON (or not UTF-8), larger than
+                :data:`MAX_EVENT_SIZE`, nested deeper than :data:`MAX_EVENT_DEPTH`, or
+                missing a field or holding one of the wrong type. The message names what
+                was wrong, never the content (it may hold codes).
+        """
+        if len(text) > MAX_EVENT_SIZE:
+            raise EventError(f"not an OrderEvent: larger than {MAX_EVENT_SIZE} bytes")
         try:
             data: Mapping[str, Any] = json.loads(text)
+        except RecursionError:  # the C decoder's own bound, far beyond ours
+            raise EventError(f"not an OrderEvent: nested deeper than {MAX_EVENT_DEPTH}"
+                             ) from None
+        except Exception as exc:  # any malformed input, whatever the decoder raises
+            raise EventError(f"not an OrderEvent: {type(exc).__name__}") from None
+        if _depth(data) > MAX_EVENT_DEPTH:
+            raise EventError(f"not an OrderEvent: nested deeper than {MAX_EVENT_DEPTH}")
+        try:
+            if not isinstance(data, dict):
+                raise TypeError("an event is a JSON object")
             occurred = datetime.fromisoformat(str(data["occurredAt"]).replace("Z", "+00:00"))
             codes = data.get("codes") or []
             if not isinstance(codes, list) or not all(isinstance(c, (str, dict)) for c in codes):
@@ -88,8 +116,24 @@ class OrderEvent:
             if not all(isinstance(f, str) and f for f in fields):
                 raise TypeError("eventId, orderId and status must be non-empty strings")
             return cls(*fields, tuple(codes), occurred.timestamp())
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # a wrong type or value anywhere: not an event
             raise EventError(f"not an OrderEvent: {type(exc).__name__}") from None
+
+
+def _depth(value: object) -> int:
+    """How deep lists and dicts nest in ``value`` (a scalar is 0), without recursing."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level + 1)
+            if deepest > MAX_EVENT_DEPTH:
+                return deepest  # enough to refuse it: the rest need not be walked
+            stack.extend((child, level + 1) for child in item)
+    return deepest
 
 
 @runtime_checkable

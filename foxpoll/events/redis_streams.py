@@ -7,23 +7,30 @@ service reads through its own consumer group, so one stream fans out to every gr
 - acknowledges an entry only after its handler returned, so a crash leaves it pending;
 - reclaims entries left pending longer than ``claim_idle`` seconds (their consumer died)
   with ``XAUTOCLAIM``;
-- moves an entry delivered more than ``max_deliveries`` times, or one that is not an
-  event at all, to a dead-letter stream (``{key_prefix}orders:dead``) and acknowledges it, so one
-  poison entry cannot block the group;
+- moves an entry that holds no event (no ``event`` field, or one that
+  :meth:`OrderEvent.from_json` refuses) to a dead-letter stream
+  (``{key_prefix}orders:dead``) on its first delivery, its fields copied byte for byte,
+  and acknowledges it; an entry whose handler failed goes there once delivered more than
+  ``max_deliveries`` times. So no entry can block the group;
 - re-creates its group (reading from the start of the stream) when Redis has lost it,
-  after a restart.
+  after a restart;
+- reads entries as raw bytes, so that an entry's bytes cannot fail before it has been
+  judged: it refuses a client that decodes responses.
 
 Handlers see each event at least once: use ``event.event_id`` to drop repeats. A Redis
 that cannot be reached, or does not answer within the client's timeouts, raises
-:class:`~foxpoll.errors.StoreUnavailable`.
+:class:`~foxpoll.errors.StoreUnavailable` from ``consume``; ``run`` waits it out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
+import random
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 try:
     import redis
@@ -36,8 +43,10 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
-from foxpoll._io import Flow, Op, arun, call, run
-from foxpoll.errors import unavailable_on
+from foxpoll._clock import Clock, SystemClock
+from foxpoll._io import Flow, Op, arun, call, pause, run
+from foxpoll.backoff import BackoffPolicy, FullJitter
+from foxpoll.errors import StoreUnavailable, unavailable_on
 
 from .base import EventError, OrderEvent
 
@@ -51,6 +60,25 @@ __all__ = [
 log = logging.getLogger("foxpoll.events")
 
 DEFAULT_PREFIX = "foxpoll:"
+
+#: The waits of a consumer's ``run`` between rounds that found Redis unreachable: 1 s
+#: doubling to 60 s, each drawn uniformly below that ("full jitter"), so a fleet of
+#: consumers does not come back in step.
+OUTAGE_BACKOFF = FullJitter(base=1.0, cap=60.0, factor=2.0)
+
+#: How often a waiting ``run`` looks whether it was told to stop, in seconds.
+STOP_LOOKS_EVERY = 0.1
+
+#: The fields foxpoll adds to a dead letter, after the original entry's own: why it was
+#: moved, its id in the stream, and the group that moved it. An original field of the
+#: same name is overwritten, so these names are reserved.
+DEAD_REASON = b"foxpoll:reason"
+DEAD_ORIGINAL_ID = b"foxpoll:original_id"
+DEAD_GROUP = b"foxpoll:group"
+
+#: How the consumer judges an entry: its ``event`` field must hold an OrderEvent; other
+#: fields are ignored (a later publisher may add some).
+EVENT_FIELD = b"event"
 
 T = TypeVar("T")
 
@@ -75,9 +103,28 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _xadd(stream: str, maxlen: int, fields: dict[str, str]) -> Command[Any]:
+def _xadd(stream: str, maxlen: int, fields: Mapping[Any, Any]) -> Command[Any]:
     bound = {"maxlen": maxlen, "approximate": True} if maxlen > 0 else {}
     return Command("xadd", (stream, fields), bound)
+
+
+class Stop(Protocol):
+    """What tells a ``run`` to end: a :class:`threading.Event` or an
+    :class:`asyncio.Event`."""
+
+    def is_set(self) -> bool: ...
+
+
+def _event_in(fields: Mapping[Any, Any]) -> OrderEvent | str:
+    """The event an entry's raw fields hold, or why they hold none (a short text that
+    never quotes them)."""
+    value = fields.get(EVENT_FIELD)
+    if value is None:
+        return "no event field"
+    try:
+        return OrderEvent.from_json(value)
+    except EventError as exc:
+        return str(exc)
 
 
 @attrs.frozen
@@ -95,7 +142,8 @@ class ConsumerFlows:
     maxlen: int
 
     def step(self, count: int) -> Flow[int]:
-        """Reclaim and read up to ``count`` entries each, handle them; return how many."""
+        """Reclaim and read up to ``count`` entries each, handle them; return how many
+        were handled (dead letters not counted)."""
         try:
             reclaimed = yield from Command[list[Any]](
                 "xautoclaim", (self.stream, self.group, self.consumer, self.claim_idle_ms,
@@ -118,15 +166,44 @@ class ConsumerFlows:
         for entry_id, fields in reclaimed[1] or []:
             if fields is None:  # trimmed away while pending
                 continue
-            deliveries = yield from self._deliveries(entry_id)
-            if deliveries > self.max_deliveries:
-                yield from self._dead_letter(entry_id, fields, f"delivered {deliveries} times")
-                continue
-            handled += yield from self._handle(entry_id, fields)
+            handled += yield from self._handle(entry_id, fields, reclaimed=True)
         for _, entries in fresh or []:
             for entry_id, fields in entries:
-                handled += yield from self._handle(entry_id, fields)
+                handled += yield from self._handle(entry_id, fields, reclaimed=False)
         return handled
+
+    def serve(self, stop: Stop, count: int, idle: float, backoff: BackoffPolicy,
+              rng: random.Random, metrics: Any) -> Flow[None]:
+        """Run :meth:`step` until ``stop`` is set, waiting out Redis outages.
+
+        A round that finds Redis unreachable is logged (once per outage), counted by
+        ``metrics.on_worker_error("events", error)``, and followed by the next of
+        ``backoff``'s waits; the first round that succeeds is logged and starts the
+        waits afresh for the next outage. Anything else a round raises ends the flow.
+        """
+        failed = 0
+        delays: Iterator[float] = iter(())
+        delay = 0.0
+        while not stop.is_set():
+            try:
+                handled = yield from self.step(count)
+            except StoreUnavailable as exc:
+                if failed == 0:
+                    log.warning("stream consumer %s of group %s: %s; retrying until it "
+                                "answers", self.consumer, self.group, exc)
+                    delays = backoff.delays(rng)
+                failed += 1
+                if metrics is not None:
+                    yield from call(metrics.on_worker_error, "events", exc)
+                delay = next(delays, delay)  # a finite schedule keeps its last wait
+                yield from _pause_unless(stop, delay)
+                continue
+            if failed:
+                log.info("stream consumer %s of group %s: Redis answers again, after %d "
+                         "failed round(s)", self.consumer, self.group, failed)
+                failed = 0
+            if handled == 0 and self.block_ms is None:  # a blocking read paced the round
+                yield from _pause_unless(stop, idle)
 
     def ensure_group(self) -> Flow[None]:
         """Create the group (from the start of the stream, so nothing is skipped)."""
@@ -143,13 +220,17 @@ class ConsumerFlows:
             "xpending_range", (self.stream, self.group, entry_id, entry_id, 1))
         return int(pending[0]["times_delivered"]) if pending else 0
 
-    def _handle(self, entry_id: Any, fields: Mapping[Any, Any]) -> Flow[int]:
-        data = {_text(k): v for k, v in fields.items()}
-        try:
-            event = OrderEvent.from_json(data["event"])
-        except (KeyError, EventError):
-            yield from self._dead_letter(entry_id, fields, "not an OrderEvent")
+    def _handle(self, entry_id: Any, fields: Mapping[Any, Any], *, reclaimed: bool
+                ) -> Flow[int]:
+        event = _event_in(fields)
+        if isinstance(event, str):  # it will not parse on any later delivery either
+            yield from self._dead_letter(entry_id, fields, event)
             return 0
+        if reclaimed:
+            deliveries = yield from self._deliveries(entry_id)
+            if deliveries > self.max_deliveries:
+                yield from self._dead_letter(entry_id, fields, f"delivered {deliveries} times")
+                return 0
         try:
             yield from call(self.handler, event)
         except Exception as exc:  # the handler failed: leave it pending, to be reclaimed
@@ -162,10 +243,20 @@ class ConsumerFlows:
     def _dead_letter(self, entry_id: Any, fields: Mapping[Any, Any], reason: str) -> Flow[None]:
         log.error("entry %s of %s moved to %s: %s", _text(entry_id), self.stream,
                   self.dead_stream, reason)
-        moved = {_text(k): _text(v) for k, v in fields.items()}
-        moved.update({"original_id": _text(entry_id), "group": self.group, "reason": reason})
+        # The entry's fields as read, raw bytes: nothing is decoded, so nothing can fail.
+        moved = {**fields, DEAD_REASON: reason, DEAD_ORIGINAL_ID: entry_id,
+                 DEAD_GROUP: self.group}
         yield from _xadd(self.dead_stream, self.maxlen, moved)
         yield from Command[int]("xack", (self.stream, self.group, entry_id))
+
+
+def _pause_unless(stop: Stop, seconds: float) -> Flow[None]:
+    """Pause ``seconds`` on the driver's clock, in slices of :data:`STOP_LOOKS_EVERY`,
+    ending early once ``stop`` is set."""
+    left = seconds
+    while left > 0 and not stop.is_set():
+        yield from pause(min(left, STOP_LOOKS_EVERY))
+        left -= STOP_LOOKS_EVERY
 
 
 class _RedisClientOwner:
@@ -274,15 +365,26 @@ class _ConsumerBase(_RedisClientOwner):
                  handler: Callable[[OrderEvent], Any], key_prefix: str = DEFAULT_PREFIX,
                  claim_idle: float = 60.0, max_deliveries: int = 5,
                  block: float | None = 1.0, maxlen: int = 100_000,
-                 connect_timeout: float = 5.0, statement_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, statement_timeout: float = 5.0,
+                 metrics: Any = None, clock: Clock | None = None,
+                 rng: random.Random | None = None) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
         # A read may wait ``block`` for new entries before Redis answers.
         super().__init__(where, key_prefix, connect_timeout, statement_timeout + (block or 0))
+        get_encoder = getattr(self._client, "get_encoder", None)
+        if get_encoder is not None and get_encoder().decode_responses:
+            # redis-py would decode an entry while reading it, before the consumer could
+            # judge it: one entry of bad bytes would fail every read of the group.
+            raise ValueError("a stream consumer reads entries as raw bytes: give it a "
+                             "client (or URL) without decode_responses")
         self.flows = ConsumerFlows(
             handler, self.stream, group, consumer, int(claim_idle * 1000), max_deliveries,
             None if block is None else int(block * 1000), f"{self.stream}:dead", maxlen,
         )
+        self.metrics = metrics
+        self.clock: Clock = clock or SystemClock()
+        self.rng = rng or random.Random()
 
     @property
     def handler(self) -> Callable[[OrderEvent], Any]:
@@ -302,7 +404,7 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
 
     Args:
         where: A ``redis://`` URL, or your ``redis.Redis`` client (never closed by the
-            consumer).
+            consumer). Either must not decode responses: entries are read as raw bytes.
         group: The consumer group: one per downstream service.
         consumer: This consumer's name, unique within the group (host and pid, say).
         handler: Called with each :class:`OrderEvent`; return to acknowledge it, raise to
@@ -310,12 +412,20 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
         key_prefix: The stream's key is ``{key_prefix}orders``, its dead letters'
             ``{key_prefix}orders:dead``.
         claim_idle: Seconds an entry may stay pending before another consumer reclaims it.
-        max_deliveries: Deliveries before an entry goes to the dead-letter stream.
+        max_deliveries: Deliveries of an entry whose handler keeps failing before it goes
+            to the dead-letter stream (an entry that holds no event goes there at once).
         block: Seconds to wait for new entries in each :meth:`consume` (None: don't wait).
         maxlen: ``MAXLEN ~`` of the dead-letter stream.
         connect_timeout: Seconds to connect, for a client made from a URL.
         statement_timeout: Seconds a command may wait for Redis's reply beyond ``block``,
             for a client made from a URL.
+        metrics: Told of every round of :meth:`run` that found Redis unreachable, as
+            ``metrics.on_worker_error("events", error)``.
+        clock: What :meth:`run` waits on (``foxpoll.testing.FakeClock`` in tests).
+        rng: Random source for :meth:`run`'s jittered waits.
+
+    Raises:
+        ValueError: The client decodes responses (``decode_responses=True``).
     """
 
     def ensure_group(self) -> None:
@@ -324,18 +434,48 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
 
     def consume(self, count: int = 10) -> int:
         """Handle up to ``count`` reclaimed and ``count`` new entries; return how many were
-        acknowledged."""
+        handled and acknowledged (entries moved to the dead-letter stream are not
+        counted).
+
+        Raises:
+            StoreUnavailable: Redis could not be reached, or did not answer in time.
+        """
         return self._run(self.flows.step(count))
 
-    def _run(self, flow: Flow[T]) -> T:
-        # A failed command or handler is thrown into the flow, which decides: a failed
-        # handler leaves its entry pending there.
+    def run(self, *, stop: threading.Event | None = None, count: int = 10,
+            idle: float = 1.0, backoff: BackoffPolicy = OUTAGE_BACKOFF) -> None:
+        """Consume until ``stop`` is set, through Redis outages.
+
+        Each round is a :meth:`consume` of up to ``count`` entries. A consumer that does
+        not ``block`` waits ``idle`` seconds after a round that handled nothing. A round
+        that finds Redis unreachable (:class:`~foxpoll.errors.StoreUnavailable`) is
+        followed by ``backoff``'s next wait, drawn with ``rng``, and counted in
+        ``metrics``; the outage is logged once at WARNING when it begins and once at INFO
+        when Redis answers again. Every wait is on ``clock``, and ends within
+        :data:`STOP_LOOKS_EVERY` seconds of ``stop`` being set; a round in progress ends
+        first (up to ``block`` plus the command's timeout).
+
+        Anything else ends ``run`` by raising: Redis refusing a command (a key of the
+        wrong type, a missing permission) or an error of the program (a ``metrics``
+        without ``on_worker_error``). A handler's exceptions never do: its entry is left
+        pending.
+        """
+        self._run(self.flows.serve(stop or threading.Event(), count, idle, backoff,
+                                   self.rng, self.metrics))
+
+    def _perform(self, op: Op[Any]) -> Any:
+        # Only Redis's own replies are mapped: a handler's errors (it may use Redis too)
+        # are its own, thrown into the flow as they are.
         with _reaching_redis():
-            return run(flow, self._send, async_twin="AsyncRedisStreamConsumer")
+            return self._send(op)
+
+    def _run(self, flow: Flow[T]) -> T:
+        return run(flow, self._perform, clock=self.clock, async_twin="AsyncRedisStreamConsumer")
 
 
 class AsyncRedisStreamConsumer(_ConsumerBase, _AsyncOwner):
-    """:class:`RedisStreamConsumer` on ``redis.asyncio``; the handler may be async."""
+    """:class:`RedisStreamConsumer` on ``redis.asyncio``; the handler (and ``metrics``'
+    hook) may be async."""
 
     async def ensure_group(self) -> None:
         """See :meth:`RedisStreamConsumer.ensure_group`."""
@@ -345,9 +485,15 @@ class AsyncRedisStreamConsumer(_ConsumerBase, _AsyncOwner):
         """See :meth:`RedisStreamConsumer.consume`."""
         return await self._run(self.flows.step(count))
 
+    async def run(self, *, stop: asyncio.Event | None = None, count: int = 10,
+                  idle: float = 1.0, backoff: BackoffPolicy = OUTAGE_BACKOFF) -> None:
+        """See :meth:`RedisStreamConsumer.run`; cancelling it ends it too."""
+        await self._run(self.flows.serve(stop or asyncio.Event(), count, idle, backoff,
+                                         self.rng, self.metrics))
+
     async def _perform(self, op: Op[Any]) -> Any:
-        return await self._send(op)
+        with _reaching_redis():
+            return await self._send(op)
 
     async def _run(self, flow: Flow[T]) -> T:
-        with _reaching_redis():
-            return await arun(flow, self._perform)
+        return await arun(flow, self._perform, clock=self.clock)

@@ -18,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
+from foxpoll._aws import AsyncClient, bounded_config
 from foxpoll.errors import unavailable_on
 
 from .base import OrderEvent
@@ -55,8 +56,9 @@ class SQSPublisher:
     Args:
         where: The queue's URL.
         client: Your boto3 SQS client (its own timeouts apply), never closed by the
-            publisher; when None, the publisher makes ``boto3.client("sqs")`` with the
-            timeouts below and :meth:`close` closes it.
+            publisher; when None, the publisher makes ``boto3.client("sqs")`` (configured
+            by the environment, as boto3 does) bounded by the timeouts below, and
+            :meth:`close` closes it.
         connect_timeout: Seconds each connect of the publisher's own client may take.
         statement_timeout: Seconds each read of the publisher's own client may take.
     """
@@ -66,15 +68,14 @@ class SQSPublisher:
         self._owns = client is None
         if client is None:
             import boto3
-            from botocore.config import Config
 
-            client = boto3.client("sqs", config=Config(
-                connect_timeout=connect_timeout, read_timeout=statement_timeout,
-                retries={"max_attempts": 2, "mode": "standard"}))
+            client = boto3.client("sqs", config=bounded_config(statement_timeout,
+                                                               connect_timeout))
         self._client = client
         self._message = _Message(where)
 
     def publish(self, event: OrderEvent) -> str:
+        """Send ``event`` to the queue; SQS's id of the message."""
         with unavailable_on("SQS", *_UNREACHED):
             reply = self._client.send_message(**self._message.params(event))
         return str(reply["MessageId"])
@@ -92,21 +93,34 @@ class SQSPublisher:
 
 
 class AsyncSQSPublisher:
-    """:class:`SQSPublisher` on your entered aioboto3 SQS client (``client=``), which
-    it never closes: an aioboto3 client is opened and closed with ``async with``, so
-    :meth:`aclose` has nothing of its own to close."""
+    """:class:`SQSPublisher` on aioboto3.
 
-    def __init__(self, where: str, *, client: Any) -> None:
-        self._client = client
+    Args:
+        where: The queue's URL.
+        client: An entered aioboto3 SQS client (``async with session.client(...)``),
+            never closed by the publisher; when None, one is opened on first use
+            (configured by the environment, bounded by the timeouts below) and closed by
+            :meth:`aclose`.
+        connect_timeout: As for :class:`SQSPublisher`.
+        statement_timeout: As for :class:`SQSPublisher`.
+    """
+
+    def __init__(self, where: str, *, client: Any = None, connect_timeout: float = 5.0,
+                 statement_timeout: float = 5.0) -> None:
+        self._client = AsyncClient("sqs", client, connect_timeout=connect_timeout,
+                                   statement_timeout=statement_timeout)
         self._message = _Message(where)
 
     async def publish(self, event: OrderEvent) -> str:
+        """See :meth:`SQSPublisher.publish`."""
         with unavailable_on("SQS", *_UNREACHED):
-            reply = await self._client.send_message(**self._message.params(event))
+            client = await self._client.get()
+            reply = await client.send_message(**self._message.params(event))
         return str(reply["MessageId"])
 
     async def aclose(self) -> None:
-        """Nothing to release: the client is yours."""
+        """Close the publisher's own client (a client you passed in stays open)."""
+        await self._client.aclose()
 
     async def __aenter__(self) -> AsyncSQSPublisher:
         return self

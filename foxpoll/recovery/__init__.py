@@ -11,7 +11,14 @@ from __future__ import annotations
 from foxpoll._lazy import lazy_attributes
 from foxpoll._watches import WatchQueue, WatchTerms
 
-from .base import JobQueue, JobState, RecoveryJob, RecoveryPolicy, RecoveryQueue
+from .base import (
+    JobQueue,
+    JobState,
+    RecoveryJob,
+    RecoveryPolicy,
+    RecoveryQueue,
+    UnreadableJobs,
+)
 from .sqlite import SQLiteRecoveryQueue
 from .worker import Action, Checked, RecoveryWorker, decide
 
@@ -27,6 +34,7 @@ __all__ = [
     "RecoveryQueue",
     "RecoveryWorker",
     "SQLiteRecoveryQueue",
+    "UnreadableJobs",
     "WatchQueue",
     "WatchTerms",
     "decide",

@@ -21,7 +21,7 @@ import attrs
 
 from foxpoll.dedup._sql import Dialect, TableName
 
-from .base import JobQueue, JobState, RecoveryJob, require_text
+from .base import JobQueue, JobState, RecoveryJob, UnreadableJobs, require_text
 
 __all__ = ["COLUMNS", "Execute", "JobStatements", "SQLJobQueue", "job_from_row"]
 
@@ -122,9 +122,11 @@ WHERE state = 'queued' AND reason = 'watch'
   AND order_id IN ({", ".join(":" + name for name in RENEW_PARAMS)})
 RETURNING order_id"""  # noqa: S608 - only our own parameter names go in; the ids are bound
 
-# Due and not held by anyone: a lease that ran out is a dead worker's.
+# Due and not held by anyone: a lease that ran out is a dead worker's. Taking a job
+# begins a re-check, so it counts one here and nowhere else: a re-check that dies with
+# its worker, or never records its end, has been counted all the same.
 _TAKE = """
-UPDATE {table} SET locked_until = {now} + :lease, token = NULL
+UPDATE {table} SET locked_until = {now} + :lease, token = NULL, attempts = attempts + 1
 WHERE order_id = (
     SELECT order_id FROM {table}
     WHERE state = 'queued' AND due_at <= {now}
@@ -134,7 +136,7 @@ RETURNING {columns}"""
 
 # A dispatched wake-up takes its job only with the token it was dispatched with.
 _TAKE_DISPATCHED = """
-UPDATE {table} SET locked_until = {now} + :lease, token = NULL
+UPDATE {table} SET locked_until = {now} + :lease, token = NULL, attempts = attempts + 1
 WHERE order_id = :order_id AND token = :token AND state = 'queued'
 RETURNING {columns}"""
 
@@ -152,7 +154,7 @@ SELECT MIN(CASE WHEN locked_until > due_at THEN locked_until ELSE due_at END) AS
 FROM {table} WHERE state = 'queued'"""
 
 _RETRY = """
-UPDATE {table} SET attempts = attempts + 1, due_at = {now} + :delay,
+UPDATE {table} SET due_at = {now} + :delay,
                    last_status = :last_status, last_error = :last_error,
                    locked_until = NULL, token = NULL, updated_at = {now}
 WHERE order_id = :order_id AND state = 'queued'
@@ -165,7 +167,7 @@ WHERE order_id = :order_id
 RETURNING {columns}"""
 
 _BURY = """
-UPDATE {table} SET state = 'dead', attempts = attempts + 1, last_status = :last_status,
+UPDATE {table} SET state = 'dead', last_status = :last_status,
                    last_error = :last_error, locked_until = NULL, token = NULL,
                    updated_at = {now}
 WHERE order_id = :order_id AND state = 'queued'
@@ -186,6 +188,17 @@ _GET = "SELECT {columns} FROM {table} WHERE order_id = :order_id"
 
 _JOBS = """
 SELECT {columns} FROM {table} WHERE state = :state ORDER BY updated_at, order_id LIMIT :limit"""
+
+# Retention: a bounded batch of old done rows, walked along the (state, due_at) index. A
+# done row's due time is near its last change (a settled watch's is later by at most its
+# wait's horizon), so the oldest rows come first and the scan stops early. Workers that
+# delete at once skip each other's rows on PostgreSQL.
+_DELETE_DONE = """
+DELETE FROM {table} WHERE order_id IN (
+    SELECT order_id FROM {table}
+    WHERE state = 'done' AND updated_at < {now} - :older_than
+    ORDER BY due_at LIMIT :limit {skip_locked})
+RETURNING order_id"""
 
 
 @attrs.frozen
@@ -213,6 +226,7 @@ class JobStatements:
     resolve: str
     get: str
     jobs: str
+    delete_done: str
 
     @classmethod
     def render(cls, dialect: Dialect, table: str | TableName) -> JobStatements:
@@ -224,6 +238,7 @@ class JobStatements:
             "unwatch": _UNWATCH, "take": _TAKE, "take_dispatched": _TAKE_DISPATCHED,
             "dispatch": _DISPATCH, "next_due": _NEXT_DUE, "retry": _RETRY, "finish": _FINISH,
             "bury": _BURY, "requeue": _REQUEUE, "resolve": _RESOLVE, "get": _GET, "jobs": _JOBS,
+            "delete_done": _DELETE_DONE,
         }
         return cls(**{name: dialect.render(sql, table, COLUMNS, index_suffix="due")
                       for name, sql in templates.items()})
@@ -326,7 +341,23 @@ class SQLJobQueue(JobQueue):
     def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
         with self._transaction() as execute:
             rows = execute(self._sql.jobs, {"state": JobState(state).value, "limit": limit})
-        return [job_from_row(row) for row in rows]
+        jobs: list[RecoveryJob] = []
+        unreadable: dict[str, str] = {}
+        for row in rows:
+            try:
+                jobs.append(job_from_row(row))
+            except UnreadableJobs as exc:
+                unreadable.update(exc.unreadable)
+        if unreadable:
+            raise UnreadableJobs(unreadable, jobs=jobs)
+        return jobs
+
+    def delete_done(self, *, older_than: float, limit: int = 500) -> int:
+        if not (older_than >= 0 and math.isfinite(older_than)):
+            raise ValueError(f"older_than must be a finite number >= 0, not {older_than!r}")
+        with self._transaction() as execute:
+            rows = execute(self._sql.delete_done, {"older_than": older_than, "limit": limit})
+        return len(rows)
 
     def renew(self, order_ids: Iterable[str], *, due_at: float) -> int:
         ids = [require_text(order_id, "order id") for order_id in dict.fromkeys(order_ids)]
@@ -343,8 +374,36 @@ class SQLJobQueue(JobQueue):
         return renewed
 
 
+# Text columns, and those that must not be NULL; the others hold numbers. Checked here
+# because the database's types do not say: SQLite stores any value in any column, and
+# PostgreSQL's double precision holds NaN.
+_TEXTS = ("order_id", "reason", "last_status", "last_error", "note")
+_REQUIRED = ("order_id", "attempts", "due_at", "reason")
+
+
+def _wrong(name: str, value: Any) -> bool:
+    if value is None:
+        return name in _REQUIRED
+    if name in _TEXTS:
+        return not isinstance(value, str)
+    number = int if name == "attempts" else (int, float)
+    return isinstance(value, bool) or not isinstance(value, number) or value != value  # NaN
+
+
 def job_from_row(row: Mapping[str, Any]) -> RecoveryJob:
+    """The job a row holds.
+
+    Raises:
+        UnreadableJobs: a value of the wrong type, named with the row's order id.
+    """
     data = {name: row[name] for name in COLUMNS}
+    states = {state.value for state in JobState}
+    wrong = [name for name in COLUMNS if name != "state" and _wrong(name, data[name])]
+    if data["state"] not in states:
+        wrong.insert(0, "state")
+    if wrong:
+        what = ", ".join(f"{name}={data[name]!r}"[:80] for name in wrong)
+        raise UnreadableJobs({str(data["order_id"]): what})
     data["state"] = JobState(data["state"])
     return RecoveryJob(**data)
 

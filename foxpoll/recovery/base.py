@@ -7,11 +7,16 @@
                   │                 completed ──> QUEUED (reason "delivery", due after
                   │                               the policy's delivery_grace)
     enqueue ──> QUEUED ──take (leased)──> re-check ──> DONE        (completed: delivered;
-                  ^                          │                      failed / cancelled:
+                  ^      attempts + 1        │                      failed / cancelled:
                   │                          ├──> QUEUED, later     handed over)
-               requeue                       │    (still pending: attempts + 1)
+               requeue                       │    (still pending, or the re-check failed)
                   │                          └──> DEAD            (attempts used up)
                 DEAD ──resolve(reason)──> RESOLVED
+
+Taking a job counts an attempt, so a re-check that never ends (its worker killed, its
+lease run out) is counted too, and a job taken with its attempts already used up is
+dead-lettered instead of re-checked: no job, however it fails, is re-checked more than
+``max_attempts`` times.
 
 A job is leased while a worker handles it; a worker that dies leaves the lease to expire
 and the job is taken again. There is one row per order, so enqueueing is idempotent in
@@ -34,16 +39,18 @@ import enum
 import itertools
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
 
 from foxpoll.backoff import BackoffPolicy, ExponentialJitter, _non_negative
+from foxpoll.errors import StoreError
 from foxpoll.models import OrderStatus
 from foxpoll.polling import WaitResult
 
-__all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryPolicy", "RecoveryQueue"]
+__all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryPolicy", "RecoveryQueue",
+           "UnreadableJobs"]
 
 DEFAULT_RECOVERY_BACKOFF = ExponentialJitter(base=30.0, factor=2.0, cap=3600.0, jitter=0.3)
 DELIVERY = "delivery"  # the reason of a watch whose wait saw the order completed
@@ -69,7 +76,8 @@ class RecoveryPolicy:
     plus up to 30 %, about two hours in all before the order is dead-lettered.
 
     Attributes:
-        max_attempts: Re-checks before the order is dead-lettered.
+        max_attempts: Re-checks a job may begin (each take counts one) before the order
+            is dead-lettered.
         backoff: The waits between re-checks.
         watch_margin: Seconds past its wait's horizon (or, for a payment not yet waited
             on, the horizon of a wait on the client's ``wait_policy``) during which a live
@@ -115,7 +123,7 @@ class RecoveryJob:
     Attributes:
         order_id: The order.
         state: See :class:`JobState`.
-        attempts: Re-checks made so far.
+        attempts: Re-checks begun so far: one per take, finished or not.
         due_at: When it is next due (seconds since the epoch).
         reason: Why it was enqueued (``stalled``, ``sweep``, ``requeued``...).
         last_status: The order's status at the last re-check.
@@ -141,10 +149,35 @@ class RecoveryJob:
         return self.state is JobState.QUEUED and (self.locked_until or 0.0) > now
 
 
+class UnreadableJobs(StoreError):
+    """Queue rows that cannot be read as jobs: a value of the wrong type, such as a
+    ``locked_until`` that is not a number (a row written by hand or by another program).
+
+    Attributes:
+        unreadable: Each such row's order id, and the value that is wrong
+            (``{"o7": "locked_until='soon'"}``).
+        jobs: The rows of the same call that could be read: one bad row hides no other.
+    """
+
+    def __init__(self, unreadable: Mapping[str, str], *,
+                 jobs: Sequence[RecoveryJob] = ()) -> None:
+        self.unreadable = dict(unreadable)
+        self.jobs = list(jobs)
+        said = [f"order {order_id}: unreadable row ({what})"
+                for order_id, what in list(self.unreadable.items())[:3]]
+        if len(self.unreadable) > 3:
+            said.append(f"and {len(self.unreadable) - 3} more")
+        super().__init__("; ".join(said))
+
+
 class RecoveryQueue(abc.ABC):
     """Where stalled orders wait for their next re-check: what every engine offers.
 
-    ``policy`` is the one :class:`RecoveryPolicy` of the queue and its workers.
+    ``policy`` is this queue object's :class:`RecoveryPolicy`. The processes sharing one
+    table need not agree on it: a row carries what its job needs (its due time, written by
+    whoever wrote the row, and its attempts), so a buyer's policy shapes only the due
+    times it writes (``watch_lease``, ``watch_margin``, ``delivery_grace``), and a
+    worker's only the re-checks it runs (``max_attempts``, ``backoff``).
     """
 
     policy: RecoveryPolicy = RecoveryPolicy()
@@ -156,7 +189,11 @@ class RecoveryQueue(abc.ABC):
 
     @abc.abstractmethod
     def list_dead(self, *, limit: int = 100) -> list[RecoveryJob]:
-        """The dead letters: orders whose re-checks ran out, for on-call to act on."""
+        """The dead letters: orders whose re-checks ran out, for on-call to act on.
+
+        Raises:
+            UnreadableJobs: some rows could not be read; it carries the ones that could.
+        """
 
     @abc.abstractmethod
     def requeue(self, order_id: str) -> RecoveryJob:
@@ -219,11 +256,19 @@ class RecoveryQueue(abc.ABC):
 
     @abc.abstractmethod
     def get(self, order_id: str) -> RecoveryJob | None:
-        """The job, or None."""
+        """The job, or None.
+
+        Raises:
+            UnreadableJobs: its row cannot be read.
+        """
 
     @abc.abstractmethod
     def jobs(self, state: JobState, *, limit: int = 100) -> list[RecoveryJob]:
-        """Jobs in ``state``, oldest change first."""
+        """Jobs in ``state``, oldest change first.
+
+        Raises:
+            UnreadableJobs: some rows could not be read; it carries the ones that could.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release what the queue holds open (a pool you passed in stays open)."""
@@ -250,18 +295,36 @@ class RecoveryQueue(abc.ABC):
         write for all its waits. Only a queued watch moves (a job under recovery is the
         worker's; an unknown id is skipped). Returns how many moved."""
 
+    def delete_done(self, *, older_than: float, limit: int = 500) -> int:
+        """Delete up to ``limit`` DONE jobs whose last change is more than ``older_than``
+        seconds old; return how many. Queued, dead and resolved jobs are never deleted.
+
+        The retention primitive, run by :meth:`RecoveryWorker.purge_done`. This default
+        keeps everything (it deletes nothing and returns 0): an engine that stores its
+        jobs overrides it, as the SQL engines do.
+        """
+        return 0
+
 
 class JobQueue(RecoveryQueue):
     """A recovery queue that workers pull from (:meth:`RecoveryWorker.run_pending`)."""
 
     @abc.abstractmethod
     def take(self, *, lease: float = 300.0) -> RecoveryJob | None:
-        """The next due job, leased to the caller for ``lease`` seconds; None if none is due."""
+        """The next due job, leased to the caller for ``lease`` seconds, with its attempts
+        counted (the returned job's ``attempts`` includes this re-check); None if none is
+        due."""
 
     @abc.abstractmethod
     def retry(self, order_id: str, *, due_at: float, last_status: str | None,
               last_error: str | None) -> RecoveryJob:
-        """Count a re-check and queue the job again for ``due_at``."""
+        """Record a re-check's outcome and queue the job again for ``due_at`` (its take
+        counted the attempt).
+
+        Raises:
+            KeyError: no such job.
+            ValueError: the job is no longer queued (its wait settled it meanwhile).
+        """
 
     @abc.abstractmethod
     def finish(self, order_id: str, *, final_status: str) -> RecoveryJob:
@@ -270,7 +333,12 @@ class JobQueue(RecoveryQueue):
     @abc.abstractmethod
     def bury(self, order_id: str, *, last_status: str | None, last_error: str | None
              ) -> RecoveryJob:
-        """Attempts used up: move to the dead letters."""
+        """Attempts used up: move to the dead letters, with the last status and error.
+
+        Raises:
+            KeyError: no such job.
+            ValueError: the job is no longer queued.
+        """
 
     def list_dead(self, *, limit: int = 100) -> list[RecoveryJob]:
         return self.jobs(JobState.DEAD, limit=limit)

@@ -65,7 +65,7 @@ class PostgresRecoveryQueue(SQLJobQueue):
 
     def __init__(self, where: str | psycopg_pool.ConnectionPool[Any], *,
                  policy: RecoveryPolicy | None = None, table: str = DEFAULT_TABLE,
-                 connect_timeout: float = 10.0, max_connections: int = 4,
+                 connect_timeout: float = 5.0, max_connections: int = 4,
                  statement_timeout: float = 5.0,
                  clock: Clock | None = None) -> None:
         self.policy = policy or RecoveryPolicy()

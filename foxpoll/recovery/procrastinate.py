@@ -15,7 +15,11 @@ token. So:
 - a worker killed mid-job leaves its row's lease to run out; the dispatcher then wakes
   the row again: re-checked within one lease plus one dispatch period. procrastinate's
   own rescue (:meth:`retry_stalled_jobs`) runs in the same loop, so the dead worker's
-  procrastinate job does not stay ``doing`` forever.
+  procrastinate job does not stay ``doing`` forever;
+- an outage does not end :meth:`run_worker_async`. procrastinate's worker exits when a
+  query fails on a lost connection (``ConnectorException``), or stops itself when a side
+  task (its heartbeat, its LISTEN connection) does: either way it is started again after
+  the worker's outage backoff, until a stop signal or a programming error.
 
 ::
 
@@ -30,7 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 try:
@@ -43,11 +52,12 @@ except ImportError as exc:  # pragma: no cover - only without the extra
     ) from exc
 
 from foxpoll._clock import Clock
+from foxpoll.errors import StoreUnavailable
 
 from ._sql import job_from_row
 from .base import RecoveryJob, RecoveryPolicy
 from .postgres import DEFAULT_TABLE, PostgresRecoveryQueue
-from .worker import RecoveryWorker
+from .worker import PROGRAMMING_ERRORS, PURGE_EVERY, RecoveryWorker, _Outages
 
 __all__ = ["ProcrastinateRecoveryQueue"]
 
@@ -69,7 +79,8 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
             rescue the jobs of dead procrastinate workers).
         stalled_after: Seconds without a heartbeat after which a procrastinate worker
             counts as dead and its jobs are retried.
-        connect_timeout: As for :class:`PostgresRecoveryQueue`.
+        connect_timeout: As for :class:`PostgresRecoveryQueue`; procrastinate's own pool
+            waits as long for a connection, then fails (and its worker is restarted).
         max_connections: As for :class:`PostgresRecoveryQueue`.
         statement_timeout: As for :class:`PostgresRecoveryQueue`.
         clock: As for :class:`PostgresRecoveryQueue`.
@@ -78,7 +89,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
     def __init__(self, where: str | psycopg_pool.ConnectionPool[Any], *,
                  queue: str = "foxpoll-recovery", policy: RecoveryPolicy | None = None,
                  table: str = DEFAULT_TABLE, dispatch_every: float = 5.0,
-                 stalled_after: float = 30.0, connect_timeout: float = 10.0,
+                 stalled_after: float = 30.0, connect_timeout: float = 5.0,
                  max_connections: int = 4, statement_timeout: float = 5.0,
                  clock: Clock | None = None) -> None:
         super().__init__(where, policy=policy, table=table, connect_timeout=connect_timeout,
@@ -92,8 +103,8 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
         if self.conninfo is None:
             raise TypeError("procrastinate needs the connection string: pass it, or a pool "
                             "whose conninfo is a string")
-        self.app = procrastinate.App(
-            connector=procrastinate.PsycopgConnector(conninfo=self.conninfo))
+        self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
+            conninfo=self.conninfo, timeout=connect_timeout))
         self.task = self.app.task(name=TASK_NAME, queue=queue)(self._wake)
         self._worker: RecoveryWorker | None = None
 
@@ -166,41 +177,138 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
                 log.exception("could not retry stalled wake-up %s", job.id)
         return count
 
-    async def maintain(self, lease: float) -> None:
-        """One dispatcher round: rescue dead workers' wake-ups, then wake due jobs."""
+    async def maintain(self, worker: RecoveryWorker, *, purge: bool = True) -> None:
+        """One dispatcher round: rescue dead workers' wake-ups, wake due jobs, and (with
+        ``purge``) delete done jobs older than the worker's ``keep_done``."""
         rescued = await self.retry_stalled_jobs()
-        woken = await self.dispatch(lease=lease)
+        woken = await self.dispatch(lease=worker.lease)
         if rescued or woken:
             log.debug("recovery dispatcher: %d rescued, %d woken", rescued, woken)
+        if purge:
+            await asyncio.to_thread(worker.purge_done)
 
-    async def _maintain_forever(self, lease: float) -> None:
+    async def _maintain_forever(self, worker: RecoveryWorker, outages: _Outages) -> None:
         # Real time, not the client's clock: the rounds keep pace with procrastinate's own
         # worker and with leases on the server's clock, which no fake clock moves.
+        last_purge = time.monotonic()  # the round before this loop purged
+        pause = self.dispatch_every
         while True:
-            await asyncio.sleep(self.dispatch_every)
+            await asyncio.sleep(pause)
+            purge = time.monotonic() - last_purge >= PURGE_EVERY
+            if purge:
+                last_purge = time.monotonic()  # failed, it waits for its next turn
             try:
-                await self.maintain(lease)
-            except Exception:  # the next round tries again; the worker keeps working
-                log.exception("recovery dispatcher round failed")
+                await self.maintain(worker, purge=purge)
+            except PROGRAMMING_ERRORS:
+                raise
+            except Exception as exc:  # an outage: the worker keeps working meanwhile
+                pause = max(self.dispatch_every, outages.failed(exc))
+            else:
+                outages.succeeded()
+                pause = self.dispatch_every
 
     async def run_worker_async(self, worker: RecoveryWorker, **options: Any) -> None:
-        """Run a procrastinate worker for this queue, with the dispatcher beside it.
+        """Run a procrastinate worker for this queue, with the dispatcher beside it, until
+        SIGINT or SIGTERM (or until cancelled).
+
         ``options`` go to ``App.run_worker_async`` (``concurrency``, ``wait``,
         ``update_heartbeat_interval``...); finished wake-ups are deleted unless
         ``delete_jobs`` says otherwise. With ``wait=False`` it returns once no job is due.
+
+        It outlives outages: when procrastinate's worker ends on a database error, or
+        stops by itself (a side task lost its connection), it is started again after the
+        worker's ``outage_backoff``; each restart is counted on
+        ``on_worker_error("recovery", ...)`` and the outage logged once. A failed
+        dispatcher round is counted as ``"dispatcher"`` and the next round waits
+        ``dispatch_every`` or the backoff, whichever is longer.
+
+        Signals are handled here, not by procrastinate (``install_signal_handlers``, True
+        by default, says whether to; only in the main thread): the first SIGINT or
+        SIGTERM stops the worker gracefully, letting running wake-ups finish, and a
+        second one acts as usual.
+
+        Raises:
+            TypeError: and the other programming errors (see
+                :data:`~foxpoll.recovery.worker.PROGRAMMING_ERRORS`).
         """
         self.bind(worker)
         options.setdefault("delete_jobs", "successful")
+        wait = options.get("wait", True)
+        handle_signals = options.pop("install_signal_handlers", True)
+        options["install_signal_handlers"] = False  # so this loop tells a stop from a crash
+        stop = asyncio.Event()
+        restarts = worker._outages("recovery", "procrastinate worker", clock=time.monotonic)
+        rounds = worker._outages("dispatcher", "recovery dispatcher", clock=time.monotonic)
+        with _stop_on_signals(stop.set, enabled=handle_signals):
+            while True:
+                try:
+                    await self._run_once(worker, options, stop, restarts, rounds)
+                    if stop.is_set() or not wait:
+                        return
+                    error: Exception = StoreUnavailable(
+                        "procrastinate's worker stopped by itself (a side task failed)")
+                except PROGRAMMING_ERRORS:
+                    raise
+                except Exception as exc:
+                    if stop.is_set():  # it failed while stopping: stopped all the same
+                        return
+                    error = exc
+                with contextlib.suppress(asyncio.TimeoutError):  # waited: start again
+                    await asyncio.wait_for(stop.wait(), restarts.failed(error))
+                if stop.is_set():
+                    return
+
+    async def _run_once(self, worker: RecoveryWorker, options: dict[str, Any],
+                        stop: asyncio.Event, restarts: _Outages, rounds: _Outages) -> None:
+        """procrastinate's worker and the dispatcher, from opening the app until the worker
+        ends, the dispatcher fails for good, or ``stop`` is set."""
         async with self.app.open_async():
-            await self.maintain(worker.lease)
-            dispatcher = asyncio.ensure_future(self._maintain_forever(worker.lease))
+            await self.maintain(worker)
+            restarts.succeeded()  # the database answers again
+            rounds.succeeded()
+            tasks = [asyncio.ensure_future(self.app.run_worker_async(queues=[self.queue],
+                                                                     **options)),
+                     asyncio.ensure_future(self._maintain_forever(worker, rounds)),
+                     asyncio.ensure_future(stop.wait())]
             try:
-                await self.app.run_worker_async(queues=[self.queue], **options)
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                dispatcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await dispatcher
+                for task in tasks:  # procrastinate's worker stops gracefully when cancelled
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks[:2]:
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    raise error
 
     def run_worker(self, worker: RecoveryWorker, **options: Any) -> None:
         """:meth:`run_worker_async`, blocking."""
         asyncio.run(self.run_worker_async(worker, **options))
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[], None], *, enabled: bool) -> Iterator[None]:
+    """Call ``stop`` on the first SIGINT or SIGTERM; the handlers that were there before
+    are back from then on (and on exit). Only in the main thread, and not on Windows, where
+    the event loop cannot take signals."""
+    if not enabled or os.name == "nt" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            if loop.remove_signal_handler(sig) and handler is not None:
+                signal.signal(sig, handler)
+
+    def on_signal() -> None:
+        restore()
+        stop()
+
+    for sig in previous:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        yield
+    finally:
+        restore()

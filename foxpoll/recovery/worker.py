@@ -3,28 +3,37 @@
 Each job re-reads its order. Completed: its codes go out through ``deliver_once`` (the
 event is published inside the same claim, so it is not lost to a crash between the two).
 Failed or cancelled: ``on_terminal`` gets the order, and the event is published. Still
-pending, or unreadable: the job comes back after the policy's next wait, until its
-attempts run out and it moves to the dead letters. The decision is a pure function,
-:func:`decide`; the worker only does its I/O.
+pending, unreadable, or failed along the way (``on_completed`` raised, the dedup store
+was down...): the job comes back after the policy's next wait, with the error on record,
+until its attempts run out and it moves to the dead letters. The decision is a pure
+function, :func:`decide`; the worker only does its I/O.
+
+:meth:`RecoveryWorker.run` outlives outages. A round (sweep, retention, the due jobs)
+that fails for any reason but a programming error (:data:`PROGRAMMING_ERRORS`) is an
+outage of the queue, a store or the API: it is counted, logged once per outage, and the
+round is tried again after a capped, jittered wait (``outage_backoff``).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
 
 from foxpoll._client import FoxReload
+from foxpoll.backoff import BackoffPolicy, FullJitter
 from foxpoll.dedup.base import DedupStore, DeliveryState
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundError
 from foxpoll.events.base import OrderEvent, Publisher
 from foxpoll.models import Order, OrderStatus
-from foxpoll.polling import WaitResult
+from foxpoll.polling import Listener, WaitResult
 from foxpoll.ratelimit import Priority
 
 from .base import DELIVERY, JobQueue, RecoveryJob, RecoveryPolicy, RecoveryQueue
@@ -33,9 +42,36 @@ __all__ = ["Action", "Checked", "RecoveryPolicy", "RecoveryWorker", "decide"]
 
 log = logging.getLogger("foxpoll.recovery")
 
+#: How much of a foreign exception's message ``last_error`` keeps, in characters: the
+#: exception may be the partner's own, whose messages foxpoll cannot vouch for.
+ERROR_TEXT_LIMIT = 200
+
 #: How often an idle :meth:`RecoveryWorker.run` looks whether it was told to stop, in
 #: seconds.
 STOP_LOOKS_EVERY = 0.1
+
+#: The wait before a failed round is tried again: up to 1 s, then up to 2 s, 4 s... never
+#: more than a minute, drawn uniformly ("full jitter") so a fleet does not retry in step.
+OUTAGE_BACKOFF = FullJitter(base=1.0, cap=60.0, factor=2.0)
+
+#: Errors that say the code or its wiring is wrong, not that a service is down: waiting
+#: cannot cure them, so they end :meth:`RecoveryWorker.run` (and the procrastinate worker)
+#: at once. Everything else that escapes a round is taken for an outage and retried.
+#: (``BaseException`` outside ``Exception``, such as ``KeyboardInterrupt``, is never
+#: caught.)
+PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (
+    TypeError, AttributeError, NameError, ImportError, AssertionError, NotImplementedError,
+    SyntaxError,
+)
+
+#: Done jobs are kept this long (30 days) before the worker deletes them.
+KEEP_DONE = 30 * 86400.0
+#: Seconds between two retention rounds of a worker (or a procrastinate dispatcher).
+PURGE_EVERY = 300.0
+#: Rows one retention statement deletes, and statements one retention round runs at most:
+#: short statements that never hold many locks, and a backlog cleared over a few rounds.
+PURGE_BATCH = 500
+PURGE_BATCHES = 10
 
 
 @attrs.frozen
@@ -55,18 +91,113 @@ class Checked:
     error: str | None
 
 
-def decide(order: Order | None, attempts: int, policy: RecoveryPolicy,
+class _Outages:
+    """The outages of one loop: how long to wait after each failed round, and what to log
+    and count. Pure bookkeeping (the loop does the waiting), shared by sync and async loops.
+
+    The first failure of an outage is logged at WARNING, the rounds that follow only at
+    DEBUG, and the first success after it at INFO; every failure is counted on
+    ``metrics.on_worker_error(component, error)``. The waits come from ``backoff``, afresh
+    for each outage.
+
+    Args:
+        component: The metric's ``component`` label (``recovery``, ``dispatcher``...).
+        label: How log lines name the loop (``recovery worker``).
+        backoff: The waits between failed rounds.
+        rng: Random source for their jitter.
+        metrics: Told of every failure through its ``on_worker_error``, if it has one
+            (``foxpoll.metrics`` objects do); None counts nothing.
+        clock: Seconds on a monotonic clock, for the outage's length in the log.
+    """
+
+    def __init__(self, component: str, label: str, *, backoff: BackoffPolicy,
+                 rng: random.Random, metrics: Any, clock: Callable[[], float]) -> None:
+        self.component, self.label = component, label
+        self.backoff, self.rng, self.metrics, self.clock = backoff, rng, metrics, clock
+        self.failures = 0
+        self._delays: Iterator[float] | None = None  # None: no outage under way
+        self._since = 0.0
+
+    @property
+    def ongoing(self) -> bool:
+        """An outage is under way: the last round failed."""
+        return self._delays is not None
+
+    def failed(self, error: Exception) -> float:
+        """Record a failed round; return the seconds to wait before the next one."""
+        if self._delays is None:
+            self._delays = self.backoff.delays(self.rng)
+            self._since, self.failures = self.clock(), 0
+            log.warning("%s: round failed (%s); retrying until it succeeds", self.label,
+                        _describe(error))
+        self.failures += 1
+        log.debug("%s: round %d of the outage failed", self.label, self.failures,
+                  exc_info=error)
+        hook = getattr(self.metrics, "on_worker_error", None)
+        if hook is not None:
+            hook(self.component, error)
+        return next(self._delays)
+
+    def succeeded(self) -> None:
+        """Record a round that worked: the end of the outage, if one was under way."""
+        if self._delays is not None:
+            log.info("%s: recovered after %d failed round(s) in %.1f s", self.label,
+                     self.failures, self.clock() - self._since)
+            self._delays = None
+
+
+def _describe(error: BaseException) -> str:
+    """An error for a log line: foxpoll's own with its message (written to be safe to
+    show), any other by its type only (a driver's text may quote a connection string)."""
+    name = type(error).__name__
+    return f"{name}: {error}" if isinstance(error, FoxPollError) else name
+
+
+def decide(order: Order | None, attempt: int, policy: RecoveryPolicy,
            rng: random.Random) -> Action:
-    """Pure: given the order as re-checked now (None if it could not be read) and the
-    re-checks made before this one."""
+    """Pure: what re-check number ``attempt`` (from 1) does, given the order as it read it
+    (None if it could not be read)."""
     if order is not None and order.status is OrderStatus.COMPLETED:
         return Action("deliver")
     if order is not None and order.status.is_terminal:
         return Action("terminal")
-    done = attempts + 1
-    if done >= policy.max_attempts:
+    return _unfinished(attempt, policy, rng)
+
+
+def _unfinished(attempt: int, policy: RecoveryPolicy, rng: random.Random) -> Action:
+    """Pure: after re-check number ``attempt`` left the order unfinished (still pending,
+    unreadable, or its handling failed), look again on the schedule, or dead-letter it
+    when that was the last attempt."""
+    if attempt >= policy.max_attempts:
         return Action("dead")
-    return Action("retry", policy.delay(done, rng))
+    return Action("retry", policy.delay(attempt, rng))
+
+
+def _error_text(exc: BaseException) -> str:
+    """``TypeName: message`` on one line, for ``last_error``. foxpoll's own messages are
+    kept whole (they never hold the API key or codes); any other exception's is cut to
+    :data:`ERROR_TEXT_LIMIT` characters."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, FoxPollError) and len(text) > ERROR_TEXT_LIMIT:
+        text = text[:ERROR_TEXT_LIMIT - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Miswired(TypeError):
+    """A callback the worker cannot call with an order (wrong signature, or async): the
+    worker's wiring is wrong, not the job, so it ends the worker instead of being recorded
+    on every job."""
+
+
+def _used_up(job: RecoveryJob, policy: RecoveryPolicy) -> str:
+    """The ``last_error`` of a job taken with its attempts already used up."""
+    begun, allowed = job.attempts - 1, policy.max_attempts
+    if begun == allowed:  # the last re-check would have recorded its end, had it reached it
+        text = (f"re-check {begun} of {allowed} never ended (its worker stopped, or its "
+                "lease ran out first): dead-lettered when taken again")
+    else:  # a policy with fewer attempts than the job's
+        text = f"attempts used up: {begun} re-checks begun, the policy allows {allowed}"
+    return f"{text}; before it: {job.last_error}" if job.last_error else text
 
 
 class RecoveryWorker:
@@ -79,9 +210,19 @@ class RecoveryWorker:
         on_completed: Delivers a completed order's codes (as for ``deliver_once``).
         on_terminal: Called with a failed or cancelled order (refund, notify...).
         publisher: Publishes an :class:`OrderEvent` for every order that finishes.
-        metrics: A ``foxpoll.metrics`` object: recovered completions count as completed.
+        metrics: A ``foxpoll.metrics`` object (a :class:`foxpoll.Listener`): recovered
+            completions count as completed, and the failed rounds of :meth:`run` on its
+            ``on_worker_error``, if it has one (``foxpoll.metrics`` objects do).
         lease: Seconds a taken job stays with this worker if it dies.
         rng: Random source for the jitter.
+        outage_backoff: The waits between failed rounds of :meth:`run` during an outage
+            (:data:`OUTAGE_BACKOFF`: up to 1 s, 2 s, 4 s... capped at a minute).
+        keep_done: Seconds a done job is kept (by its last change) before :meth:`run`
+            deletes it: 30 days by default, None to keep done jobs forever. Dead and
+            resolved jobs are always kept.
+
+    Raises:
+        ValueError: ``keep_done`` is negative or not finite.
     """
 
     def __init__(
@@ -93,29 +234,44 @@ class RecoveryWorker:
         on_completed: Callable[[Order], Any],
         on_terminal: Callable[[Order], Any] | None = None,
         publisher: Publisher | None = None,
-        metrics: Any = None,
+        metrics: Listener | None = None,
         lease: float = 300.0,
         rng: random.Random | None = None,
+        outage_backoff: BackoffPolicy = OUTAGE_BACKOFF,
+        keep_done: float | None = KEEP_DONE,
     ) -> None:
+        if keep_done is not None and not (keep_done >= 0 and math.isfinite(keep_done)):
+            raise ValueError(f"keep_done must be a finite number >= 0 or None, not {keep_done!r}")
         self.client, self.queue, self.store = client, queue, store
         self.on_completed, self.on_terminal = on_completed, on_terminal
         self.publisher, self.metrics = publisher, metrics
         self.lease = lease
         self.rng = rng or random.Random()
+        self.outage_backoff = outage_backoff
+        self.keep_done = keep_done
 
     @property
     def policy(self) -> RecoveryPolicy:
-        """The re-check policy: its queue's, the one policy of the queue and its workers."""
+        """The re-check policy: its queue's (``max_attempts`` and ``backoff`` govern this
+        worker's re-checks; a job's due time and attempts are on its row)."""
         return self.queue.policy
 
-    def recheck(self, order_id: str, attempts: int, *, since: float | None = None
+    def recheck(self, order_id: str, attempt: int, *, since: float | None = None
                 ) -> Checked:
         """Re-read the order and act on it: deliver, hand over, or say when to look again.
 
+        Whatever fails along the way (the API or its answer, ``on_completed``,
+        ``on_terminal``, the publisher, the dedup store) is caught and returned as the
+        error (``TypeName: message``), with the next step on the policy's schedule.
+
         Args:
             order_id: The order.
-            attempts: Re-checks made before this one.
+            attempt: This re-check's number, from 1 (the taken job's ``attempts``).
             since: When recovery began (for the metrics' completion time).
+
+        Raises:
+            TypeError: ``on_completed`` or ``on_terminal`` cannot be called with an order
+                (its signature, or it is async): the worker's wiring, not this order.
         """
         order: Order | None = None
         error: str | None = None
@@ -124,41 +280,67 @@ class RecoveryWorker:
         except NotFoundError:
             error = "order not found"
         except APIError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = _error_text(exc)
+        except Exception as exc:  # an answer the client could not take, an id it refused
+            error = _error_text(exc)
+            log.warning("order %s: re-check %d could not read the order: %s", order_id,
+                        attempt, error, exc_info=True)
         status = order.status.value if order is not None else None
-        action = decide(order, attempts, self.policy, self.rng)
-        if action.kind == "deliver":
-            assert order is not None
-            try:
+        action = decide(order, attempt, self.policy, self.rng)
+        try:
+            if action.kind == "deliver":
+                assert order is not None
                 deliver_once(order, self._deliver_and_publish, self.store, lease=self.lease,
                              clock=self.client.clock)
-            except DeliveryInProgress as busy:  # another worker is on it: look again soon
-                delay = max(1.0, busy.lease_until - self.client.clock.time())
-                return Checked(Action("retry", delay), status, "delivery in progress")
-            self._count(order, attempts, since)
-        elif action.kind == "terminal":
-            assert order is not None
-            if self.on_terminal is not None:
-                self.on_terminal(order)
-            self._publish(order)
-            self._count(order, attempts, since)
-        elif action.kind == "dead":
-            log.error("order %s: recovery attempts used up (last status %s); dead-lettered",
-                      order_id, status)
+            elif action.kind == "terminal":
+                assert order is not None
+                if self.on_terminal is not None:
+                    self._call("on_terminal", self.on_terminal, order)
+                self._publish(order)
+        except _Miswired:
+            raise
+        except DeliveryInProgress as busy:  # another worker is on it: look again soon
+            error = _error_text(busy)
+            action = _unfinished(attempt, self.policy, self.rng)
+            if action.kind == "retry":
+                action = Action("retry", max(1.0, busy.lease_until - self.client.clock.time()))
+        except Exception as exc:
+            error = _error_text(exc)
+            action = _unfinished(attempt, self.policy, self.rng)
+            log.warning("order %s: re-check %d failed: %s", order_id, attempt, error,
+                        exc_info=True)
+        else:
+            if action.kind in ("deliver", "terminal"):
+                assert order is not None
+                self._count(order, attempt, since)
+        if action.kind == "dead":
+            log.error("order %s: recovery attempts used up (last status %s, last error %s); "
+                      "dead-lettered", order_id, status, error)
         return Checked(action, status, error)
 
     def process(self, job: RecoveryJob) -> RecoveryJob:
-        """Re-check one taken job of a :class:`JobQueue` and move it on.
+        """Re-check one taken job of a :class:`JobQueue` and move it on: done, retried
+        with its status and error on record, or dead-lettered.
 
-        A job whose wait saw the order completed (reason ``delivery``) is first looked up
-        in the dedup store: delivered there means done, with no request to the API.
+        A job taken with more attempts than the policy allows (its last re-check never
+        ended: the worker died, or the lease ran out first) is dead-lettered without a
+        re-check. A job whose wait saw the order completed (reason ``delivery``) is first
+        looked up in the dedup store: delivered there means done, with no request to the
+        API.
+
+        Raises:
+            StoreUnavailable: the queue could not record the outcome; the job comes back
+                when its lease runs out.
+            TypeError: a callback cannot be called with an order (see :meth:`recheck`).
         """
         queue = self._job_queue()
-        if job.reason == DELIVERY:
-            record = self.store.get(job.order_id)
-            if record is not None and record.state is DeliveryState.DELIVERED:
-                return queue.finish(job.order_id, final_status="completed")
-        checked = self.recheck(job.order_id, job.attempts, since=job.created_at)
+        if job.attempts > self.policy.max_attempts:
+            checked = Checked(Action("dead"), job.last_status, _used_up(job, self.policy))
+            log.error("order %s: %s; dead-lettered", job.order_id, checked.error)
+        elif job.reason == DELIVERY and self._delivered(job.order_id):
+            return queue.finish(job.order_id, final_status="completed")
+        else:
+            checked = self.recheck(job.order_id, job.attempts, since=job.created_at)
         kind = checked.action.kind
         if kind in ("deliver", "terminal"):
             return queue.finish(job.order_id, final_status=checked.status or kind)
@@ -175,13 +357,40 @@ class RecoveryWorker:
             log.info("order %s: settled by its wait during the re-check", job.order_id)
             return queue.get(job.order_id) or job
 
+    def _delivered(self, order_id: str) -> bool:
+        """The dedup store says the order was delivered. A store that cannot say is only
+        logged: the re-check that follows goes through the store again, and records it."""
+        try:
+            record = self.store.get(order_id)
+        except Exception as exc:
+            log.warning("order %s: the dedup store could not be read (%s); re-checking",
+                        order_id, _error_text(exc))
+            return False
+        return record is not None and record.state is DeliveryState.DELIVERED
+
+    def _call(self, name: str, callback: Callable[[Order], Any], order: Order) -> Any:
+        """``callback(order)``, telling a callback that cannot take the call (a
+        :class:`TypeError` raised by the call itself, before any of its code ran; an
+        awaitable result) from one that failed inside."""
+        try:
+            result = callback(order)
+        except TypeError as exc:
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                raise _Miswired(f"{name} cannot be called with an order: {exc}") from exc
+            raise
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # not reported as never awaited
+            raise _Miswired(f"{name} is async; RecoveryWorker calls it in blocking code")
+        return result
+
     def _job_queue(self) -> JobQueue:
         if not isinstance(self.queue, JobQueue):
             raise TypeError(f"{type(self.queue).__name__} runs its own workers; see its docs")
         return self.queue
 
     def _deliver_and_publish(self, order: Order) -> Any:
-        receipt = self.on_completed(order)
+        receipt = self._call("on_completed", self.on_completed, order)
         self._publish(order)  # inside the claim: a crash before it means a retry, not a loss
         return receipt
 
@@ -189,25 +398,31 @@ class RecoveryWorker:
         if self.publisher is not None:
             self.publisher.publish(OrderEvent.from_order(order, now=self.client.clock.time()))
 
-    def _count(self, order: Order, attempts: int, since: float | None) -> None:
+    def _count(self, order: Order, attempt: int, since: float | None) -> None:
         if self.metrics is not None:
             error = None if order.status is OrderStatus.COMPLETED else FoxPollError(order.id)
             now = self.client.clock.time()
             elapsed = now - (since if since is not None else now)
-            self.metrics.on_finish(WaitResult(order.id, order, error, attempts + 1, elapsed))
+            self.metrics.on_finish(WaitResult(order.id, order, error, attempt, elapsed))
 
     def run_pending(self, *, limit: int | None = None) -> int:
-        """Process every job due now (up to ``limit``); return how many were processed."""
+        """Process every job due now (up to ``limit``); return how many were processed.
+
+        A job's own failure is recorded on the job (see :meth:`process`) and the next job
+        is taken.
+
+        Raises:
+            StoreUnavailable: the queue could not be reached; a job taken meanwhile comes
+                back when its lease runs out (counted as an attempt).
+            TypeError: a callback cannot be called with an order.
+        """
         processed = 0
         queue = self._job_queue()
         while limit is None or processed < limit:
             job = queue.take(lease=self.lease)
             if job is None:
                 return processed
-            try:
-                self.process(job)
-            except Exception:  # a broken job must not stop the others; it will be re-taken
-                log.exception("order %s: recovery check failed", job.order_id)
+            self.process(job)
             processed += 1
         return processed
 
@@ -219,6 +434,33 @@ class RecoveryWorker:
         return self.queue.sweep(pending_orders(), now=self.client.clock.time(),
                                 older_than=older_than)
 
+    def purge_done(self) -> int:
+        """Delete the queue's done jobs older than ``keep_done``: up to
+        :data:`PURGE_BATCHES` statements of :data:`PURGE_BATCH` rows, fewer once a batch
+        comes back short. Return how many were deleted (0 with ``keep_done=None``).
+
+        :meth:`run` calls it every :data:`PURGE_EVERY` seconds.
+        """
+        if self.keep_done is None:
+            return 0
+        deleted = 0
+        for _ in range(PURGE_BATCHES):
+            batch = self.queue.delete_done(older_than=self.keep_done, limit=PURGE_BATCH)
+            deleted += batch
+            if batch < PURGE_BATCH:
+                break
+        if deleted:
+            log.info("recovery: deleted %d done job(s) older than %g s", deleted,
+                     self.keep_done)
+        return deleted
+
+    def _outages(self, component: str, label: str, *, clock: Callable[[], float] | None = None
+                ) -> _Outages:
+        """The :class:`_Outages` of one of this worker's loops: its ``outage_backoff``,
+        ``rng`` and ``metrics``, on ``clock`` (the client's monotonic clock by default)."""
+        return _Outages(component, label, backoff=self.outage_backoff, rng=self.rng,
+                       metrics=self.metrics, clock=clock or self.client.clock.monotonic)
+
     def run(
         self,
         *,
@@ -227,22 +469,58 @@ class RecoveryWorker:
         pending_orders: Callable[[], Iterable[tuple[str, float]]] | None = None,
         sweep_every: float = 300.0,
     ) -> None:
-        """Process jobs as they come due, and sweep ``pending_orders`` every
-        ``sweep_every`` seconds, until ``stop`` is set.
+        """Process jobs as they come due, sweep ``pending_orders`` every ``sweep_every``
+        seconds and delete old done jobs every :data:`PURGE_EVERY` seconds (see
+        ``keep_done``), until ``stop`` is set.
 
         With nothing due it waits ``idle`` seconds on the client's clock (a ``FakeClock``
         runs the loop on virtual time), and ends within :data:`STOP_LOOKS_EVERY` seconds
         of ``stop`` being set.
+
+        It outlives outages. A round that raises anything but a programming error (a
+        queue, store or API outage: :class:`~foxpoll.errors.StoreUnavailable`,
+        :class:`~foxpoll.errors.APIConnectionError`...) is counted on the metrics'
+        ``on_worker_error("recovery", error)``, logged at WARNING once per outage (and at
+        INFO when a round works again), and tried again after ``outage_backoff``, waited
+        on the client's clock like ``idle``. A sweep or a retention round that fails
+        waits for its next turn, so it never holds the due jobs back.
+
+        A job's own failure (its ``on_completed`` raising, say) never reaches this loop:
+        it is recorded on the job (see :meth:`process`). A queue table that does not
+        exist, or a row that cannot be read, fails its round like an outage: logged and
+        counted, and waited out, so a worker started before ``create_schema()`` ran starts
+        working once it has.
+
+        Raises:
+            TypeError: and the other :data:`PROGRAMMING_ERRORS` escaping a round: a
+                callback that cannot be called with an order (see :meth:`recheck`), a
+                ``pending_orders`` that takes arguments, a queue that runs its own
+                workers... No wait can cure them.
         """
         stop = stop or threading.Event()
+        clock = self.client.clock
+        outages = self._outages("recovery", "recovery worker")
         last_sweep: float | None = None
+        last_purge: float | None = None
         while not stop.is_set():
-            now = self.client.clock.monotonic()
-            if pending_orders is not None and (last_sweep is None
-                                               or now - last_sweep >= sweep_every):
-                self.sweep(pending_orders)
-                last_sweep = now
-            if self.run_pending() == 0:
+            now = clock.monotonic()
+            try:
+                if pending_orders is not None and (last_sweep is None
+                                                   or now - last_sweep >= sweep_every):
+                    last_sweep = now
+                    self.sweep(pending_orders)
+                if self.keep_done is not None and (last_purge is None
+                                                   or now - last_purge >= PURGE_EVERY):
+                    last_purge = now
+                    self.purge_done()
+                processed = self.run_pending()
+            except PROGRAMMING_ERRORS:
+                raise
+            except Exception as exc:  # an outage: wait, then try the round again
+                self._idle(stop, outages.failed(exc))
+                continue
+            outages.succeeded()
+            if processed == 0:
                 self._idle(stop, idle)
 
     def _idle(self, stop: threading.Event, seconds: float) -> None:
