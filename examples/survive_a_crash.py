@@ -4,8 +4,8 @@ This script serves the FoxReload simulator over HTTP and starts a second process
 buys an order, pays it and waits for it. The second process is killed with SIGKILL in the
 middle of its wait. Nothing else knows about the order: there is no table of pending
 orders and no sweep. But the client recorded a *watch* in the recovery queue before it
-paid. The watch fires when the dead wait would have given up, and a RecoveryWorker
-delivers the codes, once.
+paid. The dead process no longer renews its watch, which fires a lease later, and a
+RecoveryWorker delivers the codes, once.
 
 Run: python examples/survive_a_crash.py
 """
@@ -26,7 +26,7 @@ from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRec
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 
 # Short times so the example runs in seconds; the defaults are minutes.
-POLICY = RecoveryPolicy(max_attempts=5, backoff=Fixed(1.0), watch_margin=1.0)
+POLICY = RecoveryPolicy(max_attempts=5, backoff=Fixed(1.0), watch_margin=1.0, watch_lease=3.0)
 WAIT = WaitPolicy(backoff=Fixed(0.5), max_attempts=8)  # gives up after about 4 s
 
 

@@ -333,7 +333,7 @@ class BaseClient(Generic[HttpT, TransportT]):
     ) -> Flow[Order]:
         chosen, listeners = self._wait_args(policy, timeout, listener)
         return wait_flow(self._runtime, _order_id(order), chosen, listeners=listeners,
-                         raise_on_failure=raise_on_failure)
+                         raise_on_failure=raise_on_failure, heartbeat=self._watcher)
 
     def _wait_many_flow(
         self,
@@ -353,6 +353,7 @@ class BaseClient(Generic[HttpT, TransportT]):
             listeners=listeners,
             max_requests_per_minute=max_requests_per_minute,
             max_in_flight=self._gate.size if max_in_flight is None else max_in_flight,
+            heartbeat=self._watcher,
         )
 
 

@@ -1,9 +1,18 @@
 """Watches: the client's side of keeping a paid order from living only in its memory.
 
 A :class:`Watcher` wraps a client's recovery queue. It records a watch before each
-payment, and at the start of each wait whose horizon the payment's watch does not fit;
-it settles the watch, or enqueues the order, when the wait ends. The queue side (what a
-watch is, how it fires) is :mod:`foxpoll.recovery.base`.
+payment, and at the start of each wait on an order it is not already watching; while the
+process lives it renews them all; it settles the watch, or enqueues the order, when the
+wait ends. The queue side (what a watch is, how it fires) is :mod:`foxpoll.recovery.base`.
+
+Renewal is the process's heartbeat: a watch is due one ``watch_lease`` after it was
+written or renewed, and the watcher renews every live one in a single write each third of
+a lease, so a crashed process's orders fire within a lease of its death. The wait flows
+drive it (they wake when a renewal is due and call :meth:`Watcher.beat`), rather than
+a thread or task per client: the renewal then runs on the client's own clock and driver,
+so a ``FakeClock`` test sees it on virtual time, and the async client needs no task of
+its own to start and stop with the loop. A process that pays without waiting renews at
+each payment.
 
 The recovery queues do blocking I/O. On an async client every queue call runs in a
 worker thread (:func:`asyncio.to_thread`, the loop's default executor), so a slow or
@@ -16,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from . import _api
@@ -28,16 +37,27 @@ from .errors import APIStatusError, ConflictError
 from .models import Order
 from .polling import WaitPolicy, WaitResult, WaitStart
 
-__all__ = ["WatchQueue", "Watcher"]
+__all__ = ["WatchQueue", "WatchTerms", "Watcher"]
 
 log = logging.getLogger("foxpoll.recovery")
 
-REMEMBERED = 10_000  # orders remembered between pay and wait, per client
+#: Renewals per lease: one may fail (the queue is briefly down) and the next still comes
+#: a period before the watch would fire.
+RENEWALS_PER_LEASE = 3
+#: A beat this close to its due time renews: a sleep of exactly ``due_in()`` may wake a
+#: hair early on a float clock.
+EARLY = 1e-3
 
 
-class WatchPolicy(Protocol):
+class WatchTerms(Protocol):
+    """What a client reads of its recovery queue's policy
+    (:class:`~foxpoll.recovery.RecoveryPolicy` is one)."""
+
     @property
     def watch_margin(self) -> float: ...
+
+    @property
+    def watch_lease(self) -> float: ...
 
 
 class WatchQueue(Protocol):
@@ -45,9 +65,11 @@ class WatchQueue(Protocol):
     :class:`foxpoll.recovery.RecoveryQueue` is one."""
 
     @property
-    def policy(self) -> WatchPolicy: ...
+    def policy(self) -> WatchTerms: ...
 
     def watch(self, order_id: str, *, due_at: float, replace: bool = ...) -> bool: ...
+
+    def renew(self, order_ids: Iterable[str], *, due_at: float) -> int: ...
 
     def unwatch(self, order_id: str) -> bool: ...
 
@@ -55,12 +77,18 @@ class WatchQueue(Protocol):
 
 
 class Watcher:
-    """Records and settles a client's watches in its recovery queue: a listener of every
-    wait of the client.
+    """Records, renews and settles a client's watches in its recovery queue: a listener
+    of every wait of the client, and their :class:`~foxpoll.polling.Heartbeat`.
+
+    Each order this process watches is *live* until its wait ends, or until the wait
+    would have given up plus ``watch_margin``: a payment not yet waited on counts a wait
+    on the client's policy. Past that, the watch is no longer renewed and fires within a
+    lease, as it would had the process died.
 
     Args:
-        policy: The client's wait policy. A watch written at pay covers its horizon,
-            counting a wait before the first poll (the schedule recommended after paying).
+        policy: The client's wait policy: a payment's watch is renewed, while no wait is
+            on it, for the horizon of a wait on it, counting a wait before the first poll
+            (the schedule recommended after paying).
         in_thread: Run each queue call in a worker thread and return an awaitable of it:
             the async client's watches, which must not block the event loop.
     """
@@ -69,8 +97,15 @@ class Watcher:
                  in_thread: bool = False) -> None:
         self.queue, self.clock, self.in_thread = queue, clock, in_thread
         self.pay_horizon = policy.horizon(first_poll_waits=True)
-        self._paid: OrderedDict[str, float] = OrderedDict()  # order id -> its watch's due
+        # order id -> until when (monotonic) it is renewed
+        self._live: dict[str, float] = {}
+        self._renewed = -math.inf  # when (monotonic) the last renewal began
         self._lock = threading.Lock()
+
+    @property
+    def period(self) -> float:
+        """Seconds between two renewals: a third of the queue's ``watch_lease``."""
+        return self.queue.policy.watch_lease / RENEWALS_PER_LEASE
 
     def _call(self, fn: Callable[[Any], None], arg: Any) -> Any:
         """``fn(arg)``, or, ``in_thread``, a coroutine running it in a worker thread."""
@@ -86,6 +121,7 @@ class Watcher:
         """
         _api.resource_path("/api/orders/", order_id, kind="order")
         yield from Notify(self._call, (self._watch_payment, order_id))
+        yield from Notify(self.beat, ())  # a process that only pays renews as it pays
         try:
             return (yield from pay)
         except APIStatusError as refused:
@@ -95,28 +131,64 @@ class Watcher:
                 yield from Notify(self._call, (self._unwatch, order_id))
             raise
 
-    def _due(self, start: WaitStart) -> float:
-        return start.started_at + start.horizon + self.queue.policy.watch_margin
+    def _due(self) -> float:
+        return self.clock.time() + self.queue.policy.watch_lease
+
+    def _keep(self, order_id: str, horizon: float) -> None:
+        """Renew ``order_id``'s watch until ``horizon`` seconds, plus the margin, from now."""
+        now = self.clock.monotonic()
+        until = now + horizon + self.queue.policy.watch_margin
+        with self._lock:
+            if not self._live:
+                self._renewed = now  # the watch just written is as fresh as a renewal
+            self._live[order_id] = max(until, self._live.get(order_id, until))
 
     def _watch_payment(self, order_id: str) -> None:
-        due_at = self._due(WaitStart(order_id, self.clock.time(), self.pay_horizon))
-        if self.queue.watch(order_id, due_at=due_at, replace=False):
-            with self._lock:
-                self._paid[order_id] = due_at
-                if len(self._paid) > REMEMBERED:
-                    self._paid.popitem(last=False)
+        if self.queue.watch(order_id, due_at=self._due(), replace=False):
+            self._keep(order_id, self.pay_horizon)
         # else a wait elsewhere has already set its watch; this process's wait sets its own
 
-    def _forget(self, order_id: str) -> float | None:
+    def release(self, order_ids: Iterable[str]) -> None:
+        """Stop renewing these orders' watches (their waits are over)."""
         with self._lock:
-            return self._paid.pop(order_id, None)
+            for order_id in order_ids:
+                self._live.pop(order_id, None)
 
     def _unwatch(self, order_id: str) -> None:
-        self._forget(order_id)
+        self.release((order_id,))
         self.queue.unwatch(order_id)
 
+    def due_in(self) -> float:
+        """Seconds until the next renewal is due: a period after the last one began (a
+        whole period while nothing is live)."""
+        now = self.clock.monotonic()
+        with self._lock:
+            if not self._live:
+                return self.period
+            return max(0.0, self._renewed + self.period - now)
+
+    def beat(self) -> Any:
+        """Renew every live watch, in one write, if a period has passed since the last
+        renewal; else do nothing. Returns None, or (``in_thread``) an awaitable of the
+        write."""
+        now = self.clock.monotonic()
+        with self._lock:
+            if not self._live or now - self._renewed < self.period - EARLY:
+                return None
+            self._renewed = now  # the other waits skip it, even while this one writes
+            for order_id in [i for i, until in self._live.items() if until <= now]:
+                del self._live[order_id]  # its wait would have given up: let it fire
+            order_ids = list(self._live)
+        return self._call(self._renew, order_ids) if order_ids else None
+
+    def _renew(self, order_ids: list[str]) -> None:
+        try:
+            self.queue.renew(order_ids, due_at=self._due())
+        except Exception:  # tried again a period later, still a period before it is due
+            log.exception("could not renew the watches of %d orders", len(order_ids))
+
     def on_start(self, start: WaitStart) -> Any:
-        """A wait began: watch the order, unless the payment's watch fits."""
+        """A wait began: watch the order, unless this process already does."""
         return self._call(self._on_start, start)
 
     def on_finish(self, result: WaitResult) -> Any:
@@ -124,18 +196,20 @@ class Watcher:
         return self._call(self._on_finish, result)
 
     def _on_start(self, start: WaitStart) -> None:
-        due_at = self._due(start)
-        paid_due = self._forget(start.order_id)
-        if paid_due is not None and 0 <= paid_due - due_at <= self.queue.policy.watch_margin:
-            # The watch written at pay fires after this wait would give up, and not much
-            # later: it serves as this wait's.
-            return
-        try:
-            self.queue.watch(start.order_id, due_at=due_at)
-        except Exception:  # the wait goes on; only this process knows the order now
-            log.exception("order %s: could not record its watch", start.order_id)
+        with self._lock:
+            watched = start.order_id in self._live
+        if not watched:
+            try:
+                if not self.queue.watch(start.order_id, due_at=self._due()):
+                    return  # under recovery already: the worker's, not a watch to renew
+            except Exception:  # the wait goes on; only this process knows the order now
+                log.exception("order %s: could not record its watch", start.order_id)
+                return
+        # A payment's watch, written moments ago and renewed since, serves as this wait's.
+        self._keep(start.order_id, start.horizon)
 
     def _on_finish(self, result: WaitResult) -> None:
+        self.release((result.order_id,))
         try:
             self.queue.on_finish(result)
         except Exception:

@@ -4,7 +4,9 @@ Everything here is sans-io. :class:`OrderWatch` is the state of one wait and mak
 decision (is this poll's error transient? did the status change? is the order stalled?
 how long until the next poll?). :func:`wait_flow` drives one watch with one request at a
 time; :func:`wait_many_flow` drives thousands of them under a shared :class:`RequestBudget`.
-The clients run both flows with their sync or async driver.
+The clients run both flows with their sync or async driver. A client with a recovery
+queue gives them a :class:`Heartbeat`: they then also wake whenever its renewal is due
+and let it renew the process's watches, so a long wait keeps them fresh without a thread.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .ratelimit import Priority, RateLimit
 
 __all__ = [
     "DEFAULT_POLICY",
+    "Heartbeat",
     "Listener",
     "PollAttempt",
     "Stall",
@@ -261,6 +264,44 @@ NO_LISTENERS = Listeners()
 def _notes(hooks: tuple[Callable[[Any], Any], ...], event: object) -> Iterator[Notify]:
     for hook in hooks:
         yield Notify(hook, (event,))
+
+
+class Heartbeat(Protocol):
+    """What keeps a process's watches fresh while its waits run: the client's watcher
+    (:mod:`foxpoll._watches`), given to the wait flows.
+
+    A flow sleeps no longer than :meth:`due_in` at a time and calls :meth:`beat` when it
+    wakes, whether it polls or not; the heartbeat renews when a renewal is due (one write
+    for every wait of the process, whichever wakes first). Waking costs no API request.
+    """
+
+    def due_in(self) -> float:
+        """Seconds until the next renewal is due (0 when it is), from the heartbeat's
+        clock: the longest a wait may sleep before it beats."""
+        ...
+
+    def beat(self) -> Any:
+        """Renew the process's live watches if a renewal is due; None, or an awaitable of
+        the renewal on the async client."""
+        ...
+
+    def release(self, order_ids: Iterable[str]) -> None:
+        """A wait on ``order_ids`` is over, however it ended: stop renewing their watches.
+        In memory only, so a flow may call it as it is closed."""
+        ...
+
+
+def _sleep(seconds: float, heartbeat: Heartbeat | None) -> Flow[None]:
+    """Sleep ``seconds``; with a heartbeat, waking to beat whenever a renewal is due."""
+    if heartbeat is None or seconds <= 0:
+        yield from Sleep(seconds)
+        return
+    while seconds > 0:
+        step = min(seconds, heartbeat.due_in())
+        if step > 0:
+            yield from Sleep(step)
+            seconds -= step
+        yield from Notify(heartbeat.beat, ())
 
 
 def _default_backoff(policy: BackoffPolicy | None) -> BackoffPolicy:
@@ -583,31 +624,40 @@ def _outcome_label(error: Exception) -> str:
 
 
 def wait_flow(rt: _api.Runtime, order_id: str, policy: WaitPolicy, *,
-              listeners: Listeners = NO_LISTENERS, raise_on_failure: bool = True
-              ) -> Flow[Order]:
-    """Poll one order until it finishes; return it, or raise what ended the wait."""
+              listeners: Listeners = NO_LISTENERS, raise_on_failure: bool = True,
+              heartbeat: Heartbeat | None = None) -> Flow[Order]:
+    """Poll one order until it finishes; return it, or raise what ended the wait.
+
+    With a ``heartbeat``, a sleep also wakes, and beats, whenever a renewal is due.
+    """
     _api.resource_path("/api/orders/", order_id, kind="order")  # fail fast on a bad id
-    yield from start_notes(policy, listeners, (order_id,), rt.clock.time())
-    watch = OrderWatch(order_id, policy, rt.clock.monotonic(), rt.rng, listeners=listeners,
-                       raise_on_failure=raise_on_failure,
-                       max_retry_after=rt.config.max_retry_after)
-    if watch.first_delay > 0:
-        yield from Sleep(watch.first_delay)
-    while True:
-        outcome: Order | Exception
-        try:
-            outcome = yield from _api.get_order(rt, order_id, deadline=watch.deadline,
-                                                priority=watch.priority)
-        except APIError as exc:
-            outcome = exc
-        decision = watch.record(outcome, rt.clock.monotonic())
-        yield from decision.notes
-        if decision.finished:
-            if decision.error is not None:
-                raise decision.error
-            assert decision.order is not None
-            return decision.order
-        yield from Sleep(decision.delay)
+    try:
+        yield from start_notes(policy, listeners, (order_id,), rt.clock.time())
+        watch = OrderWatch(order_id, policy, rt.clock.monotonic(), rt.rng,
+                           listeners=listeners, raise_on_failure=raise_on_failure,
+                           max_retry_after=rt.config.max_retry_after)
+        if watch.first_delay > 0:
+            yield from _sleep(watch.first_delay, heartbeat)
+        while True:
+            outcome: Order | Exception
+            try:
+                outcome = yield from _api.get_order(rt, order_id, deadline=watch.deadline,
+                                                    priority=watch.priority)
+            except APIError as exc:
+                outcome = exc
+            decision = watch.record(outcome, rt.clock.monotonic())
+            yield from decision.notes
+            if decision.finished:
+                if decision.error is not None:
+                    raise decision.error
+                assert decision.order is not None
+                return decision.order
+            yield from _sleep(decision.delay, heartbeat)
+    finally:
+        # However the wait ended (a listener raised, the task was cancelled): a watch
+        # nobody waits on must fire, not be renewed by the process's other waits.
+        if heartbeat is not None:
+            heartbeat.release((order_id,))
 
 
 def wait_many_flow(
@@ -618,6 +668,7 @@ def wait_many_flow(
     listeners: Listeners = NO_LISTENERS,
     max_requests_per_minute: float | None = None,
     max_in_flight: int,
+    heartbeat: Heartbeat | None = None,
 ) -> Flow[None]:
     """Poll many orders in one loop, each on its own schedule; emit a :class:`WaitResult`
     for each as it finishes.
@@ -628,7 +679,8 @@ def wait_many_flow(
     metered, but a 429 still pauses them all. A poll retries a transient failure
     within itself, as :func:`wait_flow`'s do (each attempt takes its own permit); a
     poll that still fails counts against the order's error budget. At most
-    ``max_in_flight`` polls are started and not yet finished at once.
+    ``max_in_flight`` polls are started and not yet finished at once. With a
+    ``heartbeat``, the loop also wakes, and beats, whenever a renewal is due.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
@@ -650,21 +702,37 @@ def wait_many_flow(
                                                max_retry_after=rt.config.max_retry_after)
         due.append((now + watch.first_delay, next(order), order_id))
     heapq.heapify(due)
-    yield from start_notes(policy, listeners, watches, rt.clock.time())
+    try:
+        yield from start_notes(policy, listeners, watches, rt.clock.time())
+        yield from _poll_due(metered, watches, due, order, max_in_flight, heartbeat)
+    finally:
+        if heartbeat is not None:  # the waits still open when the consumer left
+            heartbeat.release(list(watches))
+
+
+def _poll_due(rt: _api.Runtime, watches: dict[str, OrderWatch],
+              due: list[tuple[float, int, str]], order: Iterator[int], max_in_flight: int,
+              heartbeat: Heartbeat | None) -> Flow[None]:
+    """:func:`wait_many_flow`'s loop: poll each order as it comes due, until every wait has
+    ended; ``watches`` keeps the waits not yet ended."""
     in_flight = 0
     while due or in_flight:
         now = rt.clock.monotonic()
         while due and due[0][0] <= now and in_flight < max_in_flight:
             _, _, order_id = heapq.heappop(due)
             watch = watches[order_id]
-            flow = _api.get_order(metered, order_id, deadline=watch.deadline,
+            flow = _api.get_order(rt, order_id, deadline=watch.deadline,
                                   priority=watch.priority)
             yield from Start(order_id, flow)
             in_flight += 1
         wake = None
         if due and in_flight < max_in_flight:
             wake = max(0.0, due[0][0] - now)
+        if heartbeat is not None:
+            wake = heartbeat.due_in() if wake is None else min(wake, heartbeat.due_in())
         finished = yield from WaitAny(wake)
+        if heartbeat is not None:
+            yield from Notify(heartbeat.beat, ())
         now = rt.clock.monotonic()
         for order_id, outcome in finished:
             assert isinstance(outcome, (Order, Exception))  # a poll's order, or its error

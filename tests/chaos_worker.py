@@ -27,7 +27,7 @@ from foxpoll.polling import WaitPolicy
 from foxpoll.recovery import RecoveryPolicy, RecoveryWorker
 
 POLICY = RecoveryPolicy(max_attempts=8, backoff=Fixed(1.0), watch_margin=1.0,
-                        delivery_grace=2.0)
+                        delivery_grace=2.0, watch_lease=2.0)
 
 
 def make_queue(config: dict[str, Any]) -> Any:

@@ -22,7 +22,7 @@ from foxpoll.backoff import ExponentialJitter, Fixed, FullJitter
 from foxpoll.dedup import MemoryDedupStore
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import StoreUnavailable
-from foxpoll.polling import WaitPolicy, WaitResult, WaitStart
+from foxpoll.polling import PollAttempt, WaitPolicy, WaitResult
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRecoveryQueue
 from foxpoll.testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
 
@@ -101,8 +101,9 @@ def test_pay_records_the_watch_before_the_payment_is_sent(
     assert queue.pays_seen_at_watch == [0]
     watched = job(queue, order_id)
     assert (watched.state, watched.reason, watched.attempts) == (JobState.QUEUED, "watch", 0)
-    horizon = WaitPolicy.after_payment().horizon()
-    assert watched.due_at == pytest.approx(clock.time() + horizon + 60.0)
+    # Due one lease from now, not at the wait's horizon (compared as a delay: an epoch
+    # time's relative tolerance would be half an hour).
+    assert watched.due_at - clock.time() == pytest.approx(queue.policy.watch_lease)
 
 
 def test_a_payment_never_postpones_the_watch_of_a_wait_already_running(
@@ -168,25 +169,25 @@ def test_pay_then_wait_costs_one_write_at_pay_and_one_at_finish(
 
 
 @pytest.mark.parametrize("attempts", [200, 5])
-def test_a_wait_the_pay_watch_does_not_fit_sets_its_own_due_time(
+def test_a_wait_reuses_the_pay_watch_and_keeps_it_from_falling_due(
     sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue, attempts: int
 ) -> None:
     order_id = new_order(sim, OrderScript.stall())
-    seen: list[tuple[WaitStart, float]] = []
+    due_in: list[float] = []
 
-    def started(start: WaitStart) -> None:  # runs after the queue's own on_start
-        seen.append((start, job(queue, order_id).due_at))
+    def polled(attempt: PollAttempt) -> None:
+        due_in.append(job(queue, order_id).due_at - clock.time())
 
     with sim.client(recovery_queue=queue) as client:
         client.orders.pay(order_id)
-        at_pay = job(queue, order_id).due_at
         with pytest.raises(OrderStalled):
             client.wait_for_completion(order_id, policy=WaitPolicy(max_attempts=attempts),
-                                       listener=Hooks(on_start=started))
-    assert queue.writes["watch"] == 2
-    [(start, due_at)] = seen
-    assert due_at == pytest.approx(start.started_at + start.horizon + 60.0)
-    assert abs(due_at - at_pay) > 60  # longer or shorter than the pay's guess
+                                       listener=Hooks(on_poll=polled))
+    assert queue.writes["watch"] == 1  # the payment's: the wait, short or long, wrote none
+    lease = queue.policy.watch_lease
+    # Renewed while the wait ran, whatever its horizon: never due before it gave up.
+    assert len(due_in) == attempts
+    assert lease * 2 / 3 - 1e-6 <= min(due_in) <= max(due_in) <= lease
 
 
 @pytest.mark.parametrize(("script", "state", "reason"), [
@@ -287,7 +288,7 @@ def test_a_process_that_dies_after_paying_loses_no_order(
         delivered: list[str] = []
         worker = RecoveryWorker(client, queue, MemoryDedupStore(clock=clock),
                                 on_completed=lambda o: delivered.append(o.id))
-        assert worker.run_pending() == 0  # not before the wait would have given up
+        assert worker.run_pending() == 0  # not before its lease runs out
         drain(worker, queue, clock)
     assert delivered == [order_id]
     assert job(queue, order_id).state is JobState.DONE

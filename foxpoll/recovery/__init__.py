@@ -9,7 +9,7 @@ the PostgreSQL engines are imported on first use.
 from __future__ import annotations
 
 from foxpoll._lazy import lazy_attributes
-from foxpoll._watches import WatchPolicy, WatchQueue
+from foxpoll._watches import WatchQueue, WatchTerms
 
 from .base import (
     JobQueue,
@@ -35,8 +35,8 @@ __all__ = [
     "RecoveryWorker",
     "SQLiteRecoveryQueue",
     "UnreadableJobs",
-    "WatchPolicy",
     "WatchQueue",
+    "WatchTerms",
     "decide",
 ]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -96,6 +96,31 @@ DELETE FROM {table}
 WHERE order_id = :order_id AND state = 'queued' AND reason = 'watch' AND attempts = 0
   AND locked_until IS NULL
 RETURNING order_id"""
+
+
+def _renew_param(n: int) -> str:
+    """The n-th id parameter's name, in letters: the dialects' named parameters are
+    ``[a-z_]`` only."""
+    name = ""
+    while True:
+        n, digit = divmod(n, 26)
+        name = chr(ord("a") + digit) + name
+        if n == 0:
+            return "id_" + name
+
+
+#: Ids per renewal statement, under SQLite's oldest limit of 999 parameters; a short
+#: chunk repeats its last id, so every statement has the one shape.
+RENEW_CHUNK = 500
+RENEW_PARAMS = tuple(_renew_param(n) for n in range(RENEW_CHUNK))
+
+# A live process's heartbeat: only a queued watch moves; a job under recovery is the
+# worker's, and an id that is not a watch any more is passed over.
+_RENEW = f"""
+UPDATE {{table}} SET due_at = {{now}} + :delay, updated_at = {{now}}
+WHERE state = 'queued' AND reason = 'watch'
+  AND order_id IN ({", ".join(":" + name for name in RENEW_PARAMS)})
+RETURNING order_id"""  # noqa: S608 - only our own parameter names go in; the ids are bound
 
 # Due and not held by anyone: a lease that ran out is a dead worker's. Taking a job
 # begins a re-check, so it counts one here and nowhere else: a re-check that dies with
@@ -189,6 +214,7 @@ class JobStatements:
     settle_done: str
     settle_delivery: str
     unwatch: str
+    renew: str
     take: str
     take_dispatched: str
     dispatch: str
@@ -208,6 +234,7 @@ class JobStatements:
             "schema": _SCHEMA, "index": _INDEX, "insert": _INSERT, "hasten": _HASTEN,
             "watch": _WATCH, "watch_new": _WATCH_NEW, "settle_done": _SETTLE_DONE,
             "settle_delivery": _SETTLE_DELIVERY,
+            "renew": _RENEW,
             "unwatch": _UNWATCH, "take": _TAKE, "take_dispatched": _TAKE_DISPATCHED,
             "dispatch": _DISPATCH, "next_due": _NEXT_DUE, "retry": _RETRY, "finish": _FINISH,
             "bury": _BURY, "requeue": _REQUEUE, "resolve": _RESOLVE, "get": _GET, "jobs": _JOBS,
@@ -331,6 +358,20 @@ class SQLJobQueue(JobQueue):
         with self._transaction() as execute:
             rows = execute(self._sql.delete_done, {"older_than": older_than, "limit": limit})
         return len(rows)
+
+    def renew(self, order_ids: Iterable[str], *, due_at: float) -> int:
+        ids = [require_text(order_id, "order id") for order_id in dict.fromkeys(order_ids)]
+        if not ids:
+            return 0
+        delay = self._delay(due_at)
+        renewed = 0
+        with self._transaction() as execute:
+            for start in range(0, len(ids), RENEW_CHUNK):
+                chunk = ids[start:start + RENEW_CHUNK]
+                chunk += chunk[-1:] * (RENEW_CHUNK - len(chunk))
+                params: dict[str, Any] = dict(zip(RENEW_PARAMS, chunk, strict=True))
+                renewed += len(execute(self._sql.renew, {**params, "delay": delay}))
+        return renewed
 
 
 # Text columns, and those that must not be NULL; the others hold numbers. Checked here

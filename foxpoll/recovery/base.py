@@ -2,7 +2,7 @@
 
 ::
 
-    watch ────> QUEUED (reason "watch", due when the wait would have given up)
+    watch ────> QUEUED (reason "watch", due one lease after its process last renewed it)
                   │  the wait ends: failed / cancelled ──> DONE
                   │                 completed ──> QUEUED (reason "delivery", due after
                   │                               the policy's delivery_grace)
@@ -24,10 +24,11 @@ every state: a queued order keeps the earlier of the two due times, a running on
 its lease, and a dead or resolved one comes back only through :meth:`RecoveryQueue.requeue`.
 
 A *watch* is how a paid order outlives the process waiting for it: the client records it
-before paying and when a wait starts, due a margin after the wait would have given up. A
-wait that ends settles its own watch (and only a watch: a job already under recovery is
-the worker's); a wait that dies with its process leaves the watch to fire, and a
-:class:`~foxpoll.recovery.RecoveryWorker` finishes the order.
+before paying and when a wait starts, due one ``watch_lease`` later, and renews the
+watches of all its live waits in one write per process every third of a lease. A wait
+that ends settles its own watch (and only a watch: a job already under recovery is the
+worker's); a wait that dies with its process stops renewing it, the watch fires within a
+lease, and a :class:`~foxpoll.recovery.RecoveryWorker` finishes the order.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import abc
 import asyncio
 import enum
 import itertools
+import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -52,6 +54,11 @@ __all__ = ["JobQueue", "JobState", "RecoveryJob", "RecoveryPolicy", "RecoveryQue
 
 DEFAULT_RECOVERY_BACKOFF = ExponentialJitter(base=30.0, factor=2.0, cap=3600.0, jitter=0.3)
 DELIVERY = "delivery"  # the reason of a watch whose wait saw the order completed
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0 or math.isinf(value):  # also rejects NaN
+        raise ValueError(f"{attribute.name} must be a finite number > 0, not {value!r}")
 
 
 def _non_negative_or_none(instance: object, attribute: attrs.Attribute[Any],
@@ -72,8 +79,13 @@ class RecoveryPolicy:
         max_attempts: Re-checks a job may begin (each take counts one) before the order
             is dead-lettered.
         backoff: The waits between re-checks.
-        watch_margin: Seconds a watch fires after its wait would have given up: room for
-            the wait's last HTTP request and its ``on_finish``.
+        watch_margin: Seconds past its wait's horizon (or, for a payment not yet waited
+            on, the horizon of a wait on the client's ``wait_policy``) during which a live
+            process still renews a watch: room for the wait's last HTTP request and its
+            ``on_finish``. A wait that runs longer (retrying errors) lets its watch fire.
+        watch_lease: Seconds a watch stays unfired after the last renewal by its process
+            (60 by default): the bound on how soon a crashed process's orders are
+            re-checked. A process renews its live watches every third of it, in one write.
         delivery_grace: Seconds after a wait saw the order completed before a worker
             checks that its codes were delivered (the dedup store says so, or it delivers
             them). None settles the watch at once, for callers who deliver before the wait
@@ -83,6 +95,7 @@ class RecoveryPolicy:
     max_attempts: int = 8
     backoff: BackoffPolicy = attrs.field(default=DEFAULT_RECOVERY_BACKOFF)
     watch_margin: float = attrs.field(default=120.0, validator=_non_negative)
+    watch_lease: float = attrs.field(default=60.0, validator=_positive, kw_only=True)
     delivery_grace: float | None = attrs.field(default=300.0, validator=_non_negative_or_none)
 
     def __attrs_post_init__(self) -> None:
@@ -163,8 +176,8 @@ class RecoveryQueue(abc.ABC):
     ``policy`` is this queue object's :class:`RecoveryPolicy`. The processes sharing one
     table need not agree on it: a row carries what its job needs (its due time, written by
     whoever wrote the row, and its attempts), so a buyer's policy shapes only the due
-    times it writes (``watch_margin``, ``delivery_grace``), and a worker's only the
-    re-checks it runs (``max_attempts``, ``backoff``).
+    times it writes (``watch_lease``, ``watch_margin``, ``delivery_grace``), and a
+    worker's only the re-checks it runs (``max_attempts``, ``backoff``).
     """
 
     policy: RecoveryPolicy = RecoveryPolicy()
@@ -275,6 +288,12 @@ class RecoveryQueue(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    @abc.abstractmethod
+    def renew(self, order_ids: Iterable[str], *, due_at: float) -> int:
+        """Move the watches of ``order_ids`` to ``due_at``: a live process's heartbeat, one
+        write for all its waits. Only a queued watch moves (a job under recovery is the
+        worker's; an unknown id is skipped). Returns how many moved."""
 
     def delete_done(self, *, older_than: float, limit: int = 500) -> int:
         """Delete up to ``limit`` DONE jobs whose last change is more than ``older_than``
