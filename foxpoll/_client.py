@@ -143,7 +143,9 @@ class BaseClient(Generic[HttpT, TransportT]):
             api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
             base_url: The API's scheme and host, such as ``https://public-api.foxreload.com``
             (without ``/api``: the paths carry it); ``FOXRELOAD_BASE_URL``, else the
-            public API.
+            public API. ``http://`` only to this machine (or with the simulator's key),
+            and not through a proxy; no user info (see "The key on the wire" in the
+            docs).
             timeout: Seconds allowed for one HTTP request, from connecting to the last byte
                 of its body: a deadline, not a per-read timeout (see the bounds in
                 ``docs/bounds.md``). A wait's deadline is its policy's ``timeout``.
@@ -156,7 +158,9 @@ class BaseClient(Generic[HttpT, TransportT]):
                 around it (so no event hooks, cookies or proxies): the fastest path, such as
                 :class:`foxpoll.transports.AiohttpTransport`. foxpoll closes it. Not together
                 with ``http_client``.
-            default_headers: Extra headers for every request.
+            default_headers: Extra headers for every request; like ``language`` and
+                ``currency``, checked here: a value HTTP cannot carry (a line break, NUL,
+                non-ASCII) raises :class:`ValueError`.
             language: ``X-Language`` (``en``, ``ru``).
             currency: ``X-Currency`` (``usd``, ``rub``).
             clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
