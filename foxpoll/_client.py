@@ -21,6 +21,8 @@ from ._clock import Clock, SystemClock
 from ._core import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_MAX_RETRY_AFTER,
+    SIMULATOR_KEY,
+    ClientConfig,
     check_response_bytes,
     check_retries,
     check_timeout,
@@ -47,6 +49,7 @@ from ._senders import (
     TransportSender,
     default_async_client,
     default_client,
+    proxy_for,
 )
 from ._watches import Watcher, WatchQueue
 from .models import Order
@@ -106,6 +109,8 @@ class BaseClient(Generic[HttpT, TransportT]):
     documented on ``__init__``."""
 
     _owns_http: bool
+    #: Whether the HTTP client is the one foxpoll builds (its proxies, the environment's).
+    _default_http: bool
     _runtime: Runtime
     #: Run the recovery queue's blocking calls in a worker thread (the async client).
     _watches_in_thread: ClassVar[bool] = False
@@ -138,7 +143,9 @@ class BaseClient(Generic[HttpT, TransportT]):
             api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
             base_url: The API's scheme and host, such as ``https://public-api.foxreload.com``
             (without ``/api``: the paths carry it); ``FOXRELOAD_BASE_URL``, else the
-            public API.
+            public API. ``http://`` only to this machine (or with the simulator's key),
+            and not through a proxy; no user info (see "The key on the wire" in the
+            docs).
             timeout: Seconds allowed for one HTTP request, from connecting to the last byte
                 of its body: a deadline, not a per-read timeout (see the bounds in
                 ``docs/bounds.md``). A wait's deadline is its policy's ``timeout``.
@@ -151,7 +158,9 @@ class BaseClient(Generic[HttpT, TransportT]):
                 around it (so no event hooks, cookies or proxies): the fastest path, such as
                 :class:`foxpoll.transports.AiohttpTransport`. foxpoll closes it. Not together
                 with ``http_client``.
-            default_headers: Extra headers for every request.
+            default_headers: Extra headers for every request; like ``language`` and
+                ``currency``, checked here: a value HTTP cannot carry (a line break, NUL,
+                non-ASCII) raises :class:`ValueError`.
             language: ``X-Language`` (``en``, ``ru``).
             currency: ``X-Currency`` (``usd``, ``rub``).
             clock: Time and sleep; a :class:`foxpoll.testing.FakeClock` in tests.
@@ -211,6 +220,8 @@ class BaseClient(Generic[HttpT, TransportT]):
             ([] if self._watcher is None else [self._watcher]) + list(listeners))
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
+        self._default_http = http_client is None and transport is None
+        _check_route(config, self._default_http)
         self._owns_http = http_client is None
         if transport is not None:
             self._http: Any = self._direct_sender(transport)
@@ -300,10 +311,13 @@ class BaseClient(Generic[HttpT, TransportT]):
             changes["max_retry_after"] = check_timeout(max_retry_after, "max_retry_after")
         if max_response_bytes is not None:
             changes["max_response_bytes"] = check_response_bytes(max_response_bytes)
+        changed = attrs.evolve(config, **changes)
+        _check_route(changed, self._default_http)
         clone = object.__new__(type(self))
-        clone._runtime = attrs.evolve(self._runtime, config=attrs.evolve(config, **changes))
+        clone._runtime = attrs.evolve(self._runtime, config=changed)
         clone._http = self._http
         clone._owns_http = False
+        clone._default_http = self._default_http
         clone._watcher = self._watcher
         clone._wait_policy = self._wait_policy
         clone._listeners = self._listeners
@@ -312,11 +326,8 @@ class BaseClient(Generic[HttpT, TransportT]):
         return clone
 
     def __repr__(self) -> str:
-        url = str(self.base_url)
-        userinfo = self.base_url.userinfo.decode("ascii", "replace")
-        if userinfo:  # a password in the URL is as secret as the key
-            url = url.replace(userinfo + "@", "<redacted>@", 1)
-        return f"{type(self).__name__}(base_url={url!r}, api_key='<redacted>')"
+        # base_url holds no user info (make_config refuses it): nothing in it is secret.
+        return f"{type(self).__name__}(base_url={str(self.base_url)!r}, api_key='<redacted>')"
 
     def _wait_args(self, policy: WaitPolicy | None, timeout: float | None,
                    listener: object | None) -> tuple[WaitPolicy, Listeners]:
@@ -355,6 +366,22 @@ class BaseClient(Generic[HttpT, TransportT]):
             max_in_flight=self._gate.size if max_in_flight is None else max_in_flight,
             heartbeat=self._watcher,
         )
+
+
+def _check_route(config: ClientConfig, default_http: bool) -> None:
+    """Refuse an ``http://`` base_url that the client foxpoll builds would send through a
+    proxy from the environment: the proxy would read the API key. A client of your own
+    routes as you set it up."""
+    url = config.base_url
+    if not default_http or url.scheme != "http" or config.api_key == SIMULATOR_KEY:
+        return
+    proxy = proxy_for(url)
+    if proxy is not None:
+        at = proxy.host if proxy.port is None else f"{proxy.host}:{proxy.port}"
+        raise ValueError(
+            f"base_url http://{url.host} goes through the proxy at {at} "
+            "(HTTP_PROXY or ALL_PROXY), which would read the API key in clear: use "
+            f"https://, or add {url.host} to NO_PROXY")
 
 
 def _order_id(order: str | Order) -> str:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import ipaddress
 import logging
 import math
 import os
 import platform
 import random
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -54,12 +56,24 @@ DEFAULT_MAX_RETRY_AFTER = 60.0
 #: A call's lane in the request budget unless it names one: ``Priority.FRESH`` of
 #: :mod:`foxpoll.ratelimit`, which sits above this core and numbers its lanes, lower first.
 DEFAULT_LANE = 1
+#: The simulator's published key (``foxpoll.testing.DEFAULT_API_KEY``): no secret, so it
+#: may travel over ``http://`` to a simulator on another host.
+SIMULATOR_KEY = "test-key"
 
-#: Transport errors raised before any byte of the request left: always safe to retry.
+#: Transport errors raised before any byte of the request left: always safe to retry. A
+#: ProxyError is the proxy refusing the tunnel (CONNECT) or the SOCKS handshake, before
+#: the request itself is written.
 UNSENT_ERRORS: tuple[type[httpx.TransportError], ...] = (
     httpx.ConnectError,
     httpx.ConnectTimeout,
     httpx.PoolTimeout,
+    httpx.ProxyError,
+)
+#: Transport errors of a request refused on this machine, before it was sent: a fault of
+#: the request (a header value httpx or h11 will not write), the same on every attempt.
+REFUSED_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.LocalProtocolError,
+    httpx.UnsupportedProtocol,
 )
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -157,6 +171,16 @@ def make_config(
     url = httpx.URL(base_url or os.environ.get("FOXRELOAD_BASE_URL") or DEFAULT_BASE_URL)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError("base_url must be an absolute http(s) URL, such as https://host")
+    if url.userinfo:
+        # httpx would send it as Basic auth and log it, password and all, at INFO.
+        raise ValueError(f"base_url holds a user name or password ({url.scheme}://...@"
+                         f"{url.host}): foxpoll takes none in the URL; for a gateway that "
+                         "asks for credentials, pass them in default_headers or in your "
+                         "own http_client's auth=")
+    if url.scheme == "http" and key != SIMULATOR_KEY and not is_loopback(url.host):
+        raise ValueError(f"base_url http://{url.host} would carry the API key across the "
+                         "network in clear: use https://; http:// is for a server on this "
+                         "machine (localhost, 127.0.0.0/8, ::1) or the simulator's key")
     if url.path.rstrip("/").endswith("/api"):
         raise ValueError(f"base_url ends in /api ({url.path}): give the scheme and host "
                          "only, such as https://public-api.foxreload.com; the request paths "
@@ -165,15 +189,49 @@ def make_config(
     check_retries(max_retries)
     check_response_bytes(max_response_bytes)
     check_timeout(max_retry_after, "max_retry_after")
-    extra = dict(headers or {})
+    extra = {name: check_header(name, value, "default_headers")
+             for name, value in (headers or {}).items()}
     if language is not None:
-        extra["X-Language"] = language
+        extra["X-Language"] = check_header("X-Language", language, "language")
     if currency is not None:
-        extra["X-Currency"] = currency
+        extra["X-Currency"] = check_header("X-Currency", currency, "currency")
     return ClientConfig(
         api_key=key, base_url=url, timeout=timeout, max_retries=max_retries, headers=extra,
         max_response_bytes=max_response_bytes, max_retry_after=max_retry_after,
     )
+
+
+# RFC 9110: a field name is a token; a value is visible ASCII, spaces and tabs, neither
+# at its ends. h11 refuses the rest when it writes the request, which is too late to say
+# which argument held it; httpx refuses non-ASCII when it builds the request.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"(?:[!-~](?:[ \t!-~]*[!-~])?)?")
+
+
+def check_header(name: str, value: str, what: str) -> str:
+    """``value``, if ``name: value`` is a header h11 writes as given; else a
+    :class:`ValueError` naming ``what`` (never quoting the value, which may be a secret).
+    """
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise TypeError(f"{what}: header names and values must be str")
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"{what}: {name[:40]!r} is not a valid header name")
+    if not _FIELD_VALUE.fullmatch(value):
+        raise ValueError(f"{what}: the value of {name} holds a line break, NUL, another "
+                         "control character, non-ASCII text or whitespace at an end; "
+                         "nothing was sent")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (as :attr:`httpx.URL.host` gives it) names this machine:
+    ``localhost``, 127.0.0.0/8 or ``::1``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_timeout(timeout: float, what: str = "timeout") -> float:
@@ -317,11 +375,25 @@ def error_from(outcome: httpx.Response | httpx.TransportError, clock: Clock) -> 
             return ResponseTooLarge(str(outcome), request=request)
         return APIResponseValidationError(str(outcome), request=request)
     where = _where(request)
+    if isinstance(outcome, httpx.ProxyError):
+        # The proxy's answer to CONNECT (such as "502 Bad Gateway"): the API never saw it.
+        said = " ".join(str(outcome).split())[:80]
+        return APIConnectionError(f"the proxy refused the connection ({said}){where}",
+                                  request=request)
     if isinstance(outcome, httpx.TimeoutException):
         return APITimeoutError(f"request timed out ({type(outcome).__name__}){where}",
                                request=request)
     return APIConnectionError(f"connection failed ({type(outcome).__name__}){where}",
                               request=request)
+
+
+def refused(request: httpx.Request, exc: httpx.TransportError) -> ValueError:
+    """The error of a request the HTTP stack refused to write: never sent, so never
+    retried nor ambiguous. Its message names the request but not ``exc``'s, which quotes
+    the header value at fault (a secret, perhaps)."""
+    return ValueError(f"{request.method} {request.url.path} was refused before it was sent "
+                      f"({type(exc).__name__}: a header value or the request line is not "
+                      "valid HTTP); nothing reached FoxReload")
 
 
 def _where(request: httpx.Request | None) -> str:
@@ -463,6 +535,8 @@ def call_flow(
             )
             return _parse_success(call, outcome)
         log.debug("%s %s -> %s in %.3fs", call.method, call.path, _describe(outcome), elapsed)
+        if isinstance(outcome, REFUSED_ERRORS):
+            raise refused(request, outcome)
         error = error_from(outcome, clock)
         delay = retry_delay(config, call, outcome, error, retry, rng)
         if delay is not None and deadline is not None and clock.monotonic() + delay >= deadline:

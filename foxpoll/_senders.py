@@ -14,7 +14,7 @@ blocking ``http_client`` of your own bounds the headers per read only (its timeo
 body is bounded either way.
 
 The default clients, blocking and async, take their proxies from the environment by one
-rule, :func:`proxy_mounts`.
+rule, :func:`proxy_mounts`; :func:`proxy_for` tells which proxy a URL goes through.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "UnreadableBody",
     "default_async_client",
     "default_client",
+    "proxy_for",
     "proxy_mounts",
 ]
 
@@ -372,6 +373,25 @@ def proxy_mounts(transport: Callable[[httpx.Proxy], TransportT]
     for host in bypass:
         mounts[_direct_pattern(host)] = None
     return mounts
+
+
+def proxy_for(url: httpx.URL) -> httpx.URL | None:
+    """The proxy the default clients send a request for ``url`` through, as the
+    environment says now, or None when they go direct. httpx itself routes a request to
+    no network: a client with :func:`proxy_mounts` of in-memory transports, so that the
+    answer is httpx's matching of mounts, not a copy of it."""
+    chosen: list[httpx.Proxy | None] = []
+
+    def route(proxy: httpx.Proxy | None) -> httpx.MockTransport:
+        def handle(request: httpx.Request) -> httpx.Response:
+            chosen.append(proxy)
+            return httpx.Response(204)
+
+        return httpx.MockTransport(handle)
+
+    with httpx.Client(transport=route(None), mounts=proxy_mounts(route)) as probe:
+        probe.get(url.copy_with(query=None, fragment=None))
+    return None if chosen[0] is None else chosen[0].url
 
 
 def _direct_pattern(host: str) -> str:

@@ -181,18 +181,18 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         print("interrupted", file=sys.stderr)
         return 130
     except UsageError as exc:
-        print(f"foxpoll: error: {exc}", file=sys.stderr)
+        print(f"foxpoll: error: {_said(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except CommandError as exc:
         if args.debug:
             raise
-        print(f"foxpoll: error: {exc}", file=sys.stderr)
+        print(f"foxpoll: error: {_said(exc)}", file=sys.stderr)
         return 1
     except (FoxPollError, ValueError, KeyError, OSError, ImportError) as exc:
         if args.debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"foxpoll: error: {type(exc).__name__}: {message}", file=sys.stderr)
+        print(f"foxpoll: error: {type(exc).__name__}: {_said(message)}", file=sys.stderr)
         return 1
 
 
@@ -241,8 +241,8 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
 
                 def on_poll(self, attempt: Any) -> None:
                     status = attempt.order.status.value if attempt.order else attempt.outcome
-                    print(f"  poll {attempt.attempt}: {status} ({attempt.elapsed:.0f}s)",
-                          file=sys.stderr)
+                    print(f"  poll {attempt.attempt}: {_plain(status)} "
+                          f"({attempt.elapsed:.0f}s)", file=sys.stderr)
                     if attempt.attempt == 1 and status == "active":
                         print(f"  order {args.order_id} is not paid yet: it will stay active "
                               f"(foxpoll orders pay {args.order_id})", file=sys.stderr)
@@ -251,7 +251,7 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
                 order = client.wait_for_completion(args.order_id, timeout=args.timeout,
                                                    listener=Progress(), raise_on_failure=False)
             except OrderStalled as stalled:
-                print(f"foxpoll: the wait stalled: {stalled}", file=sys.stderr)
+                print(f"foxpoll: the wait stalled: {_said(stalled)}", file=sys.stderr)
                 return EXIT_STALLED
     _print_order(order, out, as_json=args.json, show_codes=args.show_codes)
     return EXIT_FAILED if order.status.value in ("failed", "cancelled") else 0
@@ -267,7 +267,7 @@ def _catalog(args: argparse.Namespace, out: TextIO) -> int:
     with FoxReload() as client:
         if args.category is None:
             for category in client.categories.list(with_stock_only=in_stock).items:
-                print(f"{category.id}  {category.name}", file=out)
+                print(f"{_plain(category.id)}  {_plain(category.name)}", file=out)
             print("products: foxpoll catalog --category ID", file=out)
             return 0
         offset = 0
@@ -275,9 +275,9 @@ def _catalog(args: argparse.Namespace, out: TextIO) -> int:
             page = client.products.list(category=args.category, limit=CATALOG_PAGE,
                                         offset=offset, with_stock_only=in_stock)
             for product in page.items:
-                price = f"{product.price} {product.currency or ''}".strip()
-                print(f"{product.id}  {product.name}  {price}  stock={product.quantity}",
-                      file=out)
+                price = _plain(f"{product.price} {product.currency or ''}".strip())
+                print(f"{_plain(product.id)}  {_plain(product.name)}  {price}  "
+                      f"stock={product.quantity}", file=out)
             offset += len(page.items)
             if len(page.items) < CATALOG_PAGE:
                 break
@@ -386,21 +386,27 @@ def _print_order(order: Any, out: TextIO, *, as_json: bool, show_codes: bool) ->
                 {**i, **{key: "<redacted: --show-codes>" for key in ("externalData", "note")
                          if i.get(key)}}
                 for i in data.get("items", []) if isinstance(i, dict)]
-        print(json.dumps(data, indent=2, default=str), file=out)
+        print(_json(data, indent=2), file=out)
         return
-    print(f"order {order.id}: {order.status}", file=out)
+    print(f"order {_plain(order.id)}: {_plain(order.status)}", file=out)
     if order.cancel_reason:
-        print(f"  cancelled: {order.cancel_reason}", file=out)
+        print(f"  cancelled: {_plain(order.cancel_reason)}", file=out)
     if order.total_price is not None:
-        print(f"  total: {order.total_price} {order.currency or ''}".rstrip(), file=out)
+        print(f"  total: {order.total_price} {_plain(order.currency or '')}".rstrip(),
+              file=out)
     for item in order.items:
-        line = f"  {item.quantity} x {item.item_id}"
+        line = f"  {item.quantity} x {_plain(item.item_id)}"
         if item.error:
-            line += f" (error: {item.error})"
+            line += f" (error: {_plain(item.error)})"
         print(line, file=out)
         for code in item.codes:
-            shown = json.dumps(code) if show_codes else "<redacted: --show-codes>"
+            shown = _json(code) if show_codes else "<redacted: --show-codes>"
             print(f"    code: {shown}", file=out)
+
+
+def _json(data: Any, indent: int | None = None) -> str:
+    """``data`` as JSON with every control character escaped: json.dumps leaves DEL."""
+    return json.dumps(data, indent=indent, default=str).replace("\x7f", "\\u007f")
 
 
 # What ``recovery list --state`` shows: the stored states it reads, and whether a job must
@@ -441,9 +447,10 @@ def _recovery(args: argparse.Namespace, out: TextIO) -> int:
                     continue
                 label = "running" if job.running(now) else job.state.value
                 due = f"due_in={job.due_at - now:.0f}s  " if label == "queued" else ""
-                print(f"{job.order_id}  {label}  reason={job.reason or '-'}  "
-                      f"attempts={job.attempts}  {due}last_status={job.last_status or '-'}"
-                      f"  last_error={job.last_error or '-'}", file=out)
+                print(f"{_plain(job.order_id)}  {label}  reason={_plain(job.reason or '-')}"
+                      f"  attempts={job.attempts}  {due}"
+                      f"last_status={_plain(job.last_status or '-')}"
+                      f"  last_error={_plain(job.last_error or '-')}", file=out)
                 shown += 1
                 reasons.add(job.reason or "")
         print(f"{shown} job(s) {args.state}" + _and_unreadable(unreadable), file=out)
@@ -473,7 +480,8 @@ def _and_unreadable(unreadable: dict[str, str]) -> str:
 def _say_unreadable(unreadable: dict[str, str]) -> int:
     """Name each unreadable row on stderr; the exit status: 1 if there was one."""
     for order_id, what in unreadable.items():
-        print(f"foxpoll: error: order {order_id}: unreadable row ({what})", file=sys.stderr)
+        print(f"foxpoll: error: order {_plain(order_id)}: unreadable row ({_plain(what)})",
+              file=sys.stderr)
     return 1 if unreadable else 0
 
 
@@ -491,8 +499,9 @@ def _dlq(args: argparse.Namespace, out: TextIO) -> int:
             unreadable: dict[str, str] = {}
             jobs = _readable(queue.list_dead, unreadable)
             for job in jobs:
-                print(f"{job.order_id}  attempts={job.attempts}  last_status={job.last_status}"
-                      f"  last_error={job.last_error or '-'}", file=out)
+                print(f"{_plain(job.order_id)}  attempts={job.attempts}  "
+                      f"last_status={_plain(job.last_status)}  "
+                      f"last_error={_plain(job.last_error or '-')}", file=out)
             print(f"{len(jobs)} dead letter(s)" + _and_unreadable(unreadable), file=out)
             return _say_unreadable(unreadable)
         # Checked first so that each refusal says why; the action itself checks again,
@@ -634,13 +643,50 @@ def _check_columns(columns: set[str], where: str, table: str) -> None:
                            f"{missing[0]})")
 
 
+# A URL's user info (redis://:secret@host, https://token@host), and what is left of one
+# in a mistyped URL (redis:/user:secret@host): after a word and a colon, up to the last @.
+_URL_USERINFO = re.compile(r"://([^\s/?#]*)@")
+_LOOSE_USERINFO = re.compile(r"([^\s:/@]*):(?!//)\S*@")
+# A libpq keyword string's or a URL query's password.
+_PASSWORD_FIELD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&;]*)",
+                             re.IGNORECASE)
+
+
 def _shown(location: str) -> str:
-    """``location`` without its password, for an error message."""
-    scheme, sep, rest = location.partition("://")
-    if sep and "@" in rest:
-        credentials, _, host = rest.rpartition("@")
-        return f"{scheme}://{credentials.partition(':')[0]}:***@{host}"
-    return "<connection string>" if "password" in location.lower() else location
+    """``location``, or any text quoting one, with every password and user-info token
+    masked: for what the command prints."""
+    masked = _URL_USERINFO.sub(_masked_userinfo, location)
+    masked = _LOOSE_USERINFO.sub(r"\1:***@", masked)
+    return _PASSWORD_FIELD.sub(r"\1***", masked)
+
+
+def _masked_userinfo(found: re.Match[str]) -> str:
+    user, colon, _ = found.group(1).partition(":")
+    return f"://{user}:***@" if colon else "://***@"  # a lone name may be a token
+
+
+# What a terminal acts on: CSI sequences (ESC [ or C1 CSI), strings up to their terminator
+# or the end (OSC, DCS, SOS, PM, APC, by ESC or C1), two-character escapes; then any
+# other C0 or C1 control or DEL left over.
+_ESCAPE_SEQUENCES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|\Z)"
+    r"|\x1b[ -/]*[0-~]?",
+    re.DOTALL)
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _plain(value: object) -> str:
+    """``value`` as text safe to print on one line of a terminal: without escape
+    sequences or control characters (a server's text could retitle the window or clear
+    the screen), each line break or tab a space."""
+    text = _ESCAPE_SEQUENCES.sub("", str(value))
+    return _CONTROLS.sub(lambda found: " " if found.group() in "\n\t" else "", text)
+
+
+def _said(message: object) -> str:
+    """An error's message as the command prints it: plain, passwords masked."""
+    return _shown(_plain(message))
 
 
 if __name__ == "__main__":

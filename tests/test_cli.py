@@ -804,3 +804,80 @@ def test_a_restarted_simulator_never_repeats_order_ids() -> None:
     # A dedup store kept from the last run would skip a repeated id as already delivered.
     assert _first_order_id() != _first_order_id()
     assert _first_order_id("--seed", "7") == _first_order_id("--seed", "7")
+
+
+# Issue 23, finding 7: nothing from the server reaches the terminal as a control character.
+
+#: What a terminal acts on: C0 but the line break and the tab, DEL, C1 (ESC among them).
+CONTROLS = {chr(c) for c in [*range(0x20), *range(0x7f, 0xa0)]} - {"\n", "\t"}
+
+
+@pytest.mark.slow
+def test_no_escape_sequence_from_the_server_reaches_the_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from foxpoll.testing import HostileServer, Hostility
+
+    printed: dict[str, str] = {}
+    with HostileServer(Hostility.ESCAPES) as server:
+        monkeypatch.setenv("FOXRELOAD_API_KEY", "sk-live-escapes")
+        monkeypatch.setenv("FOXRELOAD_BASE_URL", server.url)
+        for argv in (["orders", "get", "o1"], ["orders", "get", "o1", "--show-codes"],
+                     ["orders", "get", "o1", "--json", "--show-codes"],
+                     ["orders", "wait", "o1", "--timeout", "0.5"],  # unknown status: stalls
+                     ["catalog"], ["catalog", "--category", "c1"],
+                     ["orders", "pay", "o1"], ["orders", "create", "--item", "p1"]):
+            _, out = run(*argv)
+            printed[" ".join(argv)] = out + capsys.readouterr().err
+    path = tmp_path / "q.db"
+    with SQLiteRecoveryQueue(path) as queue:  # what a worker kept of the server's words
+        queue.enqueue("o-1")
+        queue.bury("o-1", last_status="\x1b[2Jprocessing", last_error="HTTP 500: \x1b]0;x\x07")
+    for argv in (["dlq", "list"], ["recovery", "list", "--state", "dead"]):
+        _, out = run(*argv, "--queue", f"sqlite:///{path}")
+        printed[" ".join(argv)] = out + capsys.readouterr().err
+    for command, text in printed.items():
+        assert not CONTROLS & set(text), (command, text)
+    assert printed["orders get o1"].startswith("order o1: completed\n  cancelled: xy\n")
+    assert "1 x xy (error: xy)" in printed["orders get o1"]
+    assert '"externalData": [\n' in printed["orders get o1 --json --show-codes"]
+    assert "\\u001b]0;owned\\u0007" in printed["orders get o1 --json --show-codes"]
+    assert "  poll 1: completed (0s)" in printed["orders wait o1 --timeout 0.5"]
+    assert "foxpoll: the wait stalled: order o1 still completed" in printed[
+        "orders wait o1 --timeout 0.5"]
+    assert printed["catalog --category c1"] == "xy  xy  1.00 xy  stock=1\n"
+    assert printed["orders pay o1"] == ("foxpoll: error: BadRequestError: HTTP 400 for POST "
+                                        "/api/orders/o1/pay [xy]: xy\n")
+    assert "last_status=processing  last_error=HTTP 500: " in printed["dlq list"]
+
+
+# Finding 8: a password in a URL is never printed.
+
+@pytest.mark.parametrize("argv", [
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "rediss//:hunter2@127.0.0.1:1"],  # mistyped
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "postgresql://u:hunter2@127.0.0.1:1/db"],  # not a budget's store
+    ["dlq", "list", "--queue", "postgresql:/u:hunter2@127.0.0.1/db"],  # mistyped
+    ["dlq", "list", "--queue", "mysql://hunter2@127.0.0.1/db"],  # a token for a user name
+    ["dlq", "list", "--queue", "mysql://127.0.0.1/db?password=hunter2"],
+])
+def test_a_password_in_a_url_given_to_the_cli_is_never_printed(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run(*argv)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "***" in err
+    assert "hunter2" not in out + err
+
+
+def test_a_base_url_with_a_password_is_refused_without_printing_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FOXRELOAD_API_KEY", "sk-live-cli")
+    monkeypatch.setenv("FOXRELOAD_BASE_URL", "https://gw:hunter2@api.example.com")
+    assert run("orders", "get", "o1") == (1, "")
+    err = capsys.readouterr().err
+    assert err.startswith("foxpoll: error: ValueError: base_url holds a user name or password")
+    assert "hunter2" not in err

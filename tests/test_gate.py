@@ -103,7 +103,7 @@ class HeldTransport(httpx.AsyncBaseTransport):
 @pytest.mark.slow
 async def test_a_thousand_tasks_wait_in_foxpoll_not_in_the_pool_and_buys_go_first() -> None:
     held = HeldTransport()
-    async with AsyncFoxReload("key", base_url="http://api.test", transport=held,
+    async with AsyncFoxReload("key", base_url="https://api.test", transport=held,
                               max_in_flight=10) as client:
         reads = [asyncio.ensure_future(client.orders.get(f"o{i}")) for i in range(1000)]
         await asyncio.sleep(0.01)

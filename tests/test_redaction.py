@@ -80,14 +80,16 @@ def test_nothing_secret_in_logs_errors_or_reprs(
             assert code not in text
 
 
-def test_a_password_in_the_base_url_is_redacted_from_the_repr() -> None:
+def test_a_password_in_the_base_url_never_reaches_a_client_or_its_repr() -> None:
     from foxpoll import AsyncFoxReload, FoxReload
 
     for cls in (FoxReload, AsyncFoxReload):
-        shown = repr(cls("key", base_url="https://proxy-user:hunter2@proxy.test/x"))
-        assert "hunter2" not in shown
-        assert "proxy-user" not in shown
-        assert "https://<redacted>@proxy.test/x" in shown
+        with pytest.raises(ValueError, match="user name or password") as refused:
+            cls("key", base_url="https://proxy-user:hunter2@proxy.test/x")
+        assert "hunter2" not in str(refused.value)
+        client = cls(API_KEY, base_url="https://proxy.test/x")
+        assert repr(client) == f"{cls.__name__}(base_url='https://proxy.test/x', " \
+                               "api_key='<redacted>')"
 
 
 def test_orders_json_hides_notes_and_codes_unless_asked(

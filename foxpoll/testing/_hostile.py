@@ -21,6 +21,7 @@ import json
 import socket
 import socketserver
 import threading
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -65,6 +66,19 @@ class Hostility(enum.Enum):
     an id without letters gets a trailing ``X``)."""
     WRONG_ID_SPACE = "wrong-id-space"
     """The body with its ``id`` the order asked for and a trailing space (``"o1 "``)."""
+    ESCAPES = "escapes"
+    """Terminal escape sequences (a window title, a screen clear, a cursor move, a device
+    control string, a C1 CSI) and control characters (CR, BEL, BS, NUL, DEL) in every
+    free-text field and the status, shaped for the path asked: an
+    order (its id the one asked for) for ``GET /api/orders/ID``, a page of categories or
+    products for their lists, and for any other request (a create, a pay) ``400`` whose
+    ``detail`` and ``code`` hold them: what a tool printing the server's words must not
+    pass to a terminal."""
+
+
+# What Hostility.ESCAPES puts in text, in the order its docstring names them.
+_ESCAPES = ("\x1b]0;owned\x07\x1b[2J\x1b[H\x1bP+q\x1b\\\x9b31m\r\x07\x08"
+                    "\x00\x7f")
 
 
 @attrs.frozen
@@ -169,6 +183,10 @@ class HostileServer:
         elif mode in _WRONG_IDS:
             body = self._about(_WRONG_IDS[mode](self, _asked_order(request.path)))
             out.sendall(_head(200, {"Content-Length": str(len(body))}) + body)
+        elif mode is Hostility.ESCAPES:
+            status, document = _escaping(request)
+            body = json.dumps(document).encode()
+            out.sendall(_head(status, {"Content-Length": str(len(body))}) + body)
         else:
             out.sendall(_head(200, {"Content-Length": str(len(self.body))}) + self.body)
 
@@ -208,6 +226,24 @@ _WRONG_IDS: dict[Hostility, Callable[[HostileServer, str], str]] = {
     Hostility.WRONG_ID_CASE: lambda _, asked: _other_case(asked),
     Hostility.WRONG_ID_SPACE: lambda _, asked: asked + " ",
 }
+def _escaping(request: ReceivedRequest) -> tuple[int, Any]:
+    """The status and document of :attr:`Hostility.ESCAPES` for ``request``."""
+    path = urllib.parse.urlsplit(request.path).path
+    text = f"x{_ESCAPES}y"
+    if request.method == "GET" and path.startswith("/api/orders/"):
+        order_id = urllib.parse.unquote(path.removeprefix("/api/orders/").strip("/"))
+        return 200, {
+            "id": order_id, "status": f"{_ESCAPES}completed",
+            "cancelReason": text, "totalPrice": "1.00", "currency": text,
+            "items": [{"id": "i1", "itemId": text, "quantity": 1, "status": text,
+                       "error": text, "externalData": [text]}],
+        }
+    if request.method == "GET" and path.startswith(("/api/categories", "/api/products")):
+        item: dict[str, Any] = {"id": text, "name": text, "slug": text}
+        if path.startswith("/api/products"):
+            item.update(price="1.00", currency=text, quantity=1)
+        return 200, {"items": [item], "limit": 200, "offset": 0, "total": 1}
+    return 400, {"detail": text, "code": text}
 
 
 def _zeros_gzip(size: int) -> Iterator[bytes]:
@@ -222,7 +258,8 @@ def _zeros_gzip(size: int) -> Iterator[bytes]:
 
 
 def _head(status: int, headers: dict[str, str]) -> bytes:
-    reasons = {200: "OK", 307: "Temporary Redirect", 429: "Too Many Requests"}
+    reasons = {200: "OK", 307: "Temporary Redirect", 400: "Bad Request",
+               429: "Too Many Requests"}
     lines = [f"HTTP/1.1 {status} {reasons.get(status, 'Status')}",
              "Content-Type: application/json", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
