@@ -59,17 +59,20 @@ T = TypeVar("T")
 
 class Budget(Protocol):
     """What the drivers need of a request budget (:class:`foxpoll.ratelimit.BaseRateLimit`):
-    a permit per request, in a lane (lower goes first), and how each was answered."""
+    a permit per request, in a lane (lower goes first), and how each was answered; each
+    call within ``timeout`` seconds when one is given."""
 
-    def acquire(self, priority: Any, /) -> float: ...
+    def acquire(self, priority: Any, /, *, timeout: float | None = None) -> float: ...
 
-    async def aacquire(self, priority: Any, /) -> float: ...
+    async def aacquire(self, priority: Any, /, *, timeout: float | None = None) -> float: ...
 
     def succeeded(self) -> None: ...
 
-    def throttled(self, retry_after: float | None, /) -> None: ...
+    def throttled(self, retry_after: float | None, /, *,
+                  timeout: float | None = None) -> None: ...
 
-    async def athrottled(self, retry_after: float | None, /) -> None: ...
+    async def athrottled(self, retry_after: float | None, /, *,
+                         timeout: float | None = None) -> None: ...
 
 
 @attrs.frozen
@@ -128,21 +131,24 @@ class Emit(Op[None]):
 
 @attrs.frozen
 class Permit(Op[float]):
-    """Take a permit from ``limit`` in lane ``priority``; resume with the seconds to wait
-    (0.0: taken)."""
+    """Take a permit from ``limit`` in lane ``priority``, within ``timeout`` seconds (what
+    is left of the call's deadline; None: the budget's own bound); resume with the
+    seconds to wait (0.0: taken)."""
 
     limit: Budget = attrs.field(repr=False)
     priority: int
+    timeout: float | None = None
 
 
 @attrs.frozen
 class Feedback(Op[None]):
     """Tell ``limit`` how a request was answered: a 429 (with its ``Retry-After``), or
-    not."""
+    not; within ``timeout`` seconds, as for :class:`Permit`."""
 
     limit: Budget = attrs.field(repr=False)
     throttled: bool
     retry_after: float | None = None
+    timeout: float | None = None
 
 
 class _SyncEffects:
@@ -166,12 +172,12 @@ class _SyncEffects:
             finally:
                 self.gate.release()
         if isinstance(effect, Permit):
-            return effect.limit.acquire(effect.priority)
+            return effect.limit.acquire(effect.priority, timeout=effect.timeout)
         if isinstance(effect, Sleep):
             self.clock.sleep(effect.seconds)
         elif isinstance(effect, Feedback):
             if effect.throttled:
-                effect.limit.throttled(effect.retry_after)
+                effect.limit.throttled(effect.retry_after, timeout=effect.timeout)
             else:
                 effect.limit.succeeded()
         elif isinstance(effect, Notify):
@@ -260,12 +266,12 @@ class _AsyncEffects:
             finally:
                 self.gate.release()
         if isinstance(effect, Permit):
-            return await effect.limit.aacquire(effect.priority)
+            return await effect.limit.aacquire(effect.priority, timeout=effect.timeout)
         if isinstance(effect, Sleep):
             await self.clock.asleep(effect.seconds)
         elif isinstance(effect, Feedback):
             if effect.throttled:
-                await effect.limit.athrottled(effect.retry_after)
+                await effect.limit.athrottled(effect.retry_after, timeout=effect.timeout)
             else:
                 effect.limit.succeeded()
         elif isinstance(effect, Notify):
