@@ -412,6 +412,8 @@ def permit_flow(
     """
     while True:
         wait = yield from Permit(limit, priority, _left(clock, deadline, "a permit"))
+        if isinstance(wait, Exception):
+            raise wait
         if wait <= 0:
             return
         if deadline is not None and clock.monotonic() + wait >= deadline:
@@ -429,7 +431,9 @@ def feedback_flow(limit: Budget, throttled: bool, retry_after: float | None, clo
         if timeout <= 0:
             log.info("the deadline has passed: the 429 is not reported to the rate limit")
             return
-    yield from Feedback(limit, throttled, retry_after, timeout)
+    failed = yield from Feedback(limit, throttled, retry_after, timeout)
+    if failed is not None:
+        raise failed
 
 
 def _left(clock: Clock, deadline: float | None, what: str) -> float | None:

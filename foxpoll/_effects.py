@@ -11,14 +11,17 @@ with, so ``response = yield from Send(...)`` gives mypy the type:
 ``Start``       None; the sub-flow runs concurrently (on asyncio) or at the next ``WaitAny``
 ``WaitAny``     a list of ``(key, result or exception)`` of started sub-flows that finished
 ``Emit``        None, once the driver has handed the value to its consumer
-``Permit``      0.0 once a permit of the budget is taken, else the seconds to wait
-``Feedback``    None, once the budget has been told how a request was answered
+``Permit``      0.0 once a permit of the budget is taken, else the seconds to wait; or the
+                :class:`~foxpoll.errors.StoreError` the budget raised
+``Feedback``    None, once the budget has been told how a request was answered; or the
+                :class:`~foxpoll.errors.StoreError` the budget raised
 ==============  ============================================================================
 
 The flows hold every decision; these drivers are the only code that differs between sync
 and async. They are not :func:`foxpoll._io.run`: they queue requests at the client's gate,
 run sub-flows concurrently and stream what a flow emits. An exception raised while
-performing an effect ends the run (a transport error is ``Send``'s result, not raised).
+performing an effect ends the run (a transport error is ``Send``'s result, not raised,
+and a budget's error the result of ``Permit`` and ``Feedback``: the flow decides).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ._clock import Clock
 from ._gate import AsyncGate, Gate
 from ._io import Flow, Op, call_blocking
 from ._senders import AsyncSender, Sender
+from .errors import StoreError
 
 __all__ = [
     "Budget",
@@ -130,10 +134,10 @@ class Emit(Op[None]):
 
 
 @attrs.frozen
-class Permit(Op[float]):
+class Permit(Op["float | StoreError"]):
     """Take a permit from ``limit`` in lane ``priority``, within ``timeout`` seconds (what
     is left of the call's deadline; None: the budget's own bound); resume with the
-    seconds to wait (0.0: taken)."""
+    seconds to wait (0.0: taken), or the error the budget raised."""
 
     limit: Budget = attrs.field(repr=False)
     priority: int
@@ -141,9 +145,10 @@ class Permit(Op[float]):
 
 
 @attrs.frozen
-class Feedback(Op[None]):
+class Feedback(Op["StoreError | None"]):
     """Tell ``limit`` how a request was answered: a 429 (with its ``Retry-After``), or
-    not; within ``timeout`` seconds, as for :class:`Permit`."""
+    not; within ``timeout`` seconds, as for :class:`Permit`. Resume with None, or the
+    error the budget raised."""
 
     limit: Budget = attrs.field(repr=False)
     throttled: bool
@@ -172,14 +177,21 @@ class _SyncEffects:
             finally:
                 self.gate.release()
         if isinstance(effect, Permit):
-            return effect.limit.acquire(effect.priority, timeout=effect.timeout)
+            try:
+                return effect.limit.acquire(effect.priority, timeout=effect.timeout)
+            except StoreError as exc:
+                return exc
+        if isinstance(effect, Feedback):
+            try:
+                if effect.throttled:
+                    effect.limit.throttled(effect.retry_after, timeout=effect.timeout)
+                else:
+                    effect.limit.succeeded()
+            except StoreError as exc:
+                return exc
+            return None
         if isinstance(effect, Sleep):
             self.clock.sleep(effect.seconds)
-        elif isinstance(effect, Feedback):
-            if effect.throttled:
-                effect.limit.throttled(effect.retry_after, timeout=effect.timeout)
-            else:
-                effect.limit.succeeded()
         elif isinstance(effect, Notify):
             call_blocking(effect.hook, effect.args, "use it with AsyncFoxReload")
         elif isinstance(effect, Start):
@@ -266,14 +278,21 @@ class _AsyncEffects:
             finally:
                 self.gate.release()
         if isinstance(effect, Permit):
-            return await effect.limit.aacquire(effect.priority, timeout=effect.timeout)
+            try:
+                return await effect.limit.aacquire(effect.priority, timeout=effect.timeout)
+            except StoreError as exc:
+                return exc
+        if isinstance(effect, Feedback):
+            try:
+                if effect.throttled:
+                    await effect.limit.athrottled(effect.retry_after, timeout=effect.timeout)
+                else:
+                    effect.limit.succeeded()
+            except StoreError as exc:
+                return exc
+            return None
         if isinstance(effect, Sleep):
             await self.clock.asleep(effect.seconds)
-        elif isinstance(effect, Feedback):
-            if effect.throttled:
-                await effect.limit.athrottled(effect.retry_after, timeout=effect.timeout)
-            else:
-                effect.limit.succeeded()
         elif isinstance(effect, Notify):
             result = effect.hook(*effect.args)
             if inspect.isawaitable(result):

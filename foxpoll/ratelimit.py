@@ -830,7 +830,7 @@ class RedisRateLimit(BaseRateLimit):
         script = self._script("sync", name)
         bound = self.statement_timeout if timeout is None else timeout
         reply: list[Any] = _in_thread(lambda: script(keys=[self.key], args=args), bound,
-                                      "Redis")
+                                      "RedisRateLimit")
         return reply
 
     async def _acall(self, name: str, args: list[Any], timeout: float | None) -> list[Any]:
