@@ -539,8 +539,9 @@ class SQLiteRateLimit(BaseRateLimit):
             shared by processes).
     """
 
-    _unreached = (sqlite3.OperationalError,)  # locked, busy, the disk, the file's access
-    _faults = (sqlite3.Error,)  # not a database, a malformed one, a closed connection
+    # Locked, busy, the disk, the file's access; or the connection gone (closed).
+    _unreached = (sqlite3.OperationalError, sqlite3.ProgrammingError)
+    _faults = (sqlite3.Error,)  # not a database, or a malformed one
 
     def __init__(self, where: str | os.PathLike[str], per_minute: float | None = None, *,
                  burst: int | None = None, adaptive: bool = False, fail_open: bool = False,
