@@ -44,6 +44,7 @@ __all__ = [
     "StoreUnavailable",
     "check_claim_args",
     "check_list_args",
+    "check_retention",
     "corrupt_record",
     "lease_lost",
     "record_from_fields",
@@ -118,6 +119,13 @@ def check_claim_args(order_id: object, token: object, lease: object) -> None:
         raise ValueError("token must be a non-empty string")
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 <= lease < 1e7:
         raise ValueError("lease must be a number of seconds, 0 or more")
+
+
+def check_retention(retention: object) -> int:
+    """``retention``, if it is a whole number of seconds, zero (forever) or more."""
+    if isinstance(retention, bool) or not isinstance(retention, int) or retention < 0:
+        raise ValueError("retention must be a whole number of seconds, zero (forever) or more")
+    return retention
 
 
 def claimed_record(order_id: str, token: str, lease_until: Any, attempts: Any,

@@ -34,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
 
 import attrs
 
+from foxpoll._core import check_timeout
 from foxpoll._deadlines import within
 from foxpoll._io import Flow, Op, arun, run
 from foxpoll.errors import DedupError, StoreUnavailable
@@ -45,6 +46,7 @@ from .base import (
     DedupStore,
     DeliveryRecord,
     DeliveryState,
+    check_retention,
     claimed_record,
     delivered_record,
     lease_lost,
@@ -271,6 +273,8 @@ class _RedisStore(FlowStore):
         retention: int = THIRTY_DAYS,
         statement_timeout: float = 5.0, connect_timeout: float = 5.0,
     ) -> None:
+        check_timeout(statement_timeout, "statement_timeout")
+        check_timeout(connect_timeout, "connect_timeout")
         self._owns = isinstance(where, str)
         if not self._owns and self._blocking and _socket_timeout(where) is None:
             # Only the socket timeout can end a blocking call on a frozen network: without
@@ -289,7 +293,7 @@ class _RedisStore(FlowStore):
         )
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout
-        self._flows = RedisFlows(key_prefix, int(retention))
+        self._flows = RedisFlows(key_prefix, check_retention(retention))
         self._scripts = {name: self._client.register_script(source)
                          for name, source in _SCRIPTS.items()}
 
