@@ -475,14 +475,51 @@ def _describe(outcome: httpx.Response | httpx.TransportError) -> str:
 def permit_flow(
     limit: Budget, priority: int, clock: Clock, deadline: float | None
 ) -> Flow[None]:
-    """Wait for a permit of ``limit``; a wait that would cross ``deadline`` ends the call."""
+    """Wait for a permit of ``limit``; a wait that would cross ``deadline`` ends the call,
+    and each call of the budget runs within what is left of it.
+
+    Raises:
+        APITimeoutError: no permit before ``deadline``.
+        BudgetUnavailable: the budget's backend cannot be reached (it fails closed).
+    """
     while True:
-        wait = yield from Permit(limit, priority)
+        wait = yield from Permit(limit, priority, _left(clock, deadline, "a permit"))
+        if isinstance(wait, Exception):
+            raise wait
         if wait <= 0:
             return
         if deadline is not None and clock.monotonic() + wait >= deadline:
             raise APITimeoutError("no permit from the rate limit before the deadline")
         yield from Sleep(max(wait, _MIN_PERMIT_WAIT))
+
+
+def feedback_flow(limit: Budget, throttled: bool, retry_after: float | None, clock: Clock,
+                  deadline: float | None) -> Flow[None]:
+    """Tell ``limit`` how a request was answered, within what is left of ``deadline``
+    (a 429 reported when none is left would hold the call past it: it is not)."""
+    timeout = None
+    if throttled and deadline is not None:
+        timeout = deadline - clock.monotonic()
+        if timeout <= 0:
+            log.info("the deadline has passed: the 429 is not reported to the rate limit")
+            return
+    failed = yield from Feedback(limit, throttled, retry_after, timeout)
+    if failed is not None:
+        raise failed
+
+
+def _left(clock: Clock, deadline: float | None, what: str) -> float | None:
+    """Seconds left before ``deadline`` (None: no deadline).
+
+    Raises:
+        APITimeoutError: none is left.
+    """
+    if deadline is None:
+        return None
+    left = deadline - clock.monotonic()
+    if left <= 0:
+        raise APITimeoutError(f"the deadline passed before {what} from the rate limit")
+    return left
 
 
 _MIN_PERMIT_WAIT = 1e-3  # a shorter wait may not move a float clock at all
@@ -528,7 +565,7 @@ def call_flow(
             retry_after = parse_retry_after(outcome.headers, clock.time()) if throttled else None
             if retry_after is not None:  # the budget pauses no longer than the client obeys
                 retry_after = min(retry_after, config.max_retry_after)
-            yield from Feedback(limit, throttled, retry_after)
+            yield from feedback_flow(limit, throttled, retry_after, clock, deadline)
         if isinstance(outcome, httpx.Response) and outcome.is_success:
             log.debug(
                 "%s %s -> %d in %.3fs", call.method, call.path, outcome.status_code, elapsed

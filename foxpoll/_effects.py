@@ -11,14 +11,17 @@ with, so ``response = yield from Send(...)`` gives mypy the type:
 ``Start``       None; the sub-flow runs concurrently (on asyncio) or at the next ``WaitAny``
 ``WaitAny``     a list of ``(key, result or exception)`` of started sub-flows that finished
 ``Emit``        None, once the driver has handed the value to its consumer
-``Permit``      0.0 once a permit of the budget is taken, else the seconds to wait
-``Feedback``    None, once the budget has been told how a request was answered
+``Permit``      0.0 once a permit of the budget is taken, else the seconds to wait; or the
+                :class:`~foxpoll.errors.StoreError` the budget raised
+``Feedback``    None, once the budget has been told how a request was answered; or the
+                :class:`~foxpoll.errors.StoreError` the budget raised
 ==============  ============================================================================
 
 The flows hold every decision; these drivers are the only code that differs between sync
 and async. They are not :func:`foxpoll._io.run`: they queue requests at the client's gate,
 run sub-flows concurrently and stream what a flow emits. An exception raised while
-performing an effect ends the run (a transport error is ``Send``'s result, not raised).
+performing an effect ends the run (a transport error is ``Send``'s result, not raised,
+and a budget's error the result of ``Permit`` and ``Feedback``: the flow decides).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ._clock import Clock
 from ._gate import AsyncGate, Gate
 from ._io import Flow, Op, call_blocking
 from ._senders import AsyncSender, Sender
+from .errors import StoreError
 
 __all__ = [
     "Budget",
@@ -59,17 +63,20 @@ T = TypeVar("T")
 
 class Budget(Protocol):
     """What the drivers need of a request budget (:class:`foxpoll.ratelimit.BaseRateLimit`):
-    a permit per request, in a lane (lower goes first), and how each was answered."""
+    a permit per request, in a lane (lower goes first), and how each was answered; each
+    call within ``timeout`` seconds when one is given."""
 
-    def acquire(self, priority: Any, /) -> float: ...
+    def acquire(self, priority: Any, /, *, timeout: float | None = None) -> float: ...
 
-    async def aacquire(self, priority: Any, /) -> float: ...
+    async def aacquire(self, priority: Any, /, *, timeout: float | None = None) -> float: ...
 
     def succeeded(self) -> None: ...
 
-    def throttled(self, retry_after: float | None, /) -> None: ...
+    def throttled(self, retry_after: float | None, /, *,
+                  timeout: float | None = None) -> None: ...
 
-    async def athrottled(self, retry_after: float | None, /) -> None: ...
+    async def athrottled(self, retry_after: float | None, /, *,
+                         timeout: float | None = None) -> None: ...
 
 
 @attrs.frozen
@@ -127,22 +134,26 @@ class Emit(Op[None]):
 
 
 @attrs.frozen
-class Permit(Op[float]):
-    """Take a permit from ``limit`` in lane ``priority``; resume with the seconds to wait
-    (0.0: taken)."""
+class Permit(Op["float | StoreError"]):
+    """Take a permit from ``limit`` in lane ``priority``, within ``timeout`` seconds (what
+    is left of the call's deadline; None: the budget's own bound); resume with the
+    seconds to wait (0.0: taken), or the error the budget raised."""
 
     limit: Budget = attrs.field(repr=False)
     priority: int
+    timeout: float | None = None
 
 
 @attrs.frozen
-class Feedback(Op[None]):
+class Feedback(Op["StoreError | None"]):
     """Tell ``limit`` how a request was answered: a 429 (with its ``Retry-After``), or
-    not."""
+    not; within ``timeout`` seconds, as for :class:`Permit`. Resume with None, or the
+    error the budget raised."""
 
     limit: Budget = attrs.field(repr=False)
     throttled: bool
     retry_after: float | None = None
+    timeout: float | None = None
 
 
 class _SyncEffects:
@@ -166,14 +177,21 @@ class _SyncEffects:
             finally:
                 self.gate.release()
         if isinstance(effect, Permit):
-            return effect.limit.acquire(effect.priority)
+            try:
+                return effect.limit.acquire(effect.priority, timeout=effect.timeout)
+            except StoreError as exc:
+                return exc
+        if isinstance(effect, Feedback):
+            try:
+                if effect.throttled:
+                    effect.limit.throttled(effect.retry_after, timeout=effect.timeout)
+                else:
+                    effect.limit.succeeded()
+            except StoreError as exc:
+                return exc
+            return None
         if isinstance(effect, Sleep):
             self.clock.sleep(effect.seconds)
-        elif isinstance(effect, Feedback):
-            if effect.throttled:
-                effect.limit.throttled(effect.retry_after)
-            else:
-                effect.limit.succeeded()
         elif isinstance(effect, Notify):
             call_blocking(effect.hook, effect.args, "use it with AsyncFoxReload")
         elif isinstance(effect, Start):
@@ -260,14 +278,21 @@ class _AsyncEffects:
             finally:
                 self.gate.release()
         if isinstance(effect, Permit):
-            return await effect.limit.aacquire(effect.priority)
+            try:
+                return await effect.limit.aacquire(effect.priority, timeout=effect.timeout)
+            except StoreError as exc:
+                return exc
+        if isinstance(effect, Feedback):
+            try:
+                if effect.throttled:
+                    await effect.limit.athrottled(effect.retry_after, timeout=effect.timeout)
+                else:
+                    effect.limit.succeeded()
+            except StoreError as exc:
+                return exc
+            return None
         if isinstance(effect, Sleep):
             await self.clock.asleep(effect.seconds)
-        elif isinstance(effect, Feedback):
-            if effect.throttled:
-                await effect.limit.athrottled(effect.retry_after)
-            else:
-                effect.limit.succeeded()
         elif isinstance(effect, Notify):
             result = effect.hook(*effect.args)
             if inspect.isawaitable(result):

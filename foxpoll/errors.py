@@ -26,6 +26,7 @@
     │   └── CodesMissing                  completed, but no codes yet (require_codes)
     └── StoreError                        a store, queue, budget or event stream failed
         ├── StoreUnavailable              its server not reached, or not in time
+        │   └── BudgetUnavailable         a request budget's: also an APIConnectionError
         ├── DedupError                    a dedup store refused a step, or a record is corrupt
         │   ├── LeaseLost
         │   └── DeliveryInProgress        (.lease_until)
@@ -62,6 +63,7 @@ __all__ = [
     "AmbiguousOrderError",
     "AuthenticationError",
     "BadRequestError",
+    "BudgetUnavailable",
     "CodesMissing",
     "ConflictError",
     "DedupError",
@@ -350,6 +352,14 @@ class StoreUnavailable(StoreError):
     """A store, queue, budget or stream could not be reached, or did not answer within its
     timeouts. Try again when its server is back; what a call left undone is said where
     the call is documented (``deliver_once``: nothing was delivered)."""
+
+
+class BudgetUnavailable(StoreUnavailable, APIConnectionError):
+    """A request budget (:mod:`foxpoll.ratelimit`) could not be reached, or did not answer
+    in time, so the request that needed its permit was not sent. It is also an
+    :class:`APIConnectionError`, the error of a request that never left: a wait counts it
+    as a passing error, on its error budget, and a call that retries connection failures
+    retries it."""
 
 
 class DedupError(StoreError):

@@ -24,7 +24,13 @@ import attrs
 from . import _api
 from ._core import check_timeout
 from ._effects import Emit, Flow, Notify, Sleep, Start, WaitAny
-from .backoff import BackoffPolicy, ExponentialJitter, LearningPolicy, UpperRandom
+from .backoff import (
+    BackoffPolicy,
+    ExponentialJitter,
+    LearningPolicy,
+    UpperRandom,
+    _non_negative,
+)
 from .errors import (
     APIConnectionError,
     APIError,
@@ -61,6 +67,8 @@ log = logging.getLogger("foxpoll.polling")
 DEFAULT_BACKOFF = ExponentialJitter()
 UNMETERED = 6_000_000.0  # requests a minute: a budget that only ever pauses, on a 429
 LAST_POLL_GUARD = 1.0  # seconds before a deadline the last poll goes, for its request
+#: The waits of a schedule :meth:`WaitPolicy.horizon` sums one by one, at most.
+HORIZON_TERMS = 10_000
 _MIN_WAIT = 1e-3
 
 
@@ -334,7 +342,7 @@ class WaitPolicy:
     max_attempts: int = 40
     timeout: float | None = None
     stall_after: float | None = None
-    not_found_grace: float = 30.0
+    not_found_grace: float = attrs.field(default=30.0, validator=_non_negative)
     max_errors: int | None = None
     require_codes: int | None = None
 
@@ -344,12 +352,13 @@ class WaitPolicy:
             raise ValueError("max_attempts must be a whole number, at least 1")
         if self.timeout is not None:
             check_timeout(self.timeout)
-        if self.stall_after is not None and not self.stall_after > 0:
-            raise ValueError("stall_after must be positive")
-        if self.require_codes is not None and (
-                isinstance(self.require_codes, bool) or not isinstance(self.require_codes, int)
-                or self.require_codes < 0):
-            raise ValueError("require_codes must be a whole number of polls, zero or more")
+        if self.stall_after is not None:
+            check_timeout(self.stall_after, "stall_after")
+        for name in ("max_errors", "require_codes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f"{name} must be a whole number, zero or more")
         if not isinstance(self.backoff, BackoffPolicy):
             raise TypeError("backoff must have a delays(rng) method (see foxpoll.backoff)")
 
@@ -386,8 +395,21 @@ class WaitPolicy:
         waits = self.max_attempts
         if not first_poll_waits and getattr(self.backoff, "polls_immediately", True):
             waits -= 1  # the first poll comes at once
-        longest = math.fsum(itertools.islice(self.backoff.delays(UpperRandom()), waits))
-        return longest if self.timeout is None else min(longest, self.timeout)
+        # Bounded work before the first poll, whatever max_attempts says: the sum stops
+        # at the deadline, and past HORIZON_TERMS waits the rest count as the longest so
+        # far (a schedule has reached its cap long before).
+        timeout = math.inf if self.timeout is None else self.timeout
+        longest = most = 0.0
+        for counted, delay in enumerate(itertools.islice(
+                self.backoff.delays(UpperRandom()), waits), start=1):
+            longest += delay
+            most = max(most, delay)
+            if longest >= timeout:
+                return timeout
+            if counted == HORIZON_TERMS:
+                longest += (waits - counted) * most
+                break
+        return min(longest, timeout)
 
     def deadline(self, timeout: float | None) -> WaitPolicy:
         """This policy, with the wait's deadline ``timeout`` instead, when one is given."""

@@ -25,9 +25,13 @@ wins back 1/400 of the ceiling. The client caps the ``Retry-After`` it reports w
 
 Each has ``acquire`` / ``aacquire`` (take a permit or say how long to wait) and
 ``throttled`` / ``athrottled`` (a 429 was seen); one object may serve sync and async
-clients alike, where its backend allows. A budget whose server (the SQLite file, Redis)
-cannot be reached, or does not answer in time, raises
-:class:`~foxpoll.errors.StoreUnavailable`.
+clients alike, where its backend allows. Each call is bounded by the caller's ``timeout``
+(a client passes what is left of the call's or the wait's deadline) and by the backend's
+own timeout. A budget whose server (the SQLite file, Redis) cannot be reached, or does not
+answer in time, raises :class:`~foxpoll.errors.BudgetUnavailable` (a ``StoreUnavailable``):
+it **fails closed**, so no request goes out unmetered, unless it was built with
+``fail_open=True``. Any other error of its backend (a Redis key of another type, a row it
+cannot read) is a :class:`~foxpoll.errors.StoreError` naming the key.
 """
 
 from __future__ import annotations
@@ -35,19 +39,24 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import logging
 import math
 import os
+import re
 import sqlite3
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import attrs
 
 from ._clock import Clock, SystemClock
+from ._core import check_timeout
+from ._deadlines import within
 from .dedup._sql import TableName
-from .errors import unavailable_on
+from .errors import BudgetUnavailable, StoreError
 
 __all__ = [
     "BaseRateLimit",
@@ -67,6 +76,18 @@ CUT_WINDOW = 2.0  # seconds: the 429s within one window after a cut are one sign
 #: a budget called directly: a client caps what it reports with its ``max_retry_after``
 #: first, so a ``max_retry_after`` above this still pauses the budget for this at most.
 MAX_PAUSE = 3600.0
+#: The slowest rate a budget takes, in requests a minute: one a day. A slower one is a
+#: mistake (a rate given per day, or per second in the wrong unit), and would make a
+#: request wait for days.
+MIN_PER_MINUTE = 1 / 1440
+#: The fastest: a budget past ten million requests a minute meters nothing.
+MAX_PER_MINUTE = 10_000_000.0
+#: The largest burst, in permits.
+MAX_BURST = 1_000_000
+
+log = logging.getLogger("foxpoll.ratelimit")
+
+T = TypeVar("T")
 
 
 class Priority(enum.IntEnum):
@@ -127,22 +148,36 @@ def throttle(state: BudgetState, now: float, pause: float, *, adaptive: bool,
                        cut_until=cut_until)
 
 
-def _positive(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and not (0 < value < math.inf):
-        raise ValueError(f"{attribute.name} must be a positive number, not {value!r}")
+def _rate(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            MIN_PER_MINUTE <= value <= MAX_PER_MINUTE):
+        raise ValueError(f"{attribute.name} must be a number of requests a minute, from one "
+                         f"a day ({MIN_PER_MINUTE:.6f}) to {MAX_PER_MINUTE:,.0f}, "
+                         f"not {value!r}")
+
+
+def _burst(_: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 1 <= value <= MAX_BURST):
+        raise ValueError(f"{attribute.name} must be a whole number of permits, from 1 to "
+                         f"{MAX_BURST:,}, not {value!r}")
+
+
+def _flag(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{attribute.name} must be True or False, not {value!r}")
 
 
 @attrs.frozen
 class Settings:
     """A budget's configuration. See :class:`BaseRateLimit`."""
 
-    per_minute: float | None = attrs.field(default=None, validator=_positive)
-    burst: int | None = None
-    adaptive: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        if self.burst is not None and (isinstance(self.burst, bool) or self.burst < 1):
-            raise ValueError("burst must be a whole number of permits, at least 1")
+    per_minute: float | None = attrs.field(default=None, validator=_rate)
+    burst: int | None = attrs.field(default=None, validator=_burst)
+    adaptive: bool = attrs.field(default=False, validator=_flag)
+    fail_open: bool = attrs.field(default=False, validator=_flag)
 
     @property
     def learns(self) -> bool:
@@ -167,11 +202,18 @@ class Settings:
             return self.burst
         return max(len(Priority), round(self.ceiling / 2))
 
+    @property
+    def longest_wait(self) -> float:
+        """The longest wait a permit can be told to take under these settings: the
+        longest pause, then the whole burst at the floor's pace. A stored state asking
+        for more (another host's clock far ahead, an edited row) is cut to it."""
+        return MAX_PAUSE + self.lanes_burst / self.floor
+
     def applied(self, state: BudgetState) -> BudgetState:
         """``state`` under these settings: a fixed rate is always this one (a tier can
-        change, and the stored state may be another process's); a learned one never
-        above this ceiling."""
-        rate = min(state.rate, self.ceiling) if self.learns else self.ceiling
+        change, and the stored state may be another process's); a learned one between
+        this floor and this ceiling."""
+        rate = min(max(state.rate, self.floor), self.ceiling) if self.learns else self.ceiling
         return state if rate == state.rate else attrs.evolve(state, rate=rate)
 
     def take(self, state: BudgetState, now: float, priority: int, successes: int
@@ -191,48 +233,92 @@ class Settings:
 _B = TypeVar("_B", bound="BaseRateLimit")
 
 
+def stored_state(values: Sequence[Any], where: str) -> BudgetState:
+    """A budget's state as a backend stored it.
+
+    Raises:
+        StoreError: a value is not a finite number, or the rate not above zero (an edited
+            or corrupted record): named by ``where``, never quoted.
+    """
+    try:
+        tat, rate, paused, cut = (float(value) for value in values)
+    except (TypeError, ValueError):
+        raise StoreError(f"{where} holds a budget foxpoll cannot read") from None
+    if not (all(math.isfinite(x) for x in (tat, rate, paused, cut)) and rate > 0):
+        raise StoreError(f"{where} holds a budget foxpoll cannot read")
+    return BudgetState(tat, rate, paused, cut)
+
+
 class BaseRateLimit(abc.ABC):
     """A request budget. Subclasses keep the state; this class holds the rules.
 
     Args:
-        per_minute: The key's limit; None learns it (see the module docs).
+        per_minute: The key's limit; None learns it (see the module docs). From
+            :data:`MIN_PER_MINUTE` (one a day) to :data:`MAX_PER_MINUTE`.
         burst: Permits that may go at once; half a second's worth by default.
         adaptive: Learn below ``per_minute`` from 429s (implied when it is None).
+        fail_open: What a request does while the backend cannot be reached: False (the
+            default) fails closed, the call raises :class:`BudgetUnavailable` and nothing
+            is sent; True sends it unmetered, with one warning per outage. Closed is
+            the default because a fleet whose shared budget is down would otherwise spend
+            the key blindly, every process at once.
 
     Raises:
-        StoreUnavailable: from each call, when the backend's server cannot be reached or
-            does not answer in time.
+        BudgetUnavailable: from each call, when the backend's server cannot be reached or
+            does not answer in time (unless ``fail_open``).
+        StoreError: from each call, when the backend answers with an error, or holds a
+            state it cannot read.
     """
 
     #: The backend's errors that mean its server was not reached, or not in time.
     _unreached: tuple[type[BaseException], ...] = ()
+    #: The backend's other errors: it was reached, and refused.
+    _faults: tuple[type[BaseException], ...] = ()
+    #: The longest one call of the backend may take, whatever the caller's timeout (None:
+    #: the backend does no I/O).
+    _own_timeout: float | None = None
 
     def __init__(self, per_minute: float | None = None, *, burst: int | None = None,
-                 adaptive: bool = False) -> None:
-        self.settings = Settings(per_minute, burst, adaptive)
+                 adaptive: bool = False, fail_open: bool = False) -> None:
+        self.settings = Settings(per_minute, burst, adaptive, fail_open)
         self._lock = threading.Lock()
         self._successes = 0  # not yet told to a shared backend (learned rates only)
+        self._failing = False  # failing open: warned once, until the backend answers
         self.waits = 0  #: acquire calls answered "not yet"
         self.throttles = 0  #: 429s reported
+        self.unmetered = 0  #: requests let through unmetered while the backend was down
         self.last_state: BudgetState | None = None  #: as of the last call
 
     # -- what a backend provides ---------------------------------------------------------
 
     @abc.abstractmethod
-    def _take(self, priority: int, successes: int) -> tuple[BudgetState, float]:
-        """Apply ``successes``, then :func:`take`, atomically; return state and wait."""
+    def _take(self, priority: int, successes: int, timeout: float | None
+              ) -> tuple[BudgetState, float]:
+        """Apply ``successes``, then :func:`take`, atomically, within ``timeout`` seconds
+        (None: the backend's own bound); return state and wait."""
 
     @abc.abstractmethod
-    def _throttle(self, pause: float) -> BudgetState:
-        """Apply :func:`throttle` atomically."""
+    def _throttle(self, pause: float, timeout: float | None) -> BudgetState:
+        """Apply :func:`throttle` atomically, within ``timeout`` seconds."""
 
-    async def _atake(self, priority: int, successes: int) -> tuple[BudgetState, float]:
-        return await asyncio.to_thread(self._take, priority, successes)
+    async def _atake(self, priority: int, successes: int, timeout: float | None
+                     ) -> tuple[BudgetState, float]:
+        return await asyncio.to_thread(self._take, priority, successes, timeout)
 
-    async def _athrottle(self, pause: float) -> BudgetState:
-        return await asyncio.to_thread(self._throttle, pause)
+    async def _athrottle(self, pause: float, timeout: float | None) -> BudgetState:
+        return await asyncio.to_thread(self._throttle, pause, timeout)
+
+    def _fault(self, exc: BaseException) -> str:
+        """What a backend error of :attr:`_faults` says, for a message (never its text,
+        which may quote a connection string)."""
+        return type(exc).__name__
 
     # -- the budget ------------------------------------------------------------------------
+
+    @property
+    def fail_open(self) -> bool:
+        """Whether a request goes unmetered while the backend cannot be reached."""
+        return self.settings.fail_open
 
     @property
     def per_minute(self) -> float:
@@ -245,24 +331,81 @@ class BaseRateLimit(abc.ABC):
             successes, self._successes = self._successes, 0
         return successes
 
+    def _bound(self, timeout: float | None) -> float | None:
+        """How long one backend call may take: the caller's ``timeout`` and the backend's
+        own, whichever is shorter."""
+        if timeout is not None:
+            check_timeout(timeout)
+        own = self._own_timeout
+        if timeout is None or own is None:
+            return own if timeout is None else timeout
+        return min(timeout, own)
+
     def _record(self, state: BudgetState, wait: float) -> float:
         self.last_state = state
+        if self._failing:
+            self._failing = False
+            log.warning("%s answers again: requests are metered again", type(self).__name__)
         if wait > 0:
             self.waits += 1
-        return wait
+        return min(wait, self.settings.longest_wait)
 
-    def _reaching(self) -> AbstractContextManager[None]:
-        return unavailable_on(type(self).__name__, *self._unreached)
+    def _opened(self) -> None:
+        """A request goes unmetered: the backend is down and the budget fails open."""
+        self.unmetered += 1
+        if not self._failing:
+            self._failing = True
+            log.warning("%s cannot be reached: requests go unmetered (fail_open) until it "
+                        "answers", type(self).__name__)
 
-    def acquire(self, priority: Priority = Priority.FRESH) -> float:
-        """Take a permit: 0.0 when taken, else the seconds to wait before asking again."""
-        with self._reaching():
-            return self._record(*self._take(int(priority), self._pending_successes()))
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Turn the backend's errors into :class:`BudgetUnavailable` (not reached, or not
+        in time) or :class:`StoreError` (reached, and refused)."""
+        name = type(self).__name__
+        try:
+            yield
+        except (BudgetUnavailable, StoreError):
+            raise
+        except self._unreached as exc:
+            raise BudgetUnavailable(f"{name} is unavailable: {type(exc).__name__}") from exc
+        except self._faults as exc:
+            raise StoreError(f"{name} failed: {self._fault(exc)}") from exc
 
-    async def aacquire(self, priority: Priority = Priority.FRESH) -> float:
+    def acquire(self, priority: Priority = Priority.FRESH, *,
+                timeout: float | None = None) -> float:
+        """Take a permit: 0.0 when taken, else the seconds to wait before asking again.
+
+        Args:
+            priority: The request's lane.
+            timeout: Seconds the call may take at most, besides the backend's own bound:
+                what is left of the caller's deadline.
+        """
+        bound = self._bound(timeout)
+        try:
+            with self._reaching():
+                state, wait = self._take(int(priority), self._pending_successes(), bound)
+        except BudgetUnavailable:
+            if not self.fail_open:
+                raise
+            self._opened()
+            return 0.0
+        return self._record(state, wait)
+
+    async def aacquire(self, priority: Priority = Priority.FRESH, *,
+                       timeout: float | None = None) -> float:
         """:meth:`acquire`, for asyncio."""
-        with self._reaching():
-            return self._record(*await self._atake(int(priority), self._pending_successes()))
+        bound = self._bound(timeout)
+        try:
+            with self._reaching():
+                state, wait = await self._atake(int(priority), self._pending_successes(),
+                                                bound)
+        except BudgetUnavailable:
+            if not self.fail_open:
+                raise
+            self._opened()
+            return 0.0
+        return self._record(state, wait)
 
     def succeeded(self) -> None:
         """An answer that was not 429: a learned rate grows a little (told with the next
@@ -276,21 +419,35 @@ class BaseRateLimit(abc.ABC):
         asked = 1.0 if retry_after is None or not math.isfinite(retry_after) else retry_after
         return min(max(asked, 0.0), MAX_PAUSE)
 
-    def throttled(self, retry_after: float | None) -> None:
+    def throttled(self, retry_after: float | None, *, timeout: float | None = None) -> None:
         """A 429: pause every holder of this budget (and halve a learned rate).
 
         Args:
             retry_after: The pause in seconds, as the server asked (a client caps it with
                 its ``max_retry_after`` first); 1 when None or not finite, at most
                 :data:`MAX_PAUSE`.
+            timeout: As for :meth:`acquire`.
         """
-        with self._reaching():
-            self.last_state = self._throttle(self._pause(retry_after))
+        bound = self._bound(timeout)
+        try:
+            with self._reaching():
+                self.last_state = self._throttle(self._pause(retry_after), bound)
+        except BudgetUnavailable:
+            if not self.fail_open:
+                raise
+            self._opened()
 
-    async def athrottled(self, retry_after: float | None) -> None:
+    async def athrottled(self, retry_after: float | None, *,
+                         timeout: float | None = None) -> None:
         """:meth:`throttled`, for asyncio."""
-        with self._reaching():
-            self.last_state = await self._athrottle(self._pause(retry_after))
+        bound = self._bound(timeout)
+        try:
+            with self._reaching():
+                self.last_state = await self._athrottle(self._pause(retry_after), bound)
+        except BudgetUnavailable:
+            if not self.fail_open:
+                raise
+            self._opened()
 
     def close(self) -> None:  # noqa: B027 - only some backends hold connections
         """Release what the budget holds open (its state stays where it is)."""
@@ -334,22 +491,24 @@ class RateLimit(BaseRateLimit):
         self._state = self.settings.fresh()
         self._state_lock = threading.Lock()
 
-    def _take(self, priority: int, successes: int) -> tuple[BudgetState, float]:
+    def _take(self, priority: int, successes: int, timeout: float | None
+              ) -> tuple[BudgetState, float]:
         with self._state_lock:
             self._state, wait = self.settings.take(self._state, self._clock(), priority,
                                                    successes)
             return self._state, wait
 
-    def _throttle(self, pause: float) -> BudgetState:
+    def _throttle(self, pause: float, timeout: float | None) -> BudgetState:
         with self._state_lock:
             self._state = self.settings.throttle(self._state, self._clock(), pause)
             return self._state
 
-    async def _atake(self, priority: int, successes: int) -> tuple[BudgetState, float]:
-        return self._take(priority, successes)  # no I/O: no thread needed
+    async def _atake(self, priority: int, successes: int, timeout: float | None
+                     ) -> tuple[BudgetState, float]:
+        return self._take(priority, successes, timeout)  # no I/O: no thread needed
 
-    async def _athrottle(self, pause: float) -> BudgetState:
-        return self._throttle(pause)
+    async def _athrottle(self, pause: float, timeout: float | None) -> BudgetState:
+        return self._throttle(pause, timeout)
 
 
 _SQLITE_SCHEMA = """
@@ -373,20 +532,25 @@ class SQLiteRateLimit(BaseRateLimit):
         table: The budget table's name; each part a plain identifier or a double-quoted
             one.
         key: Which budget: one per API key (a row of the table).
-        busy_timeout: Seconds to wait for another process's lock before
-            :class:`StoreUnavailable`.
+        busy_timeout: Seconds one call waits for another process's (or thread's) lock
+            before :class:`BudgetUnavailable`; a caller's shorter ``timeout`` (what is
+            left of its deadline) cuts it.
         clock: The budget's time, read with ``clock.time()`` (wall clock: the file is
             shared by processes).
     """
 
-    _unreached = (sqlite3.Error,)
+    # Locked, busy, the disk, the file's access; or the connection gone (closed).
+    _unreached = (sqlite3.OperationalError, sqlite3.ProgrammingError)
+    _faults = (sqlite3.Error,)  # not a database, or a malformed one
 
     def __init__(self, where: str | os.PathLike[str], per_minute: float | None = None, *,
-                 burst: int | None = None, adaptive: bool = False,
+                 burst: int | None = None, adaptive: bool = False, fail_open: bool = False,
                  table: str = "foxpoll_rate_limit", key: str = "default",
                  busy_timeout: float = 30.0, clock: Clock | None = None) -> None:
-        super().__init__(per_minute, burst=burst, adaptive=adaptive)
+        super().__init__(per_minute, burst=burst, adaptive=adaptive, fail_open=fail_open)
+        self._own_timeout = self.busy_timeout = check_timeout(busy_timeout, "busy_timeout")
         name = TableName.parse(table).qualified  # checked and quoted: safe in statements
+        self._where = f"SQLiteRateLimit's row {key!r} of {name}"
         self._schema = _SQLITE_SCHEMA.format(table=name)
         self._select = (f"SELECT tat, rate, paused_until, cut_until FROM {name} "  # noqa: S608
                         "WHERE key = ?")
@@ -398,6 +562,7 @@ class SQLiteRateLimit(BaseRateLimit):
         self.key = key
         self._clock = (clock or SystemClock()).time
         self._db_lock = threading.Lock()
+        self._busy = busy_timeout  # the connection's busy timeout now
         with self._reaching():
             self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
                                        isolation_level=None,
@@ -410,13 +575,27 @@ class SQLiteRateLimit(BaseRateLimit):
                 self._db.close()  # a budget that failed to open holds nothing open
                 raise
 
-    def _update(self, change: Callable[[BudgetState, float], tuple[BudgetState, float]]
-                ) -> tuple[BudgetState, float]:
-        with self._db_lock:
+    def _wait_for_lock(self, seconds: float) -> None:
+        """Have the next statement wait at most ``seconds`` for a lock held elsewhere
+        (SQLite's busy timeout, in whole milliseconds, at least one)."""
+        if seconds != self._busy:
+            self._db.execute(f"PRAGMA busy_timeout = {max(1, math.ceil(seconds * 1000))}")
+            self._busy = seconds
+
+    def _update(self, change: Callable[[BudgetState, float], tuple[BudgetState, float]],
+                timeout: float | None) -> tuple[BudgetState, float]:
+        bound = self.busy_timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        # Another thread of this process may hold the connection for its whole busy wait.
+        if not self._db_lock.acquire(timeout=bound):
+            raise BudgetUnavailable(f"SQLiteRateLimit is unavailable: busy in this process "
+                                    f"for {bound:g} s")
+        try:
+            self._wait_for_lock(max(deadline - time.monotonic(), 1e-3))
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(self._select, (self.key,)).fetchone()
-                state = BudgetState(*row) if row else self.settings.fresh()
+                state = stored_state(row, self._where) if row else self.settings.fresh()
                 new, wait = change(state, self._clock())
                 if new != state:
                     self._db.execute(self._upsert, (self.key, new.tat, new.rate,
@@ -426,14 +605,17 @@ class SQLiteRateLimit(BaseRateLimit):
                 raise
             self._db.execute("COMMIT")
             return new, wait
+        finally:
+            self._db_lock.release()
 
-    def _take(self, priority: int, successes: int) -> tuple[BudgetState, float]:
+    def _take(self, priority: int, successes: int, timeout: float | None
+              ) -> tuple[BudgetState, float]:
         return self._update(lambda state, now: self.settings.take(state, now, priority,
-                                                                  successes))
+                                                                  successes), timeout)
 
-    def _throttle(self, pause: float) -> BudgetState:
+    def _throttle(self, pause: float, timeout: float | None) -> BudgetState:
         return self._update(lambda state, now: (
-            self.settings.throttle(state, now, pause), 0.0))[0]
+            self.settings.throttle(state, now, pause), 0.0), timeout)[0]
 
     def close(self) -> None:
         with self._db_lock:
@@ -441,15 +623,27 @@ class SQLiteRateLimit(BaseRateLimit):
 
 
 # The same rules as take(), grow() and throttle(), in Lua, on Redis's clock. A budget
-# idle for an hour is forgotten (it would be full again anyway).
-_REDIS_TAKE = """
+# idle for an hour is forgotten (it would be full again anyway). A field that is not a
+# finite number (an edited or corrupted hash) is an error reply, not a rate of nan.
+_REDIS_READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local s = redis.call('HMGET', KEYS[1], 'tat', 'rate', 'paused', 'cut')
-local ceiling = tonumber(ARGV[4])
-local tat, rate = tonumber(s[1]) or 0, tonumber(s[2]) or ceiling
-local paused, cut = tonumber(s[3]) or 0, tonumber(s[4]) or 0
-if ARGV[6] == '1' then rate = math.min(rate, ceiling) else rate = ceiling end
+local function field(i, default)
+  if not s[i] then return default end
+  local n = tonumber(s[i])
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then
+    error({err = 'CORRUPT the budget holds a field that is not a number'})
+  end
+  return n
+end
+"""
+
+_REDIS_TAKE = _REDIS_READ + """
+local ceiling, floor = tonumber(ARGV[4]), tonumber(ARGV[7])
+local tat, rate = field(1, 0), field(2, ceiling)
+local paused, cut = field(3, 0), field(4, 0)
+if ARGV[6] == '1' then rate = math.max(floor, math.min(rate, ceiling)) else rate = ceiling end
 local successes = tonumber(ARGV[3])
 if successes > 0 and rate < ceiling then
     rate = math.min(ceiling, rate + successes * tonumber(ARGV[5]) * ceiling)
@@ -468,15 +662,13 @@ redis.call('EXPIRE', KEYS[1], 3600)
 return {tostring(tat), tostring(rate), tostring(paused), tostring(cut), tostring(wait)}
 """
 
-_REDIS_THROTTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local s = redis.call('HMGET', KEYS[1], 'tat', 'rate', 'paused', 'cut')
-local tat, rate = tonumber(s[1]) or 0, tonumber(s[2]) or tonumber(ARGV[3])
-local paused, cut = tonumber(s[3]) or 0, tonumber(s[4]) or 0
+_REDIS_THROTTLE = _REDIS_READ + """
+local floor = tonumber(ARGV[4])
+local tat, rate = field(1, 0), math.max(floor, field(2, tonumber(ARGV[3])))
+local paused, cut = field(3, 0), field(4, 0)
 local pause = tonumber(ARGV[1])
 if ARGV[2] == '1' and now >= cut then
-    rate = math.max(tonumber(ARGV[4]), rate / 2)
+    rate = math.max(floor, rate / 2)
     cut = now + math.max(pause, tonumber(ARGV[5]))
 end
 paused = math.max(paused, now + pause)
@@ -488,6 +680,37 @@ return {tostring(tat), tostring(rate), tostring(paused), tostring(cut), '0'}
 """
 
 
+def _in_thread(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """``fn()`` on a daemon thread of its own, waited for at most ``seconds``.
+
+    A blocking Redis client bounds each read by its socket timeout, once per try of its
+    retry policy (redis-py's default client retries ten times): nothing bounds a whole
+    call, and no per-call timeout can be given to it. Past ``seconds`` the caller raises
+    :class:`BudgetUnavailable` and leaves the thread to end by itself (a client without a
+    socket timeout is refused, so it does). A daemon thread, never a pool: a worker stuck
+    on a frozen network must hold neither the next call nor the interpreter's exit.
+    """
+    done = threading.Event()
+    outcome: list[tuple[bool, Any]] = []
+
+    def work() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:  # handed to the caller, who raises it
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="foxpoll-budget", daemon=True).start()
+    if not done.wait(seconds):
+        raise BudgetUnavailable(f"{what} did not answer within {seconds:g} s")
+    ok, value = outcome[0]
+    if ok:
+        result: T = value
+        return result
+    raise value
+
+
 class RedisRateLimit(BaseRateLimit):
     """A budget shared by a fleet on many machines, in one Redis hash.
 
@@ -497,36 +720,62 @@ class RedisRateLimit(BaseRateLimit):
         where: A ``redis://`` URL (sync and async clients are made from it, so one object
             serves ``FoxReload`` and ``AsyncFoxReload``, and :meth:`close` /
             :meth:`aclose` close them), or your ``redis.Redis`` / ``redis.asyncio.Redis``
-            (then only that kind of client), never closed by the budget.
+            (then only that kind of client), never closed by the budget. A
+            ``redis.Redis`` of yours needs a ``socket_timeout``: without one, nothing
+            would end a call on a frozen network (:class:`ValueError`).
         key_prefix: The budget's hash is ``{key_prefix}rate-limit``: one prefix per API key.
         connect_timeout: Seconds to connect, for clients made from a URL.
-        statement_timeout: Seconds one call may wait for Redis's reply, for clients made
-            from a URL (a client of yours is bounded by its own ``socket_timeout``).
+        statement_timeout: Seconds one call may take, whatever the client (yours
+            included, retries and all); a caller's shorter ``timeout`` (what is left of
+            its deadline) cuts it. Clients made from a URL also get it as their socket
+            timeout, and no retries.
     """
 
     def __init__(self, where: Any, per_minute: float | None = None, *,
-                 burst: int | None = None, adaptive: bool = False,
+                 burst: int | None = None, adaptive: bool = False, fail_open: bool = False,
                  key_prefix: str = "foxpoll:", connect_timeout: float = 5.0,
                  statement_timeout: float = 5.0) -> None:
-        super().__init__(per_minute, burst=burst, adaptive=adaptive)
+        super().__init__(per_minute, burst=burst, adaptive=adaptive, fail_open=fail_open)
         try:
             import redis
             import redis.asyncio
+            import redis.asyncio.retry
+            import redis.exceptions
+            import redis.retry
+            from redis.backoff import NoBackoff
         except ImportError as exc:  # pragma: no cover - only without the extra
             raise ImportError("RedisRateLimit needs redis: pip install 'foxpoll[redis]'") from exc
+        from .dedup.redis import _socket_timeout
+
+        self.statement_timeout = check_timeout(statement_timeout, "statement_timeout")
+        self.connect_timeout = check_timeout(connect_timeout, "connect_timeout")
+        self._own_timeout = self.statement_timeout
         self.key = f"{key_prefix}rate-limit"
-        self._unreached = (redis.ConnectionError, redis.TimeoutError)
+        failover = tuple(getattr(redis.exceptions, name) for name in (
+            "ReadOnlyError", "TryAgainError", "ClusterDownError", "MasterDownError")
+            if hasattr(redis.exceptions, name))
+        # A server not reached, not in time, or between masters; TimeoutError: the
+        # budget's own deadline on asyncio.
+        self._unreached = (redis.ConnectionError, redis.TimeoutError, TimeoutError,
+                           *failover)
+        self._faults = (redis.RedisError,)
         clients: dict[str, Any] = {}
         self._owns = isinstance(where, str)
         if isinstance(where, str):
-            # A permit must not wait on a frozen network.
+            # A permit must not wait on a frozen network; a retry would wait it out again.
             clients = {kind: factory.from_url(where, socket_timeout=statement_timeout,
-                                              socket_connect_timeout=connect_timeout)
-                       for kind, factory in (("sync", redis.Redis),
-                                             ("async", redis.asyncio.Redis))}
+                                              socket_connect_timeout=connect_timeout,
+                                              retry=retry(NoBackoff(), 0))
+                       for kind, factory, retry in (
+                           ("sync", redis.Redis, redis.retry.Retry),
+                           ("async", redis.asyncio.Redis, redis.asyncio.retry.Retry))}
         elif isinstance(where, redis.asyncio.Redis):
             clients = {"async": where}
         else:
+            if _socket_timeout(where) is None:
+                raise ValueError("a redis.Redis client of your own needs a socket_timeout "
+                                 "(redis.Redis(..., socket_timeout=5)): a budget call "
+                                 "left waiting on a frozen network would never end")
             clients = {"sync": where}
         self._clients = clients
         # EVALSHA, falling back to EVAL once per connection's script cache.
@@ -544,6 +793,11 @@ class RedisRateLimit(BaseRateLimit):
             await self._clients["async"].aclose()
         self.close()
 
+    def _fault(self, exc: BaseException) -> str:
+        # Redis's error code (WRONGTYPE, CORRUPT, OOM, ...), never the rest of its text.
+        code = re.match(r"[A-Z]+\b", str(exc))
+        return f"key {self.key!r}: {code.group() if code else type(exc).__name__}"
+
     def _script(self, kind: str, name: str) -> Any:
         script = self._scripts.get((kind, name))
         if script is None:
@@ -553,30 +807,52 @@ class RedisRateLimit(BaseRateLimit):
 
     def _take_args(self, priority: int, successes: int) -> list[Any]:
         s = self.settings
-        return [s.lanes_burst, priority, successes, s.ceiling, GROWTH, int(s.learns)]
+        return [s.lanes_burst, priority, successes, s.ceiling, GROWTH, int(s.learns),
+                s.floor]
 
     def _throttle_args(self, pause: float) -> list[Any]:
         s = self.settings
         return [pause, int(s.learns), s.ceiling, s.floor, CUT_WINDOW]
 
-    @staticmethod
-    def _parse(reply: list[Any]) -> tuple[BudgetState, float]:
-        tat, rate, paused, cut, wait = (float(x) for x in reply)
-        return BudgetState(tat, rate, paused, cut), wait
+    def _parse(self, reply: list[Any]) -> tuple[BudgetState, float]:
+        where = f"RedisRateLimit's key {self.key!r}"
+        if not isinstance(reply, list) or len(reply) != 5:
+            raise StoreError(f"{where} answered a reply that is not a budget")
+        try:
+            wait = float(reply[4])
+        except (TypeError, ValueError):
+            raise StoreError(f"{where} holds a budget foxpoll cannot read") from None
+        state = stored_state(reply[:4], where)
+        if not math.isfinite(wait):
+            raise StoreError(f"{where} holds a budget foxpoll cannot read")
+        return state, wait
 
-    def _take(self, priority: int, successes: int) -> tuple[BudgetState, float]:
-        script = self._script("sync", "take")
-        return self._parse(script(keys=[self.key], args=self._take_args(priority, successes)))
+    def _call(self, name: str, args: list[Any], timeout: float | None) -> list[Any]:
+        script = self._script("sync", name)
+        bound = self.statement_timeout if timeout is None else timeout
+        reply: list[Any] = _in_thread(lambda: script(keys=[self.key], args=args), bound,
+                                      "RedisRateLimit")
+        return reply
 
-    async def _atake(self, priority: int, successes: int) -> tuple[BudgetState, float]:
-        script = self._script("async", "take")
-        reply = await script(keys=[self.key], args=self._take_args(priority, successes))
-        return self._parse(reply)
+    async def _acall(self, name: str, args: list[Any], timeout: float | None) -> list[Any]:
+        script = self._script("async", name)
+        bound = self.statement_timeout if timeout is None else timeout
+        async with within(bound):  # any client: redis-py drops a cancelled call's connection
+            reply: list[Any] = await script(keys=[self.key], args=args)
+        return reply
 
-    def _throttle(self, pause: float) -> BudgetState:
-        script = self._script("sync", "throttle")
-        return self._parse(script(keys=[self.key], args=self._throttle_args(pause)))[0]
+    def _take(self, priority: int, successes: int, timeout: float | None
+              ) -> tuple[BudgetState, float]:
+        return self._parse(self._call("take", self._take_args(priority, successes), timeout))
 
-    async def _athrottle(self, pause: float) -> BudgetState:
-        script = self._script("async", "throttle")
-        return self._parse(await script(keys=[self.key], args=self._throttle_args(pause)))[0]
+    async def _atake(self, priority: int, successes: int, timeout: float | None
+                     ) -> tuple[BudgetState, float]:
+        return self._parse(await self._acall("take", self._take_args(priority, successes),
+                                             timeout))
+
+    def _throttle(self, pause: float, timeout: float | None) -> BudgetState:
+        return self._parse(self._call("throttle", self._throttle_args(pause), timeout))[0]
+
+    async def _athrottle(self, pause: float, timeout: float | None) -> BudgetState:
+        return self._parse(await self._acall("throttle", self._throttle_args(pause),
+                                             timeout))[0]

@@ -256,14 +256,16 @@ class Recording(RateLimit):
         super().__init__(*args, **kwargs)
         self.lanes: list[Priority] = []
 
-    def acquire(self, priority: Priority = Priority.FRESH) -> float:
-        wait = super().acquire(priority)
+    def acquire(self, priority: Priority = Priority.FRESH, *,
+                timeout: float | None = None) -> float:
+        wait = super().acquire(priority, timeout=timeout)
         if wait == 0:
             self.lanes.append(Priority(priority))
         return wait
 
-    async def aacquire(self, priority: Priority = Priority.FRESH) -> float:
-        return self.acquire(priority)
+    async def aacquire(self, priority: Priority = Priority.FRESH, *,
+                       timeout: float | None = None) -> float:
+        return self.acquire(priority, timeout=timeout)
 
 
 def test_every_request_takes_a_permit_in_its_lane(clock: FakeClock, tmp_path: Path) -> None:

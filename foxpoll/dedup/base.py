@@ -44,6 +44,8 @@ __all__ = [
     "StoreUnavailable",
     "check_claim_args",
     "check_list_args",
+    "check_retention",
+    "corrupt_record",
     "lease_lost",
     "record_from_fields",
 ]
@@ -119,48 +121,88 @@ def check_claim_args(order_id: object, token: object, lease: object) -> None:
         raise ValueError("lease must be a number of seconds, 0 or more")
 
 
+def check_retention(retention: object) -> int:
+    """``retention``, if it is a whole number of seconds, zero (forever) or more."""
+    if isinstance(retention, bool) or not isinstance(retention, int) or retention < 0:
+        raise ValueError("retention must be a whole number of seconds, zero (forever) or more")
+    return retention
+
+
 def claimed_record(order_id: str, token: str, lease_until: Any, attempts: Any,
                    created_at: Any, now: float) -> DeliveryRecord:
     """The record a won claim made, from the few fields the store sent back (as numbers,
     text or bytes): the rest the claimer knows."""
-    try:
-        return DeliveryRecord(order_id, DeliveryState.CLAIMED, token, float(lease_until),
-                              int(attempts), None, None, float(created_at), now)
-    except (ValueError, TypeError) as exc:
-        raise DedupError(f"corrupt delivery record for order {order_id!r}: {exc}") from exc
+    fields = {"lease_until": lease_until, "attempts": attempts, "created_at": created_at}
+    return DeliveryRecord(order_id, DeliveryState.CLAIMED, token,
+                          _field(fields, "lease_until", float, order_id),
+                          _field(fields, "attempts", int, order_id), None, None,
+                          _field(fields, "created_at", float, order_id), now)
 
 
 def delivered_record(order_id: str, token: str, payload_hash: str, receipt: str | None,
                      attempts: Any, created_at: Any, delivered_at: Any) -> DeliveryRecord:
     """The record a completion made, from ``attempts``, ``created_at`` and
     ``delivered_at`` as the store sent them back."""
-    try:
-        done = float(delivered_at)
-        return DeliveryRecord(order_id, DeliveryState.DELIVERED, token, None, int(attempts),
-                              payload_hash, receipt, float(created_at), done, done)
-    except (ValueError, TypeError) as exc:
-        raise DedupError(f"corrupt delivery record for order {order_id!r}: {exc}") from exc
+    fields = {"attempts": attempts, "created_at": created_at, "delivered_at": delivered_at}
+    done = _field(fields, "delivered_at", float, order_id)
+    return DeliveryRecord(order_id, DeliveryState.DELIVERED, token, None,
+                          _field(fields, "attempts", int, order_id), payload_hash, receipt,
+                          _field(fields, "created_at", float, order_id), done, done)
 
 
-def record_from_fields(fields: dict[str, Any]) -> DeliveryRecord:
-    """Build a record from a backend's row, or raise :class:`DedupError` if it is corrupt."""
+def corrupt_record(order_id: object, what: str, *, key: str | None = None) -> DedupError:
+    """The :class:`DedupError` for a record that cannot be read: it names the order (and
+    the store's key, where the store has one) and what is wrong, never a value, which may
+    be anything (a receipt, codes written by mistake)."""
+    where = f" (key {key!r})" if key is not None else ""
+    return DedupError(f"corrupt delivery record for order {order_id!r}{where}: {what}")
+
+
+def _field(fields: dict[str, Any], name: str, read: Any, order_id: object,
+           key: str | None = None) -> Any:
+    """``read(fields[name])``, or :func:`corrupt_record` naming the field."""
     try:
-        state = DeliveryState(_text(fields["state"]))
-        return DeliveryRecord(
-            order_id=_text(fields["order_id"]),
-            state=state,
-            token=_optional_text(fields.get("token")),
-            lease_until=_optional_float(fields.get("lease_until")),
-            attempts=int(fields.get("attempts") or 0),
-            payload_hash=_optional_text(fields.get("payload_hash")),
-            receipt=_optional_text(fields.get("receipt")),
-            created_at=_optional_float(fields.get("created_at")),
-            updated_at=_optional_float(fields.get("updated_at")),
-            delivered_at=_optional_float(fields.get("delivered_at")),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        order = fields.get("order_id", "?")
-        raise DedupError(f"corrupt delivery record for order {order!r}: {exc}") from exc
+        return read(fields[name])
+    except KeyError:
+        raise corrupt_record(order_id, f"no {name}", key=key) from None
+    except (ValueError, TypeError):
+        raise corrupt_record(order_id, f"its {name} cannot be read", key=key) from None
+
+
+def record_from_fields(fields: dict[str, Any], *, order_id: str | None = None,
+                       key: str | None = None) -> DeliveryRecord:
+    """Build a record from a backend's row, or raise :class:`DedupError` if it is corrupt.
+
+    Args:
+        order_id: The order the row was read for, named in the error when the row's own
+            ``order_id`` cannot be read.
+        key: Where the row is kept (a Redis key), named in the error too.
+    """
+    named: object = order_id
+    if named is None:
+        try:
+            named = _text(fields.get("order_id"))
+        except (ValueError, TypeError):
+            named = "?"
+
+    def read(name: str, how: Any) -> Any:
+        return _field(fields, name, how, named, key)
+
+    def optional(name: str, how: Any) -> Any:
+        return read(name, how) if name in fields else None
+
+    return DeliveryRecord(
+        order_id=read("order_id", _text),
+        state=read("state", lambda value: DeliveryState(_text(value))),
+        token=optional("token", _optional_text),
+        lease_until=optional("lease_until", _optional_float),
+        attempts=int(optional("attempts", lambda value: int(value or 0)) or 0),
+        payload_hash=optional("payload_hash", _optional_text),
+        receipt=optional("receipt", _optional_text),
+        created_at=optional("created_at", _optional_float),
+        updated_at=optional("updated_at", _optional_float),
+        delivered_at=optional("delivered_at", _optional_float),
+    )
 
 
 def _text(value: Any) -> str:

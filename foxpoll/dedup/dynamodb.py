@@ -24,6 +24,7 @@ import attrs
 
 from foxpoll._aws import AsyncClient, bounded_config
 from foxpoll._clock import Clock, SystemClock
+from foxpoll._core import check_timeout
 from foxpoll._io import Flow, Op, arun, pause, run
 
 from ._flows import FlowStore
@@ -33,6 +34,7 @@ from .base import (
     DedupStore,
     DeliveryRecord,
     DeliveryState,
+    check_retention,
     lease_lost,
     record_from_fields,
     unavailable,
@@ -285,11 +287,13 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
         connect_timeout: float = 5.0,
         statement_timeout: float = 5.0,
     ) -> None:
+        check_timeout(connect_timeout, "connect_timeout")
+        check_timeout(statement_timeout, "statement_timeout")
         self.table_name = where
         self._owns = client is None
         self._client = client if client is not None else boto3.client(
             "dynamodb", config=bounded_config(statement_timeout, connect_timeout))
-        self._flows: DynamoDBFlows = DynamoDBFlows(where, int(retention),
+        self._flows: DynamoDBFlows = DynamoDBFlows(where, check_retention(retention),
                                                    (clock or SystemClock()).time)
 
     def close(self) -> None:
@@ -338,10 +342,12 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
         connect_timeout: float = 5.0,
         statement_timeout: float = 5.0,
     ) -> None:
+        check_timeout(connect_timeout, "connect_timeout")
+        check_timeout(statement_timeout, "statement_timeout")
         self.table_name = where
         self._client = AsyncClient("dynamodb", client, connect_timeout=connect_timeout,
                                    statement_timeout=statement_timeout)
-        self._flows: DynamoDBFlows = DynamoDBFlows(where, int(retention),
+        self._flows: DynamoDBFlows = DynamoDBFlows(where, check_retention(retention),
                                                    (clock or SystemClock()).time)
 
     async def create_table(self) -> None:

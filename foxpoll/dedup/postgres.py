@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from foxpoll import _io
+from foxpoll._core import check_timeout
 
 try:
     from foxpoll._postgres import PostgresConnections
@@ -38,6 +39,8 @@ class _PostgresStore(FlowStore):
         self, where: Any, *, table: str = DEFAULT_TABLE, connect_timeout: float = 5.0,
         max_connections: int = 10, statement_timeout: float = 5.0,
     ) -> None:
+        check_timeout(connect_timeout, "connect_timeout")
+        check_timeout(statement_timeout, "statement_timeout")
         self._sql = POSTGRES.statements(table)
         self._flows = SQLFlows(self._sql)
         self._pg = PostgresConnections(where, table=table, what="delivery",

@@ -16,6 +16,7 @@ client's pool lends for that command.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -26,15 +27,17 @@ try:
     import redis.retry
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError as RedisResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("RedisDedupStore needs redis: pip install 'foxpoll[redis]'") from exc
 
 import attrs
 
+from foxpoll._core import check_timeout
 from foxpoll._deadlines import within
 from foxpoll._io import Flow, Op, arun, run
-from foxpoll.errors import StoreUnavailable
+from foxpoll.errors import DedupError, StoreUnavailable
 
 from ._flows import FlowStore
 from .base import (
@@ -43,6 +46,7 @@ from .base import (
     DedupStore,
     DeliveryRecord,
     DeliveryState,
+    check_retention,
     claimed_record,
     delivered_record,
     lease_lost,
@@ -199,13 +203,19 @@ class RedisFlows:
             lease_until, attempts, created_at = found
             return ClaimResult(True, claimed_record(order_id, token, lease_until, attempts,
                                                     created_at, now), now)
-        return ClaimResult(False, record_from_fields(_fields(found)), now)
+        return ClaimResult(False, self._record(order_id, found), now)
+
+    def _record(self, order_id: str, reply: Sequence[Any] | Mapping[Any, Any]
+                ) -> DeliveryRecord:
+        """The record of ``order_id`` from its hash's fields, as a reply gives them."""
+        return record_from_fields(_fields(reply), order_id=order_id,
+                                  key=self.record_key(order_id))
 
     def _owned(self, name: str, order_id: str, args: tuple[Any, ...]) -> Flow[DeliveryRecord]:
         done, flat = yield from Script(name, self.keys(order_id), args)
         if done:
-            return record_from_fields(_fields(flat))
-        raise lease_lost(order_id, record_from_fields(_fields(flat)) if flat else None)
+            return self._record(order_id, flat)
+        raise lease_lost(order_id, self._record(order_id, flat) if flat else None)
 
     def complete(
         self, order_id: str, token: str, payload_hash: str, receipt: str | None
@@ -215,8 +225,8 @@ class RedisFlows:
         if done == 1:  # attempts, created_at, delivered_at
             return delivered_record(order_id, token, payload_hash, receipt or None, *found)
         if done == 2:  # completed before with this token: the stored record
-            return record_from_fields(_fields(found))
-        raise lease_lost(order_id, record_from_fields(_fields(found)) if found else None)
+            return self._record(order_id, found)
+        raise lease_lost(order_id, self._record(order_id, found) if found else None)
 
     def release(self, order_id: str, token: str) -> Flow[DeliveryRecord]:
         return (yield from self._owned("release", order_id,
@@ -228,8 +238,7 @@ class RedisFlows:
 
     def get(self, order_id: str) -> Flow[DeliveryRecord | None]:
         reply = yield from Command[Any](("HGETALL", self.record_key(order_id)))
-        fields = _fields(reply)
-        return record_from_fields(fields) if fields else None
+        return self._record(order_id, reply) if reply else None
 
     def list(self, state: DeliveryState, limit: int) -> Flow[list[DeliveryRecord]]:
         records: list[DeliveryRecord] = []
@@ -264,6 +273,8 @@ class _RedisStore(FlowStore):
         retention: int = THIRTY_DAYS,
         statement_timeout: float = 5.0, connect_timeout: float = 5.0,
     ) -> None:
+        check_timeout(statement_timeout, "statement_timeout")
+        check_timeout(connect_timeout, "connect_timeout")
         self._owns = isinstance(where, str)
         if not self._owns and self._blocking and _socket_timeout(where) is None:
             # Only the socket timeout can end a blocking call on a frozen network: without
@@ -282,7 +293,7 @@ class _RedisStore(FlowStore):
         )
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout
-        self._flows = RedisFlows(key_prefix, int(retention))
+        self._flows = RedisFlows(key_prefix, check_retention(retention))
         self._scripts = {name: self._client.register_script(source)
                          for name, source in _SCRIPTS.items()}
 
@@ -294,6 +305,18 @@ class _RedisStore(FlowStore):
         if isinstance(op, Command):
             return self._client.execute_command(*op.args)
         raise TypeError(f"a Redis store cannot perform {type(op).__name__}")
+
+    def _refused(self, op: Op[Any], exc: RedisResponseError) -> DedupError:
+        """The :class:`DedupError` for a command Redis refused (a record's key holding
+        another type, say): it names the key and Redis's error code, never the rest of
+        the reply."""
+        key = op.keys[0] if isinstance(op, Script) else (
+            op.args[1] if isinstance(op, Command) and len(op.args) > 1 else "?")
+        if isinstance(key, bytes):
+            key = key.decode(errors="replace")
+        code = re.match(r"[A-Z]+\b", str(exc))
+        return DedupError(f"Redis refused a delivery step on key {key!r}: "
+                          f"{code.group() if code else type(exc).__name__}")
 
     def _failure(self, exc: Exception) -> StoreUnavailable:
         """The :class:`StoreUnavailable` for a call that failed with ``exc``."""
@@ -342,9 +365,15 @@ class RedisDedupStore(_RedisStore, DedupStore):
     _retry_class = redis.retry.Retry
     _blocking = True
 
+    def _perform(self, op: Op[Any]) -> Any:
+        try:
+            return self._send(op)
+        except RedisResponseError as exc:
+            raise self._refused(op, exc) from exc
+
     def _run(self, flow: Flow[T]) -> T:
         try:
-            return run(flow, self._send)
+            return run(flow, self._perform)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self._failure(exc) from exc
 
@@ -368,7 +397,10 @@ class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
     _blocking = False  # every call runs under statement_timeout, whatever the client
 
     async def _perform(self, op: Op[Any]) -> Any:
-        return await self._send(op)
+        try:
+            return await self._send(op)
+        except RedisResponseError as exc:
+            raise self._refused(op, exc) from exc
 
     async def _run(self, flow: Flow[T]) -> T:
         try:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from foxpoll import _io
 from foxpoll._clock import Clock, SystemClock
+from foxpoll._core import check_timeout
 
 from ._flows import Flow, FlowStore, Rows, SQLFlows, query
 from ._sql import SQLITE
@@ -47,6 +48,7 @@ class SQLiteDedupStore(FlowStore, DedupStore):
         busy_timeout: float = 30.0,
         clock: Clock | None = None,
     ) -> None:
+        check_timeout(busy_timeout, "busy_timeout")
         self._sql = SQLITE.statements(table)
         self._flows = SQLFlows(self._sql)
         self._clock = (clock or SystemClock()).time

@@ -99,8 +99,9 @@ class RecoveryPolicy:
     delivery_grace: float | None = attrs.field(default=300.0, validator=_non_negative_or_none)
 
     def __attrs_post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
+                or self.max_attempts < 1:
+            raise ValueError("max_attempts must be a whole number, at least 1")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """The wait after re-check number ``attempt`` (from 1)."""
