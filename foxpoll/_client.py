@@ -23,6 +23,7 @@ from ._core import (
     DEFAULT_MAX_RETRY_AFTER,
     SIMULATOR_KEY,
     ClientConfig,
+    check_max_retry_after,
     check_response_bytes,
     check_retries,
     check_timeout,
@@ -177,6 +178,7 @@ class BaseClient(Generic[HttpT, TransportT]):
                 default): a request asked to wait longer is not retried (its
                 :class:`foxpoll.RateLimitError` is raised), a wait polls again after at
                 most this long, and the pause a 429 asks of the ``rate_limit`` is cut to it.
+                At most an hour, the longest pause a budget takes.
             wait_policy: How :meth:`wait_for_completion` and :meth:`wait_many` wait when a
                 call names no ``policy`` (:class:`foxpoll.WaitPolicy`; the vendor's schedule
                 by default). A watch written by ``orders.pay`` covers its horizon.
@@ -308,7 +310,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         if max_retries is not None:
             changes["max_retries"] = check_retries(max_retries)
         if max_retry_after is not None:
-            changes["max_retry_after"] = check_timeout(max_retry_after, "max_retry_after")
+            changes["max_retry_after"] = check_max_retry_after(max_retry_after)
         if max_response_bytes is not None:
             changes["max_response_bytes"] = check_response_bytes(max_response_bytes)
         changed = attrs.evolve(config, **changes)

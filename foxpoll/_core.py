@@ -53,6 +53,9 @@ T = TypeVar("T")
 DEFAULT_BASE_URL = "https://public-api.foxreload.com"
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_MAX_RETRY_AFTER = 60.0
+#: The most ``max_retry_after`` may be, in seconds (an hour): also the longest pause a
+#: request budget takes, so the client's cap is the one that binds.
+RETRY_AFTER_CEILING = 3600.0
 #: A call's lane in the request budget unless it names one: ``Priority.FRESH`` of
 #: :mod:`foxpoll.ratelimit`, which sits above this core and numbers its lanes, lower first.
 DEFAULT_LANE = 1
@@ -188,7 +191,7 @@ def make_config(
     check_timeout(timeout)
     check_retries(max_retries)
     check_response_bytes(max_response_bytes)
-    check_timeout(max_retry_after, "max_retry_after")
+    check_max_retry_after(max_retry_after)
     extra = {name: check_header(name, value, "default_headers")
              for name, value in (headers or {}).items()}
     if language is not None:
@@ -240,6 +243,16 @@ def check_timeout(timeout: float, what: str = "timeout") -> float:
             0 < timeout < math.inf):
         raise ValueError(f"{what} must be a finite number of seconds above zero")
     return timeout
+
+
+def check_max_retry_after(seconds: float) -> float:
+    """``seconds``, if it is a finite number above zero and at most an hour
+    (:data:`RETRY_AFTER_CEILING`, the longest pause a budget takes)."""
+    check_timeout(seconds, "max_retry_after")
+    if seconds > RETRY_AFTER_CEILING:
+        raise ValueError(f"max_retry_after must be at most {RETRY_AFTER_CEILING:.0f} seconds, "
+                         "the longest pause a request budget takes")
+    return seconds
 
 
 def check_retries(max_retries: int) -> int:

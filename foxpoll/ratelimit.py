@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import attrs
 
 from ._clock import Clock, SystemClock
-from ._core import check_timeout
+from ._core import RETRY_AFTER_CEILING, check_timeout
 from ._deadlines import within
 from .dedup._sql import TableName
 from .errors import BudgetUnavailable, StoreError
@@ -72,10 +72,10 @@ __all__ = [
 ADAPTIVE_CEILING = 1200.0
 GROWTH = 1 / 400  # of the ceiling, per success, for a learned rate
 CUT_WINDOW = 2.0  # seconds: the 429s within one window after a cut are one signal
-#: The longest pause, in seconds, one ``throttled`` call imposes. Only a sanity bound, for
-#: a budget called directly: a client caps what it reports with its ``max_retry_after``
-#: first, so a ``max_retry_after`` above this still pauses the budget for this at most.
-MAX_PAUSE = 3600.0
+#: The longest pause, in seconds, one ``throttled`` call imposes: a bound for a budget
+#: called directly. A client caps what it reports with its ``max_retry_after`` first, which
+#: may not exceed this, so that cap is the one that binds.
+MAX_PAUSE = RETRY_AFTER_CEILING
 #: The slowest rate a budget takes, in requests a minute: one a day. A slower one is a
 #: mistake (a rate given per day, or per second in the wrong unit), and would make a
 #: request wait for days.

@@ -343,3 +343,17 @@ def test_the_client_max_retry_after_caps_the_pause_it_asks_of_its_budget(asked: 
 def test_max_retry_after_is_checked_by_the_constructor() -> None:
     with pytest.raises(ValueError, match="max_retry_after"):
         FoxReload("key", base_url="https://api.test", max_retry_after=0)
+
+
+@pytest.mark.parametrize("seconds", [3600.5, 7200, 1e9])
+def test_max_retry_after_is_at_most_the_longest_pause_a_budget_takes(seconds: float) -> None:
+    """One cap: a max_retry_after above the budget's own bound would let the wait obey a
+    Retry-After that the budget, shared with other processes, cuts short."""
+    from foxpoll.ratelimit import MAX_PAUSE
+
+    with pytest.raises(ValueError, match="at most 3600"):
+        FoxReload("key", base_url="https://api.test", max_retry_after=seconds)
+    with FoxReload("key", base_url="https://api.test", max_retry_after=MAX_PAUSE) as client:
+        assert client.max_retry_after == MAX_PAUSE
+        with pytest.raises(ValueError, match="at most 3600"):
+            client.with_options(max_retry_after=seconds)
