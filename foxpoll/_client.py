@@ -471,7 +471,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             OrderFailed, OrderCancelled: the order ended without codes.
             OrderStalled: attempts, errors or the deadline ran out first; it may still
                 complete, so hand it to a recovery queue.
-            CodesMissing: the policy's ``require_codes`` polls found no codes.
+            CodesMissing: the policy's ``polls_for_codes`` polls found no codes.
             APIStatusError: a non-transient error, such as 401.
         """
         return self._runner.run(self._wait_for_completion_flow(

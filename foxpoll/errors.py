@@ -23,7 +23,7 @@
     │   ├── OrderFailed
     │   ├── OrderCancelled                (.cancel_reason)
     │   ├── OrderStalled                  (.attempts, .elapsed)
-    │   └── CodesMissing                  completed, but no codes yet (require_codes)
+    │   └── CodesMissing                  completed, but no codes yet (polls_for_codes)
     └── StoreError                        a store, queue, budget or event stream failed
         ├── StoreUnavailable              its server not reached, or not in time
         │   └── BudgetUnavailable         a request budget's: also an APIConnectionError
@@ -311,8 +311,9 @@ class CodesMissing(OrderError):
     """The order is ``completed`` but carries no codes, and codes were required.
 
     Top-ups credited to a player id complete without codes; gift cards and eSIMs should
-    not. Asked for with ``require_codes`` (``wait_for_completion``, ``wait_many``,
-    ``deliver_once``), this is raised instead of delivering nothing.
+    not. Asked for with ``WaitPolicy(polls_for_codes=N)`` (``wait_for_completion``,
+    ``wait_many``) or ``deliver_once(require_codes=True)``, this is raised instead of
+    delivering nothing.
     """
 
     def __init__(self, order: Order) -> None:

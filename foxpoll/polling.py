@@ -332,7 +332,7 @@ class WaitPolicy:
         not_found_grace: Seconds during which a 404 means "not visible yet".
         max_errors: Transient poll errors (5xx, 429, timeouts, unreadable bodies)
             tolerated before the order counts as stalled; ``max_attempts`` if None.
-        require_codes: A completed order with no codes is a top-up credited to its note
+        polls_for_codes: A completed order with no codes is a top-up credited to its note
             (a player id), or a supplier whose codes are late. None (the default)
             returns it, with a warning; a number polls it that many more times for its
             codes, then raises :class:`CodesMissing`.
@@ -344,7 +344,7 @@ class WaitPolicy:
     stall_after: float | None = None
     not_found_grace: float = attrs.field(default=30.0, validator=_non_negative)
     max_errors: int | None = None
-    require_codes: int | None = None
+    polls_for_codes: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
@@ -354,7 +354,7 @@ class WaitPolicy:
             check_timeout(self.timeout)
         if self.stall_after is not None:
             check_timeout(self.stall_after, "stall_after")
-        for name in ("max_errors", "require_codes"):
+        for name in ("max_errors", "polls_for_codes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):
@@ -371,12 +371,12 @@ class WaitPolicy:
         stall_after: float | None = None,
         not_found_grace: float = 30.0,
         max_errors: int | None = None,
-        require_codes: int | None = None,
+        polls_for_codes: int | None = None,
     ) -> WaitPolicy:
         """The schedule for an order just paid: the vendor's, with its first wait before
         the first poll (nothing is done yet, so a poll at once is wasted)."""
         return cls(ExponentialJitter(poll_at_start=False), max_attempts, timeout, stall_after,
-                   not_found_grace, max_errors, require_codes)
+                   not_found_grace, max_errors, polls_for_codes)
 
     @property
     def error_budget(self) -> int:
@@ -565,8 +565,8 @@ class OrderWatch:
     def _without_codes(self, order: Order, notes: list[Notify], elapsed: float
                        ) -> Decision | None:
         """A completed order with no codes: done (a top-up), or, when codes are required,
-        polled again up to ``require_codes`` times (None) before :class:`CodesMissing`."""
-        required = self._policy.require_codes
+        polled again up to ``polls_for_codes`` times (None) before :class:`CodesMissing`."""
+        required = self._policy.polls_for_codes
         if required is None:
             log.warning("order %s completed with no codes", self.order_id)
             self._learn(elapsed)

@@ -38,7 +38,7 @@ def test_required_codes_that_come_late_are_waited_for(sim: FakeFoxReload,
     order_id = paid(sim, OrderScript.complete(after=5, codes_after=12))
     with sim.client() as client:
         order = client.wait_for_completion(order_id,
-                                           policy=WaitPolicy(backoff=Fixed(5), require_codes=5))
+                                           policy=WaitPolicy(backoff=Fixed(5), polls_for_codes=5))
     assert len(order.codes) == 1
     gets = [r.at for r in sim.requests if r.method == "GET"]
     assert len(gets) >= 4  # completed at 5 s, codes at 17 s: polled on until they came
@@ -48,7 +48,7 @@ def test_required_codes_that_never_come_raise_codes_missing(sim: FakeFoxReload) 
     order_id = paid(sim, OrderScript.complete(after=5, codes_after=math.inf))
     with sim.client() as client, pytest.raises(CodesMissing) as info:
         client.wait_for_completion(order_id,
-                                   policy=WaitPolicy(backoff=Fixed(5), require_codes=2))
+                                   policy=WaitPolicy(backoff=Fixed(5), polls_for_codes=2))
     assert info.value.order.id == order_id
     gets = [r for r in sim.requests if r.method == "GET"]
     # The first poll saw it processing; then the one that saw it completed, and two more.
@@ -60,7 +60,7 @@ def test_wait_many_reports_codes_missing_as_a_result(sim: FakeFoxReload) -> None
     fine = paid(sim, OrderScript.complete(after=5))
     with sim.client() as client:
         results = {r.order_id: r for r in client.wait_many([missing, fine],
-                                                          policy=WaitPolicy(require_codes=1))}
+                                                          policy=WaitPolicy(polls_for_codes=1))}
     assert isinstance(results[missing].error, CodesMissing)
     assert results[fine].ok
 
@@ -80,6 +80,6 @@ def test_deliver_once_can_refuse_a_codeless_order_without_claiming_it(
     assert "delivering it empty" in caplog.text
 
 
-def test_require_codes_is_a_whole_number(sim: FakeFoxReload) -> None:
-    with pytest.raises(ValueError, match="require_codes"):
-        WaitPolicy(require_codes=-1)
+def test_polls_for_codes_is_a_whole_number(sim: FakeFoxReload) -> None:
+    with pytest.raises(ValueError, match="polls_for_codes"):
+        WaitPolicy(polls_for_codes=-1)

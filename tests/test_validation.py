@@ -43,7 +43,7 @@ PARAMETERS: dict[str, tuple[Build, list[Any]]] = {
     "not_found_grace": (lambda v, _: WaitPolicy(not_found_grace=v), []),
     "max_attempts": (lambda v, _: WaitPolicy(max_attempts=v), [0, 2.5]),
     "max_errors": (lambda v, _: WaitPolicy(max_errors=v), [2.5]),
-    "require_codes": (lambda v, _: WaitPolicy(require_codes=v), [2.5]),
+    "polls_for_codes": (lambda v, _: WaitPolicy(polls_for_codes=v), [2.5]),
     "max_attempts ": (lambda v, _: RecoveryPolicy(max_attempts=v), [0, 2.5]),
     "watch_margin": (lambda v, _: RecoveryPolicy(watch_margin=v), []),
     "delivery_grace": (lambda v, _: RecoveryPolicy(delivery_grace=v), []),
@@ -76,7 +76,7 @@ def test_every_numeric_parameter_refuses_nonsense_naming_itself(
 ) -> None:
     name, value = case
     build, _ = PARAMETERS[name]
-    if value is False and name.strip() in ("max_errors", "require_codes", "max_retries",
+    if value is False and name.strip() in ("max_errors", "polls_for_codes", "max_retries",
                                            "retention"):
         return  # False == 0, a fine value of these, and refused elsewhere as a bool
     if isinstance(value, bool) and name.strip() in SECONDS_OR_MORE:
