@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import psycopg
 import pytest
 
-from foxpoll.errors import StoreUnavailable
+from foxpoll.errors import StoreError, StoreUnavailable
 
 from .services import POSTGRES_URL, closing_stores, drop_table, require
 
@@ -94,7 +94,7 @@ def test_a_failed_call_gives_its_connection_back(pool: Any) -> None:
 
     missing = PostgresDedupStore(pool, table="never_created_here")
     for _ in range(2):
-        with pytest.raises(StoreUnavailable, match=r"create_schema\(\)"):
+        with pytest.raises(StoreError, match=r"create_schema\(\)"):
             missing.get("o-1")
         assert all_back(pool)
 

@@ -17,6 +17,7 @@ from .conftest import API_KEY
 BASE = "https://api.example.test"
 ORDER = {"id": "0b6f7a52-5a1e-4f55-8f6c-7c9b1d2e3f40", "status": "active",
          "items": [{"itemId": "product_1", "quantity": 1}]}
+ABC = {**ORDER, "id": "abc"}  # an answer about order abc, for the requests that ask for it
 PAGE: dict[str, Any] = {"items": [], "limit": 50, "offset": 0, "total": 0}
 
 
@@ -40,7 +41,7 @@ def sent(route: respx.Route) -> httpx.Request:
 def test_every_request_carries_auth_json_and_user_agent(
     api: respx.MockRouter, client: FoxReload
 ) -> None:
-    route = api.get("/api/orders/abc").respond(200, json=ORDER)
+    route = api.get("/api/orders/abc").respond(200, json=ABC)
     client.orders.get("abc")
     request = sent(route)
     assert request.headers["X-API-Key"] == API_KEY
@@ -81,14 +82,14 @@ def test_create_accepts_snake_case_dicts_and_total_price(
 
 
 def test_pay_from_balance_shape(api: respx.MockRouter, client: FoxReload) -> None:
-    route = api.post("/api/orders/abc/pay").respond(200, json={**ORDER, "status": "paid"})
+    route = api.post("/api/orders/abc/pay").respond(200, json={**ABC, "status": "paid"})
     order = client.orders.pay("abc")
     assert json.loads(sent(route).content) == {"paymentProvider": None}
     assert order.status == "paid"
 
 
 def test_pay_with_provider_shape(api: respx.MockRouter, client: FoxReload) -> None:
-    route = api.post("/api/orders/abc/pay").respond(200, json=ORDER)
+    route = api.post("/api/orders/abc/pay").respond(200, json=ABC)
     client.orders.pay("abc", payment_provider="pally", payment_return_url="https://shop/x")
     assert json.loads(sent(route).content) == {
         "paymentProvider": "pally", "paymentReturnUrl": "https://shop/x"
@@ -152,7 +153,7 @@ def test_list_categories_shape(api: respx.MockRouter, client: FoxReload) -> None
 def test_odd_order_ids_are_escaped_into_one_path_segment(
     api: respx.MockRouter, client: FoxReload, order_id: str, raw_path: str
 ) -> None:
-    route = api.route(method="GET").respond(200, json=ORDER)
+    route = api.route(method="GET").respond(200, json={**ORDER, "id": order_id})
     client.orders.get(order_id)
     assert sent(route).url.raw_path.decode() == raw_path
 
@@ -194,7 +195,7 @@ def test_bad_create_input_is_rejected_before_sending(
 
 
 def test_base_path_prefix_is_kept(api: respx.MockRouter) -> None:
-    route = api.get("/partner/v2/api/orders/abc").respond(200, json=ORDER)
+    route = api.get("/partner/v2/api/orders/abc").respond(200, json=ABC)
     with FoxReload(API_KEY, base_url=BASE + "/partner/v2/") as c:
         c.orders.get("abc")
     assert route.called
@@ -205,7 +206,7 @@ def test_environment_supplies_key_and_base_url(
 ) -> None:
     monkeypatch.setenv("FOXRELOAD_API_KEY", "env-key")
     monkeypatch.setenv("FOXRELOAD_BASE_URL", BASE)
-    route = api.get("/api/orders/abc").respond(200, json=ORDER)
+    route = api.get("/api/orders/abc").respond(200, json=ABC)
     with FoxReload() as c:
         c.orders.get("abc")
     assert sent(route).headers["X-API-Key"] == "env-key"
@@ -216,7 +217,7 @@ def test_arguments_beat_the_environment(
 ) -> None:
     monkeypatch.setenv("FOXRELOAD_API_KEY", "env-key")
     monkeypatch.setenv("FOXRELOAD_BASE_URL", "https://elsewhere.test")
-    route = api.get("/api/orders/abc").respond(200, json=ORDER)
+    route = api.get("/api/orders/abc").respond(200, json=ABC)
     with FoxReload("arg-key", base_url=BASE) as c:
         c.orders.get("abc")
     assert sent(route).headers["X-API-Key"] == "arg-key"
@@ -235,7 +236,7 @@ def test_bad_base_url(url: str) -> None:
 
 
 def test_language_currency_and_default_headers(api: respx.MockRouter) -> None:
-    route = api.get("/api/orders/abc").respond(200, json=ORDER)
+    route = api.get("/api/orders/abc").respond(200, json=ABC)
     with FoxReload(API_KEY, base_url=BASE, language="ru", currency="rub",
                    default_headers={"X-Partner": "shop-1"}) as c:
         c.orders.get("abc")
@@ -246,21 +247,21 @@ def test_language_currency_and_default_headers(api: respx.MockRouter) -> None:
 
 
 def test_default_headers_cannot_replace_the_key(api: respx.MockRouter) -> None:
-    route = api.get("/api/orders/abc").respond(200, json=ORDER)
+    route = api.get("/api/orders/abc").respond(200, json=ABC)
     with FoxReload(API_KEY, base_url=BASE, default_headers={"X-API-Key": "other"}) as c:
         c.orders.get("abc")
     assert sent(route).headers["X-API-Key"] == API_KEY
 
 
 def test_per_request_timeout_is_the_configured_one(api: respx.MockRouter) -> None:
-    route = api.get("/api/orders/abc").respond(200, json=ORDER)
+    route = api.get("/api/orders/abc").respond(200, json=ABC)
     with FoxReload(API_KEY, base_url=BASE, timeout=7.5) as c:
         c.orders.get("abc")
     assert sent(route).extensions["timeout"] == httpx.Timeout(7.5).as_dict()
 
 
 def test_with_options_changes_a_copy_and_shares_the_pool(api: respx.MockRouter) -> None:
-    route = api.get("/api/orders/abc").respond(200, json=ORDER)
+    route = api.get("/api/orders/abc").respond(200, json=ABC)
     with FoxReload(API_KEY, base_url=BASE, timeout=30) as c:
         quick = c.with_options(timeout=2.0, max_retries=0)
         assert (quick.timeout, quick.max_retries) == (2.0, 0)
@@ -273,7 +274,7 @@ def test_with_options_changes_a_copy_and_shares_the_pool(api: respx.MockRouter) 
 
 
 def test_injected_http_client_is_used_and_not_closed(api: respx.MockRouter) -> None:
-    api.get("/api/orders/abc").respond(200, json=ORDER)
+    api.get("/api/orders/abc").respond(200, json=ABC)
     http = httpx.Client()
     with FoxReload(API_KEY, base_url=BASE, http_client=http) as c:
         c.orders.get("abc")
@@ -309,8 +310,8 @@ async def test_async_client_sends_the_same_shapes(api: respx.MockRouter) -> None
 
 def test_with_options_changes_key_and_base_url_for_the_copy_only() -> None:
     with respx.mock(assert_all_called=True) as router:
-        old = router.get("https://a.test/api/orders/abc").respond(200, json=ORDER)
-        new = router.get("https://b.test/v2/api/orders/abc").respond(200, json=ORDER)
+        old = router.get("https://a.test/api/orders/abc").respond(200, json=ABC)
+        new = router.get("https://b.test/v2/api/orders/abc").respond(200, json=ABC)
         with FoxReload("key-one", base_url="https://a.test") as client:
             client.orders.get("abc")  # fills the URL cache of the original
             copy = client.with_options(api_key="key-two", base_url="https://b.test/v2")
