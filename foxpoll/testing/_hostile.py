@@ -57,6 +57,11 @@ class Hostility(enum.Enum):
     """``307`` to the same path on a second port, which records what reaches it."""
     FREEZE = "freeze"
     """Read the request, then send nothing, holding the connection open."""
+    DEEP_BODY = "deep-body"
+    """A completed order with a field of arrays nested ``depth`` deep."""
+    AMPLIFYING_BODY = "amplifying-body"
+    """A completed order with as many one-field items as fit in ``amplified_size`` bytes:
+    under the size cap, yet millions of objects once decoded."""
 
 
 @attrs.frozen
@@ -76,7 +81,11 @@ class HostileServer:
         interval: Seconds between bytes, for the slow modes.
         retry_after: The ``Retry-After`` value sent by :attr:`Hostility.RETRY_AFTER`.
         bomb_size: Bytes a :attr:`Hostility.GZIP_BOMB` body expands to.
-        body: The JSON document the well-behaved and slow modes send.
+        body: The JSON document the well-behaved and slow modes send (bytes are sent as
+            they are).
+        depth: How deep :attr:`Hostility.DEEP_BODY` nests.
+        amplified_size: Bytes of a :attr:`Hostility.AMPLIFYING_BODY` body (just under the
+            client's default size cap).
     """
 
     def __init__(
@@ -88,12 +97,15 @@ class HostileServer:
         bomb_size: int = 1 << 30,
         body: Any = None,
         host: str = "127.0.0.1",
+        depth: int = 100_000,
+        amplified_size: int = 10 * 1024 * 1024 - 1024,
     ) -> None:
         self.hostility = hostility
         self.interval = interval
         self.retry_after = retry_after
         self.bomb_size = bomb_size
-        self.body = json.dumps(COMPLETED_ORDER if body is None else body).encode()
+        self.body = body if isinstance(body, bytes) else json.dumps(
+            COMPLETED_ORDER if body is None else body).encode()
         self.requests: list[ReceivedRequest] = []
         """Requests received, in order."""
         self.redirected: list[ReceivedRequest] = []
@@ -102,6 +114,9 @@ class HostileServer:
         self._server = _Server((host, 0), _handler(self._serve))
         self._target = _Server((host, 0), _handler(self._serve_redirected))
         self._bomb: bytes | None = None
+        self.depth = depth
+        self.amplified_size = amplified_size
+        self._generated_bodies: dict[tuple[Hostility, int], bytes] = {}
 
     @property
     def url(self) -> str:
@@ -155,8 +170,13 @@ class HostileServer:
         elif mode is Hostility.REDIRECT:
             location = self.redirect_url + request.path
             out.sendall(_head(307, {"Location": location, "Content-Length": "0"}))
+        elif mode in (Hostility.DEEP_BODY, Hostility.AMPLIFYING_BODY):
+            body = self._generated(mode)
+            out.sendall(_head(200, {"Content-Length": str(len(body))}))
+            out.sendall(body)  # apart: joined to the head, the body would be copied
         else:
-            out.sendall(_head(200, {"Content-Length": str(len(self.body))}) + self.body)
+            out.sendall(_head(200, {"Content-Length": str(len(self.body))}))
+            out.sendall(self.body)
 
     def _serve_redirected(self, request: ReceivedRequest, out: socket.socket) -> None:
         self.redirected.append(request)
@@ -172,6 +192,29 @@ class HostileServer:
         if self._bomb is None:
             self._bomb = b"".join(_zeros_gzip(self.bomb_size))
         return self._bomb
+
+
+    def _generated(self, mode: Hostility) -> bytes:
+        """The body of a generated mode, built once per size (a test measuring memory
+        does not see the server build it again)."""
+        key = (mode, self.depth if mode is Hostility.DEEP_BODY else self.amplified_size)
+        if key not in self._generated_bodies:
+            self._generated_bodies.clear()
+            self._generated_bodies[key] = (
+                _deep(self.depth) if mode is Hostility.DEEP_BODY
+                else _amplifying(self.amplified_size))
+        return self._generated_bodies[key]
+
+
+def _deep(depth: int) -> bytes:
+    return (b'{"id":"o1","status":"completed","items":[],"detail":'
+            + b"[" * depth + b"]" * depth + b"}")
+
+
+def _amplifying(size: int) -> bytes:
+    head, item, tail = b'{"id":"o1","status":"completed","items":[', b'{"itemId":"p"}', b"]}"
+    count = max(1, (size - len(head) - len(tail) + 1) // (len(item) + 1))
+    return head + b",".join([item] * count) + tail
 
 
 def _zeros_gzip(size: int) -> Iterator[bytes]:
