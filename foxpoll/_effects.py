@@ -13,6 +13,7 @@ with, so ``response = yield from Send(...)`` gives mypy the type:
 ``Emit``        None, once the driver has handed the value to its consumer
 ``Permit``      0.0 once a permit of the budget is taken, else the seconds to wait
 ``Feedback``    None, once the budget has been told how a request was answered
+``Parse``       what reading a large body returned, or the validation error it raised
 ==============  ============================================================================
 
 The flows hold every decision; these drivers are the only code that differs between sync
@@ -36,6 +37,7 @@ from ._clock import Clock
 from ._gate import AsyncGate, Gate
 from ._io import Flow, Op, call_blocking
 from ._senders import AsyncSender, Sender
+from .errors import APIResponseValidationError
 
 __all__ = [
     "Budget",
@@ -43,6 +45,7 @@ __all__ = [
     "Feedback",
     "Flow",
     "Notify",
+    "Parse",
     "Permit",
     "Send",
     "Sleep",
@@ -145,6 +148,23 @@ class Feedback(Op[None]):
     retry_after: float | None = None
 
 
+@attrs.frozen
+class Parse(Op[T | APIResponseValidationError]):
+    """Read a response body too large to read inline: resume with ``read(response)``, or
+    the :class:`~foxpoll.errors.APIResponseValidationError` it raised. The async drivers
+    read it in a worker thread, so that the event loop keeps running meanwhile."""
+
+    read: Callable[[httpx.Response], T]
+    response: httpx.Response = attrs.field(repr=False)
+
+    def __call__(self) -> T | APIResponseValidationError:
+        """Read the body here, on this thread."""
+        try:
+            return self.read(self.response)
+        except APIResponseValidationError as exc:
+            return exc
+
+
 class _SyncEffects:
     def __init__(self, http: Sender, clock: Clock, gate: Gate | None) -> None:
         self.http, self.clock, self.gate = http, clock, gate
@@ -167,6 +187,8 @@ class _SyncEffects:
                 self.gate.release()
         if isinstance(effect, Permit):
             return effect.limit.acquire(effect.priority)
+        if isinstance(effect, Parse):
+            return effect()
         if isinstance(effect, Sleep):
             self.clock.sleep(effect.seconds)
         elif isinstance(effect, Feedback):
@@ -261,6 +283,8 @@ class _AsyncEffects:
                 self.gate.release()
         if isinstance(effect, Permit):
             return await effect.limit.aacquire(effect.priority)
+        if isinstance(effect, Parse):
+            return await asyncio.to_thread(effect)
         if isinstance(effect, Sleep):
             await self.clock.asleep(effect.seconds)
         elif isinstance(effect, Feedback):
