@@ -485,7 +485,7 @@ def call_flow(
 
 #: Bodies larger than this are read through a :class:`Parse` effect, which the async
 #: drivers perform in a worker thread: a body this size reads in about a millisecond, a
-#: body at the size cap in a second or more, far too long to hold an event loop.
+#: body at the size cap in up to a fifth of a second, too long to hold an event loop.
 PARSE_INLINE_BYTES = 64 * 1024
 
 

@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 #: JSON values (objects, arrays, strings, numbers, literals) in one body. A page of 200
 #: products or an order with 10,000 codes holds a few tens of thousands; a body at the
-#: size cap with this many of the costliest values decodes to under 20 MiB.
+#: size cap with this many of the costliest values decodes to about 20 MiB of objects.
 MAX_VALUES = 100_000
 #: How deep arrays and objects nest (``{}`` is 1). An order's codes sit at 5, a page's at 7.
 MAX_DEPTH = 32
