@@ -173,7 +173,8 @@ class BaseClient(Generic[HttpT, TransportT]):
                 that client's pool. ``wait_many(max_in_flight=...)`` lowers it for one
                 call.
             max_response_bytes: The largest response body read, once decoded (10 MiB by
-                default); a larger one raises :class:`foxpoll.ResponseTooLarge`.
+                default); a larger one raises :class:`foxpoll.ResponseTooLarge`, as does
+                one past a bound on the work of reading it (``docs/bounds.md``).
             max_retry_after: The longest ``Retry-After`` foxpoll obeys, in seconds (60 by
                 default): a request asked to wait longer is not retried (its
                 :class:`foxpoll.RateLimitError` is raised), a wait polls again after at

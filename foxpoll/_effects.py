@@ -15,6 +15,7 @@ with, so ``response = yield from Send(...)`` gives mypy the type:
                 :class:`~foxpoll.errors.StoreError` the budget raised
 ``Feedback``    None, once the budget has been told how a request was answered; or the
                 :class:`~foxpoll.errors.StoreError` the budget raised
+``Parse``       what reading a large body returned, or the validation error it raised
 ==============  ============================================================================
 
 The flows hold every decision; these drivers are the only code that differs between sync
@@ -39,7 +40,7 @@ from ._clock import Clock
 from ._gate import AsyncGate, Gate
 from ._io import Flow, Op, call_blocking
 from ._senders import AsyncSender, Sender
-from .errors import StoreError
+from .errors import APIResponseValidationError, StoreError
 
 __all__ = [
     "Budget",
@@ -47,6 +48,7 @@ __all__ = [
     "Feedback",
     "Flow",
     "Notify",
+    "Parse",
     "Permit",
     "Send",
     "Sleep",
@@ -156,6 +158,23 @@ class Feedback(Op["StoreError | None"]):
     timeout: float | None = None
 
 
+@attrs.frozen
+class Parse(Op[T | APIResponseValidationError]):
+    """Read a response body too large to read inline: resume with ``read(response)``, or
+    the :class:`~foxpoll.errors.APIResponseValidationError` it raised. The async drivers
+    read it in a worker thread, so that the event loop keeps running meanwhile."""
+
+    read: Callable[[httpx.Response], T]
+    response: httpx.Response = attrs.field(repr=False)
+
+    def __call__(self) -> T | APIResponseValidationError:
+        """Read the body here, on this thread."""
+        try:
+            return self.read(self.response)
+        except APIResponseValidationError as exc:
+            return exc
+
+
 class _SyncEffects:
     def __init__(self, http: Sender, clock: Clock, gate: Gate | None) -> None:
         self.http, self.clock, self.gate = http, clock, gate
@@ -190,6 +209,8 @@ class _SyncEffects:
             except StoreError as exc:
                 return exc
             return None
+        if isinstance(effect, Parse):
+            return effect()
         if isinstance(effect, Sleep):
             self.clock.sleep(effect.seconds)
         elif isinstance(effect, Notify):
@@ -291,6 +312,8 @@ class _AsyncEffects:
             except StoreError as exc:
                 return exc
             return None
+        if isinstance(effect, Parse):
+            return await asyncio.to_thread(effect)
         if isinstance(effect, Sleep):
             await self.clock.asleep(effect.seconds)
         elif isinstance(effect, Notify):

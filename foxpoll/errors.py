@@ -16,7 +16,7 @@
     │   │   ├── RateLimitError            429 (.retry_after)
     │   │   └── InternalServerError       5xx
     │   ├── APIResponseValidationError    body not JSON, or not the expected shape
-    │   │   ├── ResponseTooLarge          body past max_response_bytes (decoded)
+    │   │   ├── ResponseTooLarge          body past max_response_bytes, or past a bound of its work
     │   │   └── OrderMismatch             an order other than the one asked for
     │   └── AmbiguousOrderError           a create that may or may not have happened
     ├── OrderError                        (.order)
@@ -133,8 +133,11 @@ class APIResponseValidationError(APIError):
 
 
 class ResponseTooLarge(APIResponseValidationError):
-    """The response body (decoded) passed the client's ``max_response_bytes``; foxpoll
-    stopped reading it. Not retried: the same server would send the same body."""
+    """The response body (decoded) passed the client's ``max_response_bytes``, so foxpoll
+    stopped reading it; or it is under that cap but past a bound on the work of reading
+    it (how many JSON values it holds, how deep they nest, an order's items or codes, a
+    page's results: ``docs/bounds.md``), and foxpoll refused it before building it. The
+    message names the bound. Not retried: the same server would send the same body."""
 
 
 class OrderMismatch(APIResponseValidationError):

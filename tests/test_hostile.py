@@ -195,3 +195,33 @@ async def test_a_frozen_server_is_a_timeout(
     assert isinstance(outcome, APITimeoutError)
     assert len(server.requests) == 2
     assert took < 4.0
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+async def test_a_deep_body_is_a_validation_error_not_a_recursion_error(
+        make: Callable[..., Any], server: HostileServer) -> None:
+    server.hostility = Hostility.DEEP_BODY
+    outcome, _ = await run(make, server, lambda c: c.orders.get("o1"))
+    assert isinstance(outcome, ResponseTooLarge), outcome
+    assert "nested deeper than 32" in str(outcome)
+    assert len(server.requests) == 1  # the same server would send the same body
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+async def test_an_amplifying_body_is_refused_before_it_is_decoded(
+        make: Callable[..., Any], server: HostileServer) -> None:
+    server.hostility = Hostility.AMPLIFYING_BODY  # 700,000 items in 10 MiB
+    await run(make, server, lambda c: c.orders.get("o1"))  # the server builds its body once
+    tracemalloc.start()
+    started = time.process_time()
+    try:
+        outcome, _ = await run(make, server, lambda c: c.orders.get("o1"), timeout=20.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    cpu = time.process_time() - started
+    assert isinstance(outcome, ResponseTooLarge), outcome
+    assert "over 100000 JSON values" in str(outcome)
+    assert peak < 3 * server.amplified_size  # the body and its reading: none of it decoded
+    assert cpu < 2.0  # the server's sending included; decoding it all took 3.7 s alone
+    assert len(server.requests) == 2

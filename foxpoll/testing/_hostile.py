@@ -75,6 +75,12 @@ class Hostility(enum.Enum):
     ``detail`` and ``code`` hold them: what a tool printing the server's words must not
     pass to a terminal."""
 
+    DEEP_BODY = "deep-body"
+    """A completed order with a field of arrays nested ``depth`` deep."""
+    AMPLIFYING_BODY = "amplifying-body"
+    """A completed order with as many one-field items as fit in ``amplified_size`` bytes:
+    under the size cap, yet millions of objects once decoded."""
+
 
 # What Hostility.ESCAPES puts in text, in the order its docstring names them.
 _ESCAPES = ("\x1b]0;owned\x07\x1b[2J\x1b[H\x1bP+q\x1b\\\x9b31m\r\x07\x08"
@@ -100,6 +106,11 @@ class HostileServer:
         bomb_size: Bytes a :attr:`Hostility.GZIP_BOMB` body expands to.
         body: The JSON document the well-behaved and slow modes send.
         wrong_id: The order id :attr:`Hostility.WRONG_ID` answers with.
+        body: The JSON document the well-behaved and slow modes send (bytes are sent as
+            they are).
+        depth: How deep :attr:`Hostility.DEEP_BODY` nests.
+        amplified_size: Bytes of a :attr:`Hostility.AMPLIFYING_BODY` body (just under the
+            client's default size cap).
     """
 
     def __init__(
@@ -112,13 +123,16 @@ class HostileServer:
         body: Any = None,
         host: str = "127.0.0.1",
         wrong_id: str = "SOMEONE-ELSES-ORDER",
+        depth: int = 100_000,
+        amplified_size: int = 10 * 1024 * 1024 - 1024,
     ) -> None:
         self.hostility = hostility
         self.wrong_id = wrong_id
         self.interval = interval
         self.retry_after = retry_after
         self.bomb_size = bomb_size
-        self.body = json.dumps(COMPLETED_ORDER if body is None else body).encode()
+        self.body = body if isinstance(body, bytes) else json.dumps(
+            COMPLETED_ORDER if body is None else body).encode()
         self.requests: list[ReceivedRequest] = []
         """Requests received, in order."""
         self.redirected: list[ReceivedRequest] = []
@@ -127,6 +141,9 @@ class HostileServer:
         self._server = _Server((host, 0), _handler(self._serve))
         self._target = _Server((host, 0), _handler(self._serve_redirected))
         self._bomb: bytes | None = None
+        self.depth = depth
+        self.amplified_size = amplified_size
+        self._generated_bodies: dict[tuple[Hostility, int], bytes] = {}
 
     @property
     def url(self) -> str:
@@ -187,8 +204,13 @@ class HostileServer:
             status, document = _escaping(request)
             body = json.dumps(document).encode()
             out.sendall(_head(status, {"Content-Length": str(len(body))}) + body)
+        elif mode in (Hostility.DEEP_BODY, Hostility.AMPLIFYING_BODY):
+            body = self._generated(mode)
+            out.sendall(_head(200, {"Content-Length": str(len(body))}))
+            out.sendall(body)  # apart: joined to the head, the body would be copied
         else:
-            out.sendall(_head(200, {"Content-Length": str(len(self.body))}) + self.body)
+            out.sendall(_head(200, {"Content-Length": str(len(self.body))}))
+            out.sendall(self.body)
 
     def _about(self, order_id: str) -> bytes:
         """The body with its ``id`` replaced by ``order_id``."""
@@ -210,6 +232,29 @@ class HostileServer:
         return self._bomb
 
 
+    def _generated(self, mode: Hostility) -> bytes:
+        """The body of a generated mode, built once per size (a test measuring memory
+        does not see the server build it again)."""
+        key = (mode, self.depth if mode is Hostility.DEEP_BODY else self.amplified_size)
+        if key not in self._generated_bodies:
+            self._generated_bodies.clear()
+            self._generated_bodies[key] = (
+                _deep(self.depth) if mode is Hostility.DEEP_BODY
+                else _amplifying(self.amplified_size))
+        return self._generated_bodies[key]
+
+
+def _deep(depth: int) -> bytes:
+    return (b'{"id":"o1","status":"completed","items":[],"detail":'
+            + b"[" * depth + b"]" * depth + b"}")
+
+
+def _amplifying(size: int) -> bytes:
+    head, item, tail = b'{"id":"o1","status":"completed","items":[', b'{"itemId":"p"}', b"]}"
+    count = max(1, (size - len(head) - len(tail) + 1) // (len(item) + 1))
+    return head + b",".join([item] * count) + tail
+
+
 def _asked_order(path: str) -> str:
     """The order id in ``/api/orders/<id>[/pay]`` (``o1`` for any other path)."""
     parts = [unquote(part) for part in path.split("?")[0].split("/") if part]
@@ -226,6 +271,8 @@ _WRONG_IDS: dict[Hostility, Callable[[HostileServer, str], str]] = {
     Hostility.WRONG_ID_CASE: lambda _, asked: _other_case(asked),
     Hostility.WRONG_ID_SPACE: lambda _, asked: asked + " ",
 }
+
+
 def _escaping(request: ReceivedRequest) -> tuple[int, Any]:
     """The status and document of :attr:`Hostility.ESCAPES` for ``request``."""
     path = urllib.parse.urlsplit(request.path).path
