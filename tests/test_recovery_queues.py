@@ -6,7 +6,6 @@ clock is the server's, every stored time is moved back instead, which is the sam
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
@@ -575,8 +574,7 @@ def test_a_body_the_client_cannot_parse_is_dead_lettered_after_max_attempts(
                                 on_completed=calls.append)
         dead = run_until_dead(poison, worker, "o-deep")
     assert (transport.requests, dead.attempts, dead.last_status, calls) == (3, 3, None, [])
-    assert dead.last_error is not None
-    assert re.fullmatch(r"\w+Error: .+", dead.last_error)
+    assert dead.last_error == "ResponseTooLarge: response body nested deeper than 32"
 
 
 def test_an_id_the_client_refuses_is_dead_lettered_after_max_attempts(
