@@ -56,6 +56,7 @@ from ._clock import Clock, SystemClock
 from ._core import check_timeout
 from ._deadlines import within
 from .dedup._sql import TableName
+from .dedup._sqlite import closed, connect
 from .errors import BudgetUnavailable, StoreError
 
 __all__ = [
@@ -528,7 +529,8 @@ class SQLiteRateLimit(BaseRateLimit):
     Takes :class:`BaseRateLimit`'s arguments, and:
 
     Args:
-        where: The database file (its own, or the dedup store's).
+        where: The database file (its own, or the dedup store's): a path, or
+            ``sqlite:///PATH`` (``sqlite:////PATH`` for an absolute one).
         table: The budget table's name; each part a plain identifier or a double-quoted
             one.
         key: Which budget: one per API key (a row of the table).
@@ -537,10 +539,15 @@ class SQLiteRateLimit(BaseRateLimit):
             left of its deadline) cuts it.
         clock: The budget's time, read with ``clock.time()`` (wall clock: the file is
             shared by processes).
+
+    Raises:
+        StoreError: The path is a directory, or its directory does not exist.
+        BudgetUnavailable: The file could not be opened otherwise (locked, unreadable).
     """
 
-    # Locked, busy, the disk, the file's access; or the connection gone (closed).
-    _unreached = (sqlite3.OperationalError, sqlite3.ProgrammingError)
+    # Locked, busy, the disk, the file's access. Not a closed connection: a call after
+    # close() is the program's mistake (StoreError), which waiting would not cure.
+    _unreached = (sqlite3.OperationalError,)
     _faults = (sqlite3.Error,)  # not a database, or a malformed one
 
     def __init__(self, where: str | os.PathLike[str], per_minute: float | None = None, *,
@@ -563,10 +570,9 @@ class SQLiteRateLimit(BaseRateLimit):
         self._clock = (clock or SystemClock()).time
         self._db_lock = threading.Lock()
         self._busy = busy_timeout  # the connection's busy timeout now
+        self._closed = False
         with self._reaching():
-            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
-                                       isolation_level=None,
-                                       check_same_thread=False)
+            self._db = connect(where, busy_timeout=busy_timeout)
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=OFF")
@@ -591,6 +597,8 @@ class SQLiteRateLimit(BaseRateLimit):
             raise BudgetUnavailable(f"SQLiteRateLimit is unavailable: busy in this process "
                                     f"for {bound:g} s")
         try:
+            if self._closed:
+                raise closed("this SQLiteRateLimit")
             self._wait_for_lock(max(deadline - time.monotonic(), 1e-3))
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -618,7 +626,9 @@ class SQLiteRateLimit(BaseRateLimit):
             self.settings.throttle(state, now, pause), 0.0), timeout)[0]
 
     def close(self) -> None:
+        """Close the database connection; a later call raises :class:`StoreError`."""
         with self._db_lock:
+            self._closed = True
             self._db.close()
 
 
