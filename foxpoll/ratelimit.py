@@ -755,7 +755,7 @@ class RedisRateLimit(BaseRateLimit):
             from redis.backoff import NoBackoff
         except ImportError as exc:  # pragma: no cover - only without the extra
             raise ImportError("RedisRateLimit needs redis: pip install 'foxpoll[redis]'") from exc
-        from .dedup.redis import _socket_timeout
+        from .dedup.redis import check_client, is_asyncio_client
 
         self.statement_timeout = check_timeout(statement_timeout, "statement_timeout")
         self.connect_timeout = check_timeout(connect_timeout, "connect_timeout")
@@ -779,14 +779,12 @@ class RedisRateLimit(BaseRateLimit):
                        for kind, factory, retry in (
                            ("sync", redis.Redis, redis.retry.Retry),
                            ("async", redis.asyncio.Redis, redis.asyncio.retry.Retry))}
-        elif isinstance(where, redis.asyncio.Redis):
-            clients = {"async": where}
         else:
-            if _socket_timeout(where) is None:
-                raise ValueError("a redis.Redis client of your own needs a socket_timeout "
-                                 "(redis.Redis(..., socket_timeout=5)): a budget call "
-                                 "left waiting on a frozen network would never end")
-            clients = {"sync": where}
+            asynchronous = is_asyncio_client(where)
+            check_client(where, "RedisRateLimit", asynchronous=asynchronous,
+                         bounded=not asynchronous, why="a budget call left waiting on a "
+                         "frozen network would never end")
+            clients = {"async" if asynchronous else "sync": where}
         self._clients = clients
         # EVALSHA, falling back to EVAL once per connection's script cache.
         self._scripts = {(kind, name): client.register_script(source)
