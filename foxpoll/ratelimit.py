@@ -46,6 +46,7 @@ import re
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -728,8 +729,8 @@ class RedisRateLimit(BaseRateLimit):
 
     Args:
         where: A ``redis://`` URL (sync and async clients are made from it, so one object
-            serves ``FoxReload`` and ``AsyncFoxReload``, and :meth:`close` /
-            :meth:`aclose` close them), or your ``redis.Redis`` / ``redis.asyncio.Redis``
+            serves ``FoxReload`` and ``AsyncFoxReload``, and :meth:`aclose` closes both;
+            see :meth:`close`), or your ``redis.Redis`` / ``redis.asyncio.Redis``
             (then only that kind of client), never closed by the budget. A
             ``redis.Redis`` of yours needs a ``socket_timeout``: without one, nothing
             would end a call on a frozen network (:class:`ValueError`).
@@ -786,6 +787,9 @@ class RedisRateLimit(BaseRateLimit):
                          "frozen network would never end")
             clients = {"async" if asynchronous else "sync": where}
         self._clients = clients
+        # The loop the budget's own asyncio client was first used on: its connections
+        # belong to that loop, and only a coroutine run on it can close them.
+        self._async_loop: asyncio.AbstractEventLoop | None = None
         # EVALSHA, falling back to EVAL once per connection's script cache.
         self._scripts = {(kind, name): client.register_script(source)
                          for kind, client in clients.items()
@@ -793,11 +797,32 @@ class RedisRateLimit(BaseRateLimit):
                                               ("throttle", _REDIS_THROTTLE))}
 
     def close(self) -> None:
-        if self._owns:
-            self._clients["sync"].close()
+        """Close the budget's own blocking client (a client you passed in stays open).
+
+        Its own asyncio client, once used, belongs to that event loop, and only a
+        coroutine on it can close it: close a budget used from asyncio with
+        :meth:`aclose` (or ``async with``), on that loop. ``close()`` closes that client
+        too only while its loop is idle (neither running nor closed); otherwise it
+        leaves it open and warns (:class:`ResourceWarning`).
+        """
+        if not self._owns:
+            return
+        self._clients["sync"].close()
+        loop, self._async_loop = self._async_loop, None
+        if loop is None:  # never used: it holds no connection
+            return
+        if not loop.is_running() and not loop.is_closed():
+            loop.run_until_complete(self._clients["async"].aclose())
+            return
+        warnings.warn("RedisRateLimit.close() cannot close the asyncio client the budget "
+                      "used on a running or closed event loop: close it with aclose() "
+                      "(or async with) on that loop", ResourceWarning, stacklevel=2)
 
     async def aclose(self) -> None:
+        """Close the budget's own clients, both kinds (a client you passed in stays
+        open)."""
         if self._owns:
+            self._async_loop = None  # closed here: close() below has nothing more to do
             await self._clients["async"].aclose()
         self.close()
 
@@ -844,6 +869,8 @@ class RedisRateLimit(BaseRateLimit):
 
     async def _acall(self, name: str, args: list[Any], timeout: float | None) -> list[Any]:
         script = self._script("async", name)
+        if self._owns and self._async_loop is None:
+            self._async_loop = asyncio.get_running_loop()
         bound = self.statement_timeout if timeout is None else timeout
         async with within(bound):  # any client: redis-py drops a cancelled call's connection
             reply: list[Any] = await script(keys=[self.key], args=args)
