@@ -290,13 +290,13 @@ async def test_a_missing_postgres_table_says_to_call_create_schema() -> None:
 
     require("PostgreSQL", "127.0.0.1", 5432)
     with PostgresDedupStore(POSTGRES_URL, table="never_created_here") as store, \
-            pytest.raises(StoreError, match=r"create_schema\(\)") as info:
+            pytest.raises(StoreError, match=r"create_schema\(\)") as missing:
         store.get("o1")
-    assert not isinstance(info.value, StoreUnavailable)  # waiting would not make it appear
+    assert not isinstance(missing.value, StoreUnavailable)  # not an outage to wait out
     async with AsyncPostgresDedupStore(POSTGRES_URL, table="never_created_here") as astore:
-        with pytest.raises(StoreError, match=r"create_schema\(\)") as info:
+        with pytest.raises(StoreError, match=r"create_schema\(\)") as missing:
             await astore.get("o1")
-    assert not isinstance(info.value, StoreUnavailable)
+    assert not isinstance(missing.value, StoreUnavailable)
 
 
 @pytest.mark.service
