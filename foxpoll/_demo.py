@@ -23,7 +23,7 @@ from .backoff import ExponentialJitter
 from .dedup.sqlite import SQLiteDedupStore
 from .delivery import deliver_once
 from .events.base import OrderEvent
-from .events.memory import InMemoryPublisher
+from .events.memory import MemoryPublisher
 from .models import Order
 from .polling import Listener, PollAttempt, StatusChange, WaitPolicy, WaitResult
 from .ratelimit import RateLimit
@@ -125,7 +125,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
         path = db or Path(tmp) / "foxpoll.db"
         store = SQLiteDedupStore(path, clock=clock)
         queue = SQLiteRecoveryQueue(path, policy=RECOVERY, clock=clock)
-        publisher = InMemoryPublisher()
+        publisher = MemoryPublisher()
         rows: dict[str, Row] = {}
         delivered: list[str] = []
 
@@ -221,7 +221,7 @@ def run_demo(*, virtual: bool = False, live: bool = True, out: TextIO,
 
 
 def _finish(result: WaitResult, row: Row, store: SQLiteDedupStore,
-            send: Callable[[Order], str], publisher: InMemoryPublisher, clock: Clock) -> None:
+            send: Callable[[Order], str], publisher: MemoryPublisher, clock: Clock) -> None:
     row.next_poll_at = None
     # Since payment, as the live count was; a stalled order's goes on through recovery.
     row.elapsed, row.done = clock.monotonic() - row.started_at, not result.stalled

@@ -15,8 +15,9 @@ on a lock and keep its connection, but it is a startup option that PgBouncer and
 poolers refuse (or a session ``SET`` that leaks to other clients through a transaction
 pooler). A connection string or pool of the caller's may set it.
 
-Failures become :class:`~foxpoll.errors.StoreUnavailable`: a missing table, an
-unreachable server, an exhausted pool, a call past its time.
+Failures become :class:`~foxpoll.errors.StoreUnavailable`: an unreachable server, an
+exhausted pool, a call past its time. A missing table, or a pool closed (the store used
+after ``close()``), is a :class:`~foxpoll.errors.StoreError`: waiting would cure neither.
 """
 
 from __future__ import annotations
@@ -118,7 +119,12 @@ class PostgresConnections:
             # Not an outage: waiting for the server would not make the table appear.
             raise StoreError(f"the {self.what} table {self.table!r} does not exist: "
                              "call create_schema() once") from exc
-        except psycopg.OperationalError as exc:  # PoolTimeout and PoolClosed are ones
+        except psycopg_pool.PoolClosed as exc:
+            # Not an outage either: a closed pool never opens again.
+            raise StoreError(f"the pool of the {self.what} table {self.table!r} is closed "
+                             "(the store's close(), or the pool's own): make a new "
+                             "store") from exc
+        except psycopg.OperationalError as exc:  # PoolTimeout is one
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
 
     def _late(self) -> StoreUnavailable:

@@ -5,12 +5,12 @@
     foxpoll demo                          the whole job against the simulator, no key needed
     foxpoll orders get|pay|wait ORDER_ID  the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL)
     foxpoll orders create --item ID[:QTY] [--note KEY=VALUE] [--mock]
-        [--rate-limit PER_MINUTE|auto [--rate-limit-store sqlite:///PATH|redis://...]
+        [--rate-limit PER_MINUTE|auto [--rate-limit-store PATH|sqlite:///PATH|redis://...]
          [--rate-limit-table NAME | --rate-limit-key-prefix PREFIX]]
     foxpoll catalog [--category ID]       the categories, or a category's products
     foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
     foxpoll dlq list|requeue|resolve      the recovery queue's dead letters
-        --queue sqlite:///PATH|postgresql://...|"host=... dbname=..." [--table NAME]
+        --queue PATH|sqlite:///PATH|postgresql://...|"host=... dbname=..." [--table NAME]
     foxpoll simulate --port 8080          serve the simulator over HTTP
     foxpoll --version
 
@@ -19,8 +19,10 @@ The queue's location comes from ``--queue`` or else ``FOXPOLL_QUEUE`` (its table
 ``--rate-limit-store`` or else ``FOXPOLL_RATE_LIMIT_STORE`` (its SQLite table from
 ``--rate-limit-table`` or ``FOXPOLL_RATE_LIMIT_TABLE``, its Redis key prefix from
 ``--rate-limit-key-prefix`` or ``FOXPOLL_RATE_LIMIT_KEY_PREFIX``): a flag wins over its
-variable. With no queue, a queue command stops (exit 2) rather than guess; a queue command
-only reads what exists, and never creates a database file or a table.
+variable. A SQLite file is named by its path or a ``sqlite:///PATH`` URL (as the SQLite
+classes take it); a location without a scheme that holds no ``=`` (which a libpq keyword
+string does) is a path. With no queue, a queue command stops (exit 2) rather than guess; a
+queue command only reads what exists, and never creates a database file or a table.
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback instead. Exit
 codes: 0 done, 1 an error, 2 a usage error, 3 the order failed or was cancelled, 4 the
@@ -89,9 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--rate-limit", metavar="PER_MINUTE|auto", default=argparse.SUPPRESS,
                         help="take a permit for every request: your key's requests a minute "
                              "(100 on the standard tier), or auto to learn it from 429s")
-    budget.add_argument("--rate-limit-store", metavar="URL", default=argparse.SUPPRESS,
-                        help="share the budget with your other processes: sqlite:///PATH "
-                             "(one host) or redis://... (a fleet); default "
+    budget.add_argument("--rate-limit-store", metavar="LOCATION", default=argparse.SUPPRESS,
+                        help="share the budget with your other processes: a SQLite file, "
+                             "PATH or sqlite:///PATH (one host), or redis://... (a fleet); "
+                             "default "
                              f"${RATE_LIMIT_STORE_ENV}")
     budget.add_argument("--rate-limit-table", metavar="NAME", default=argparse.SUPPRESS,
                         help="the SQLite budget's table, as its table= (default "
@@ -137,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     # --queue goes before or after the action: a parent parser on each level.
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--queue", metavar="LOCATION", default=argparse.SUPPRESS,
-                       help="sqlite:///PATH (an existing file), or a postgresql:// URL or "
+                       help="an existing SQLite file, PATH or sqlite:///PATH, or a "
+                            "postgresql:// URL or "
                             "libpq keyword string (the PostgreSQL and procrastinate "
                             f"queues); default ${QUEUE_ENV}, else an error")
     where.add_argument("--table", metavar="NAME", default=argparse.SUPPRESS,
@@ -318,13 +322,13 @@ def _rate_limit(args: argparse.Namespace) -> Any:
     prefix, prefix_from = _setting(args, "--rate-limit-key-prefix", RATE_LIMIT_KEY_PREFIX_ENV)
     if store is None:
         kind = "in-process"
-    elif store.startswith("sqlite:///"):
+    elif _is_sqlite(store):
         kind = "SQLite"
     elif store.startswith(("redis://", "rediss://", "unix://")):
         kind = "Redis"
     else:
-        raise ValueError(f"rate-limit store {_shown(store)!r}: use sqlite:///PATH or "
-                         "redis://...")
+        raise ValueError(f"rate-limit store {_shown(store)!r}: use a file's PATH, "
+                         "sqlite:///PATH or redis://...")
     # A name meant for another kind of budget would share nothing with the budget the
     # partner meant: refused, never dropped.
     if table is not None and kind != "SQLite":
@@ -339,14 +343,25 @@ def _rate_limit(args: argparse.Namespace) -> Any:
                                          ": give --rate-limit-store redis://..."))
     if store is None:
         return RateLimit(per_minute)
-    if kind == "SQLite":
-        path = store[len("sqlite:///"):]
+    if kind == "SQLite":  # a path or a sqlite:/// URL, which SQLiteRateLimit reads itself
         if table is None:
-            return SQLiteRateLimit(path, per_minute)
-        return SQLiteRateLimit(path, per_minute, table=_table(table, table_from))
+            return SQLiteRateLimit(store, per_minute)
+        return SQLiteRateLimit(store, per_minute, table=_table(table, table_from))
     if prefix is None:
         return RedisRateLimit(store, per_minute)
     return RedisRateLimit(store, per_minute, key_prefix=prefix)
+
+
+# A location's scheme: what a URL starts with, and a path never does.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _is_sqlite(location: str) -> bool:
+    """Whether ``location`` names a SQLite file: a ``sqlite:`` URL (checked when opened),
+    or a path: something without a scheme, and without the ``=`` of a libpq keyword
+    string (``host=db dbname=shop``)."""
+    return location.startswith("sqlite:") or (
+        bool(location.strip()) and not _SCHEME.match(location) and "=" not in location)
 
 
 def _table(text: str, given_by: str) -> str:
@@ -537,26 +552,27 @@ def _queue(args: argparse.Namespace) -> Any:
     and never a new database or table (what a typo would otherwise open)."""
     location, _ = _setting(args, "--queue", QUEUE_ENV)
     if not location:
-        raise UsageError(f"which recovery queue? Give --queue sqlite:///PATH or "
+        raise UsageError(f"which recovery queue? Give --queue PATH, sqlite:///PATH or "
                          f"postgresql://..., or set {QUEUE_ENV}")
     table, table_from = _setting(args, "--table", QUEUE_TABLE_ENV)
     table = _table(table or DEFAULT_TABLE, table_from)
-    if location.startswith("sqlite:///"):
+    if _is_sqlite(location):
         return _sqlite_queue(location, table)
     if location.startswith(("postgresql://", "postgres://")) or _KEYWORDS.match(location):
         return _postgres_queue(location, table)
-    raise ValueError(f"queue {_shown(location)!r}: use sqlite:///PATH, postgresql://... or "
-                     "a libpq keyword string (host=... dbname=...)")
+    raise ValueError(f"queue {_shown(location)!r}: use a SQLite file's PATH, sqlite:///PATH, "
+                     "postgresql://... or a libpq keyword string (host=... dbname=...)")
 
 
 def _sqlite_queue(location: str, table: str) -> Any:
     import sqlite3
 
     from .dedup._sql import TableName
+    from .dedup._sqlite import sqlite_path
     from .errors import StoreUnavailable
     from .recovery.sqlite import SQLiteRecoveryQueue
 
-    path = Path(location[len("sqlite:///"):])
+    path = Path(sqlite_path(location))
     if path.is_dir():
         raise CommandError(f"{location} is a directory, not a SQLite database")
     if not path.is_file():  # opening it would make a new, empty queue

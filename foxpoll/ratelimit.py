@@ -46,6 +46,7 @@ import re
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -56,6 +57,7 @@ from ._clock import Clock, SystemClock
 from ._core import RETRY_AFTER_CEILING, check_timeout
 from ._deadlines import within
 from .dedup._sql import TableName
+from .dedup._sqlite import closed, connect
 from .errors import BudgetUnavailable, StoreError
 
 __all__ = [
@@ -528,7 +530,8 @@ class SQLiteRateLimit(BaseRateLimit):
     Takes :class:`BaseRateLimit`'s arguments, and:
 
     Args:
-        where: The database file (its own, or the dedup store's).
+        where: The database file (its own, or the dedup store's): a path, or
+            ``sqlite:///PATH`` (``sqlite:////PATH`` for an absolute one).
         table: The budget table's name; each part a plain identifier or a double-quoted
             one.
         key: Which budget: one per API key (a row of the table).
@@ -537,10 +540,15 @@ class SQLiteRateLimit(BaseRateLimit):
             left of its deadline) cuts it.
         clock: The budget's time, read with ``clock.time()`` (wall clock: the file is
             shared by processes).
+
+    Raises:
+        StoreError: The path is a directory, or its directory does not exist.
+        BudgetUnavailable: The file could not be opened otherwise (locked, unreadable).
     """
 
-    # Locked, busy, the disk, the file's access; or the connection gone (closed).
-    _unreached = (sqlite3.OperationalError, sqlite3.ProgrammingError)
+    # Locked, busy, the disk, the file's access. Not a closed connection: a call after
+    # close() is the program's mistake (StoreError), which waiting would not cure.
+    _unreached = (sqlite3.OperationalError,)
     _faults = (sqlite3.Error,)  # not a database, or a malformed one
 
     def __init__(self, where: str | os.PathLike[str], per_minute: float | None = None, *,
@@ -563,10 +571,9 @@ class SQLiteRateLimit(BaseRateLimit):
         self._clock = (clock or SystemClock()).time
         self._db_lock = threading.Lock()
         self._busy = busy_timeout  # the connection's busy timeout now
+        self._closed = False
         with self._reaching():
-            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
-                                       isolation_level=None,
-                                       check_same_thread=False)
+            self._db = connect(where, busy_timeout=busy_timeout)
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=OFF")
@@ -591,6 +598,8 @@ class SQLiteRateLimit(BaseRateLimit):
             raise BudgetUnavailable(f"SQLiteRateLimit is unavailable: busy in this process "
                                     f"for {bound:g} s")
         try:
+            if self._closed:
+                raise closed("this SQLiteRateLimit")
             self._wait_for_lock(max(deadline - time.monotonic(), 1e-3))
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -618,7 +627,9 @@ class SQLiteRateLimit(BaseRateLimit):
             self.settings.throttle(state, now, pause), 0.0), timeout)[0]
 
     def close(self) -> None:
+        """Close the database connection; a later call raises :class:`StoreError`."""
         with self._db_lock:
+            self._closed = True
             self._db.close()
 
 
@@ -718,8 +729,8 @@ class RedisRateLimit(BaseRateLimit):
 
     Args:
         where: A ``redis://`` URL (sync and async clients are made from it, so one object
-            serves ``FoxReload`` and ``AsyncFoxReload``, and :meth:`close` /
-            :meth:`aclose` close them), or your ``redis.Redis`` / ``redis.asyncio.Redis``
+            serves ``FoxReload`` and ``AsyncFoxReload``, and :meth:`aclose` closes both;
+            see :meth:`close`), or your ``redis.Redis`` / ``redis.asyncio.Redis``
             (then only that kind of client), never closed by the budget. A
             ``redis.Redis`` of yours needs a ``socket_timeout``: without one, nothing
             would end a call on a frozen network (:class:`ValueError`).
@@ -745,7 +756,7 @@ class RedisRateLimit(BaseRateLimit):
             from redis.backoff import NoBackoff
         except ImportError as exc:  # pragma: no cover - only without the extra
             raise ImportError("RedisRateLimit needs redis: pip install 'foxpoll[redis]'") from exc
-        from .dedup.redis import _socket_timeout
+        from .dedup.redis import check_client, is_asyncio_client
 
         self.statement_timeout = check_timeout(statement_timeout, "statement_timeout")
         self.connect_timeout = check_timeout(connect_timeout, "connect_timeout")
@@ -769,15 +780,16 @@ class RedisRateLimit(BaseRateLimit):
                        for kind, factory, retry in (
                            ("sync", redis.Redis, redis.retry.Retry),
                            ("async", redis.asyncio.Redis, redis.asyncio.retry.Retry))}
-        elif isinstance(where, redis.asyncio.Redis):
-            clients = {"async": where}
         else:
-            if _socket_timeout(where) is None:
-                raise ValueError("a redis.Redis client of your own needs a socket_timeout "
-                                 "(redis.Redis(..., socket_timeout=5)): a budget call "
-                                 "left waiting on a frozen network would never end")
-            clients = {"sync": where}
+            asynchronous = is_asyncio_client(where)
+            check_client(where, "RedisRateLimit", asynchronous=asynchronous,
+                         bounded=not asynchronous, why="a budget call left waiting on a "
+                         "frozen network would never end")
+            clients = {"async" if asynchronous else "sync": where}
         self._clients = clients
+        # The loop the budget's own asyncio client was first used on: its connections
+        # belong to that loop, and only a coroutine run on it can close them.
+        self._async_loop: asyncio.AbstractEventLoop | None = None
         # EVALSHA, falling back to EVAL once per connection's script cache.
         self._scripts = {(kind, name): client.register_script(source)
                          for kind, client in clients.items()
@@ -785,11 +797,32 @@ class RedisRateLimit(BaseRateLimit):
                                               ("throttle", _REDIS_THROTTLE))}
 
     def close(self) -> None:
-        if self._owns:
-            self._clients["sync"].close()
+        """Close the budget's own blocking client (a client you passed in stays open).
+
+        Its own asyncio client, once used, belongs to that event loop, and only a
+        coroutine on it can close it: close a budget used from asyncio with
+        :meth:`aclose` (or ``async with``), on that loop. ``close()`` closes that client
+        too only while its loop is idle (neither running nor closed); otherwise it
+        leaves it open and warns (:class:`ResourceWarning`).
+        """
+        if not self._owns:
+            return
+        self._clients["sync"].close()
+        loop, self._async_loop = self._async_loop, None
+        if loop is None:  # never used: it holds no connection
+            return
+        if not loop.is_running() and not loop.is_closed():
+            loop.run_until_complete(self._clients["async"].aclose())
+            return
+        warnings.warn("RedisRateLimit.close() cannot close the asyncio client the budget "
+                      "used on a running or closed event loop: close it with aclose() "
+                      "(or async with) on that loop", ResourceWarning, stacklevel=2)
 
     async def aclose(self) -> None:
+        """Close the budget's own clients, both kinds (a client you passed in stays
+        open)."""
         if self._owns:
+            self._async_loop = None  # closed here: close() below has nothing more to do
             await self._clients["async"].aclose()
         self.close()
 
@@ -836,6 +869,8 @@ class RedisRateLimit(BaseRateLimit):
 
     async def _acall(self, name: str, args: list[Any], timeout: float | None) -> list[Any]:
         script = self._script("async", name)
+        if self._owns and self._async_loop is None:
+            self._async_loop = asyncio.get_running_loop()
         bound = self.statement_timeout if timeout is None else timeout
         async with within(bound):  # any client: redis-py drops a cancelled call's connection
             reply: list[Any] = await script(keys=[self.key], args=args)

@@ -82,6 +82,29 @@ def test_dlq_list_requeue_resolve(tmp_path: Path) -> None:
     assert run("dlq", "--queue", url, "list")[1].strip() == "0 dead letter(s)"
 
 
+def test_a_sqlite_queue_is_named_by_its_path_or_a_sqlite_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with SQLiteRecoveryQueue(f"sqlite:///{tmp_path / 'q.db'}") as queue:  # as the class takes
+        queue.enqueue("o-1")
+        queue.bury("o-1", last_status=None, last_error=None)
+    monkeypatch.chdir(tmp_path)
+    for location in (str(tmp_path / "q.db"), "q.db", "sqlite:///q.db",
+                     f"sqlite:///{tmp_path / 'q.db'}"):
+        assert run("dlq", "list", "--queue", location)[1].split()[0] == "o-1", location
+        monkeypatch.setenv("FOXPOLL_QUEUE", location)
+        assert run("dlq", "list")[1].split()[0] == "o-1", location
+        monkeypatch.delenv("FOXPOLL_QUEUE")
+    # A bare path is read as one only: never created, and never mistaken for the rest.
+    assert run("dlq", "list", "--queue", "typo.db") == (1, "")
+    assert "no queue at typo.db: the file does not exist" in capsys.readouterr().err
+    for location in ("sqlite://q.db", "sqlite:q.db", "sqlite:///q.db?mode=ro"):
+        assert run("dlq", "list", "--queue", location)[0] == 1
+        assert "expected sqlite:///PATH" in capsys.readouterr().err
+    assert run("dlq", "list", "--queue", "a=b.db")[0] == 1  # an '=': a libpq keyword string
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.db"]
+
+
 def test_queue_goes_before_or_after_the_action(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'q.db'}"
     with SQLiteRecoveryQueue(tmp_path / "q.db") as queue:
@@ -177,7 +200,7 @@ def test_errors_are_one_line_without_a_traceback(
     assert "Traceback" not in err
     code, _ = run("dlq", "--queue", "mysql://x", "list")
     assert code == 1
-    assert "use sqlite:///PATH" in capsys.readouterr().err
+    assert "use a SQLite file's PATH, sqlite:///PATH, postgresql://" in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -685,6 +708,22 @@ def test_bad_rate_limits_are_one_line_errors(
     assert "per_minute" in capsys.readouterr().err
     assert run("orders", "get", "x", "--rate-limit-store", "redis://x")[0] == 2
     assert "needs --rate-limit" in capsys.readouterr().err
+
+
+def test_a_sqlite_budget_is_named_by_its_path_or_a_sqlite_url(
+    api: FakeFoxReload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    buy = ("orders", "create", "--item", "product_steam_10", "--rate-limit", "100")
+    for location, made in (("bare.db", "bare.db"), (str(tmp_path / "abs.db"), "abs.db"),
+                           ("sqlite:///url.db", "url.db")):
+        assert run(*buy, "--rate-limit-store", location)[0] == 0
+        assert tables(tmp_path / made) == {"foxpoll_rate_limit"}
+    assert run(*buy, "--rate-limit-store", "sqlite://url.db")[0] == 1
+    assert "expected sqlite:///PATH" in capsys.readouterr().err
+    assert run(*buy, "--rate-limit-store", "mysql://x")[0] == 1
+    assert "use a file's PATH, sqlite:///PATH or redis://" in capsys.readouterr().err
 
 
 def test_the_budget_store_comes_from_the_flag_else_the_environment(

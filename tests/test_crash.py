@@ -42,7 +42,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
     else:
         moto_url = request.getfixturevalue("moto_url")
         table = f"foxpoll-crash-{uuid.uuid4().hex[:8]}"
-        make_store(backend, f"{moto_url}#{table}").create_table()
+        make_store(backend, f"{moto_url}#{table}").create_schema()
         yield backend, f"{moto_url}#{table}"
 
 

@@ -255,8 +255,8 @@ def dynamodb_table(moto_url: str) -> str:
 
     table = f"foxpoll-test-{uuid.uuid4().hex[:8]}"
     client = boto3.client("dynamodb", endpoint_url=moto_url)
-    DynamoDBDedupStore(table, client=client).create_table()
-    DynamoDBDedupStore(table, client=client).create_table()  # idempotent
+    DynamoDBDedupStore(table, client=client).create_schema()
+    DynamoDBDedupStore(table, client=client).create_schema()  # idempotent
     return table
 
 

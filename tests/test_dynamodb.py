@@ -32,10 +32,16 @@ def new_table() -> str:
     return f"foxpoll-test-{uuid.uuid4().hex[:8]}"
 
 
-def test_create_table_makes_the_table_its_index_and_the_ttl(client: Any) -> None:
+def test_create_schema_makes_the_table_its_index_and_the_ttl(client: Any) -> None:
     table = new_table()
-    DynamoDBDedupStore(table, client=client).create_table()
-    DynamoDBDedupStore(table, client=client).create_table()  # idempotent
+    store = DynamoDBDedupStore(table, client=client)
+    assert store.table == table
+    store.create_schema()
+    DynamoDBDedupStore(table, client=client).create_schema()  # idempotent
+    # One name for the step on every store; the old ones are gone, not aliased.
+    for kind in (DynamoDBDedupStore, AsyncDynamoDBDedupStore):
+        assert not hasattr(kind, "create_table")
+    assert not hasattr(store, "table_name")
     described = client.describe_table(TableName=table)["Table"]
     assert described["TableStatus"] == "ACTIVE"
     assert [i["IndexName"] for i in described["GlobalSecondaryIndexes"]] == ["state-updated_at"]
@@ -49,8 +55,8 @@ async def test_the_async_store_creates_its_table_and_delivers_once(
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)  # for the client the store opens
     store = AsyncDynamoDBDedupStore(table)
     try:
-        await store.create_table()
-        await store.create_table()
+        await store.create_schema()
+        await store.create_schema()
         order = completed()
         first = await adeliver_once(order, lambda o: "sent", store)
         second = await adeliver_once(order, lambda o: "again", store)
@@ -66,7 +72,7 @@ def test_delivered_records_carry_a_ttl_only_with_a_retention(client: Any,
                                                              retention: int) -> None:
     table = new_table()
     store = DynamoDBDedupStore(table, client=client, retention=retention)
-    store.create_table()
+    store.create_schema()
     order = completed()
     deliver_once(order, lambda o: None, store)
     item = client.get_item(TableName=table, Key={"order_id": {"S": order.id}},
@@ -79,7 +85,7 @@ def test_delivered_records_carry_a_ttl_only_with_a_retention(client: Any,
 
 
 def test_a_missing_table_is_store_unavailable_and_delivers_nothing(client: Any) -> None:
-    store = DynamoDBDedupStore(new_table(), client=client)  # create_table() never called
+    store = DynamoDBDedupStore(new_table(), client=client)  # create_schema() never called
     calls: list[Order] = []
     with pytest.raises(StoreUnavailable):
         deliver_once(completed(), calls.append, store)

@@ -304,7 +304,7 @@ def test_a_client_that_decodes_responses_is_refused() -> None:
     # could move it aside: every read of the group would fail.
     from foxpoll.events import AsyncRedisStreamConsumer, RedisStreamConsumer
 
-    with raw_client(decode_responses=True) as client, \
+    with raw_client(decode_responses=True, socket_timeout=5) as client, \
             pytest.raises(ValueError, match="decode_responses"):
         RedisStreamConsumer(client, group="g", consumer="c", handler=print)
     with pytest.raises(ValueError, match="decode_responses"):
@@ -466,7 +466,7 @@ async def test_run_ends_when_stopped_during_an_outage(
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
-            client = Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+            client = Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=2)
             try:
                 await AsyncRedisStreamConsumer(client, **options).run(stop=stop)
             finally:
@@ -483,7 +483,8 @@ async def test_cancelling_an_async_run_ends_it() -> None:
 
     from foxpoll.events import AsyncRedisStreamConsumer
 
-    client = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", retry=Retry(NoBackoff(), 0))
+    client = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", retry=Retry(NoBackoff(), 0),
+                            socket_timeout=2)
     consumer = AsyncRedisStreamConsumer(client, group="g", consumer="c", handler=print,
                                         block=None, clock=FakeClock())
     task = asyncio.create_task(consumer.run())
@@ -518,7 +519,7 @@ def test_redis_refusing_a_command_ends_run(prefix: str) -> None:
 
     from foxpoll.events import RedisStreamConsumer
 
-    with raw_client() as client:
+    with raw_client(socket_timeout=5) as client:
         client.set(f"{prefix}orders", "not a stream")
         consumer = RedisStreamConsumer(client, key_prefix=prefix, group="g", consumer="c",
                                        handler=print, block=None, clock=FakeClock())

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from foxpoll import Order, OrderStatus, StoreUnavailable
-from foxpoll.events import EventError, InMemoryPublisher, OrderEvent, event_id_for
+from foxpoll.events import EventError, MemoryPublisher, OrderEvent, event_id_for
 from foxpoll.models import OrderItem
 
 from .services import REDIS_URL, free_port, require
@@ -69,8 +69,11 @@ def test_bad_messages_are_event_errors_without_their_content(bad: str) -> None:
     assert "SECRET-CODE" not in str(info.value)
 
 
-def test_in_memory_publisher_keeps_order_and_drops_repeats_on_request() -> None:
-    publisher = InMemoryPublisher()
+def test_memory_publisher_keeps_order_and_drops_repeats_on_request() -> None:
+    import foxpoll.events
+
+    assert not hasattr(foxpoll.events, "InMemoryPublisher")  # renamed, not aliased
+    publisher = MemoryPublisher()
     a, b = OrderEvent.from_order(order()), OrderEvent.from_order(order("failed"))
     for event in (a, b, a):
         publisher.publish(event)

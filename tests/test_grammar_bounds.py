@@ -161,7 +161,7 @@ async def aws_object(kind: str, moto_url: str, client: Any) -> tuple[Any, Callab
 
     table = f"foxpoll-grammar-{uuid.uuid4().hex[:8]}"
     DynamoDBDedupStore(table, client=boto3.client("dynamodb", endpoint_url=moto_url)
-                       ).create_table()
+                       ).create_schema()
     store = AsyncDynamoDBDedupStore(table, client=client, connect_timeout=2.0,
                                     statement_timeout=3.0)
     return store, lambda: store.get("order-1")

@@ -103,8 +103,41 @@ def test_a_closed_callers_pool_is_not_worked_around(make_store: Any, pool: Any) 
     store = make_store()
     store.get("o-1")
     pool.close()
-    with pytest.raises(StoreUnavailable, match="unavailable"):
+    with pytest.raises(StoreError, match="is closed") as closed:
         store.get("o-2")
+    assert not isinstance(closed.value, StoreUnavailable)  # waiting would not reopen it
+
+
+@pytest.mark.parametrize("kind", ["blocking", "async"])
+async def test_a_store_used_after_close_says_so_and_is_no_outage(table: str, kind: str
+                                                                 ) -> None:
+    from foxpoll.dedup import AsyncPostgresDedupStore, PostgresDedupStore
+    from foxpoll.recovery import PostgresRecoveryQueue
+
+    store: Any = (PostgresDedupStore if kind == "blocking" else AsyncPostgresDedupStore)(
+        POSTGRES_URL, table=table)
+    queue = PostgresRecoveryQueue(POSTGRES_URL, table=f"{table}_q")
+    try:
+        if kind == "blocking":
+            store.create_schema()
+            assert store.get("o-1") is None
+            store.close()
+            with pytest.raises(StoreError, match=f"table '{table}' is closed") as info:
+                store.get("o-1")
+        else:
+            await store.create_schema()
+            assert await store.get("o-1") is None
+            await store.aclose()
+            with pytest.raises(StoreError, match=f"table '{table}' is closed") as info:
+                await store.get("o-1")
+        assert not isinstance(info.value, StoreUnavailable)
+        queue.create_schema()
+        queue.close()
+        with pytest.raises(StoreError, match="is closed") as info:
+            queue.enqueue("o-1")
+        assert not isinstance(info.value, StoreUnavailable)
+    finally:
+        drop_table(f"{table}_q")
 
 
 @pytest.mark.parametrize("seconds", [0, -1, float("nan")])

@@ -17,7 +17,7 @@ import pytest
 from foxpoll import FoxReload, Order, SystemClock
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import MemoryDedupStore
-from foxpoll.events import InMemoryPublisher
+from foxpoll.events import MemoryPublisher
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 
@@ -136,7 +136,7 @@ def test_pending_orders_retry_then_dead_letter_requeue_and_deliver(
         sim.script(order_id, OrderScript.complete(after=0))
         assert queue.requeue(order_id).state is JobState.QUEUED
         delivered: list[Order] = []
-        events = InMemoryPublisher()
+        events = MemoryPublisher()
         worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append,
                                 publisher=events)
         queue.run_worker(worker, wait=False, **QUIET)

@@ -30,7 +30,7 @@ from foxpoll.ratelimit import (
 from foxpoll.recovery import RecoveryWorker, SQLiteRecoveryQueue
 from foxpoll.testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
 
-from .services import REDIS_URL, require
+from .services import REDIS_URL, delete_keys, require
 
 STEAM = [{"itemId": "product_steam_10"}]
 
@@ -244,6 +244,59 @@ async def test_backends_serve_async_callers_too(backend: Any) -> None:
     await limit.athrottled(3)
     assert 2 < limit.acquire(Priority.BUY) <= 3
     await limit.aclose()
+
+
+def _connections(name: str) -> int:
+    """How many connections Redis has open under the client name ``name``."""
+    import redis
+
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        return sum(1 for c in admin.client_list() if c.get("name") == name)
+
+
+@pytest.mark.service
+async def test_a_redis_budget_used_from_asyncio_is_closed_by_aclose() -> None:
+    """And by close() when it can; when it cannot, close() says so."""
+    import asyncio
+    import warnings
+
+    require("Redis", "127.0.0.1", 6379)
+    name = f"foxpoll-budget-{uuid.uuid4().hex[:8]}"
+    url, prefix = f"{REDIS_URL}?client_name={name}", f"{name}:"
+    try:
+        budget = RedisRateLimit(url, per_minute=600, key_prefix=prefix)
+        await budget.aacquire()
+        budget.acquire()
+        assert _connections(name) == 2  # one each, sync and asyncio
+        with pytest.warns(ResourceWarning, match=r"close it with aclose\(\)"):
+            budget.close()  # on the loop that is running: it cannot close that client
+        assert _connections(name) == 1  # the asyncio one, left open
+        await budget.aclose()
+        assert _connections(name) == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            budget.close()  # closed already: nothing to say
+
+        # Sync use only: close() closes everything, and never warns.
+        with RedisRateLimit(url, per_minute=600, key_prefix=prefix) as budget:
+            budget.acquire()
+        assert _connections(name) == 0
+
+        # An idle loop that used it: close() closes its client on that loop.
+        def on_a_loop_of_its_own() -> None:
+            loop = asyncio.new_event_loop()
+            try:
+                budget = RedisRateLimit(url, per_minute=600, key_prefix=prefix)
+                loop.run_until_complete(budget.aacquire())
+                assert _connections(name) == 1
+                budget.close()
+                assert _connections(name) == 0
+            finally:
+                loop.close()
+
+        await asyncio.to_thread(on_a_loop_of_its_own)  # a thread: this one runs a loop
+    finally:
+        delete_keys(prefix)
 
 
 # -- the clients -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from foxpoll import Order, OrderStalled, OrderStatus, SystemClock
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
 from foxpoll.errors import StoreUnavailable
-from foxpoll.events import InMemoryPublisher
+from foxpoll.events import MemoryPublisher
 from foxpoll.metrics import PrometheusMetrics
 from foxpoll.polling import WaitPolicy
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker, SQLiteRecoveryQueue
@@ -137,7 +137,7 @@ def test_a_stalled_wait_is_recovered_delivered_once_and_published(
         assert (job.state, job.reason) == (JobState.QUEUED, "stalled")  # enqueued by itself
         sim.script(order_id, OrderScript.complete(after=clock.monotonic() + 200))
         delivered: list[Order] = []
-        publisher = InMemoryPublisher()
+        publisher = MemoryPublisher()
         store = MemoryDedupStore(clock=clock)
         registry = CollectorRegistry()
         worker = RecoveryWorker(client, queue, store, on_completed=delivered.append,
@@ -164,7 +164,7 @@ def test_failed_and_cancelled_orders_go_to_the_terminal_handler(
         queue.enqueue(order_id)
     handed: list[Order] = []
     delivered: list[Order] = []
-    publisher = InMemoryPublisher()
+    publisher = MemoryPublisher()
     with sim.client() as client:
         worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append,
                                 on_terminal=handed.append, publisher=publisher)

@@ -20,7 +20,7 @@ import pytest
 from foxpoll import Clock, FoxReload, Order, SystemClock
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
-from foxpoll.errors import StoreUnavailable
+from foxpoll.errors import StoreError, StoreUnavailable
 from foxpoll.recovery import (
     JobState,
     RecoveryJob,
@@ -329,7 +329,7 @@ def test_bad_order_ids_and_times_are_rejected(engine: Engine) -> None:
 @pytest.mark.service
 def test_a_missing_table_says_to_call_create_schema() -> None:
     require("PostgreSQL", "127.0.0.1", 5432)
-    from foxpoll.errors import StoreError, StoreUnavailable
+    from foxpoll.errors import StoreUnavailable
     from foxpoll.recovery import PostgresRecoveryQueue
 
     with PostgresRecoveryQueue(POSTGRES_URL, table="never_created_here") as q, \
@@ -422,15 +422,15 @@ async def test_close_and_async_with_release_the_queues_own_connections() -> None
         drop_table(table)
 
 
-def test_a_closed_sqlite_queue_holds_no_connection(tmp_path: Path) -> None:
-    import sqlite3
-
+def test_a_closed_sqlite_queue_says_so_and_is_no_outage(tmp_path: Path) -> None:
     queue = SQLiteRecoveryQueue(tmp_path / "q.db")
     queue.enqueue("o1")
     queue.close()
-    with pytest.raises(StoreUnavailable) as closed:
-        queue.get("o1")
-    assert isinstance(closed.value.__cause__, sqlite3.ProgrammingError)  # a closed database
+    for call in (lambda: queue.get("o1"), lambda: queue.enqueue("o2")):
+        # Waiting would not cure it: a worker that waits out outages must not wait on this.
+        with pytest.raises(StoreError, match="SQLiteRecoveryQueue is closed") as closed:
+            call()
+        assert not isinstance(closed.value, StoreUnavailable)
 
 
 def test_a_table_made_by_foxpoll_0_1_gets_its_token_column_under_a_quoted_name(

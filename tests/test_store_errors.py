@@ -1,11 +1,14 @@
 """One error for every store: a budget, an event stream or a queue whose server cannot be
 reached raises ``StoreUnavailable`` (a ``StoreError``), never its driver's own exception,
-and the message carries no connection details."""
+and the message carries no connection details. One used after ``close()``, or given a
+place no file can be, raises a plain ``StoreError``: waiting would not cure it."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,27 +56,80 @@ async def test_a_redis_budget_that_cannot_reach_redis_is_store_unavailable(call:
     assert isinstance(info.value.__cause__, redis.ConnectionError)  # chained, for debugging
 
 
-def test_a_sqlite_budget_whose_file_cannot_be_opened_is_store_unavailable(
+def _sqlite_kinds() -> dict[str, Callable[[Any], Any]]:
+    from foxpoll.dedup import AsyncSQLiteDedupStore, SQLiteDedupStore
+    from foxpoll.ratelimit import SQLiteRateLimit
+    from foxpoll.recovery import SQLiteRecoveryQueue
+
+    return {"SQLiteDedupStore": SQLiteDedupStore, "AsyncSQLiteDedupStore":
+            AsyncSQLiteDedupStore, "SQLiteRecoveryQueue": SQLiteRecoveryQueue,
+            "SQLiteRateLimit": lambda where: SQLiteRateLimit(where, per_minute=100)}
+
+
+@pytest.mark.parametrize("kind", list(_sqlite_kinds()))
+@pytest.mark.parametrize("where", ["missing directory", "directory"])
+def test_a_sqlite_file_that_cannot_exist_there_is_a_store_error_not_an_outage(
+    tmp_path: Path, kind: str, where: str,
+) -> None:
+    """Waiting would not make the directory appear, or the directory a file."""
+    path = tmp_path / "no-such-dir" / "x.db" if where == "missing directory" else tmp_path
+    said = "no directory" if where == "missing directory" else "is a directory"
+    for form in (path, str(path), f"sqlite:///{path}"):
+        with pytest.raises(StoreError, match=said) as info:
+            _sqlite_kinds()[kind](form)
+        assert not isinstance(info.value, StoreUnavailable)
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def test_a_locked_sqlite_file_is_still_an_outage(tmp_path: Path) -> None:
+    import sqlite3
+
+    from foxpoll.dedup import SQLiteDedupStore
+
+    path = tmp_path / "x.db"
+    SQLiteDedupStore(path).close()  # the table exists
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process, in a long write
+    try:
+        with SQLiteDedupStore(path, busy_timeout=0.05) as store, \
+                pytest.raises(StoreUnavailable, match="SQLite is unavailable"):
+            store.get("o1")
+    finally:
+        holder.close()
+
+
+async def test_a_sqlite_budget_used_after_close_says_so_even_failing_open(
     tmp_path: Path,
 ) -> None:
     from foxpoll.ratelimit import SQLiteRateLimit
 
-    with pytest.raises(StoreUnavailable, match="SQLiteRateLimit is unavailable"):
-        SQLiteRateLimit(tmp_path / "no-such-dir" / "budget.db", per_minute=100)
+    for fail_open in (False, True):  # fail_open is for outages: this is none
+        budget = SQLiteRateLimit(tmp_path / "budget.db", per_minute=100, fail_open=fail_open)
+        assert budget.acquire() == 0.0
+        budget.close()
+        for call in (budget.acquire, functools.partial(budget.throttled, 1.0)):
+            with pytest.raises(StoreError, match="SQLiteRateLimit is closed") as info:
+                call()
+            assert not isinstance(info.value, StoreUnavailable)
+        with pytest.raises(StoreError, match="SQLiteRateLimit is closed"):
+            await budget.athrottled(1.0)
 
 
-async def test_a_sqlite_budget_whose_connection_is_gone_is_store_unavailable(
-    tmp_path: Path,
-) -> None:
-    from foxpoll.ratelimit import SQLiteRateLimit
+async def test_a_sqlite_dedup_store_used_after_close_says_so(tmp_path: Path) -> None:
+    from foxpoll.dedup import AsyncSQLiteDedupStore, SQLiteDedupStore
 
-    budget = SQLiteRateLimit(tmp_path / "budget.db", per_minute=100)
-    assert budget.acquire() == 0.0
-    budget.close()  # its connection is gone: every call fails, and says so in foxpoll's terms
-    with pytest.raises(StoreUnavailable):
-        budget.acquire()
-    with pytest.raises(StoreUnavailable):
-        await budget.athrottled(1.0)
+    store = SQLiteDedupStore(tmp_path / "d.db")
+    store.close()
+    for call in (lambda: store.get("o1"), lambda: store.claim("o1", "t", 30.0),
+                 store.create_schema):
+        with pytest.raises(StoreError, match="SQLiteDedupStore is closed") as info:
+            call()
+        assert not isinstance(info.value, StoreUnavailable)
+    astore = AsyncSQLiteDedupStore(tmp_path / "d.db")
+    await astore.aclose()
+    with pytest.raises(StoreError, match="is closed") as info:
+        await astore.get("o1")
+    assert not isinstance(info.value, StoreUnavailable)
 
 
 @pytest.mark.parametrize("kind", ["blocking", "async"])
@@ -172,15 +228,6 @@ def test_every_store_error_is_one_kind() -> None:
 
     for error in (StoreUnavailable("x"), DedupError("x"), LeaseLost("x"), EventError("x")):
         assert isinstance(error, StoreError)
-
-
-def test_a_sqlite_queue_whose_file_cannot_be_opened_is_store_unavailable(
-    tmp_path: Path,
-) -> None:
-    from foxpoll.recovery import SQLiteRecoveryQueue
-
-    with pytest.raises(StoreUnavailable, match="SQLite is unavailable"):
-        SQLiteRecoveryQueue(tmp_path / "no-such-dir" / "queue.db")
 
 
 def test_a_postgres_table_never_created_is_a_store_error_not_an_outage() -> None:

@@ -264,7 +264,7 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
     """A dedup store in a DynamoDB table.
 
     Args:
-        where: The table's name (see :meth:`create_table`): in DynamoDB a table is the
+        where: The table's name (see :meth:`create_schema`): in DynamoDB a table is the
             place, and the client only the way there.
         client: Your boto3 DynamoDB client (its own timeouts apply), never closed by the
             store; when None, the store makes ``boto3.client("dynamodb")`` (configured
@@ -275,6 +275,9 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
         connect_timeout: Seconds each connect of the store's own client may take.
         statement_timeout: Seconds each read of the store's own client may take
             (botocore's default is 60, retried up to four times).
+
+    Attributes:
+        table: The table's name (``where``).
     """
 
     def __init__(
@@ -289,7 +292,7 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
     ) -> None:
         check_timeout(connect_timeout, "connect_timeout")
         check_timeout(statement_timeout, "statement_timeout")
-        self.table_name = where
+        self.table = where
         self._owns = client is None
         self._client = client if client is not None else boto3.client(
             "dynamodb", config=bounded_config(statement_timeout, connect_timeout))
@@ -301,7 +304,7 @@ class DynamoDBDedupStore(FlowStore, DedupStore):
         if self._owns:
             self._client.close()
 
-    def create_table(self) -> None:
+    def create_schema(self) -> None:
         """Create the table and its index (idempotent), wait for it, and enable the TTL."""
         self._run(self._flows.setup())
 
@@ -344,14 +347,14 @@ class AsyncDynamoDBDedupStore(FlowStore, AsyncDedupStore):
     ) -> None:
         check_timeout(connect_timeout, "connect_timeout")
         check_timeout(statement_timeout, "statement_timeout")
-        self.table_name = where
+        self.table = where
         self._client = AsyncClient("dynamodb", client, connect_timeout=connect_timeout,
                                    statement_timeout=statement_timeout)
         self._flows: DynamoDBFlows = DynamoDBFlows(where, check_retention(retention),
                                                    (clock or SystemClock()).time)
 
-    async def create_table(self) -> None:
-        """See :meth:`DynamoDBDedupStore.create_table`."""
+    async def create_schema(self) -> None:
+        """See :meth:`DynamoDBDedupStore.create_schema`."""
         await self._run(self._flows.setup())
 
     async def _perform(self, request: Op[Any]) -> Any:

@@ -15,6 +15,7 @@ client's pool lends for that command.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -54,7 +55,7 @@ from .base import (
     unavailable,
 )
 
-__all__ = ["AsyncRedisDedupStore", "RedisDedupStore"]
+__all__ = ["AsyncRedisDedupStore", "RedisDedupStore", "check_client"]
 
 T = TypeVar("T")
 
@@ -276,12 +277,12 @@ class _RedisStore(FlowStore):
         check_timeout(statement_timeout, "statement_timeout")
         check_timeout(connect_timeout, "connect_timeout")
         self._owns = isinstance(where, str)
-        if not self._owns and self._blocking and _socket_timeout(where) is None:
+        if not self._owns:
             # Only the socket timeout can end a blocking call on a frozen network: without
             # it, a call (and a delivery's lease) could wait for good.
-            raise ValueError("a redis.Redis client of your own needs a socket_timeout "
-                             "(redis.Redis(..., socket_timeout=5)): the store's blocking "
-                             "calls are bounded by it")
+            check_client(where, "RedisDedupStore" if self._blocking else "AsyncRedisDedupStore",
+                         asynchronous=not self._blocking, bounded=self._blocking,
+                         why="the store's blocking calls are bounded by it")
         # No retries: a command retried after a timeout would wait out socket_timeout
         # again, past statement_timeout; delivery retries what needs retrying itself.
         self._client = (
@@ -343,6 +344,52 @@ def _socket_timeout(client: Any) -> float | None:
     return timeout
 
 
+def is_asyncio_client(client: Any) -> bool:
+    """Whether ``client`` is a ``redis.asyncio`` client: its commands are coroutines."""
+    return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
+
+
+def check_client(client: Any, what: str, *, asynchronous: bool, bounded: bool,
+                 why: str = "", above: float = 0.0) -> None:
+    """Refuse a Redis client of the caller's that ``what`` (a class's name) cannot use.
+
+    Args:
+        client: The client given.
+        what: The class given it; its twin (``Async`` prefixed or dropped) is the one
+            to use for a client of the other kind.
+        asynchronous: Whether ``what`` needs a ``redis.asyncio`` client.
+        bounded: Whether the client must have a ``socket_timeout``: the only bound on a
+            call where ``what`` has none of its own.
+        why: What the socket timeout bounds, for the message.
+        above: Seconds the socket timeout must exceed (a blocking read's wait).
+
+    Raises:
+        TypeError: ``client`` is not a Redis client, or is one of the other kind.
+        ValueError: ``bounded``, and the client has no socket timeout, or one of at most
+            ``above`` seconds.
+    """
+    if not callable(getattr(client, "execute_command", None)):
+        raise TypeError(f"{what} takes a redis:// URL or a Redis client, not "
+                        f"{type(client).__name__}")
+    if is_asyncio_client(client) != asynchronous:
+        twin = what.removeprefix("Async") if what.startswith("Async") else f"Async{what}"
+        given, needed = ("redis.asyncio", "redis.Redis") if not asynchronous else (
+            "redis.Redis", "redis.asyncio")
+        raise TypeError(f"{what} needs a {needed} client, and was given a {given} one: "
+                        f"use {twin} for that")
+    if not bounded:
+        return
+    timeout = _socket_timeout(client)
+    if timeout is None:
+        why = why or "nothing else ends a call on a frozen network"
+        raise ValueError("a Redis client of your own needs a socket_timeout (Redis(..., "
+                         f"socket_timeout=5)): {why}")
+    if timeout <= above:
+        raise ValueError(f"the Redis client's socket_timeout ({timeout:g} s) must be above "
+                         f"block ({above:g} s): each read waits up to block for new "
+                         "entries, and the socket timeout would end it first")
+
+
 class RedisDedupStore(_RedisStore, DedupStore):
     """A dedup store in Redis.
 
@@ -359,6 +406,11 @@ class RedisDedupStore(_RedisStore, DedupStore):
             nothing would end a call on a frozen network.
         connect_timeout: Seconds to connect, for a client built from a URL
             (``socket_connect_timeout``).
+
+    Raises:
+        TypeError: ``where`` is a ``redis.asyncio`` client (that is
+            :class:`AsyncRedisDedupStore`'s), or no Redis client at all.
+        ValueError: Your client has no ``socket_timeout``.
     """
 
     _client_class = redis.Redis
@@ -390,6 +442,8 @@ class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
 
     ``statement_timeout`` bounds every call, whatever the client: past it, the call is
     cancelled (redis-py then drops its connection) and raises :class:`StoreUnavailable`.
+    A blocking ``redis.Redis`` client is refused (:class:`TypeError`): that is
+    :class:`RedisDedupStore`'s.
     """
 
     _client_class = aredis.Redis

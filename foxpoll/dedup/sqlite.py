@@ -19,6 +19,7 @@ from foxpoll._core import check_timeout
 
 from ._flows import Flow, FlowStore, Rows, SQLFlows, query
 from ._sql import SQLITE
+from ._sqlite import closed, connect
 from .base import AsyncDedupStore, DedupStore, unavailable
 
 __all__ = ["AsyncSQLiteDedupStore", "SQLiteDedupStore"]
@@ -32,12 +33,17 @@ class SQLiteDedupStore(FlowStore, DedupStore):
     """A dedup store in a SQLite file.
 
     Args:
-        where: The database file (created if missing).
+        where: The database file (created if missing): a path, or ``sqlite:///PATH``
+            (``sqlite:////PATH`` for an absolute one).
         table: The table name; each part a plain identifier or a double-quoted one.
             ``main.name`` names the file's own schema.
         busy_timeout: Seconds to wait for another writer's lock before giving up
             (:class:`StoreUnavailable`).
         clock: The store's time, read with ``clock.time()``.
+
+    Raises:
+        StoreError: The path is a directory, or its directory does not exist.
+        StoreUnavailable: The file could not be opened otherwise (locked, unreadable).
     """
 
     def __init__(
@@ -53,9 +59,9 @@ class SQLiteDedupStore(FlowStore, DedupStore):
         self._flows = SQLFlows(self._sql)
         self._clock = (clock or SystemClock()).time
         self._lock = threading.Lock()
+        self._closed = False
         try:
-            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
-                                       isolation_level=None, check_same_thread=False)
+            self._db = connect(where, busy_timeout=busy_timeout)
         except sqlite3.Error as exc:
             raise unavailable("SQLite", exc) from exc
         try:
@@ -71,6 +77,8 @@ class SQLiteDedupStore(FlowStore, DedupStore):
     def create_schema(self) -> None:
         """Create the table and its index, if missing."""
         with self._lock:
+            if self._closed:
+                raise closed("this SQLiteDedupStore")
             try:
                 self._db.execute(self._sql.schema)
                 self._db.execute(self._sql.index)
@@ -83,6 +91,9 @@ class SQLiteDedupStore(FlowStore, DedupStore):
 
     def _run(self, flow: Flow[T]) -> T:
         with self._lock:
+            if self._closed:
+                flow.close()
+                raise closed("this SQLiteDedupStore")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -100,8 +111,9 @@ class SQLiteDedupStore(FlowStore, DedupStore):
             return result
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connection; a later call raises :class:`StoreError`."""
         with self._lock:
+            self._closed = True
             self._db.close()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from foxpoll._lazy import lazy_attributes
 
 from .base import AsyncPublisher, EventError, OrderEvent, Publisher, event_id_for
-from .memory import InMemoryPublisher
+from .memory import MemoryPublisher
 
 __all__ = [
     "AsyncPublisher",
@@ -16,7 +16,7 @@ __all__ = [
     "AsyncRedisStreamPublisher",
     "AsyncSQSPublisher",
     "EventError",
-    "InMemoryPublisher",
+    "MemoryPublisher",
     "OrderEvent",
     "Publisher",
     "RedisStreamConsumer",

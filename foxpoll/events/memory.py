@@ -1,4 +1,4 @@
-"""``InMemoryPublisher``: keeps events in a list, for tests and demos."""
+"""``MemoryPublisher``: keeps events in a list, for tests and demos."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import threading
 
 from .base import OrderEvent
 
-__all__ = ["InMemoryPublisher"]
+__all__ = ["MemoryPublisher"]
 
 
-class InMemoryPublisher:
+class MemoryPublisher:
     """Records every published event in :attr:`events`, in order (repeats included)."""
 
     def __init__(self) -> None:
@@ -27,13 +27,13 @@ class InMemoryPublisher:
     async def aclose(self) -> None:
         """Nothing to release: the events stay readable."""
 
-    def __enter__(self) -> InMemoryPublisher:
+    def __enter__(self) -> MemoryPublisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> InMemoryPublisher:
+    async def __aenter__(self) -> MemoryPublisher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

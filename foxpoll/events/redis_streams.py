@@ -47,6 +47,7 @@ from foxpoll._clock import Clock, SystemClock
 from foxpoll._io import Flow, Op, arun, call, pause, run
 from foxpoll._outages import OUTAGE_BACKOFF, STOP_LOOKS_EVERY, Outages
 from foxpoll.backoff import BackoffPolicy
+from foxpoll.dedup.redis import check_client
 from foxpoll.errors import StoreUnavailable, unavailable_on
 
 from .base import EventError, OrderEvent
@@ -246,28 +247,45 @@ class _RedisClientOwner:
 
     Args:
         where: A ``redis://`` URL, for which it makes its own client (closed by ``close()``,
-            ``aclose()`` or ``with``); or your client, never closed by it.
+            ``aclose()`` or ``with``); or your client, never closed by it, of the kind
+            the class uses (``redis.Redis``, or ``redis.asyncio.Redis`` for the ``Async``
+            classes), with a ``socket_timeout`` above ``block``: nothing else bounds a
+            call.
         key_prefix: The stream's key is ``{key_prefix}orders``; its dead letters go to
             ``{key_prefix}orders:dead``.
         connect_timeout: Seconds to connect, for a client made from a URL.
         statement_timeout: Seconds a command may wait for Redis's reply (beyond a
             consumer's ``block``), for a client made from a URL; a client of yours is
             bounded by its own ``socket_timeout``.
+        block: Seconds a consumer's read waits for new entries (0 for a publisher).
+
+    Raises:
+        TypeError: Your client is of the other kind, or no Redis client.
+        ValueError: Your client has no ``socket_timeout``, or one of at most ``block``.
     """
 
     _client_class: Any
+    _asynchronous: bool
 
     def __init__(self, where: Any, key_prefix: str, connect_timeout: float,
-                 statement_timeout: float) -> None:
+                 statement_timeout: float, block: float = 0.0) -> None:
         self.stream = f"{key_prefix}orders"
         self._owns = isinstance(where, str)
+        if not self._owns:
+            # Neither kind of client gets a deadline of foxpoll's here: its socket timeout
+            # is what ends a call on a frozen network.
+            check_client(where, type(self).__name__, asynchronous=self._asynchronous,
+                         bounded=True, above=block, why="it is what ends a call on a "
+                         "frozen network")
         self._client = (self._client_class.from_url(
-            where, socket_connect_timeout=connect_timeout, socket_timeout=statement_timeout)
+            where, socket_connect_timeout=connect_timeout,
+            socket_timeout=statement_timeout + block)
             if self._owns else where)
 
 
 class _SyncOwner(_RedisClientOwner):
     _client_class = redis.Redis
+    _asynchronous = False
 
     def close(self) -> None:
         """Close the client, if it was made from a URL (a client you passed in stays open)."""
@@ -283,6 +301,7 @@ class _SyncOwner(_RedisClientOwner):
 
 class _AsyncOwner(_RedisClientOwner):
     _client_class = aredis.Redis
+    _asynchronous = True
 
     async def aclose(self) -> None:
         """Close the client, if it was made from a URL (a client you passed in stays open)."""
@@ -305,12 +324,18 @@ class RedisStreamPublisher(_SyncOwner):
 
     Args:
         where: A ``redis://`` URL, or your ``redis.Redis`` client (never closed by the
-            publisher).
+            publisher), which needs a ``socket_timeout``: nothing else would end a
+            publish on a frozen network.
         key_prefix: The stream's key is ``{key_prefix}orders``.
         maxlen: Keep about this many entries (``MAXLEN ~``); 0 keeps everything.
         connect_timeout: Seconds to connect, for a client made from a URL.
         statement_timeout: Seconds a command may wait for Redis's reply, for a client made
             from a URL.
+
+    Raises:
+        TypeError: Your client is a ``redis.asyncio`` one (that is
+            :class:`AsyncRedisStreamPublisher`'s), or no Redis client.
+        ValueError: Your client has no ``socket_timeout``.
     """
 
     def __init__(self, where: Any, *, key_prefix: str = DEFAULT_PREFIX,
@@ -326,7 +351,8 @@ class RedisStreamPublisher(_SyncOwner):
 
 
 class AsyncRedisStreamPublisher(_AsyncOwner):
-    """:class:`RedisStreamPublisher` on ``redis.asyncio``."""
+    """:class:`RedisStreamPublisher` on ``redis.asyncio``: a client of yours is a
+    ``redis.asyncio.Redis``, and it too needs a ``socket_timeout``."""
 
     def __init__(self, where: Any, *, key_prefix: str = DEFAULT_PREFIX,
                  maxlen: int = 100_000, connect_timeout: float = 5.0,
@@ -353,7 +379,7 @@ class _ConsumerBase(_RedisClientOwner):
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
         # A read may wait ``block`` for new entries before Redis answers.
-        super().__init__(where, key_prefix, connect_timeout, statement_timeout + (block or 0))
+        super().__init__(where, key_prefix, connect_timeout, statement_timeout, block or 0.0)
         get_encoder = getattr(self._client, "get_encoder", None)
         if get_encoder is not None and get_encoder().decode_responses:
             # redis-py would decode an entry while reading it, before the consumer could
@@ -386,7 +412,10 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
 
     Args:
         where: A ``redis://`` URL, or your ``redis.Redis`` client (never closed by the
-            consumer). Either must not decode responses: entries are read as raw bytes.
+            consumer), which needs a ``socket_timeout`` above ``block``: a read waits up
+            to ``block`` for new entries, and the socket timeout is what ends one on a
+            frozen network. Either must not decode responses: entries are read as raw
+            bytes.
         group: The consumer group: one per downstream service.
         consumer: This consumer's name, unique within the group (host and pid, say).
         handler: Called with each :class:`OrderEvent`; return to acknowledge it, raise to
@@ -407,7 +436,10 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
         rng: Random source for :meth:`run`'s jittered waits.
 
     Raises:
-        ValueError: The client decodes responses (``decode_responses=True``).
+        TypeError: Your client is a ``redis.asyncio`` one (that is
+            :class:`AsyncRedisStreamConsumer`'s), or no Redis client.
+        ValueError: The client decodes responses (``decode_responses=True``), or has no
+            ``socket_timeout``, or one of at most ``block`` seconds.
     """
 
     def ensure_group(self) -> None:
@@ -457,7 +489,8 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
 
 class AsyncRedisStreamConsumer(_ConsumerBase, _AsyncOwner):
     """:class:`RedisStreamConsumer` on ``redis.asyncio``; the handler (and ``metrics``'
-    hook) may be async."""
+    hook) may be async. A client of yours is a ``redis.asyncio.Redis``, and it too needs
+    a ``socket_timeout`` above ``block``."""
 
     async def ensure_group(self) -> None:
         """See :meth:`RedisStreamConsumer.ensure_group`."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from foxpoll._clock import Clock, SystemClock
 from foxpoll.dedup._sql import SQLITE, TableName
+from foxpoll.dedup._sqlite import closed, connect
 from foxpoll.errors import unavailable_on
 
 from ._sql import Execute, JobStatements, SQLJobQueue
@@ -24,7 +25,8 @@ class SQLiteRecoveryQueue(SQLJobQueue):
     so the processes of a host take turns.
 
     Args:
-        where: The database file (it may be the dedup store's file).
+        where: The database file (it may be the dedup store's file): a path, or
+            ``sqlite:///PATH`` (``sqlite:////PATH`` for an absolute one).
         policy: The re-check policy, for this queue and its workers.
         table: The table name; each part a plain identifier or a double-quoted one.
             ``main.name`` names the file's own schema.
@@ -32,6 +34,10 @@ class SQLiteRecoveryQueue(SQLJobQueue):
             :class:`StoreUnavailable`.
         clock: The queue's time, read with ``clock.time()`` (a ``FakeClock`` for virtual
             time).
+
+    Raises:
+        StoreError: The path is a directory, or its directory does not exist.
+        StoreUnavailable: The file could not be opened otherwise (locked, unreadable).
     """
 
     def __init__(self, where: str | os.PathLike[str], *, policy: RecoveryPolicy | None = None,
@@ -42,9 +48,9 @@ class SQLiteRecoveryQueue(SQLJobQueue):
         self._sql = JobStatements.render(SQLITE, name)
         self._clock = (clock or SystemClock()).time
         self._lock = threading.Lock()
+        self._closed = False
         with unavailable_on("SQLite", sqlite3.Error):
-            self._db = sqlite3.connect(os.fspath(where), timeout=busy_timeout,
-                                       isolation_level=None, check_same_thread=False)
+            self._db = connect(where, busy_timeout=busy_timeout)
         try:
             with unavailable_on("SQLite", sqlite3.Error):
                 self._db.row_factory = sqlite3.Row
@@ -64,6 +70,8 @@ class SQLiteRecoveryQueue(SQLJobQueue):
     @contextmanager
     def _transaction(self) -> Iterator[Execute]:
         with self._lock, unavailable_on("SQLite", sqlite3.Error):
+            if self._closed:
+                raise closed("this SQLiteRecoveryQueue")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._execute
@@ -76,6 +84,7 @@ class SQLiteRecoveryQueue(SQLJobQueue):
         return [dict(row) for row in self._db.execute(sql, {**params, "now": self._clock()})]
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connection; a later call raises :class:`StoreError`."""
         with self._lock:
+            self._closed = True
             self._db.close()
