@@ -96,8 +96,10 @@ class HeldTransport(httpx.AsyncBaseTransport):
         self.seen.append(request.method)
         await self.go.wait()
         self.in_flight -= 1
-        return httpx.Response(200, json=ORDER if request.method == "GET" else
-                              {**ORDER, "status": "active"})
+        if request.method == "GET":  # about the order asked for, as the id check wants
+            asked = request.url.path.rsplit("/", 1)[-1]
+            return httpx.Response(200, json={**ORDER, "id": asked})
+        return httpx.Response(200, json={**ORDER, "status": "active"})
 
 
 @pytest.mark.slow
