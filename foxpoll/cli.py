@@ -17,7 +17,8 @@
 The queue's location comes from ``--queue`` or else ``FOXPOLL_QUEUE`` (its table from
 ``--table`` or ``FOXPOLL_QUEUE_TABLE``), and the shared budget's from
 ``--rate-limit-store`` or else ``FOXPOLL_RATE_LIMIT_STORE`` (its SQLite table from
-``--rate-limit-table`` or ``FOXPOLL_RATE_LIMIT_TABLE``, its Redis key prefix from
+``--rate-limit-table`` or ``FOXPOLL_RATE_LIMIT_TABLE`` and its row from
+``--rate-limit-key`` or ``FOXPOLL_RATE_LIMIT_KEY``, its Redis key prefix from
 ``--rate-limit-key-prefix`` or ``FOXPOLL_RATE_LIMIT_KEY_PREFIX``): a flag wins over its
 variable. A SQLite file is named by its path or a ``sqlite:///PATH`` URL (as the SQLite
 classes take it); a location without a scheme that holds no ``=`` (which a libpq keyword
@@ -62,6 +63,7 @@ QUEUE_TABLE_ENV = "FOXPOLL_QUEUE_TABLE"
 RATE_LIMIT_STORE_ENV = "FOXPOLL_RATE_LIMIT_STORE"
 RATE_LIMIT_TABLE_ENV = "FOXPOLL_RATE_LIMIT_TABLE"
 RATE_LIMIT_KEY_PREFIX_ENV = "FOXPOLL_RATE_LIMIT_KEY_PREFIX"
+RATE_LIMIT_KEY_ENV = "FOXPOLL_RATE_LIMIT_KEY"
 
 
 class UsageError(Exception):
@@ -99,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--rate-limit-table", metavar="NAME", default=argparse.SUPPRESS,
                         help="the SQLite budget's table, as its table= (default "
                              f"foxpoll_rate_limit); default ${RATE_LIMIT_TABLE_ENV}")
+    budget.add_argument("--rate-limit-key", metavar="NAME", default=argparse.SUPPRESS,
+                        help="the SQLite budget's row, as its key= (one per API key sharing "
+                             f"a table; default default); default ${RATE_LIMIT_KEY_ENV}")
     budget.add_argument("--rate-limit-key-prefix", metavar="PREFIX",
                         default=argparse.SUPPRESS,
                         help="the Redis budget's key prefix, as its key_prefix= (default "
@@ -306,7 +311,8 @@ def _rate_limit(args: argparse.Namespace) -> Any:
 
     spec = getattr(args, "rate_limit", None)
     if spec is None:
-        for flag in ("--rate-limit-store", "--rate-limit-table", "--rate-limit-key-prefix"):
+        for flag in ("--rate-limit-store", "--rate-limit-table", "--rate-limit-key",
+                     "--rate-limit-key-prefix"):
             if _setting(args, flag)[0] is not None:
                 raise UsageError(f"{flag} needs --rate-limit")
         return None  # the variables are the fleet's settings; only a budget asks for them
@@ -319,6 +325,7 @@ def _rate_limit(args: argparse.Namespace) -> Any:
             raise ValueError(f"--rate-limit {spec!r}: requests a minute, or auto") from None
     store, _ = _setting(args, "--rate-limit-store", RATE_LIMIT_STORE_ENV)
     table, table_from = _setting(args, "--rate-limit-table", RATE_LIMIT_TABLE_ENV)
+    row, row_from = _setting(args, "--rate-limit-key", RATE_LIMIT_KEY_ENV)
     prefix, prefix_from = _setting(args, "--rate-limit-key-prefix", RATE_LIMIT_KEY_PREFIX_ENV)
     if store is None:
         kind = "in-process"
@@ -336,6 +343,11 @@ def _rate_limit(args: argparse.Namespace) -> Any:
                          f"{kind}" + (" (a Redis budget takes --rate-limit-key-prefix)"
                                       if kind == "Redis" else
                                       ": give --rate-limit-store sqlite:///PATH"))
+    if row is not None and kind != "SQLite":
+        raise UsageError(f"{row_from} names a SQLite budget's row, but the budget is "
+                         f"{kind}" + (" (a Redis budget takes --rate-limit-key-prefix)"
+                                      if kind == "Redis" else
+                                      ": give --rate-limit-store sqlite:///PATH"))
     if prefix is not None and kind != "Redis":
         raise UsageError(f"{prefix_from} names a Redis budget's key prefix, but the budget "
                          f"is {kind}" + (" (a SQLite budget takes --rate-limit-table)"
@@ -344,9 +356,10 @@ def _rate_limit(args: argparse.Namespace) -> Any:
     if store is None:
         return RateLimit(per_minute)
     if kind == "SQLite":  # a path or a sqlite:/// URL, which SQLiteRateLimit reads itself
-        if table is None:
-            return SQLiteRateLimit(store, per_minute)
-        return SQLiteRateLimit(store, per_minute, table=_table(table, table_from))
+        return SQLiteRateLimit(
+            store, per_minute,
+            table="foxpoll_rate_limit" if table is None else _table(table, table_from),
+            key="default" if row is None else row)
     if prefix is None:
         return RedisRateLimit(store, per_minute)
     return RedisRateLimit(store, per_minute, key_prefix=prefix)

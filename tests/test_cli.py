@@ -764,6 +764,22 @@ def test_the_cli_shares_a_sqlite_budget_in_the_table_it_names(
     assert tables(path) == {"partner_budget", "env_budget", "flag_budget"}
 
 
+def test_the_cli_shares_a_sqlite_budget_in_the_row_it_names(
+    api: FakeFoxReload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLiteRateLimit(key=) keeps one budget per API key in one table: the CLI's
+    requests must count against the row of the key they are sent with."""
+    path = tmp_path / "b.db"
+    store = f"sqlite:///{path}"
+    assert run(*BUY, "--rate-limit-store", store, "--rate-limit-key", "key-one")[0] == 0
+    monkeypatch.setenv("FOXPOLL_RATE_LIMIT_STORE", store)
+    monkeypatch.setenv("FOXPOLL_RATE_LIMIT_KEY", "key-two")
+    assert run(*BUY)[0] == 0
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT key FROM foxpoll_rate_limit ORDER BY key").fetchall()
+    assert rows == [("key-one",), ("key-two",)]
+
+
 @pytest.mark.service
 def test_the_cli_shares_a_redis_budget_under_the_key_prefix_it_names(
     api: FakeFoxReload, monkeypatch: pytest.MonkeyPatch
@@ -804,6 +820,12 @@ def test_the_cli_shares_a_redis_budget_under_the_key_prefix_it_names(
      "in-process: give --rate-limit-store redis://..."),
     (["--rate-limit-table", "bad name"], {"FOXPOLL_RATE_LIMIT_STORE": "sqlite:///b.db"},
      "--rate-limit-table: table name 'bad name'"),
+    (["--rate-limit-store", "redis://127.0.0.1:1", "--rate-limit-key", "key-one"], {},
+     "--rate-limit-key names a SQLite budget's row, but the budget is Redis (a Redis budget "
+     "takes --rate-limit-key-prefix)"),
+    ([], {"FOXPOLL_RATE_LIMIT_KEY": "key-one"},
+     "$FOXPOLL_RATE_LIMIT_KEY names a SQLite budget's row, but the budget is in-process: "
+     "give --rate-limit-store sqlite:///PATH"),
 ])
 def test_a_budget_name_that_does_not_fit_the_store_is_a_usage_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -820,7 +842,8 @@ def test_a_budget_name_that_does_not_fit_the_store_is_a_usage_error(
     assert list(tmp_path.iterdir()) == []  # no budget file made
 
 
-@pytest.mark.parametrize("flag", ["--rate-limit-table", "--rate-limit-key-prefix"])
+@pytest.mark.parametrize("flag", ["--rate-limit-table", "--rate-limit-key",
+                                  "--rate-limit-key-prefix"])
 def test_a_budget_name_needs_a_budget(capsys: pytest.CaptureFixture[str], flag: str) -> None:
     assert run("orders", "get", "o-1", flag, "x") == (2, "")
     assert capsys.readouterr().err == f"foxpoll: error: {flag} needs --rate-limit\n"
