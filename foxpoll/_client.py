@@ -407,9 +407,9 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             order = client.orders.create(items=[{"itemId": "product_...", "quantity": 1}])
 
     Attributes:
-        orders: Create, pay, read and list orders (:class:`foxpoll._resources.Orders`).
-        products: The catalog: list, search, get.
-        categories: The catalog's categories.
+        orders: Create, pay, read and list orders (:class:`foxpoll.Orders`).
+        products: The catalog: list, search, get (:class:`foxpoll.Products`).
+        categories: The catalog's categories (:class:`foxpoll.Categories`).
     """
 
     orders: Orders
@@ -531,9 +531,9 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     to the loop that first uses it.
 
     Attributes:
-        orders: Create, pay, read and list orders.
-        products: The catalog: list, search, get.
-        categories: The catalog's categories.
+        orders: Create, pay, read and list orders (:class:`foxpoll.AsyncOrders`).
+        products: The catalog: list, search, get (:class:`foxpoll.AsyncProducts`).
+        categories: The catalog's categories (:class:`foxpoll.AsyncCategories`).
     """
 
     orders: AsyncOrders
