@@ -141,11 +141,11 @@ class BaseClient(Generic[HttpT, TransportT]):
 
         Args:
             api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
-            base_url: The API's scheme and host, such as ``https://public-api.foxreload.com``
-            (without ``/api``: the paths carry it); ``FOXRELOAD_BASE_URL``, else the
-            public API. ``http://`` only to this machine (or with the simulator's key),
-            and not through a proxy; no user info (see "The key on the wire" in the
-            docs).
+            base_url: The API's scheme and host, such as
+                ``https://public-api.foxreload.com`` (without ``/api``: the paths carry
+                it); ``FOXRELOAD_BASE_URL``, else the public API. ``http://`` only to this
+                machine (or with the simulator's key), and not through a proxy; no user
+                info (see "The key on the wire" in the docs).
             timeout: Seconds allowed for one HTTP request, from connecting to the last byte
                 of its body: a deadline, not a per-read timeout (see the bounds in
                 ``docs/bounds.md``). A wait's deadline is its policy's ``timeout``.
