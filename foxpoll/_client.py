@@ -142,11 +142,11 @@ class BaseClient(Generic[HttpT, TransportT]):
 
         Args:
             api_key: Your key; ``FOXRELOAD_API_KEY`` when omitted.
-            base_url: The API's scheme and host, such as ``https://public-api.foxreload.com``
-            (without ``/api``: the paths carry it); ``FOXRELOAD_BASE_URL``, else the
-            public API. ``http://`` only to this machine (or with the simulator's key),
-            and not through a proxy; no user info (see "The key on the wire" in the
-            docs).
+            base_url: The API's scheme and host, such as
+                ``https://public-api.foxreload.com`` (without ``/api``: the paths carry
+                it); ``FOXRELOAD_BASE_URL``, else the public API. ``http://`` only to this
+                machine (or with the simulator's key), and not through a proxy; no user
+                info (see "The key on the wire" in the docs).
             timeout: Seconds allowed for one HTTP request, from connecting to the last byte
                 of its body: a deadline, not a per-read timeout (see the bounds in
                 ``docs/bounds.md``). A wait's deadline is its policy's ``timeout``.
@@ -410,9 +410,9 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             order = client.orders.create(items=[{"itemId": "product_...", "quantity": 1}])
 
     Attributes:
-        orders: Create, pay, read and list orders (:class:`foxpoll._resources.Orders`).
-        products: The catalog: list, search, get.
-        categories: The catalog's categories.
+        orders: Create, pay, read and list orders (:class:`foxpoll.Orders`).
+        products: The catalog: list, search, get (:class:`foxpoll.Products`).
+        categories: The catalog's categories (:class:`foxpoll.Categories`).
     """
 
     orders: Orders
@@ -534,9 +534,9 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     to the loop that first uses it.
 
     Attributes:
-        orders: Create, pay, read and list orders.
-        products: The catalog: list, search, get.
-        categories: The catalog's categories.
+        orders: Create, pay, read and list orders (:class:`foxpoll.AsyncOrders`).
+        products: The catalog: list, search, get (:class:`foxpoll.AsyncProducts`).
+        categories: The catalog's categories (:class:`foxpoll.AsyncCategories`).
     """
 
     orders: AsyncOrders

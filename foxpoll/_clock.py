@@ -13,8 +13,12 @@ __all__ = ["Clock", "SystemClock"]
 class Clock(Protocol):
     """Time and sleep, for sync and async code alike.
 
-    ``monotonic`` measures durations and deadlines; ``time`` is wall-clock seconds since the
-    epoch, used only to read HTTP dates (``Retry-After``).
+    ``monotonic`` measures durations and deadlines within a process. ``time`` is wall-clock
+    seconds since the epoch, for the instants that other processes, machines or servers
+    read too: HTTP dates (``Retry-After``); the times stores and queues keep (a delivery's
+    lease, a watch's or a recovery job's ``due_at``); the state a
+    :class:`foxpoll.ratelimit.SQLiteRateLimit` shares through its file; a wait's
+    ``started_at`` (:class:`foxpoll.WaitStart`); an event's time.
     """
 
     def monotonic(self) -> float: ...

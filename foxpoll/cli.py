@@ -451,8 +451,8 @@ STATE_FILTERS: dict[str, tuple[tuple[str, ...], bool | None]] = {
 
 #: What a queued job's reason means, for the reader of ``recovery list``.
 REASONS = {
-    "watch": "a paid order a wait is on; due once that wait would have given up, so it "
-             "fires only if the process died",
+    "watch": "a paid order a process is waiting on; due one watch_lease after that process "
+             "last renewed it, so it fires only if the process died or gave up on it",
     "delivery": "a wait saw it completed; when due, a RecoveryWorker confirms the delivery "
                 "in the dedup store (no API request), or delivers it",
 }

@@ -161,7 +161,7 @@ def test_recovery_list_shows_queued_and_running_jobs_too(
     check_recovery_list(url)
     assert run("recovery", "list", "--queue", url)[1].splitlines()[-1] == "3 job(s) active"
     # What a watch is gets said, once per listing that shows one.
-    assert "reason=watch: a paid order a wait is on" in capsys.readouterr().err
+    assert "reason=watch: a paid order a process is waiting on" in capsys.readouterr().err
 
 
 @pytest.mark.service

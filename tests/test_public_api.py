@@ -202,12 +202,16 @@ def test_no_public_parameter_is_typed_object() -> None:
 
 
 def _directives() -> Iterator[tuple[str, list[str] | None]]:
-    """Each ``::: target`` of the API reference, with its ``members:`` list when it has one."""
+    """Each ``::: target`` of the API reference, with its ``members:`` list when it has one
+    (``members: false``, a module's docstring alone, lists none)."""
     for page in sorted(REFERENCE.glob("*.md")):
         for block in re.split(r"^(?=::: )", page.read_text(), flags=re.M):
             if not block.startswith("::: "):
                 continue
             target = block.split()[1]
+            if re.search(r"members:\s*false", block):
+                yield target, []
+                continue
             listed = re.search(r"members:\s*\[([^\]]*)\]", block)
             yield target, None if listed is None else re.findall(r"\w+", listed.group(1))
 
@@ -220,11 +224,11 @@ def _resolve(target: str) -> object:
         return getattr(importlib.import_module(parent), name)
 
 
-def _rendered() -> dict[str, list[object]]:
-    """What the reference renders, by directive target: a module's listed members (else,
-    as mkdocstrings does, its ``__all__`` and every public class and function it
-    defines), or the one object a target names."""
-    rendered: dict[str, list[object]] = {}
+def _rendered() -> list[tuple[str, object]]:
+    """What the reference renders, as (the path it shows, the object): a module's listed
+    members (else, as mkdocstrings does, its ``__all__`` and every public class and
+    function it defines), or the one object a target names."""
+    rendered: list[tuple[str, object]] = []
     for target, members in _directives():
         obj = _resolve(target)
         if inspect.ismodule(obj):
@@ -232,14 +236,14 @@ def _rendered() -> dict[str, list[object]]:
                 name for name, member in vars(obj).items()
                 if not name.startswith("_") and getattr(member, "__module__", None) == target
                 and (inspect.isclass(member) or inspect.isfunction(member)))]
-            rendered.setdefault(target, []).extend(getattr(obj, n) for n in names)
+            rendered.extend((f"{target}.{n}", getattr(obj, n)) for n in names)
         else:
-            rendered.setdefault(target, []).append(obj)
+            rendered.append((target, obj))
     return rendered
 
 
 def test_the_reference_renders_every_export() -> None:
-    shown = {id(obj) for objs in _rendered().values() for obj in objs}
+    shown = {id(obj) for _, obj in _rendered()}
     hidden = sorted(where for where, obj in _exports().items()
                     if id(obj) not in shown and not where.endswith("__version__"))
     assert hidden == [], " ".join(hidden)
@@ -249,24 +253,23 @@ def test_the_reference_renders_nothing_but_exports() -> None:
     """A helper the reference shows is public API: it is exported where users look, or
     left out of the page."""
     exported = {id(obj) for obj in _exports().values()}
-    extra = sorted(f"{target}: {getattr(obj, '__name__', obj)}"
-                   for target, objs in _rendered().items() for obj in objs
+    extra = sorted(f"{path}: {getattr(obj, '__name__', obj)}" for path, obj in _rendered()
                    if id(obj) not in exported)
     assert extra == [], " ".join(extra)
 
 
-def test_the_package_exports_what_the_reference_renders_from_its_modules() -> None:
-    """``foxpoll.__all__`` matches the reference: what the reference renders as
-    ``foxpoll.X``, or from a module the package re-exports from, is in it."""
-    top = {id(getattr(foxpoll, n)) for n in foxpoll.__all__}
-    sources = {getattr(getattr(foxpoll, n), "__module__", None) for n in foxpoll.__all__}
-
-    def reexported(target: str) -> bool:
-        named_at_top = target.count(".") == 1 and not inspect.ismodule(_resolve(target))
-        return target in sources or named_at_top
-
-    stray = sorted(
-        f"{target}: {getattr(obj, '__name__', obj)}"
-        for target, objs in _rendered().items() if reexported(target) for obj in objs
-        if (inspect.isclass(obj) or inspect.isfunction(obj)) and id(obj) not in top)
-    assert stray == [], " ".join(stray)
+def test_the_reference_renders_each_export_once_where_users_import_it() -> None:
+    """Each export is shown once, under the first place of ``PLACES`` that exports it
+    (``foxpoll.DeliveryResult``, ``foxpoll.dedup.DedupStore``), never under the module
+    that defines it; a module is shown only when it is such a place."""
+    first: dict[int, str] = {}
+    for where, obj in _exports().items():
+        first.setdefault(id(obj), where)
+    paths = [path for path, _ in _rendered()]
+    assert sorted(p for p in set(paths) if paths.count(p) > 1) == []
+    misplaced = sorted(f"{path} (import it from {first.get(id(obj))})"
+                       for path, obj in _rendered() if path != first.get(id(obj)))
+    assert misplaced == [], " ".join(misplaced)
+    modules = sorted({target for target, _ in _directives()
+                      if inspect.ismodule(_resolve(target))} - set(PLACES))
+    assert modules == [], " ".join(modules)
