@@ -15,15 +15,10 @@ on a lock and keep its connection, but it is a startup option that PgBouncer and
 poolers refuse (or a session ``SET`` that leaks to other clients through a transaction
 pooler). A connection string or pool of the caller's may set it.
 
-<<<<<<< HEAD
-Failures become :class:`~foxpoll.errors.StoreUnavailable`: an unreachable server, an
-exhausted pool, a call past its time. A missing table, or a pool closed (the store used
-after ``close()``), is a :class:`~foxpoll.errors.StoreError`: waiting would cure neither.
-=======
 An unreachable server, an exhausted pool or a call past its time becomes
-:class:`foxpoll.StoreUnavailable`, worth retrying; a missing table becomes
-:class:`foxpoll.StoreError`, which waiting would not fix (``create_schema()`` does).
->>>>>>> r2-docs
+:class:`foxpoll.StoreUnavailable`, worth retrying. A missing table, or a pool closed (the
+store used after ``close()``), becomes :class:`foxpoll.StoreError`, which waiting would
+not fix (``create_schema()`` does the first; a new store, the second).
 """
 
 from __future__ import annotations
