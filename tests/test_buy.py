@@ -8,6 +8,7 @@ with real processes killed at each stage is in ``test_buy_crash.py``.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,15 +27,24 @@ from foxpoll import (
     OrderStatus,
     Purchase,
     PurchaseOutcome,
+    SystemClock,
     WaitPolicy,
     WaitResult,
     deliver_once,
 )
+from foxpoll.cli import main
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
 from foxpoll.events import InMemoryPublisher
 from foxpoll.metrics import PrometheusMetrics
 from foxpoll.recovery import JobState, RecoveryPolicy, SQLiteRecoveryQueue
-from foxpoll.testing import FakeClock, FakeFoxReload, Fault, FaultKind, OrderScript
+from foxpoll.testing import (
+    FakeClock,
+    FakeFoxReload,
+    Fault,
+    FaultKind,
+    OrderScript,
+    SimulatorServer,
+)
 
 STEAM = [{"itemId": "product_steam_10"}]
 PUBG = [{"itemId": "product_pubg_660"}]
@@ -346,3 +356,66 @@ def test_bad_arguments_are_refused_before_anything_is_bought(
     with sim.client() as client, pytest.raises(error):
         run_buy(client, **kwargs)
     assert sim.requests == []
+
+
+# -- foxpoll buy -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeFoxReload]:
+    sim = FakeFoxReload(clock=SystemClock(), default_script=OrderScript.complete(after=0.3))
+    with SimulatorServer(sim) as server:
+        monkeypatch.setenv("FOXRELOAD_API_KEY", sim.api_key)
+        monkeypatch.setenv("FOXRELOAD_BASE_URL", server.url)
+        yield sim
+
+
+def command(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return main(list(argv), out=out), out.getvalue()
+
+
+def test_the_buy_command_prints_the_order_once_with_a_line_per_poll(
+    api: FakeFoxReload, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, shown = command("buy", "--item", "product_pubg_660:2", "--note", "player_id=77",
+                          "--timeout", "30")
+    assert code == 0
+    [order_id] = api.order_ids()
+    assert shown.splitlines()[0] == f"order {order_id}: completed"
+    assert "2 x product_pubg_660" in shown
+    assert shown.count("<redacted: --show-codes>") == 2
+    [create] = [r for r in api.requests if (r.method, r.path) == CREATE]
+    assert create.json["items"] == [{"itemId": "product_pubg_660", "quantity": 2,
+                                     "note": {"player_id": "77"}}]
+    assert paid(api) == [order_id]
+    err = capsys.readouterr().err
+    assert "  poll 1: " in err
+    assert "not paid yet" not in err
+
+
+def test_the_buy_command_exits_3_on_a_failed_order_and_4_on_a_stall(
+    api: FakeFoxReload, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.script_next(OrderScript.fail(after=0.2), OrderScript.stall())
+    code, shown = command("buy", "--item", "product_steam_10", "--timeout", "30")
+    assert code == 3
+    assert "failed" in shown.splitlines()[0]
+    assert "error: supplier rejected the request" in shown
+    code, shown = command("buy", "--item", "product_steam_10", "--timeout", "1")
+    assert (code, shown) == (4, "")
+    stalled = api.order_ids()[1]
+    err = capsys.readouterr().err
+    assert f"is paid and may still complete: foxpoll orders wait {stalled}" in err
+    assert paid(api) == api.order_ids()
+
+
+def test_the_buy_command_says_when_a_create_was_ambiguous(
+    api: FakeFoxReload, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.inject(Fault.server_error_after_create())
+    code, _ = command("buy", "--item", "product_steam_10", "--timeout", "30")
+    assert code == 0
+    _, bought = api.order_ids()
+    assert paid(api) == [bought]
+    assert "it was never paid and expires unpaid" in capsys.readouterr().err
