@@ -2,6 +2,7 @@
 
 import logging as _logging
 
+from ._buy import Purchase, PurchaseOutcome
 from ._client import AsyncFoxReload, FoxReload
 from ._clock import Clock, SystemClock
 from ._resources import (
@@ -122,6 +123,8 @@ __all__ = [
     "PollAttempt",
     "Product",
     "Products",
+    "Purchase",
+    "PurchaseOutcome",
     "RateLimitError",
     "ResponseTooLarge",
     "Schedule",

@@ -7,16 +7,19 @@ their resources reach through a runner (:class:`foxpoll._resources.Runner`).
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from decimal import Decimal
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
 
 import attrs
 import httpx
 
-from . import _api
+from . import _api, _io
 from ._api import Runtime
+from ._buy import BuySteps, Purchase, buy_flow, order_lines
 from ._clock import Clock, SystemClock
 from ._core import (
     DEFAULT_MAX_RETRIES,
@@ -53,7 +56,11 @@ from ._senders import (
     proxy_for,
 )
 from ._watches import Watcher, WatchQueue
-from .models import Order
+from .dedup.base import AsyncDedupStore, DedupStore
+from .delivery import adeliver_once, deliver_once
+from .errors import AmbiguousOrderError
+from .events.base import AsyncPublisher, Publisher
+from .models import Order, OrderItemRequest
 from .polling import (
     DEFAULT_POLICY,
     NO_LISTENERS,
@@ -74,6 +81,9 @@ TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport
 Self = TypeVar("Self", bound="BaseClient[Any, Any]")
 SenderT = TypeVar("SenderT", Sender, AsyncSender)
 GateT = TypeVar("GateT", Gate, AsyncGate)
+
+#: What the blocking client's ``buy`` names when given an async function.
+_ASYNC_BUY = "AsyncFoxReload.buy"
 
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
@@ -218,9 +228,11 @@ class BaseClient(Generic[HttpT, TransportT]):
         self._watcher = (None if recovery_queue is None else Watcher(
             recovery_queue, self._runtime.clock, self._wait_policy,
             in_thread=self._watches_in_thread))
+        given: list[object] = list(listeners)
         # The watcher is told first: a watch is recorded before any other listener runs.
         self._listeners = Listeners.of(
-            ([] if self._watcher is None else [self._watcher]) + list(listeners))
+            ([] if self._watcher is None else [self._watcher]) + given)
+        self._orphan_hooks = _orphan_hooks(given)
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
         self._default_http = http_client is None and transport is None
@@ -324,6 +336,7 @@ class BaseClient(Generic[HttpT, TransportT]):
         clone._watcher = self._watcher
         clone._wait_policy = self._wait_policy
         clone._listeners = self._listeners
+        clone._orphan_hooks = self._orphan_hooks
         clone._gate = self._gate  # the same pool: the same slots
         clone._bind_resources()
         return clone
@@ -369,6 +382,42 @@ class BaseClient(Generic[HttpT, TransportT]):
             max_in_flight=self._gate.size if max_in_flight is None else max_in_flight,
             heartbeat=self._watcher,
         )
+
+    def _buy_flow(
+        self,
+        steps: BuySteps,
+        items: Iterable[OrderItemRequest | Mapping[str, Any]],
+        *,
+        deliver: Callable[[Order], Any],
+        store: DedupStore | AsyncDedupStore,
+        note: Mapping[str, Any] | None,
+        is_mock: bool,
+        total_price: Decimal | float | int | str | None,
+        policy: WaitPolicy | None,
+        timeout: float | None,
+        listener: Listener | None,
+        publisher: Publisher | AsyncPublisher | None,
+        lease: float,
+        require_codes: bool,
+    ) -> _io.Flow[Purchase]:
+        lines = order_lines(items, note)
+        self._wait_args(policy, timeout, listener)  # a bad policy is refused before buying
+        if not callable(deliver):
+            raise TypeError("deliver must be a function that takes the completed order")
+        hooks = self._orphan_hooks + (() if listener is None else _orphan_hooks([listener]))
+        return buy_flow(steps, lines, deliver=deliver, store=store, publisher=publisher,
+                        is_mock=is_mock, total_price=total_price, policy=policy,
+                        timeout=timeout, listener=listener, lease=lease,
+                        require_codes=require_codes, recovering=self._watcher is not None,
+                        orphan_hooks=hooks, clock=self.clock)
+
+
+def _orphan_hooks(listeners: Iterable[object]
+                  ) -> tuple[Callable[[AmbiguousOrderError], Any], ...]:
+    """The ``on_possible_orphan`` methods of ``listeners`` that have one (the metrics
+    objects do): told of each create ``buy()`` could not tell the outcome of."""
+    found = (getattr(listener, "on_possible_orphan", None) for listener in listeners)
+    return tuple(hook for hook in found if callable(hook))
 
 
 def _check_route(config: ClientConfig, default_http: bool) -> None:
@@ -509,6 +558,88 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
                                     max_in_flight=1)
         return drive_stream(flow, self._http, self._runtime.clock, gate=self._gate)
 
+    def buy(
+        self,
+        items: Iterable[OrderItemRequest | Mapping[str, Any]],
+        *,
+        deliver: Callable[[Order], Any],
+        store: DedupStore,
+        note: Mapping[str, Any] | None = None,
+        is_mock: bool = False,
+        total_price: Decimal | float | int | str | None = None,
+        policy: WaitPolicy | None = None,
+        timeout: float | None = None,
+        listener: Listener | None = None,
+        publisher: Publisher | None = None,
+        lease: float = 60.0,
+        require_codes: bool = False,
+    ) -> Purchase:
+        """Buy and deliver: create an order, pay it from the balance, wait for it, and
+        deliver its codes exactly once; return what happened.
+
+        It is :meth:`Orders.create`, :meth:`Orders.pay`, :meth:`wait_for_completion` and
+        :func:`~foxpoll.deliver_once`, in that order, and nothing else (``docs/buy.md``):
+
+        - A create whose outcome is unknown is never paid: it has no id, so if it made an
+          order, that order expires unpaid. ``buy`` creates again, once, on a fresh
+          request, logs the first request (notes redacted) and tells the
+          ``on_possible_orphan(error)`` of the client's listeners and ``listener`` (the
+          metrics count ``foxpoll_possible_orphans_total``). A second unknown outcome
+          raises its :class:`AmbiguousOrderError`: nothing was paid, so calling ``buy``
+          again is safe.
+        - ``pay`` writes the order's watch first, with a ``recovery_queue``; a payment of
+          unknown outcome is never resent, and the wait reads the order to find out.
+        - The wait runs on ``policy`` (the client's ``wait_policy`` when None). A stall
+          is a result, not an error: with a ``recovery_queue`` the order is queued there
+          for a :class:`~foxpoll.recovery.RecoveryWorker` (``recovering``); without one,
+          nothing re-checks it but you.
+        - A completed order goes through ``deliver_once(order, deliver, store)``; the
+          completion event goes to ``publisher`` inside the same claim, and a failed or
+          cancelled order's event once the wait ends.
+
+        A process killed anywhere in here leaves either nothing paid, or a paid order
+        watched in the recovery queue that a worker on the same ``store`` delivers, once.
+
+        Args:
+            items: 1-10 :class:`OrderItemRequest` objects or dicts
+                (``{"itemId": ..., "quantity": 1}``), as for :meth:`Orders.create`.
+            deliver: Sends the codes to your customer, as for ``deliver_once``.
+            store: The dedup store shared with every worker (and the recovery worker).
+            note: Note fields for every item that has no ``note`` of its own.
+            is_mock: Create test orders.
+            total_price: The price you expect to pay (the current price when None).
+            policy: How to wait (:class:`WaitPolicy`); the client's ``wait_policy``.
+            timeout: The wait's deadline in seconds, as for :meth:`wait_for_completion`.
+            listener: Told of the wait's events, and of possible orphans.
+            publisher: Gets one :class:`~foxpoll.events.OrderEvent` for the finished order.
+            lease: The delivery claim's lease, as for ``deliver_once``.
+            require_codes: Refuse a completed order without codes, as for ``deliver_once``.
+
+        Returns:
+            A :class:`Purchase`: delivered, already delivered, failed or cancelled (with
+            the reason), or stalled (and whether recovery holds it).
+
+        Raises:
+            AmbiguousOrderError: two creates in a row had unknown outcomes; none was paid.
+            APIStatusError: the API refused the create or the payment (balance, stock,
+                price...); nothing was paid. Or a non-transient error ended the wait of a
+                paid order, which its watch keeps.
+            StoreError: the watch could not be written before paying (nothing was paid),
+                the dedup store failed, or the publisher did.
+            Exception: what ``deliver`` raised (its claim released); the recovery queue's
+                delivery check finishes the order after its ``delivery_grace``.
+            CodesMissing, DeliveryInProgress, LeaseLost: as ``wait_for_completion`` and
+                ``deliver_once`` raise them.
+        """
+        steps = BuySteps(create=self.orders.create, pay=self.orders.pay,
+                         wait=self.wait_for_completion, deliver_once=deliver_once,
+                         run=functools.partial(_io.run, clock=self.clock, async_twin=_ASYNC_BUY))
+        flow = self._buy_flow(
+            steps, items, deliver=deliver, store=store, note=note, is_mock=is_mock,
+            total_price=total_price, policy=policy, timeout=timeout, listener=listener,
+            publisher=publisher, lease=lease, require_codes=require_codes)
+        return _io.run(flow, clock=self.clock, async_twin=_ASYNC_BUY)
+
     def close(self) -> None:
         """Close the connection pool, if this client created it."""
         if self._owns_http:
@@ -599,6 +730,34 @@ class AsyncFoxReload(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
                                     max_requests_per_minute=max_requests_per_minute,
                                     max_in_flight=max_in_flight)
         return drive_stream_async(flow, self._http, self._runtime.clock, gate=self._gate)
+
+    async def buy(
+        self,
+        items: Iterable[OrderItemRequest | Mapping[str, Any]],
+        *,
+        deliver: Callable[[Order], Any],
+        store: AsyncDedupStore | DedupStore,
+        note: Mapping[str, Any] | None = None,
+        is_mock: bool = False,
+        total_price: Decimal | float | int | str | None = None,
+        policy: WaitPolicy | None = None,
+        timeout: float | None = None,
+        listener: Listener | None = None,
+        publisher: AsyncPublisher | Publisher | None = None,
+        lease: float = 60.0,
+        require_codes: bool = False,
+    ) -> Purchase:
+        """See :meth:`FoxReload.buy`; ``deliver``, the publisher and the listeners'
+        ``on_possible_orphan`` may be async, and it delivers with
+        :func:`~foxpoll.adeliver_once`."""
+        steps = BuySteps(create=self.orders.create, pay=self.orders.pay,
+                         wait=self.wait_for_completion, deliver_once=adeliver_once,
+                         run=functools.partial(_io.arun, clock=self.clock))
+        flow = self._buy_flow(
+            steps, items, deliver=deliver, store=store, note=note, is_mock=is_mock,
+            total_price=total_price, policy=policy, timeout=timeout, listener=listener,
+            publisher=publisher, lease=lease, require_codes=require_codes)
+        return await _io.arun(flow, clock=self.clock)
 
     async def aclose(self) -> None:
         """:meth:`FoxReload.close`, for asyncio."""

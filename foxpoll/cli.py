@@ -5,8 +5,9 @@
     foxpoll demo                          the whole job against the simulator, no key needed
     foxpoll orders get|pay|wait ORDER_ID  the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL)
     foxpoll orders create --item ID[:QTY] [--note KEY=VALUE] [--mock]
+    foxpoll buy --item ID[:QTY] [--note KEY=VALUE] [--mock]   create, pay, wait, print codes
         [--rate-limit PER_MINUTE|auto [--rate-limit-store PATH|sqlite:///PATH|redis://...]
-         [--rate-limit-table NAME | --rate-limit-key-prefix PREFIX]]
+         [--rate-limit-table NAME] [--rate-limit-key NAME] | [--rate-limit-key-prefix PREFIX]]
     foxpoll catalog [--category ID]       the categories, or a category's products
     foxpoll recovery list [--state S]     the recovery queue: queued, running, dead...
     foxpoll dlq list|requeue|resolve      the recovery queue's dead letters
@@ -134,6 +135,24 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true")
     create.add_argument("--show-codes", action="store_true")
 
+    buying = commands.add_parser(
+        "buy", parents=[budget], help="buy on the real API: create, pay, wait, show the order",
+        description="Buy on the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL): create "
+                    "an order, pay it from the balance, wait for it with a line per poll, "
+                    "and print it once completed (FoxReload.buy, delivering to this "
+                    "terminal). No recovery queue watches it: if the wait stalls, the "
+                    "order is paid and may still complete (foxpoll orders wait ID).",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    buying.add_argument("--item", action="append", required=True, metavar="ID[:QTY]",
+                        help="a product id (foxpoll catalog --category ID lists them) and "
+                             "its quantity, 1 when omitted; repeat for more items (1-10)")
+    buying.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
+                        help="product note fields (for every item)")
+    buying.add_argument("--mock", action="store_true", help="a test order")
+    buying.add_argument("--timeout", type=float, help="seconds to wait at most")
+    buying.add_argument("--show-codes", action="store_true", help="print delivered codes")
+    buying.add_argument("--json", action="store_true", help="print the order as JSON")
+
     catalog = commands.add_parser(
         "catalog", help="the categories, or one category's products and their ids",
         description="The catalog on the real API (FOXRELOAD_API_KEY, FOXRELOAD_BASE_URL): "
@@ -220,6 +239,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     if args.command == "orders":
         return _orders(args, out)
+    if args.command == "buy":
+        return _buy(args, out)
     if args.command == "catalog":
         return _catalog(args, out)
     if args.command == "recovery":
@@ -227,9 +248,27 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
     return _dlq(args, out)
 
 
+def _progress(*, unpaid_hint: bool) -> Any:
+    """The listener that prints each poll of a wait on stderr (the live status line of
+    ``orders wait`` and ``buy``); with ``unpaid_hint``, it says so when the first poll
+    finds the order still unpaid."""
+    from .polling import Listener, PollAttempt
+
+    class Progress(Listener):
+        def on_poll(self, attempt: PollAttempt) -> None:
+            status = attempt.order.status.value if attempt.order else attempt.outcome
+            print(f"  poll {attempt.attempt}: {_plain(status)} ({attempt.elapsed:.0f}s)",
+                  file=sys.stderr)
+            if unpaid_hint and attempt.attempt == 1 and status == "active":
+                order_id = _plain(attempt.order_id)
+                print(f"  order {order_id} is not paid yet: it will stay active "
+                      f"(foxpoll orders pay {order_id})", file=sys.stderr)
+
+    return Progress()
+
+
 def _orders(args: argparse.Namespace, out: TextIO) -> int:
     from ._client import FoxReload
-    from .polling import Listener
 
     budget = _rate_limit(args)
     with contextlib.ExitStack() as owned:
@@ -245,25 +284,49 @@ def _orders(args: argparse.Namespace, out: TextIO) -> int:
         elif args.action == "pay":
             order = client.orders.pay(args.order_id, payment_provider=args.provider)
         else:
-            class Progress(Listener):
-                """Prints each poll of the wait."""
-
-                def on_poll(self, attempt: Any) -> None:
-                    status = attempt.order.status.value if attempt.order else attempt.outcome
-                    print(f"  poll {attempt.attempt}: {_plain(status)} "
-                          f"({attempt.elapsed:.0f}s)", file=sys.stderr)
-                    if attempt.attempt == 1 and status == "active":
-                        print(f"  order {args.order_id} is not paid yet: it will stay active "
-                              f"(foxpoll orders pay {args.order_id})", file=sys.stderr)
-
             try:
                 order = client.wait_for_completion(args.order_id, timeout=args.timeout,
-                                                   listener=Progress(), raise_on_failure=False)
+                                                   listener=_progress(unpaid_hint=True),
+                                                   raise_on_failure=False)
             except OrderStalled as stalled:
                 print(f"foxpoll: the wait stalled: {_said(stalled)}", file=sys.stderr)
                 return EXIT_STALLED
     _print_order(order, out, as_json=args.json, show_codes=args.show_codes)
     return EXIT_FAILED if order.status.value in ("failed", "cancelled") else 0
+
+
+def _buy(args: argparse.Namespace, out: TextIO) -> int:
+    """``foxpoll buy``: ``FoxReload.buy``, whose delivery prints the order, once (a dedup
+    store in memory: this process is the only one delivering it)."""
+    from ._buy import PurchaseOutcome
+    from ._client import FoxReload
+    from .dedup.memory import MemoryDedupStore
+
+    note = dict(_pair(n) for n in args.note) or None
+    items = [_item(spec, note) for spec in args.item]
+    budget = _rate_limit(args)
+    with contextlib.ExitStack() as owned:
+        if budget is not None:
+            owned.callback(budget.close)
+        client = owned.enter_context(FoxReload(rate_limit=budget))
+        purchase = client.buy(
+            items, is_mock=args.mock, timeout=args.timeout, listener=_progress(unpaid_hint=False),
+            store=MemoryDedupStore(),
+            deliver=functools.partial(_print_order, out=out, as_json=args.json,
+                                      show_codes=args.show_codes))
+    if purchase.possible_orphans:
+        print("foxpoll: a create's outcome was unknown, so foxpoll created a new order: "
+              "if the first made an order, it was never paid and expires unpaid",
+              file=sys.stderr)
+    if purchase.outcome is PurchaseOutcome.STALLED:
+        order_id = _plain(purchase.order_id)
+        print(f"foxpoll: the wait stalled: {_said(purchase.reason)}. Order {order_id} is "
+              f"paid and may still complete: foxpoll orders wait {order_id}", file=sys.stderr)
+        return EXIT_STALLED
+    if not purchase.ok:  # failed or cancelled: shown, as orders wait shows it
+        _print_order(purchase.order, out, as_json=args.json, show_codes=args.show_codes)
+        return EXIT_FAILED
+    return 0
 
 
 CATALOG_PAGE = 200  # the API's largest page

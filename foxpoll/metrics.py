@@ -24,6 +24,9 @@ Instruments (no order ids as labels, so their number stays bounded):
 ``foxpoll_rate_limit_per_minute``     the budget's rate now (the learned one, if adaptive)
 ``foxpoll_worker_errors_total``       failed rounds of a long-running loop, by ``component``
                                       (:meth:`~PrometheusMetrics.on_worker_error`)
+``foxpoll_possible_orphans_total``    creates of ``buy()`` whose outcome was unknown: orders
+                                      that may exist, never paid, and expire
+                                      (:meth:`~PrometheusMetrics.on_possible_orphan`)
 ====================================  ========================================================
 
 The alerts are in ``docs/alerts.yml``: the completion rate, completed / (completed +
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import OrderCancelled, OrderFailed
+from .errors import AmbiguousOrderError, OrderCancelled, OrderFailed
 from .models import OrderStatus
 from .polling import Listener, PollAttempt, WaitResult
 from .ratelimit import BaseRateLimit
@@ -63,6 +66,21 @@ class _ListenerMetrics(Listener):
 
     def _worker_error(self, component: str) -> None:
         raise NotImplementedError
+
+    def _possible_orphan(self) -> None:
+        raise NotImplementedError
+
+    def on_possible_orphan(self, error: AmbiguousOrderError) -> None:
+        """Count a create whose outcome was unknown, which ``buy()`` never pays and
+        followed with a fresh one: an order that may exist unpaid, until it expires.
+
+        The clients call it on each of their listeners that has it. A steady rate means
+        the API's creates time out: each such order may hold stock until it expires.
+
+        Args:
+            error: The create's :class:`~foxpoll.AmbiguousOrderError`; only counted.
+        """
+        self._possible_orphan()
 
     def on_worker_error(self, component: str, error: BaseException) -> None:
         """Count one failed round of a long-running loop that backs off and tries again.
@@ -136,6 +154,10 @@ class PrometheusMetrics(_ListenerMetrics):
             "foxpoll_worker_errors",
             "Failed rounds of foxpoll's long-running loops (each backs off and tries again).",
             ["component"], registry=registry)
+        self.possible_orphans = Counter(
+            "foxpoll_possible_orphans",
+            "Creates whose outcome was unknown: orders that may exist unpaid, never paid.",
+            registry=registry)
         self._registry = registry
         self._budgets: dict[str, BaseRateLimit] = {}
 
@@ -156,6 +178,9 @@ class PrometheusMetrics(_ListenerMetrics):
 
     def _worker_error(self, component: str) -> None:
         self.worker_errors.labels(component=component).inc()
+
+    def _possible_orphan(self) -> None:
+        self.possible_orphans.inc()
 
     def _finished(self, kind: str, seconds: float | None) -> None:
         getattr(self, kind).inc()
@@ -220,6 +245,9 @@ class OpenTelemetryMetrics(_ListenerMetrics):
         self.worker_errors = meter.create_counter(
             "foxpoll.worker.errors", unit="{round}",
             description="Failed rounds of foxpoll's long-running loops.")
+        self.possible_orphans = meter.create_counter(
+            "foxpoll.orders.possible_orphans", unit="{order}",
+            description="Creates whose outcome was unknown: orders that may exist unpaid.")
         self._meter = meter
 
     def track(self, limit: BaseRateLimit, *, budget: str = "default") -> None:
@@ -251,6 +279,9 @@ class OpenTelemetryMetrics(_ListenerMetrics):
 
     def _worker_error(self, component: str) -> None:
         self.worker_errors.add(1, {"component": component})
+
+    def _possible_orphan(self) -> None:
+        self.possible_orphans.add(1)
 
     def _finished(self, kind: str, seconds: float | None) -> None:
         getattr(self, kind).add(1)
