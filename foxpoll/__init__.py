@@ -68,7 +68,16 @@ from .models import (
     Page,
     Product,
 )
-from .polling import Listener, PollAttempt, Stall, StatusChange, WaitPolicy, WaitResult, WaitStart
+from .polling import (
+    Listener,
+    PollAttempt,
+    Stall,
+    StatusChange,
+    Sweep,
+    WaitPolicy,
+    WaitResult,
+    WaitStart,
+)
 
 __all__ = [
     "APIConnectionError",
@@ -133,6 +142,7 @@ __all__ = [
     "Step",
     "StoreError",
     "StoreUnavailable",
+    "Sweep",
     "SystemClock",
     "UnprocessableEntityError",
     "WaitPolicy",

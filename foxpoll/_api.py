@@ -107,9 +107,46 @@ def get_order(rt: Runtime, order_id: str, *, deadline: float | None = None,
     return rt.flow(call, deadline=deadline)
 
 
-def list_orders(rt: Runtime, params: Mapping[str, Any]) -> Flow[Page[Order]]:
-    """GET the order history; the query parameters are passed through as given."""
-    return rt.flow(Call("GET", "/api/orders/", _page_parser(Order), params=params))
+def list_orders(
+    rt: Runtime,
+    params: Mapping[str, Any],
+    *,
+    status: OrderStatus | str | None = None,
+    limit: int | None = None,
+    offset: int | None = None,
+    cursor: str | None = None,
+    priority: Priority = Priority.FRESH,
+) -> Flow[Page[Order]]:
+    """GET one page of the order history, newest first.
+
+    The listing's parameters are not published: ``status``, ``limit``, ``offset`` and
+    ``cursor`` are sent under those names when given (checked here), and ``params`` is
+    passed through as given, for the names a partner's onboarding documents.
+
+    Raises:
+        ValueError: ``limit`` is below 1, ``offset`` below 0, or a name is given twice.
+    """
+    named: dict[str, Any] = {}
+    if status is not None:
+        named["status"] = status.value if isinstance(status, OrderStatus) else status
+        if not isinstance(named["status"], str) or not named["status"]:
+            raise ValueError("status must be an OrderStatus or a non-empty string")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError("limit must be a whole number, at least 1")
+        named["limit"] = limit
+    if offset is not None:
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError("offset must be a whole number, zero or more")
+        named["offset"] = offset
+    if cursor is not None:
+        named["cursor"] = cursor
+    twice = sorted(set(named) & set(params))
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given twice")
+    call = Call("GET", "/api/orders/", _page_parser(Order), params={**params, **named},
+                priority=priority)
+    return rt.flow(call)
 
 
 def order_item_request(item: OrderItemRequest | Mapping[str, Any]) -> OrderItemRequest:

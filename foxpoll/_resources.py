@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from . import _api
 from ._effects import Flow
-from .models import Category, Order, OrderItemRequest, Page, Product
+from .models import Category, Order, OrderItemRequest, OrderStatus, Page, Product
 from .ratelimit import Priority
 
 __all__ = [
@@ -123,9 +123,32 @@ class Orders:
         flow = _api.get_order(self._runner.runtime, order_id, priority=priority)
         return self._runner.run(flow)
 
-    def list(self, **params: Any) -> Page[Order]:
-        """Read a page of the order history; keyword arguments become query parameters."""
-        return self._runner.run(_api.list_orders(self._runner.runtime, params))
+    def list(
+        self,
+        *,
+        status: OrderStatus | str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        cursor: str | None = None,
+        **params: Any,
+    ) -> Page[Order]:
+        """One page of the order history, newest first.
+
+        Its parameters are not published. These are sent under these names when given;
+        other keyword arguments are sent as query parameters, as given.
+
+        Args:
+            status: Only orders in this status (``status=processing``).
+            limit: Orders per page, at least 1.
+            offset: Orders to skip, for offset paging (``page.total`` tells how many).
+            cursor: ``page.next_cursor`` of the previous page, for cursor paging.
+
+        Raises:
+            ValueError: ``limit`` is below 1 or ``offset`` below 0.
+        """
+        flow = _api.list_orders(self._runner.runtime, params, status=status, limit=limit,
+                                offset=offset, cursor=cursor)
+        return self._runner.run(flow)
 
 
 class AsyncOrders:
@@ -163,9 +186,19 @@ class AsyncOrders:
         flow = _api.get_order(self._runner.runtime, order_id, priority=priority)
         return await self._runner.run(flow)
 
-    async def list(self, **params: Any) -> Page[Order]:
+    async def list(
+        self,
+        *,
+        status: OrderStatus | str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        cursor: str | None = None,
+        **params: Any,
+    ) -> Page[Order]:
         """See :meth:`Orders.list`."""
-        return await self._runner.run(_api.list_orders(self._runner.runtime, params))
+        flow = _api.list_orders(self._runner.runtime, params, status=status, limit=limit,
+                                offset=offset, cursor=cursor)
+        return await self._runner.run(flow)
 
 
 class Products:

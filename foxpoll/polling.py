@@ -24,6 +24,7 @@ import attrs
 from . import _api
 from ._core import check_timeout
 from ._effects import Emit, Flow, Notify, Sleep, Start, WaitAny
+from ._sweep import Sweep, Sweeper
 from .backoff import (
     BackoffPolicy,
     ExponentialJitter,
@@ -55,6 +56,7 @@ __all__ = [
     "PollAttempt",
     "Stall",
     "StatusChange",
+    "Sweep",
     "WaitPolicy",
     "WaitResult",
     "WaitStart",
@@ -336,6 +338,9 @@ class WaitPolicy:
             (a player id), or a supplier whose codes are late. None (the default)
             returns it, with a warning; a number polls it that many more times for its
             codes, then raises :class:`CodesMissing`.
+        sweep: ``wait_many`` also sweeps the order history for hints
+            (:class:`~foxpoll.Sweep`); None (the default): it does not. A single wait
+            ignores it.
     """
 
     backoff: BackoffPolicy = attrs.field(default=DEFAULT_BACKOFF, converter=_default_backoff)
@@ -345,6 +350,7 @@ class WaitPolicy:
     not_found_grace: float = attrs.field(default=30.0, validator=_non_negative)
     max_errors: int | None = None
     polls_for_codes: int | None = None
+    sweep: Sweep | None = None
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
@@ -361,6 +367,8 @@ class WaitPolicy:
                 raise ValueError(f"{name} must be a whole number, zero or more")
         if not isinstance(self.backoff, BackoffPolicy):
             raise TypeError("backoff must have a delays(rng) method (see foxpoll.backoff)")
+        if self.sweep is not None and not isinstance(self.sweep, Sweep):
+            raise TypeError("sweep must be a foxpoll.Sweep")
 
     @classmethod
     def after_payment(
@@ -702,10 +710,18 @@ def wait_many_flow(
     within itself, as :func:`wait_flow`'s do (each attempt takes its own permit); a
     poll that still fails counts against the order's error budget. At most
     ``max_in_flight`` polls are started and not yet finished at once. With a
-    ``heartbeat``, the loop also wakes, and beats, whenever a renewal is due.
+    ``heartbeat``, the loop also wakes, and beats, whenever a renewal is due. With the
+    policy's ``sweep`` on, listings of the order history hint which polls to make now
+    and which to put off (:mod:`foxpoll._sweep`); they take permits as polls do.
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
+    sweeper = None
+    if policy.sweep is not None and policy.sweep.off_reason is None:
+        sweeper = Sweeper(policy.sweep, rt.clock.monotonic())
+        if policy.timeout is None:
+            # Polls put off must not make a wait outlast the one it would be without.
+            policy = policy.deadline(policy.horizon())
     limit = rt.limit
     if max_requests_per_minute is not None and limit is not None:
         raise ValueError("this client has a rate_limit: max_requests_per_minute would be "
@@ -726,30 +742,58 @@ def wait_many_flow(
     heapq.heapify(due)
     try:
         yield from start_notes(policy, listeners, watches, rt.clock.time())
-        yield from _poll_due(metered, watches, due, order, max_in_flight, heartbeat)
+        yield from _poll_due(metered, watches, due, order, max_in_flight, heartbeat, sweeper)
     finally:
         if heartbeat is not None:  # the waits still open when the consumer left
             heartbeat.release(list(watches))
 
 
+#: The key of a sweep among the loop's sub-flows: no order id has a control character.
+SWEEP_KEY = "\x00sweep"
+
+
 def _poll_due(rt: _api.Runtime, watches: dict[str, OrderWatch],
               due: list[tuple[float, int, str]], order: Iterator[int], max_in_flight: int,
-              heartbeat: Heartbeat | None) -> Flow[None]:
+              heartbeat: Heartbeat | None, sweeper: Sweeper | None = None) -> Flow[None]:
     """:func:`wait_many_flow`'s loop: poll each order as it comes due, until every wait has
     ended; ``watches`` keeps the waits not yet ended."""
     in_flight = 0
-    while due or in_flight:
+    # Each order's one live entry in ``due``: a sweep moves polls, leaving stale entries.
+    live = {order_id: seq for _, seq, order_id in due}
+
+    def schedule(order_id: str, at: float) -> None:
+        live[order_id] = seq = next(order)
+        heapq.heappush(due, (at, seq, order_id))
+
+    while live or in_flight:
         now = rt.clock.monotonic()
+        if sweeper is not None and in_flight < max_in_flight \
+                and sweeper.due(len(watches)) <= now:
+            yield from Start(SWEEP_KEY, sweeper.begin(rt, now))
+            in_flight += 1
         while due and due[0][0] <= now and in_flight < max_in_flight:
-            _, _, order_id = heapq.heappop(due)
+            _, seq, order_id = heapq.heappop(due)
+            if live.get(order_id) != seq:
+                continue
             watch = watches[order_id]
+            if sweeper is not None:
+                later = sweeper.defer(order_id, now, watch.deadline)
+                if later is not None:
+                    schedule(order_id, later)
+                    continue
+                sweeper.polling(order_id, now)
+            del live[order_id]
             flow = _api.get_order(rt, order_id, deadline=watch.deadline,
                                   priority=watch.priority)
             yield from Start(order_id, flow)
             in_flight += 1
+        while due and live.get(due[0][2]) != due[0][1]:
+            heapq.heappop(due)  # stale: wake for the live entries only
         wake = None
         if due and in_flight < max_in_flight:
             wake = max(0.0, due[0][0] - now)
+            if sweeper is not None and (sweep_at := sweeper.due(len(watches))) < wake + now:
+                wake = max(0.0, sweep_at - now)
         if heartbeat is not None:
             wake = heartbeat.due_in() if wake is None else min(wake, heartbeat.due_in())
         finished = yield from WaitAny(wake)
@@ -757,9 +801,16 @@ def _poll_due(rt: _api.Runtime, watches: dict[str, OrderWatch],
             yield from Notify(heartbeat.beat, ())
         now = rt.clock.monotonic()
         for order_id, outcome in finished:
-            assert isinstance(outcome, (Order, Exception))  # a poll's order, or its error
             in_flight -= 1
+            if sweeper is not None and order_id == SWEEP_KEY:
+                for hinted, at in sweeper.listed(outcome, now, watches):
+                    if hinted in live:  # not polling now
+                        schedule(hinted, at)
+                continue
+            assert isinstance(outcome, (Order, Exception))  # a poll's order, or its error
             watch = watches[order_id]
+            if sweeper is not None:
+                sweeper.polled(order_id, outcome, now)
             decision = watch.record(outcome, now)
             yield from decision.notes
             if decision.finished:
@@ -767,4 +818,8 @@ def _poll_due(rt: _api.Runtime, watches: dict[str, OrderWatch],
                 yield from Emit(WaitResult(order_id, decision.order, decision.error,
                                            watch.attempts, now - watch.started))
             else:
-                heapq.heappush(due, (now + decision.delay, next(order), order_id))
+                schedule(order_id, now + decision.delay)
+            if sweeper is not None:
+                for restored, at in sweeper.released(len(watches), now):
+                    if restored in live:
+                        schedule(restored, at)

@@ -376,12 +376,19 @@ class FakeFoxReload:
         return 200, self._render(self._find(order_id))
 
     def _list_orders(self, request: httpx.Request, body: Any) -> tuple[int, Any]:
+        """The order history, newest first, optionally of one ``status``; offset-paged."""
         status = request.url.params.get("status")
-        rendered = [self._render(o) for o in self._orders.values()]
-        matching = [o for o in rendered if status is None or o["status"] == status]
         limit, offset = _int_param(request, "limit", 50), _int_param(request, "offset", 0)
-        return 200, {"items": matching[offset : offset + limit], "limit": limit,
-                     "offset": offset, "total": len(matching)}
+        if limit < 1 or offset < 0:
+            raise _Reply(422, "limit must be at least 1 and offset at least 0")
+        now = self.clock.monotonic()
+        # Orders are kept in creation order; only the page's rows are rendered, so a long
+        # run's sweeps stay cheap.
+        matching = [o for o in reversed(self._orders.values())
+                    if now >= o.created_at + o.script.visible_after
+                    and (status is None or self._status(o)[0] == status)]
+        return 200, {"items": [self._render(o) for o in matching[offset : offset + limit]],
+                     "limit": limit, "offset": offset, "total": len(matching)}
 
     def _pay_order(self, request: httpx.Request, body: Any, order_id: str) -> tuple[int, Any]:
         order = self._find(order_id)
