@@ -34,7 +34,7 @@ from foxpoll import (
 )
 from foxpoll.cli import main
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
-from foxpoll.events import InMemoryPublisher
+from foxpoll.events import MemoryPublisher
 from foxpoll.metrics import PrometheusMetrics
 from foxpoll.recovery import JobState, RecoveryPolicy, SQLiteRecoveryQueue
 from foxpoll.testing import (
@@ -85,7 +85,7 @@ def make_client(request: pytest.FixtureRequest, sim: FakeFoxReload) -> Any:
 def test_buy_delivers_once_publishes_once_and_settles_the_watch(
     sim: FakeFoxReload, make_client: Any, queue: SQLiteRecoveryQueue
 ) -> None:
-    store, publisher = MemoryDedupStore(), InMemoryPublisher()
+    store, publisher = MemoryDedupStore(), MemoryPublisher()
     delivered: list[Order] = []
     client = make_client(recovery_queue=queue)
     purchase = run_buy(client, deliver=delivered.append, store=store, publisher=publisher)
@@ -117,7 +117,7 @@ def test_the_event_goes_out_inside_the_claim(sim: FakeFoxReload) -> None:
     store = MemoryDedupStore()
     states: list[DeliveryState | None] = []
 
-    class Watching(InMemoryPublisher):
+    class Watching(MemoryPublisher):
         def publish(self, event: Any) -> str:
             record = store.get(event.order_id)
             states.append(record.state if record is not None else None)
@@ -161,7 +161,7 @@ def test_a_failed_or_cancelled_order_is_a_result_with_its_reason(
     script: OrderScript, outcome: PurchaseOutcome, reason: str,
 ) -> None:
     sim.script_next(script)
-    publisher = InMemoryPublisher()
+    publisher = MemoryPublisher()
     delivered: list[Order] = []
     purchase = run_buy(make_client(recovery_queue=queue), deliver=delivered.append,
                        publisher=publisher)
@@ -180,7 +180,7 @@ def test_a_stall_is_handed_to_the_recovery_queue(
     sim: FakeFoxReload, make_client: Any, queue: SQLiteRecoveryQueue
 ) -> None:
     sim.script_next(OrderScript.stall())
-    publisher = InMemoryPublisher()
+    publisher = MemoryPublisher()
     purchase = run_buy(make_client(recovery_queue=queue, wait_policy=SHORT),
                        publisher=publisher)
     assert purchase.outcome is PurchaseOutcome.STALLED
@@ -299,7 +299,7 @@ def test_a_payment_that_stays_unknown_is_waited_on_not_resent(
 def test_a_deliver_that_raises_is_re_raised_with_the_claim_released(
     sim: FakeFoxReload, make_client: Any, queue: SQLiteRecoveryQueue
 ) -> None:
-    store, publisher = MemoryDedupStore(), InMemoryPublisher()
+    store, publisher = MemoryDedupStore(), MemoryPublisher()
 
     def broken(order: Order) -> None:
         raise ConnectionError("the mail server is down")

@@ -20,6 +20,7 @@ from foxpoll import (
     LeaseLost,
     Order,
     OrderStatus,
+    StoreError,
     StoreUnavailable,
     adeliver_once,
     current_lease,
@@ -188,10 +189,11 @@ def test_a_takeover_during_deliver_is_lease_lost_on_complete() -> None:
 
 def test_a_dead_store_delivers_nothing() -> None:
     store = SQLiteDedupStore(":memory:")
-    store.close()  # a closed database: every statement fails
+    store.close()  # a closed store: every statement fails, and waiting will not help
     calls: list[Order] = []
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreError, match="closed") as refused:
         deliver_once(completed(), calls.append, store)
+    assert not isinstance(refused.value, StoreUnavailable)
     assert calls == []
 
 
