@@ -131,6 +131,36 @@ def test_any_malformed_body_is_a_value_error_in_bounded_time(body: bytes) -> Non
     assert time.process_time() - started < 2.0
 
 
+def amplifying_in(encoding: str) -> bytes:
+    """Over :data:`MAX_VALUES` values, in ``encoding``: U+2200 is ``00 22`` in UTF-16-LE,
+    a byte the count would take for a quote, so that every value after it hides in a
+    string."""
+    count = 2 * MAX_VALUES
+    return ('{"id":"o1","status":"completed","items":[],"x":["\u2200",' + "{}," * count
+            + '"\u2200"]}').encode(encoding)
+
+
+@pytest.mark.parametrize("encoding", [
+    "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_a_body_in_utf16_or_utf32_is_refused_before_it_is_decoded(encoding: str) -> None:
+    started = time.process_time()
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_json(amplifying_in(encoding))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_json(json.dumps(ORDER).encode(encoding))
+    assert time.process_time() - started < 0.5
+
+
+@pytest.mark.parametrize("body", [b'{"id":"o1\xff"}', b'"\xed\xa0\x80"', b"\xc0\xaf"])
+def test_a_body_that_is_not_utf8_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_json(body)
+
+
+def test_a_utf8_body_with_a_byte_order_mark_reads() -> None:
+    assert load_json(b"\xef\xbb\xbf" + json.dumps(ORDER).encode()) == ORDER
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
     | st.text() | st.text(alphabet='[]{},"\\ ', max_size=8),
@@ -232,6 +262,19 @@ def test_whatever_the_decoder_raises_a_call_raises_a_validation_error(body: byte
         client.orders.get("o1")
     assert info.value.response is not None
     assert info.value.request is not None
+
+
+def test_a_utf16_body_over_a_socket_is_a_validation_error() -> None:
+    async def aget(url: str) -> Order:
+        async with AsyncFoxReload(KEY, base_url=url, max_retries=0) as client:
+            return await client.orders.get("o1")
+
+    with HostileServer(body=amplifying_in("utf-16-le")) as server:
+        with FoxReload(KEY, base_url=server.url, max_retries=0) as client, pytest.raises(
+                APIResponseValidationError, match="body is not JSON"):
+            client.orders.get("o1")
+        with pytest.raises(APIResponseValidationError, match="body is not JSON"):
+            asyncio.run(aget(server.url))
 
 
 def test_an_error_body_past_the_bounds_is_kept_as_text() -> None:
