@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from foxpoll import (
     APIResponseValidationError,
+    APIStatusError,
     AsyncFoxReload,
     FoxReload,
     InternalServerError,
@@ -35,6 +37,7 @@ from foxpoll import (
     WaitPolicy,
     _parse,
 )
+from foxpoll._effects import Parse
 from foxpoll._parse import (
     MAX_CODES,
     MAX_DEPTH,
@@ -384,6 +387,69 @@ async def read_ticking(server: HostileServer) -> None:
             for _ in range(3):
                 assert len((await client.orders.list()).items) == MAX_RESULTS
     assert ticks.worst < blocked / 2, f"a tick came {ticks.worst * 1000:.0f} ms late"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("status", [400, 500])
+async def test_an_async_client_reads_a_large_error_body_off_the_event_loop(
+        status: int, server: HostileServer) -> None:
+    server.body = WORST_ACCEPTED["one-key-objects"]()
+    server.status = status
+    gc.collect()
+    gc.freeze()  # as above
+    try:
+        with FoxReload(KEY, base_url=server.url, max_retries=0) as blocking:
+            started = time.monotonic()
+            with pytest.raises(APIStatusError) as info:
+                blocking.orders.get("o1")
+            blocked = time.monotonic() - started
+        assert info.value.status_code == status
+        assert isinstance(info.value.body, dict)  # read as JSON, within the bounds
+        assert blocked > 0.04
+        async with AsyncFoxReload(KEY, base_url=server.url, max_retries=0) as client:
+            with pytest.raises(APIStatusError):
+                await client.orders.get("o1")
+            async with ticking() as ticks:
+                for _ in range(3):
+                    with pytest.raises(APIStatusError) as info:
+                        await client.orders.get("o1")
+                    assert isinstance(info.value.body, dict)
+    finally:
+        gc.unfreeze()
+    assert ticks.worst < blocked / 2, f"a tick came {ticks.worst * 1000:.0f} ms late"
+
+
+@pytest.mark.slow
+async def test_an_async_client_reads_one_large_body_at_a_time(server: HostileServer) -> None:
+    """Each read holds the GIL while the decoder runs: reads in threads at once would hold
+    the event loop as long as all of them (ticks 0.5 to 0.9 s late for eight)."""
+    server.body = WORST_ACCEPTED["one-key-objects"]()
+    reading, most = 0, 0
+    count = threading.Lock()
+    read = Parse.__call__
+
+    def counted(parse: Parse[Any]) -> Any:
+        nonlocal reading, most
+        with count:
+            reading += 1
+            most = max(most, reading)
+        try:
+            return read(parse)
+        finally:
+            with count:
+                reading -= 1
+
+    with mock.patch.object(Parse, "__call__", counted):
+        async with AsyncFoxReload(KEY, base_url=server.url, timeout=60) as client:
+            orders = await asyncio.gather(*[client.orders.get("o1") for _ in range(4)],
+                                          client.with_options(timeout=60).orders.get("o1"))
+            server.status = 500
+            errors = await asyncio.gather(
+                *[client.with_options(max_retries=0).orders.get("o1") for _ in range(3)],
+                return_exceptions=True)
+    assert [order.id for order in orders] == ["o1"] * 5
+    assert [type(error) for error in errors] == [InternalServerError] * 3
+    assert most == 1
 
 
 @pytest.mark.slow
