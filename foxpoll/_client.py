@@ -559,7 +559,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         so its polls go one at a time: any ``max_in_flight`` but 1 raises
         :class:`ValueError`; :meth:`AsyncFoxReload.wait_many` runs several at once.
         """
-        if max_in_flight is not None and max_in_flight != 1:
+        if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight != 1):
             raise ValueError("the sync client polls one order at a time (max_in_flight=1); "
                              "AsyncFoxReload.wait_many runs polls concurrently")
         flow = self._wait_many_flow(orders, policy, timeout, listener,

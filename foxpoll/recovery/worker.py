@@ -104,6 +104,22 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+#: The longest lease the worker takes, in seconds (over 115 days), as a dedup store's
+#: claim: a longer one is a unit mistake.
+MAX_LEASE = 1e7
+
+
+def _check_seconds(name: str, value: object, *, above_zero: bool,
+                   below: float = math.inf) -> None:
+    """Refuse ``value`` unless it is a finite number of seconds under ``below``, above
+    zero (or at least zero); nan, infinities and bools included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (value > 0 if above_zero else value >= 0) and value < below):
+        bound = "above zero" if above_zero else "zero or more"
+        limit = f", under {below:g}" if below < math.inf else ""
+        raise ValueError(f"{name} must be a finite number of seconds, {bound}{limit}")
+
+
 class _Miswired(TypeError):
     """A callback the worker cannot call with an order (wrong signature, or async): the
     worker's wiring is wrong, not the job, so it ends the worker instead of being recorded
@@ -143,7 +159,9 @@ class RecoveryWorker:
             resolved jobs are always kept.
 
     Raises:
-        ValueError: ``keep_done`` is negative or not finite.
+        ValueError: ``lease`` is not a number of seconds above zero and under
+            :data:`MAX_LEASE`, or ``keep_done`` not a finite one, zero or more.
+        TypeError: ``outage_backoff`` is not a backoff policy.
     """
 
     def __init__(
@@ -161,8 +179,12 @@ class RecoveryWorker:
         outage_backoff: BackoffPolicy = OUTAGE_BACKOFF,
         keep_done: float | None = KEEP_DONE,
     ) -> None:
-        if keep_done is not None and not (keep_done >= 0 and math.isfinite(keep_done)):
-            raise ValueError(f"keep_done must be a finite number >= 0 or None, not {keep_done!r}")
+        _check_seconds("lease", lease, above_zero=True, below=MAX_LEASE)
+        if keep_done is not None:
+            _check_seconds("keep_done", keep_done, above_zero=False)
+        if not callable(getattr(outage_backoff, "delays", None)):
+            raise TypeError("outage_backoff must be a backoff policy (anything with "
+                            "delays(rng)), such as foxpoll.backoff.ExponentialJitter")
         self.client, self.queue, self.store = client, queue, store
         self.on_completed, self.on_terminal = on_completed, on_terminal
         self.publisher, self.metrics = publisher, metrics
@@ -337,6 +359,9 @@ class RecoveryWorker:
                 back when its lease runs out (counted as an attempt).
             TypeError: a callback cannot be called with an order.
         """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            raise ValueError("limit must be a whole number, zero or more, or None")
         processed = 0
         queue = self._job_queue()
         while limit is None or processed < limit:
@@ -418,6 +443,8 @@ class RecoveryWorker:
                 ``pending_orders`` that takes arguments, a queue that runs its own
                 workers... No wait can cure them.
         """
+        _check_seconds("idle", idle, above_zero=False)
+        _check_seconds("sweep_every", sweep_every, above_zero=False)
         stop = stop or threading.Event()
         clock = self.client.clock
         outages = self._outages("recovery", "recovery worker")
