@@ -146,7 +146,8 @@ class OrderMismatch(APIResponseValidationError):
 
     The order in it is dropped, never returned: its codes would go out under the wrong
     dedup key. A wait counts it as a passing poll error, a recovery re-check as a failed
-    one; a payment answered so is reconciled as an :class:`AmbiguousOrderError`.
+    one; a payment answered so is reconciled as an :class:`AmbiguousOrderError`. Each
+    such answer is logged once, at WARNING, with this message.
 
     Attributes:
         requested: The order id asked for.

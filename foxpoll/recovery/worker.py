@@ -31,7 +31,13 @@ from foxpoll._outages import OUTAGE_BACKOFF, PROGRAMMING_ERRORS, STOP_LOOKS_EVER
 from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.base import DedupStore, DeliveryState
 from foxpoll.delivery import deliver_once
-from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundError
+from foxpoll.errors import (
+    APIError,
+    DeliveryInProgress,
+    FoxPollError,
+    NotFoundError,
+    OrderMismatch,
+)
 from foxpoll.events.base import OrderEvent, Publisher
 from foxpoll.models import Order, OrderStatus
 from foxpoll.polling import Listener, WaitResult
@@ -228,6 +234,12 @@ class RecoveryWorker:
             error = _error_text(exc)
             log.warning("order %s: re-check %d could not read the order: %s", order_id,
                         attempt, error, exc_info=True)
+        if order is not None and order.id != order_id:
+            # The client refuses such an answer; a client subclass or wrapper might not,
+            # and another order's codes must never go out under this job.
+            mismatch = OrderMismatch(requested=order_id, received=order.id)
+            error, order = _error_text(mismatch), None
+            log.warning("order %s: re-check %d: %s", order_id, attempt, mismatch)
         status = order.status.value if order is not None else None
         action = decide(order, attempt, self.policy, self.rng)
         try:
