@@ -913,6 +913,30 @@ def test_no_escape_sequence_from_the_server_reaches_the_terminal(
     assert "last_status=processing  last_error=HTTP 500: " in printed["dlq list"]
 
 
+#: What reorders or breaks a line on screen: bidirectional marks, embeddings, overrides
+#: and isolates, and the line and paragraph separators.
+BIDI = {"\u200e", "\u200f", *map(chr, range(0x202a, 0x202f)), *map(chr, range(0x2066, 0x206a)),
+        "\u2028", "\u2029"}
+
+
+def test_no_bidirectional_override_or_line_separator_from_the_server_is_printed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from foxpoll.testing import HostileServer
+
+    text = "".join(f"{c}x" for c in sorted(BIDI))
+    body = {"id": "o1", "status": "completed", "cancelReason": f"a{text}b",
+            "items": [{"itemId": f"p{text}1", "externalData": ["C"]}]}
+    with HostileServer(body=body) as server:
+        monkeypatch.setenv("FOXRELOAD_API_KEY", "sk-live-bidi")
+        monkeypatch.setenv("FOXRELOAD_BASE_URL", server.url)
+        code, out = run("orders", "get", "o1")
+    out += capsys.readouterr().err
+    assert code == 0
+    assert not BIDI & set(out), out
+    assert "x x" in out  # a separator is a space, as a line break is
+
+
 # Finding 8: a password in a URL is never printed.
 
 @pytest.mark.parametrize("argv", [
@@ -923,6 +947,16 @@ def test_no_escape_sequence_from_the_server_reaches_the_terminal(
     ["dlq", "list", "--queue", "postgresql:/u:hunter2@127.0.0.1/db"],  # mistyped
     ["dlq", "list", "--queue", "mysql://hunter2@127.0.0.1/db"],  # a token for a user name
     ["dlq", "list", "--queue", "mysql://127.0.0.1/db?password=hunter2"],
+    ["dlq", "list", "--queue", "postgresql://u:hunter2 x@127.0.0.1:1/db"],  # a space
+    # redis-py's own message quotes what precedes a / as the port: never printed.
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "redis://default:hunter2/x@127.0.0.1:1/0"],
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "redis://u:hunter2@127.0.0.1:notaport/0"],
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "redis://:hunter2@127.0.0.1:1/0?db=x"],
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "redis://u:a@b:hunter2@127.0.0.1:1/0?db=x"],  # an @ in the password
 ])
 def test_a_password_in_a_url_given_to_the_cli_is_never_printed(
     argv: list[str], capsys: pytest.CaptureFixture[str]
