@@ -363,8 +363,9 @@ class BudgetUnavailable(StoreUnavailable, APIConnectionError):
     """A request budget (:mod:`foxpoll.ratelimit`) could not be reached, or did not answer
     in time, so the request that needed its permit was not sent. It is also an
     :class:`APIConnectionError`, the error of a request that never left: a wait counts it
-    as a passing error, on its error budget, and a call that retries connection failures
-    retries it."""
+    as a passing error, on its error budget. A single call (``orders.get``, a catalog
+    read) raises it at once, without retrying: its ``max_retries`` are for requests that
+    were sent, and the budget's own timeout has already been waited."""
 
 
 class DedupError(StoreError):

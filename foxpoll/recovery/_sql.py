@@ -390,6 +390,25 @@ def _wrong(name: str, value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, number) or value != value  # NaN
 
 
+def _fault(name: str, value: Any) -> str:
+    """What is wrong with column ``name``, by the type of its value."""
+    if value is None:
+        return f"{name} is missing"
+    if name == "state" and isinstance(value, str):
+        return "state is no job state"
+    kind = "NaN" if isinstance(value, float) and value != value else (
+        f"a {type(value).__name__}")
+    expected = {"state": "a job state", "attempts": "a whole number"}.get(
+        name, "text" if name in _TEXTS else "a number")
+    return f"{name} is {kind}, not {expected}"
+
+
+def _row_id(order_id: Any) -> str:
+    """A row's order id for a message: bounded and printable, as an id is."""
+    text = order_id if isinstance(order_id, str) else f"<{type(order_id).__name__}>"
+    return text if len(text) <= 80 and text.isprintable() else repr(text[:77]) + "..."
+
+
 def job_from_row(row: Mapping[str, Any]) -> RecoveryJob:
     """The job a row holds.
 
@@ -402,8 +421,10 @@ def job_from_row(row: Mapping[str, Any]) -> RecoveryJob:
     if data["state"] not in states:
         wrong.insert(0, "state")
     if wrong:
-        what = ", ".join(f"{name}={data[name]!r}"[:80] for name in wrong)
-        raise UnreadableJobs({str(data["order_id"]): what})
+        # The column and what is wrong with it, never its value: a row written by another
+        # program may hold anything, a code or a secret.
+        what = ", ".join(_fault(name, data[name]) for name in wrong)
+        raise UnreadableJobs({_row_id(data["order_id"]): what})
     data["state"] = JobState(data["state"])
     return RecoveryJob(**data)
 

@@ -155,8 +155,8 @@ class UnreadableJobs(StoreError):
     ``locked_until`` that is not a number (a row written by hand or by another program).
 
     Attributes:
-        unreadable: Each such row's order id, and the value that is wrong
-            (``{"o7": "locked_until='soon'"}``).
+        unreadable: Each such row's order id, and which column is wrong and how, by its
+            type, never its value (``{"o7": "locked_until is a str, not a number"}``).
         jobs: The rows of the same call that could be read: one bad row hides no other.
     """
 
