@@ -153,8 +153,9 @@ _NEXT_DUE = """
 SELECT MIN(CASE WHEN locked_until > due_at THEN locked_until ELSE due_at END) AS t
 FROM {table} WHERE state = 'queued'"""
 
+# A re-check that sent no request gives back the attempt its take counted.
 _RETRY = """
-UPDATE {table} SET due_at = {now} + :delay,
+UPDATE {table} SET due_at = {now} + :delay, attempts = attempts - :given_back,
                    last_status = :last_status, last_error = :last_error,
                    locked_until = NULL, token = NULL, updated_at = {now}
 WHERE order_id = :order_id AND state = 'queued'
@@ -315,9 +316,10 @@ class SQLJobQueue(JobQueue):
         return job
 
     def retry(self, order_id: str, *, due_at: float, last_status: str | None,
-              last_error: str | None) -> RecoveryJob:
+              last_error: str | None, attempt_spent: bool = True) -> RecoveryJob:
         return self._update(self._sql.retry, order_id, delay=self._delay(due_at),
-                            last_status=last_status, last_error=last_error)
+                            last_status=last_status, last_error=last_error,
+                            given_back=0 if attempt_spent else 1)
 
     def finish(self, order_id: str, *, final_status: str) -> RecoveryJob:
         return self._update(self._sql.finish, order_id, status=final_status)

@@ -318,9 +318,10 @@ class JobQueue(RecoveryQueue):
 
     @abc.abstractmethod
     def retry(self, order_id: str, *, due_at: float, last_status: str | None,
-              last_error: str | None) -> RecoveryJob:
-        """Record a re-check's outcome and queue the job again for ``due_at`` (its take
-        counted the attempt).
+              last_error: str | None, attempt_spent: bool = True) -> RecoveryJob:
+        """Record a re-check's outcome and queue the job again for ``due_at``. Its take
+        counted the attempt; ``attempt_spent=False`` gives it back, for a re-check that
+        sent no request (the request budget was unavailable).
 
         Raises:
             KeyError: no such job.

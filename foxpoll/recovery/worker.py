@@ -33,6 +33,7 @@ from foxpoll.dedup.base import DedupStore, DeliveryState
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import (
     APIError,
+    BudgetUnavailable,
     DeliveryInProgress,
     FoxPollError,
     NotFoundError,
@@ -78,6 +79,9 @@ class Checked:
     action: Action
     status: str | None
     error: str | None
+    #: Whether the re-check used up its attempt: not when it sent no request, its
+    #: request budget being unavailable.
+    attempt_spent: bool = True
 
 
 def decide(order: Order | None, attempt: int, policy: RecoveryPolicy,
@@ -226,6 +230,15 @@ class RecoveryWorker:
         error: str | None = None
         try:
             order = self.client.orders.get(order_id, priority=Priority.POLL)
+        except BudgetUnavailable as exc:
+            # No request went out: an outage of the budget, not a look at the order. The
+            # attempt is given back, so that an outage never dead-letters a job; the job
+            # waits on the policy's schedule.
+            error = _error_text(exc)
+            log.warning("order %s: re-check %d sent no request: %s", order_id, attempt,
+                        error)
+            return Checked(Action("retry", self.policy.delay(attempt, self.rng)), None,
+                           error, attempt_spent=False)
         except NotFoundError:
             error = "order not found"
         except APIError as exc:
@@ -305,7 +318,8 @@ class RecoveryWorker:
                                   last_error=checked.error)
             return queue.retry(job.order_id,
                                due_at=self.client.clock.time() + checked.action.delay,
-                               last_status=checked.status, last_error=checked.error)
+                               last_status=checked.status, last_error=checked.error,
+                               attempt_spent=checked.attempt_spent)
         except ValueError:
             # A watch that fired while its wait was still running: the wait has settled
             # it meanwhile, and the job is no longer queued. Nothing is left to do.
