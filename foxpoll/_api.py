@@ -83,13 +83,19 @@ def _order_parser(data: Any) -> Order:
 
 def _order_about(order_id: str) -> Callable[[Any], Order]:
     """The parser of a response about ``order_id``: one whose ``id`` is not exactly that
-    (no case folding, no trimming) raises :class:`OrderMismatch`. Every read and payment
-    of a known order goes through it, so no caller sees, or delivers, another order."""
+    (no case folding, no trimming) raises :class:`OrderMismatch`, logged at WARNING. Every
+    read and payment of a known order goes through it, so no caller sees, or delivers,
+    another order."""
 
     def parse(data: Any) -> Order:
         order = parse_model(data, Order)
         if order.id != order_id:
-            raise OrderMismatch(requested=order_id, received=order.id)
+            mismatch = OrderMismatch(requested=order_id, received=order.id)
+            # Logged here, where each response is read once, so once per answer, whatever
+            # the caller makes of the error; its message quotes the ids, bounded, never a
+            # code.
+            log.warning("%s", mismatch)
+            raise mismatch
         return order
 
     return parse

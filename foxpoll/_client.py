@@ -120,8 +120,9 @@ class BaseClient(Generic[HttpT, TransportT]):
     documented on ``__init__``."""
 
     _owns_http: bool
-    #: Whether the HTTP client is the one foxpoll builds (its proxies, the environment's).
-    _default_http: bool
+    #: Whether the HTTP client takes its proxies from the environment: the one foxpoll
+    #: builds does, and so does yours with ``trust_env`` (httpx's default).
+    _env_proxies: bool
     _runtime: Runtime
     #: Run the recovery queue's blocking calls in a worker thread (the async client).
     _watches_in_thread: ClassVar[bool] = False
@@ -155,8 +156,9 @@ class BaseClient(Generic[HttpT, TransportT]):
             base_url: The API's scheme and host, such as
                 ``https://public-api.foxreload.com`` (without ``/api``: the paths carry
                 it); ``FOXRELOAD_BASE_URL``, else the public API. ``http://`` only to this
-                machine (or with the simulator's key), and not through a proxy; no user
-                info (see "The key on the wire" in the docs).
+                machine (or with the simulator's key), and not through a proxy from the
+                environment (with your ``http_client`` too, unless it has
+                ``trust_env=False``); no user info (see "The key on the wire" in the docs).
             timeout: Seconds allowed for one HTTP request, from connecting to the last byte
                 of its body: a deadline, not a per-read timeout (see the bounds in
                 ``docs/bounds.md``). A wait's deadline is its policy's ``timeout``.
@@ -235,8 +237,9 @@ class BaseClient(Generic[HttpT, TransportT]):
         self._orphan_hooks = _orphan_hooks(given)
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
-        self._default_http = http_client is None and transport is None
-        _check_route(config, self._default_http)
+        self._env_proxies = transport is None and (
+            http_client is None or bool(getattr(http_client, "trust_env", True)))
+        _check_route(config, self._env_proxies)
         self._owns_http = http_client is None
         if transport is not None:
             self._http: Any = self._direct_sender(transport)
@@ -327,12 +330,12 @@ class BaseClient(Generic[HttpT, TransportT]):
         if max_response_bytes is not None:
             changes["max_response_bytes"] = check_response_bytes(max_response_bytes)
         changed = attrs.evolve(config, **changes)
-        _check_route(changed, self._default_http)
+        _check_route(changed, self._env_proxies)
         clone = object.__new__(type(self))
         clone._runtime = attrs.evolve(self._runtime, config=changed)
         clone._http = self._http
         clone._owns_http = False
-        clone._default_http = self._default_http
+        clone._env_proxies = self._env_proxies
         clone._watcher = self._watcher
         clone._wait_policy = self._wait_policy
         clone._listeners = self._listeners
@@ -420,12 +423,17 @@ def _orphan_hooks(listeners: Iterable[object]
     return tuple(hook for hook in found if callable(hook))
 
 
-def _check_route(config: ClientConfig, default_http: bool) -> None:
-    """Refuse an ``http://`` base_url that the client foxpoll builds would send through a
-    proxy from the environment: the proxy would read the API key. A client of your own
-    routes as you set it up."""
+def _check_route(config: ClientConfig, env_proxies: bool) -> None:
+    """Refuse an ``http://`` base_url that the environment routes through a proxy, when
+    the HTTP client takes its proxies from the environment (``env_proxies``: the client
+    foxpoll builds, or yours with ``trust_env``): the proxy would read the API key.
+
+    httpx has no public way to ask a client where it sends a URL, so a client of your own
+    is judged by the environment's rule, which httpx applies to it with ``trust_env``
+    (:func:`proxy_for`); a proxy given to it in code is yours to vet.
+    """
     url = config.base_url
-    if not default_http or url.scheme != "http" or config.api_key == SIMULATOR_KEY:
+    if not env_proxies or url.scheme != "http" or config.api_key == SIMULATOR_KEY:
         return
     proxy = proxy_for(url)
     if proxy is not None:
@@ -433,7 +441,8 @@ def _check_route(config: ClientConfig, default_http: bool) -> None:
         raise ValueError(
             f"base_url http://{url.host} goes through the proxy at {at} "
             "(HTTP_PROXY or ALL_PROXY), which would read the API key in clear: use "
-            f"https://, or add {url.host} to NO_PROXY")
+            f"https://, or add {url.host} to NO_PROXY (or build your own http_client "
+            "with trust_env=False)")
 
 
 def _order_id(order: str | Order) -> str:
@@ -550,7 +559,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         so its polls go one at a time: any ``max_in_flight`` but 1 raises
         :class:`ValueError`; :meth:`AsyncFoxReload.wait_many` runs several at once.
         """
-        if max_in_flight is not None and max_in_flight != 1:
+        if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight != 1):
             raise ValueError("the sync client polls one order at a time (max_in_flight=1); "
                              "AsyncFoxReload.wait_many runs polls concurrently")
         flow = self._wait_many_flow(orders, policy, timeout, listener,

@@ -51,6 +51,7 @@ __all__ = ["Call", "ClientConfig", "RetryMode", "call_flow", "make_config"]
 log = logging.getLogger("foxpoll")
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_BASE_URL = "https://public-api.foxreload.com"
 DEFAULT_MAX_RETRIES = 3
@@ -382,13 +383,15 @@ def backoff_delay(config: ClientConfig, retry: int, rng: random.Random) -> float
     return rng.uniform(0.0, ceiling)
 
 
-def error_from(outcome: httpx.Response | httpx.TransportError, clock: Clock) -> APIError:
-    """The foxpoll exception for a failed attempt (an error status or a transport error)."""
+def error_from(outcome: httpx.Response | httpx.TransportError, clock: Clock,
+               body: object = None) -> APIError:
+    """The foxpoll exception for a failed attempt (an error status or a transport error);
+    ``body`` is an error response's, as :func:`error_body` reads it."""
     if isinstance(outcome, httpx.Response):
         retry_after = (
             parse_retry_after(outcome.headers, clock.time()) if outcome.status_code == 429 else None
         )
-        return status_error_for(outcome, error_body(outcome), retry_after=retry_after)
+        return status_error_for(outcome, body, retry_after=retry_after)
     request = _transport_request(outcome)
     if isinstance(outcome, UnreadableBody):
         if outcome.too_large:
@@ -594,7 +597,10 @@ def call_flow(
         log.debug("%s %s -> %s in %.3fs", call.method, call.path, _describe(outcome), elapsed)
         if isinstance(outcome, REFUSED_ERRORS):
             raise refused(request, outcome)
-        error = error_from(outcome, clock)
+        body = None
+        if isinstance(outcome, httpx.Response):
+            body = yield from read_body(error_body, outcome)
+        error = error_from(outcome, clock, body)
         delay = retry_delay(config, call, outcome, error, retry, rng)
         if delay is not None and deadline is not None and clock.monotonic() + delay >= deadline:
             log.info("%s %s: no retry, the deadline comes first", call.method, call.path)
@@ -607,15 +613,23 @@ def call_flow(
         retry += 1
 
 
-#: Bodies larger than this are read through a :class:`Parse` effect, which the async
-#: drivers perform in a worker thread: a body this size reads in about a millisecond, a
-#: body at the size cap in up to a fifth of a second, too long to hold an event loop.
+#: Bodies larger than this, successes and errors alike, are read through a :class:`Parse`
+#: effect, which the async drivers perform in a worker thread: a body this size reads in
+#: about a millisecond, a body at the size cap in up to a fifth of a second, too long to
+#: hold an event loop.
 PARSE_INLINE_BYTES = 64 * 1024
 
 
+def read_body(read: Callable[[httpx.Response], R], response: httpx.Response
+              ) -> Flow[R | APIResponseValidationError]:
+    """``read(response)``, or the validation error it raised: inline for a small body,
+    else through a :class:`Parse` effect."""
+    parse = Parse(read, response)
+    return (yield from parse) if len(response.content) > PARSE_INLINE_BYTES else parse()
+
+
 def _parse_success(call: Call[T], response: httpx.Response) -> Flow[T]:
-    parse = Parse(functools.partial(_read, call.parse), response)
-    outcome = (yield from parse) if len(response.content) > PARSE_INLINE_BYTES else parse()
+    outcome = yield from read_body(functools.partial(_read, call.parse), response)
     if isinstance(outcome, APIResponseValidationError):
         exc = outcome
         if exc.response is None:

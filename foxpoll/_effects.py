@@ -162,7 +162,9 @@ class Feedback(Op["StoreError | None"]):
 class Parse(Op[T | APIResponseValidationError]):
     """Read a response body too large to read inline: resume with ``read(response)``, or
     the :class:`~foxpoll.errors.APIResponseValidationError` it raised. The async drivers
-    read it in a worker thread, so that the event loop keeps running meanwhile."""
+    read it in a worker thread, so that the event loop keeps running meanwhile, one at a
+    time per client (its gate's ``reads``): reads at once would share the GIL with the
+    loop, and starve it."""
 
     read: Callable[[httpx.Response], T]
     response: httpx.Response = attrs.field(repr=False)
@@ -313,7 +315,7 @@ class _AsyncEffects:
                 return exc
             return None
         if isinstance(effect, Parse):
-            return await asyncio.to_thread(effect)
+            return await self._parse(effect)
         if isinstance(effect, Sleep):
             await self.clock.asleep(effect.seconds)
         elif isinstance(effect, Notify):
@@ -330,6 +332,16 @@ class _AsyncEffects:
         else:
             raise TypeError(f"the client's driver does not perform {type(effect).__name__}")
         return None
+
+    async def _parse(self, parse: Parse[Any]) -> Any:
+        reads = None if self.gate is None else self.gate.reads
+        if reads is None:
+            return await asyncio.to_thread(parse)
+        await reads.acquire(0)
+        try:
+            return await asyncio.to_thread(parse)
+        finally:
+            reads.release()
 
     async def _wait_any(self, timeout: float | None) -> Finished:
         if not self.tasks:

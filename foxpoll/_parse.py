@@ -9,7 +9,8 @@ body's values before the decoder builds any of them, with ``bytes.count`` (an up
 commas inside strings included; a tokenizer settles a body over it), and checks how deep
 the result nests; :func:`parse` and :func:`parse_page` then cap the items and codes of an
 order and the results of a page. Past any bound: :class:`~foxpoll.errors.ResponseTooLarge`,
-naming the bound.
+naming the bound. A body is read as UTF-8, the API's encoding, and only so: never as the
+UTF-16 or UTF-32 that ``json.loads`` would detect, whose values the count does not see.
 """
 
 from __future__ import annotations
@@ -75,13 +76,23 @@ def load_json(body: bytes) -> Any:
 
     Raises:
         ResponseTooLarge: the body holds more values, or nests deeper, than the bounds.
-        ValueError: the body is not JSON, whatever the decoder raised (never the text).
+        ValueError: the body is not UTF-8 JSON (UTF-16 and UTF-32 included), whatever
+            the decoder raised (never the text).
     """
+    # The API speaks UTF-8, and the count below reads bytes as UTF-8 (where every ASCII
+    # byte is an ASCII character). json.loads of bytes would also take UTF-16 or UTF-32,
+    # whose commas and quotes the count does not see; of a str, it detects no encoding.
+    if b"\0" in body:  # no JSON holds a raw NUL; UTF-16 and UTF-32 of JSON always do
+        raise ValueError("not UTF-8 JSON (a NUL byte)")
+    try:
+        text = body.decode("utf-8-sig")  # a byte order mark is ignored, as json.loads does
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 (an invalid byte at offset {exc.start})") from None
     # A body has at most one value more than its commas and openers, outside strings.
     if body.count(b",") + body.count(b"[") + body.count(b"{") >= MAX_VALUES:
         _count_values(body)
     try:
-        data = json.loads(body, **_LOADS_OPTIONS)
+        data = json.loads(text, **_LOADS_OPTIONS)
     except RecursionError:  # the decoder's own bound, far beyond ours
         raise ResponseTooLarge(f"response body nested deeper than {MAX_DEPTH}") from None
     except Exception as exc:  # whatever the decoder raises, the body is not JSON

@@ -423,9 +423,24 @@ def _rate_limit(args: argparse.Namespace) -> Any:
             store, per_minute,
             table="foxpoll_rate_limit" if table is None else _table(table, table_from),
             key="default" if row is None else row)
+    _check_redis_url(store)
     if prefix is None:
         return RedisRateLimit(store, per_minute)
     return RedisRateLimit(store, per_minute, key_prefix=prefix)
+
+
+def _check_redis_url(location: str) -> None:
+    """Refuse a Redis URL redis-py cannot read, in words of our own: redis-py's quote
+    part of it (a password holding a ``/`` becomes the "port" it names)."""
+    import redis
+
+    try:
+        redis.ConnectionPool.from_url(location).disconnect()
+    except ValueError:
+        # No @ in the words: the masking of what is printed runs to the line's last one.
+        raise ValueError(f"rate-limit store {_shown(location)!r}: not a Redis URL redis-py "
+                         "can read (redis://HOST[:PORT][/DB], a user name and password "
+                         "before the host, percent-encoded)") from None
 
 
 # A location's scheme: what a URL starts with, and a path never does.
@@ -735,9 +750,11 @@ def _check_columns(columns: set[str], where: str, table: str) -> None:
                            f"{missing[0]})")
 
 
-# A URL's user info (redis://:secret@host, https://token@host), and what is left of one
-# in a mistyped URL (redis:/user:secret@host): after a word and a colon, up to the last @.
-_URL_USERINFO = re.compile(r"://([^\s/?#]*)@")
+# A URL's user info (redis://:secret@host, https://token@host): from the scheme up to the
+# last @ on the line, since a password may hold a space, a slash or an @ that a driver
+# would not have taken for its end; and what is left of one in a mistyped URL
+# (redis:/user:secret@host): after a word and a colon, up to the last @.
+_URL_USERINFO = re.compile(r"://([^\n]*)@")
 _LOOSE_USERINFO = re.compile(r"([^\s:/@]*):(?!//)\S*@")
 # A libpq keyword string's or a URL query's password.
 _PASSWORD_FIELD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&;]*)",
@@ -765,15 +782,21 @@ _ESCAPE_SEQUENCES = re.compile(
     r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|\Z)"
     r"|\x1b[ -/]*[0-~]?",
     re.DOTALL)
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# The C0 and C1 controls and DEL; the bidirectional marks, embeddings, overrides and
+# isolates, which reorder what follows them on screen (a code or an id shown backwards);
+# the line and paragraph separators, which break a line as \n does.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                       "\u2028\u2029]")
+_BREAKS = "\n\t\u2028\u2029"
 
 
 def _plain(value: object) -> str:
     """``value`` as text safe to print on one line of a terminal: without escape
-    sequences or control characters (a server's text could retitle the window or clear
-    the screen), each line break or tab a space."""
+    sequences, control characters or bidirectional overrides (a server's text could
+    retitle the window, clear the screen or show itself reversed), each line break or
+    tab a space."""
     text = _ESCAPE_SEQUENCES.sub("", str(value))
-    return _CONTROLS.sub(lambda found: " " if found.group() in "\n\t" else "", text)
+    return _CONTROLS.sub(lambda found: " " if found.group() in _BREAKS else "", text)
 
 
 def _said(message: object) -> str:

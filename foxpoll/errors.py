@@ -146,7 +146,8 @@ class OrderMismatch(APIResponseValidationError):
 
     The order in it is dropped, never returned: its codes would go out under the wrong
     dedup key. A wait counts it as a passing poll error, a recovery re-check as a failed
-    one; a payment answered so is reconciled as an :class:`AmbiguousOrderError`.
+    one; a payment answered so is reconciled as an :class:`AmbiguousOrderError`. Each
+    such answer is logged once, at WARNING, with this message.
 
     Attributes:
         requested: The order id asked for.
@@ -362,8 +363,9 @@ class BudgetUnavailable(StoreUnavailable, APIConnectionError):
     """A request budget (:mod:`foxpoll.ratelimit`) could not be reached, or did not answer
     in time, so the request that needed its permit was not sent. It is also an
     :class:`APIConnectionError`, the error of a request that never left: a wait counts it
-    as a passing error, on its error budget, and a call that retries connection failures
-    retries it."""
+    as a passing error, on its error budget. A single call (``orders.get``, a catalog
+    read) raises it at once, without retrying: its ``max_retries`` are for requests that
+    were sent, and the budget's own timeout has already been waited."""
 
 
 class DedupError(StoreError):

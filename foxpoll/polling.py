@@ -714,8 +714,9 @@ def wait_many_flow(
     policy's ``sweep`` on, listings of the order history hint which polls to make now
     and which to put off (:mod:`foxpoll._sweep`); they take permits as polls do.
     """
-    if max_in_flight < 1:
-        raise ValueError("max_in_flight must be at least 1")
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) \
+            or max_in_flight < 1:  # nan passes a comparison, and would spin the loop
+        raise ValueError("max_in_flight must be a whole number, at least 1")
     sweeper = None
     if policy.sweep is not None and policy.sweep.off_reason is None:
         sweeper = Sweeper(policy.sweep, rt.clock.monotonic())

@@ -331,14 +331,13 @@ def check_bad_rows(url: str, capsys: pytest.CaptureFixture[str], value: str,
     assert [line.split()[0] for line in listing.splitlines()[:-1]] == ["o1", "o9"]
     assert listing.splitlines()[-1] == "2 job(s) active, 1 unreadable"
     err = capsys.readouterr().err
-    assert f"foxpoll: error: order o7: unreadable row (locked_until={value})\n" in err
+    assert f"foxpoll: error: order o7: unreadable row ({value})\n" in err
     assert "Traceback" not in err
     code, listing = run("dlq", "list", "--queue", url, *table)
     assert code == 1
     assert [line.split()[0] for line in listing.splitlines()[:-1]] == ["d1", "d9"]
     assert listing.splitlines()[-1] == "2 dead letter(s), 1 unreadable"
-    assert capsys.readouterr().err == (f"foxpoll: error: order d7: unreadable row "
-                                       f"(locked_until={value})\n")
+    assert capsys.readouterr().err == f"foxpoll: error: order d7: unreadable row ({value})\n"
     assert run("dlq", "requeue", "d7", "--queue", url, *table)[0] == 1
     assert "order d7: unreadable row" in capsys.readouterr().err
     assert run("dlq", "requeue", "d9", "--queue", url, *table) == (0, "d9: requeued\n")
@@ -356,7 +355,7 @@ def test_a_bad_row_hides_no_other_on_sqlite(
 
     with SQLiteRecoveryQueue(path) as queue:
         spoil(queue, bad)
-    check_bad_rows(f"sqlite:///{path}", capsys, "'soon'")
+    check_bad_rows(f"sqlite:///{path}", capsys, "locked_until is a str, not a number")
 
 
 def test_the_queue_comes_from_the_flag_else_the_environment(
@@ -495,7 +494,8 @@ def test_a_bad_row_hides_no_other_on_postgresql(
 
     with PostgresRecoveryQueue(POSTGRES_URL, table=pg_table) as queue:
         spoil(queue, bad)
-    check_bad_rows(POSTGRES_URL, capsys, "nan", "--table", pg_table)
+    check_bad_rows(POSTGRES_URL, capsys, "locked_until is NaN, not a number", "--table",
+                   pg_table)
 
 
 def test_an_unreachable_postgresql_says_unreachable(
@@ -913,6 +913,30 @@ def test_no_escape_sequence_from_the_server_reaches_the_terminal(
     assert "last_status=processing  last_error=HTTP 500: " in printed["dlq list"]
 
 
+#: What reorders or breaks a line on screen: bidirectional marks, embeddings, overrides
+#: and isolates, and the line and paragraph separators.
+BIDI = {"\u200e", "\u200f", *map(chr, range(0x202a, 0x202f)), *map(chr, range(0x2066, 0x206a)),
+        "\u2028", "\u2029"}
+
+
+def test_no_bidirectional_override_or_line_separator_from_the_server_is_printed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from foxpoll.testing import HostileServer
+
+    text = "".join(f"{c}x" for c in sorted(BIDI))
+    body = {"id": "o1", "status": "completed", "cancelReason": f"a{text}b",
+            "items": [{"itemId": f"p{text}1", "externalData": ["C"]}]}
+    with HostileServer(body=body) as server:
+        monkeypatch.setenv("FOXRELOAD_API_KEY", "sk-live-bidi")
+        monkeypatch.setenv("FOXRELOAD_BASE_URL", server.url)
+        code, out = run("orders", "get", "o1")
+    out += capsys.readouterr().err
+    assert code == 0
+    assert not BIDI & set(out), out
+    assert "x x" in out  # a separator is a space, as a line break is
+
+
 # Finding 8: a password in a URL is never printed.
 
 @pytest.mark.parametrize("argv", [
@@ -923,6 +947,16 @@ def test_no_escape_sequence_from_the_server_reaches_the_terminal(
     ["dlq", "list", "--queue", "postgresql:/u:hunter2@127.0.0.1/db"],  # mistyped
     ["dlq", "list", "--queue", "mysql://hunter2@127.0.0.1/db"],  # a token for a user name
     ["dlq", "list", "--queue", "mysql://127.0.0.1/db?password=hunter2"],
+    ["dlq", "list", "--queue", "postgresql://u:hunter2 x@127.0.0.1:1/db"],  # a space
+    # redis-py's own message quotes what precedes a / as the port: never printed.
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "redis://default:hunter2/x@127.0.0.1:1/0"],
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "redis://u:hunter2@127.0.0.1:notaport/0"],
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "redis://:hunter2@127.0.0.1:1/0?db=x"],
+    ["orders", "get", "o1", "--rate-limit", "100", "--rate-limit-store",
+     "redis://u:a@b:hunter2@127.0.0.1:1/0?db=x"],  # an @ in the password
 ])
 def test_a_password_in_a_url_given_to_the_cli_is_never_printed(
     argv: list[str], capsys: pytest.CaptureFixture[str]

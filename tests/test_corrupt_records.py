@@ -1,6 +1,9 @@
 """A dedup record corrupted in its store (written by hand, by another program, or half
 lost) is a :class:`DedupError` naming its order, never a driver's exception, and never
-quoting what the record holds."""
+quoting what the record holds: in Redis, SQLite, PostgreSQL and DynamoDB (moto over real
+HTTP). A recovery queue's corrupt row is an ``UnreadableJobs`` naming its order, the
+column and the type, never the value, on SQLite and PostgreSQL (and procrastinate, which
+reads rows the same way)."""
 
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ import pytest
 
 from foxpoll.dedup import (
     DeliveryState,
+    DynamoDBDedupStore,
     PostgresDedupStore,
     RedisDedupStore,
     SQLiteDedupStore,
 )
 from foxpoll.errors import DedupError
+from foxpoll.recovery import PostgresRecoveryQueue, SQLiteRecoveryQueue, UnreadableJobs
 
 from .services import POSTGRES_URL, REDIS_URL, delete_keys, drop_table, require
 
@@ -82,6 +87,23 @@ def refusal(step: Callable[[], object]) -> DedupError | None:
 # -- every SQL store, and DynamoDB: a row of the wrong types ---------------------------------
 
 
+def test_a_corrupt_dynamodb_item_is_a_dedup_error_naming_its_order(moto_url: str) -> None:
+    import boto3
+
+    client = boto3.client("dynamodb", endpoint_url=moto_url)
+    store = DynamoDBDedupStore(f"foxpoll-corrupt-{uuid.uuid4().hex[:8]}", client=client)
+    store.create_schema()
+    store.claim("o1", "t1", lease=60)
+    store.complete("o1", "t1", "h", None)
+    client.update_item(TableName=store.table, Key={"order_id": {"S": "o1"}},
+                       UpdateExpression="SET #s = :v", ExpressionAttributeNames={"#s": "state"},
+                       ExpressionAttributeValues={":v": {"S": SECRET}})
+    for step in (lambda: store.get("o1"), lambda: store.claim("o1", "t2", lease=60)):
+        with pytest.raises(DedupError, match="o1") as raised:
+            step()
+        assert SECRET not in str(raised.value)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.service)])
 def sql_store(request: pytest.FixtureRequest, tmp_path: Path
               ) -> Iterator[tuple[Any, str, Callable[[str], None]]]:
@@ -127,3 +149,40 @@ def test_a_corrupt_sql_row_is_a_dedup_error_naming_its_order(
         with pytest.raises(DedupError, match="o1") as raised:
             step()
         assert SECRET not in str(raised.value)
+
+
+# -- a recovery queue's row ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["sqlite", pytest.param("postgres", marks=pytest.mark.service)])
+def test_a_corrupt_queue_row_names_its_column_and_type_never_its_value(
+        engine: str, tmp_path: Path) -> None:
+    table = f"foxpoll_corrupt_q_{uuid.uuid4().hex[:8]}"
+    with contextlib.ExitStack() as stack:
+        if engine == "sqlite":
+            path = tmp_path / "q.db"
+            queue: Any = stack.enter_context(SQLiteRecoveryQueue(path, table=table))
+
+            def execute(sql: str) -> None:
+                with contextlib.closing(sqlite3.connect(path)) as db, db:
+                    db.execute(sql)
+        else:
+            import psycopg
+
+            require("PostgreSQL", "127.0.0.1", 5432)
+            stack.callback(drop_table, table)
+            queue = stack.enter_context(PostgresRecoveryQueue(POSTGRES_URL, table=table))
+            queue.create_schema()
+
+            def execute(sql: str) -> None:
+                with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                    conn.execute(sql)  # type: ignore[arg-type]
+
+            with contextlib.suppress(Exception):  # a CHECK on the state, where there is one
+                execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_state_check")
+        queue.enqueue("o1")
+        execute(f"UPDATE {table} SET state = '{SECRET}' WHERE order_id = 'o1'")  # noqa: S608
+        with pytest.raises(UnreadableJobs) as raised:
+            queue.get("o1")
+        assert raised.value.unreadable == {"o1": "state is no job state"}
+        assert str(raised.value) == "order o1: unreadable row (state is no job state)"

@@ -7,11 +7,13 @@ key. Over real sockets against ``HostileServer``'s wrong-id modes, and as a prop
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -219,6 +221,93 @@ def test_a_recheck_answered_with_another_order_delivers_nothing(tmp_path: Path) 
     assert (done.state, done.note) == (JobState.DONE, "completed")
     assert store.get("o1").state is DeliveryState.DELIVERED  # type: ignore[union-attr]
     assert store.get("VICTIM-ORDER") is None
+
+
+class LyingClient(FoxReload):
+    """A client subclass whose ``orders.get`` hands back another order than the one asked
+    for, as a partner's wrapper might: the worker must check the id itself."""
+
+    def _bind_resources(self) -> None:
+        super()._bind_resources()
+        orders = self.orders
+
+        class Lying:
+            def get(self, order_id: str, **options: Any) -> Order:
+                return attrs.evolve(orders.get(order_id, **options), id="VICTIM-ORDER")
+
+        self.orders = Lying()  # type: ignore[assignment]
+
+
+def test_a_recheck_delivers_only_the_order_of_its_job_whatever_the_client_returns(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    delivered: list[Order] = []
+    with HostileServer() as server, \
+            SQLiteRecoveryQueue(tmp_path / "recovery.db", clock=clock) as queue, \
+            LyingClient(KEY, base_url=server.url, max_retries=0, clock=clock) as client, \
+            caplog.at_level(logging.INFO, logger="foxpoll"):
+        store = MemoryDedupStore(clock=clock)
+        worker = RecoveryWorker(client, queue, store, on_completed=delivered.append)
+        queue.enqueue("o1")
+        assert worker.run_pending() == 1
+        job = queue.get("o1")
+    assert job is not None
+    assert (job.state, job.attempts, job.last_status) == (JobState.QUEUED, 1, None)
+    assert (job.last_error or "").startswith("OrderMismatch: asked for order 'o1', the "
+                                             "response is about order 'VICTIM-ORDER'")
+    assert delivered == []
+    assert store.get("VICTIM-ORDER") is None
+    assert store.get("o1") is None
+    assert len(server.requests) == 1
+    assert [r.levelno for r in caplog.records if "VICTIM-ORDER" in r.getMessage()] == [
+        logging.WARNING]
+
+
+# -- the log: one WARNING per wrong answer, ids quoted and bounded, never a code ---------
+
+LONG_ID = "\x1b]0;pwn\x07" + "X" * 500
+
+
+async def wrong_answer_then_right(path: str, server: HostileServer, tmp_path: Path) -> None:
+    """Ask for ``o1`` by ``path``; the first answer is about :data:`LONG_ID`."""
+    answers = iter([Hostility.WELL_BEHAVED])
+
+    class Heal:
+        def on_poll(self, attempt: Any) -> None:
+            server.hostility = next(answers, Hostility.WELL_BEHAVED)
+
+    if path == "get":
+        with client_of(server) as client, pytest.raises(OrderMismatch):
+            client.orders.get("o1")
+    elif path == "wait":
+        with client_of(server) as client:
+            assert client.wait_for_completion("o1", policy=FAST, listener=Heal()).id == "o1"
+    elif path == "async wait_many":
+        async with AsyncFoxReload(KEY, base_url=server.url, max_retries=0) as aclient:
+            results = [r async for r in aclient.wait_many(["o1"], policy=FAST,
+                                                           listener=Heal())]
+        assert [r.order.id for r in results if r.order is not None] == ["o1"]
+    else:
+        with SQLiteRecoveryQueue(tmp_path / "q.db") as queue, client_of(server) as client:
+            queue.enqueue("o1")
+            RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print).run_pending()
+
+
+@pytest.mark.parametrize("path", ["get", "wait", "async wait_many", "recheck"])
+async def test_a_wrong_answer_is_logged_once_at_warning_with_its_ids_bounded(
+        path: str, server: HostileServer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    server.hostility, server.wrong_id = Hostility.WRONG_ID, LONG_ID
+    with caplog.at_level(logging.INFO, logger="foxpoll"):
+        await wrong_answer_then_right(path, server, tmp_path)
+    about = [r for r in caplog.records if "is about order" in r.getMessage()]
+    assert [r.levelno for r in about] == [logging.WARNING]
+    message = about[0].getMessage()
+    assert message.startswith("asked for order 'o1', the response is about order "
+                              "'\\x1b]0;pwn\\x07XXX")
+    assert "\x1b" not in message
+    assert len(message) < 200
+    assert "HOSTILE-TEST-CODE" not in caplog.text
 
 
 def queue_job(tmp_path: Path, clock: FakeClock) -> Any:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from foxpoll import (
     APIResponseValidationError,
+    APIStatusError,
     AsyncFoxReload,
     FoxReload,
     InternalServerError,
@@ -35,6 +37,7 @@ from foxpoll import (
     WaitPolicy,
     _parse,
 )
+from foxpoll._effects import Parse
 from foxpoll._parse import (
     MAX_CODES,
     MAX_DEPTH,
@@ -129,6 +132,36 @@ def test_any_malformed_body_is_a_value_error_in_bounded_time(body: bytes) -> Non
     with pytest.raises((ValueError, ResponseTooLarge)):
         load_json(body)
     assert time.process_time() - started < 2.0
+
+
+def amplifying_in(encoding: str) -> bytes:
+    """Over :data:`MAX_VALUES` values, in ``encoding``: U+2200 is ``00 22`` in UTF-16-LE,
+    a byte the count would take for a quote, so that every value after it hides in a
+    string."""
+    count = 2 * MAX_VALUES
+    return ('{"id":"o1","status":"completed","items":[],"x":["\u2200",' + "{}," * count
+            + '"\u2200"]}').encode(encoding)
+
+
+@pytest.mark.parametrize("encoding", [
+    "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_a_body_in_utf16_or_utf32_is_refused_before_it_is_decoded(encoding: str) -> None:
+    started = time.process_time()
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_json(amplifying_in(encoding))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_json(json.dumps(ORDER).encode(encoding))
+    assert time.process_time() - started < 0.5
+
+
+@pytest.mark.parametrize("body", [b'{"id":"o1\xff"}', b'"\xed\xa0\x80"', b"\xc0\xaf"])
+def test_a_body_that_is_not_utf8_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_json(body)
+
+
+def test_a_utf8_body_with_a_byte_order_mark_reads() -> None:
+    assert load_json(b"\xef\xbb\xbf" + json.dumps(ORDER).encode()) == ORDER
 
 
 JSON = st.recursive(
@@ -232,6 +265,19 @@ def test_whatever_the_decoder_raises_a_call_raises_a_validation_error(body: byte
         client.orders.get("o1")
     assert info.value.response is not None
     assert info.value.request is not None
+
+
+def test_a_utf16_body_over_a_socket_is_a_validation_error() -> None:
+    async def aget(url: str) -> Order:
+        async with AsyncFoxReload(KEY, base_url=url, max_retries=0) as client:
+            return await client.orders.get("o1")
+
+    with HostileServer(body=amplifying_in("utf-16-le")) as server:
+        with FoxReload(KEY, base_url=server.url, max_retries=0) as client, pytest.raises(
+                APIResponseValidationError, match="body is not JSON"):
+            client.orders.get("o1")
+        with pytest.raises(APIResponseValidationError, match="body is not JSON"):
+            asyncio.run(aget(server.url))
 
 
 def test_an_error_body_past_the_bounds_is_kept_as_text() -> None:
@@ -341,6 +387,69 @@ async def read_ticking(server: HostileServer) -> None:
             for _ in range(3):
                 assert len((await client.orders.list()).items) == MAX_RESULTS
     assert ticks.worst < blocked / 2, f"a tick came {ticks.worst * 1000:.0f} ms late"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("status", [400, 500])
+async def test_an_async_client_reads_a_large_error_body_off_the_event_loop(
+        status: int, server: HostileServer) -> None:
+    server.body = WORST_ACCEPTED["one-key-objects"]()
+    server.status = status
+    gc.collect()
+    gc.freeze()  # as above
+    try:
+        with FoxReload(KEY, base_url=server.url, max_retries=0) as blocking:
+            started = time.monotonic()
+            with pytest.raises(APIStatusError) as info:
+                blocking.orders.get("o1")
+            blocked = time.monotonic() - started
+        assert info.value.status_code == status
+        assert isinstance(info.value.body, dict)  # read as JSON, within the bounds
+        assert blocked > 0.04
+        async with AsyncFoxReload(KEY, base_url=server.url, max_retries=0) as client:
+            with pytest.raises(APIStatusError):
+                await client.orders.get("o1")
+            async with ticking() as ticks:
+                for _ in range(3):
+                    with pytest.raises(APIStatusError) as info:
+                        await client.orders.get("o1")
+                    assert isinstance(info.value.body, dict)
+    finally:
+        gc.unfreeze()
+    assert ticks.worst < blocked / 2, f"a tick came {ticks.worst * 1000:.0f} ms late"
+
+
+@pytest.mark.slow
+async def test_an_async_client_reads_one_large_body_at_a_time(server: HostileServer) -> None:
+    """Each read holds the GIL while the decoder runs: reads in threads at once would hold
+    the event loop as long as all of them (ticks 0.5 to 0.9 s late for eight)."""
+    server.body = WORST_ACCEPTED["one-key-objects"]()
+    reading, most = 0, 0
+    count = threading.Lock()
+    read = Parse.__call__
+
+    def counted(parse: Parse[Any]) -> Any:
+        nonlocal reading, most
+        with count:
+            reading += 1
+            most = max(most, reading)
+        try:
+            return read(parse)
+        finally:
+            with count:
+                reading -= 1
+
+    with mock.patch.object(Parse, "__call__", counted):
+        async with AsyncFoxReload(KEY, base_url=server.url, timeout=60) as client:
+            orders = await asyncio.gather(*[client.orders.get("o1") for _ in range(4)],
+                                          client.with_options(timeout=60).orders.get("o1"))
+            server.status = 500
+            errors = await asyncio.gather(
+                *[client.with_options(max_retries=0).orders.get("o1") for _ in range(3)],
+                return_exceptions=True)
+    assert [order.id for order in orders] == ["o1"] * 5
+    assert [type(error) for error in errors] == [InternalServerError] * 3
+    assert most == 1
 
 
 @pytest.mark.slow

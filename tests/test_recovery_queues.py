@@ -21,6 +21,7 @@ from foxpoll import Clock, FoxReload, Order, SystemClock
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
 from foxpoll.errors import StoreError, StoreUnavailable
+from foxpoll.ratelimit import RedisRateLimit
 from foxpoll.recovery import (
     JobState,
     RecoveryJob,
@@ -28,7 +29,7 @@ from foxpoll.recovery import (
     RecoveryWorker,
     SQLiteRecoveryQueue,
 )
-from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
+from foxpoll.testing import FakeClock, FakeFoxReload, HostileServer, OrderScript
 
 from .services import POSTGRES_URL, drop_table, require
 
@@ -548,6 +549,38 @@ def test_a_job_whose_delivery_always_raises_is_dead_lettered_after_max_attempts(
         "ConnectionRefusedError: the customer's mailbox refused the message")
     assert [j.order_id for j in poison.queue.list_dead()] == [order_id]
     assert store.get(order_id).state is not DeliveryState.DELIVERED  # type: ignore[union-attr]
+
+
+def test_a_recheck_that_sent_no_request_uses_up_no_attempt(poison: Engine) -> None:
+    """An unavailable request budget sends nothing: an outage, not a look at the order.
+    The job waits on the policy's schedule with its attempt given back, however long the
+    outage lasts, and is delivered once the budget is back."""
+    delivered: list[Order] = []
+    store = MemoryDedupStore(clock=poison.clock)
+    poison.queue.enqueue("o1")
+    with HostileServer() as server:
+        # Nothing listens on port 1: each permit fails at once with BudgetUnavailable.
+        with RedisRateLimit("redis://127.0.0.1:1", 100) as budget, \
+                FoxReload("sk-live-budget", base_url=server.url, clock=poison.clock,
+                          rate_limit=budget, max_retries=0) as client:
+            worker = RecoveryWorker(client, poison.queue, store, on_completed=delivered.append)
+            for _ in range(2 * POISON.max_attempts):
+                assert worker.run_pending() == 1
+                job = poison.queue.get("o1")
+                assert job is not None
+                assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+                assert (job.last_error or "").startswith("BudgetUnavailable: ")
+                assert 59 < job.due_at - poison.now() <= 60  # Fixed(60): the schedule
+                poison.advance(61)
+        assert server.requests == []
+        with FoxReload("sk-live-budget", base_url=server.url, clock=poison.clock,
+                       max_retries=0) as client:
+            worker = RecoveryWorker(client, poison.queue, store, on_completed=delivered.append)
+            assert worker.run_pending() == 1
+    assert [order.id for order in delivered] == ["o1"]
+    done = poison.queue.get("o1")
+    assert done is not None
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
 
 
 class NestedBody(httpx.BaseTransport):

@@ -83,13 +83,58 @@ def test_an_http_base_url_through_a_proxy_is_refused_before_any_byte(
         with FoxReload(KEY, base_url="https://public-api.foxreload.com") as client, \
                 pytest.raises(ValueError, match="goes through the proxy"):
             client.with_options(base_url=api.url)
-        # A client of your own routes as you set it up: its proxies are yours.
+        # A client of your own that ignores the environment routes as you set it up.
         with httpx.Client(trust_env=False) as own:
             FoxReload(KEY, base_url=api.url, http_client=own).orders.get("o1")
         environ.setenv("NO_PROXY", "127.0.0.1")
         construct(make, base_url=api.url)
         assert proxy.requests == []
         assert [r.path for r in api.requests] == ["/api/orders/o1"]
+
+
+@pytest.mark.parametrize("make", CLIENTS)
+async def test_your_own_client_that_trusts_the_environment_is_held_to_its_proxy_rule(
+        make: type[FoxReload] | type[AsyncFoxReload], environ: pytest.MonkeyPatch) -> None:
+    """httpx's clients read HTTP_PROXY by default (``trust_env``): a client of your own
+    built so would hand the key to the proxy in clear, as the default client would."""
+    own_client = httpx.Client if make is FoxReload else httpx.AsyncClient
+
+    async def get(**options: Any) -> Any:
+        own = own_client(**options)
+        try:
+            read, _ = await run(lambda _: make(KEY, base_url=api.url, http_client=own,
+                                               max_retries=0),
+                                None, lambda c: c.orders.get("o1"))
+            return read
+        except ValueError as exc:  # refused when the client is built
+            return exc
+        finally:
+            await close(own)
+
+    with HostileServer() as api, TunnelProxy() as proxy:
+        environ.setenv("HTTP_PROXY", proxy.url)
+        refused = await get()
+        assert isinstance(refused, ValueError), refused
+        assert "goes through the proxy at 127.0.0.1" in str(refused)
+        assert "trust_env=False" in str(refused)
+        assert KEY not in str(refused)
+        own = own_client()
+        simulated = make(DEFAULT_API_KEY, base_url=api.url, http_client=own)
+        with pytest.raises(ValueError, match="goes through the proxy"):
+            simulated.with_options(api_key=KEY)
+        await close(own)
+        assert (await get(trust_env=False)).id == "o1"
+        environ.setenv("NO_PROXY", "127.0.0.1")
+        assert (await get()).id == "o1"
+        assert proxy.requests == []
+        assert [r.path for r in api.requests] == ["/api/orders/o1"] * 2
+
+
+async def close(http: httpx.Client | httpx.AsyncClient) -> None:
+    if isinstance(http, httpx.Client):
+        http.close()  # noqa: ASYNC212 - closing sockets does not wait on the network
+    else:
+        await http.aclose()
 
 
 @pytest.mark.parametrize("make", CLIENTS)

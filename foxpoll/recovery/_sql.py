@@ -153,8 +153,9 @@ _NEXT_DUE = """
 SELECT MIN(CASE WHEN locked_until > due_at THEN locked_until ELSE due_at END) AS t
 FROM {table} WHERE state = 'queued'"""
 
+# A re-check that sent no request gives back the attempt its take counted.
 _RETRY = """
-UPDATE {table} SET due_at = {now} + :delay,
+UPDATE {table} SET due_at = {now} + :delay, attempts = attempts - :given_back,
                    last_status = :last_status, last_error = :last_error,
                    locked_until = NULL, token = NULL, updated_at = {now}
 WHERE order_id = :order_id AND state = 'queued'
@@ -315,9 +316,10 @@ class SQLJobQueue(JobQueue):
         return job
 
     def retry(self, order_id: str, *, due_at: float, last_status: str | None,
-              last_error: str | None) -> RecoveryJob:
+              last_error: str | None, attempt_spent: bool = True) -> RecoveryJob:
         return self._update(self._sql.retry, order_id, delay=self._delay(due_at),
-                            last_status=last_status, last_error=last_error)
+                            last_status=last_status, last_error=last_error,
+                            given_back=0 if attempt_spent else 1)
 
     def finish(self, order_id: str, *, final_status: str) -> RecoveryJob:
         return self._update(self._sql.finish, order_id, status=final_status)
@@ -390,6 +392,25 @@ def _wrong(name: str, value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, number) or value != value  # NaN
 
 
+def _fault(name: str, value: Any) -> str:
+    """What is wrong with column ``name``, by the type of its value."""
+    if value is None:
+        return f"{name} is missing"
+    if name == "state" and isinstance(value, str):
+        return "state is no job state"
+    kind = "NaN" if isinstance(value, float) and value != value else (
+        f"a {type(value).__name__}")
+    expected = {"state": "a job state", "attempts": "a whole number"}.get(
+        name, "text" if name in _TEXTS else "a number")
+    return f"{name} is {kind}, not {expected}"
+
+
+def _row_id(order_id: Any) -> str:
+    """A row's order id for a message: bounded and printable, as an id is."""
+    text = order_id if isinstance(order_id, str) else f"<{type(order_id).__name__}>"
+    return text if len(text) <= 80 and text.isprintable() else repr(text[:77]) + "..."
+
+
 def job_from_row(row: Mapping[str, Any]) -> RecoveryJob:
     """The job a row holds.
 
@@ -402,8 +423,10 @@ def job_from_row(row: Mapping[str, Any]) -> RecoveryJob:
     if data["state"] not in states:
         wrong.insert(0, "state")
     if wrong:
-        what = ", ".join(f"{name}={data[name]!r}"[:80] for name in wrong)
-        raise UnreadableJobs({str(data["order_id"]): what})
+        # The column and what is wrong with it, never its value: a row written by another
+        # program may hold anything, a code or a secret.
+        what = ", ".join(_fault(name, data[name]) for name in wrong)
+        raise UnreadableJobs({_row_id(data["order_id"]): what})
     data["state"] = JobState(data["state"])
     return RecoveryJob(**data)
 

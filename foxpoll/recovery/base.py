@@ -155,8 +155,8 @@ class UnreadableJobs(StoreError):
     ``locked_until`` that is not a number (a row written by hand or by another program).
 
     Attributes:
-        unreadable: Each such row's order id, and the value that is wrong
-            (``{"o7": "locked_until='soon'"}``).
+        unreadable: Each such row's order id, and which column is wrong and how, by its
+            type, never its value (``{"o7": "locked_until is a str, not a number"}``).
         jobs: The rows of the same call that could be read: one bad row hides no other.
     """
 
@@ -318,9 +318,10 @@ class JobQueue(RecoveryQueue):
 
     @abc.abstractmethod
     def retry(self, order_id: str, *, due_at: float, last_status: str | None,
-              last_error: str | None) -> RecoveryJob:
-        """Record a re-check's outcome and queue the job again for ``due_at`` (its take
-        counted the attempt).
+              last_error: str | None, attempt_spent: bool = True) -> RecoveryJob:
+        """Record a re-check's outcome and queue the job again for ``due_at``. Its take
+        counted the attempt; ``attempt_spent=False`` gives it back, for a re-check that
+        sent no request (the request budget was unavailable).
 
         Raises:
             KeyError: no such job.

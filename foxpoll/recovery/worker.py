@@ -31,7 +31,14 @@ from foxpoll._outages import OUTAGE_BACKOFF, PROGRAMMING_ERRORS, STOP_LOOKS_EVER
 from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.base import DedupStore, DeliveryState
 from foxpoll.delivery import deliver_once
-from foxpoll.errors import APIError, DeliveryInProgress, FoxPollError, NotFoundError
+from foxpoll.errors import (
+    APIError,
+    BudgetUnavailable,
+    DeliveryInProgress,
+    FoxPollError,
+    NotFoundError,
+    OrderMismatch,
+)
 from foxpoll.events.base import OrderEvent, Publisher
 from foxpoll.models import Order, OrderStatus
 from foxpoll.polling import Listener, WaitResult
@@ -72,6 +79,9 @@ class Checked:
     action: Action
     status: str | None
     error: str | None
+    #: Whether the re-check used up its attempt: not when it sent no request, its
+    #: request budget being unavailable.
+    attempt_spent: bool = True
 
 
 def decide(order: Order | None, attempt: int, policy: RecoveryPolicy,
@@ -102,6 +112,22 @@ def _error_text(exc: BaseException) -> str:
     if not isinstance(exc, FoxPollError) and len(text) > ERROR_TEXT_LIMIT:
         text = text[:ERROR_TEXT_LIMIT - 1] + "…"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: The longest lease the worker takes, in seconds (over 115 days), as a dedup store's
+#: claim: a longer one is a unit mistake.
+MAX_LEASE = 1e7
+
+
+def _check_seconds(name: str, value: object, *, above_zero: bool,
+                   below: float = math.inf) -> None:
+    """Refuse ``value`` unless it is a finite number of seconds under ``below``, above
+    zero (or at least zero); nan, infinities and bools included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (value > 0 if above_zero else value >= 0) and value < below):
+        bound = "above zero" if above_zero else "zero or more"
+        limit = f", under {below:g}" if below < math.inf else ""
+        raise ValueError(f"{name} must be a finite number of seconds, {bound}{limit}")
 
 
 class _Miswired(TypeError):
@@ -143,7 +169,9 @@ class RecoveryWorker:
             resolved jobs are always kept.
 
     Raises:
-        ValueError: ``keep_done`` is negative or not finite.
+        ValueError: ``lease`` is not a number of seconds above zero and under
+            :data:`MAX_LEASE`, or ``keep_done`` not a finite one, zero or more.
+        TypeError: ``outage_backoff`` is not a backoff policy.
     """
 
     def __init__(
@@ -161,8 +189,12 @@ class RecoveryWorker:
         outage_backoff: BackoffPolicy = OUTAGE_BACKOFF,
         keep_done: float | None = KEEP_DONE,
     ) -> None:
-        if keep_done is not None and not (keep_done >= 0 and math.isfinite(keep_done)):
-            raise ValueError(f"keep_done must be a finite number >= 0 or None, not {keep_done!r}")
+        _check_seconds("lease", lease, above_zero=True, below=MAX_LEASE)
+        if keep_done is not None:
+            _check_seconds("keep_done", keep_done, above_zero=False)
+        if not callable(getattr(outage_backoff, "delays", None)):
+            raise TypeError("outage_backoff must be a backoff policy (anything with "
+                            "delays(rng)), such as foxpoll.backoff.ExponentialJitter")
         self.client, self.queue, self.store = client, queue, store
         self.on_completed, self.on_terminal = on_completed, on_terminal
         self.publisher, self.metrics = publisher, metrics
@@ -198,6 +230,15 @@ class RecoveryWorker:
         error: str | None = None
         try:
             order = self.client.orders.get(order_id, priority=Priority.POLL)
+        except BudgetUnavailable as exc:
+            # No request went out: an outage of the budget, not a look at the order. The
+            # attempt is given back, so that an outage never dead-letters a job; the job
+            # waits on the policy's schedule.
+            error = _error_text(exc)
+            log.warning("order %s: re-check %d sent no request: %s", order_id, attempt,
+                        error)
+            return Checked(Action("retry", self.policy.delay(attempt, self.rng)), None,
+                           error, attempt_spent=False)
         except NotFoundError:
             error = "order not found"
         except APIError as exc:
@@ -206,6 +247,12 @@ class RecoveryWorker:
             error = _error_text(exc)
             log.warning("order %s: re-check %d could not read the order: %s", order_id,
                         attempt, error, exc_info=True)
+        if order is not None and order.id != order_id:
+            # The client refuses such an answer; a client subclass or wrapper might not,
+            # and another order's codes must never go out under this job.
+            mismatch = OrderMismatch(requested=order_id, received=order.id)
+            error, order = _error_text(mismatch), None
+            log.warning("order %s: re-check %d: %s", order_id, attempt, mismatch)
         status = order.status.value if order is not None else None
         action = decide(order, attempt, self.policy, self.rng)
         try:
@@ -271,7 +318,8 @@ class RecoveryWorker:
                                   last_error=checked.error)
             return queue.retry(job.order_id,
                                due_at=self.client.clock.time() + checked.action.delay,
-                               last_status=checked.status, last_error=checked.error)
+                               last_status=checked.status, last_error=checked.error,
+                               attempt_spent=checked.attempt_spent)
         except ValueError:
             # A watch that fired while its wait was still running: the wait has settled
             # it meanwhile, and the job is no longer queued. Nothing is left to do.
@@ -337,6 +385,9 @@ class RecoveryWorker:
                 back when its lease runs out (counted as an attempt).
             TypeError: a callback cannot be called with an order.
         """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            raise ValueError("limit must be a whole number, zero or more, or None")
         processed = 0
         queue = self._job_queue()
         while limit is None or processed < limit:
@@ -418,6 +469,8 @@ class RecoveryWorker:
                 ``pending_orders`` that takes arguments, a queue that runs its own
                 workers... No wait can cure them.
         """
+        _check_seconds("idle", idle, above_zero=False)
+        _check_seconds("sweep_every", sweep_every, above_zero=False)
         stop = stop or threading.Event()
         clock = self.client.clock
         outages = self._outages("recovery", "recovery worker")

@@ -104,10 +104,11 @@ class HostileServer:
         interval: Seconds between bytes, for the slow modes.
         retry_after: The ``Retry-After`` value sent by :attr:`Hostility.RETRY_AFTER`.
         bomb_size: Bytes a :attr:`Hostility.GZIP_BOMB` body expands to.
-        body: The JSON document the well-behaved and slow modes send.
         wrong_id: The order id :attr:`Hostility.WRONG_ID` answers with.
         body: The JSON document the well-behaved and slow modes send (bytes are sent as
             they are).
+        status: The HTTP status the well-behaved mode answers with: an error status
+            sends ``body`` as the error's body.
         depth: How deep :attr:`Hostility.DEEP_BODY` nests.
         amplified_size: Bytes of a :attr:`Hostility.AMPLIFYING_BODY` body (just under the
             client's default size cap).
@@ -125,8 +126,10 @@ class HostileServer:
         wrong_id: str = "SOMEONE-ELSES-ORDER",
         depth: int = 100_000,
         amplified_size: int = 10 * 1024 * 1024 - 1024,
+        status: int = 200,
     ) -> None:
         self.hostility = hostility
+        self.status = status
         self.wrong_id = wrong_id
         self.interval = interval
         self.retry_after = retry_after
@@ -209,7 +212,7 @@ class HostileServer:
             out.sendall(_head(200, {"Content-Length": str(len(body))}))
             out.sendall(body)  # apart: joined to the head, the body would be copied
         else:
-            out.sendall(_head(200, {"Content-Length": str(len(self.body))}))
+            out.sendall(_head(self.status, {"Content-Length": str(len(self.body))}))
             out.sendall(self.body)
 
     def _about(self, order_id: str) -> bytes:
