@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from foxpoll import Order, OrderStalled, OrderStatus, SystemClock
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import DeliveryState, MemoryDedupStore
-from foxpoll.errors import StoreUnavailable
+from foxpoll.errors import InternalServerError, StoreUnavailable
 from foxpoll.events import MemoryPublisher
 from foxpoll.metrics import PrometheusMetrics
 from foxpoll.polling import WaitPolicy
@@ -186,13 +186,13 @@ def test_exhausted_orders_are_dead_lettered_on_the_doubling_schedule(
     checks: list[float] = []
     with sim.client() as client:
         worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
-        original = worker.process
+        original = worker.recheck
 
-        def spy(job: Any) -> Any:
+        def spy(order_id: str, attempt: int, **kwargs: Any) -> Any:
             checks.append(clock.time())
-            return original(job)
+            return original(order_id, attempt, **kwargs)
 
-        worker.process = spy  # type: ignore[method-assign]
+        worker.recheck = spy  # type: ignore[method-assign]
         drain(worker, queue, clock)
     dead = queue.list_dead()
     assert [(j.order_id, j.attempts, j.last_status) for j in dead] == [
@@ -211,22 +211,35 @@ def test_exhausted_orders_are_dead_lettered_on_the_doubling_schedule(
     assert [o.id for o in delivered] == [order_id]  # requeued, re-checked, delivered
 
 
-def test_api_errors_count_as_attempts_with_their_error(
+def test_an_api_outage_uses_up_no_attempt_and_ends_the_round(
     sim: FakeFoxReload, clock: FakeClock, tmp_path: Path
 ) -> None:
-    order_id = paid(sim, OrderScript.stall())
+    """A 5xx says the API is out, not that the order is wrong: the job keeps its
+    attempts however long the outage lasts (each round ends on it, for run() to wait it
+    out), and is delivered once the API is back."""
+    order_id = paid(sim, OrderScript.complete(after=0))
     queue = SQLiteRecoveryQueue(tmp_path / "q.db", policy=RecoveryPolicy(max_attempts=3),
                                 clock=clock)
     queue.enqueue(order_id)
     sim.inject(Fault(FaultKind.SERVER_ERROR, method="GET", times=100))
+    delivered: list[Order] = []
     with sim.client(max_retries=0) as client, queue:
-        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=print)
-        drain(worker, queue, clock)
-        dead = queue.list_dead()
-    assert len(dead) == 1
-    assert dead[0].last_status is None
-    assert dead[0].last_error is not None
-    assert "InternalServerError" in dead[0].last_error
+        worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=delivered.append)
+        for _ in range(3 * queue.policy.max_attempts):
+            with pytest.raises(InternalServerError):
+                worker.run_pending()
+            job = queue.get(order_id)
+            assert job is not None
+            assert (job.state, job.attempts, job.last_status) == (JobState.QUEUED, 0, None)
+            assert (job.last_error or "").startswith("InternalServerError: ")
+            clock.advance(job.due_at - clock.time())
+        assert queue.list_dead() == []
+        sim.clear_faults()
+        assert worker.run_pending() == 1
+        done = queue.get(order_id)
+    assert [o.id for o in delivered] == [order_id]
+    assert done is not None
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
 
 
 def test_a_delivery_in_progress_elsewhere_is_retried_after_its_lease(
@@ -492,10 +505,12 @@ def test_a_dedup_store_that_fails_is_recorded_on_the_job(
     delivered: list[Order] = []
     with sim.client() as client:
         worker = RecoveryWorker(client, queue, Down(), on_completed=delivered.append)
-        assert worker.run_pending() == 1
+        with pytest.raises(StoreUnavailable):  # an outage: the round ends on it
+            worker.run_pending()
     job = queue.get(order_id)
     assert job is not None
-    assert (job.state, job.attempts, job.last_status) == (JobState.QUEUED, 1, "completed")
+    # recorded, with the attempt given back: a store outage dead-letters nothing
+    assert (job.state, job.attempts, job.last_status) == (JobState.QUEUED, 0, "completed")
     assert job.last_error == "StoreUnavailable: dedup store: Redis unavailable (ConnectionError)"
     assert delivered == []
 

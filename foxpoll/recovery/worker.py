@@ -32,12 +32,15 @@ from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.base import DedupStore, DeliveryState
 from foxpoll.delivery import deliver_once
 from foxpoll.errors import (
+    APIConnectionError,
     APIError,
-    BudgetUnavailable,
     DeliveryInProgress,
     FoxPollError,
+    InternalServerError,
     NotFoundError,
     OrderMismatch,
+    RateLimitError,
+    StoreUnavailable,
 )
 from foxpoll.events.base import OrderEvent, Publisher
 from foxpoll.models import Order, OrderStatus
@@ -79,9 +82,24 @@ class Checked:
     action: Action
     status: str | None
     error: str | None
-    #: Whether the re-check used up its attempt: not when it sent no request, its
-    #: request budget being unavailable.
-    attempt_spent: bool = True
+    #: What was out, if the re-check met an outage (:data:`OUTAGES`) rather than
+    #: anything about its order: then it used up no attempt.
+    outage: Exception | None = None
+
+    @property
+    def attempt_spent(self) -> bool:
+        """Whether the re-check used up its job's attempt: not when it met an outage."""
+        return self.outage is None
+
+
+#: What says the API, the request budget or the dedup store is out, not that an order is
+#: wrong: no answer, or none in time (``APIConnectionError``, ``BudgetUnavailable``
+#: among them), a 5xx, a 429 past ``max_retry_after``, a store that cannot be reached. A
+#: re-check that meets one gives its attempt back, so that an outage, however long,
+#: dead-letters nothing; :meth:`RecoveryWorker.run` waits it out as a failed round.
+OUTAGES: tuple[type[Exception], ...] = (
+    APIConnectionError, InternalServerError, RateLimitError, StoreUnavailable,
+)
 
 
 def decide(order: Order | None, attempt: int, policy: RecoveryPolicy,
@@ -230,15 +248,8 @@ class RecoveryWorker:
         error: str | None = None
         try:
             order = self.client.orders.get(order_id, priority=Priority.POLL)
-        except BudgetUnavailable as exc:
-            # No request went out: an outage of the budget, not a look at the order. The
-            # attempt is given back, so that an outage never dead-letters a job; the job
-            # waits on the policy's schedule.
-            error = _error_text(exc)
-            log.warning("order %s: re-check %d sent no request: %s", order_id, attempt,
-                        error)
-            return Checked(Action("retry", self.policy.delay(attempt, self.rng)), None,
-                           error, attempt_spent=False)
+        except OUTAGES as exc:
+            return self._outage(order_id, attempt, exc)
         except NotFoundError:
             error = "order not found"
         except APIError as exc:
@@ -267,6 +278,8 @@ class RecoveryWorker:
                 self._publish(order)
         except _Miswired:
             raise
+        except OUTAGES as exc:  # the dedup store or the publisher's server is out
+            return self._outage(order_id, attempt, exc, status)
         except DeliveryInProgress as busy:  # another worker is on it: look again soon
             error = _error_text(busy)
             action = _unfinished(attempt, self.policy, self.rng)
@@ -286,6 +299,15 @@ class RecoveryWorker:
                       "dead-lettered", order_id, status, error)
         return Checked(action, status, error)
 
+    def _outage(self, order_id: str, attempt: int, exc: Exception,
+                status: str | None = None) -> Checked:
+        """A re-check that met an outage: its attempt given back, the job due again on the
+        policy's schedule. Logged quietly here: the round's outage is logged once."""
+        error = _error_text(exc)
+        log.debug("order %s: re-check %d met an outage: %s", order_id, attempt, error)
+        return Checked(Action("retry", self.policy.delay(attempt, self.rng)), status,
+                       error, outage=exc)
+
     def process(self, job: RecoveryJob) -> RecoveryJob:
         """Re-check one taken job of a :class:`JobQueue` and move it on: done, retried
         with its status and error on record, or dead-lettered.
@@ -301,30 +323,35 @@ class RecoveryWorker:
                 when its lease runs out.
             TypeError: a callback cannot be called with an order (see :meth:`recheck`).
         """
+        return self._process(job)[0]
+
+    def _process(self, job: RecoveryJob) -> tuple[RecoveryJob, Exception | None]:
+        """:meth:`process`, and the outage its re-check met, if any (the job is retried
+        with its attempt given back by then)."""
         queue = self._job_queue()
         if job.attempts > self.policy.max_attempts:
             checked = Checked(Action("dead"), job.last_status, _used_up(job, self.policy))
             log.error("order %s: %s; dead-lettered", job.order_id, checked.error)
         elif job.reason == DELIVERY and self._delivered(job.order_id):
-            return queue.finish(job.order_id, final_status="completed")
+            return queue.finish(job.order_id, final_status="completed"), None
         else:
             checked = self.recheck(job.order_id, job.attempts, since=job.created_at)
         kind = checked.action.kind
         if kind in ("deliver", "terminal"):
-            return queue.finish(job.order_id, final_status=checked.status or kind)
+            return queue.finish(job.order_id, final_status=checked.status or kind), None
         try:
             if kind == "dead":
                 return queue.bury(job.order_id, last_status=checked.status,
-                                  last_error=checked.error)
+                                  last_error=checked.error), None
             return queue.retry(job.order_id,
                                due_at=self.client.clock.time() + checked.action.delay,
                                last_status=checked.status, last_error=checked.error,
-                               attempt_spent=checked.attempt_spent)
+                               attempt_spent=checked.attempt_spent), checked.outage
         except ValueError:
             # A watch that fired while its wait was still running: the wait has settled
             # it meanwhile, and the job is no longer queued. Nothing is left to do.
             log.info("order %s: settled by its wait during the re-check", job.order_id)
-            return queue.get(job.order_id) or job
+            return queue.get(job.order_id) or job, None
 
     def _delivered(self, order_id: str) -> bool:
         """The dedup store says the order was delivered. A store that cannot say is only
@@ -378,11 +405,15 @@ class RecoveryWorker:
         """Process every job due now (up to ``limit``); return how many were processed.
 
         A job's own failure is recorded on the job (see :meth:`process`) and the next job
-        is taken.
+        is taken. A re-check that met an outage (:data:`OUTAGES`: the API, the budget or
+        the dedup store out) is retried with its attempt given back, and the outage is
+        raised: the jobs behind it would only meet it too.
 
         Raises:
             StoreUnavailable: the queue could not be reached; a job taken meanwhile comes
-                back when its lease runs out (counted as an attempt).
+                back when its lease runs out (counted as an attempt). Or a re-check's
+                dedup store or budget was out.
+            APIConnectionError: and the other :data:`OUTAGES` a re-check met.
             TypeError: a callback cannot be called with an order.
         """
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
@@ -394,8 +425,10 @@ class RecoveryWorker:
             job = queue.take(lease=self.lease)
             if job is None:
                 return processed
-            self.process(job)
+            _, outage = self._process(job)
             processed += 1
+            if outage is not None:  # the jobs behind it would meet it too: wait it out
+                raise outage
         return processed
 
     def sweep(self, pending_orders: Callable[[], Iterable[tuple[str, float]]], *,
