@@ -14,6 +14,10 @@ Every schedule polls once at once and then waits, as partner loops do (``get``, 
 ``sleep``), except ``ExponentialJitter(poll_at_start=False)``, which waits first, and
 ``Adaptive``, which learns whether a poll at once is worth it.
 
+The recommended schedule, ``Adaptive()``, must use at most 0.75x the vendor schedule's
+requests at no longer a mean delay, at most 1.1x its p95 delay and no more give-ups: a
+line under each workload says whether it does.
+
 Columns: requests per order (stalled orders included: they cost a full watch), mean and p95
 detection delay (completion to the poll that saw it, over orders that finished while
 watched), and "gave up": finishing orders declared stalled first (40 attempts ran out).
@@ -129,7 +133,23 @@ def main() -> None:
             ratio = r["requests"] / vendor["requests"]
             print(f"  {label:<48}{r['requests']:>10.2f}{r['mean']:>11.1f}s{r['p95']:>10.1f}s"
                   f"{r['gave_up']:>8.1f}%{ratio:>14.2f}x")
+        print(f"  {verdict(results[RECOMMENDED], vendor)}")
         print(f"  ({time.perf_counter() - started:.1f}s of real time)\n")
+
+
+RECOMMENDED = "foxpoll Adaptive()"
+
+
+def verdict(r: dict[str, float], vendor: dict[str, float]) -> str:
+    """Whether the recommended schedule keeps its promise against the vendor's: at most
+    0.75x the requests, no longer a mean delay, at most 1.1x the p95, no more give-ups."""
+    misses = [what for what, ok in (
+        ("requests", r["requests"] <= 0.75 * vendor["requests"]),
+        ("mean delay", r["mean"] <= vendor["mean"]),
+        ("p95 delay", r["p95"] <= 1.1 * vendor["p95"]),
+        ("gave up", r["gave_up"] <= vendor["gave_up"])) if not ok]
+    return (f"{RECOMMENDED}: " + ("within every bound" if not misses
+                                  else "misses " + ", ".join(misses)))
 
 
 if __name__ == "__main__":
