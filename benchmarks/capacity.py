@@ -70,7 +70,7 @@ def setting(variant: str, config: dict[str, Any], clock: ScaledClock
     budget = SQLiteRateLimit(config["sqlite"], config["per_minute"], clock=clock)
     if variant == "adaptive":
         return budget, WaitPolicy(backoff=Adaptive())
-    return budget, WaitPolicy.fleet(budget)
+    return budget, WaitPolicy.fleet()
 
 
 async def fleet_process(config: dict[str, Any]) -> None:
@@ -263,7 +263,7 @@ def capacity(steps: list[Step]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default="vendor,adaptive")
+    parser.add_argument("--variants", default="vendor,fleet")
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--per-minute", type=float, default=100)
     parser.add_argument("--burst-seconds", type=float, default=10.0,

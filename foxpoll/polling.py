@@ -25,6 +25,7 @@ from . import _api
 from ._core import check_timeout
 from ._effects import Emit, Flow, Notify, Sleep, Start, WaitAny
 from .backoff import (
+    Adaptive,
     BackoffPolicy,
     ExponentialJitter,
     LearningPolicy,
@@ -70,6 +71,17 @@ LAST_POLL_GUARD = 1.0  # seconds before a deadline the last poll goes, for its r
 #: The waits of a schedule :meth:`WaitPolicy.horizon` sums one by one, at most.
 HORIZON_TERMS = 10_000
 _MIN_WAIT = 1e-3
+#: :meth:`WaitPolicy.fleet`'s mean detection delay, seconds: room under the 12 s a
+#: fleet at its key's limit is measured against, for the polls the budget postpones.
+FLEET_TARGET_DELAY = 8.0
+#: :meth:`WaitPolicy.fleet`'s deadline: past the documented minutes an order takes, a
+#: recovery queue's sparse re-checks cost the key less than polls every minute.
+FLEET_TIMEOUT = 600.0
+#: Before it has learned, the vendor's schedule without a poll at once, up to a minute
+#: between polls (past a learned plan too).
+FLEET_BASELINE = ExponentialJitter(cap=60.0, poll_at_start=False)
+#: Finished waits before a fleet process plans from what it learned.
+FLEET_MIN_SAMPLES = 20
 
 
 @attrs.frozen
@@ -377,6 +389,33 @@ class WaitPolicy:
         the first poll (nothing is done yet, so a poll at once is wasted)."""
         return cls(ExponentialJitter(poll_at_start=False), max_attempts, timeout, stall_after,
                    not_found_grace, max_errors, polls_for_codes)
+
+    @classmethod
+    def fleet(
+        cls,
+        *,
+        target_delay: float = FLEET_TARGET_DELAY,
+        timeout: float | None = FLEET_TIMEOUT,
+        max_attempts: int = 40,
+        stall_after: float | None = None,
+        not_found_grace: float = 30.0,
+        max_errors: int | None = None,
+        polls_for_codes: int | None = None,
+    ) -> WaitPolicy:
+        """The schedule for a process of a fleet whose key's budget binds: few polls per
+        order for a mean detection delay of about ``target_delay`` seconds.
+
+        It learns (:class:`~foxpoll.backoff.Adaptive`, one instance per call: make one
+        policy per process and product family, and set it on the client), waits before
+        its first poll, leaves at most a minute between polls, and gives up after
+        ``timeout`` seconds (10 minutes), so an order stalled at the supplier costs
+        about a dozen polls before a recovery queue takes it, not forty. Pair it with a
+        shared budget (``rate_limit=``); ``benchmarks/capacity.py`` measures the pair.
+        """
+        learner = Adaptive(target_delay=target_delay, baseline=FLEET_BASELINE,
+                           min_samples=FLEET_MIN_SAMPLES)
+        return cls(learner, max_attempts, timeout, stall_after, not_found_grace,
+                   max_errors, polls_for_codes)
 
     @property
     def error_budget(self) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import httpx
 import pytest
 
 from foxpoll import AsyncFoxReload, FoxReload, OrderStalled, PollAttempt, WaitResult
-from foxpoll.backoff import ExponentialJitter, Fixed
+from foxpoll.backoff import Adaptive, ExponentialJitter, Fixed
 from foxpoll.polling import Listener, Stall, StatusChange, WaitPolicy, WaitStart
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
 
@@ -92,6 +93,40 @@ def test_after_payment_waits_before_its_first_poll(sim: FakeFoxReload, clock: Fa
     assert isinstance(first_poll, PollAttempt)
     assert first_poll.elapsed >= 5  # the schedule's first wait came before it
     assert clock.monotonic() - start <= 45
+
+
+def test_the_fleet_preset_learns_waits_first_and_gives_a_stall_up_in_a_dozen_polls(
+        sim: FakeFoxReload, clock: FakeClock) -> None:
+    policy = WaitPolicy.fleet()
+    assert isinstance(policy.backoff, Adaptive)
+    assert policy.timeout == 600
+    assert WaitPolicy.fleet().backoff is not policy.backoff  # each policy learns its own
+    sim.script_next(OrderScript.stall())
+    journal = Journal()
+    with sim.client() as client:
+        order_id = paid(client)
+        start = clock.monotonic()
+        with pytest.raises(OrderStalled):
+            client.wait_for_completion(order_id, policy=policy, listener=journal)
+    polls = [event for name, event in journal.events
+             if name == "poll" and isinstance(event, PollAttempt)]
+    assert polls[0].elapsed >= 5  # no poll at once
+    gaps = [b.elapsed - a.elapsed for a, b in itertools.pairwise(polls)]
+    assert max(gaps) <= 60 * 1.3 + 1e-6
+    assert len(polls) <= 16  # where the vendor's schedule makes 40
+    assert clock.monotonic() - start <= 600
+
+
+def test_the_fleet_preset_plans_from_what_it_learned(sim: FakeFoxReload) -> None:
+    policy = WaitPolicy.fleet(target_delay=5)
+    assert isinstance(policy.backoff, Adaptive)
+    with sim.client() as client:
+        for _ in range(25):
+            sim.script_next(OrderScript.complete(after=20))
+            client.wait_for_completion(paid(client), policy=policy)
+    plan = policy.backoff.plan()
+    assert plan is not None  # 20 finished waits are enough to plan
+    assert plan[0] > 5  # nothing finishes before 20 s: the first poll comes later
 
 
 def test_every_event_reaches_a_client_listener_then_the_call_one(sim: FakeFoxReload) -> None:
