@@ -9,20 +9,22 @@ the numbers below are in virtual seconds and minutes.
 Each process buys orders (create, then pay) as a Poisson stream and waits for each in a
 task of its own; orders settle as the *typical* mix of ``schedules.py`` (85 % within a
 minute, 12 % in 1-5 minutes, 3 % stall). The offered rate climbs a ladder, one step of
-``--step-minutes`` at a time, with no restart in between (a fleet that has been
-running). The orders bought in a step, after its first ``--settle-minutes``, are its
-sample. A step **holds** when none of its buys failed or was answered 429, the buys' p95
-is under 5 s, at most 1 % of the step's requests were answered 429, the mean detection
-lag (completion to the wait's return) is at most 12 s, and no completed order was given
-up (a wait that ended, or an order still unseen ``--lost-after`` seconds after it
-completed). A variant's capacity is the last step that held before the first that did
-not. The ladder stops one step after a failure is known.
+``--step-minutes`` (or ``--orders`` orders, when that is longer) at a time, with no
+restart in between (a fleet that has been running; it starts with ``--warmup-minutes``
+at the first rate, not measured, so that what a fleet learns is learned). The orders
+bought in a step, after its first ``--settle-minutes``, are its sample. A step **holds**
+when none of its buys failed or was answered 429, the buys' p95 is under 5 s, at most 1
+% of the step's requests were answered 429, the mean detection lag (completion to the
+wait's return) is at most 12 s, and no completed order was given up (a wait that ended,
+or an order still unseen ``--lost-after`` seconds after it completed). A variant's
+capacity is the last step that held before the first that did not. The ladder stops one
+step after a failure is known.
 
 Variants:
 
 - ``vendor``: the vendor article's loop: its schedule (``ExponentialJitter()``, a poll at
   once), no shared budget; each process spends the key blindly.
-- ``fleet``: foxpoll's recommended fleet setting, ``WaitPolicy.fleet(budget)`` on a
+- ``fleet``: foxpoll's recommended fleet setting, ``WaitPolicy.fleet()`` on a
   shared ``SQLiteRateLimit`` (the processes of one host; a fleet on many machines uses
   ``RedisRateLimit``, whose clock is Redis's and cannot be compressed).
 - ``adaptive``: the best setting before it: the shared budget and ``Adaptive()``.
@@ -79,7 +81,8 @@ async def fleet_process(config: dict[str, Any]) -> None:
     clock = ScaledClock(config["origin"], config["speed"])
     rng = random.Random(config["seed"])
     limit, policy = setting(config["variant"], config, clock)
-    step, ladder = config["step"], config["ladder"]
+    rungs = config["rungs"]  # [start, end, orders a minute], in virtual seconds
+    parent = os.getppid()
 
     def emit(**event: Any) -> None:
         print(json.dumps(event), flush=True)
@@ -109,12 +112,17 @@ async def fleet_process(config: dict[str, Any]) -> None:
 
         tasks: set[asyncio.Future[None]] = set()
         at = 0.0
-        while (index := int(at // step)) < len(ladder):
-            per_second = ladder[index] / 60.0 / config["processes"]
+        while os.getppid() == parent:
+            rate = next((r for _, end, r in rungs if at < end), None)
+            if rate is None:
+                break
+            per_second = rate / 60.0 / config["processes"]
             await clock.asleep(at - clock.monotonic())
             tasks.add(asyncio.ensure_future(buy(at)))
             at += rng.expovariate(per_second)
-        await asyncio.sleep(math.inf)  # the parent ends the process
+        # The parent ends the process; should it die first, the process ends itself.
+        while os.getppid() == parent:  # noqa: ASYNC110 - nothing signals a parent's end
+            await asyncio.sleep(1.0)
 
 
 class Step:
@@ -183,28 +191,32 @@ class Step:
 
 def run_variant(variant: str, args: argparse.Namespace, tmp: str) -> list[Step]:
     """Climb the ladder with ``variant``'s fleet until a step fails; the steps measured."""
-    ladder = [args.start + i * args.increment
-              for i in range(int((args.top - args.start) / args.increment) + 1)]
-    step_s, settle_s = args.step_minutes * 60.0, args.settle_minutes * 60.0
+    rates = [args.start + i * args.increment
+             for i in range(int((args.top - args.start) / args.increment) + 1)]
+    settle_s = args.settle_minutes * 60.0
+    rungs = [(0.0, args.warmup_minutes * 60.0, args.start)]  # the warm-up: not measured
+    for rate in rates:  # long enough for --orders in the sample, or --step-minutes
+        counted = max(args.step_minutes * 60.0 - settle_s, args.orders / rate * 60.0)
+        rungs.append((rungs[-1][1], rungs[-1][1] + settle_s + counted, rate))
     origin = time.monotonic() + 2.0  # the children start before the ladder does
     clock = ScaledClock(origin, args.speed)
     sim = FakeFoxReload(clock=clock, record_requests=False, seed=args.seed)
     sim.balance = 10**12
     rng = random.Random(args.seed)
     scripts = []
-    for _ in range(int(sum(ladder) * args.step_minutes * 2) + 1000):
+    for _ in range(int(sum(rate * (end - start) / 60.0 for start, end, rate in rungs)) * 2
+                   + 1000):
         settles = typical(rng)
         scripts.append(OrderScript.stall(paid_for=1.0) if math.isinf(settles)
                        else OrderScript.complete(after=settles))
     sim.script_next(*scripts)
     api = TokenBucketAPI(sim, args.per_minute, burst_seconds=args.burst_seconds, clock=clock)
-    steps = [Step(rate, i * step_s, (i + 1) * step_s, settle_s)
-             for i, rate in enumerate(ladder)]
+    steps = [Step(rate, start, end, settle_s) for start, end, rate in rungs[1:]]
     events: list[dict[str, Any]] = []
     with SimulatorServer(api) as server:  # type: ignore[arg-type]
         config = {"variant": variant, "per_minute": args.per_minute, "url": server.url,
                   "api_key": sim.api_key, "processes": args.processes, "origin": origin,
-                  "speed": args.speed, "ladder": ladder, "step": step_s,
+                  "speed": args.speed, "rungs": rungs,
                   "sqlite": str(Path(tmp) / f"{uuid.uuid4().hex}.db")}
         children = [subprocess.Popen(
             [sys.executable, __file__, "--child", json.dumps({**config, "seed": args.seed
@@ -272,8 +284,12 @@ def main() -> None:
     parser.add_argument("--start", type=float, default=6.0, help="orders a minute")
     parser.add_argument("--increment", type=float, default=3.0)
     parser.add_argument("--top", type=float, default=33.0)
-    parser.add_argument("--step-minutes", type=float, default=8.0)
+    parser.add_argument("--step-minutes", type=float, default=6.0, help="at least")
+    parser.add_argument("--orders", type=int, default=150,
+                        help="orders in each step's sample, at least")
     parser.add_argument("--settle-minutes", type=float, default=2.0)
+    parser.add_argument("--warmup-minutes", type=float, default=12.0,
+                        help="at the first rate, not measured: a fleet that has run")
     parser.add_argument("--lost-after", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--child")
@@ -284,8 +300,9 @@ def main() -> None:
         return
     print(f"{args.processes} processes on one key of {args.per_minute:g} requests/min "
           f"(a bucket of {args.burst_seconds:g} s), {args.speed:g}x compressed; steps of "
-          f"{args.step_minutes:g} min, the last {args.step_minutes - args.settle_minutes:g}"
-          f" counted; {os.cpu_count()} CPUs\n")
+          f"{args.step_minutes:g} min or {args.orders} orders, whichever is longer, less "
+          f"their first {args.settle_minutes:g} min, after {args.warmup_minutes:g} min of "
+          f"warm-up; {os.cpu_count()} CPUs\n")
     print(f"{'variant':<9}{'/min':>6}{'orders':>7}{'req/min':>9}{'429s':>7}{'buys 429':>9}"
           f"{'failed':>7}{'buy p95':>9}{'lag':>8}{'lag p95':>9}{'given up':>9}")
     capacities = {}
