@@ -41,6 +41,7 @@ __all__ = [
     "Step",
     "UpperRandom",
     "from_backoff",
+    "next_instant",
 ]
 
 
@@ -70,6 +71,28 @@ class LearningPolicy(BackoffPolicy, Protocol):
 
 #: How much a second of delay past a plan's tail limit weighs against a second within it.
 TAIL_WEIGHT = 20.0
+#: A plan's instant counts as overrun by a late poll when less than this share of its
+#: gap is left after the poll (see :func:`next_instant`).
+OVERRUN_SHARE = 0.5
+
+
+def next_instant(instants: Iterator[float], aimed: float, polled: float) -> float:
+    """The next instant of a plan for a poll that aimed at ``aimed`` and was made at
+    ``polled`` (seconds since the wait began): the first of ``instants`` (the plan's
+    instants after ``aimed``, in order) with at least :data:`OVERRUN_SHARE` of its gap
+    left.
+
+    A poll on time keeps to the plan. A poll the budget postponed has already looked
+    where the instants it overran would have: polling at each of them anyway would
+    crowd late polls together just when the key's budget is short. Skipping them
+    stretches the schedule as the budget tightens, in proportion to how late polls
+    come, and spends the polls left where the plan put them.
+    """
+    for instant in instants:
+        if instant - polled >= OVERRUN_SHARE * (instant - aimed):
+            return instant
+        aimed = instant
+    raise ValueError("a plan's instants ran out")
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -368,6 +391,9 @@ class Adaptive:
 
     #: The first of :meth:`delays` is the wait before the first poll (0.0 polls at once).
     polls_immediately = False
+    #: Its delays mark the instants of a plan: a poll that comes late skips the instants
+    #: it overran (:func:`next_instant`), rather than shift the rest of the plan.
+    keeps_to_plan = True
 
     def delays(self, rng: random.Random) -> Iterator[float]:
         instants = self.plan()

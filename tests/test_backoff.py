@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from foxpoll.backoff import (
+    OVERRUN_SHARE,
     Adaptive,
     BackoffPolicy,
     DecorrelatedJitter,
@@ -26,6 +27,7 @@ from foxpoll.backoff import (
     estimate_completion_times,
     from_backoff,
     mean_delay,
+    next_instant,
     plan_polls,
 )
 
@@ -251,6 +253,39 @@ def test_a_tail_bound_never_lengthens_the_tail(seed: int, limit: float, lam: flo
     assert _excess(samples, bound, limit) <= _excess(samples, free, limit) + 1e-9
     free_cost = mean_delay(samples, free)[1] + lam * free_delay
     assert mean_delay(samples, bound)[1] + lam * bound_delay >= free_cost - 1e-9
+
+
+@given(st.lists(st.floats(0.0, 60.0), min_size=1, max_size=30),
+       st.lists(st.floats(0.0, 120.0), min_size=1, max_size=30))
+def test_next_instant_keeps_to_the_plan_and_only_skips_what_a_late_poll_overran(
+        gaps: list[float], lateness: list[float]) -> None:
+    plan = list(itertools.accumulate(gaps))
+    horizon = plan[-1]
+    tail = [horizon + 60.0 * k for k in range(1, 10_000)]
+    # on time, every instant is kept
+    instants = iter(plan + tail)
+    aimed = 0.0
+    for expected in plan:
+        aimed = next_instant(instants, aimed, aimed)
+        assert aimed == expected
+    # late by any amount: never before the poll, never more polls than the plan's
+    instants = iter(plan + tail)
+    aimed, polls = 0.0, 0
+    for late in itertools.cycle(lateness):
+        polled = aimed + late
+        chosen = next_instant(instants, aimed, polled)
+        assert chosen >= polled
+        # every instant skipped on the way had less than half its gap left
+        between = [t for t in plan + tail if aimed < t < chosen]
+        previous = aimed
+        for skipped in between:
+            assert skipped - polled < OVERRUN_SHARE * (skipped - previous) + 1e-9
+            previous = skipped
+        aimed = chosen
+        if aimed > horizon:
+            break
+        polls += 1
+    assert polls <= len(plan)
 
 
 def test_delay_quantile() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from foxpoll import AsyncFoxReload, FoxReload, OrderStalled, PollAttempt, WaitResult
 from foxpoll.backoff import Adaptive, ExponentialJitter, Fixed
 from foxpoll.polling import Listener, Stall, StatusChange, WaitPolicy, WaitStart
+from foxpoll.ratelimit import RateLimit
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
 
 STEAM = [{"itemId": "product_steam_10"}]
@@ -127,6 +130,39 @@ def test_the_fleet_preset_plans_from_what_it_learned(sim: FakeFoxReload) -> None
     plan = policy.backoff.plan()
     assert plan is not None  # 20 finished waits are enough to plan
     assert plan[0] > 5  # nothing finishes before 20 s: the first poll comes later
+
+
+class EveryTen:
+    """A plan of instants 10 s apart, kept to (as Adaptive's are), or merely waited."""
+
+    polls_immediately = False
+
+    def __init__(self, keeps_to_plan: bool) -> None:
+        self.keeps_to_plan = keeps_to_plan
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        return itertools.repeat(10.0)
+
+
+@pytest.mark.parametrize(("keeps_to_plan", "polled_at"), [
+    (True, [25, 30, 40, 50]),  # the instant at 20 was overrun: skipped, the rest kept
+    (False, [25, 35, 45, 55]),  # every later poll shifted by the postponement
+])
+def test_a_poll_the_budget_postponed_skips_the_plan_instants_it_overran(
+        sim: FakeFoxReload, clock: FakeClock, keeps_to_plan: bool,
+        polled_at: list[float]) -> None:
+    sim.script_next(OrderScript.stall())
+    budget = RateLimit(60, clock=clock)
+    journal = Journal()
+    policy = WaitPolicy(backoff=EveryTen(keeps_to_plan), max_attempts=4)
+    with sim.client(rate_limit=budget) as client:
+        order_id = paid(client)
+        budget.throttled(25)  # no permit for 25 s: the first poll, due at 10, waits
+        with pytest.raises(OrderStalled):
+            client.wait_for_completion(order_id, policy=policy, listener=journal)
+    polls = [event.elapsed for name, event in journal.events
+             if name == "poll" and isinstance(event, PollAttempt)]
+    assert [round(elapsed) for elapsed in polls] == polled_at
 
 
 def test_every_event_reaches_a_client_listener_then_the_call_one(sim: FakeFoxReload) -> None:
