@@ -72,20 +72,12 @@ LAST_POLL_GUARD = 1.0  # seconds before a deadline the last poll goes, for its r
 #: The waits of a schedule :meth:`WaitPolicy.horizon` sums one by one, at most.
 HORIZON_TERMS = 10_000
 _MIN_WAIT = 1e-3
-#: :meth:`WaitPolicy.fleet`'s target mean detection delay, seconds. The plan meets it on
-#: what it learned, which flatters it (polls see a completion only to within their gap):
-#: measured on the typical mix, about 8.5 s, room under the 12 s that a fleet at its
-#: key's limit is measured against, for the polls its budget postpones.
-FLEET_TARGET_DELAY = 5.0
 #: :meth:`WaitPolicy.fleet`'s deadline: past the documented minutes an order takes, a
-#: recovery queue's sparse re-checks cost the key less than polls every minute.
+#: recovery queue's sparse re-checks cost the key less than polls every 30 s.
 FLEET_TIMEOUT = 600.0
-#: Before it has learned, the vendor's schedule without a poll at once, up to a minute
-#: between polls (past a learned plan too).
-FLEET_BASELINE = ExponentialJitter(cap=60.0, poll_at_start=False)
 #: Finished waits before a fleet process plans from what it learned, and between two
 #: plans. The first orders to finish are the fast ones: a plan made from them alone
-#: leaves the slow ones a minute between polls, so it is made again as they come in.
+#: leaves the slow ones the longest gaps, so it is made again as they come in.
 FLEET_MIN_SAMPLES = 20
 FLEET_REFRESH = 20
 
@@ -400,7 +392,7 @@ class WaitPolicy:
     def fleet(
         cls,
         *,
-        target_delay: float = FLEET_TARGET_DELAY,
+        target_delay: float | None = None,
         timeout: float | None = FLEET_TIMEOUT,
         max_attempts: int = 40,
         stall_after: float | None = None,
@@ -408,17 +400,22 @@ class WaitPolicy:
         max_errors: int | None = None,
         polls_for_codes: int | None = None,
     ) -> WaitPolicy:
-        """The schedule for a process of a fleet whose key's budget binds: few polls per
-        order for a mean detection delay of about ``target_delay`` seconds.
+        """The schedule for the processes of a fleet that share one key's budget: the
+        fewest polls for the vendor schedule's mean detection delay (or ``target_delay``
+        seconds), stretched when the budget is short.
 
         It learns (:class:`~foxpoll.backoff.Adaptive`, one instance per call: make one
-        policy per process and product family, and set it on the client), waits before
-        its first poll, leaves at most a minute between polls, and gives up after
-        ``timeout`` seconds (10 minutes), so an order stalled at the supplier costs
-        about a dozen polls before a recovery queue takes it, not forty. Pair it with a
-        shared budget (``rate_limit=``); ``benchmarks/capacity.py`` measures the pair.
+        policy per process and product family, and set it on the client) from its first
+        20 finished waits on, and plans again every 20. It waits before its first poll,
+        and keeps to its plan: a poll the budget postponed skips the instants it
+        overran (:func:`~foxpoll.backoff.next_instant`), so polls thin out as permits
+        get short instead of queueing. It gives up after ``timeout`` seconds (10
+        minutes), so an order stalled at the supplier costs about twenty polls before
+        a recovery queue takes it, not forty. Pair it with a shared budget
+        (``rate_limit=``); ``benchmarks/capacity.py`` measures the pair.
         """
-        learner = Adaptive(target_delay=target_delay, baseline=FLEET_BASELINE,
+        learner = Adaptive(target_delay=target_delay,
+                           baseline=ExponentialJitter(poll_at_start=False),
                            min_samples=FLEET_MIN_SAMPLES, refresh_every=FLEET_REFRESH)
         return cls(learner, max_attempts, timeout, stall_after, not_found_grace,
                    max_errors, polls_for_codes)
