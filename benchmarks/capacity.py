@@ -264,6 +264,32 @@ def report(variant: str, step: Step) -> None:
           f"  {verdict}", flush=True)
 
 
+def ideal(per_minute: float, lag: float, seed: int) -> tuple[float, float]:
+    """The polls per order of the best plan for the typical mix with a mean lag within
+    ``lag`` (stalled orders polled to its end, requests and queueing free), and the
+    orders a minute ``per_minute`` carries at that cost: what no poll schedule beats."""
+    from foxpoll.backoff import _candidates, _solve, mean_delay
+
+    rng = random.Random(seed)
+    drawn = [typical(rng) for _ in range(20_000)]
+    done = sorted(t for t in drawn if math.isfinite(t))
+    weights = [1.0 / len(drawn)] * len(done)  # the stalls' mass is never done
+    stalled = 1.0 - len(done) / len(drawn)
+    candidates = _candidates(done, weights, 240, math.inf)
+    best = math.inf
+    low, high = 0.0, 10.0
+    for _ in range(30):  # the cheapest plan within the lag: bisect the price of a second
+        price = (low + high) / 2
+        plan, _ = _solve(done, weights, candidates, price, math.inf)
+        delay, polls = mean_delay(done, plan)
+        if delay <= lag:
+            best = min(best, polls * (1.0 - stalled) + stalled * len(plan))
+            high = price
+        else:
+            low = price
+    return best, per_minute / (2.0 + best)
+
+
 def capacity(steps: list[Step]) -> float:
     held = 0.0
     for step in steps:
@@ -310,6 +336,10 @@ def main() -> None:
         for variant in args.variants.split(","):
             capacities[variant] = capacity(run_variant(variant, args, tmp))
     print()
+    polls, carried = ideal(args.per_minute, LIMITS["lag"], args.seed)
+    print(f"bound: the best plan for the mix within {LIMITS['lag']:g} s of mean lag makes "
+          f"{polls:.2f} polls an order, so the key carries at most {carried:.1f} "
+          "orders/min at full use")
     for variant, held in capacities.items():
         print(f"capacity, {variant}: {held:g} orders/min")
     if "vendor" in capacities and len(capacities) > 1:
