@@ -51,7 +51,9 @@ class BackoffPolicy(Protocol):
 
     The poller polls at once, then waits each delay before the next poll. A policy with a
     class attribute ``polls_immediately = False`` is asked for a delay before the first
-    poll too.
+    poll too. One with ``keeps_to_plan = True`` has its delays added up into the instants
+    of a plan: a poll that comes late skips the instants it overran
+    (:func:`next_instant`) rather than shift every later one.
     """
 
     def delays(self, rng: random.Random) -> Iterator[float]: ...

@@ -413,6 +413,11 @@ class WaitPolicy:
         minutes), so an order stalled at the supplier costs about twenty polls before
         a recovery queue takes it, not forty. Pair it with a shared budget
         (``rate_limit=``); ``benchmarks/capacity.py`` measures the pair.
+
+        Args:
+            target_delay: The mean detection delay to plan for, in seconds; None: the
+                vendor schedule's, as estimated from what was learned.
+            timeout: The wait's deadline (see the class's attributes, as the others).
         """
         learner = Adaptive(target_delay=target_delay,
                            baseline=ExponentialJitter(poll_at_start=False),
