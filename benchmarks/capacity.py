@@ -82,7 +82,11 @@ async def fleet_process(config: dict[str, Any]) -> None:
     rng = random.Random(config["seed"])
     limit, policy = setting(config["variant"], config, clock)
     rungs = config["rungs"]  # [start, end, orders a minute], in virtual seconds
-    parent = os.getppid()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # The parent closes this process's stdin to end it (or dies, which closes it too).
+    threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)),
+                     daemon=True).start()
 
     def emit(**event: Any) -> None:
         print(json.dumps(event), flush=True)
@@ -112,7 +116,7 @@ async def fleet_process(config: dict[str, Any]) -> None:
 
         tasks: set[asyncio.Future[None]] = set()
         at = 0.0
-        while os.getppid() == parent:
+        while not stop.is_set():
             rate = next((r for _, end, r in rungs if at < end), None)
             if rate is None:
                 break
@@ -120,9 +124,10 @@ async def fleet_process(config: dict[str, Any]) -> None:
             await clock.asleep(at - clock.monotonic())
             tasks.add(asyncio.ensure_future(buy(at)))
             at += rng.expovariate(per_second)
-        # The parent ends the process; should it die first, the process ends itself.
-        while os.getppid() == parent:  # noqa: ASYNC110 - nothing signals a parent's end
-            await asyncio.sleep(1.0)
+        await stop.wait()
+        for task in tasks:  # the client closes its connections as the waits end
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Step:
@@ -221,7 +226,8 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: str) -> list[Step]:
         children = [subprocess.Popen(
             [sys.executable, __file__, "--child", json.dumps({**config, "seed": args.seed
                                                               + 100 * (n + 1)})],
-            stdout=subprocess.PIPE, text=True) for n in range(args.processes)]
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for n in range(args.processes)]
 
         def read(child: subprocess.Popen[str]) -> None:
             assert child.stdout is not None
@@ -249,8 +255,14 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: str) -> list[Step]:
                     break
         finally:
             for child in children:
-                child.kill()
-                child.wait()
+                assert child.stdin is not None
+                child.stdin.close()  # the child stops buying and closes its client
+            for child in children:
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
     return [s for s in steps if s.result is not None]
 
 
