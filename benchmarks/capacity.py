@@ -69,7 +69,8 @@ def setting(variant: str, config: dict[str, Any], clock: ScaledClock
 
     if variant == "vendor":
         return None, WaitPolicy()
-    budget = SQLiteRateLimit(config["sqlite"], config["per_minute"], clock=clock)
+    budget = SQLiteRateLimit(config["sqlite"], config["per_minute"], clock=clock,
+                             burst=config["budget_burst"])
     if variant == "adaptive":
         return budget, WaitPolicy(backoff=Adaptive())
     return budget, WaitPolicy.fleet()
@@ -221,7 +222,7 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: str) -> list[Step]:
     with SimulatorServer(api) as server:  # type: ignore[arg-type]
         config = {"variant": variant, "per_minute": args.per_minute, "url": server.url,
                   "api_key": sim.api_key, "processes": args.processes, "origin": origin,
-                  "speed": args.speed, "rungs": rungs,
+                  "speed": args.speed, "rungs": rungs, "budget_burst": args.budget_burst,
                   "sqlite": str(Path(tmp) / f"{uuid.uuid4().hex}.db")}
         children = [subprocess.Popen(
             [sys.executable, __file__, "--child", json.dumps({**config, "seed": args.seed
@@ -318,6 +319,8 @@ def main() -> None:
     parser.add_argument("--per-minute", type=float, default=100)
     parser.add_argument("--burst-seconds", type=float, default=10.0,
                         help="the server's bucket, in seconds of its rate")
+    parser.add_argument("--budget-burst", type=int, default=None,
+                        help="the shared budget's burst= (foxpoll's default when unset)")
     parser.add_argument("--speed", type=float, default=10.0)
     parser.add_argument("--start", type=float, default=6.0, help="orders a minute")
     parser.add_argument("--increment", type=float, default=3.0)
