@@ -53,7 +53,7 @@ class BackoffPolicy(Protocol):
     class attribute ``polls_immediately = False`` is asked for a delay before the first
     poll too. One with ``keeps_to_plan = True`` has its delays added up into the instants
     of a plan: a poll that comes late skips the instants it overran
-    (:func:`next_instant`) rather than shift every later one.
+    (``next_instant``) rather than shift every later one.
     """
 
     def delays(self, rng: random.Random) -> Iterator[float]: ...

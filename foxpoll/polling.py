@@ -408,7 +408,7 @@ class WaitPolicy:
         policy per process and product family, and set it on the client) from its first
         20 finished waits on, and plans again every 20. It waits before its first poll,
         and keeps to its plan: a poll the budget postponed skips the instants it
-        overran (:func:`~foxpoll.backoff.next_instant`), so polls thin out as permits
+        overran (``foxpoll.backoff.next_instant``), so polls thin out as permits
         get short instead of queueing. It gives up after ``timeout`` seconds (10
         minutes), so an order stalled at the supplier costs about twenty polls before
         a recovery queue takes it, not forty. Pair it with a shared budget
