@@ -133,11 +133,14 @@ def compat(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: poll schedules, polling throughput, dedup-store overhead, the cost of
-    watches, a fleet on one rate limit, rate-limit libraries (not in the default run)."""
+    watches, a fleet on one rate limit, orders a minute per key, rate-limit libraries
+    (not in the default run)."""
     session.install("-e", ".[all]", "limits>=4", "pyrate-limiter>=4", "aiolimiter>=1.1")
     session.run("python", "benchmarks/schedules.py", *session.posargs)
     session.run("python", "benchmarks/throughput.py")
     session.run("python", "benchmarks/dedup.py")
     session.run("python", "benchmarks/watch.py")
     session.run("python", "benchmarks/rate_limit.py")
+    # 20x compressed, 100 orders a step: about ten minutes (the defaults take twice that)
+    session.run("python", "benchmarks/capacity.py", "--speed", "20", "--orders", "100")
     session.run("python", "benchmarks/ratelimit_libraries.py")

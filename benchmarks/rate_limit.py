@@ -30,13 +30,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
+from _fleet import TokenBucketAPI, completion_times, p95
 
 from foxpoll import AsyncFoxReload, SystemClock
 from foxpoll.backoff import ExponentialJitter
@@ -46,36 +45,6 @@ from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BACKOFF = ExponentialJitter(base=1.0, factor=1.5, cap=4.0, poll_at_start=False)
 GIVE_UP = 60.0  # seconds: a wait that has not seen its order complete by then gives up
-
-
-class TokenBucketAPI:
-    """The simulator behind a per-key token bucket, as a metered API would be."""
-
-    def __init__(self, sim: FakeFoxReload, per_minute: float) -> None:
-        self.sim = sim
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate)  # one second's worth
-        self.tokens = self.capacity
-        self.updated = time.monotonic()
-        self.lock = threading.Lock()
-        self.log: list[tuple[float, str, int]] = []  # (when, method + path kind, status)
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        kind = "buy" if request.method == "POST" else "read"
-        with self.lock:
-            now = time.monotonic()
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-            if self.tokens < 1.0:
-                wait = math.ceil((1.0 - self.tokens) / self.rate)
-                self.log.append((now, kind, 429))
-                return httpx.Response(429, json={"detail": "Too many requests"},
-                                      headers={"Retry-After": str(wait)})
-            self.tokens -= 1.0
-        response = self.sim.handle(request)
-        with self.lock:
-            self.log.append((now, kind, response.status_code))
-        return response
 
 
 async def spend(config: dict[str, Any]) -> None:
@@ -149,9 +118,7 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, A
                     for _ in range(args.processes)]
         reports = [json.loads(child.communicate(timeout=args.seconds * 5)[0])
                    for child in children]
-    completed_at = {order_id: sim._orders[order_id].paid_at
-                    + sim._orders[order_id].script.settles_after
-                    for order_id in sim.order_ids() if sim._orders[order_id].paid_at}
+    completed_at = completion_times(sim)
     waits = [w for r in reports for w in r["waits"]]
     delays = [w["at"] - completed_at[w["id"]] for w in waits if w["ok"]]
     log = api.log
@@ -161,14 +128,10 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: str) -> dict[str, A
         "buys throttled": sum(1 for _, kind, status in log if kind == "buy" and status == 429),
         "buys": sum(len(r["buys"]) for r in reports),
         "buys failed": sum(r["buy_errors"] for r in reports),
-        "buy p95": _p95([b for r in reports for b in r["buys"]]),
+        "buy p95": p95([b for r in reports for b in r["buys"]]),
         "delay": statistics.fmean(delays) if delays else math.nan,
         "given up": sum(1 for w in waits if not w["ok"]),
     }
-
-
-def _p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20)[-1] if len(values) >= 2 else math.nan
 
 
 def main() -> None:

@@ -26,11 +26,13 @@ from ._core import check_timeout
 from ._effects import Emit, Flow, Notify, Sleep, Start, WaitAny
 from ._sweep import Sweep, Sweeper
 from .backoff import (
+    Adaptive,
     BackoffPolicy,
     ExponentialJitter,
     LearningPolicy,
     UpperRandom,
     _non_negative,
+    next_instant,
 )
 from .errors import (
     APIConnectionError,
@@ -72,6 +74,14 @@ LAST_POLL_GUARD = 1.0  # seconds before a deadline the last poll goes, for its r
 #: The waits of a schedule :meth:`WaitPolicy.horizon` sums one by one, at most.
 HORIZON_TERMS = 10_000
 _MIN_WAIT = 1e-3
+#: :meth:`WaitPolicy.fleet`'s deadline: past the documented minutes an order takes, a
+#: recovery queue's sparse re-checks cost the key less than polls every 30 s.
+FLEET_TIMEOUT = 600.0
+#: Finished waits before a fleet process plans from what it learned, and between two
+#: plans. The first orders to finish are the fast ones: a plan made from them alone
+#: leaves the slow ones the longest gaps, so it is made again as they come in.
+FLEET_MIN_SAMPLES = 20
+FLEET_REFRESH = 20
 
 
 @attrs.frozen
@@ -386,6 +396,43 @@ class WaitPolicy:
         return cls(ExponentialJitter(poll_at_start=False), max_attempts, timeout, stall_after,
                    not_found_grace, max_errors, polls_for_codes)
 
+    @classmethod
+    def fleet(
+        cls,
+        *,
+        target_delay: float | None = None,
+        timeout: float | None = FLEET_TIMEOUT,
+        max_attempts: int = 40,
+        stall_after: float | None = None,
+        not_found_grace: float = 30.0,
+        max_errors: int | None = None,
+        polls_for_codes: int | None = None,
+    ) -> WaitPolicy:
+        """The schedule for the processes of a fleet that share one key's budget: the
+        fewest polls for the vendor schedule's mean detection delay (or ``target_delay``
+        seconds), stretched when the budget is short.
+
+        It learns (:class:`~foxpoll.backoff.Adaptive`, one instance per call: make one
+        policy per process and product family, and set it on the client) from its first
+        20 finished waits on, and plans again every 20. It waits before its first poll,
+        and keeps to its plan: a poll the budget postponed skips the instants it
+        overran (``foxpoll.backoff.next_instant``), so polls thin out as permits
+        get short instead of queueing. It gives up after ``timeout`` seconds (10
+        minutes), so an order stalled at the supplier costs about twenty polls before
+        a recovery queue takes it, not forty. Pair it with a shared budget
+        (``rate_limit=``); ``benchmarks/capacity.py`` measures the pair.
+
+        Args:
+            target_delay: The mean detection delay to plan for, in seconds; None: the
+                vendor schedule's, as estimated from what was learned.
+            timeout: The wait's deadline (see the class's attributes, as the others).
+        """
+        learner = Adaptive(target_delay=target_delay,
+                           baseline=ExponentialJitter(poll_at_start=False),
+                           min_samples=FLEET_MIN_SAMPLES, refresh_every=FLEET_REFRESH)
+        return cls(learner, max_attempts, timeout, stall_after, not_found_grace,
+                   max_errors, polls_for_codes)
+
     @property
     def error_budget(self) -> int:
         """Transient errors tolerated: ``max_errors``, else ``max_attempts``."""
@@ -453,9 +500,10 @@ class OrderWatch:
     """The state of one wait, fed with each poll's outcome. Pure: no I/O, no clock."""
 
     __slots__ = (
-        "_code_polls", "_delays", "_errors", "_final", "_last_change", "_listeners",
-        "_max_retry_after", "_pending_at", "_policy", "_raise_on_failure", "_started",
-        "_warned", "attempts", "first_delay", "last_order", "order_id",
+        "_aimed", "_code_polls", "_delays", "_errors", "_final", "_instants",
+        "_last_change", "_listeners", "_max_retry_after", "_pending_at", "_policy",
+        "_raise_on_failure", "_started", "_warned", "attempts", "first_delay",
+        "last_order", "order_id",
     )
 
     def __init__(
@@ -485,6 +533,13 @@ class OrderWatch:
                 self.first_delay = min(self.first_delay, options.timeout / 2)
             if self.first_delay > 0:
                 self._pending_at = 0.0  # waited on the assumption it was not done yet
+        # A schedule that keeps to a plan is followed by its instants (seconds since the
+        # start), so that a poll the budget postponed skips those it overran.
+        self._aimed = self.first_delay
+        self._instants: Iterator[float] | None = None
+        if getattr(options.backoff, "keeps_to_plan", False):
+            self._instants = itertools.accumulate(self._delays, initial=self.first_delay)
+            next(self._instants)  # the first poll's, aimed at above
 
     @property
     def started(self) -> float:
@@ -547,7 +602,11 @@ class OrderWatch:
             log.warning("order %s unchanged for %.0fs", self.order_id, now - self._last_change)
             notes.extend(_notes(hooks.on_stall, self._stall_event(elapsed, final=False)))
 
-        delay = next(self._delays)
+        if self._instants is not None:
+            self._aimed = next_instant(self._instants, self._aimed, elapsed)
+            delay = max(0.0, self._aimed - elapsed)
+        else:
+            delay = next(self._delays)
         if isinstance(outcome, RateLimitError) and outcome.retry_after is not None:
             # A server may ask for days (Retry-After: 999999, or a date years out); no
             # more than the client's max_retry_after is honoured between two polls.

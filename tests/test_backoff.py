@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import random
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from foxpoll.backoff import (
+    OVERRUN_SHARE,
     Adaptive,
     BackoffPolicy,
     DecorrelatedJitter,
@@ -18,10 +20,14 @@ from foxpoll.backoff import (
     FullJitter,
     Schedule,
     Step,
+    _candidates,
+    _solve,
     baseline_instants,
+    delay_quantile,
     estimate_completion_times,
     from_backoff,
     mean_delay,
+    next_instant,
     plan_polls,
 )
 
@@ -221,6 +227,72 @@ def test_adaptive_plan_polls_less_at_no_worse_mean_delay(seed: int) -> None:
     gaps = [b - a for a, b in itertools.pairwise([0.0, *plan])]
     assert max(gaps) <= base.cap + 1e-9
     assert plan[-1] >= samples[-1]
+
+
+def _excess(samples: list[float], plan: tuple[float, ...], limit: float) -> float:
+    """The mean delay past ``limit``."""
+    return sum(max(0.0, delay - limit) for delay in (
+        plan[min(bisect.bisect_left(plan, t), len(plan) - 1)] - t for t in samples)
+    ) / len(samples)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seeds, st.floats(1.0, 20.0), st.floats(0.05, 5.0))
+def test_a_tail_bound_never_lengthens_the_tail(seed: int, limit: float, lam: float) -> None:
+    rng = random.Random(seed)
+    # a fast body and a rare slow mode, as gift cards: the mean alone may leave the slow
+    # mode one long gap
+    samples = sorted([min(15.0, max(1.0, rng.lognormvariate(math.log(3), 0.5)))
+                      for _ in range(200)] + [rng.uniform(15, 60) for _ in range(10)])
+    weights = [1 / len(samples)] * len(samples)
+    candidates = _candidates(samples, weights, 80, 30.0)
+    free, free_delay = _solve(samples, weights, candidates, lam, 30.0)
+    bound, bound_delay = _solve(samples, weights, candidates, lam, 30.0, (limit, 20.0))
+    # the same trade at the same price of delay: the bound can only move delay out of
+    # the tail, paying for it in polls or in delay within the limit
+    assert _excess(samples, bound, limit) <= _excess(samples, free, limit) + 1e-9
+    free_cost = mean_delay(samples, free)[1] + lam * free_delay
+    assert mean_delay(samples, bound)[1] + lam * bound_delay >= free_cost - 1e-9
+
+
+@given(st.lists(st.floats(0.0, 60.0), min_size=1, max_size=30),
+       st.lists(st.floats(0.0, 120.0), min_size=1, max_size=30))
+def test_next_instant_keeps_to_the_plan_and_only_skips_what_a_late_poll_overran(
+        gaps: list[float], lateness: list[float]) -> None:
+    plan = list(itertools.accumulate(gaps))
+    horizon = plan[-1]
+    tail = [horizon + 60.0 * k for k in range(1, 10_000)]
+    # on time, every instant is kept
+    instants = iter(plan + tail)
+    aimed = 0.0
+    for expected in plan:
+        aimed = next_instant(instants, aimed, aimed)
+        assert aimed == expected
+    # late by any amount: never before the poll, never more polls than the plan's
+    instants = iter(plan + tail)
+    aimed, polls = 0.0, 0
+    for late in itertools.cycle(lateness):
+        polled = aimed + late
+        chosen = next_instant(instants, aimed, polled)
+        assert chosen >= polled
+        # every instant skipped on the way had less than half its gap left
+        between = [t for t in plan + tail if aimed < t < chosen]
+        previous = aimed
+        for skipped in between:
+            assert skipped - polled < OVERRUN_SHARE * (skipped - previous) + 1e-9
+            previous = skipped
+        aimed = chosen
+        if aimed > horizon:
+            break
+        polls += 1
+    assert polls <= len(plan)
+
+
+def test_delay_quantile() -> None:
+    times = [float(t) for t in range(1, 101)]  # polls at 50 and 100: delays 0-49, twice
+    assert delay_quantile(times, [50.0, 100.0], q=0.5) == pytest.approx(24.5, abs=1)
+    assert delay_quantile(times, [50.0, 100.0], q=0.95) == pytest.approx(47.0, abs=1)
+    assert delay_quantile(times, [float(t) for t in range(1, 101)]) == 0.0
 
 
 def test_adaptive_honours_an_explicit_target() -> None:

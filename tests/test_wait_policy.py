@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from foxpoll import AsyncFoxReload, FoxReload, OrderStalled, PollAttempt, WaitResult
-from foxpoll.backoff import ExponentialJitter, Fixed
+from foxpoll.backoff import Adaptive, ExponentialJitter, Fixed
 from foxpoll.polling import Listener, Stall, StatusChange, WaitPolicy, WaitStart
+from foxpoll.ratelimit import RateLimit
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript
 
 STEAM = [{"itemId": "product_steam_10"}]
@@ -92,6 +96,73 @@ def test_after_payment_waits_before_its_first_poll(sim: FakeFoxReload, clock: Fa
     assert isinstance(first_poll, PollAttempt)
     assert first_poll.elapsed >= 5  # the schedule's first wait came before it
     assert clock.monotonic() - start <= 45
+
+
+def test_the_fleet_preset_learns_waits_first_and_gives_a_stall_up_in_half_the_polls(
+        sim: FakeFoxReload, clock: FakeClock) -> None:
+    policy = WaitPolicy.fleet()
+    assert isinstance(policy.backoff, Adaptive)
+    assert policy.timeout == 600
+    assert WaitPolicy.fleet().backoff is not policy.backoff  # each policy learns its own
+    sim.script_next(OrderScript.stall())
+    journal = Journal()
+    with sim.client() as client:
+        order_id = paid(client)
+        start = clock.monotonic()
+        with pytest.raises(OrderStalled):
+            client.wait_for_completion(order_id, policy=policy, listener=journal)
+    polls = [event for name, event in journal.events
+             if name == "poll" and isinstance(event, PollAttempt)]
+    assert polls[0].elapsed >= 5  # no poll at once
+    gaps = [b.elapsed - a.elapsed for a, b in itertools.pairwise(polls)]
+    assert max(gaps) <= 30 * 1.3 + 1e-6  # the vendor's longest
+    assert len(polls) <= 21  # where the vendor's schedule makes 40
+    assert clock.monotonic() - start <= 600
+
+
+def test_the_fleet_preset_plans_from_what_it_learned(sim: FakeFoxReload) -> None:
+    policy = WaitPolicy.fleet(target_delay=5)
+    assert isinstance(policy.backoff, Adaptive)
+    with sim.client() as client:
+        for _ in range(25):
+            sim.script_next(OrderScript.complete(after=20))
+            client.wait_for_completion(paid(client), policy=policy)
+    plan = policy.backoff.plan()
+    assert plan is not None  # 20 finished waits are enough to plan
+    assert plan[0] > 5  # nothing finishes before 20 s: the first poll comes later
+
+
+class EveryTen:
+    """A plan of instants 10 s apart, kept to (as Adaptive's are), or merely waited."""
+
+    polls_immediately = False
+
+    def __init__(self, keeps_to_plan: bool) -> None:
+        self.keeps_to_plan = keeps_to_plan
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        return itertools.repeat(10.0)
+
+
+@pytest.mark.parametrize(("keeps_to_plan", "polled_at"), [
+    (True, [25, 30, 40, 50]),  # the instant at 20 was overrun: skipped, the rest kept
+    (False, [25, 35, 45, 55]),  # every later poll shifted by the postponement
+])
+def test_a_poll_the_budget_postponed_skips_the_plan_instants_it_overran(
+        sim: FakeFoxReload, clock: FakeClock, keeps_to_plan: bool,
+        polled_at: list[float]) -> None:
+    sim.script_next(OrderScript.stall())
+    budget = RateLimit(60, clock=clock)
+    journal = Journal()
+    policy = WaitPolicy(backoff=EveryTen(keeps_to_plan), max_attempts=4)
+    with sim.client(rate_limit=budget) as client:
+        order_id = paid(client)
+        budget.throttled(25)  # no permit for 25 s: the first poll, due at 10, waits
+        with pytest.raises(OrderStalled):
+            client.wait_for_completion(order_id, policy=policy, listener=journal)
+    polls = [event.elapsed for name, event in journal.events
+             if name == "poll" and isinstance(event, PollAttempt)]
+    assert [round(elapsed) for elapsed in polls] == polled_at
 
 
 def test_every_event_reaches_a_client_listener_then_the_call_one(sim: FakeFoxReload) -> None:
