@@ -64,8 +64,9 @@ class PurchaseOutcome(str, enum.Enum):
     FAILED = "failed"
     #: The order was cancelled: :attr:`Purchase.reason` is its ``cancel_reason``.
     CANCELLED = "cancelled"
-    #: The wait ran out first. The order is paid and may still complete: with a
-    #: recovery queue it is queued there (:attr:`Purchase.recovering`).
+    #: The wait ran out first. The order may still complete (or, after a payment whose
+    #: outcome is unknown, still be unpaid, to expire): with a recovery queue it is
+    #: queued there (:attr:`Purchase.recovering`).
     STALLED = "stalled"
 
 
@@ -79,7 +80,8 @@ class Purchase:
 
     Attributes:
         outcome: How it ended (:class:`PurchaseOutcome`).
-        order_id: The order paid.
+        order_id: The order bought (paid, unless the payment's outcome was unknown
+            and the order stalled before it told).
         order: The order as last seen: completed, failed or cancelled; for a stall, the
             last poll's (None when no poll read it).
         delivery: The :class:`~foxpoll.DeliveryResult`, when the order completed.
@@ -231,7 +233,8 @@ def buy_flow(
 
     def deliver_and_publish(completed: Order) -> Any:
         # The event goes out inside the claim, as the recovery worker's does: a crash
-        # between the two leaves the claim to expire and both to be done again.
+        # between the two leaves the claim to expire and both to be done again. A
+        # publisher that fails after the codes went out does not release it.
         return steps.run(_delivery(completed, deliver, publisher, clock))
 
     result = yield from _call(steps.deliver_once, order, deliver_and_publish, store,
@@ -245,8 +248,16 @@ def buy_flow(
 def _delivery(order: Order, deliver: Callable[[Order], Any],
               publisher: Publisher | AsyncPublisher | None, clock: Clock
               ) -> Flow[Any]:
-    """``deliver(order)``, then the completion event; what ``deliver`` returned."""
+    """``deliver(order)``, then the completion event; what ``deliver`` returned.
+
+    Once ``deliver`` has returned, the codes are out: a publisher that fails then is logged
+    and the delivery still recorded, since a released claim would deliver them again. The
+    event is lost in that case (at most once, where the codes are exactly once)."""
     receipt = yield from _call(deliver, order)
     if publisher is not None:
-        yield from _call(publisher.publish, OrderEvent.from_order(order, now=clock.time()))
+        try:
+            yield from _call(publisher.publish, OrderEvent.from_order(order, now=clock.time()))
+        except Exception as exc:
+            log.error("buy: order %s delivered, but its completion event was not published "
+                      "(%s: %s)", order.id, type(exc).__name__, exc)
     return receipt

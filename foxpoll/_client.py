@@ -8,6 +8,7 @@ their resources reach through a runner (:class:`foxpoll._resources.Runner`).
 from __future__ import annotations
 
 import functools
+import inspect
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
@@ -640,6 +641,14 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
             CodesMissing, DeliveryInProgress, LeaseLost: as ``wait_for_completion`` and
                 ``deliver_once`` raise them.
         """
+        # Refused before anything is bought: found after the wait, an order would be paid
+        # and completed with nothing to deliver it.
+        for name, function in (("deliver", deliver),
+                               ("publisher.publish", getattr(publisher, "publish", None))):
+            if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+                    type(function).__call__ if function is not None else None):
+                raise TypeError(f"{name} is async: give it to AsyncFoxReload.buy, or pass a "
+                                "blocking one")
         steps = BuySteps(create=self.orders.create, pay=self.orders.pay,
                          wait=self.wait_for_completion, deliver_once=deliver_once,
                          run=functools.partial(_io.run, clock=self.clock, async_twin=_ASYNC_BUY))

@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
                     "an order, pay it from the balance, wait for it with a line per poll, "
                     "and print it once completed (FoxReload.buy, delivering to this "
                     "terminal). No recovery queue watches it: if the wait stalls, the "
-                    "order is paid and may still complete (foxpoll orders wait ID).",
+                    "order may still complete (foxpoll orders wait ID). A command killed "
+                    "after paying leaves the order to you.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     buying.add_argument("--item", action="append", required=True, metavar="ID[:QTY]",
                         help="a product id (foxpoll catalog --category ID lists them) and "
@@ -320,8 +321,8 @@ def _buy(args: argparse.Namespace, out: TextIO) -> int:
               file=sys.stderr)
     if purchase.outcome is PurchaseOutcome.STALLED:
         order_id = _plain(purchase.order_id)
-        print(f"foxpoll: the wait stalled: {_said(purchase.reason)}. Order {order_id} is "
-              f"paid and may still complete: foxpoll orders wait {order_id}", file=sys.stderr)
+        print(f"foxpoll: the wait stalled: {_said(purchase.reason)}. Order {order_id} may "
+              f"still complete: foxpoll orders wait {order_id}", file=sys.stderr)
         return EXIT_STALLED
     if not purchase.ok:  # failed or cancelled: shown, as orders wait shows it
         _print_order(purchase.order, out, as_json=args.json, show_codes=args.show_codes)

@@ -328,19 +328,48 @@ def test_note_fills_the_items_without_one(sim: FakeFoxReload) -> None:
                                                          {"player_id": "B"}]
 
 
-def test_the_blocking_client_refuses_an_async_deliver_before_delivering(
-    sim: FakeFoxReload,
+@pytest.mark.parametrize("what", ["deliver", "publisher"])
+def test_the_blocking_client_refuses_an_async_deliver_before_buying(
+    sim: FakeFoxReload, what: str
 ) -> None:
+    """Found only after the wait, an async callback would leave an order paid and
+    completed with nothing to deliver it (and, without a recovery queue, no one to)."""
     store = MemoryDedupStore()
 
     async def deliver(order: Order) -> None:
         raise AssertionError("never called")
 
+    class AsyncPublisher:
+        async def publish(self, event: Any) -> str:
+            raise AssertionError("never called")
+
+    kwargs: dict[str, Any] = (
+        {"deliver": deliver} if what == "deliver"
+        else {"deliver": lambda order: None, "publisher": AsyncPublisher()})
     with sim.client() as client, pytest.raises(TypeError, match=r"AsyncFoxReload\.buy"):
-        client.buy(STEAM, deliver=deliver, store=store)
-    record = store.get(sim.order_ids()[0])
-    assert record is not None
-    assert record.state is DeliveryState.RELEASED
+        client.buy(STEAM, store=store, **kwargs)
+    assert sim.order_ids() == []  # nothing created, so nothing paid
+
+
+def test_a_publisher_that_fails_after_the_codes_went_out_does_not_deliver_them_twice(
+    sim: FakeFoxReload, caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryDedupStore()
+    delivered: list[str] = []
+
+    class Down:
+        def publish(self, event: Any) -> str:
+            raise ConnectionError("events server down")
+
+    with sim.client() as client:
+        purchase = client.buy(STEAM, deliver=lambda order: delivered.append(order.id),
+                              store=store, publisher=Down())
+        record = store.get(purchase.order_id)
+        assert record is not None
+        assert record.state is DeliveryState.DELIVERED  # recorded: no one delivers again
+    assert purchase.outcome is PurchaseOutcome.DELIVERED
+    assert delivered == [purchase.order_id]
+    assert "completion event was not published" in caplog.text
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [
@@ -406,7 +435,7 @@ def test_the_buy_command_exits_3_on_a_failed_order_and_4_on_a_stall(
     assert (code, shown) == (4, "")
     stalled = api.order_ids()[1]
     err = capsys.readouterr().err
-    assert f"is paid and may still complete: foxpoll orders wait {stalled}" in err
+    assert f"may still complete: foxpoll orders wait {stalled}" in err
     assert paid(api) == api.order_ids()
 
 

@@ -387,7 +387,13 @@ class RecoveryWorker:
 
     def _deliver_and_publish(self, order: Order) -> Any:
         receipt = self._call("on_completed", self.on_completed, order)
-        self._publish(order)  # inside the claim: a crash before it means a retry, not a loss
+        try:
+            self._publish(order)  # inside the claim: a crash before it means a retry
+        except Exception as exc:
+            # The codes are out: releasing the claim would deliver them again. The event is
+            # lost (at most once, where the codes are exactly once), and said so.
+            log.error("order %s delivered, but its completion event was not published "
+                      "(%s)", order.id, _error_text(exc))
         return receipt
 
     def _publish(self, order: Order) -> None:
