@@ -35,9 +35,7 @@ from typing import Any, Protocol, TypeVar
 try:
     import redis
     import redis.asyncio as aredis
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ResponseError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.exceptions import RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("Redis streams need redis: pip install 'foxpoll[redis]'") from exc
 
@@ -48,7 +46,7 @@ from foxpoll._io import Flow, Op, arun, call, pause, run
 from foxpoll._outages import OUTAGE_BACKOFF, STOP_LOOKS_EVERY, Outages
 from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.redis import check_client
-from foxpoll.errors import StoreUnavailable, unavailable_on
+from foxpoll.errors import StoreUnavailable, is_redis_outage, unavailable_on
 
 from .base import EventError, OrderEvent
 
@@ -87,10 +85,11 @@ class Command(Op[T]):
 
 
 def _reaching_redis() -> AbstractContextManager[None]:
-    """Redis's connection and timeout errors, raised inside, as
+    """Redis not serving (unreached, too slow, demoted to a replica by a failover, out of
+    memory...: :func:`~foxpoll.errors.is_redis_outage`), raised inside, as
     :class:`~foxpoll.errors.StoreUnavailable` (a handler's own errors never get here: the
     consumer's flow catches them)."""
-    return unavailable_on("Redis", RedisConnectionError, RedisTimeoutError)
+    return unavailable_on("Redis", RedisError, when=is_redis_outage)
 
 
 def _text(value: Any) -> str:
