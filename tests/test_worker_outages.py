@@ -297,7 +297,9 @@ def test_a_callback_that_cannot_take_an_order_ends_run_one_that_raises_stays_wit
         order_id = paid(sim, served, OrderScript.complete(after=0))
         queue.enqueue(order_id)
         miswired = RecoveryWorker(served, queue, MemoryDedupStore(clock=clock),
-                                  on_completed=lambda: None)  # type: ignore[arg-type,misc]
+                                  on_completed=print)
+        # rewired past the constructor's check: the first call tells
+        miswired.on_completed = lambda: None  # type: ignore[assignment,misc]
         with pytest.raises(TypeError, match="on_completed"):
             miswired.run()  # the wiring: no job can succeed, so no waiting
 
