@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from foxpoll import FoxReload, Order, SystemClock
+from foxpoll._io import run
 from foxpoll._outages import OUTAGE_BACKOFF, STOP_LOOKS_EVERY, Outages
 from foxpoll.backoff import Fixed
 from foxpoll.dedup import MemoryDedupStore
@@ -90,9 +91,11 @@ def test_outages_back_off_capped_with_full_jitter_and_log_once(
                       rng=random.Random(7), metrics=PrometheusMetrics(registry),
                       clock=clock.monotonic)
     caplog.set_level(logging.DEBUG, logger="foxpoll.recovery")
+    down = StoreUnavailable("PostgreSQL is unavailable: X")
     for _ in range(2):  # two outages: each starts its backoff afresh
-        waits = [outages.failed(StoreUnavailable("PostgreSQL is unavailable: X"))
-                 for _ in range(12)]
+        waits = [outages.failed(down) for _ in range(12)]
+        for _ in waits:
+            run(outages.count(down))
         assert all(0 <= w <= min(60.0, 2.0 ** n) for n, w in enumerate(waits))
         assert max(waits) > 8  # it grows...
         assert len(set(waits)) == len(waits)  # ...jittered, not in step with the fleet

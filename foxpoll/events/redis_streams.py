@@ -181,7 +181,9 @@ class ConsumerFlows:
             try:
                 handled = yield from self.step(count)
             except StoreUnavailable as exc:
-                yield from _pause_unless(stop, outages.failed(exc))
+                wait = outages.failed(exc)
+                yield from outages.count(exc)
+                yield from _pause_unless(stop, wait)
                 continue
             outages.succeeded()
             if handled == 0 and self.block_ms is None:  # a blocking read paced the round
@@ -430,7 +432,9 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
         statement_timeout: Seconds a command may wait for Redis's reply beyond ``block``,
             for a client made from a URL.
         metrics: Told of every round of :meth:`run` that found Redis unreachable, as
-            ``metrics.on_worker_error("events", error)``.
+            ``metrics.on_worker_error("events", error)``; without that method, nothing
+            is counted. A blocking consumer cannot await an async one
+            (:class:`TypeError`); :class:`AsyncRedisStreamConsumer` awaits it.
         clock: What :meth:`run` waits on (``foxpoll.testing.FakeClock`` in tests).
         rng: Random source for :meth:`run`'s jittered waits.
 
@@ -469,9 +473,9 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
         first (up to ``block`` plus the command's timeout).
 
         Anything else ends ``run`` by raising: Redis refusing a command (a key of the
-        wrong type, a missing permission) or an error of the program (a ``metrics``
-        without ``on_worker_error``). A handler's exceptions never do: its entry is left
-        pending.
+        wrong type, a missing permission) or an error of the program (an
+        ``on_worker_error`` that cannot take the call, or is async: :class:`TypeError`).
+        A handler's exceptions never do: its entry is left pending.
         """
         self._run(self.flows.serve(stop or threading.Event(), count, idle, backoff,
                                    self.rng, self.metrics, self.clock))

@@ -52,6 +52,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
     ) from exc
 
 from foxpoll._clock import Clock
+from foxpoll._io import arun
 from foxpoll._outages import PROGRAMMING_ERRORS, Outages
 from foxpoll.errors import StoreUnavailable
 
@@ -226,6 +227,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
                 raise
             except Exception as exc:  # an outage: the worker keeps working meanwhile
                 pause = max(self.dispatch_every, outages.failed(exc))
+                await arun(outages.count(exc))
             else:
                 outages.succeeded()
                 pause = self.dispatch_every
@@ -279,8 +281,10 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
                     if stop.is_set():  # it failed while stopping: stopped all the same
                         return
                     error = exc
+                wait = restarts.failed(error)
+                await arun(restarts.count(error))
                 with contextlib.suppress(asyncio.TimeoutError):  # waited: start again
-                    await asyncio.wait_for(stop.wait(), restarts.failed(error))
+                    await asyncio.wait_for(stop.wait(), wait)
                 if stop.is_set():
                     return
 

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from foxpoll._client import FoxReload
+from foxpoll._io import run
 from foxpoll._outages import OUTAGE_BACKOFF, PROGRAMMING_ERRORS, STOP_LOOKS_EVERY, Outages
 from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.base import DedupStore, DeliveryState
@@ -157,7 +158,9 @@ class RecoveryWorker:
         publisher: Publishes an :class:`OrderEvent` for every order that finishes.
         metrics: A ``foxpoll.metrics`` object (a :class:`foxpoll.Listener`): recovered
             completions count as completed, and the failed rounds of :meth:`run` on its
-            ``on_worker_error``, if it has one (``foxpoll.metrics`` objects do).
+            ``on_worker_error``, if it has one (``foxpoll.metrics`` objects do): a
+            blocking one, which :meth:`run` calls (an async one is a :class:`TypeError`
+            there; the procrastinate worker awaits it).
         lease: Seconds a taken job stays with this worker if it dies.
         rng: Random source for the jitter.
         outage_backoff: The waits between failed rounds of :meth:`run` during an outage
@@ -474,7 +477,10 @@ class RecoveryWorker:
             except PROGRAMMING_ERRORS:
                 raise
             except Exception as exc:  # an outage: wait, then try the round again
-                self._idle(stop, outages.failed(exc))
+                wait = outages.failed(exc)
+                run(outages.count(exc), async_twin="a blocking on_worker_error: "
+                    "RecoveryWorker.run cannot await it")
+                self._idle(stop, wait)
                 continue
             outages.succeeded()
             if processed == 0:
