@@ -155,6 +155,56 @@ def test_a_long_sleep_wakes_every_period_without_a_request(
     assert clock.sleeps == [90.0, 90.0]
 
 
+def sampling_due_in(clock: FakeClock, queue: SQLiteRecoveryQueue, order_ids: list[str]
+                    ) -> list[float]:
+    """Have every sleep of ``clock`` first note how long each order's watch (once written)
+    has left."""
+    samples: list[float] = []
+    real_sleep = clock.sleep
+
+    def sleep(seconds: float) -> None:
+        watched = [queue.get(order_id) for order_id in order_ids]
+        samples.extend(found.due_at - clock.time() for found in watched if found is not None)
+        real_sleep(seconds)
+
+    clock.sleep = sleep  # type: ignore[method-assign]
+    return samples
+
+
+@pytest.mark.parametrize("held_by", ["429s", "a slow budget", "429s on the payment"])
+@pytest.mark.parametrize("waits", ["one", "many"])
+def test_a_wait_held_inside_one_request_still_renews_its_watch(
+    sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue, held_by: str, waits: str
+) -> None:
+    # Before, a request's own sleeps (a 429's Retry-After, a permit of the budget) did not
+    # beat: three Retry-After: 60 in a row let the live wait's watch fall due.
+    from foxpoll.ratelimit import RateLimit
+    from foxpoll.testing import Fault, FaultKind
+
+    ids = new_orders(sim, OrderScript.complete(after=400), count=2 if waits == "many" else 1)
+    budget = RateLimit(1, burst=1, clock=clock) if held_by == "a slow budget" else None
+    with sim.client(recovery_queue=queue, rate_limit=budget) as client:
+        if held_by == "429s on the payment":
+            sim.inject(Fault(FaultKind.RATE_LIMIT, method="POST", times=3, retry_after=60))
+        clock.sleeps.clear()
+        samples = sampling_due_in(clock, queue, ids)
+        for order_id in ids:
+            client.orders.pay(order_id)
+        if held_by == "429s":
+            sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", times=3, retry_after=60))
+        policy = WaitPolicy.after_payment()
+        if waits == "one":
+            [order_id] = ids
+            assert client.wait_for_completion(order_id, policy=policy).status.value == \
+                "completed"
+        else:
+            assert all(result.ok for result in client.wait_many(ids, policy=policy))
+    assert sum(clock.sleeps) >= 180  # held a minute at a time, three times or more
+    assert max(clock.sleeps) <= PERIOD + 1e-6  # every sleep woke to beat...
+    # ...so the watches stayed a lease ahead, less at most a period: never due
+    assert min(samples) >= POLICY.watch_lease - PERIOD - 1e-6
+
+
 async def test_the_async_client_renews_in_a_worker_thread(
     sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue
 ) -> None:
