@@ -63,6 +63,7 @@ class SQLiteRecoveryQueue(SQLJobQueue):
                 if "token" not in columns:  # a table made by foxpoll 0.1
                     execute(f"ALTER TABLE {name.qualified} ADD COLUMN token TEXT", {})
                 execute(self._sql.index, {})
+                execute(self._sql.done_index, {})
         except BaseException:
             self._db.close()  # a queue that failed to open holds nothing open
             raise
