@@ -204,8 +204,11 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
     async def maintain(self, worker: RecoveryWorker, *, purge: bool = True) -> None:
         """One dispatcher round: rescue dead workers' wake-ups, wake due jobs, and (with
         ``purge``) delete done jobs older than the worker's ``keep_done``."""
-        rescued = await self.retry_stalled_jobs()
+        # foxpoll's own statement first: it runs under statement_timeout, so a frozen
+        # network fails the round (logged, counted, backed off). procrastinate's queries
+        # have no deadline, and would only hang until the network came back.
         woken = await self.dispatch(lease=worker.lease)
+        rescued = await self.retry_stalled_jobs()
         if rescued or woken:
             log.debug("recovery dispatcher: %d rescued, %d woken", rescued, woken)
         if purge:
