@@ -202,7 +202,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
         return count
 
     async def maintain(self, worker: RecoveryWorker, *, purge: bool = True) -> None:
-        """One dispatcher round: rescue dead workers' wake-ups, wake due jobs, and (with
+        """One dispatcher round: wake due jobs, rescue dead workers' wake-ups, and (with
         ``purge``) delete done jobs older than the worker's ``keep_done``."""
         # foxpoll's own statement first: it runs under statement_timeout, so a frozen
         # network fails the round (logged, counted, backed off). procrastinate's queries
