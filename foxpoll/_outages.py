@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._io import Flow, call
 from .backoff import BackoffPolicy, FullJitter
 from .errors import FoxPollError
 
@@ -47,9 +48,9 @@ class Outages:
     and count.
 
     The first failure of an outage is logged at WARNING, the rounds that follow only at
-    DEBUG, and the first success after it at INFO; every failure is counted on
-    ``metrics.on_worker_error(component, error)``. The waits come from ``backoff``, afresh
-    for each outage; a finite schedule keeps repeating its last wait.
+    DEBUG, and the first success after it at INFO; the loop counts every failure on
+    ``metrics.on_worker_error(component, error)`` with :meth:`count`. The waits come from
+    ``backoff``, afresh for each outage; a finite schedule keeps repeating its last wait.
 
     Args:
         component: The metric's ``component`` label (``recovery``, ``events``...).
@@ -58,7 +59,7 @@ class Outages:
         backoff: The waits between failed rounds.
         rng: Random source for their jitter.
         metrics: Told of every failure through its ``on_worker_error``, if it has one
-            (``foxpoll.metrics`` objects do); None counts nothing.
+            (``foxpoll.metrics`` objects do); without it (or None) nothing is counted.
         clock: Seconds on a monotonic clock, for the outage's length in the log.
     """
 
@@ -78,7 +79,8 @@ class Outages:
         return self._delays is not None
 
     def failed(self, error: Exception) -> float:
-        """Record a failed round; return the seconds to wait before the next one."""
+        """Record a failed round; return the seconds to wait before the next one. (The
+        loop counts it with :meth:`count`.)"""
         if self._delays is None:
             self._delays = self.backoff.delays(self.rng)
             self._since, self.failures = self.clock(), 0
@@ -87,11 +89,17 @@ class Outages:
         self.failures += 1
         self.log.debug("%s: round %d of the outage failed", self.label, self.failures,
                        exc_info=error)
-        hook = getattr(self.metrics, "on_worker_error", None)
-        if hook is not None:
-            hook(self.component, error)
         self._delay = next(self._delays, self._delay)
         return self._delay
+
+    def count(self, error: Exception) -> Flow[None]:
+        """Count a failed round on ``metrics.on_worker_error(component, error)``, when
+        ``metrics`` has that hook. A flow, so that each loop's driver calls the hook: an
+        async loop awaits an async hook, a blocking loop refuses one with a
+        :class:`TypeError` (it cannot await it)."""
+        hook = getattr(self.metrics, "on_worker_error", None)
+        if hook is not None:
+            yield from call(hook, self.component, error)
 
     def succeeded(self) -> None:
         """Record a round that worked: the end of the outage, if one was under way."""

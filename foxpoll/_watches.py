@@ -8,11 +8,12 @@ wait ends. The queue side (what a watch is, how it fires) is :mod:`foxpoll.recov
 Renewal is the process's heartbeat: a watch is due one ``watch_lease`` after it was
 written or renewed, and the watcher renews every live one in a single write each third of
 a lease, so a crashed process's orders fire within a lease of its death. The wait flows
-drive it (they wake when a renewal is due and call :meth:`Watcher.beat`), rather than
-a thread or task per client: the renewal then runs on the client's own clock and driver,
-so a ``FakeClock`` test sees it on virtual time, and the async client needs no task of
-its own to start and stop with the loop. A process that pays without waiting renews at
-each payment.
+drive it (they wake when a renewal is due and call :meth:`Watcher.beat`, and so do the
+sleeps inside their requests and payments: a retry's backoff, a 429's ``Retry-After``, a
+wait for a permit of the budget), rather than a thread or task per client: the renewal
+then runs on the client's own clock and driver, so a ``FakeClock`` test sees it on
+virtual time, and the async client needs no task of its own to start and stop with the
+loop. A process that pays without waiting renews at each payment.
 
 The recovery queues do blocking I/O. On an async client every queue call runs in a
 worker thread (:func:`asyncio.to_thread`, the loop's default executor), so a slow or
@@ -35,7 +36,7 @@ from ._clock import Clock
 from ._effects import Flow, Notify
 from .errors import APIStatusError, ConflictError
 from .models import Order
-from .polling import WaitPolicy, WaitResult, WaitStart
+from .polling import WaitPolicy, WaitResult, WaitStart, with_heartbeat
 
 __all__ = ["WatchQueue", "WatchTerms", "Watcher"]
 
@@ -123,7 +124,7 @@ class Watcher:
         yield from Notify(self._call, (self._watch_payment, order_id))
         yield from Notify(self.beat, ())  # a process that only pays renews as it pays
         try:
-            return (yield from pay)
+            return (yield from with_heartbeat(pay, self))  # a 429's wait is not a death
         except APIStatusError as refused:
             # The server said no: nothing was paid by this call. A 409 may mean another
             # caller paid it, whose watch this row may be, so it stays.

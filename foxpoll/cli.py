@@ -543,7 +543,7 @@ def _recovery(args: argparse.Namespace, out: TextIO) -> int:
     from .recovery.base import JobState
 
     states, running = STATE_FILTERS[args.state]
-    queue = _queue(args)
+    queue = _queue(args, read_only=True)
     try:
         now = time.time()
         shown, reasons, unreadable = 0, set[str](), dict[str, str]()
@@ -600,7 +600,7 @@ _ACTIONS = {"requeue": (("dead", "resolved"), "only a dead or resolved order is 
 def _dlq(args: argparse.Namespace, out: TextIO) -> int:
     import time
 
-    queue = _queue(args)
+    queue = _queue(args, read_only=args.action == "list")
     try:
         if args.action == "list":
             unreadable: dict[str, str] = {}
@@ -639,9 +639,10 @@ _QUEUE_COLUMNS = ("order_id", "state", "attempts", "due_at")
 _CONNECT_TIMEOUT = 5  # seconds, for the check that the queue's table exists
 
 
-def _queue(args: argparse.Namespace) -> Any:
+def _queue(args: argparse.Namespace, *, read_only: bool) -> Any:
     """The queue the command names: ``--queue``, else ``$FOXPOLL_QUEUE``; never a guess,
-    and never a new database or table (what a typo would otherwise open)."""
+    and never a new database or table (what a typo would otherwise open). Its schema is
+    used as it is, never changed; ``read_only``, a SQLite file is opened read-only."""
     location, _ = _setting(args, "--queue", QUEUE_ENV)
     if not location:
         raise UsageError(f"which recovery queue? Give --queue PATH, sqlite:///PATH or "
@@ -649,14 +650,14 @@ def _queue(args: argparse.Namespace) -> Any:
     table, table_from = _setting(args, "--table", QUEUE_TABLE_ENV)
     table = _table(table or DEFAULT_TABLE, table_from)
     if _is_sqlite(location):
-        return _sqlite_queue(location, table)
+        return _sqlite_queue(location, table, read_only=read_only)
     if location.startswith(("postgresql://", "postgres://")) or _KEYWORDS.match(location):
         return _postgres_queue(location, table)
     raise ValueError(f"queue {_shown(location)!r}: use a SQLite file's PATH, sqlite:///PATH, "
                      "postgresql://... or a libpq keyword string (host=... dbname=...)")
 
 
-def _sqlite_queue(location: str, table: str) -> Any:
+def _sqlite_queue(location: str, table: str, *, read_only: bool) -> Any:
     import sqlite3
 
     from .dedup._sql import TableName
@@ -686,7 +687,8 @@ def _sqlite_queue(location: str, table: str) -> Any:
         raise CommandError(f"cannot read {location}: {exc}") from exc
     _check_columns(columns, location, table)
     try:
-        return SQLiteRecoveryQueue(path, table=table)
+        # No setup: looking must not switch the journal mode or add an index.
+        return SQLiteRecoveryQueue(path, table=table, setup=False, read_only=read_only)
     except StoreUnavailable as exc:  # after the check, a file it may read but not write
         raise CommandError(f"cannot open the queue in {location}: "
                            f"{exc.__cause__ or exc}") from exc

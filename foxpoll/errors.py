@@ -46,7 +46,7 @@ short).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -395,14 +395,53 @@ class EventError(StoreError):
 
 
 @contextmanager
-def unavailable_on(what: str, *kinds: type[BaseException]) -> Iterator[None]:
+def unavailable_on(what: str, *kinds: type[BaseException],
+                   when: Callable[[BaseException], bool] | None = None) -> Iterator[None]:
     """Turn a driver's errors of ``kinds`` (a server not reached, or not in time), raised
-    inside, into :class:`StoreUnavailable`. The message names ``what`` and the error's
-    type, never its text, which may quote a connection string."""
+    inside, into :class:`StoreUnavailable`; with ``when``, only those it says yes to
+    (others pass as they are). The message names ``what`` and the error's type, never
+    its text, which may quote a connection string."""
     try:
         yield
     except kinds as exc:
+        if when is not None and not when(exc):
+            raise
         raise StoreUnavailable(f"{what} is unavailable: {type(exc).__name__}") from exc
+
+
+#: Codes of Redis error replies that redis-py gives no class of their own, and that mean
+#: the server is not serving now, not that it refuses the command for good: UNBLOCKED, a
+#: blocking read cut short when the server became a replica (a failover); BUSY, a script
+#: running past its time limit; MISCONF, writes refused while snapshots fail; NOREPLICAS,
+#: writes refused while too few replicas are connected.
+_REDIS_OUTAGE_CODES = frozenset({"UNBLOCKED", "BUSY", "MISCONF", "NOREPLICAS"})
+
+
+def is_redis_outage(exc: BaseException) -> bool:
+    """Whether redis-py's ``exc`` means "Redis is not serving now; try again later": what
+    every Redis store, queue, budget and stream raises as :class:`StoreUnavailable`.
+
+    - ``ConnectionError`` (``BusyLoadingError``: a server still loading its data after a
+      restart; ``MaxClientsReachedError``), ``TimeoutError``: not reached, or not in time.
+    - ``ReadOnlyError``: the server was demoted to a replica (a Sentinel failover) and
+      refuses writes until the client reaches the new master.
+    - ``OutOfMemoryError``: the server is at ``maxmemory`` and refuses writes until
+      memory is freed or raised.
+    - ``TryAgainError``, ``ClusterDownError`` (``MasterDownError``): a cluster moving
+      slots, or without a master for them; a replica that lost its master.
+    - A reply coded ``UNBLOCKED``, ``BUSY``, ``MISCONF`` or ``NOREPLICAS``.
+
+    Every other ``ResponseError`` (a key of the wrong type, a missing permission, an
+    unknown command) is a refusal that retrying will not change.
+    """
+    from redis import exceptions as redis_errors  # redis is an optional extra
+
+    if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError,
+                        redis_errors.ReadOnlyError, redis_errors.OutOfMemoryError,
+                        redis_errors.TryAgainError, redis_errors.ClusterDownError)):
+        return True
+    return (isinstance(exc, redis_errors.ResponseError)
+            and str(exc).split(" ", 1)[0] in _REDIS_OUTAGE_CODES)
 
 
 _STATUS_ERRORS: dict[int, type[APIStatusError]] = {

@@ -17,7 +17,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import attrs
 
@@ -67,6 +67,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("foxpoll.polling")
+
+T = TypeVar("T")
 
 DEFAULT_BACKOFF = ExponentialJitter()
 UNMETERED = 6_000_000.0  # requests a minute: a budget that only ever pauses, on a 429
@@ -322,6 +324,28 @@ def _sleep(seconds: float, heartbeat: Heartbeat | None) -> Flow[None]:
             yield from Sleep(step)
             seconds -= step
         yield from Notify(heartbeat.beat, ())
+
+
+def with_heartbeat(flow: Flow[T], heartbeat: Heartbeat | None) -> Flow[T]:
+    """Run ``flow``, a request of a wait, its sleeps (a retry's backoff, a 429's
+    ``Retry-After``, a wait for a permit of the budget) waking to beat as the wait's own
+    do: a wait held in one request is alive, and its watch must not fall due. (The
+    client's drivers never throw into a flow, so only its effects need passing on.)"""
+    if heartbeat is None:
+        return (yield from flow)
+    try:
+        effect = next(flow)
+        while True:
+            if isinstance(effect, Sleep):
+                yield from _sleep(effect.seconds, heartbeat)
+                result = None
+            else:
+                result = yield effect
+            effect = flow.send(result)
+    except StopIteration as stop:
+        return cast(T, stop.value)
+    finally:
+        flow.close()
 
 
 def _default_backoff(policy: BackoffPolicy | None) -> BackoffPolicy:
@@ -730,8 +754,8 @@ def wait_flow(rt: _api.Runtime, order_id: str, policy: WaitPolicy, *,
         while True:
             outcome: Order | Exception
             try:
-                outcome = yield from _api.get_order(rt, order_id, deadline=watch.deadline,
-                                                    priority=watch.priority)
+                outcome = yield from with_heartbeat(_api.get_order(
+                    rt, order_id, deadline=watch.deadline, priority=watch.priority), heartbeat)
             except APIError as exc:
                 outcome = exc
             decision = watch.record(outcome, rt.clock.monotonic())
@@ -843,8 +867,8 @@ def _poll_due(rt: _api.Runtime, watches: dict[str, OrderWatch],
                     continue
                 sweeper.polling(order_id, now)
             del live[order_id]
-            flow = _api.get_order(rt, order_id, deadline=watch.deadline,
-                                  priority=watch.priority)
+            flow = with_heartbeat(_api.get_order(rt, order_id, deadline=watch.deadline,
+                                                 priority=watch.priority), heartbeat)
             yield from Start(order_id, flow)
             in_flight += 1
         while due and live.get(due[0][2]) != due[0][1]:

@@ -58,7 +58,7 @@ from ._core import RETRY_AFTER_CEILING, check_timeout
 from ._deadlines import within
 from .dedup._sql import TableName
 from .dedup._sqlite import closed, connect
-from .errors import BudgetUnavailable, StoreError
+from .errors import BudgetUnavailable, StoreError, is_redis_outage
 
 __all__ = [
     "BaseRateLimit",
@@ -274,6 +274,8 @@ class BaseRateLimit(abc.ABC):
 
     #: The backend's errors that mean its server was not reached, or not in time.
     _unreached: tuple[type[BaseException], ...] = ()
+    #: Of the backend's other errors, which mean the same: its server is not serving now.
+    _outage: Callable[[BaseException], bool] | None = None
     #: The backend's other errors: it was reached, and refused.
     _faults: tuple[type[BaseException], ...] = ()
     #: The longest one call of the backend may take, whatever the caller's timeout (None:
@@ -372,6 +374,9 @@ class BaseRateLimit(abc.ABC):
         except self._unreached as exc:
             raise BudgetUnavailable(f"{name} is unavailable: {type(exc).__name__}") from exc
         except self._faults as exc:
+            if self._outage is not None and self._outage(exc):
+                raise BudgetUnavailable(f"{name} is unavailable: {type(exc).__name__}"
+                                        ) from exc
             raise StoreError(f"{name} failed: {self._fault(exc)}") from exc
 
     def acquire(self, priority: Priority = Priority.FRESH, *,
@@ -751,7 +756,6 @@ class RedisRateLimit(BaseRateLimit):
             import redis
             import redis.asyncio
             import redis.asyncio.retry
-            import redis.exceptions
             import redis.retry
             from redis.backoff import NoBackoff
         except ImportError as exc:  # pragma: no cover - only without the extra
@@ -762,13 +766,10 @@ class RedisRateLimit(BaseRateLimit):
         self.connect_timeout = check_timeout(connect_timeout, "connect_timeout")
         self._own_timeout = self.statement_timeout
         self.key = f"{key_prefix}rate-limit"
-        failover = tuple(getattr(redis.exceptions, name) for name in (
-            "ReadOnlyError", "TryAgainError", "ClusterDownError", "MasterDownError")
-            if hasattr(redis.exceptions, name))
-        # A server not reached, not in time, or between masters; TimeoutError: the
-        # budget's own deadline on asyncio.
-        self._unreached = (redis.ConnectionError, redis.TimeoutError, TimeoutError,
-                           *failover)
+        # Not reached, not in time (TimeoutError: the budget's own deadline on asyncio),
+        # or not serving now (a replica after a failover, out of memory...).
+        self._unreached = (redis.ConnectionError, redis.TimeoutError, TimeoutError)
+        self._outage = is_redis_outage
         self._faults = (redis.RedisError,)
         clients: dict[str, Any] = {}
         self._owns = isinstance(where, str)

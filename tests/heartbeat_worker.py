@@ -20,6 +20,10 @@ def make_queue(config: dict[str, Any]) -> Any:
         from foxpoll.recovery import SQLiteRecoveryQueue
 
         return SQLiteRecoveryQueue(config["sqlite_path"])
+    if config["engine"] == "procrastinate":  # the buyers only write and renew watches
+        from foxpoll.recovery import ProcrastinateRecoveryQueue
+
+        return ProcrastinateRecoveryQueue(config["db"], table=config["table"])
     from foxpoll.recovery import PostgresRecoveryQueue
 
     return PostgresRecoveryQueue(config["db"], table=config["table"])

@@ -8,6 +8,8 @@ them SIGKILLed mid-wait (``heartbeat_worker.py``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,56 @@ def test_a_long_sleep_wakes_every_period_without_a_request(
     assert clock.sleeps == [90.0, 90.0]
 
 
+def sampling_due_in(clock: FakeClock, queue: SQLiteRecoveryQueue, order_ids: list[str]
+                    ) -> list[float]:
+    """Have every sleep of ``clock`` first note how long each order's watch (once written)
+    has left."""
+    samples: list[float] = []
+    real_sleep = clock.sleep
+
+    def sleep(seconds: float) -> None:
+        watched = [queue.get(order_id) for order_id in order_ids]
+        samples.extend(found.due_at - clock.time() for found in watched if found is not None)
+        real_sleep(seconds)
+
+    clock.sleep = sleep  # type: ignore[method-assign]
+    return samples
+
+
+@pytest.mark.parametrize("held_by", ["429s", "a slow budget", "429s on the payment"])
+@pytest.mark.parametrize("waits", ["one", "many"])
+def test_a_wait_held_inside_one_request_still_renews_its_watch(
+    sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue, held_by: str, waits: str
+) -> None:
+    # Before, a request's own sleeps (a 429's Retry-After, a permit of the budget) did not
+    # beat: three Retry-After: 60 in a row let the live wait's watch fall due.
+    from foxpoll.ratelimit import RateLimit
+    from foxpoll.testing import Fault, FaultKind
+
+    ids = new_orders(sim, OrderScript.complete(after=400), count=2 if waits == "many" else 1)
+    budget = RateLimit(1, burst=1, clock=clock) if held_by == "a slow budget" else None
+    with sim.client(recovery_queue=queue, rate_limit=budget) as client:
+        if held_by == "429s on the payment":
+            sim.inject(Fault(FaultKind.RATE_LIMIT, method="POST", times=3, retry_after=60))
+        clock.sleeps.clear()
+        samples = sampling_due_in(clock, queue, ids)
+        for order_id in ids:
+            client.orders.pay(order_id)
+        if held_by == "429s":
+            sim.inject(Fault(FaultKind.RATE_LIMIT, method="GET", times=3, retry_after=60))
+        policy = WaitPolicy.after_payment()
+        if waits == "one":
+            [order_id] = ids
+            assert client.wait_for_completion(order_id, policy=policy).status.value == \
+                "completed"
+        else:
+            assert all(result.ok for result in client.wait_many(ids, policy=policy))
+    assert sum(clock.sleeps) >= 180  # held a minute at a time, three times or more
+    assert max(clock.sleeps) <= PERIOD + 1e-6  # every sleep woke to beat...
+    # ...so the watches stayed a lease ahead, less at most a period: never due
+    assert min(samples) >= POLICY.watch_lease - PERIOD - 1e-6
+
+
 async def test_the_async_client_renews_in_a_worker_thread(
     sim: FakeFoxReload, clock: FakeClock, queue: CountingQueue
 ) -> None:
@@ -289,35 +341,55 @@ SLACK = 30.0  # the bound: delivered within watch_lease + SLACK of the kill
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine_kind", ["sqlite", pytest.param("postgres",
-                                                              marks=pytest.mark.service)])
+@pytest.mark.parametrize("engine_kind", [
+    "sqlite", pytest.param("postgres", marks=pytest.mark.service),
+    pytest.param("procrastinate", marks=pytest.mark.service)])
 def test_a_killed_process_s_orders_are_delivered_within_a_lease_of_its_death(
     engine_kind: str, tmp_path: Path
 ) -> None:
     """Three buyers on the default schedule (20 minutes) and the default 60 s lease; one
     is SIGKILLed while its orders are pending, once it has renewed their watches; the
-    others wait on orders that never finish. A recovery worker delivers the dead buyer's
-    orders within lease + 30 s of the kill, and never touches the live buyers' watches.
-    About 85 s per engine."""
+    others wait on orders that never finish. A recovery worker (on procrastinate: its
+    worker and dispatcher) delivers the dead buyer's orders within lease + 30 s of the
+    kill, and never touches the live buyers' watches. About 85 s per engine."""
     config: dict[str, Any] = {"engine": engine_kind}
+    database = None
     if engine_kind == "sqlite":
         config["sqlite_path"] = str(tmp_path / "queue.db")
     else:
         require("PostgreSQL", "127.0.0.1", 5432)
         config.update(db=POSTGRES_URL, table=f"heartbeat_{uuid.uuid4().hex[:10]}")
-    with queue_for(config) as made:  # the schema, before the buyers start
-        if engine_kind == "postgres":
-            made.create_schema()
+        if engine_kind == "procrastinate":  # procrastinate's tables: a database of its own
+            database = config["table"]
+            postgres(f"CREATE DATABASE {database}")
+            config["db"] = POSTGRES_URL.rsplit("/", 1)[0] + f"/{database}"
     try:
+        with queue_for(config) as made:  # the schema, before the buyers start
+            if engine_kind != "sqlite":
+                made.create_schema()
         run_fleet(config, tmp_path)
     finally:
         if engine_kind == "postgres":
             drop_table(config["table"])
+        if database is not None:
+            postgres(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def postgres(statement: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(statement)
 
 
 def queue_for(config: dict[str, Any]) -> Any:
     if config["engine"] == "sqlite":
         return SQLiteRecoveryQueue(config["sqlite_path"])
+    if config["engine"] == "procrastinate":
+        from foxpoll.recovery import ProcrastinateRecoveryQueue
+
+        return ProcrastinateRecoveryQueue(config["db"], table=config["table"],
+                                          dispatch_every=1.0)
     from foxpoll.recovery import PostgresRecoveryQueue
 
     return PostgresRecoveryQueue(config["db"], table=config["table"])
@@ -409,7 +481,27 @@ def recover(sim_url: str, api_key: str, config: dict[str, Any], expected: list[s
     stop_at = killed_at + POLICY.watch_lease + SLACK + 10
     with queue_for(config) as queue, FoxReload(api_key, base_url=sim_url) as client:
         worker = RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=deliver)
+        if config["engine"] == "procrastinate":
+            asyncio.run(run_procrastinate(queue, worker, lambda: set(expected) <= delivered.keys()
+                                          or time.time() >= stop_at))
+            return delivered
         while not set(expected) <= delivered.keys() and time.time() < stop_at:
             worker.run_pending()
             time.sleep(0.5)
     return delivered
+
+
+async def run_procrastinate(queue: Any, worker: RecoveryWorker, done: Callable[[], bool]
+                            ) -> None:
+    """procrastinate's worker and foxpoll's dispatcher, as ``queue.run_worker`` runs
+    them, until ``done()``."""
+    running = asyncio.ensure_future(queue.run_worker_async(
+        worker, install_signal_handlers=False, fetch_job_polling_interval=0.5))
+    try:
+        while not done():
+            assert not running.done(), running.exception()
+            await asyncio.sleep(0.5)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running

@@ -381,10 +381,14 @@ def test_the_worker_sweeps_the_partners_pending_orders(
 
         def pending() -> list[tuple[str, float]]:
             calls.append(1)
-            stop.set()  # one pass of the loop is enough here
             return records
 
-        worker.run(stop=stop, idle=0, pending_orders=pending)
+        def deliver(order: Order) -> None:
+            delivered.append(order)
+            stop.set()  # one pass of the loop is enough here
+
+        RecoveryWorker(client, queue, MemoryDedupStore(), on_completed=deliver).run(
+            stop=stop, idle=0, pending_orders=pending)
     assert calls == [1]
     assert [o.id for o in delivered] == [old]
 
@@ -473,7 +477,10 @@ def test_a_callback_that_cannot_take_an_order_ends_the_worker_not_the_job(
         miswired: list[tuple[Any, str]] = [(no_arguments, "cannot be called with an order"),
                                            (asynchronous, "is async")]
         for callback, message in miswired:
-            worker = RecoveryWorker(client, queue, store, on_completed=callback)
+            with pytest.raises(TypeError, match=message):  # refused before any job is taken
+                RecoveryWorker(client, queue, store, on_completed=callback)
+            worker = RecoveryWorker(client, queue, store, on_completed=print)
+            worker.on_completed = callback  # rewired after that check: each call checks
             with pytest.raises(TypeError, match=message):
                 worker.run_pending()
             job = queue.get(order_id)

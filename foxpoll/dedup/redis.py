@@ -27,7 +27,7 @@ try:
     import redis.asyncio.retry
     import redis.retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
     from redis.exceptions import ResponseError as RedisResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - only without the extra
@@ -38,7 +38,7 @@ import attrs
 from foxpoll._core import check_timeout
 from foxpoll._deadlines import within
 from foxpoll._io import Flow, Op, arun, run
-from foxpoll.errors import DedupError, StoreUnavailable
+from foxpoll.errors import DedupError, StoreUnavailable, is_redis_outage
 
 from ._flows import FlowStore
 from .base import (
@@ -421,12 +421,16 @@ class RedisDedupStore(_RedisStore, DedupStore):
         try:
             return self._send(op)
         except RedisResponseError as exc:
+            if is_redis_outage(exc):  # a replica after a failover, say: _run maps it
+                raise
             raise self._refused(op, exc) from exc
 
     def _run(self, flow: Flow[T]) -> T:
         try:
             return run(flow, self._perform)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except RedisError as exc:
+            if not is_redis_outage(exc):
+                raise
             raise self._failure(exc) from exc
 
     def close(self) -> None:
@@ -454,13 +458,17 @@ class AsyncRedisDedupStore(_RedisStore, AsyncDedupStore):
         try:
             return await self._send(op)
         except RedisResponseError as exc:
+            if is_redis_outage(exc):
+                raise
             raise self._refused(op, exc) from exc
 
     async def _run(self, flow: Flow[T]) -> T:
         try:
             async with within(self.statement_timeout):
                 return await arun(flow, self._perform)
-        except (TimeoutError, RedisConnectionError, RedisTimeoutError) as exc:
+        except (TimeoutError, RedisError) as exc:
+            if isinstance(exc, RedisError) and not is_redis_outage(exc):
+                raise
             raise self._failure(exc) from exc
 
     async def aclose(self) -> None:

@@ -35,9 +35,7 @@ from typing import Any, Protocol, TypeVar
 try:
     import redis
     import redis.asyncio as aredis
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ResponseError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.exceptions import RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("Redis streams need redis: pip install 'foxpoll[redis]'") from exc
 
@@ -48,7 +46,7 @@ from foxpoll._io import Flow, Op, arun, call, pause, run
 from foxpoll._outages import OUTAGE_BACKOFF, STOP_LOOKS_EVERY, Outages
 from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.redis import check_client
-from foxpoll.errors import StoreUnavailable, unavailable_on
+from foxpoll.errors import StoreUnavailable, is_redis_outage, unavailable_on
 
 from .base import EventError, OrderEvent
 
@@ -87,10 +85,11 @@ class Command(Op[T]):
 
 
 def _reaching_redis() -> AbstractContextManager[None]:
-    """Redis's connection and timeout errors, raised inside, as
+    """Redis not serving (unreached, too slow, demoted to a replica by a failover, out of
+    memory...: :func:`~foxpoll.errors.is_redis_outage`), raised inside, as
     :class:`~foxpoll.errors.StoreUnavailable` (a handler's own errors never get here: the
     consumer's flow catches them)."""
-    return unavailable_on("Redis", RedisConnectionError, RedisTimeoutError)
+    return unavailable_on("Redis", RedisError, when=is_redis_outage)
 
 
 def _text(value: Any) -> str:
@@ -182,7 +181,9 @@ class ConsumerFlows:
             try:
                 handled = yield from self.step(count)
             except StoreUnavailable as exc:
-                yield from _pause_unless(stop, outages.failed(exc))
+                wait = outages.failed(exc)
+                yield from outages.count(exc)
+                yield from _pause_unless(stop, wait)
                 continue
             outages.succeeded()
             if handled == 0 and self.block_ms is None:  # a blocking read paced the round
@@ -431,7 +432,9 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
         statement_timeout: Seconds a command may wait for Redis's reply beyond ``block``,
             for a client made from a URL.
         metrics: Told of every round of :meth:`run` that found Redis unreachable, as
-            ``metrics.on_worker_error("events", error)``.
+            ``metrics.on_worker_error("events", error)``; without that method, nothing
+            is counted. A blocking consumer cannot await an async one
+            (:class:`TypeError`); :class:`AsyncRedisStreamConsumer` awaits it.
         clock: What :meth:`run` waits on (``foxpoll.testing.FakeClock`` in tests).
         rng: Random source for :meth:`run`'s jittered waits.
 
@@ -470,9 +473,9 @@ class RedisStreamConsumer(_ConsumerBase, _SyncOwner):
         first (up to ``block`` plus the command's timeout).
 
         Anything else ends ``run`` by raising: Redis refusing a command (a key of the
-        wrong type, a missing permission) or an error of the program (a ``metrics``
-        without ``on_worker_error``). A handler's exceptions never do: its entry is left
-        pending.
+        wrong type, a missing permission) or an error of the program (an
+        ``on_worker_error`` that cannot take the call, or is async: :class:`TypeError`).
+        A handler's exceptions never do: its entry is left pending.
         """
         self._run(self.flows.serve(stop or threading.Event(), count, idle, backoff,
                                    self.rng, self.metrics, self.clock))

@@ -78,10 +78,12 @@ class PostgresRecoveryQueue(SQLJobQueue):
         self.conninfo = self._pg.conninfo
 
     def create_schema(self) -> None:
-        """Create the table and its index, if missing."""
+        """Create the table and its indexes, if missing: the due jobs' and the done
+        rows' (retention's; a table made before it gets it here)."""
         with self._transaction() as execute:
             execute(self._sql.schema, {})
             execute(self._sql.index, {})
+            execute(self._sql.done_index, {})
 
     @contextmanager
     def _transaction(self) -> Iterator[Execute]:

@@ -52,6 +52,7 @@ except ImportError as exc:  # pragma: no cover - only without the extra
     ) from exc
 
 from foxpoll._clock import Clock
+from foxpoll._io import arun
 from foxpoll._outages import PROGRAMMING_ERRORS, Outages
 from foxpoll.errors import StoreUnavailable
 
@@ -108,6 +109,9 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
             conninfo=self.conninfo, timeout=connect_timeout))
         self.task = self.app.task(name=TASK_NAME, queue=queue)(self._wake)
         self._worker: RecoveryWorker | None = None
+        # While run_worker_async runs: its loop, and the future a wake-up fails with a
+        # programming error, which ends the run (procrastinate would only log it).
+        self._fatal: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
 
     def create_schema(self) -> None:
         """Create procrastinate's schema (if missing) and foxpoll's job table."""
@@ -131,7 +135,26 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
         job = self.take_dispatched(order_id, token, lease=self._worker.lease)
         if job is None:
             return  # stale: settled, taken by another wake-up, or dispatched anew
-        self._worker.process(job)
+        try:
+            self._worker.process(job)
+        except PROGRAMMING_ERRORS as exc:
+            self._end_run(exc)
+            raise
+
+    def _end_run(self, error: BaseException) -> None:
+        """End :meth:`run_worker_async` with ``error``, a programming error of a wake-up
+        (a callback that cannot take an order, say). procrastinate catches a task's
+        exceptions and goes on with the next wake-up, which would fail the same way, each
+        costing its job an attempt. Called from procrastinate's thread of the task."""
+        if self._fatal is None:
+            return
+        loop, fatal = self._fatal
+
+        def fail() -> None:
+            if not fatal.done():
+                fatal.set_exception(error)
+
+        loop.call_soon_threadsafe(fail)
 
     def take_dispatched(self, order_id: str, token: str, *, lease: float
                         ) -> RecoveryJob | None:
@@ -179,10 +202,13 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
         return count
 
     async def maintain(self, worker: RecoveryWorker, *, purge: bool = True) -> None:
-        """One dispatcher round: rescue dead workers' wake-ups, wake due jobs, and (with
+        """One dispatcher round: wake due jobs, rescue dead workers' wake-ups, and (with
         ``purge``) delete done jobs older than the worker's ``keep_done``."""
-        rescued = await self.retry_stalled_jobs()
+        # foxpoll's own statement first: it runs under statement_timeout, so a frozen
+        # network fails the round (logged, counted, backed off). procrastinate's queries
+        # have no deadline, and would only hang until the network came back.
         woken = await self.dispatch(lease=worker.lease)
+        rescued = await self.retry_stalled_jobs()
         if rescued or woken:
             log.debug("recovery dispatcher: %d rescued, %d woken", rescued, woken)
         if purge:
@@ -204,6 +230,7 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
                 raise
             except Exception as exc:  # an outage: the worker keeps working meanwhile
                 pause = max(self.dispatch_every, outages.failed(exc))
+                await arun(outages.count(exc))
             else:
                 outages.succeeded()
                 pause = self.dispatch_every
@@ -230,7 +257,10 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
 
         Raises:
             TypeError: and the other programming errors (see
-                :data:`~foxpoll._outages.PROGRAMMING_ERRORS`).
+                :data:`~foxpoll._outages.PROGRAMMING_ERRORS`), from procrastinate's
+                worker, the dispatcher, or a wake-up (a callback that cannot be called
+                with an order): the wake-ups running then are let finish, and no other
+                is started.
         """
         self.bind(worker)
         options.setdefault("delete_jobs", "successful")
@@ -254,8 +284,10 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
                     if stop.is_set():  # it failed while stopping: stopped all the same
                         return
                     error = exc
+                wait = restarts.failed(error)
+                await arun(restarts.count(error))
                 with contextlib.suppress(asyncio.TimeoutError):  # waited: start again
-                    await asyncio.wait_for(stop.wait(), restarts.failed(error))
+                    await asyncio.wait_for(stop.wait(), wait)
                 if stop.is_set():
                     return
 
@@ -267,17 +299,23 @@ class ProcrastinateRecoveryQueue(PostgresRecoveryQueue):
             await self.maintain(worker)
             restarts.succeeded()  # the database answers again
             rounds.succeeded()
-            tasks = [asyncio.ensure_future(self.app.run_worker_async(queues=[self.queue],
-                                                                     **options)),
-                     asyncio.ensure_future(self._maintain_forever(worker, rounds)),
-                     asyncio.ensure_future(stop.wait())]
+            loop = asyncio.get_running_loop()
+            fatal: asyncio.Future[None] = loop.create_future()
+            self._fatal = (loop, fatal)
+            tasks: list[asyncio.Future[Any]] = [
+                fatal,
+                asyncio.ensure_future(self.app.run_worker_async(queues=[self.queue],
+                                                                **options)),
+                asyncio.ensure_future(self._maintain_forever(worker, rounds)),
+                asyncio.ensure_future(stop.wait())]
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self._fatal = None
                 for task in tasks:  # procrastinate's worker stops gracefully when cancelled
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            for task in tasks[:2]:
+            for task in tasks[:3]:
                 error = None if task.cancelled() else task.exception()
                 if error is not None:
                     raise error

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from foxpoll._client import FoxReload
+from foxpoll._io import run
 from foxpoll._outages import OUTAGE_BACKOFF, PROGRAMMING_ERRORS, STOP_LOOKS_EVERY, Outages
 from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.base import DedupStore, DeliveryState
@@ -154,6 +155,30 @@ class _Miswired(TypeError):
     on every job."""
 
 
+def _check_callback(name: str, callback: Callable[..., Any]) -> None:
+    """Refuse a callback the worker could not call with an order, before any job is
+    taken: one that is not callable, is async, or whose signature takes no single
+    positional argument. A callback without a readable signature (some builtins) is
+    left to the check of each call.
+
+    Raises:
+        TypeError: ``callback`` cannot be called with an order.
+    """
+    if not callable(callback):
+        raise TypeError(f"{name} must be callable, not {type(callback).__name__}")
+    if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+            type(callback).__call__):  # an object whose __call__ is async
+        raise TypeError(f"{name} is async; RecoveryWorker calls it in blocking code")
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(object())
+    except TypeError as exc:
+        raise TypeError(f"{name} cannot be called with an order: {exc}") from None
+
+
 def _used_up(job: RecoveryJob, policy: RecoveryPolicy) -> str:
     """The ``last_error`` of a job taken with its attempts already used up."""
     begun, allowed = job.attempts - 1, policy.max_attempts
@@ -177,7 +202,9 @@ class RecoveryWorker:
         publisher: Publishes an :class:`OrderEvent` for every order that finishes.
         metrics: A ``foxpoll.metrics`` object (a :class:`foxpoll.Listener`): recovered
             completions count as completed, and the failed rounds of :meth:`run` on its
-            ``on_worker_error``, if it has one (``foxpoll.metrics`` objects do).
+            ``on_worker_error``, if it has one (``foxpoll.metrics`` objects do): a
+            blocking one, which :meth:`run` calls (an async one is a :class:`TypeError`
+            there; the procrastinate worker awaits it).
         lease: Seconds a taken job stays with this worker if it dies.
         rng: Random source for the jitter.
         outage_backoff: The waits between failed rounds of :meth:`run` during an outage
@@ -189,7 +216,11 @@ class RecoveryWorker:
     Raises:
         ValueError: ``lease`` is not a number of seconds above zero and under
             :data:`MAX_LEASE`, or ``keep_done`` not a finite one, zero or more.
-        TypeError: ``outage_backoff`` is not a backoff policy.
+        TypeError: ``outage_backoff`` is not a backoff policy; or ``on_completed`` or
+            ``on_terminal`` cannot be called with an order (not callable, async, or a
+            signature that takes no single positional argument): refused before any job
+            is taken. A callback that passes this check and still cannot take the call
+            ends the worker when first called (see :meth:`recheck`).
     """
 
     def __init__(
@@ -213,6 +244,9 @@ class RecoveryWorker:
         if not callable(getattr(outage_backoff, "delays", None)):
             raise TypeError("outage_backoff must be a backoff policy (anything with "
                             "delays(rng)), such as foxpoll.backoff.ExponentialJitter")
+        _check_callback("on_completed", on_completed)
+        if on_terminal is not None:
+            _check_callback("on_terminal", on_terminal)
         self.client, self.queue, self.store = client, queue, store
         self.on_completed, self.on_terminal = on_completed, on_terminal
         self.publisher, self.metrics = publisher, metrics
@@ -407,13 +441,17 @@ class RecoveryWorker:
             elapsed = now - (since if since is not None else now)
             self.metrics.on_finish(WaitResult(order.id, order, error, attempt, elapsed))
 
-    def run_pending(self, *, limit: int | None = None) -> int:
-        """Process every job due now (up to ``limit``); return how many were processed.
+    def run_pending(self, *, limit: int | None = None,
+                    stop: threading.Event | None = None) -> int:
+        """Process every job due now (up to ``limit``, and until ``stop`` is set); return
+        how many were processed.
 
         A job's own failure is recorded on the job (see :meth:`process`) and the next job
         is taken. A re-check that met an outage (:data:`OUTAGES`: the API, the budget or
         the dedup store out) is retried with its attempt given back, and the outage is
         raised: the jobs behind it would only meet it too.
+        ``stop`` is looked at before each take: once it is set, the job in hand is
+        finished and no other is taken.
 
         Raises:
             StoreUnavailable: the queue could not be reached; a job taken meanwhile comes
@@ -427,7 +465,7 @@ class RecoveryWorker:
             raise ValueError("limit must be a whole number, zero or more, or None")
         processed = 0
         queue = self._job_queue()
-        while limit is None or processed < limit:
+        while (limit is None or processed < limit) and not (stop and stop.is_set()):
             job = queue.take(lease=self.lease)
             if job is None:
                 return processed
@@ -486,7 +524,8 @@ class RecoveryWorker:
 
         With nothing due it waits ``idle`` seconds on the client's clock (a ``FakeClock``
         runs the loop on virtual time), and ends within :data:`STOP_LOOKS_EVERY` seconds
-        of ``stop`` being set.
+        of ``stop`` being set; working through a backlog of due jobs, it ends once the
+        job in hand is done.
 
         It outlives outages. A round that raises anything but a programming error (a
         queue, store or API outage: :class:`~foxpoll.errors.StoreUnavailable`,
@@ -526,11 +565,14 @@ class RecoveryWorker:
                                                    or now - last_purge >= PURGE_EVERY):
                     last_purge = now
                     self.purge_done()
-                processed = self.run_pending()
+                processed = self.run_pending(stop=stop)
             except PROGRAMMING_ERRORS:
                 raise
             except Exception as exc:  # an outage: wait, then try the round again
-                self._idle(stop, outages.failed(exc))
+                wait = outages.failed(exc)
+                run(outages.count(exc), async_twin="a blocking on_worker_error: "
+                    "RecoveryWorker.run cannot await it")
+                self._idle(stop, wait)
                 continue
             outages.succeeded()
             if processed == 0:
