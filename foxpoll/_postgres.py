@@ -71,12 +71,14 @@ class PostgresConnections:
             self.pool = where
         found = self.pool.conninfo
         self.conninfo: str | None = found if isinstance(found, str) else None
+        self._closed = False  # by close(): the store's own pool is never opened again
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         """A connection for one blocking call (``with``), back in the pool after it."""
         with self._failures():
             if self.owned and self.pool.closed:
+                self._refuse_if_closed()
                 self.pool.open()
             with self.pool.connection(self.timeout) as conn, self._deadline(conn), \
                     _unit(conn):
@@ -87,6 +89,7 @@ class PostgresConnections:
         """A connection from the async pool for one call (``async with``)."""
         with self._failures():
             if self.owned and self.pool.closed:
+                self._refuse_if_closed()
                 await self.pool.open()
             async with self.pool.connection(self.timeout) as conn:
                 with self._deadline(conn):
@@ -128,17 +131,24 @@ class PostgresConnections:
         except psycopg.OperationalError as exc:  # PoolTimeout is one
             raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
 
+    def _refuse_if_closed(self) -> None:
+        if self._closed:  # not an outage: a closed store never opens again
+            raise StoreError(f"the pool of the {self.what} table {self.table!r} is closed "
+                             "(the store's close()): make a new store")
+
     def _late(self) -> StoreUnavailable:
         return StoreUnavailable(f"PostgreSQL did not answer within statement_timeout "
                                 f"({self.statement_timeout:g} s)")
 
     def close(self) -> None:
         """Close the store's own sync pool (a pool it was given stays open)."""
+        self._closed = self.owned
         if self.owned and not self.pool.closed:
             self.pool.close()
 
     async def aclose(self) -> None:
         """Close the store's own async pool."""
+        self._closed = self.owned
         if self.owned and not self.pool.closed:
             await self.pool.close()
 
