@@ -26,20 +26,10 @@ import time
 from collections.abc import Callable
 
 import attrs
+from schedules import typical
 
 from foxpoll import Sweep, WaitPolicy
 from foxpoll.testing import FakeFoxReload, OrderScript
-
-Workload = Callable[[random.Random], float]  # seconds to finish; inf for a stall
-
-
-def typical(rng: random.Random) -> float:
-    roll = rng.random()
-    if roll < 0.03:
-        return math.inf
-    if roll < 0.15:
-        return rng.uniform(60, 300)
-    return min(60.0, max(1.0, rng.lognormvariate(math.log(12), 0.7)))
 
 
 def run(in_flight: int, policy: WaitPolicy, seed: int) -> dict[str, float]:
