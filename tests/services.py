@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -129,3 +130,20 @@ def closing_stores(build: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
     finally:
         for store in made:
             store.close()
+
+
+@contextlib.contextmanager
+def own_database(prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of the test's own (procrastinate's tables want one), as a
+    URL; dropped afterwards, connections and all."""
+    require("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")

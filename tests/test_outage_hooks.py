@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from foxpoll.errors import StoreUnavailable
 from foxpoll.recovery import RecoveryWorker, SQLiteRecoveryQueue
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript, SimulatorServer
 
-from .services import POSTGRES_URL, free_port, require
+from .services import free_port, own_database
 
 
 class AsyncMetrics:
@@ -136,17 +135,8 @@ def test_the_blocking_recovery_worker_refuses_an_async_hook(
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    require("PostgreSQL", "127.0.0.1", 5432)
-    import psycopg
-
-    name = f"f22_hooks_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with own_database("f22_hooks") as url:
+        yield url
 
 
 @pytest.mark.service

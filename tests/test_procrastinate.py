@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from foxpoll.events import MemoryPublisher
 from foxpoll.recovery import JobState, RecoveryPolicy, RecoveryWorker
 from foxpoll.testing import FakeFoxReload, OrderScript, SimulatorServer
 
-from .services import POSTGRES_URL, require
+from .services import own_database
 
 pytestmark = pytest.mark.service
 WORKER = Path(__file__).with_name("procrastinate_worker.py")
@@ -31,18 +30,8 @@ QUIET = {"install_signal_handlers": False, "fetch_job_polling_interval": 0.2}
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    require("PostgreSQL", "127.0.0.1", 5432)
-    import psycopg
-
-    name = f"foxpoll_proc_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with own_database("foxpoll_proc") as url:
         yield url
-    finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 @pytest.fixture

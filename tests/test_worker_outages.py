@@ -35,7 +35,7 @@ from foxpoll.testing import (
     SimulatorServer,
 )
 
-from .services import POSTGRES_URL, require
+from .services import POSTGRES_URL, own_database, require
 
 STEAM = [{"itemId": "product_steam_10"}]
 OUTAGE_LOG = "recovery worker: round failed"
@@ -481,17 +481,8 @@ QUIET = {"install_signal_handlers": False, "fetch_job_polling_interval": 0.2}
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    require("PostgreSQL", "127.0.0.1", 5432)
-    import psycopg
-
-    name = f"h6b_outage_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield name
-    finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with own_database("h6b_outage") as url:
+        yield url.rsplit("/", 1)[1]  # its name
 
 
 def procrastinate_queue(conninfo: str, **options: Any) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from foxpoll.dedup import MemoryDedupStore
 from foxpoll.recovery import JobState, RecoveryWorker, SQLiteRecoveryQueue
 from foxpoll.testing import FakeClock, FakeFoxReload, OrderScript, SimulatorServer
 
-from .services import POSTGRES_URL, require
+from .services import own_database
 
 STEAM = [{"itemId": "product_steam_10"}]
 
@@ -112,17 +111,8 @@ def test_run_ends_within_one_job_of_stop_in_a_backlog(
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    require("PostgreSQL", "127.0.0.1", 5432)
-    import psycopg
-
-    name = f"f22_wiring_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with own_database("f22_wiring") as url:
+        yield url
 
 
 @pytest.mark.service
