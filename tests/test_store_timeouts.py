@@ -5,6 +5,7 @@ FreezingProxy in front of the real servers."""
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -164,3 +165,34 @@ def test_a_callers_blocking_redis_client_is_bounded_by_its_own_socket_timeout(
     finally:
         store.close()
         client.close()
+
+
+def _ping(conn: socket.socket) -> bytes:
+    """Redis's answer to an inline ``PING`` on ``conn`` (``b""`` once it is closed)."""
+    conn.sendall(b"PING\r\n")
+    return conn.recv(64)
+
+
+def _closed(conn: socket.socket) -> bool:
+    """Whether the other end of ``conn`` closed it (within 2 s)."""
+    conn.settimeout(2.0)
+    try:
+        return conn.recv(64) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_proxy_that_goes_down_drops_its_connections_until_it_is_up(
+        redis_proxy: FreezingProxy) -> None:
+    address = ("127.0.0.1", redis_proxy.port)
+    with socket.create_connection(address, timeout=2.0) as before:
+        assert _ping(before) == b"+PONG\r\n"
+        redis_proxy.down()
+        assert _closed(before)  # an open connection is dropped
+        with socket.create_connection(address, timeout=2.0) as during:
+            assert _closed(during)  # accepted, then closed at once, never forwarded
+        redis_proxy.up()
+        with socket.create_connection(address, timeout=2.0) as after:
+            assert _ping(after) == b"+PONG\r\n"

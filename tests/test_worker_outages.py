@@ -547,82 +547,6 @@ async def test_a_programming_error_ends_the_procrastinate_worker(
         await queue.run_worker_async(worker, **QUIET)
 
 
-class OutageProxy:
-    """A TCP proxy that can go down: its connections dropped, new ones closed at once, as
-    when the database restarts or its host is unreachable."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        import socket
-
-        self.target = target
-        self._up = threading.Event()
-        self._up.set()
-        self._closing = threading.Event()
-        self._sockets: list[Any] = []
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port: int = self._listener.getsockname()[1]
-
-    def down(self) -> None:
-        self._up.clear()
-        with self._lock:
-            for sock in self._sockets:
-                _close(sock)
-            self._sockets.clear()
-
-    def up(self) -> None:
-        self._up.set()
-
-    def __enter__(self) -> OutageProxy:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._closing.set()
-        self.down()
-        self._listener.close()
-
-    def _accept(self) -> None:
-        import socket
-
-        while not self._closing.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not self._up.is_set():
-                _close(client)
-                continue
-            upstream = socket.create_connection(self.target, timeout=5)
-            upstream.settimeout(None)
-            with self._lock:
-                self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: Any, sink: Any) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _close(sink)
-
-
-def _close(sock: Any) -> None:
-    import contextlib
-    import socket
-
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
-
-
 @pytest.mark.slow
 @pytest.mark.service
 @pytest.mark.parametrize("outage", ["freeze", "down"])
@@ -633,8 +557,7 @@ async def test_the_procrastinate_worker_outlives_a_5_s_database_outage_then_deli
     caplog.set_level(logging.INFO, logger="foxpoll.recovery")
     sim, client = real_api
     direct = procrastinate_queue(f"host=127.0.0.1 user=postgres dbname={database}")
-    proxy: Any = FreezingProxy(("127.0.0.1", 5432)) if outage == "freeze" \
-        else OutageProxy(("127.0.0.1", 5432))
+    proxy = FreezingProxy(("127.0.0.1", 5432))
     delivered: list[str] = []
     registry = CollectorRegistry()
     with proxy, direct:

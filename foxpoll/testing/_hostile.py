@@ -1,5 +1,6 @@
 """A local server that misbehaves the way bad servers and networks do, and a TCP proxy
-that freezes: point an integration at them to see that every call still ends in time.
+that stalls or goes down: point an integration at them to see that every call still ends
+in time.
 
 Everything runs on threads over real sockets, so sync and async clients alike meet real
 trickling bytes, endless bodies and stalled connections::
@@ -11,6 +12,7 @@ trickling bytes, endless bodies and stalled connections::
     with FreezingProxy(("127.0.0.1", 5432)) as proxy:
         store = PostgresDedupStore(f"host=127.0.0.1 port={proxy.port} ...")
         proxy.freeze()              # bytes stop flowing both ways; sockets stay open
+        proxy.down()                # every connection dropped, new ones closed at once
 """
 
 from __future__ import annotations
@@ -358,8 +360,12 @@ def _read_request(rfile: Any) -> ReceivedRequest | None:
 
 
 class FreezingProxy:
-    """A TCP proxy to ``target`` that can stop moving bytes, both ways, on command, while
-    every connection stays open: a network that stalls mid-statement.
+    """A TCP proxy to ``target`` that stalls or goes down on command.
+
+    :meth:`freeze` stops moving bytes, both ways, while every connection stays open: a
+    network that stalls mid-statement. :meth:`down` drops every connection and closes
+    new ones as soon as they are accepted: a server that restarts, or a host that cannot
+    be reached. The two are independent; :meth:`thaw` and :meth:`up` undo them.
 
     Args:
         target: ``(host, port)`` of the real server, such as PostgreSQL or Redis.
@@ -369,9 +375,11 @@ class FreezingProxy:
         self.target = target
         self._flowing = threading.Event()
         self._flowing.set()
+        self._up = threading.Event()
+        self._up.set()
         self._closing = threading.Event()
         self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _sockets, and _up against a new connection
         self._listener = socket.create_server((host, 0))
         self._listener.settimeout(0.1)
 
@@ -389,6 +397,19 @@ class FreezingProxy:
         """Forward again, including what was held back."""
         self._flowing.set()
 
+    def down(self) -> None:
+        """Go down: close every open connection, both its ends, and from now on close
+        each new one as soon as it is accepted. What was held back by :meth:`freeze` on
+        a dropped connection is lost."""
+        with self._lock:
+            self._up.clear()
+        self._drop_connections()
+
+    def up(self) -> None:
+        """Come back up: connections made from now on reach the target again. Those
+        dropped by :meth:`down` stay closed."""
+        self._up.set()
+
     def start(self) -> FreezingProxy:
         threading.Thread(target=self._accept, daemon=True).start()
         return self
@@ -396,9 +417,7 @@ class FreezingProxy:
     def stop(self) -> None:
         self._closing.set()
         self._flowing.set()
-        with self._lock:
-            for sock in self._sockets:
-                _close(sock)
+        self._drop_connections()
         self._listener.close()
 
     def __enter__(self) -> FreezingProxy:
@@ -406,6 +425,12 @@ class FreezingProxy:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def _drop_connections(self) -> None:
+        with self._lock:
+            dropped, self._sockets = self._sockets, []
+        for sock in dropped:
+            _close(sock)
 
     def _accept(self) -> None:
         while not self._closing.is_set():
@@ -415,6 +440,9 @@ class FreezingProxy:
                 continue
             except OSError:
                 return
+            if not self._up.is_set():
+                _close(client)
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -422,7 +450,15 @@ class FreezingProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
-                self._sockets += [client, upstream]
+                # down() may have come while the target was being reached: it found
+                # nothing of this connection to close, so close it here.
+                accepted = self._up.is_set()
+                if accepted:
+                    self._sockets += [client, upstream]
+            if not accepted:
+                _close(client)
+                _close(upstream)
+                continue
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
@@ -433,7 +469,7 @@ class FreezingProxy:
                 if not data:
                     break
                 while not self._flowing.wait(0.1):  # frozen: hold the bytes, keep the socket
-                    if self._closing.is_set():
+                    if self._closing.is_set() or sink.fileno() < 0:  # stopped, or dropped
                         return
                 sink.sendall(data)
         except OSError:
