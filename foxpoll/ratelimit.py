@@ -86,11 +86,6 @@ MIN_PER_MINUTE = 1 / 1440
 MAX_PER_MINUTE = 10_000_000.0
 #: The largest burst, in permits.
 MAX_BURST = 1_000_000
-#: The smallest burst a budget takes by default, in permits: six seconds of the
-#: standard tier (100 a minute), which meters by the minute. Three permits (half a
-#: second's worth, and one a lane) kept a fleet of three processes to 18 orders a minute
-#: on one key of 100; ten carry 21 at the same lag (``benchmarks/capacity.py``).
-DEFAULT_MIN_BURST = 10
 
 log = logging.getLogger("foxpoll.ratelimit")
 
@@ -201,15 +196,13 @@ class Settings:
 
     @property
     def lanes_burst(self) -> int:
-        """The burst, in permits: half a second's worth by default, and at least
-        :data:`DEFAULT_MIN_BURST`. Half a second, so that requests delayed on their way (a
-        busy machine, a slow network) and arriving together still fit a server's bucket
-        of a second's worth at a fast tier. At least ten, so that the lanes have room: with
-        a burst of a few permits, a later poll may go only when the bucket is empty, and
-        on a busy key it queues behind every buy and first poll, its order coming late."""
+        """The burst, in permits: half a second's worth by default, so that requests
+        delayed on their way (a busy machine, a slow network) and arriving together still
+        fit a server's bucket of a second's worth; and at least one more than there are
+        lanes below buys, so every lane has room."""
         if self.burst is not None:
             return self.burst
-        return max(DEFAULT_MIN_BURST, round(self.ceiling / 2))
+        return max(len(Priority), round(self.ceiling / 2))
 
     @property
     def longest_wait(self) -> float:
@@ -264,8 +257,7 @@ class BaseRateLimit(abc.ABC):
     Args:
         per_minute: The key's limit; None learns it (see the module docs). From
             :data:`MIN_PER_MINUTE` (one a day) to :data:`MAX_PER_MINUTE`.
-        burst: Permits that may go at once; half a second's worth, and at least
-            :data:`DEFAULT_MIN_BURST` (ten), by default.
+        burst: Permits that may go at once; half a second's worth by default.
         adaptive: Learn below ``per_minute`` from 429s (implied when it is None).
         fail_open: What a request does while the backend cannot be reached: False (the
             default) fails closed, the call raises :class:`BudgetUnavailable` and nothing
