@@ -273,3 +273,35 @@ def test_the_reference_renders_each_export_once_where_users_import_it() -> None:
     modules = sorted({target for target, _ in _directives()
                       if inspect.ismodule(_resolve(target))} - set(PLACES))
     assert modules == [], " ".join(modules)
+
+
+LAZY_PACKAGES = ["foxpoll.dedup", "foxpoll.events", "foxpoll.recovery", "foxpoll.testing"]
+
+
+def _type_checking_names(module: str) -> set[str]:
+    """The names a package imports under ``if TYPE_CHECKING:``."""
+    import ast
+
+    path = Path(importlib.import_module(module).__file__ or "")
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for statement in node.body:
+                if isinstance(statement, ast.ImportFrom):
+                    names |= {alias.asname or alias.name for alias in statement.names}
+    return names
+
+
+@pytest.mark.parametrize("module", LAZY_PACKAGES)
+def test_a_name_loaded_on_first_use_is_still_typed(module: str) -> None:
+    # A module __getattr__ types every name it serves as Any: a type checker sees the
+    # real class only through an import under TYPE_CHECKING.
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module} as m; print(' '.join(sorted(n for n in m.__all__ "
+            "if n not in vars(m))))")
+    served = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert served, f"{module} loads nothing on first use"
+    assert set(served) <= _type_checking_names(module)

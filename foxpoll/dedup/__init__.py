@@ -6,6 +6,8 @@ the optional extras until you pick a store.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from foxpoll._lazy import lazy_attributes
 
 from .base import (
@@ -19,6 +21,11 @@ from .base import (
 )
 from .memory import AsyncMemoryDedupStore, MemoryDedupStore
 from .sqlite import AsyncSQLiteDedupStore, SQLiteDedupStore
+
+if TYPE_CHECKING:  # loaded on first use (below); named here for type checkers
+    from .dynamodb import AsyncDynamoDBDedupStore, DynamoDBDedupStore
+    from .postgres import AsyncPostgresDedupStore, PostgresDedupStore
+    from .redis import AsyncRedisDedupStore, RedisDedupStore
 
 __all__ = [
     "AsyncDedupStore",

@@ -5,10 +5,21 @@ Publishers import their drivers only when first used.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from foxpoll._lazy import lazy_attributes
 
 from .base import AsyncPublisher, EventError, OrderEvent, Publisher, event_id_for
 from .memory import MemoryPublisher
+
+if TYPE_CHECKING:  # loaded on first use (below); named here for type checkers
+    from .redis_streams import (
+        AsyncRedisStreamConsumer,
+        AsyncRedisStreamPublisher,
+        RedisStreamConsumer,
+        RedisStreamPublisher,
+    )
+    from .sqs import AsyncSQSPublisher, SQSPublisher
 
 __all__ = [
     "AsyncPublisher",

@@ -8,6 +8,8 @@ the PostgreSQL engines are imported on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from foxpoll._lazy import lazy_attributes
 from foxpoll._watches import WatchQueue, WatchTerms
 
@@ -21,6 +23,10 @@ from .base import (
 )
 from .sqlite import SQLiteRecoveryQueue
 from .worker import Action, Checked, RecoveryWorker, decide
+
+if TYPE_CHECKING:  # loaded on first use (below); named here for type checkers
+    from .postgres import PostgresRecoveryQueue
+    from .procrastinate import ProcrastinateRecoveryQueue
 
 __all__ = [
     "Action",

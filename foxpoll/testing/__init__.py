@@ -12,7 +12,7 @@
         FoxReload(api_key="k", base_url=server.url, timeout=2.0).orders.get("o1")
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._clock import FakeClock
 from ._hostile import FreezingProxy, HostileServer, Hostility, ReceivedRequest
@@ -26,6 +26,9 @@ from ._simulator import (
     SimProduct,
     SimTransport,
 )
+
+if TYPE_CHECKING:  # loaded on first use (it imports pytest); named for type checkers
+    from .conformance import DedupStoreConformance
 
 __all__ = [
     "DEFAULT_API_KEY",
