@@ -47,11 +47,13 @@ __all__ = [
     "record_from_fields",
 ]
 
-__getattr__ = lazy_attributes(__name__, {
-    "PostgresDedupStore": "postgres",
-    "AsyncPostgresDedupStore": "postgres",
-    "RedisDedupStore": "redis",
-    "AsyncRedisDedupStore": "redis",
-    "DynamoDBDedupStore": "dynamodb",
-    "AsyncDynamoDBDedupStore": "dynamodb",
-})
+# Hidden from type checkers: they see the names above, and refuse a misspelt one.
+if not TYPE_CHECKING:
+    __getattr__ = lazy_attributes(__name__, {
+        "PostgresDedupStore": "postgres",
+        "AsyncPostgresDedupStore": "postgres",
+        "RedisDedupStore": "redis",
+        "AsyncRedisDedupStore": "redis",
+        "DynamoDBDedupStore": "dynamodb",
+        "AsyncDynamoDBDedupStore": "dynamodb",
+    })

@@ -36,11 +36,13 @@ __all__ = [
     "event_id_for",
 ]
 
-__getattr__ = lazy_attributes(__name__, {
-    "RedisStreamPublisher": "redis_streams",
-    "AsyncRedisStreamPublisher": "redis_streams",
-    "RedisStreamConsumer": "redis_streams",
-    "AsyncRedisStreamConsumer": "redis_streams",
-    "SQSPublisher": "sqs",
-    "AsyncSQSPublisher": "sqs",
-})
+# Hidden from type checkers: they see the names above, and refuse a misspelt one.
+if not TYPE_CHECKING:
+    __getattr__ = lazy_attributes(__name__, {
+        "RedisStreamPublisher": "redis_streams",
+        "AsyncRedisStreamPublisher": "redis_streams",
+        "RedisStreamConsumer": "redis_streams",
+        "AsyncRedisStreamConsumer": "redis_streams",
+        "SQSPublisher": "sqs",
+        "AsyncSQSPublisher": "sqs",
+    })

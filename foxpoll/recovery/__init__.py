@@ -47,5 +47,7 @@ __all__ = [
 ]
 
 
-__getattr__ = lazy_attributes(__name__, {"PostgresRecoveryQueue": "postgres",
-                                         "ProcrastinateRecoveryQueue": "procrastinate"})
+# Hidden from type checkers: they see the names above, and refuse a misspelt one.
+if not TYPE_CHECKING:
+    __getattr__ = lazy_attributes(__name__, {"PostgresRecoveryQueue": "postgres",
+                                             "ProcrastinateRecoveryQueue": "procrastinate"})

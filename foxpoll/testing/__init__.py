@@ -51,10 +51,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def _load_on_first_use(name: str) -> Any:
     # The conformance suite imports pytest: load it only when a test suite asks for it.
     if name == "DedupStoreConformance":
         from .conformance import DedupStoreConformance
 
         return DedupStoreConformance
     raise AttributeError(f"module 'foxpoll.testing' has no attribute {name!r}")
+
+
+# Hidden from type checkers: they see the names above, and refuse a misspelt one.
+if not TYPE_CHECKING:
+    __getattr__ = _load_on_first_use

@@ -450,9 +450,9 @@ class FreezingProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
-                # down() may have come while the target was being reached: it found
-                # nothing of this connection to close, so close it here.
-                accepted = self._up.is_set()
+                # down() or stop() may have come while the target was being reached:
+                # they found nothing of this connection to close, so close it here.
+                accepted = self._up.is_set() and not self._closing.is_set()
                 if accepted:
                     self._sockets += [client, upstream]
             if not accepted:
