@@ -356,11 +356,15 @@ def main() -> None:
           f"{polls:.2f} polls an order, so the key carries at most {carried:.1f} "
           "orders/min at full use")
     for variant, held in capacities.items():
-        print(f"capacity, {variant}: {held:g} orders/min")
+        print(f"capacity, {variant}: " + (f"{held:g} orders/min" if held else
+              f"below {args.start:g} orders/min: the first step failed; start lower"))
     if "vendor" in capacities and len(capacities) > 1:
         for variant, held in capacities.items():
             if variant != "vendor" and capacities["vendor"]:
                 print(f"{variant} / vendor: {held / capacities['vendor']:.2f}x")
+            elif variant != "vendor":
+                print(f"{variant} / vendor: not measured (the vendor loop failed the "
+                      "ladder's first step)")
 
 
 if __name__ == "__main__":
