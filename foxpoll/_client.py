@@ -8,7 +8,6 @@ their resources reach through a runner (:class:`foxpoll._resources.Runner`).
 from __future__ import annotations
 
 import functools
-import inspect
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
@@ -645,8 +644,7 @@ class FoxReload(BaseClient[httpx.Client, httpx.BaseTransport]):
         # and completed with nothing to deliver it.
         for name, function in (("deliver", deliver),
                                ("publisher.publish", getattr(publisher, "publish", None))):
-            if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-                    type(function).__call__ if function is not None else None):
+            if _io.is_async(function):
                 raise TypeError(f"{name} is async: give it to AsyncFoxReload.buy, or pass a "
                                 "blocking one")
         steps = BuySteps(create=self.orders.create, pay=self.orders.pay,

@@ -242,10 +242,19 @@ def is_loopback(host: str) -> bool:
 
 def check_timeout(timeout: float, what: str = "timeout") -> float:
     """``timeout``, if it is a finite number of seconds above zero."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            0 < timeout < math.inf):
-        raise ValueError(f"{what} must be a finite number of seconds above zero")
-    return timeout
+    return check_seconds(timeout, what)
+
+
+def check_seconds(value: float, what: str, *, above_zero: bool = True,
+                  below: float = math.inf) -> float:
+    """``value``, if it is a finite number of seconds under ``below``, above zero (or,
+    with ``above_zero=False``, zero or more); nan, infinities and bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (value > 0 if above_zero else value >= 0) and value < below):
+        bound = "above zero" if above_zero else "zero or more"
+        limit = f", under {below:g}" if below < math.inf else ""
+        raise ValueError(f"{what} must be a finite number of seconds {bound}{limit}")
+    return value
 
 
 def check_max_retry_after(seconds: float) -> float:

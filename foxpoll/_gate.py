@@ -13,10 +13,12 @@ import heapq
 import itertools
 import threading
 
-__all__ = ["AsyncGate", "Gate", "GateType"]
+__all__ = ["AsyncGate", "Gate", "GateType", "check_in_flight"]
 
 
-def _slots(size: int) -> int:
+def check_in_flight(size: int) -> int:
+    """``size``, if it is a whole number of requests in flight, at least 1 (a float, nan
+    among them, would pass a comparison and spin a loop)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError("max_in_flight must be a whole number, at least 1")
     return size
@@ -32,7 +34,7 @@ class AsyncGate:
     """
 
     def __init__(self, size: int, *, reads: bool = True) -> None:
-        self.size = _slots(size)
+        self.size = check_in_flight(size)
         self.busy = 0
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
@@ -64,7 +66,7 @@ class Gate:
     """:class:`AsyncGate` for threads."""
 
     def __init__(self, size: int) -> None:
-        self.size = _slots(size)
+        self.size = check_in_flight(size)
         self.busy = 0
         self._waiting: list[tuple[int, int]] = []
         self._order = itertools.count()

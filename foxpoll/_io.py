@@ -31,9 +31,17 @@ import attrs
 
 from ._clock import Clock
 
-__all__ = ["Call", "Flow", "Op", "Pause", "arun", "call", "call_blocking", "pause", "run"]
+__all__ = ["Call", "Flow", "Op", "Pause", "arun", "call", "call_blocking", "is_async",
+           "pause", "run"]
 
 T = TypeVar("T")
+
+
+def is_async(fn: object) -> bool:
+    """Whether calling ``fn`` returns a coroutine: an async function, or an object whose
+    ``__call__`` is one (what a blocking caller must refuse before it starts)."""
+    return inspect.iscoroutinefunction(fn) or (
+        callable(fn) and inspect.iscoroutinefunction(type(fn).__call__))
 
 
 class Op(Generic[T]):

@@ -24,6 +24,7 @@ import attrs
 from . import _api
 from ._core import check_timeout
 from ._effects import Emit, Flow, Notify, Sleep, Start, WaitAny
+from ._gate import check_in_flight
 from ._sweep import Sweep, Sweeper
 from .backoff import (
     Adaptive,
@@ -797,9 +798,7 @@ def wait_many_flow(
     policy's ``sweep`` on, listings of the order history hint which polls to make now
     and which to put off (:mod:`foxpoll._sweep`); they take permits as polls do.
     """
-    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) \
-            or max_in_flight < 1:  # nan passes a comparison, and would spin the loop
-        raise ValueError("max_in_flight must be a whole number, at least 1")
+    check_in_flight(max_in_flight)
     sweeper = None
     if policy.sweep is not None and policy.sweep.off_reason is None:
         sweeper = Sweeper(policy.sweep, rt.clock.monotonic())

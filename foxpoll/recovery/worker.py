@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import random
 import threading
 from collections.abc import Callable, Iterable
@@ -27,7 +26,8 @@ from typing import Any
 import attrs
 
 from foxpoll._client import FoxReload
-from foxpoll._io import run
+from foxpoll._core import check_seconds
+from foxpoll._io import is_async, run
 from foxpoll._outages import OUTAGE_BACKOFF, PROGRAMMING_ERRORS, STOP_LOOKS_EVERY, Outages
 from foxpoll.backoff import BackoffPolicy
 from foxpoll.dedup.base import DedupStore, DeliveryState
@@ -138,17 +138,6 @@ def _error_text(exc: BaseException) -> str:
 MAX_LEASE = 1e7
 
 
-def _check_seconds(name: str, value: object, *, above_zero: bool,
-                   below: float = math.inf) -> None:
-    """Refuse ``value`` unless it is a finite number of seconds under ``below``, above
-    zero (or at least zero); nan, infinities and bools included."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            (value > 0 if above_zero else value >= 0) and value < below):
-        bound = "above zero" if above_zero else "zero or more"
-        limit = f", under {below:g}" if below < math.inf else ""
-        raise ValueError(f"{name} must be a finite number of seconds, {bound}{limit}")
-
-
 class _Miswired(TypeError):
     """A callback the worker cannot call with an order (wrong signature, or async): the
     worker's wiring is wrong, not the job, so it ends the worker instead of being recorded
@@ -166,8 +155,7 @@ def _check_callback(name: str, callback: Callable[..., Any]) -> None:
     """
     if not callable(callback):
         raise TypeError(f"{name} must be callable, not {type(callback).__name__}")
-    if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
-            type(callback).__call__):  # an object whose __call__ is async
+    if is_async(callback):
         raise TypeError(f"{name} is async; RecoveryWorker calls it in blocking code")
     try:
         signature = inspect.signature(callback)
@@ -238,9 +226,9 @@ class RecoveryWorker:
         outage_backoff: BackoffPolicy = OUTAGE_BACKOFF,
         keep_done: float | None = KEEP_DONE,
     ) -> None:
-        _check_seconds("lease", lease, above_zero=True, below=MAX_LEASE)
+        check_seconds(lease, "lease", below=MAX_LEASE)
         if keep_done is not None:
-            _check_seconds("keep_done", keep_done, above_zero=False)
+            check_seconds(keep_done, "keep_done", above_zero=False)
         if not callable(getattr(outage_backoff, "delays", None)):
             raise TypeError("outage_backoff must be a backoff policy (anything with "
                             "delays(rng)), such as foxpoll.backoff.ExponentialJitter")
@@ -547,8 +535,8 @@ class RecoveryWorker:
                 ``pending_orders`` that takes arguments, a queue that runs its own
                 workers... No wait can cure them.
         """
-        _check_seconds("idle", idle, above_zero=False)
-        _check_seconds("sweep_every", sweep_every, above_zero=False)
+        check_seconds(idle, "idle", above_zero=False)
+        check_seconds(sweep_every, "sweep_every", above_zero=False)
         stop = stop or threading.Event()
         clock = self.client.clock
         outages = self._outages("recovery", "recovery worker")
